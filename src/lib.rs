@@ -1,0 +1,34 @@
+//! Broadcaster: a real-time WebSocket messaging server on a shard-per-core engine.
+//!
+//! One glommio executor per core (a *shard*) owns its connections and its channel-subscription
+//! table. A publication goes to the channel's *owner shard* (`hash(channel) % shards`), which
+//! assigns its offset, keeps history, encodes the broadcast frame once, and hands one
+//! `Arc<Publication>` to every shard with subscribers through lock-free rings. Each shard splices
+//! each subscription's `seq` into the shared frame parts and queues the bytes on the connection;
+//! the connection's writer sends everything queued in one write.
+//!
+//! | module | role |
+//! |---|---|
+//! | `config` | every tunable, file/env/flag layering, `assert_valid` |
+//! | `http`, `frame`, `protocol` | sans-IO parsing and encoding (fuzzable, benchable) |
+//! | `auth` | JWT verification into `Permissions`, API keys, minting |
+//! | `channel` | owner-shard state of a channel: offset, epoch, history, watchers |
+//! | `shard` | per-core state, the ring messages, publish/subscribe routing, fan-out |
+//! | `connection` | one WebSocket: send queue, writer, read loop, timers, close codes |
+//! | `web` | accept loops, REST endpoints, the WebSocket upgrade |
+//! | `metrics` | per-shard counters merged on scrape |
+//! | `server` | start shards, wire rings, signals, shutdown |
+//! | `client` | the `publish` and `connect` subcommands |
+
+pub mod auth;
+pub mod channel;
+pub mod client;
+pub mod config;
+pub mod connection;
+pub mod frame;
+pub mod http;
+pub mod metrics;
+pub mod protocol;
+pub mod server;
+pub mod shard;
+pub mod web;

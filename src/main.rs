@@ -1,20 +1,136 @@
-use glommio::{LocalExecutorBuilder, Placement};
-fn main() {
-    let h = LocalExecutorBuilder::new(Placement::Fixed(0)).name("s0").spawn(|| async move {
-        let l = glommio::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = l.local_addr().unwrap();
-        println!("bound {addr}");
-        let t = glommio::spawn_local(async move {
-            let mut s = l.accept().await.unwrap();
-            use futures_lite::AsyncReadExt;
-            let mut b = [0u8; 5];
-            s.read_exact(&mut b).await.unwrap();
-            println!("got {:?}", &b);
-        }).detach();
-        let mut c = glommio::net::TcpStream::connect(addr).await.unwrap();
-        use futures_lite::AsyncWriteExt;
-        c.write_all(b"hello").await.unwrap();
-        t.await;
-    }).unwrap();
-    h.join().unwrap();
+use broadcaster::config::{Config, Overrides};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Real-time WebSocket messaging server.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server (the default). Every config key can also be set as BROADCASTER_<KEY_PATH>,
+    /// e.g. BROADCASTER_AUTH_JWT_SECRET, BROADCASTER_LIMITS_PING_INTERVAL=30s; flags beat the
+    /// environment, which beats the file. With no auth.jwt_secret it runs in dev mode.
+    Serve(ServeArgs),
+    /// Print a signed client JWT (alone on the last line).
+    Token {
+        #[arg(long, env = "BROADCASTER_AUTH_JWT_SECRET")]
+        secret: String,
+        #[arg(long)]
+        sub: String,
+        /// Channel pattern the token authorizes (exact name, or prefix ending in `*`); repeatable.
+        #[arg(long = "channel", required = true)]
+        channels: Vec<String>,
+        /// Comma list of scopes: subscribe, publish.
+        #[arg(long, default_value = "subscribe", value_delimiter = ',')]
+        scope: Vec<String>,
+        /// Lifetime, like 1h or 30m.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+    },
+    /// Publish one message over REST and print the JSON result.
+    Publish {
+        /// Base URL of the server (or of its admin listener), e.g. http://127.0.0.1:8080
+        #[arg(long)]
+        url: String,
+        #[arg(long, env = "BROADCASTER_API_KEY")]
+        api_key: String,
+        #[arg(long)]
+        channel: String,
+        #[arg(long)]
+        event: String,
+        /// Any JSON value.
+        #[arg(long)]
+        payload: String,
+    },
+}
+
+#[derive(clap::Args, Default)]
+struct ServeArgs {
+    /// TOML configuration file (see broadcaster.toml in tuning/).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Public listener address (key `listen`).
+    #[arg(long)]
+    listen: Option<String>,
+    /// Backend listener address (key `admin_listen`).
+    #[arg(long)]
+    admin_listen: Option<String>,
+    /// Number of shards, one per core; 0 for every core (key `shards`).
+    #[arg(long)]
+    shards: Option<usize>,
+    /// Redis URL: cluster mode (key `redis.url`).
+    #[arg(long)]
+    redis: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command.unwrap_or(Command::Serve(ServeArgs::default())) {
+        Command::Serve(args) => serve(args),
+        Command::Token {
+            secret,
+            sub,
+            channels,
+            scope,
+            ttl,
+        } => match broadcaster::auth::mint(&secret, &sub, &channels, &scope, ttl) {
+            Ok(token) => {
+                println!("{token}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        },
+        Command::Publish {
+            url,
+            api_key,
+            channel,
+            event,
+            payload,
+        } => match broadcaster::client::publish(&url, &api_key, &channel, &event, &payload) {
+            Ok(text) => {
+                println!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        },
+    }
+}
+
+fn fail(message: &str) -> ExitCode {
+    eprintln!("broadcaster: {message}");
+    ExitCode::FAILURE
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    let flags = Overrides {
+        listen: args.listen,
+        admin_listen: args.admin_listen,
+        shards: args.shards,
+        redis: args.redis,
+    };
+    let config = match Config::load(args.config.as_deref(), &|k| std::env::var(k).ok(), &flags) {
+        Ok(c) => c,
+        Err(e) => return fail(&format!("invalid configuration: {e}")),
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&config.log.level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match broadcaster::server::run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e),
+    }
 }

@@ -1,0 +1,314 @@
+//! Owner-shard state of a channel: its offset, epoch, history, and which shards watch it.
+//! Only the owner shard (`hash(channel) % shards`) ever touches a `ChannelState`.
+
+use crate::protocol::{self, Since};
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// One publication, immutable once built, shared by every shard through `Arc`. Its broadcast
+/// frame is encoded once here; each subscriber only splices in its own `seq`.
+#[derive(Debug)]
+pub struct Publication {
+    pub channel: Arc<str>,
+    pub offset: u64,
+    pub id: Box<str>,
+    pub create_time: Box<str>,
+    pub event: Box<str>,
+    pub payload: Box<[u8]>,
+    pub prefix: Box<[u8]>,
+    pub suffix: Box<[u8]>,
+    /// When the publication was accepted, for `publish_to_write_seconds`.
+    pub accepted: Instant,
+}
+
+/// What a subscriber needs to start: the channel's position and, on recovery, what it missed.
+#[derive(Debug)]
+pub struct Position {
+    pub offset: u64,
+    pub epoch: Arc<str>,
+    pub recovered: Option<bool>,
+    pub replay: Vec<Arc<Publication>>,
+}
+
+pub struct ChannelState {
+    name: Arc<str>,
+    offset: u64,
+    epoch: Arc<str>,
+    history: VecDeque<Arc<Publication>>,
+    /// Bit per shard that has (or is about to have) subscribers: they get every publication.
+    watchers: [u64; 4],
+}
+
+/// Every channel an owner shard sequences.
+pub struct Channels {
+    states: HashMap<Arc<str>, ChannelState>,
+    history_size: usize,
+    history_ttl: Duration,
+}
+
+fn bit(shard: usize) -> (usize, u64) {
+    (shard / 64, 1u64 << (shard % 64))
+}
+
+impl ChannelState {
+    fn new(name: Arc<str>) -> ChannelState {
+        ChannelState {
+            name,
+            offset: 0,
+            // A fresh epoch whenever the state is created: offsets restart, old ones mean nothing.
+            epoch: format!("{:016x}", rand::random::<u64>()).into(),
+            history: VecDeque::new(),
+            watchers: [0; 4],
+        }
+    }
+
+    pub fn watched_by(&self, shard: usize) -> bool {
+        let (w, b) = bit(shard);
+        self.watchers[w] & b != 0
+    }
+
+    fn unwatched(&self) -> bool {
+        self.watchers.iter().all(|w| *w == 0)
+    }
+
+    fn expire(&mut self, now: Instant, ttl: Duration) {
+        while let Some(front) = self.history.front() {
+            if now.duration_since(front.accepted) < ttl {
+                break;
+            }
+            self.history.pop_front();
+        }
+    }
+}
+
+impl Channels {
+    pub fn new(history_size: usize, history_ttl: Duration) -> Channels {
+        Channels {
+            states: HashMap::new(),
+            history_size,
+            history_ttl,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.states.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.states.is_empty()
+    }
+
+    fn state(&mut self, channel: &str) -> &mut ChannelState {
+        if !self.states.contains_key(channel) {
+            let name: Arc<str> = Arc::from(channel);
+            self.states.insert(name.clone(), ChannelState::new(name));
+        }
+        self.states
+            .get_mut(channel)
+            .unwrap_or_else(|| unreachable!("inserted above"))
+    }
+
+    /// Sequences one publication: the next offset, its frame parts, a place in history.
+    /// Returns it with the shards that must receive it.
+    pub fn publish(
+        &mut self,
+        channel: &str,
+        event: &str,
+        payload: &[u8],
+        id: String,
+        create_time: String,
+        accepted: Instant,
+    ) -> (Arc<Publication>, [u64; 4]) {
+        let size = self.history_size;
+        let ttl = self.history_ttl;
+        let state = self.state(channel);
+        let name = state.name.clone();
+        state.offset += 1;
+        let (prefix, suffix) =
+            protocol::broadcast_parts(&id, state.offset, &create_time, channel, event, payload);
+        let publication = Arc::new(Publication {
+            channel: name,
+            offset: state.offset,
+            id: id.into(),
+            create_time: create_time.into(),
+            event: event.into(),
+            payload: payload.into(),
+            prefix,
+            suffix,
+            accepted,
+        });
+        if size > 0 {
+            if state.history.len() == size {
+                state.history.pop_front();
+            }
+            state.history.push_back(publication.clone());
+        }
+        state.expire(accepted, ttl);
+        let watchers = state.watchers;
+        if watchers == [0; 4] && state.history.is_empty() {
+            self.states.remove(channel);
+        }
+        (publication, watchers)
+    }
+
+    /// Registers `shard` as a watcher and answers with the channel's position; with `since`,
+    /// also the publications after it when history still holds every one of them.
+    pub fn subscribe(&mut self, shard: usize, channel: &str, since: Option<&Since>) -> Position {
+        let ttl = self.history_ttl;
+        let state = self.state(channel);
+        let (w, b) = bit(shard);
+        state.watchers[w] |= b;
+        state.expire(Instant::now(), ttl);
+        let mut position = Position {
+            offset: state.offset,
+            epoch: state.epoch.clone(),
+            recovered: None,
+            replay: Vec::new(),
+        };
+        if let Some(since) = since {
+            let first_held = state
+                .history
+                .front()
+                .map(|p| p.offset)
+                .unwrap_or(state.offset + 1);
+            let ok = *since.epoch == *state.epoch
+                && since.offset <= state.offset
+                && since.offset + 1 >= first_held;
+            position.recovered = Some(ok);
+            if ok {
+                position.replay = state
+                    .history
+                    .iter()
+                    .filter(|p| p.offset > since.offset)
+                    .cloned()
+                    .collect();
+            }
+        }
+        position
+    }
+
+    /// `shard` has no subscriber left for `channel`.
+    pub fn unwatch(&mut self, shard: usize, channel: &str) {
+        if let Some(state) = self.states.get_mut(channel) {
+            let (w, b) = bit(shard);
+            state.watchers[w] &= !b;
+            if state.unwatched() && state.history.is_empty() {
+                self.states.remove(channel);
+            }
+        }
+    }
+
+    /// The newest `limit` publications, oldest first, with the channel's offset and epoch.
+    pub fn history(&mut self, channel: &str, limit: usize) -> (Vec<Arc<Publication>>, u64, String) {
+        let ttl = self.history_ttl;
+        match self.states.get_mut(channel) {
+            None => (Vec::new(), 0, String::new()),
+            Some(state) => {
+                state.expire(Instant::now(), ttl);
+                let skip = state.history.len().saturating_sub(limit);
+                let items = state.history.iter().skip(skip).cloned().collect();
+                (items, state.offset, state.epoch.to_string())
+            }
+        }
+    }
+
+    /// Drops expired history and forgets channels with neither watchers nor history, so memory
+    /// does not grow with the number of channels ever used.
+    pub fn sweep(&mut self, now: Instant) {
+        let ttl = self.history_ttl;
+        self.states.retain(|_, s| {
+            s.expire(now, ttl);
+            !(s.unwatched() && s.history.is_empty())
+        });
+    }
+}
+
+pub fn shards_in(mask: &[u64; 4]) -> impl Iterator<Item = usize> + '_ {
+    (0..256).filter(move |s| {
+        let (w, b) = bit(*s);
+        mask[w] & b != 0
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn publish(c: &mut Channels, name: &str, n: usize) {
+        for i in 0..n {
+            c.publish(
+                name,
+                "e",
+                b"1",
+                format!("id{i}"),
+                "t".into(),
+                Instant::now(),
+            );
+        }
+    }
+
+    #[test]
+    fn offsets_count_and_history_is_bounded() {
+        let mut c = Channels::new(3, Duration::from_secs(60));
+        publish(&mut c, "a", 5);
+        let (items, offset, epoch) = c.history("a", 10);
+        assert_eq!(offset, 5);
+        assert_eq!(
+            items.iter().map(|p| p.offset).collect::<Vec<_>>(),
+            vec![3, 4, 5]
+        );
+        assert!(!epoch.is_empty());
+        let (items, _, _) = c.history("a", 1);
+        assert_eq!(items[0].offset, 5);
+    }
+
+    #[test]
+    fn recovery_needs_same_epoch_and_held_offsets() {
+        let mut c = Channels::new(3, Duration::from_secs(60));
+        publish(&mut c, "a", 5);
+        let p = c.subscribe(0, "a", None);
+        let since = |offset, epoch: &str| Since {
+            offset,
+            epoch: epoch.to_string(),
+        };
+        let e = p.epoch.to_string();
+        let r = c.subscribe(0, "a", Some(&since(2, &e)));
+        assert_eq!(r.recovered, Some(true));
+        assert_eq!(
+            r.replay.iter().map(|p| p.offset).collect::<Vec<_>>(),
+            vec![3, 4, 5]
+        );
+        assert_eq!(
+            c.subscribe(0, "a", Some(&since(1, &e))).recovered,
+            Some(false)
+        );
+        assert_eq!(c.subscribe(0, "a", Some(&since(5, &e))).replay.len(), 0);
+        assert_eq!(
+            c.subscribe(0, "a", Some(&since(6, &e))).recovered,
+            Some(false)
+        );
+        assert_eq!(
+            c.subscribe(0, "a", Some(&since(4, "x"))).recovered,
+            Some(false)
+        );
+    }
+
+    #[test]
+    fn idle_channels_are_forgotten() {
+        let mut c = Channels::new(3, Duration::from_millis(1));
+        c.subscribe(2, "w", None);
+        publish(&mut c, "h", 1);
+        for i in 0..100 {
+            publish(&mut c, &format!("x{i}"), 1);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+        c.sweep(Instant::now());
+        assert_eq!(c.len(), 1, "only the watched channel stays");
+        c.unwatch(2, "w");
+        assert!(c.is_empty());
+        let mut c = Channels::new(0, Duration::from_secs(1));
+        publish(&mut c, "n", 1);
+        assert!(c.is_empty(), "no history and no watcher: nothing kept");
+    }
+}

@@ -1,0 +1,500 @@
+//! Every tunable with its default, and the file / environment / flag layering.
+//!
+//! Layering works on one TOML table: the file is read first, then every `BROADCASTER_*` variable
+//! that names a known key replaces that key, then the command-line flags replace theirs. Only the
+//! merged table is deserialized, so a bad value is reported once, with the key's dotted path, no
+//! matter which layer it came from.
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Why a configuration was refused. The message always names the key and what to change.
+#[derive(Debug)]
+pub struct ConfigError(pub String);
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub admin_listen: Option<SocketAddr>,
+    /// 0 means one shard per CPU the process may run on.
+    pub shards: usize,
+    pub playground: bool,
+    pub allowed_origins: Vec<String>,
+    #[serde(with = "duration")]
+    pub shutdown_grace: Duration,
+    pub auth: AuthConfig,
+    pub limits: Limits,
+    pub history: HistoryConfig,
+    pub redis: RedisConfig,
+    pub tls: TlsConfig,
+    pub log: LogConfig,
+    /// Set when no JWT secret was configured and one was generated (SPEC section 2).
+    #[serde(skip)]
+    pub dev_mode: bool,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    pub jwt_secret: Option<String>,
+    pub api_keys: Vec<String>,
+    #[serde(with = "duration")]
+    pub leeway: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    #[serde(with = "duration")]
+    pub auth_timeout: Duration,
+    #[serde(with = "duration")]
+    pub http_head_timeout: Duration,
+    pub http_head_bytes_max: usize,
+    pub max_frame_bytes: usize,
+    pub max_payload_bytes: usize,
+    pub requests_per_second: u32,
+    pub request_burst: u32,
+    pub max_subscriptions_per_connection: usize,
+    pub max_connections: usize,
+    pub outbound_buffer_bytes: usize,
+    #[serde(with = "duration")]
+    pub write_timeout: Duration,
+    #[serde(with = "duration")]
+    pub ping_interval: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HistoryConfig {
+    pub size: usize,
+    #[serde(with = "duration")]
+    pub ttl: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    pub url: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    pub cert_file: Option<String>,
+    pub key_file: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub level: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            admin_listen: None,
+            shards: 0,
+            playground: false,
+            allowed_origins: Vec::new(),
+            shutdown_grace: Duration::from_secs(5),
+            auth: AuthConfig::default(),
+            limits: Limits::default(),
+            history: HistoryConfig::default(),
+            redis: RedisConfig::default(),
+            tls: TlsConfig::default(),
+            log: LogConfig::default(),
+            dev_mode: false,
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            auth_timeout: Duration::from_secs(10),
+            http_head_timeout: Duration::from_secs(10),
+            http_head_bytes_max: 8192,
+            max_frame_bytes: 65536,
+            max_payload_bytes: 65536,
+            requests_per_second: 100,
+            request_burst: 200,
+            max_subscriptions_per_connection: 1024,
+            max_connections: 1_000_000,
+            // One megabyte, as centrifuge's ClientQueueMaxSize: room for ~5,000 small broadcasts.
+            outbound_buffer_bytes: 1 << 20,
+            write_timeout: Duration::from_secs(10),
+            ping_interval: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        HistoryConfig {
+            size: 100,
+            ttl: Duration::from_secs(300),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".to_string(),
+        }
+    }
+}
+
+/// How an environment variable's text becomes a TOML value for its key.
+#[derive(Clone, Copy)]
+enum Kind {
+    Str,
+    Int,
+    Bool,
+    List,
+}
+
+/// Every key that the environment may set. The file may set the same keys; serde rejects others.
+const KEYS: &[(&str, Kind)] = &[
+    ("listen", Kind::Str),
+    ("admin_listen", Kind::Str),
+    ("shards", Kind::Int),
+    ("playground", Kind::Bool),
+    ("allowed_origins", Kind::List),
+    ("shutdown_grace", Kind::Str),
+    ("auth.jwt_secret", Kind::Str),
+    ("auth.api_keys", Kind::List),
+    ("auth.leeway", Kind::Str),
+    ("limits.auth_timeout", Kind::Str),
+    ("limits.http_head_timeout", Kind::Str),
+    ("limits.http_head_bytes_max", Kind::Int),
+    ("limits.max_frame_bytes", Kind::Int),
+    ("limits.max_payload_bytes", Kind::Int),
+    ("limits.requests_per_second", Kind::Int),
+    ("limits.request_burst", Kind::Int),
+    ("limits.max_subscriptions_per_connection", Kind::Int),
+    ("limits.max_connections", Kind::Int),
+    ("limits.outbound_buffer_bytes", Kind::Int),
+    ("limits.write_timeout", Kind::Str),
+    ("limits.ping_interval", Kind::Str),
+    ("history.size", Kind::Int),
+    ("history.ttl", Kind::Str),
+    ("redis.url", Kind::Str),
+    ("tls.cert_file", Kind::Str),
+    ("tls.key_file", Kind::Str),
+    ("log.level", Kind::Str),
+];
+
+/// The environment variable that sets `key`: `auth.jwt_secret` is `BROADCASTER_AUTH_JWT_SECRET`.
+pub fn env_name(key: &str) -> String {
+    format!("BROADCASTER_{}", key.replace('.', "_").to_uppercase())
+}
+
+/// Values given on the command line; each replaces the file's and the environment's.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub listen: Option<String>,
+    pub admin_listen: Option<String>,
+    pub shards: Option<usize>,
+    pub redis: Option<String>,
+}
+
+impl Config {
+    /// Builds the configuration from the file (if any), the environment and the flags, then
+    /// checks it. `env` is passed in so that tests need not touch the process environment.
+    pub fn load(
+        file: Option<&std::path::Path>,
+        env: &dyn Fn(&str) -> Option<String>,
+        flags: &Overrides,
+    ) -> Result<Config, ConfigError> {
+        let mut table = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    ConfigError(format!("cannot read config file {}: {e}", path.display()))
+                })?;
+                text.parse::<toml::Table>().map_err(|e| {
+                    ConfigError(format!(
+                        "config file {} is not valid TOML: {e}",
+                        path.display()
+                    ))
+                })?
+            }
+            None => toml::Table::new(),
+        };
+        for (key, kind) in KEYS {
+            let name = env_name(key);
+            if let Some(text) = env(&name) {
+                let value = env_value(&text, *kind)
+                    .map_err(|why| ConfigError(format!("{key} (from {name}): {why}")))?;
+                set_path(&mut table, key, value);
+            }
+        }
+        if let Some(v) = &flags.listen {
+            set_path(&mut table, "listen", toml::Value::String(v.clone()));
+        }
+        if let Some(v) = &flags.admin_listen {
+            set_path(&mut table, "admin_listen", toml::Value::String(v.clone()));
+        }
+        if let Some(v) = flags.shards {
+            set_path(&mut table, "shards", toml::Value::Integer(v as i64));
+        }
+        if let Some(v) = &flags.redis {
+            set_path(&mut table, "redis.url", toml::Value::String(v.clone()));
+        }
+        let mut config: Config = serde_path_to_error::deserialize(table).map_err(|e| {
+            let path = e.path().to_string();
+            ConfigError(format!("{path}: {}", e.into_inner()))
+        })?;
+        if config.auth.jwt_secret.as_deref().is_none_or(str::is_empty) {
+            config.dev_mode = true;
+        }
+        config.assert_valid()?;
+        Ok(config)
+    }
+
+    /// Relationships between values, checked before any shard starts (tungstenite's
+    /// `WebSocketConfig::assert_valid`).
+    pub fn assert_valid(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, why: &str| Err(ConfigError(format!("{key}: {why}")));
+        let l = &self.limits;
+        if l.max_frame_bytes < 256 {
+            return bad("limits.max_frame_bytes", "must be at least 256");
+        }
+        if l.max_payload_bytes == 0 || l.max_payload_bytes > l.max_frame_bytes {
+            return bad(
+                "limits.max_payload_bytes",
+                "must be between 1 and limits.max_frame_bytes (a payload travels inside one message)",
+            );
+        }
+        if l.http_head_bytes_max < 256 {
+            return bad("limits.http_head_bytes_max", "must be at least 256");
+        }
+        if l.requests_per_second == 0 {
+            return bad("limits.requests_per_second", "must be at least 1");
+        }
+        if l.request_burst == 0 {
+            return bad("limits.request_burst", "must be at least 1");
+        }
+        if l.outbound_buffer_bytes < l.max_frame_bytes {
+            return bad(
+                "limits.outbound_buffer_bytes",
+                "must be at least limits.max_frame_bytes, or no large broadcast could be queued",
+            );
+        }
+        if l.max_connections == 0 {
+            return bad("limits.max_connections", "must be at least 1");
+        }
+        for (key, d) in [
+            ("limits.auth_timeout", l.auth_timeout),
+            ("limits.http_head_timeout", l.http_head_timeout),
+            ("limits.write_timeout", l.write_timeout),
+            ("limits.ping_interval", l.ping_interval),
+        ] {
+            if d.is_zero() {
+                return bad(key, "must be longer than 0s");
+            }
+        }
+        if self.history.size > 100_000 {
+            return bad("history.size", "at most 100000 publications per channel");
+        }
+        if self.shards > 256 {
+            return bad("shards", "at most 256");
+        }
+        if self.auth.api_keys.iter().any(|k| k.is_empty()) {
+            return bad("auth.api_keys", "an API key may not be empty");
+        }
+        if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
+            return bad("tls", "set both tls.cert_file and tls.key_file, or neither");
+        }
+        if self.dev_mode {
+            if !self.listen.ip().is_loopback() {
+                return bad(
+                    "listen",
+                    "dev mode (no auth.jwt_secret) only binds a loopback address; configure a secret to listen elsewhere",
+                );
+            }
+            if let Some(a) = self.admin_listen {
+                if !a.ip().is_loopback() {
+                    return bad("admin_listen", "dev mode only binds a loopback address");
+                }
+            }
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return bad("log.level", &format!("not a valid level or filter: {e}"));
+        }
+        Ok(())
+    }
+
+    /// Shards to start: the configured number, or one per CPU this process may run on.
+    pub fn shard_count(&self) -> usize {
+        if self.shards > 0 {
+            return self.shards;
+        }
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    }
+}
+
+fn env_value(text: &str, kind: Kind) -> Result<toml::Value, String> {
+    Ok(match kind {
+        Kind::Str => toml::Value::String(text.to_string()),
+        Kind::Int => toml::Value::Integer(
+            text.trim()
+                .parse::<i64>()
+                .map_err(|_| format!("expected a whole number, got {text:?}"))?,
+        ),
+        Kind::Bool => toml::Value::Boolean(match text.trim() {
+            "true" | "1" | "yes" => true,
+            "false" | "0" | "no" => false,
+            _ => return Err(format!("expected true or false, got {text:?}")),
+        }),
+        // Environment lists replace the file's list (SPEC 13.21).
+        Kind::List => toml::Value::Array(
+            text.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| toml::Value::String(s.to_string()))
+                .collect(),
+        ),
+    })
+}
+
+fn set_path(table: &mut toml::Table, key: &str, value: toml::Value) {
+    match key.split_once('.') {
+        None => {
+            table.insert(key.to_string(), value);
+        }
+        Some((head, rest)) => {
+            let entry = table
+                .entry(head.to_string())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            if !entry.is_table() {
+                *entry = toml::Value::Table(toml::Table::new());
+            }
+            if let toml::Value::Table(inner) = entry {
+                set_path(inner, rest, value);
+            }
+        }
+    }
+}
+
+/// Durations are written as `"10s"`, `"500ms"`, `"1h"`.
+mod duration {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "invalid duration {text:?} ({e}); write it like \"10s\" or \"500ms\""
+            ))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn load(file: Option<&str>, env: &[(&str, &str)], flags: Overrides) -> Result<Config, String> {
+        let dir = std::env::temp_dir().join(format!("bc-config-{}", rand::random::<u64>()));
+        let path = file.map(|text| {
+            std::fs::write(&dir, text).unwrap();
+            dir.clone()
+        });
+        let env: HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let r = Config::load(path.as_deref(), &|k| env.get(k).cloned(), &flags);
+        let _ = std::fs::remove_file(&dir);
+        r.map_err(|e| e.0)
+    }
+
+    #[test]
+    fn defaults_are_dev_mode_on_loopback() {
+        let c = load(None, &[], Overrides::default()).unwrap();
+        assert!(c.dev_mode);
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.limits.max_frame_bytes, 65536);
+        assert_eq!(c.history.ttl, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn flags_beat_env_and_env_beats_file() {
+        let file =
+            "listen = \"127.0.0.1:1\"\n[auth]\njwt_secret = \"f\"\napi_keys = [\"a\", \"b\"]\n";
+        let c = load(Some(file), &[], Overrides::default()).unwrap();
+        assert_eq!(c.listen.port(), 1);
+        assert_eq!(c.auth.api_keys, vec!["a", "b"]);
+        let env = [
+            ("BROADCASTER_LISTEN", "127.0.0.1:2"),
+            ("BROADCASTER_AUTH_API_KEYS", "c"),
+        ];
+        let c = load(Some(file), &env, Overrides::default()).unwrap();
+        assert_eq!(c.listen.port(), 2);
+        assert_eq!(c.auth.api_keys, vec!["c"]);
+        let flags = Overrides {
+            listen: Some("127.0.0.1:3".into()),
+            ..Overrides::default()
+        };
+        let c = load(Some(file), &env, flags).unwrap();
+        assert_eq!(c.listen.port(), 3);
+        assert!(!c.dev_mode);
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let e = load(
+            None,
+            &[("BROADCASTER_LIMITS_MAX_FRAME_BYTES", "abc")],
+            Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(e.contains("limits.max_frame_bytes"), "{e}");
+        let e = load(
+            Some("[limits]\nping_interval = \"soon\"\n"),
+            &[],
+            Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(e.contains("limits.ping_interval"), "{e}");
+        let e = load(Some("[limits]\nnot_a_key = 1\n"), &[], Overrides::default()).unwrap_err();
+        assert!(e.contains("not_a_key"), "{e}");
+        let e = load(Some("listen = \"nowhere\"\n"), &[], Overrides::default()).unwrap_err();
+        assert!(e.contains("listen"), "{e}");
+    }
+
+    #[test]
+    fn dev_mode_refuses_public_addresses() {
+        let flags = Overrides {
+            listen: Some("0.0.0.0:8080".into()),
+            ..Overrides::default()
+        };
+        let e = load(None, &[], flags.clone()).unwrap_err();
+        assert!(e.starts_with("listen:"), "{e}");
+        assert!(load(None, &[("BROADCASTER_AUTH_JWT_SECRET", "s")], flags).is_ok());
+    }
+
+    #[test]
+    fn limit_relationships_are_checked() {
+        let env = [("BROADCASTER_LIMITS_MAX_PAYLOAD_BYTES", "100000")];
+        let e = load(None, &env, Overrides::default()).unwrap_err();
+        assert!(e.contains("limits.max_payload_bytes"), "{e}");
+    }
+}

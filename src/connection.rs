@@ -1,0 +1,826 @@
+//! One WebSocket connection: its send queue, the writer that drains it in one write per wake,
+//! and the session (read loop, requests, timers, close codes).
+//!
+//! The reader and the writer are two futures joined in one task, so they share one waker: a
+//! fan-out wakes the task and both are polled. All state is `Cell`/`RefCell`, borrowed only inside
+//! synchronous helpers.
+
+use crate::auth::{unix_now, Permissions};
+use crate::channel::Publication;
+use crate::frame::{self, close, Decoder, Message};
+use crate::metrics::ShardMetrics;
+use crate::protocol::{self, err, Code, Error, Method};
+use crate::shard::{now_rfc3339, Shard, Subscription};
+use futures_lite::future;
+use glommio::net::TcpStream;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Poll, Waker};
+use std::time::{Duration, Instant};
+
+/// Buffers for send queues, reused across connections so an idle connection holds none and a
+/// busy one does not allocate per message.
+mod pool {
+    use std::cell::RefCell;
+
+    const KEEP_MAX: usize = 4096;
+    const CAPACITY_MAX: usize = 256 * 1024;
+
+    thread_local! {
+        static FREE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+    }
+
+    pub fn take() -> Vec<u8> {
+        FREE.with(|f| f.borrow_mut().pop())
+            .unwrap_or_else(|| Vec::with_capacity(4096))
+    }
+
+    pub fn give(mut buf: Vec<u8>) {
+        if buf.capacity() == 0 || buf.capacity() > CAPACITY_MAX {
+            return;
+        }
+        buf.clear();
+        FREE.with(|f| {
+            let mut f = f.borrow_mut();
+            if f.len() < KEEP_MAX {
+                f.push(buf);
+            }
+        });
+    }
+}
+
+/// Shard-local state of one connection that fan-out and the ring handlers touch.
+pub struct Conn {
+    pub id: u64,
+    /// Bytes queued and not yet handed to the writer.
+    out: RefCell<Vec<u8>>,
+    /// Bytes the writer holds and has not written yet; they count against the limit too.
+    inflight: Cell<usize>,
+    out_bytes_max: usize,
+    /// When the oldest broadcast in `out` was accepted, for `publish_to_write_seconds`.
+    oldest: Cell<Option<Instant>>,
+    waker: Cell<Option<Waker>>,
+    /// A close frame is queued: nothing more is queued after it.
+    closing: Cell<bool>,
+    /// The socket failed or the writer gave up: stop everything.
+    dead: Cell<bool>,
+    subs: RefCell<HashMap<Arc<str>, Rc<Subscription>>>,
+}
+
+impl Conn {
+    pub fn new(id: u64, out_bytes_max: usize) -> Rc<Conn> {
+        Rc::new(Conn {
+            id,
+            out: RefCell::new(Vec::new()),
+            inflight: Cell::new(0),
+            out_bytes_max,
+            oldest: Cell::new(None),
+            waker: Cell::new(None),
+            closing: Cell::new(false),
+            dead: Cell::new(false),
+            subs: RefCell::new(HashMap::new()),
+        })
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.closing.get() || self.dead.get()
+    }
+
+    fn wake(&self) {
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+    }
+
+    fn register(&self, waker: &Waker) {
+        let current = self.waker.take();
+        match current {
+            Some(w) if w.will_wake(waker) => self.waker.set(Some(w)),
+            _ => self.waker.set(Some(waker.clone())),
+        }
+    }
+
+    /// Queues one broadcast frame; false when the connection is closing or just overflowed.
+    #[inline]
+    pub fn enqueue_broadcast(&self, p: &Publication, seq: u64, metrics: &ShardMetrics) -> bool {
+        if self.closing.get() || self.dead.get() {
+            return false;
+        }
+        let mut out = self.out.borrow_mut();
+        // Frame length is bounded by prefix + suffix + 20 digits + 10 header bytes.
+        let frame_max = p.prefix.len() + p.suffix.len() + 30;
+        if out.len() + self.inflight.get() + frame_max > self.out_bytes_max {
+            drop(out);
+            ShardMetrics::add(&metrics.slow_consumers_total, 1);
+            tracing::info!(conn = self.id, channel = %p.channel, "slow consumer closed (4003)");
+            self.close(close::SLOW_CONSUMER, "slow consumer", true);
+            return false;
+        }
+        let was_empty = out.is_empty();
+        if out.capacity() == 0 {
+            *out = pool::take();
+        }
+        protocol::write_broadcast_frame(&mut out, &p.prefix, seq, &p.suffix);
+        if was_empty {
+            self.oldest.set(Some(p.accepted));
+            drop(out);
+            self.wake();
+        }
+        true
+    }
+
+    fn push_frame(&self, f: impl FnOnce(&mut Vec<u8>)) {
+        if self.closing.get() || self.dead.get() {
+            return;
+        }
+        let mut out = self.out.borrow_mut();
+        if out.capacity() == 0 {
+            *out = pool::take();
+        }
+        f(&mut out);
+        drop(out);
+        self.wake();
+    }
+
+    /// Queues a response: `Ok(body)` is the JSON text of `result`.
+    pub fn respond(&self, id: Option<&[u8]>, result: Result<&[u8], &Error>) {
+        self.push_frame(|out| {
+            let mut msg = Vec::with_capacity(96);
+            match result {
+                Ok(body) => protocol::write_result(&mut msg, id, body),
+                Err(e) => protocol::write_error(&mut msg, id, e),
+            }
+            frame::write_text(out, &msg);
+        });
+    }
+
+    /// Queues a close frame, after what is queued unless `discard` (a slow consumer's queue is
+    /// dropped: its socket is full anyway, and the close is best effort, SPEC 13.16).
+    pub fn close(&self, code: u16, reason: &str, discard: bool) {
+        if self.closing.get() || self.dead.get() {
+            return;
+        }
+        {
+            let mut out = self.out.borrow_mut();
+            if discard {
+                out.clear();
+            }
+            if out.capacity() == 0 {
+                *out = pool::take();
+            }
+            frame::write_close(&mut out, code, reason);
+        }
+        self.closing.set(true);
+        self.wake();
+    }
+
+    pub fn add_subscription(&self, sub: Rc<Subscription>) {
+        let previous = self.subs.borrow_mut().insert(sub.channel.clone(), sub);
+        debug_assert!(
+            previous.is_none(),
+            "one subscription per channel and connection"
+        );
+    }
+
+    fn subscription_count(&self) -> usize {
+        self.subs.borrow().len()
+    }
+}
+
+/// Writes everything queued, one write per wake, until a close frame has been flushed.
+async fn writer(
+    conn: &Conn,
+    stream: &RefCell<TcpStream>,
+    timeout: Duration,
+    metrics: &ShardMetrics,
+) {
+    let mut buf: Vec<u8> = Vec::new();
+    loop {
+        let ready = poll_fn(|cx| {
+            if conn.dead.get() {
+                return Poll::Ready(false);
+            }
+            if !conn.out.borrow().is_empty() {
+                return Poll::Ready(true);
+            }
+            conn.register(cx.waker());
+            Poll::Pending
+        })
+        .await;
+        if !ready {
+            return;
+        }
+        std::mem::swap(&mut buf, &mut *conn.out.borrow_mut());
+        conn.inflight.set(buf.len());
+        let oldest = conn.oldest.take();
+        let mut written = 0;
+        while written < buf.len() {
+            let attempt = future::or(
+                async { Some(write_some(stream, &buf[written..]).await) },
+                async {
+                    glommio::timer::sleep(timeout).await;
+                    None
+                },
+            )
+            .await;
+            match attempt {
+                Some(Ok(n)) if n > 0 => {
+                    written += n;
+                    conn.inflight.set(buf.len() - written);
+                }
+                Some(_) => {
+                    conn.dead.set(true);
+                    conn.wake();
+                    return;
+                }
+                None => {
+                    ShardMetrics::add(&metrics.write_timeouts_total, 1);
+                    tracing::info!(
+                        conn = conn.id,
+                        "write made no progress within write_timeout; closed"
+                    );
+                    conn.dead.set(true);
+                    conn.wake();
+                    return;
+                }
+            }
+        }
+        if let Some(t) = oldest {
+            metrics.observe_publish_to_write(t.elapsed());
+        }
+        conn.inflight.set(0);
+        pool::give(std::mem::take(&mut buf));
+        if conn.closing.get() && conn.out.borrow().is_empty() {
+            // The close frame is out: send FIN and let the reader drain until the peer closes.
+            shutdown_write(stream);
+            return;
+        }
+    }
+}
+
+fn shutdown_write(stream: &RefCell<TcpStream>) {
+    use std::os::fd::AsRawFd;
+    let fd = stream.borrow().as_raw_fd();
+    // SAFETY: shutdown(2) on a socket we own; failure (already closed) is harmless.
+    unsafe {
+        libc::shutdown(fd, libc::SHUT_WR);
+    }
+}
+
+pub async fn write_some(stream: &RefCell<TcpStream>, buf: &[u8]) -> io::Result<usize> {
+    use futures_lite::AsyncWrite;
+    poll_fn(|cx| Pin::new(&mut *stream.borrow_mut()).poll_write(cx, buf)).await
+}
+
+pub async fn write_all(stream: &RefCell<TcpStream>, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        let n = write_some(stream, buf).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        buf = &buf[n..];
+    }
+    Ok(())
+}
+
+/// Reads what is available into `into`, through a shard-wide buffer so that an idle connection
+/// holds no read buffer of its own. Returns 0 at end of stream.
+pub async fn read_some(
+    stream: &RefCell<TcpStream>,
+    into: &mut Vec<u8>,
+    wake_on: Option<&Conn>,
+) -> io::Result<usize> {
+    use futures_lite::AsyncRead;
+    thread_local! {
+        static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0; 64 * 1024]);
+    }
+    poll_fn(|cx| {
+        if let Some(conn) = wake_on {
+            if conn.dead.get() {
+                return Poll::Ready(Err(io::ErrorKind::ConnectionAborted.into()));
+            }
+            conn.register(cx.waker());
+        }
+        SCRATCH.with(|s| {
+            let mut s = s.borrow_mut();
+            match Pin::new(&mut *stream.borrow_mut()).poll_read(cx, &mut s) {
+                Poll::Ready(Ok(n)) => {
+                    into.extend_from_slice(&s[..n]);
+                    Poll::Ready(Ok(n))
+                }
+                other => other,
+            }
+        })
+    })
+    .await
+}
+
+/// Token bucket of SPEC section 6 plus the 4004 rule of SPEC 13.13.
+struct RateLimit {
+    tokens: f64,
+    last: Instant,
+    per_second: f64,
+    burst: f64,
+    rejected: u32,
+    window_start: Instant,
+}
+
+/// More than this many rejections for rate within `REJECT_WINDOW` closes with 4004.
+const REJECTED_MAX: u32 = 100;
+const REJECT_WINDOW: Duration = Duration::from_secs(10);
+/// After our close frame, how long we wait for the peer's close before dropping the socket.
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
+
+impl RateLimit {
+    fn new(per_second: u32, burst: u32, now: Instant) -> RateLimit {
+        RateLimit {
+            tokens: burst as f64,
+            last: now,
+            per_second: per_second as f64,
+            burst: burst as f64,
+            rejected: 0,
+            window_start: now,
+        }
+    }
+
+    /// Ok(()) when the request may go ahead; Err(true) when the connection must close.
+    fn take(&mut self, now: Instant) -> Result<(), bool> {
+        let dt = now.duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + dt * self.per_second).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            return Ok(());
+        }
+        if now.duration_since(self.window_start) > REJECT_WINDOW {
+            self.window_start = now;
+            self.rejected = 0;
+        }
+        self.rejected += 1;
+        Err(self.rejected > REJECTED_MAX)
+    }
+}
+
+struct Session {
+    perms: Option<Permissions>,
+    rate: RateLimit,
+    scratch: Vec<u8>,
+}
+
+/// Runs one upgraded WebSocket connection to its end. `input` holds bytes read after the head.
+pub async fn run(shard: Rc<Shard>, stream: TcpStream, input: Vec<u8>) {
+    let config = shard.config().clone();
+    let limits = &config.limits;
+    let conn = Conn::new(shard.new_conn_id(), limits.outbound_buffer_bytes);
+    shard.conns.borrow_mut().insert(conn.id, conn.clone());
+    ShardMetrics::gauge(&shard.metrics().connections_active, 1);
+    tracing::debug!(conn = conn.id, shard = shard.id, "websocket open");
+    let stream = RefCell::new(stream);
+    future::zip(
+        async {
+            reader(&shard, &conn, &stream, input).await;
+            // Whatever ended the reader ends the writer too.
+            conn.dead.set(true);
+            conn.wake();
+        },
+        writer(&conn, &stream, limits.write_timeout, shard.metrics()),
+    )
+    .await;
+    let subs: Vec<_> = conn.subs.borrow_mut().drain().map(|(_, s)| s).collect();
+    for sub in &subs {
+        shard.unsubscribe(sub);
+    }
+    conn.dead.set(true);
+    if let Some(buf) = conn.out.borrow_mut().take_if_any() {
+        pool::give(buf);
+    }
+    shard.conns.borrow_mut().remove(&conn.id);
+    ShardMetrics::gauge(&shard.metrics().connections_active, -1);
+    shard
+        .shared
+        .connections
+        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    tracing::debug!(conn = conn.id, shard = shard.id, "websocket closed");
+}
+
+trait TakeIfAny {
+    fn take_if_any(&mut self) -> Option<Vec<u8>>;
+}
+
+impl TakeIfAny for Vec<u8> {
+    fn take_if_any(&mut self) -> Option<Vec<u8>> {
+        (self.capacity() > 0).then(|| std::mem::take(self))
+    }
+}
+
+enum Wake {
+    Data(usize),
+    Timer,
+}
+
+async fn reader(
+    shard: &Rc<Shard>,
+    conn: &Rc<Conn>,
+    stream: &RefCell<TcpStream>,
+    mut input: Vec<u8>,
+) {
+    let limits = shard.config().limits.clone();
+    let leeway = shard.config().auth.leeway;
+    let opened = Instant::now();
+    let mut decoder = Decoder::new(limits.max_frame_bytes);
+    let mut session = Session {
+        perms: None,
+        rate: RateLimit::new(limits.requests_per_second, limits.request_burst, opened),
+        scratch: Vec::new(),
+    };
+    let mut last_heard = opened;
+    let mut next_ping = opened + limits.ping_interval;
+    let mut close_started: Option<Instant> = None;
+    loop {
+        // Handle every complete frame already buffered.
+        let mut pos = 0;
+        while !conn.closing.get() && !conn.dead.get() {
+            let (used, outcome) = match decoder.decode(&mut input[pos..]) {
+                Ok(None) => break,
+                Err(v) => {
+                    tracing::debug!(
+                        conn = conn.id,
+                        code = v.code,
+                        reason = v.reason,
+                        "protocol violation"
+                    );
+                    conn.close(v.code, v.reason, false);
+                    break;
+                }
+                Ok(Some((None, used))) => (used, Ok(())),
+                Ok(Some((Some(message), used))) => {
+                    let r = handle(shard, conn, &mut session, message).await;
+                    (used, r)
+                }
+            };
+            pos += used;
+            if let Err((code, reason)) = outcome {
+                conn.close(code, reason, false);
+            }
+        }
+        if pos > 0 {
+            input.drain(..pos);
+        }
+        if input.is_empty() && input.capacity() > 0 {
+            input = Vec::new();
+        }
+        if conn.dead.get() {
+            return;
+        }
+        let now = Instant::now();
+        if conn.closing.get() {
+            input.clear();
+            let started = *close_started.get_or_insert(now);
+            if now >= started + CLOSE_LINGER {
+                return;
+            }
+        }
+        // The next moment something is due: auth timeout, token expiry, a ping, ping timeout.
+        let mut due = next_ping.min(last_heard + limits.ping_interval * 2);
+        if session.perms.is_none() {
+            due = due.min(opened + limits.auth_timeout);
+        }
+        if let Some(started) = close_started {
+            due = due.min(started + CLOSE_LINGER);
+        }
+        let token_expiry = session
+            .perms
+            .as_ref()
+            .map(|p| expiry_instant(p.exp, leeway, now));
+        if let Some(t) = token_expiry {
+            due = due.min(t);
+        }
+        let wake = future::or(
+            async {
+                match read_some(stream, &mut input, Some(conn)).await {
+                    Ok(n) => Wake::Data(n),
+                    Err(_) => Wake::Data(0),
+                }
+            },
+            async {
+                glommio::timer::sleep(due.saturating_duration_since(Instant::now())).await;
+                Wake::Timer
+            },
+        )
+        .await;
+        let now = Instant::now();
+        match wake {
+            Wake::Data(0) => {
+                conn.dead.set(true);
+                conn.wake();
+                return;
+            }
+            Wake::Data(_) => last_heard = now,
+            Wake::Timer => {}
+        }
+        if conn.closing.get() {
+            continue;
+        }
+        if session.perms.is_none() && now >= opened + limits.auth_timeout {
+            conn.close(close::AUTH_TIMEOUT, "not authenticated in time", false);
+        } else if token_expiry.is_some_and(|t| now >= t) {
+            conn.close(close::TOKEN_EXPIRED, "token expired", false);
+        } else if now >= last_heard + limits.ping_interval * 2 {
+            conn.close(
+                close::PING_TIMEOUT,
+                "no frame within twice the ping interval",
+                true,
+            );
+        } else if now >= next_ping {
+            conn.push_frame(frame::write_ping);
+            next_ping = now + limits.ping_interval;
+        }
+    }
+}
+
+/// The instant a token of expiry `exp` (Unix seconds) stops being valid.
+fn expiry_instant(exp: u64, leeway: Duration, now: Instant) -> Instant {
+    let left = (exp + leeway.as_secs()).saturating_sub(unix_now());
+    now + Duration::from_secs(left)
+}
+
+type Outcome = Result<(), (u16, &'static str)>;
+
+async fn handle(
+    shard: &Rc<Shard>,
+    conn: &Rc<Conn>,
+    session: &mut Session,
+    message: Message<'_>,
+) -> Outcome {
+    match message {
+        Message::Text(text) => handle_request(shard, conn, session, text).await,
+        Message::Binary(_) => {
+            fail(
+                shard,
+                conn,
+                None,
+                &err(
+                    Code::InvalidArgument,
+                    "binary frames are not supported; send JSON text",
+                ),
+            );
+            check_rate(shard, conn, session)
+        }
+        Message::Ping(payload) => {
+            let payload = payload.to_vec();
+            conn.push_frame(|out| frame::write_pong(out, &payload));
+            Ok(())
+        }
+        Message::Pong => Ok(()),
+        Message::Close(code) => {
+            // Echo the peer's code (RFC 6455 5.5.1), then close.
+            let code = code.unwrap_or(close::NORMAL);
+            Err((code, ""))
+        }
+    }
+}
+
+/// Counts a frame against the rate limit when it was answered outside `handle_request`.
+fn check_rate(shard: &Rc<Shard>, conn: &Rc<Conn>, session: &mut Session) -> Outcome {
+    match session.rate.take(Instant::now()) {
+        Ok(()) => Ok(()),
+        Err(close_now) => rate_limited(shard, conn, None, close_now),
+    }
+}
+
+fn rate_limited(shard: &Rc<Shard>, conn: &Rc<Conn>, id: Option<&[u8]>, close_now: bool) -> Outcome {
+    if close_now {
+        tracing::info!(conn = conn.id, "closed for too many requests (4004)");
+        return Err((close::TOO_MANY_REQUESTS, "too many requests"));
+    }
+    fail(
+        shard,
+        conn,
+        id,
+        &err(
+            Code::ResourceExhausted,
+            "request rate over the limit; slow down",
+        ),
+    );
+    Ok(())
+}
+
+fn fail(shard: &Rc<Shard>, conn: &Rc<Conn>, id: Option<&[u8]>, e: &Error) {
+    shard.metrics().rejected(e.code);
+    conn.respond(id, Err(e));
+}
+
+async fn handle_request(
+    shard: &Rc<Shard>,
+    conn: &Rc<Conn>,
+    session: &mut Session,
+    text: &[u8],
+) -> Outcome {
+    let limits = &shard.config().limits;
+    let request = protocol::parse_request(text, &mut session.scratch, limits.max_payload_bytes);
+    let allowed = session.rate.take(Instant::now());
+    let request = match request {
+        Ok(r) => r,
+        Err(rejected) => {
+            if let Err(close_now) = allowed {
+                return rate_limited(shard, conn, rejected.id, close_now);
+            }
+            fail(shard, conn, rejected.id, &rejected.error);
+            return Ok(());
+        }
+    };
+    let id = request.id;
+    if let Err(close_now) = allowed {
+        return rate_limited(shard, conn, id, close_now);
+    }
+    if request.method_needs_auth && session.perms.is_none() {
+        fail(
+            shard,
+            conn,
+            id,
+            &err(Code::Unauthenticated, "send auth with a valid token first"),
+        );
+        return Ok(());
+    }
+    let method = match request.method {
+        Ok(m) => m,
+        Err(e) => {
+            fail(shard, conn, id, &e);
+            return Ok(());
+        }
+    };
+    match method {
+        Method::Heartbeat => {
+            let mut body = b"{\"timestamp\":".to_vec();
+            protocol::write_json_string(&mut body, &now_rfc3339());
+            body.push(b'}');
+            conn.respond(id, Ok(&body));
+        }
+        Method::Auth { token } => match shard.shared.verifier.verify(&token) {
+            Err(e) => {
+                ShardMetrics::add(&shard.metrics().auth_failures_total, 1);
+                fail(shard, conn, id, &err(Code::Unauthenticated, e.0));
+            }
+            Ok(perms) => {
+                if let Some(old) = &session.perms {
+                    if old.sub != perms.sub {
+                        fail(
+                            shard,
+                            conn,
+                            id,
+                            &err(
+                                Code::FailedPrecondition,
+                                "re-auth must keep the same sub; open a new connection",
+                            ),
+                        );
+                        return Ok(());
+                    }
+                    // A narrower token drops the subscriptions it no longer authorizes.
+                    let dropped: Vec<Rc<Subscription>> = conn
+                        .subs
+                        .borrow()
+                        .values()
+                        .filter(|s| !(perms.can_subscribe && perms.allows_channel(&s.channel)))
+                        .cloned()
+                        .collect();
+                    for sub in &dropped {
+                        conn.subs.borrow_mut().remove(&sub.channel);
+                        shard.unsubscribe(sub);
+                    }
+                }
+                tracing::debug!(conn = conn.id, sub = %perms.sub, "authenticated");
+                session.perms = Some(perms);
+                conn.respond(id, Ok(b"{\"success\":true}"));
+            }
+        },
+        Method::Subscribe { channel, since } => {
+            let perms = session
+                .perms
+                .as_ref()
+                .ok_or((close::PROTOCOL, "unreachable"))?;
+            if !perms.can_subscribe || !perms.allows_channel(&channel) {
+                fail(
+                    shard,
+                    conn,
+                    id,
+                    &err(
+                        Code::PermissionDenied,
+                        "token does not allow subscribing to this channel",
+                    ),
+                );
+            } else if conn.subs.borrow().contains_key(channel.as_str()) {
+                fail(
+                    shard,
+                    conn,
+                    id,
+                    &err(Code::AlreadyExists, "already subscribed to this channel"),
+                );
+            } else if conn.subscription_count() >= limits.max_subscriptions_per_connection {
+                fail(
+                    shard,
+                    conn,
+                    id,
+                    &err(
+                        Code::ResourceExhausted,
+                        "max_subscriptions_per_connection reached; unsubscribe first",
+                    ),
+                );
+            } else {
+                let done = shard.subscribe(conn, id, &channel, since);
+                let _ = done.await;
+            }
+        }
+        Method::Unsubscribe { channel } => {
+            let sub = conn.subs.borrow_mut().remove(channel.as_str());
+            match sub {
+                Some(sub) => {
+                    shard.unsubscribe(&sub);
+                    conn.respond(id, Ok(b"{\"success\":true}"));
+                }
+                None => fail(
+                    shard,
+                    conn,
+                    id,
+                    &err(Code::NotFound, "not subscribed to this channel"),
+                ),
+            }
+        }
+        Method::Publish(params) => {
+            let perms = session
+                .perms
+                .as_ref()
+                .ok_or((close::PROTOCOL, "unreachable"))?;
+            if !perms.can_publish || !perms.allows_channel(&params.channel) {
+                fail(
+                    shard,
+                    conn,
+                    id,
+                    &err(
+                        Code::PermissionDenied,
+                        "token does not allow publishing to this channel",
+                    ),
+                );
+                return Ok(());
+            }
+            match shard.publish(params).await {
+                Ok(ack) => {
+                    let body = ack_json(&ack);
+                    conn.respond(id, Ok(&body));
+                }
+                Err(e) => fail(shard, conn, id, &e),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `{"id","createTime","offset"}` of a publish result.
+pub fn ack_json(ack: &crate::shard::Ack) -> Vec<u8> {
+    let mut body = Vec::with_capacity(96);
+    body.extend_from_slice(b"{\"id\":");
+    protocol::write_json_string(&mut body, &ack.id);
+    body.extend_from_slice(b",\"createTime\":");
+    protocol::write_json_string(&mut body, &ack.create_time);
+    body.extend_from_slice(b",\"offset\":");
+    body.extend_from_slice(itoa::Buffer::new().format(ack.offset).as_bytes());
+    body.push(b'}');
+    body
+}
+
+/// Closes every connection of this shard with 1001 (shutdown).
+pub fn close_all(shard: &Shard) {
+    let conns: Vec<Rc<Conn>> = shard.conns.borrow().values().cloned().collect();
+    for conn in conns {
+        conn.close(close::GOING_AWAY, "server shutting down", false);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limit_allows_burst_then_refills_then_closes_abusers() {
+        let t0 = Instant::now();
+        let mut r = RateLimit::new(10, 5, t0);
+        for _ in 0..5 {
+            assert_eq!(r.take(t0), Ok(()));
+        }
+        assert_eq!(r.take(t0), Err(false));
+        assert_eq!(r.take(t0 + Duration::from_millis(100)), Ok(()));
+        for i in 0..REJECTED_MAX - 1 {
+            assert_eq!(r.take(t0 + Duration::from_millis(100)), Err(false), "{i}");
+        }
+        assert_eq!(r.take(t0 + Duration::from_millis(100)), Err(true));
+        // A short burst of rejections much later starts a new window.
+        let mut r = RateLimit::new(10, 1, t0);
+        assert_eq!(r.take(t0), Ok(()));
+        assert_eq!(r.take(t0), Err(false));
+        assert_eq!(r.take(t0 + Duration::from_secs(11)), Ok(()));
+    }
+}

@@ -1,0 +1,268 @@
+//! Sans-IO HTTP/1.1: request heads parsed with httparse into the few fields the server uses, and
+//! responses written into byte buffers.
+
+/// The parts of a request head the server acts on. Owned, because the read buffer moves on.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Head {
+    pub method: String,
+    pub path: String,
+    pub query: String,
+    /// Bytes taken by the head, including the blank line.
+    pub len: usize,
+    pub keep_alive: bool,
+    pub content_length: Option<usize>,
+    pub chunked: bool,
+    pub upgrade_websocket: bool,
+    pub connection_upgrade: bool,
+    pub ws_key: Option<String>,
+    pub ws_version: Option<String>,
+    pub origin: Option<String>,
+    /// The token of `Authorization: Bearer TOKEN`.
+    pub bearer: Option<Vec<u8>>,
+}
+
+/// A head that cannot be served. The status and message go back before the connection closes.
+#[derive(Debug, PartialEq, Eq)]
+pub struct HeadError {
+    pub status: u16,
+    pub message: &'static str,
+}
+
+const MAX_HEADERS: usize = 64;
+
+/// Parses a request head from the start of `buf`. `Ok(None)`: incomplete, read more (unless
+/// `buf` already holds `max_bytes`, which the caller turns into 431).
+pub fn parse_head(buf: &[u8], max_bytes: usize) -> Result<Option<Head>, HeadError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let window = &buf[..buf.len().min(max_bytes)];
+    let len = match req.parse(window) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => {
+            if window.len() >= max_bytes {
+                return Err(HeadError {
+                    status: 431,
+                    message: "request head larger than http_head_bytes_max",
+                });
+            }
+            return Ok(None);
+        }
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(HeadError {
+                status: 431,
+                message: "too many request headers",
+            })
+        }
+        Err(_) => {
+            return Err(HeadError {
+                status: 400,
+                message: "malformed HTTP request head",
+            })
+        }
+    };
+    let target = req.path.unwrap_or("/");
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let mut head = Head {
+        method: req.method.unwrap_or("").to_string(),
+        path: path.to_string(),
+        query: query.to_string(),
+        len,
+        keep_alive: req.version == Some(1),
+        ..Head::default()
+    };
+    for h in req.headers.iter() {
+        let value = h.value;
+        let text = || String::from_utf8_lossy(value).trim().to_string();
+        let name = h.name;
+        if name.eq_ignore_ascii_case("content-length") {
+            let n = std::str::from_utf8(value)
+                .ok()
+                .and_then(|s| s.trim().parse::<usize>().ok())
+                .ok_or(HeadError {
+                    status: 400,
+                    message: "invalid Content-Length",
+                })?;
+            if head.content_length.is_some_and(|m| m != n) {
+                return Err(HeadError {
+                    status: 400,
+                    message: "conflicting Content-Length headers",
+                });
+            }
+            head.content_length = Some(n);
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            head.chunked = true;
+        } else if name.eq_ignore_ascii_case("connection") {
+            for token in text().split(',') {
+                let token = token.trim();
+                if token.eq_ignore_ascii_case("close") {
+                    head.keep_alive = false;
+                } else if token.eq_ignore_ascii_case("keep-alive") {
+                    head.keep_alive = true;
+                } else if token.eq_ignore_ascii_case("upgrade") {
+                    head.connection_upgrade = true;
+                }
+            }
+        } else if name.eq_ignore_ascii_case("upgrade") {
+            head.upgrade_websocket = text()
+                .split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("websocket"));
+        } else if name.eq_ignore_ascii_case("sec-websocket-key") {
+            head.ws_key = Some(text());
+        } else if name.eq_ignore_ascii_case("sec-websocket-version") {
+            head.ws_version = Some(text());
+        } else if name.eq_ignore_ascii_case("origin") {
+            head.origin = Some(text());
+        } else if name.eq_ignore_ascii_case("authorization") {
+            let v = value.trim_ascii();
+            if v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer ") {
+                head.bearer = Some(v[7..].trim_ascii().to_vec());
+            }
+        }
+    }
+    Ok(Some(head))
+}
+
+/// Value of `key` in a query string, percent-decoded.
+pub fn query_param(query: &str, key: &str) -> Option<String> {
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (percent_decode(k)? == key)
+            .then(|| percent_decode(v))
+            .flatten()
+    })
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+pub fn reason(status: u16) -> &'static str {
+    match status {
+        101 => "Switching Protocols",
+        200 => "OK",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        411 => "Length Required",
+        413 => "Payload Too Large",
+        426 => "Upgrade Required",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        503 => "Service Unavailable",
+        _ => "Unknown",
+    }
+}
+
+/// Appends a complete response with a body.
+pub fn write_response(
+    out: &mut Vec<u8>,
+    status: u16,
+    content_type: &str,
+    body: &[u8],
+    keep_alive: bool,
+) {
+    use std::io::Write;
+    let _ = write!(
+        out,
+        "HTTP/1.1 {status} {}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\ncache-control: no-store\r\n{}\r\n",
+        reason(status),
+        body.len(),
+        if keep_alive { "" } else { "connection: close\r\n" },
+    );
+    out.extend_from_slice(body);
+}
+
+/// Appends an error in the WebSocket error object, wrapped (SPEC section 3).
+pub fn write_error(out: &mut Vec<u8>, status: u16, code: &str, message: &str, keep_alive: bool) {
+    let body = serde_json::json!({"error": {"code": code, "message": message}}).to_string();
+    write_response(out, status, "application/json", body.as_bytes(), keep_alive);
+}
+
+/// The 101 answer that turns the connection into a WebSocket.
+pub fn write_upgrade(out: &mut Vec<u8>, ws_key: &str) {
+    let accept = tungstenite::handshake::derive_accept_key(ws_key.as_bytes());
+    out.extend_from_slice(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: ");
+    out.extend_from_slice(accept.as_bytes());
+    out.extend_from_slice(b"\r\n\r\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upgrade_heads_parse() {
+        let req = b"GET /ws?x=1 HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nOrigin: https://a.example\r\n\r\nrest";
+        let h = parse_head(req, 8192).unwrap().unwrap();
+        assert_eq!(h.path, "/ws");
+        assert_eq!(h.query, "x=1");
+        assert!(h.upgrade_websocket && h.connection_upgrade && h.keep_alive);
+        assert_eq!(h.len, req.len() - 4);
+        assert_eq!(h.origin.as_deref(), Some("https://a.example"));
+        let mut out = Vec::new();
+        write_upgrade(&mut out, h.ws_key.as_deref().unwrap());
+        let text = String::from_utf8(out).unwrap();
+        // The sample key and accept value of RFC 6455 section 1.3.
+        assert!(text.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "{text}");
+    }
+
+    #[test]
+    fn truncated_oversized_and_malformed_heads() {
+        let req =
+            b"POST /publish HTTP/1.1\r\nAuthorization: Bearer k1 \r\nContent-Length: 5\r\n\r\n";
+        for cut in 0..req.len() {
+            assert_eq!(parse_head(&req[..cut], 8192), Ok(None), "cut {cut}");
+        }
+        let h = parse_head(req, 8192).unwrap().unwrap();
+        assert_eq!(h.bearer.as_deref(), Some(&b"k1"[..]));
+        assert_eq!(h.content_length, Some(5));
+        assert_eq!(parse_head(&req[..30], 30).unwrap_err().status, 431);
+        assert_eq!(
+            parse_head(b"GARBAGE\x01\r\n\r\n", 8192).unwrap_err().status,
+            400
+        );
+        let bad_len = b"POST / HTTP/1.1\r\nContent-Length: x\r\n\r\n";
+        assert_eq!(parse_head(bad_len, 8192).unwrap_err().status, 400);
+        let close = b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n";
+        assert!(!parse_head(close, 8192).unwrap().unwrap().keep_alive);
+        let old = b"GET / HTTP/1.0\r\n\r\n";
+        assert!(!parse_head(old, 8192).unwrap().unwrap().keep_alive);
+    }
+
+    #[test]
+    fn query_params_decode() {
+        assert_eq!(
+            query_param("channel=a%2Fb&limit=5", "channel").as_deref(),
+            Some("a/b")
+        );
+        assert_eq!(
+            query_param("channel=a%2Fb&limit=5", "limit").as_deref(),
+            Some("5")
+        );
+        assert_eq!(query_param("limit=5", "channel"), None);
+        assert_eq!(query_param("channel=%zz", "channel"), None);
+    }
+}

@@ -1,0 +1,696 @@
+//! Sans-IO protocol of SPEC section 4: requests parsed with simd-json, responses and broadcast
+//! frames encoded into byte buffers.
+//!
+//! simd-json validates the whole request and reads the small fields. Two values must travel as the
+//! client wrote them: `id` (echoed as `requestId`) and `payload` (relayed byte for byte), so a small
+//! scanner finds their byte spans in the original text, which simd-json has already proven to be
+//! valid JSON.
+
+use simd_json::prelude::*;
+use simd_json::BorrowedValue;
+
+/// Error codes of SPEC section 4 (gRPC names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Code {
+    InvalidArgument,
+    NotFound,
+    AlreadyExists,
+    FailedPrecondition,
+    PermissionDenied,
+    Unauthenticated,
+    ResourceExhausted,
+    Unavailable,
+    Internal,
+}
+
+impl Code {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Code::InvalidArgument => "InvalidArgument",
+            Code::NotFound => "NotFound",
+            Code::AlreadyExists => "AlreadyExists",
+            Code::FailedPrecondition => "FailedPrecondition",
+            Code::PermissionDenied => "PermissionDenied",
+            Code::Unauthenticated => "Unauthenticated",
+            Code::ResourceExhausted => "ResourceExhausted",
+            Code::Unavailable => "Unavailable",
+            Code::Internal => "Internal",
+        }
+    }
+
+    /// The HTTP status REST answers with (SPEC section 3).
+    pub fn http_status(self) -> u16 {
+        match self {
+            Code::InvalidArgument => 400,
+            Code::Unauthenticated => 401,
+            Code::PermissionDenied => 403,
+            Code::NotFound => 404,
+            Code::AlreadyExists | Code::FailedPrecondition => 409,
+            Code::ResourceExhausted => 413,
+            Code::Unavailable => 503,
+            Code::Internal => 500,
+        }
+    }
+
+    pub const ALL: [Code; 9] = [
+        Code::InvalidArgument,
+        Code::NotFound,
+        Code::AlreadyExists,
+        Code::FailedPrecondition,
+        Code::PermissionDenied,
+        Code::Unauthenticated,
+        Code::ResourceExhausted,
+        Code::Unavailable,
+        Code::Internal,
+    ];
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Error {
+    pub code: Code,
+    pub message: String,
+}
+
+pub fn err(code: Code, message: impl Into<String>) -> Error {
+    Error {
+        code,
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Since {
+    pub offset: u64,
+    pub epoch: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Method {
+    Auth {
+        token: String,
+    },
+    Subscribe {
+        channel: String,
+        since: Option<Since>,
+    },
+    Unsubscribe {
+        channel: String,
+    },
+    Publish(PublishParams),
+    Heartbeat,
+}
+
+impl Method {
+    pub fn needs_auth(&self) -> bool {
+        !matches!(self, Method::Auth { .. } | Method::Heartbeat)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishParams {
+    pub channel: String,
+    pub event: String,
+    /// The payload exactly as the client wrote it.
+    pub payload: Vec<u8>,
+}
+
+/// A request whose method was recognised. Parameter errors are kept apart from the method, because
+/// `Unauthenticated` must win over a bad parameter of a method that needs auth.
+#[derive(Debug)]
+pub struct Request<'a> {
+    /// Raw JSON text of `id` (a number or string), echoed as `requestId`.
+    pub id: Option<&'a [u8]>,
+    pub method_needs_auth: bool,
+    pub method: Result<Method, Error>,
+}
+
+/// A frame that is not a request at all. The id is echoed when it could be read.
+#[derive(Debug)]
+pub struct Rejected<'a> {
+    pub id: Option<&'a [u8]>,
+    pub error: Error,
+}
+
+/// Event names are 1-128 bytes (SPEC section 4).
+pub const EVENT_BYTES_MAX: usize = 128;
+/// Channel names are 1-255 bytes (SPEC section 4).
+pub const CHANNEL_BYTES_MAX: usize = 255;
+
+/// Parses one text frame. `scratch` is reused across calls (simd-json parses in place).
+pub fn parse_request<'a>(
+    text: &'a [u8],
+    scratch: &mut Vec<u8>,
+    payload_bytes_max: usize,
+) -> Result<Request<'a>, Rejected<'a>> {
+    scratch.clear();
+    scratch.extend_from_slice(text);
+    let value = match simd_json::to_borrowed_value(scratch) {
+        Ok(v) => v,
+        Err(_) => return Err(reject(None, "request is not valid JSON")),
+    };
+    let Some(obj) = value.as_object() else {
+        return Err(reject(None, "request must be a JSON object"));
+    };
+    let spans = members(text, skip_ws(text, 0));
+    let id = match obj.get("id") {
+        None => None,
+        Some(v) if v.is_str() || v.is_number() => span_of(text, &spans, "id"),
+        Some(_) => return Err(reject(None, "id must be a number or a string")),
+    };
+    let method = match obj.get("method") {
+        None => return Err(reject(id, "request lacks method")),
+        Some(m) => match m.as_str() {
+            Some(m) => m,
+            None => return Err(reject(id, "method must be a string")),
+        },
+    };
+    let params = obj.get("params");
+    let method_needs_auth = !matches!(method, "auth" | "heartbeat");
+    let method = match method {
+        "auth" => parse_auth(params),
+        "subscribe" => parse_subscribe(params),
+        "unsubscribe" => channel_param(params).map(|channel| Method::Unsubscribe { channel }),
+        "publish" => parse_publish(text, &spans, params, payload_bytes_max).map(Method::Publish),
+        "heartbeat" => Ok(Method::Heartbeat),
+        other => {
+            let mut shown = other.chars().take(64).collect::<String>();
+            if shown.len() < other.len() {
+                shown.push('…');
+            }
+            Err(err(Code::NotFound, format!("unknown method {shown:?}")))
+        }
+    };
+    Ok(Request {
+        id,
+        method_needs_auth,
+        method,
+    })
+}
+
+fn reject<'a>(id: Option<&'a [u8]>, message: &str) -> Rejected<'a> {
+    Rejected {
+        id,
+        error: err(Code::InvalidArgument, message),
+    }
+}
+
+fn parse_auth(params: Option<&BorrowedValue>) -> Result<Method, Error> {
+    match params.and_then(|p| p.get("token")).and_then(|t| t.as_str()) {
+        Some(token) => Ok(Method::Auth {
+            token: token.to_string(),
+        }),
+        None => Err(err(
+            Code::InvalidArgument,
+            "auth needs params.token, a string",
+        )),
+    }
+}
+
+fn channel_param(params: Option<&BorrowedValue>) -> Result<String, Error> {
+    let Some(channel) = params
+        .and_then(|p| p.get("channel"))
+        .and_then(|c| c.as_str())
+    else {
+        return Err(err(
+            Code::InvalidArgument,
+            "params.channel, a string, is required",
+        ));
+    };
+    check_channel(channel)?;
+    Ok(channel.to_string())
+}
+
+/// Channel names: 1-255 bytes of UTF-8, no whitespace or control characters (in the Unicode
+/// sense, SPEC 13.7), no `*`.
+pub fn check_channel(channel: &str) -> Result<(), Error> {
+    if channel.is_empty() || channel.len() > CHANNEL_BYTES_MAX {
+        return Err(err(
+            Code::InvalidArgument,
+            "channel name must be 1-255 bytes",
+        ));
+    }
+    if channel
+        .chars()
+        .any(|c| c.is_whitespace() || c.is_control() || c == '*')
+    {
+        return Err(err(
+            Code::InvalidArgument,
+            "channel name may not hold whitespace, control characters or '*'",
+        ));
+    }
+    Ok(())
+}
+
+fn parse_subscribe(params: Option<&BorrowedValue>) -> Result<Method, Error> {
+    let channel = channel_param(params)?;
+    let since = match params.and_then(|p| p.get("since")) {
+        None => None,
+        Some(s) if s.is_null() => None,
+        Some(s) => {
+            let offset = s.get("offset").and_then(|o| o.as_u64());
+            let epoch = s.get("epoch").and_then(|e| e.as_str());
+            match (offset, epoch) {
+                (Some(offset), Some(epoch)) => Some(Since {
+                    offset,
+                    epoch: epoch.to_string(),
+                }),
+                _ => {
+                    return Err(err(
+                        Code::InvalidArgument,
+                        "since must be {\"offset\": number, \"epoch\": string}",
+                    ))
+                }
+            }
+        }
+    };
+    Ok(Method::Subscribe { channel, since })
+}
+
+fn parse_publish(
+    text: &[u8],
+    spans: &[(Span, Span)],
+    params: Option<&BorrowedValue>,
+    payload_bytes_max: usize,
+) -> Result<PublishParams, Error> {
+    let channel = channel_param(params)?;
+    let event = match params.and_then(|p| p.get("event")).and_then(|e| e.as_str()) {
+        Some(e) => e,
+        None => {
+            return Err(err(
+                Code::InvalidArgument,
+                "params.event, a string, is required",
+            ))
+        }
+    };
+    check_event(event)?;
+    if params.and_then(|p| p.get("payload")).is_none() {
+        return Err(err(Code::InvalidArgument, "params.payload is required"));
+    }
+    let params_span = find(text, spans, "params")
+        .ok_or_else(|| err(Code::Internal, "params could not be located"))?;
+    let inner = members(text, params_span.0);
+    let payload = span_of(text, &inner, "payload")
+        .ok_or_else(|| err(Code::Internal, "payload could not be located"))?;
+    check_payload(payload.len(), payload_bytes_max)?;
+    Ok(PublishParams {
+        channel,
+        event: event.to_string(),
+        payload: payload.to_vec(),
+    })
+}
+
+pub fn check_event(event: &str) -> Result<(), Error> {
+    if event.is_empty() || event.len() > EVENT_BYTES_MAX {
+        return Err(err(Code::InvalidArgument, "event must be 1-128 bytes"));
+    }
+    Ok(())
+}
+
+pub fn check_payload(len: usize, payload_bytes_max: usize) -> Result<(), Error> {
+    if len > payload_bytes_max {
+        return Err(err(
+            Code::ResourceExhausted,
+            format!("payload of {len} bytes is over the limit of {payload_bytes_max}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Parses a REST publish body (`{"channel","event","payload"}`), keeping the payload's bytes.
+pub fn parse_publish_body(body: &[u8], payload_bytes_max: usize) -> Result<PublishParams, Error> {
+    let mut scratch = body.to_vec();
+    let value = simd_json::to_borrowed_value(&mut scratch)
+        .map_err(|_| err(Code::InvalidArgument, "body is not valid JSON"))?;
+    if !value.is_object() {
+        return Err(err(Code::InvalidArgument, "body must be a JSON object"));
+    }
+    let inner = members(body, skip_ws(body, 0));
+    let channel = channel_param(Some(&value))?;
+    let event = value
+        .get("event")
+        .and_then(|e| e.as_str())
+        .ok_or_else(|| err(Code::InvalidArgument, "event, a string, is required"))?;
+    check_event(event)?;
+    let payload = span_of(body, &inner, "payload")
+        .ok_or_else(|| err(Code::InvalidArgument, "payload is required"))?;
+    check_payload(payload.len(), payload_bytes_max)?;
+    Ok(PublishParams {
+        channel,
+        event: event.to_string(),
+        payload: payload.to_vec(),
+    })
+}
+
+/// Parses a REST broadcast body (`{"channels":[...],"event","payload"}`).
+pub fn parse_broadcast_body(
+    body: &[u8],
+    payload_bytes_max: usize,
+    channels_max: usize,
+) -> Result<(Vec<String>, String, Vec<u8>), Error> {
+    let mut scratch = body.to_vec();
+    let value = simd_json::to_borrowed_value(&mut scratch)
+        .map_err(|_| err(Code::InvalidArgument, "body is not valid JSON"))?;
+    let Some(list) = value.get("channels").and_then(|c| c.as_array()) else {
+        return Err(err(
+            Code::InvalidArgument,
+            "channels, an array of names, is required",
+        ));
+    };
+    if list.is_empty() || list.len() > channels_max {
+        return Err(err(
+            Code::InvalidArgument,
+            format!("channels must hold 1 to {channels_max} names"),
+        ));
+    }
+    let mut channels = Vec::with_capacity(list.len());
+    for c in list {
+        let name = c
+            .as_str()
+            .ok_or_else(|| err(Code::InvalidArgument, "every channel must be a string"))?;
+        check_channel(name)?;
+        channels.push(name.to_string());
+    }
+    let event = value
+        .get("event")
+        .and_then(|e| e.as_str())
+        .ok_or_else(|| err(Code::InvalidArgument, "event, a string, is required"))?;
+    check_event(event)?;
+    let inner = members(body, skip_ws(body, 0));
+    let payload = span_of(body, &inner, "payload")
+        .ok_or_else(|| err(Code::InvalidArgument, "payload is required"))?;
+    check_payload(payload.len(), payload_bytes_max)?;
+    Ok((channels, event.to_string(), payload.to_vec()))
+}
+
+// ---- span scanner over JSON that simd-json has already validated ----
+
+/// Byte range `[start, end)` in the original text.
+type Span = (usize, usize);
+
+fn skip_ws(t: &[u8], mut i: usize) -> usize {
+    while i < t.len() && matches!(t[i], b' ' | b'\t' | b'\n' | b'\r') {
+        i += 1;
+    }
+    i
+}
+
+/// End (exclusive) of the string starting at the quote at `i`.
+fn skip_string(t: &[u8], mut i: usize) -> usize {
+    i += 1;
+    while i < t.len() {
+        match t[i] {
+            b'\\' => i += 2,
+            b'"' => return i + 1,
+            _ => i += 1,
+        }
+    }
+    t.len()
+}
+
+/// End (exclusive) of the value starting at `i`.
+fn skip_value(t: &[u8], i: usize) -> usize {
+    match t.get(i) {
+        Some(b'"') => skip_string(t, i),
+        Some(b'{') | Some(b'[') => {
+            let mut depth = 0usize;
+            let mut j = i;
+            while j < t.len() {
+                match t[j] {
+                    b'"' => {
+                        j = skip_string(t, j);
+                        continue;
+                    }
+                    b'{' | b'[' => depth += 1,
+                    b'}' | b']' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            return j + 1;
+                        }
+                    }
+                    _ => {}
+                }
+                j += 1;
+            }
+            t.len()
+        }
+        Some(_) => {
+            let mut j = i;
+            while j < t.len() && !matches!(t[j], b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r')
+            {
+                j += 1;
+            }
+            j
+        }
+        None => i,
+    }
+}
+
+/// The (key, value) spans of the object starting at `i`; keys without their quotes.
+fn members(t: &[u8], i: usize) -> Vec<(Span, Span)> {
+    let mut out = Vec::new();
+    if t.get(i) != Some(&b'{') {
+        return out;
+    }
+    let mut j = skip_ws(t, i + 1);
+    while j < t.len() && t[j] == b'"' {
+        let key_end = skip_string(t, j);
+        let key = (j + 1, key_end.saturating_sub(1).max(j + 1));
+        let colon = skip_ws(t, key_end);
+        let v = skip_ws(t, colon + 1);
+        let v_end = skip_value(t, v);
+        out.push((key, (v, v_end)));
+        j = skip_ws(t, v_end);
+        if t.get(j) == Some(&b',') {
+            j = skip_ws(t, j + 1);
+        } else {
+            break;
+        }
+    }
+    out
+}
+
+/// The value span of the last member named `name` (keys may be written with escapes).
+fn find(t: &[u8], spans: &[(Span, Span)], name: &str) -> Option<Span> {
+    spans.iter().rev().find_map(|(k, v)| {
+        let raw = t.get(k.0..k.1)?;
+        let same = if raw.contains(&b'\\') {
+            let quoted = t.get(k.0 - 1..k.1 + 1)?;
+            serde_json::from_slice::<String>(quoted).ok()? == name
+        } else {
+            raw == name.as_bytes()
+        };
+        same.then_some(*v)
+    })
+}
+
+fn span_of<'a>(t: &'a [u8], spans: &[(Span, Span)], name: &str) -> Option<&'a [u8]> {
+    find(t, spans, name).and_then(|(a, b)| t.get(a..b))
+}
+
+// ---- encoding ----
+
+/// Appends `{"requestId":ID,"result":BODY}`; `body` is JSON text.
+pub fn write_result(out: &mut Vec<u8>, id: Option<&[u8]>, body: &[u8]) {
+    out.extend_from_slice(b"{\"requestId\":");
+    out.extend_from_slice(id.unwrap_or(b"null"));
+    out.extend_from_slice(b",\"result\":");
+    out.extend_from_slice(body);
+    out.push(b'}');
+}
+
+/// Appends `{"requestId":ID,"error":{"code":..,"message":..}}`.
+pub fn write_error(out: &mut Vec<u8>, id: Option<&[u8]>, e: &Error) {
+    out.extend_from_slice(b"{\"requestId\":");
+    out.extend_from_slice(id.unwrap_or(b"null"));
+    out.extend_from_slice(b",\"error\":{\"code\":\"");
+    out.extend_from_slice(e.code.as_str().as_bytes());
+    out.extend_from_slice(b"\",\"message\":");
+    write_json_string(out, &e.message);
+    out.extend_from_slice(b"}}");
+}
+
+pub fn write_json_string(out: &mut Vec<u8>, s: &str) {
+    // serde_json's escaping is the reference; writing into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+/// The two halves of a broadcast message around the per-subscription `seq`, built once per
+/// publication and shared by every subscriber on every shard.
+pub fn broadcast_parts(
+    id: &str,
+    offset: u64,
+    create_time: &str,
+    channel: &str,
+    event: &str,
+    payload: &[u8],
+) -> (Box<[u8]>, Box<[u8]>) {
+    let mut prefix = Vec::with_capacity(48 + id.len());
+    prefix.extend_from_slice(b"{\"method\":\"broadcast\",\"params\":{\"id\":");
+    write_json_string(&mut prefix, id);
+    prefix.extend_from_slice(b",\"seq\":");
+    let mut suffix = Vec::with_capacity(80 + channel.len() + event.len() + payload.len());
+    suffix.extend_from_slice(b",\"offset\":");
+    suffix.extend_from_slice(itoa::Buffer::new().format(offset).as_bytes());
+    suffix.extend_from_slice(b",\"createTime\":");
+    write_json_string(&mut suffix, create_time);
+    suffix.extend_from_slice(b",\"channel\":");
+    write_json_string(&mut suffix, channel);
+    suffix.extend_from_slice(b",\"event\":");
+    write_json_string(&mut suffix, event);
+    suffix.extend_from_slice(b",\"payload\":");
+    suffix.extend_from_slice(payload);
+    suffix.extend_from_slice(b"}}");
+    (prefix.into_boxed_slice(), suffix.into_boxed_slice())
+}
+
+/// Appends one broadcast frame for a subscriber: header, prefix, its `seq`, suffix. This is the
+/// only work done per subscriber per publication: no allocation, two short copies.
+#[inline]
+pub fn write_broadcast_frame(out: &mut Vec<u8>, prefix: &[u8], seq: u64, suffix: &[u8]) {
+    let mut digits = itoa::Buffer::new();
+    let seq = digits.format(seq).as_bytes();
+    let len = prefix.len() + seq.len() + suffix.len();
+    crate::frame::write_header(out, crate::frame::TEXT, len);
+    out.extend_from_slice(prefix);
+    out.extend_from_slice(seq);
+    out.extend_from_slice(suffix);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Request<'_>, Rejected<'_>> {
+        parse_request(text.as_bytes(), &mut Vec::new(), 65536)
+    }
+
+    #[test]
+    fn ids_are_echoed_as_written() {
+        for (text, id) in [
+            (r#"{"id":0,"method":"heartbeat"}"#, "0"),
+            (r#"{"id": -5 ,"method":"heartbeat"}"#, "-5"),
+            (r#"{"method":"heartbeat","id":"a\"b"}"#, r#""a\"b""#),
+            (r#"{"id":"","method":"heartbeat"}"#, r#""""#),
+        ] {
+            let r = parse(text).unwrap();
+            assert_eq!(r.id, Some(id.as_bytes()), "{text}");
+            assert_eq!(r.method, Ok(Method::Heartbeat));
+        }
+        assert_eq!(parse(r#"{"method":"heartbeat"}"#).unwrap().id, None);
+    }
+
+    #[test]
+    fn malformed_requests_are_rejected() {
+        for text in [
+            "nope",
+            "[1]",
+            "{\"id\":1",
+            "{\"id\":1}",
+            "{\"id\":{},\"method\":\"x\"}",
+            "",
+        ] {
+            let r = parse(text).unwrap_err();
+            assert_eq!(r.error.code, Code::InvalidArgument, "{text}");
+        }
+        assert_eq!(parse(r#"{"id":7}"#).unwrap_err().id, Some(&b"7"[..]));
+        let r = parse(r#"{"id":1,"method":"dance"}"#).unwrap();
+        assert_eq!(r.method.unwrap_err().code, Code::NotFound);
+    }
+
+    #[test]
+    fn payload_is_kept_byte_for_byte() {
+        let text = r#"{"id":1,"method":"publish","params":{"payload" : {"b":1,  "a":[1.0e3, "\u00e9", "}"]} ,"channel":"c","event":"e"}}"#;
+        let r = parse(text).unwrap();
+        let Ok(Method::Publish(p)) = r.method else {
+            panic!("{:?}", r.method)
+        };
+        assert_eq!(p.payload, br#"{"b":1,  "a":[1.0e3, "\u00e9", "}"]}"#);
+        assert_eq!(p.channel, "c");
+        let text = r#"{"method":"publish","params":{"channel":"c","event":"e","payload":-1.5e2}}"#;
+        let Ok(Method::Publish(p)) = parse(text).unwrap().method else {
+            panic!()
+        };
+        assert_eq!(p.payload, b"-1.5e2");
+        let text =
+            r#"{"method":"publish","params":{"channel":"c","event":"e","p\u0061yload":"x"}}"#;
+        let Ok(Method::Publish(p)) = parse(text).unwrap().method else {
+            panic!()
+        };
+        assert_eq!(p.payload, br#""x""#);
+    }
+
+    #[test]
+    fn params_are_validated() {
+        let bad = [
+            r#"{"method":"auth"}"#,
+            r#"{"method":"auth","params":{"token":5}}"#,
+            r#"{"method":"subscribe","params":{"channel":"a b"}}"#,
+            r#"{"method":"subscribe","params":{"channel":"a*"}}"#,
+            r#"{"method":"subscribe","params":{"channel":"a\u00a0b"}}"#,
+            r#"{"method":"subscribe","params":{"channel":"a\u3000b"}}"#,
+            r#"{"method":"subscribe","params":{"channel":"a\u0085b"}}"#,
+            r#"{"method":"subscribe","params":{"channel":"a\u007fb"}}"#,
+            r#"{"method":"subscribe","params":{"channel":""}}"#,
+            r#"{"method":"subscribe","params":{"channel":"a","since":{"offset":"1"}}}"#,
+            r#"{"method":"unsubscribe","params":{"channel":"\t"}}"#,
+            r#"{"method":"publish","params":{"channel":"a","event":"","payload":1}}"#,
+            r#"{"method":"publish","params":{"channel":"a","event":"e"}}"#,
+        ];
+        for text in bad {
+            let r = parse(text).unwrap();
+            assert_eq!(r.method.unwrap_err().code, Code::InvalidArgument, "{text}");
+        }
+        let long = format!(
+            r#"{{"method":"subscribe","params":{{"channel":"{}"}}}}"#,
+            "x".repeat(256)
+        );
+        assert!(parse(&long).unwrap().method.is_err());
+        let ok = format!(
+            r#"{{"method":"subscribe","params":{{"channel":"{}"}}}}"#,
+            "é".repeat(127)
+        );
+        assert!(parse(&ok).unwrap().method.is_ok());
+        let big =
+            r#"{"method":"publish","params":{"channel":"a","event":"e","payload":"0123456789"}}"#;
+        let r = parse_request(big.as_bytes(), &mut Vec::new(), 8).unwrap();
+        assert_eq!(r.method.unwrap_err().code, Code::ResourceExhausted);
+    }
+
+    #[test]
+    fn broadcast_frames_splice_seq() {
+        let (p, s) = broadcast_parts("n-1", 7, "2026-01-01T00:00:00.000Z", "c\"", "e", b"[1]");
+        let mut out = Vec::new();
+        write_broadcast_frame(&mut out, &p, 42, &s);
+        assert_eq!(out[1], 126, "a 16-bit length follows");
+        let body = &out[4..];
+        assert_eq!(u16::from_be_bytes([out[2], out[3]]) as usize, body.len());
+        let v: serde_json::Value = serde_json::from_slice(body).unwrap();
+        assert_eq!(v["params"]["seq"], 42);
+        assert_eq!(v["params"]["offset"], 7);
+        assert_eq!(v["params"]["channel"], "c\"");
+        assert_eq!(v["params"]["payload"], serde_json::json!([1]));
+    }
+
+    #[test]
+    fn rest_bodies_parse() {
+        let p = parse_publish_body(br#" {"channel":"a","event":"e","payload": {"x" :1}}"#, 100)
+            .unwrap();
+        assert_eq!(p.payload, br#"{"x" :1}"#);
+        let e = parse_publish_body(br#"{"channel":"a","event":"e"}"#, 100).unwrap_err();
+        assert_eq!(e.code, Code::InvalidArgument);
+        let (c, _, pl) = parse_broadcast_body(
+            br#"{"channels":["a","b"],"event":"e","payload":null}"#,
+            100,
+            10,
+        )
+        .unwrap();
+        assert_eq!(c, vec!["a", "b"]);
+        assert_eq!(pl, b"null");
+        assert!(parse_broadcast_body(
+            br#"{"channels":["a","b c"],"event":"e","payload":1}"#,
+            100,
+            10
+        )
+        .is_err());
+    }
+}

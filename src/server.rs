@@ -1,0 +1,300 @@
+//! Starts the shards, wires the rings between them, waits for a signal, and shuts down.
+
+use crate::auth::{self, Verifier};
+use crate::config::Config;
+use crate::connection;
+use crate::metrics::ShardMetrics;
+use crate::shard::{RingMsg, Shard, Shared};
+use crate::web::{self, Role};
+use glommio::channels::shared_channel::{self, SharedReceiver, SharedSender};
+use glommio::{LocalExecutorBuilder, Placement};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Publications in flight between one pair of shards before the sender's pump waits. Deep
+/// enough to absorb a burst without waking the pump, small enough to bound memory.
+const RING_CAPACITY: usize = 4096;
+/// How often a shard looks at the shutdown flag and sweeps idle channels.
+const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(50);
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Both ends of every ring, handed to the shard that will connect them.
+struct Ends {
+    to: Vec<Option<SharedSender<RingMsg>>>,
+    from: Vec<Option<SharedReceiver<RingMsg>>>,
+}
+
+/// Runs the server until SIGINT or SIGTERM has drained it. Prints the listening lines on stdout
+/// once every shard is ready.
+pub fn run(mut config: Config) -> Result<(), String> {
+    let shards = config.shard_count();
+    let dev = config.dev_mode.then(|| dev_mode_setup(&mut config));
+    let secret = config.auth.jwt_secret.clone().unwrap_or_default();
+    let node_id = format!("{:08x}", rand::random::<u32>());
+    let shared = Arc::new(Shared {
+        verifier: Verifier::new(&secret, config.auth.leeway),
+        node_id,
+        shards,
+        connections: AtomicUsize::new(0),
+        shutting_down: AtomicBool::new(false),
+        metrics: (0..shards).map(|_| ShardMetrics::default()).collect(),
+        config,
+    });
+
+    let mut ends: Vec<Ends> = (0..shards)
+        .map(|_| Ends {
+            to: (0..shards).map(|_| None).collect(),
+            from: (0..shards).map(|_| None).collect(),
+        })
+        .collect();
+    for a in 0..shards {
+        for b in 0..shards {
+            if a != b {
+                let (tx, rx) = shared_channel::new_bounded(RING_CAPACITY);
+                ends[a].to[b] = Some(tx);
+                ends[b].from[a] = Some(rx);
+            }
+        }
+    }
+
+    let cpus = allowed_cpus();
+    let (ready_tx, ready_rx) = crossbeam_channel::unbounded();
+    let mut listen = (shared.config.listen, shared.config.admin_listen);
+    let mut handles = Vec::new();
+    for (id, ends) in ends.into_iter().enumerate() {
+        let shared = shared.clone();
+        let ready = ready_tx.clone();
+        let cpu = cpus[id % cpus.len()];
+        let addrs = listen;
+        let handle = LocalExecutorBuilder::new(Placement::Fixed(cpu))
+            .name(&format!("shard-{id}"))
+            // No file I/O: the storage buffers glommio would register are not needed.
+            .io_memory(64 * 1024)
+            .spawn(move || shard_main(id, shared, ends, addrs, ready))
+            .map_err(|e| format!("cannot start shard {id}: {e}"))?;
+        handles.push(handle);
+        // Shard 0 resolves port 0; the others bind the port it got (SO_REUSEPORT).
+        if id == 0 {
+            let (public, admin) = ready_rx
+                .recv()
+                .map_err(|_| "shard 0 stopped during start".to_string())??;
+            listen = (public, admin);
+        }
+    }
+    for _ in 1..shards {
+        ready_rx
+            .recv()
+            .map_err(|_| "a shard stopped during start".to_string())??;
+    }
+    if let Some(dev) = dev {
+        dev_mode_banner(&dev, listen.0);
+    }
+    {
+        let mut stdout = std::io::stdout().lock();
+        let _ = writeln!(stdout, "listening public={}", listen.0);
+        if let Some(admin) = listen.1 {
+            let _ = writeln!(stdout, "listening admin={admin}");
+        }
+        let _ = stdout.flush();
+    }
+    tracing::info!(shards, public = %listen.0, admin = ?listen.1, "serving");
+
+    let signals = shared.clone();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || wait_for_signal(&signals))
+        .map_err(|e| format!("cannot start the signal thread: {e}"))?;
+    for h in handles {
+        let _ = h.join();
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn wait_for_signal(shared: &Shared) {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM]) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        return;
+    };
+    if let Some(sig) = signals.forever().next() {
+        tracing::info!(signal = sig, "shutting down");
+        shared.shutting_down.store(true, Relaxed);
+    }
+}
+
+type Ready = crossbeam_channel::Sender<Result<(SocketAddr, Option<SocketAddr>), String>>;
+
+async fn shard_main(
+    id: usize,
+    shared: Arc<Shared>,
+    ends: Ends,
+    (listen, admin_listen): (SocketAddr, Option<SocketAddr>),
+    ready: Ready,
+) {
+    let bind = |addr: SocketAddr| {
+        glommio::net::TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))
+    };
+    let public = match bind(listen) {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    let admin = match admin_listen.map(bind).transpose() {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    let addrs = (
+        public.local_addr().unwrap_or(listen),
+        admin.as_ref().and_then(|a| a.local_addr().ok()),
+    );
+    let shard = Shard::new(id, shared.clone());
+    connect_rings(&shard, ends);
+    let _ = ready.send(Ok(addrs));
+
+    let public_task = glommio::spawn_local(web::accept_loop(
+        shard.clone(),
+        public,
+        Role::Public {
+            backend: admin.is_none(),
+        },
+    ))
+    .detach();
+    let admin_task = admin
+        .map(|a| glommio::spawn_local(web::accept_loop(shard.clone(), a, Role::Admin)).detach());
+
+    let mut last_sweep = Instant::now();
+    while !shared.shutting_down.load(Relaxed) {
+        glommio::timer::sleep(HOUSEKEEPING_INTERVAL).await;
+        if last_sweep.elapsed() >= SWEEP_INTERVAL {
+            shard.sweep();
+            last_sweep = Instant::now();
+        }
+    }
+
+    // Drain: /health answers 503, upgrades and publishes are refused, every client gets 1001,
+    // and queued messages get up to shutdown_grace to leave.
+    connection::close_all(&shard);
+    let deadline = Instant::now() + shared.config.shutdown_grace;
+    while !shard.conns.borrow().is_empty() && Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(20)).await;
+    }
+    public_task.cancel();
+    if let Some(t) = admin_task {
+        t.cancel();
+    }
+}
+
+/// Connects this shard's ends of the rings: a pump per destination, a reader per source.
+fn connect_rings(shard: &Rc<Shard>, ends: Ends) {
+    for (peer, tx) in ends.to.into_iter().enumerate() {
+        let Some(tx) = tx else { continue };
+        let outbox = shard.set_outbox(peer);
+        glommio::spawn_local(async move {
+            let ring = tx.connect().await;
+            while let Some(msg) = outbox.recv().await {
+                if ring.send(msg).await.is_err() {
+                    break;
+                }
+            }
+        })
+        .detach();
+    }
+    for rx in ends.from.into_iter().flatten() {
+        let shard = shard.clone();
+        glommio::spawn_local(async move {
+            let ring = rx.connect().await;
+            while let Some(msg) = ring.recv().await {
+                shard.on_ring(msg);
+                glommio::yield_if_needed().await;
+            }
+        })
+        .detach();
+    }
+}
+
+/// CPUs this process may run on, in order; shards are pinned to them round robin.
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: sched_getaffinity fills the zeroed set we own.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let ok =
+        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) }
+            == 0;
+    let cpus: Vec<usize> = if ok {
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|c| unsafe { libc::CPU_ISSET(*c, &set) })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    if cpus.is_empty() {
+        vec![0]
+    } else {
+        cpus
+    }
+}
+
+/// What dev mode generated.
+struct Dev {
+    secret: String,
+    key: String,
+    token: String,
+}
+
+/// Dev mode (SPEC section 2): a generated secret and API key, and the playground on.
+fn dev_mode_setup(config: &mut Config) -> Dev {
+    let secret = random_token(32);
+    config.auth.jwt_secret = Some(secret.clone());
+    if config.auth.api_keys.is_empty() {
+        config.auth.api_keys = vec![random_token(24)];
+    }
+    config.playground = true;
+    let token = auth::mint(
+        &secret,
+        "dev",
+        &["*".to_string()],
+        &["subscribe".to_string(), "publish".to_string()],
+        Duration::from_secs(24 * 3600),
+    )
+    .unwrap_or_default();
+    Dev {
+        secret,
+        key: config.auth.api_keys[0].clone(),
+        token,
+    }
+}
+
+/// Prints what to paste to try the server.
+fn dev_mode_banner(dev: &Dev, listen: SocketAddr) {
+    let url = format!("http://{listen}");
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "broadcaster: dev mode (no auth.jwt_secret configured); loopback only, secrets are new each start\n\
+         jwt secret: {secret}\n\
+         api key:    {key}\n\
+         token (sub=dev, all channels, subscribe+publish, 24h):\n{token}\n\
+         connect:    ws://{listen}/ws  then send {{\"id\":1,\"method\":\"auth\",\"params\":{{\"token\":\"<token>\"}}}}\n\
+         playground: {url}/\n\
+         publish:    curl -sS -X POST {url}/publish -H 'Authorization: Bearer {key}' -d '{{\"channel\":\"news\",\"event\":\"hello\",\"payload\":{{\"text\":\"hi\"}}}}'",
+        secret = dev.secret,
+        key = dev.key,
+        token = dev.token,
+    );
+    let _ = out.flush();
+}
+
+fn random_token(bytes: usize) -> String {
+    (0..bytes)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect()
+}

@@ -1,0 +1,653 @@
+//! The per-core owner of connections, subscriptions, owned channels and the ring endpoints.
+//!
+//! Everything here is `Rc`/`RefCell` and never leaves its thread. `RefCell` borrows are taken
+//! only inside the small synchronous methods below, never across an `.await`, so a borrow can
+//! never be observed by another task of the same shard.
+
+use crate::auth::Verifier;
+use crate::channel::{self, Channels, Position, Publication};
+use crate::config::Config;
+use crate::connection::Conn;
+use crate::metrics::ShardMetrics;
+use crate::protocol::{self, Code, Error, PublishParams, Since};
+use futures_channel::oneshot;
+use glommio::channels::local_channel::{self, LocalSender};
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+/// What every shard shares: read-only configuration and node-wide atomics. Nothing here is on the
+/// per-message path except the metrics, which each shard writes only in its own slot.
+pub struct Shared {
+    pub config: Config,
+    pub verifier: Verifier,
+    pub node_id: String,
+    pub shards: usize,
+    /// Open WebSocket connections of the node, for `max_connections` (SPEC 13.17).
+    pub connections: AtomicUsize,
+    pub shutting_down: AtomicBool,
+    pub metrics: Vec<ShardMetrics>,
+}
+
+/// Publication acknowledgement, as `publish` returns it.
+#[derive(Debug, Clone)]
+pub struct Ack {
+    pub id: Box<str>,
+    pub create_time: Box<str>,
+    pub offset: u64,
+}
+
+/// Messages between shards, carried by the rings. Only `Send` data: `Arc`s and owned values.
+pub enum RingMsg {
+    Publish {
+        token: u64,
+        from: usize,
+        params: PublishParams,
+        accepted: Instant,
+    },
+    Published {
+        token: u64,
+        ack: Ack,
+    },
+    Subscribe {
+        token: u64,
+        from: usize,
+        channel: Arc<str>,
+        since: Option<Since>,
+    },
+    Subscribed {
+        token: u64,
+        position: Position,
+    },
+    Unwatch {
+        from: usize,
+        channel: Arc<str>,
+    },
+    Deliver(Arc<Publication>),
+    History {
+        token: u64,
+        from: usize,
+        channel: String,
+        limit: usize,
+    },
+    HistoryIs {
+        token: u64,
+        items: Vec<Arc<Publication>>,
+        offset: u64,
+        epoch: String,
+    },
+    Channels {
+        token: u64,
+        from: usize,
+    },
+    ChannelsAre {
+        token: u64,
+        counts: Vec<(Arc<str>, usize)>,
+    },
+}
+
+/// A request waiting for another shard's answer.
+enum Pending {
+    Publish(oneshot::Sender<Ack>),
+    Subscribe {
+        conn: Rc<Conn>,
+        request_id: Option<Vec<u8>>,
+        channel: Arc<str>,
+        done: oneshot::Sender<()>,
+    },
+    History(oneshot::Sender<(Vec<Arc<Publication>>, u64, String)>),
+    Channels {
+        waiting: usize,
+        counts: HashMap<Arc<str>, usize>,
+        done: Option<oneshot::Sender<HashMap<Arc<str>, usize>>>,
+    },
+}
+
+/// One subscription: a (channel, connection) pair with its own `seq` counter.
+pub struct Subscription {
+    pub conn: Rc<Conn>,
+    pub channel: Arc<str>,
+    pub id: u64,
+    seq: Cell<u64>,
+    /// Index in the channel's subscriber list, kept so removal is a swap_remove.
+    slot: Cell<usize>,
+}
+
+impl Subscription {
+    pub fn next_seq(&self) -> u64 {
+        let s = self.seq.get() + 1;
+        self.seq.set(s);
+        s
+    }
+}
+
+/// The shard-local subscribers of one channel.
+#[derive(Default)]
+struct Local {
+    subs: Vec<Rc<Subscription>>,
+    /// Subscribes sent to the owner and not yet answered; they hold the owner's watch too.
+    pending: usize,
+}
+
+pub struct Shard {
+    pub id: usize,
+    pub shared: Arc<Shared>,
+    /// Per destination shard: a local queue drained into the ring by a pump task, so that
+    /// handling a ring message never waits on another full ring (which could deadlock two
+    /// shards sending to each other).
+    outboxes: RefCell<Vec<Option<LocalSender<RingMsg>>>>,
+    owned: RefCell<Channels>,
+    local: RefCell<HashMap<Arc<str>, Local>>,
+    pending: RefCell<HashMap<u64, Pending>>,
+    next_token: Cell<u64>,
+    next_publication: Cell<u64>,
+    next_subscription: Cell<u64>,
+    pub conns: RefCell<HashMap<u64, Rc<Conn>>>,
+    next_conn: Cell<u64>,
+}
+
+/// Which shard sequences `channel`. Stable across runs and shards (SipHash with fixed keys).
+pub fn owner_of(channel: &str, shards: usize) -> usize {
+    #[allow(deprecated)]
+    let mut h = std::hash::SipHasher::new_with_keys(0x6272_6f61, 0x6463_6173);
+    channel.hash(&mut h);
+    (h.finish() % shards as u64) as usize
+}
+
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+impl Shard {
+    pub fn new(id: usize, shared: Arc<Shared>) -> Rc<Shard> {
+        let history = shared.config.history.clone();
+        Rc::new(Shard {
+            id,
+            outboxes: RefCell::new((0..shared.shards).map(|_| None).collect()),
+            owned: RefCell::new(Channels::new(history.size, history.ttl)),
+            local: RefCell::new(HashMap::new()),
+            pending: RefCell::new(HashMap::new()),
+            next_token: Cell::new(1),
+            next_publication: Cell::new(0),
+            next_subscription: Cell::new(0),
+            conns: RefCell::new(HashMap::new()),
+            next_conn: Cell::new(0),
+            shared,
+        })
+    }
+
+    pub fn metrics(&self) -> &ShardMetrics {
+        &self.shared.metrics[self.id]
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.shared.config
+    }
+
+    /// Connects this shard's outbox to `peer`'s ring. Called once per peer at start.
+    pub fn set_outbox(&self, peer: usize) -> local_channel::LocalReceiver<RingMsg> {
+        let (tx, rx) = local_channel::new_unbounded();
+        self.outboxes.borrow_mut()[peer] = Some(tx);
+        rx
+    }
+
+    fn send(&self, peer: usize, msg: RingMsg) {
+        debug_assert_ne!(peer, self.id, "local work takes the fast path");
+        if let Some(tx) = &self.outboxes.borrow()[peer] {
+            // Unbounded and local: fails only after the pump has gone (shutdown).
+            let _ = tx.try_send(msg);
+        }
+    }
+
+    fn token(&self) -> u64 {
+        let t = self.next_token.get();
+        self.next_token.set(t + 1);
+        t
+    }
+
+    pub fn new_conn_id(&self) -> u64 {
+        let n = self.next_conn.get();
+        self.next_conn.set(n + 1);
+        (n << 8) | self.id as u64
+    }
+
+    // ---- publish ----
+
+    /// The one publish entry for REST and WebSocket: route to the owner shard, wait for the ack.
+    pub async fn publish(self: &Rc<Self>, params: PublishParams) -> Result<Ack, Error> {
+        if self
+            .shared
+            .shutting_down
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return Err(protocol::err(Code::Unavailable, "server is shutting down"));
+        }
+        ShardMetrics::add(&self.metrics().messages_received_total, 1);
+        let accepted = Instant::now();
+        let owner = owner_of(&params.channel, self.shared.shards);
+        if owner == self.id {
+            return Ok(self.owner_publish(&params, accepted));
+        }
+        let (tx, rx) = oneshot::channel();
+        let token = self.token();
+        self.pending
+            .borrow_mut()
+            .insert(token, Pending::Publish(tx));
+        self.send(
+            owner,
+            RingMsg::Publish {
+                token,
+                from: self.id,
+                params,
+                accepted,
+            },
+        );
+        rx.await
+            .map_err(|_| protocol::err(Code::Unavailable, "owner shard stopped"))
+    }
+
+    fn owner_publish(&self, p: &PublishParams, accepted: Instant) -> Ack {
+        let n = self.next_publication.get() + 1;
+        self.next_publication.set(n);
+        let id = format!("{}-{}-{}", self.shared.node_id, self.id, n);
+        let (publication, watchers) = self.owned.borrow_mut().publish(
+            &p.channel,
+            &p.event,
+            &p.payload,
+            id,
+            now_rfc3339(),
+            accepted,
+        );
+        for shard in channel::shards_in(&watchers) {
+            if shard == self.id {
+                self.deliver(&publication);
+            } else {
+                self.send(shard, RingMsg::Deliver(publication.clone()));
+            }
+        }
+        Ack {
+            id: publication.id.clone(),
+            create_time: publication.create_time.clone(),
+            offset: publication.offset,
+        }
+    }
+
+    /// Shard-local fan-out: one frame per subscriber, spliced from the shared parts. No
+    /// allocation, no syscall and no await per subscriber; the writers run after this returns, so
+    /// everything queued for a socket leaves in one write.
+    pub fn deliver(&self, publication: &Arc<Publication>) {
+        let local = self.local.borrow();
+        let Some(local) = local.get(&publication.channel) else {
+            return;
+        };
+        let mut sent = 0u64;
+        for sub in &local.subs {
+            debug_assert!(Rc::ptr_eq(&local.subs[sub.slot.get()], sub));
+            if sub
+                .conn
+                .enqueue_broadcast(publication, sub.next_seq(), self.metrics())
+            {
+                sent += 1;
+            }
+        }
+        ShardMetrics::add(&self.metrics().messages_sent_total, sent);
+    }
+
+    // ---- subscribe ----
+
+    /// Starts a subscription for `conn`. It becomes active, and its response is queued, at the
+    /// moment the owner's answer arrives in ring order, so no publication after the answer's
+    /// offset can be missed and none before it is delivered. The returned receiver completes then.
+    pub fn subscribe(
+        self: &Rc<Self>,
+        conn: &Rc<Conn>,
+        request_id: Option<&[u8]>,
+        channel: &str,
+        since: Option<Since>,
+    ) -> oneshot::Receiver<()> {
+        let (done, rx) = oneshot::channel();
+        let channel: Arc<str> = {
+            let mut local = self.local.borrow_mut();
+            match local.get_key_value(channel) {
+                Some((k, _)) => k.clone(),
+                None => {
+                    let k: Arc<str> = Arc::from(channel);
+                    local.insert(k.clone(), Local::default());
+                    k
+                }
+            }
+        };
+        if let Some(l) = self.local.borrow_mut().get_mut(&channel) {
+            l.pending += 1;
+        }
+        let owner = owner_of(&channel, self.shared.shards);
+        let pending = Pending::Subscribe {
+            conn: conn.clone(),
+            request_id: request_id.map(<[u8]>::to_vec),
+            channel: channel.clone(),
+            done,
+        };
+        if owner == self.id {
+            let position = self
+                .owned
+                .borrow_mut()
+                .subscribe(self.id, &channel, since.as_ref());
+            self.finish_subscribe(pending, position);
+        } else {
+            let token = self.token();
+            self.pending.borrow_mut().insert(token, pending);
+            self.send(
+                owner,
+                RingMsg::Subscribe {
+                    token,
+                    from: self.id,
+                    channel,
+                    since,
+                },
+            );
+        }
+        rx
+    }
+
+    fn finish_subscribe(&self, pending: Pending, position: Position) {
+        let Pending::Subscribe {
+            conn,
+            request_id,
+            channel,
+            done,
+        } = pending
+        else {
+            return;
+        };
+        {
+            let mut local = self.local.borrow_mut();
+            if let Some(l) = local.get_mut(&channel) {
+                l.pending -= 1;
+            }
+        }
+        if conn.is_closing() {
+            self.release(&channel);
+            let _ = done.send(());
+            return;
+        }
+        let n = self.next_subscription.get() + 1;
+        self.next_subscription.set(n);
+        let sub = Rc::new(Subscription {
+            conn: conn.clone(),
+            channel: channel.clone(),
+            id: n,
+            seq: Cell::new(0),
+            slot: Cell::new(0),
+        });
+        {
+            let mut local = self.local.borrow_mut();
+            let l = local.entry(channel.clone()).or_default();
+            sub.slot.set(l.subs.len());
+            l.subs.push(sub.clone());
+        }
+        conn.add_subscription(sub.clone());
+        ShardMetrics::gauge(&self.metrics().subscriptions_total, 1);
+        // The response first, then what was missed, then (later) live publications.
+        let mut body = Vec::with_capacity(160);
+        body.extend_from_slice(b"{\"subscriptionId\":\"");
+        body.extend_from_slice(format!("{}-{}", self.id, n).as_bytes());
+        body.extend_from_slice(b"\",\"timestamp\":");
+        protocol::write_json_string(&mut body, &now_rfc3339());
+        body.extend_from_slice(b",\"offset\":");
+        body.extend_from_slice(itoa::Buffer::new().format(position.offset).as_bytes());
+        body.extend_from_slice(b",\"epoch\":");
+        protocol::write_json_string(&mut body, &position.epoch);
+        if let Some(r) = position.recovered {
+            body.extend_from_slice(if r {
+                b",\"recovered\":true}"
+            } else {
+                b",\"recovered\":false}"
+            });
+        } else {
+            body.push(b'}');
+        }
+        conn.respond(request_id.as_deref(), Ok(&body));
+        for publication in &position.replay {
+            conn.enqueue_broadcast(publication, sub.next_seq(), self.metrics());
+        }
+        let _ = done.send(());
+    }
+
+    /// Removes one subscription of `conn` (unsubscribe, re-auth narrowing, or close).
+    pub fn unsubscribe(&self, sub: &Rc<Subscription>) {
+        {
+            let mut local = self.local.borrow_mut();
+            let Some(l) = local.get_mut(&sub.channel) else {
+                return;
+            };
+            let slot = sub.slot.get();
+            if slot >= l.subs.len() || !Rc::ptr_eq(&l.subs[slot], sub) {
+                return;
+            }
+            l.subs.swap_remove(slot);
+            if let Some(moved) = l.subs.get(slot) {
+                moved.slot.set(slot);
+            }
+        }
+        ShardMetrics::gauge(&self.metrics().subscriptions_total, -1);
+        self.release(&sub.channel);
+    }
+
+    /// When a channel has neither subscribers nor pending subscribes here, tell its owner to stop
+    /// sending its publications to this shard.
+    fn release(&self, channel: &Arc<str>) {
+        let idle = {
+            let mut local = self.local.borrow_mut();
+            let idle = local
+                .get(channel)
+                .is_some_and(|l| l.subs.is_empty() && l.pending == 0);
+            if idle {
+                local.remove(channel);
+            }
+            idle
+        };
+        if !idle {
+            return;
+        }
+        let owner = owner_of(channel, self.shared.shards);
+        if owner == self.id {
+            self.owned.borrow_mut().unwatch(self.id, channel);
+        } else {
+            self.send(
+                owner,
+                RingMsg::Unwatch {
+                    from: self.id,
+                    channel: channel.clone(),
+                },
+            );
+        }
+    }
+
+    // ---- queries ----
+
+    pub async fn history(
+        self: &Rc<Self>,
+        channel: String,
+        limit: usize,
+    ) -> Result<(Vec<Arc<Publication>>, u64, String), Error> {
+        let owner = owner_of(&channel, self.shared.shards);
+        if owner == self.id {
+            return Ok(self.owned.borrow_mut().history(&channel, limit));
+        }
+        let (tx, rx) = oneshot::channel();
+        let token = self.token();
+        self.pending
+            .borrow_mut()
+            .insert(token, Pending::History(tx));
+        self.send(
+            owner,
+            RingMsg::History {
+                token,
+                from: self.id,
+                channel,
+                limit,
+            },
+        );
+        rx.await
+            .map_err(|_| protocol::err(Code::Unavailable, "owner shard stopped"))
+    }
+
+    fn local_counts(&self) -> Vec<(Arc<str>, usize)> {
+        self.local
+            .borrow()
+            .iter()
+            .filter(|(_, l)| !l.subs.is_empty())
+            .map(|(c, l)| (c.clone(), l.subs.len()))
+            .collect()
+    }
+
+    /// Subscriber counts of every channel with subscribers, summed over all shards.
+    pub async fn channel_counts(self: &Rc<Self>) -> Result<HashMap<Arc<str>, usize>, Error> {
+        let mut counts: HashMap<Arc<str>, usize> = HashMap::new();
+        for (c, n) in self.local_counts() {
+            *counts.entry(c).or_default() += n;
+        }
+        if self.shared.shards == 1 {
+            return Ok(counts);
+        }
+        let (tx, rx) = oneshot::channel();
+        let token = self.token();
+        self.pending.borrow_mut().insert(
+            token,
+            Pending::Channels {
+                waiting: self.shared.shards - 1,
+                counts,
+                done: Some(tx),
+            },
+        );
+        for peer in 0..self.shared.shards {
+            if peer != self.id {
+                self.send(
+                    peer,
+                    RingMsg::Channels {
+                        token,
+                        from: self.id,
+                    },
+                );
+            }
+        }
+        rx.await
+            .map_err(|_| protocol::err(Code::Unavailable, "a shard stopped"))
+    }
+
+    // ---- the ring ----
+
+    /// Handles one message from another shard. Never waits: replies go to outboxes.
+    pub fn on_ring(&self, msg: RingMsg) {
+        match msg {
+            RingMsg::Publish {
+                token,
+                from,
+                params,
+                accepted,
+            } => {
+                let ack = self.owner_publish(&params, accepted);
+                self.send(from, RingMsg::Published { token, ack });
+            }
+            RingMsg::Published { token, ack } => {
+                if let Some(Pending::Publish(tx)) = self.pending.borrow_mut().remove(&token) {
+                    let _ = tx.send(ack);
+                }
+            }
+            RingMsg::Subscribe {
+                token,
+                from,
+                channel,
+                since,
+            } => {
+                let position = self
+                    .owned
+                    .borrow_mut()
+                    .subscribe(from, &channel, since.as_ref());
+                self.send(from, RingMsg::Subscribed { token, position });
+            }
+            RingMsg::Subscribed { token, position } => {
+                let pending = self.pending.borrow_mut().remove(&token);
+                if let Some(p) = pending {
+                    self.finish_subscribe(p, position);
+                }
+            }
+            RingMsg::Unwatch { from, channel } => {
+                self.owned.borrow_mut().unwatch(from, &channel);
+            }
+            RingMsg::Deliver(publication) => self.deliver(&publication),
+            RingMsg::History {
+                token,
+                from,
+                channel,
+                limit,
+            } => {
+                let (items, offset, epoch) = self.owned.borrow_mut().history(&channel, limit);
+                self.send(
+                    from,
+                    RingMsg::HistoryIs {
+                        token,
+                        items,
+                        offset,
+                        epoch,
+                    },
+                );
+            }
+            RingMsg::HistoryIs {
+                token,
+                items,
+                offset,
+                epoch,
+            } => {
+                if let Some(Pending::History(tx)) = self.pending.borrow_mut().remove(&token) {
+                    let _ = tx.send((items, offset, epoch));
+                }
+            }
+            RingMsg::Channels { token, from } => {
+                let counts = self.local_counts();
+                self.send(from, RingMsg::ChannelsAre { token, counts });
+            }
+            RingMsg::ChannelsAre { token, counts } => {
+                let mut pending = self.pending.borrow_mut();
+                let finished = match pending.get_mut(&token) {
+                    Some(Pending::Channels {
+                        waiting,
+                        counts: acc,
+                        done,
+                    }) => {
+                        for (c, n) in counts {
+                            *acc.entry(c).or_default() += n;
+                        }
+                        *waiting -= 1;
+                        if *waiting == 0 {
+                            if let Some(tx) = done.take() {
+                                let _ = tx.send(std::mem::take(acc));
+                            }
+                            true
+                        } else {
+                            false
+                        }
+                    }
+                    _ => false,
+                };
+                if finished {
+                    pending.remove(&token);
+                }
+            }
+        }
+    }
+
+    /// Periodic upkeep: history expiry and forgetting idle channels.
+    pub fn sweep(&self) {
+        self.owned.borrow_mut().sweep(Instant::now());
+    }
+
+    /// Number of channels this shard sequences and of channels with local subscribers.
+    pub fn table_sizes(&self) -> (usize, usize) {
+        (self.owned.borrow().len(), self.local.borrow().len())
+    }
+}
