@@ -179,6 +179,17 @@ impl Conn {
         self.wake();
     }
 
+    /// Bytes queued and not yet handed to the writer.
+    pub fn queued_bytes(&self) -> usize {
+        self.out.borrow().len()
+    }
+
+    /// Forgets what is queued but keeps the buffer, as a writer that just finished would leave
+    /// it; for benchmarks of fan-out.
+    pub fn discard_queued(&self) {
+        self.out.borrow_mut().clear();
+    }
+
     pub fn add_subscription(&self, sub: Rc<Subscription>) {
         let previous = self.subs.borrow_mut().insert(sub.channel.clone(), sub);
         debug_assert!(

@@ -1,9 +1,8 @@
 //! Starts the shards, wires the rings between them, waits for a signal, and shuts down.
 
-use crate::auth::{self, Verifier};
+use crate::auth;
 use crate::config::Config;
 use crate::connection;
-use crate::metrics::ShardMetrics;
 use crate::shard::{RingMsg, Shard, Shared};
 use crate::web::{self, Role};
 use glommio::channels::shared_channel::{self, SharedReceiver, SharedSender};
@@ -11,7 +10,7 @@ use glommio::{LocalExecutorBuilder, Placement};
 use std::io::Write;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -33,17 +32,7 @@ struct Ends {
 pub fn run(mut config: Config) -> Result<(), String> {
     let shards = config.shard_count();
     let dev = config.dev_mode.then(|| dev_mode_setup(&mut config));
-    let secret = config.auth.jwt_secret.clone().unwrap_or_default();
-    let node_id = format!("{:08x}", rand::random::<u32>());
-    let shared = Arc::new(Shared {
-        verifier: Verifier::new(&secret, config.auth.leeway),
-        node_id,
-        shards,
-        connections: AtomicUsize::new(0),
-        shutting_down: AtomicBool::new(false),
-        metrics: (0..shards).map(|_| ShardMetrics::default()).collect(),
-        config,
-    });
+    let shared = Arc::new(Shared::new(config, shards));
 
     let mut ends: Vec<Ends> = (0..shards)
         .map(|_| Ends {

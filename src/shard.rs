@@ -33,6 +33,22 @@ pub struct Shared {
     pub metrics: Vec<ShardMetrics>,
 }
 
+impl Shared {
+    /// Shared state for `shards` shards. The JWT secret must already be set (dev mode sets one).
+    pub fn new(config: Config, shards: usize) -> Shared {
+        let secret = config.auth.jwt_secret.clone().unwrap_or_default();
+        Shared {
+            verifier: Verifier::new(&secret, config.auth.leeway),
+            node_id: format!("{:08x}", rand::random::<u32>()),
+            shards,
+            connections: AtomicUsize::new(0),
+            shutting_down: AtomicBool::new(false),
+            metrics: (0..shards).map(|_| ShardMetrics::default()).collect(),
+            config,
+        }
+    }
+}
+
 /// Publication acknowledgement, as `publish` returns it.
 #[derive(Debug, Clone)]
 pub struct Ack {
