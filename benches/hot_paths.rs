@@ -76,7 +76,7 @@ fn fanout(c: &mut Criterion) {
     const SUBSCRIBERS: usize = 10_000;
     let mut config = Config::default();
     config.auth.jwt_secret = Some("bench".into());
-    let shard = Shard::new(0, Arc::new(Shared::new(config, 1)));
+    let shard = Shard::new(0, Arc::new(Shared::new(config, 1).expect("shared state")));
     let conns: Vec<_> = (0..SUBSCRIBERS)
         .map(|i| Conn::new(i as u64, 1 << 20))
         .collect();

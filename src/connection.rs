@@ -11,13 +11,12 @@ use crate::frame::{self, close, Decoder, Message};
 use crate::metrics::ShardMetrics;
 use crate::protocol::{self, err, Code, Error, Method};
 use crate::shard::{now_rfc3339, Shard, Subscription};
+use crate::transport::{self, Transport};
 use futures_lite::future;
-use glommio::net::TcpStream;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::future::poll_fn;
 use std::io;
-use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Poll, Waker};
@@ -206,7 +205,7 @@ impl Conn {
 /// Writes everything queued, one write per wake, until a close frame has been flushed.
 async fn writer(
     conn: &Conn,
-    stream: &RefCell<TcpStream>,
+    stream: &RefCell<Transport>,
     timeout: Duration,
     metrics: &ShardMetrics,
 ) {
@@ -232,7 +231,7 @@ async fn writer(
         let mut written = 0;
         while written < buf.len() {
             let attempt = future::or(
-                async { Some(write_some(stream, &buf[written..]).await) },
+                async { Some(transport::write_some(stream, &buf[written..]).await) },
                 async {
                     glommio::timer::sleep(timeout).await;
                     None
@@ -268,67 +267,10 @@ async fn writer(
         pool::give(std::mem::take(&mut buf));
         if conn.closing.get() && conn.out.borrow().is_empty() {
             // The close frame is out: send FIN and let the reader drain until the peer closes.
-            shutdown_write(stream);
+            transport::shutdown_write(stream).await;
             return;
         }
     }
-}
-
-fn shutdown_write(stream: &RefCell<TcpStream>) {
-    use std::os::fd::AsRawFd;
-    let fd = stream.borrow().as_raw_fd();
-    // SAFETY: shutdown(2) on a socket we own; failure (already closed) is harmless.
-    unsafe {
-        libc::shutdown(fd, libc::SHUT_WR);
-    }
-}
-
-pub async fn write_some(stream: &RefCell<TcpStream>, buf: &[u8]) -> io::Result<usize> {
-    use futures_lite::AsyncWrite;
-    poll_fn(|cx| Pin::new(&mut *stream.borrow_mut()).poll_write(cx, buf)).await
-}
-
-pub async fn write_all(stream: &RefCell<TcpStream>, mut buf: &[u8]) -> io::Result<()> {
-    while !buf.is_empty() {
-        let n = write_some(stream, buf).await?;
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        buf = &buf[n..];
-    }
-    Ok(())
-}
-
-/// Reads what is available into `into`, through a shard-wide buffer so that an idle connection
-/// holds no read buffer of its own. Returns 0 at end of stream.
-pub async fn read_some(
-    stream: &RefCell<TcpStream>,
-    into: &mut Vec<u8>,
-    wake_on: Option<&Conn>,
-) -> io::Result<usize> {
-    use futures_lite::AsyncRead;
-    thread_local! {
-        static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0; 64 * 1024]);
-    }
-    poll_fn(|cx| {
-        if let Some(conn) = wake_on {
-            if conn.dead.get() {
-                return Poll::Ready(Err(io::ErrorKind::ConnectionAborted.into()));
-            }
-            conn.register(cx.waker());
-        }
-        SCRATCH.with(|s| {
-            let mut s = s.borrow_mut();
-            match Pin::new(&mut *stream.borrow_mut()).poll_read(cx, &mut s) {
-                Poll::Ready(Ok(n)) => {
-                    into.extend_from_slice(&s[..n]);
-                    Poll::Ready(Ok(n))
-                }
-                other => other,
-            }
-        })
-    })
-    .await
 }
 
 /// Token bucket of SPEC section 6 plus the 4004 rule of SPEC 13.13.
@@ -384,7 +326,7 @@ struct Session {
 }
 
 /// Runs one upgraded WebSocket connection to its end. `input` holds bytes read after the head.
-pub async fn run(shard: Rc<Shard>, stream: TcpStream, input: Vec<u8>) {
+pub async fn run(shard: Rc<Shard>, stream: Transport, input: Vec<u8>) {
     let config = shard.config().clone();
     let limits = &config.limits;
     let conn = Conn::new(shard.new_conn_id(), limits.outbound_buffer_bytes);
@@ -437,7 +379,7 @@ enum Wake {
 async fn reader(
     shard: &Rc<Shard>,
     conn: &Rc<Conn>,
-    stream: &RefCell<TcpStream>,
+    stream: &RefCell<Transport>,
     mut input: Vec<u8>,
 ) {
     let limits = shard.config().limits.clone();
@@ -513,7 +455,14 @@ async fn reader(
         }
         let wake = future::or(
             async {
-                match read_some(stream, &mut input, Some(conn)).await {
+                let ready = |cx: &std::task::Context<'_>| {
+                    if conn.dead.get() {
+                        return Some(io::ErrorKind::ConnectionAborted.into());
+                    }
+                    conn.register(cx.waker());
+                    None
+                };
+                match transport::read_some(stream, &mut input, &ready).await {
                     Ok(n) => Wake::Data(n),
                     Err(_) => Wake::Data(0),
                 }

@@ -15,6 +15,7 @@
 //! | `channel` | owner-shard state of a channel: offset, epoch, history, watchers |
 //! | `shard` | per-core state, the ring messages, publish/subscribe routing, fan-out |
 //! | `connection` | one WebSocket: send queue, writer, read loop, timers, close codes |
+//! | `transport` | plain TCP or rustls over TCP, one read buffer per shard |
 //! | `web` | accept loops, REST endpoints, the WebSocket upgrade |
 //! | `metrics` | per-shard counters merged on scrape |
 //! | `server` | start shards, wire rings, signals, shutdown |
@@ -31,4 +32,5 @@ pub mod metrics;
 pub mod protocol;
 pub mod server;
 pub mod shard;
+pub mod transport;
 pub mod web;

@@ -32,7 +32,7 @@ struct Ends {
 pub fn run(mut config: Config) -> Result<(), String> {
     let shards = config.shard_count();
     let dev = config.dev_mode.then(|| dev_mode_setup(&mut config));
-    let shared = Arc::new(Shared::new(config, shards));
+    let shared = Arc::new(Shared::new(config, shards)?);
 
     let mut ends: Vec<Ends> = (0..shards)
         .map(|_| Ends {

@@ -31,13 +31,20 @@ pub struct Shared {
     pub connections: AtomicUsize,
     pub shutting_down: AtomicBool,
     pub metrics: Vec<ShardMetrics>,
+    /// Set when `tls.cert_file` and `tls.key_file` are: every listener speaks TLS.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Shared {
     /// Shared state for `shards` shards. The JWT secret must already be set (dev mode sets one).
-    pub fn new(config: Config, shards: usize) -> Shared {
+    pub fn new(config: Config, shards: usize) -> Result<Shared, String> {
         let secret = config.auth.jwt_secret.clone().unwrap_or_default();
-        Shared {
+        let tls = match (&config.tls.cert_file, &config.tls.key_file) {
+            (Some(cert), Some(key)) => Some(crate::transport::server_config(cert, key)?),
+            _ => None,
+        };
+        Ok(Shared {
+            tls,
             verifier: Verifier::new(&secret, config.auth.leeway),
             node_id: format!("{:08x}", rand::random::<u32>()),
             shards,
@@ -45,7 +52,7 @@ impl Shared {
             shutting_down: AtomicBool::new(false),
             metrics: (0..shards).map(|_| ShardMetrics::default()).collect(),
             config,
-        }
+        })
     }
 }
 

@@ -1,11 +1,12 @@
 //! Accept loops and HTTP/1.1 serving: REST endpoints (SPEC section 3) and the WebSocket upgrade.
 
 use crate::auth;
-use crate::connection::{self, read_some, write_all};
+use crate::connection;
 use crate::http::{self, Head};
 use crate::metrics::{self, ShardMetrics};
 use crate::protocol::{self, Code, Error};
 use crate::shard::Shard;
+use crate::transport::{self, read_some, write_all, Transport};
 use futures_lite::future;
 use glommio::net::{TcpListener, TcpStream};
 use std::cell::RefCell;
@@ -57,8 +58,24 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, role: Role) {
 }
 
 /// Serves one TCP connection: HTTP requests with keep-alive, until an upgrade or close.
-async fn serve(shard: Rc<Shard>, stream: TcpStream, role: Role) {
+async fn serve(shard: Rc<Shard>, tcp: TcpStream, role: Role) {
     let limits = shard.config().limits.clone();
+    let stream = match shard.shared.tls.clone() {
+        None => Transport::Plain(tcp),
+        Some(config) => {
+            let handshake = future::or(
+                async { transport::accept_tls(tcp, config).await.ok() },
+                async {
+                    glommio::timer::sleep(limits.http_head_timeout).await;
+                    None
+                },
+            );
+            match handshake.await {
+                Some(t) => t,
+                None => return,
+            }
+        }
+    };
     let stream = RefCell::new(stream);
     let mut buf: Vec<u8> = Vec::new();
     loop {
@@ -130,10 +147,10 @@ async fn serve(shard: Rc<Shard>, stream: TcpStream, role: Role) {
 }
 
 /// Reads more into `buf`; false on end of stream, error, or `deadline`.
-async fn read_until(stream: &RefCell<TcpStream>, buf: &mut Vec<u8>, deadline: Instant) -> bool {
+async fn read_until(stream: &RefCell<Transport>, buf: &mut Vec<u8>, deadline: Instant) -> bool {
     let left = deadline.saturating_duration_since(Instant::now());
     future::or(
-        async { matches!(read_some(stream, buf, None).await, Ok(n) if n > 0) },
+        async { matches!(read_some(stream, buf, &|_| None).await, Ok(n) if n > 0) },
         async {
             glommio::timer::sleep(left).await;
             false
@@ -142,7 +159,7 @@ async fn read_until(stream: &RefCell<TcpStream>, buf: &mut Vec<u8>, deadline: In
     .await
 }
 
-async fn upgrade(shard: Rc<Shard>, stream: RefCell<TcpStream>, head: Head, input: Vec<u8>) {
+async fn upgrade(shard: Rc<Shard>, stream: RefCell<Transport>, head: Head, input: Vec<u8>) {
     let config = shard.config();
     let mut out = Vec::new();
     let refuse = |out: &mut Vec<u8>, status: u16, code: Code, message: &str| {

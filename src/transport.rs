@@ -1,0 +1,265 @@
+//! The byte stream under HTTP and WebSocket: plain TCP, or TLS (rustls) over TCP.
+//!
+//! Both are used through `read_some` / `write_all` on a `RefCell<Transport>` shared by a
+//! connection's reader and writer; the cell is borrowed only inside a poll, never across an await.
+
+use glommio::net::TcpStream;
+use std::cell::RefCell;
+use std::future::poll_fn;
+use std::io::{self, Read, Write};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::Poll;
+
+pub enum Transport {
+    Plain(TcpStream),
+    Tls(Box<Tls>),
+}
+
+pub struct Tls {
+    tcp: TcpStream,
+    session: rustls::ServerConnection,
+}
+
+thread_local! {
+    /// One read buffer per shard: an idle connection holds none of its own.
+    static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0; 64 * 1024]);
+}
+
+/// Largest TLS record plus header: what one raw read may need to make progress.
+const TLS_READ_BYTES: usize = 18 * 1024;
+
+impl Transport {
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            Transport::Plain(t) => t,
+            Transport::Tls(t) => &t.tcp,
+        }
+    }
+}
+
+/// Loads the certificate chain and key named by `tls.cert_file` / `tls.key_file`.
+pub fn server_config(cert_file: &str, key_file: &str) -> Result<Arc<rustls::ServerConfig>, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_file)
+        .map_err(|e| format!("tls.cert_file {cert_file}: {e}"))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("tls.cert_file {cert_file}: {e}"))?;
+    if certs.is_empty() {
+        return Err(format!("tls.cert_file {cert_file}: no certificate found"));
+    }
+    let key = PrivateKeyDer::from_pem_file(key_file)
+        .map_err(|e| format!("tls.key_file {key_file}: {e}"))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("tls: {e}"))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("tls.key_file {key_file}: {e}"))?;
+    Ok(Arc::new(config))
+}
+
+/// Runs the TLS handshake on a fresh connection.
+pub async fn accept_tls(
+    tcp: TcpStream,
+    config: Arc<rustls::ServerConfig>,
+) -> io::Result<Transport> {
+    let session = rustls::ServerConnection::new(config).map_err(io::Error::other)?;
+    let stream = RefCell::new(Transport::Tls(Box::new(Tls { tcp, session })));
+    loop {
+        let (handshaking, wants_write) = match &*stream.borrow() {
+            Transport::Tls(t) => (t.session.is_handshaking(), t.session.wants_write()),
+            Transport::Plain(_) => (false, false),
+        };
+        if wants_write {
+            flush_tls(&stream).await?;
+            continue;
+        }
+        if !handshaking {
+            return Ok(stream.into_inner());
+        }
+        if pull_tls(&stream).await? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+}
+
+/// Reads raw bytes into the TLS session and processes them. Returns the raw bytes read.
+async fn pull_tls(stream: &RefCell<Transport>) -> io::Result<usize> {
+    use futures_lite::AsyncRead;
+    poll_fn(|cx| {
+        let mut guard = stream.borrow_mut();
+        let Transport::Tls(t) = &mut *guard else {
+            return Poll::Ready(Ok(0));
+        };
+        let mut raw = [0u8; 4096];
+        match Pin::new(&mut t.tcp).poll_read(cx, &mut raw) {
+            Poll::Ready(Ok(0)) => Poll::Ready(Ok(0)),
+            Poll::Ready(Ok(n)) => {
+                let mut input = &raw[..n];
+                while !input.is_empty() {
+                    t.session.read_tls(&mut input)?;
+                }
+                t.session.process_new_packets().map_err(io::Error::other)?;
+                Poll::Ready(Ok(n))
+            }
+            other => other,
+        }
+    })
+    .await
+}
+
+/// Writes every pending TLS record to the socket.
+async fn flush_tls(stream: &RefCell<Transport>) -> io::Result<()> {
+    let mut records = Vec::new();
+    if let Transport::Tls(t) = &mut *stream.borrow_mut() {
+        while t.session.wants_write() {
+            t.session.write_tls(&mut records)?;
+        }
+    }
+    write_raw(stream, &records).await
+}
+
+async fn write_raw(stream: &RefCell<Transport>, mut buf: &[u8]) -> io::Result<()> {
+    use futures_lite::AsyncWrite;
+    while !buf.is_empty() {
+        let n = poll_fn(|cx| {
+            let mut guard = stream.borrow_mut();
+            let tcp = match &mut *guard {
+                Transport::Plain(t) => t,
+                Transport::Tls(t) => &mut t.tcp,
+            };
+            Pin::new(tcp).poll_write(cx, buf)
+        })
+        .await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        buf = &buf[n..];
+    }
+    Ok(())
+}
+
+/// Writes some of `buf` (plain) or all of it (TLS: it is encrypted as one batch of records).
+pub async fn write_some(stream: &RefCell<Transport>, buf: &[u8]) -> io::Result<usize> {
+    use futures_lite::AsyncWrite;
+    let tls = matches!(&*stream.borrow(), Transport::Tls(_));
+    if !tls {
+        return poll_fn(|cx| match &mut *stream.borrow_mut() {
+            Transport::Plain(t) => Pin::new(t).poll_write(cx, buf),
+            Transport::Tls(_) => Poll::Ready(Err(io::ErrorKind::Unsupported.into())),
+        })
+        .await;
+    }
+    if let Transport::Tls(t) = &mut *stream.borrow_mut() {
+        t.session.writer().write_all(buf)?;
+    }
+    flush_tls(stream).await?;
+    Ok(buf.len())
+}
+
+pub async fn write_all(stream: &RefCell<Transport>, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        let n = write_some(stream, buf).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        buf = &buf[n..];
+    }
+    Ok(())
+}
+
+/// Reads what is available into `into`; 0 at end of stream. `ready` is checked first on every
+/// poll, so a connection that must stop can end a pending read by waking the task.
+pub async fn read_some(
+    stream: &RefCell<Transport>,
+    into: &mut Vec<u8>,
+    ready: &dyn Fn(&std::task::Context<'_>) -> Option<io::Error>,
+) -> io::Result<usize> {
+    use futures_lite::AsyncRead;
+    loop {
+        let got = poll_fn(|cx| {
+            if let Some(e) = ready(cx) {
+                return Poll::Ready(Err(e));
+            }
+            let mut guard = stream.borrow_mut();
+            match &mut *guard {
+                Transport::Plain(tcp) => SCRATCH.with(|s| {
+                    let mut s = s.borrow_mut();
+                    match Pin::new(tcp).poll_read(cx, &mut s) {
+                        Poll::Ready(Ok(n)) => {
+                            into.extend_from_slice(&s[..n]);
+                            Poll::Ready(Ok(Some(n)))
+                        }
+                        Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                        Poll::Pending => Poll::Pending,
+                    }
+                }),
+                Transport::Tls(t) => {
+                    // Plaintext already decrypted goes first.
+                    let before = into.len();
+                    match t.session.reader().read_to_end(into) {
+                        Ok(_) => {}
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Poll::Ready(Err(e)),
+                    }
+                    if into.len() > before {
+                        return Poll::Ready(Ok(Some(into.len() - before)));
+                    }
+                    let mut raw = [0u8; TLS_READ_BYTES];
+                    match Pin::new(&mut t.tcp).poll_read(cx, &mut raw) {
+                        Poll::Ready(Ok(0)) => Poll::Ready(Ok(Some(0))),
+                        Poll::Ready(Ok(n)) => {
+                            let mut input = &raw[..n];
+                            while !input.is_empty() {
+                                if let Err(e) = t.session.read_tls(&mut input) {
+                                    return Poll::Ready(Err(e));
+                                }
+                            }
+                            if let Err(e) = t.session.process_new_packets() {
+                                return Poll::Ready(Err(io::Error::other(e)));
+                            }
+                            // Decrypted bytes (if a whole record came) are read on the next turn.
+                            Poll::Ready(Ok(None))
+                        }
+                        Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                        Poll::Pending => Poll::Pending,
+                    }
+                }
+            }
+        })
+        .await?;
+        match got {
+            Some(n) => return Ok(n),
+            None => {
+                // A TLS record was consumed; answer anything the session must send (key updates).
+                let wants =
+                    matches!(&*stream.borrow(), Transport::Tls(t) if t.session.wants_write());
+                if wants {
+                    flush_tls(stream).await?;
+                }
+            }
+        }
+    }
+}
+
+/// Sends FIN (after a TLS close_notify): the peer sees the end of our side.
+pub async fn shutdown_write(stream: &RefCell<Transport>) {
+    use std::os::fd::AsRawFd;
+    let tls = if let Transport::Tls(t) = &mut *stream.borrow_mut() {
+        t.session.send_close_notify();
+        true
+    } else {
+        false
+    };
+    if tls {
+        let _ = flush_tls(stream).await;
+    }
+    let fd = stream.borrow().tcp().as_raw_fd();
+    // SAFETY: shutdown(2) on a socket this connection owns; failure (already closed) is harmless.
+    unsafe {
+        libc::shutdown(fd, libc::SHUT_WR);
+    }
+}
