@@ -52,6 +52,18 @@ enum Command {
         #[arg(long)]
         payload: String,
     },
+    /// Terminal client: print every broadcast as `channel event: payload`; each stdin line is
+    /// published to the first channel as event `message`. Reconnects and recovers with `since`.
+    Connect {
+        /// Server URL: ws://HOST:PORT/ws (or http://HOST:PORT).
+        #[arg(long)]
+        url: String,
+        #[arg(long, env = "BROADCASTER_TOKEN")]
+        token: String,
+        /// Channel to subscribe to; repeatable. Lines typed are published to the first.
+        #[arg(long = "channel", required = true)]
+        channels: Vec<String>,
+    },
 }
 
 #[derive(clap::Args, Default)]
@@ -88,6 +100,14 @@ fn main() -> ExitCode {
                 println!("{token}");
                 ExitCode::SUCCESS
             }
+            Err(e) => fail(&e),
+        },
+        Command::Connect {
+            url,
+            token,
+            channels,
+        } => match broadcaster::client::connect(&url, &token, &channels) {
+            Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&e),
         },
         Command::Publish {

@@ -29,6 +29,11 @@ impl Role {
     }
 }
 
+/// The playground page (SPEC section 11), embedded: no build step, no CDN.
+const PLAYGROUND_HTML: &str = include_str!("playground/index.html");
+/// The reusable browser client the page runs on.
+const CLIENT_JS: &str = include_str!("playground/client.js");
+
 /// Most channels one `/broadcast` may name.
 const BROADCAST_CHANNELS_MAX: usize = 1024;
 /// Room for the envelope around a payload of `max_payload_bytes` in a REST body.
@@ -244,8 +249,10 @@ async fn route(
         head.path.as_str(),
         "/publish" | "/broadcast" | "/history" | "/channels" | "/metrics"
     );
+    let playground = shard.config().playground || shard.config().dev_mode;
     let expected = match head.path.as_str() {
         "/health" => Some("GET"),
+        "/" | "/client.js" if playground && matches!(role, Role::Public { .. }) => Some("GET"),
         "/publish" | "/broadcast" => Some("POST"),
         "/history" | "/channels" | "/metrics" => Some("GET"),
         _ => None,
@@ -268,6 +275,26 @@ async fn route(
             } else {
                 json(out, 200, br#"{"status":"ok"}"#, keep_alive);
             }
+            return;
+        }
+        "/" => {
+            http::write_response(
+                out,
+                200,
+                "text/html; charset=utf-8",
+                PLAYGROUND_HTML.as_bytes(),
+                keep_alive,
+            );
+            return;
+        }
+        "/client.js" => {
+            http::write_response(
+                out,
+                200,
+                "text/javascript; charset=utf-8",
+                CLIENT_JS.as_bytes(),
+                keep_alive,
+            );
             return;
         }
         "/metrics" => {

@@ -1,0 +1,1 @@
+// Broadcaster browser client (placeholder).
