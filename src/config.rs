@@ -41,6 +41,9 @@ pub struct Config {
     /// Set when no JWT secret was configured and one was generated (SPEC section 2).
     #[serde(skip)]
     pub dev_mode: bool,
+    /// The token dev mode printed; the playground page is pre-filled with it (loopback only).
+    #[serde(skip)]
+    pub dev_token: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -116,6 +119,7 @@ impl Default for Config {
             tls: TlsConfig::default(),
             log: LogConfig::default(),
             dev_mode: false,
+            dev_token: None,
         }
     }
 }

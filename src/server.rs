@@ -255,6 +255,7 @@ fn dev_mode_setup(config: &mut Config) -> Dev {
         Duration::from_secs(24 * 3600),
     )
     .unwrap_or_default();
+    config.dev_token = Some(token.clone());
     Dev {
         secret,
         key: config.auth.api_keys[0].clone(),
