@@ -438,21 +438,26 @@ async fn reader(
                 return;
             }
         }
-        // The next moment something is due: auth timeout, token expiry, a ping, ping timeout.
-        let mut due = next_ping.min(last_heard + limits.ping_interval * 2);
-        if session.perms.is_none() {
-            due = due.min(opened + limits.auth_timeout);
-        }
-        if let Some(started) = close_started {
-            due = due.min(started + CLOSE_LINGER);
-        }
+        // The next moment something is due: auth timeout, token expiry, a ping, ping timeout;
+        // while closing, only the end of the linger (the others fired already or no longer
+        // matter, and a due time in the past would spin this loop and starve the writer).
         let token_expiry = session
             .perms
             .as_ref()
             .map(|p| expiry_instant(p.exp, leeway, now));
-        if let Some(t) = token_expiry {
-            due = due.min(t);
-        }
+        let due = match close_started {
+            Some(started) => started + CLOSE_LINGER,
+            None => {
+                let mut due = next_ping.min(last_heard + limits.ping_interval * 2);
+                if session.perms.is_none() {
+                    due = due.min(opened + limits.auth_timeout);
+                }
+                if let Some(t) = token_expiry {
+                    due = due.min(t);
+                }
+                due
+            }
+        };
         let wake = future::or(
             async {
                 let ready = |cx: &std::task::Context<'_>| {

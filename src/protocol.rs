@@ -100,12 +100,6 @@ pub enum Method {
     Heartbeat,
 }
 
-impl Method {
-    pub fn needs_auth(&self) -> bool {
-        !matches!(self, Method::Auth { .. } | Method::Heartbeat)
-    }
-}
-
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PublishParams {
     pub channel: String,
@@ -165,7 +159,8 @@ pub fn parse_request<'a>(
         },
     };
     let params = obj.get("params");
-    let method_needs_auth = !matches!(method, "auth" | "heartbeat");
+    // An unknown method is NotFound whether or not the connection is authenticated.
+    let method_needs_auth = matches!(method, "subscribe" | "unsubscribe" | "publish");
     let method = match method {
         "auth" => parse_auth(params),
         "subscribe" => parse_subscribe(params),
