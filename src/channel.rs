@@ -22,6 +22,9 @@ pub struct Publication {
     pub accepted: Instant,
 }
 
+/// Publications oldest first, with the channel's offset and epoch (`GET /history`).
+pub type HistoryPage = (Vec<Arc<Publication>>, u64, String);
+
 /// What a subscriber needs to start: the channel's position and, on recovery, what it missed.
 #[derive(Debug)]
 pub struct Position {
@@ -200,7 +203,7 @@ impl Channels {
     }
 
     /// The newest `limit` publications, oldest first, with the channel's offset and epoch.
-    pub fn history(&mut self, channel: &str, limit: usize) -> (Vec<Arc<Publication>>, u64, String) {
+    pub fn history(&mut self, channel: &str, limit: usize) -> HistoryPage {
         let ttl = self.history_ttl;
         match self.states.get_mut(channel) {
             None => (Vec::new(), 0, String::new()),

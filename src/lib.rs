@@ -24,6 +24,7 @@
 pub mod auth;
 pub mod channel;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod connection;
 pub mod frame;

@@ -25,6 +25,8 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 struct Ends {
     to: Vec<Option<SharedSender<RingMsg>>>,
     from: Vec<Option<SharedReceiver<RingMsg>>>,
+    /// Cluster mode: answers and publications from the Redis bridge.
+    bridge: Option<futures_channel::mpsc::UnboundedReceiver<RingMsg>>,
 }
 
 /// Runs the server until SIGINT or SIGTERM has drained it. Prints the listening lines on stdout
@@ -32,12 +34,32 @@ struct Ends {
 pub fn run(mut config: Config) -> Result<(), String> {
     let shards = config.shard_count();
     let dev = config.dev_mode.then(|| dev_mode_setup(&mut config));
-    let shared = Arc::new(Shared::new(config, shards)?);
+    let mut shared = Shared::new(config, shards)?;
+    let mut bridge_inboxes: Vec<_> = (0..shards).map(|_| None).collect();
+    if let Some(url) = shared.config.redis.url.clone() {
+        let mut senders = Vec::new();
+        for inbox in bridge_inboxes.iter_mut() {
+            let (tx, rx) = futures_channel::mpsc::unbounded();
+            senders.push(tx);
+            *inbox = Some(rx);
+        }
+        let history = &shared.config.history;
+        shared.bridge = Some(crate::cluster::start(
+            &url,
+            shared.node_id.clone(),
+            senders,
+            history.size,
+            history.ttl,
+        )?);
+    }
+    let shared = Arc::new(shared);
 
     let mut ends: Vec<Ends> = (0..shards)
-        .map(|_| Ends {
+        .zip(bridge_inboxes)
+        .map(|(_, bridge)| Ends {
             to: (0..shards).map(|_| None).collect(),
             from: (0..shards).map(|_| None).collect(),
+            bridge,
         })
         .collect();
     for a in 0..shards {
@@ -194,6 +216,17 @@ fn connect_rings(shard: &Rc<Shard>, ends: Ends) {
                 if ring.send(msg).await.is_err() {
                     break;
                 }
+            }
+        })
+        .detach();
+    }
+    if let Some(mut inbox) = ends.bridge {
+        let shard = shard.clone();
+        glommio::spawn_local(async move {
+            use futures_util::StreamExt;
+            while let Some(msg) = inbox.next().await {
+                shard.on_ring(msg);
+                glommio::yield_if_needed().await;
             }
         })
         .detach();

@@ -5,7 +5,7 @@
 //! never be observed by another task of the same shard.
 
 use crate::auth::Verifier;
-use crate::channel::{self, Channels, Position, Publication};
+use crate::channel::{self, Channels, HistoryPage, Position, Publication};
 use crate::config::Config;
 use crate::connection::Conn;
 use crate::metrics::ShardMetrics;
@@ -33,6 +33,8 @@ pub struct Shared {
     pub metrics: Vec<ShardMetrics>,
     /// Set when `tls.cert_file` and `tls.key_file` are: every listener speaks TLS.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Cluster mode: offsets, history and delivery between nodes go through Redis.
+    pub bridge: Option<crate::cluster::Bridge>,
 }
 
 impl Shared {
@@ -45,6 +47,7 @@ impl Shared {
         };
         Ok(Shared {
             tls,
+            bridge: None,
             verifier: Verifier::new(&secret, config.auth.leeway),
             node_id: format!("{:08x}", rand::random::<u32>()),
             shards,
@@ -86,6 +89,11 @@ pub enum RingMsg {
         token: u64,
         position: Position,
     },
+    /// Cluster mode: the subscription could not be set up (Redis unreachable).
+    SubscribeFailed {
+        token: u64,
+        error: Error,
+    },
     Unwatch {
         from: usize,
         channel: Arc<str>,
@@ -122,7 +130,7 @@ enum Pending {
         channel: Arc<str>,
         done: oneshot::Sender<()>,
     },
-    History(oneshot::Sender<(Vec<Arc<Publication>>, u64, String)>),
+    History(oneshot::Sender<HistoryPage>),
     Channels {
         waiting: usize,
         counts: HashMap<Arc<str>, usize>,
@@ -136,6 +144,9 @@ pub struct Subscription {
     pub channel: Arc<str>,
     pub id: u64,
     seq: Cell<u64>,
+    /// The channel's offset when the subscription started: older publications that are still
+    /// in flight towards this shard (cluster mode) are not for it.
+    start_offset: u64,
     /// Index in the channel's subscriber list, kept so removal is a swap_remove.
     slot: Cell<usize>,
 }
@@ -154,7 +165,14 @@ struct Local {
     subs: Vec<Rc<Subscription>>,
     /// Subscribes sent to the owner and not yet answered; they hold the owner's watch too.
     pending: usize,
+    /// While subscribes are pending, the publications delivered meanwhile: in cluster mode the
+    /// answer can arrive after publications newer than its offset, which the new subscription
+    /// must still get. Bounded by `HELD_MAX`; empty whenever nothing is pending.
+    held: Vec<Arc<Publication>>,
 }
+
+/// Most publications held for pending subscribes of one channel (a subscribe round trip's worth).
+const HELD_MAX: usize = 4096;
 
 pub struct Shard {
     pub id: usize,
@@ -251,6 +269,23 @@ impl Shard {
         }
         ShardMetrics::add(&self.metrics().messages_received_total, 1);
         let accepted = Instant::now();
+        if let Some(bridge) = &self.shared.bridge {
+            if !bridge.is_up() {
+                return Err(protocol::err(
+                    Code::Unavailable,
+                    "cluster broker unreachable; retry",
+                ));
+            }
+            let (reply, rx) = oneshot::channel();
+            bridge.send(crate::cluster::Request::Publish {
+                params,
+                accepted,
+                reply,
+            });
+            return rx
+                .await
+                .map_err(|_| protocol::err(Code::Unavailable, "cluster bridge stopped"))?;
+        }
         let owner = owner_of(&params.channel, self.shared.shards);
         if owner == self.id {
             return Ok(self.owner_publish(&params, accepted));
@@ -303,13 +338,19 @@ impl Shard {
     /// allocation, no syscall and no await per subscriber; the writers run after this returns, so
     /// everything queued for a socket leaves in one write.
     pub fn deliver(&self, publication: &Arc<Publication>) {
-        let local = self.local.borrow();
-        let Some(local) = local.get(&publication.channel) else {
+        let mut local = self.local.borrow_mut();
+        let Some(local) = local.get_mut(&publication.channel) else {
             return;
         };
+        if local.pending > 0 && local.held.len() < HELD_MAX {
+            local.held.push(publication.clone());
+        }
         let mut sent = 0u64;
         for sub in &local.subs {
             debug_assert!(Rc::ptr_eq(&local.subs[sub.slot.get()], sub));
+            if publication.offset <= sub.start_offset {
+                continue;
+            }
             if sub
                 .conn
                 .enqueue_broadcast(publication, sub.next_seq(), self.metrics())
@@ -354,7 +395,16 @@ impl Shard {
             channel: channel.clone(),
             done,
         };
-        if owner == self.id {
+        if let Some(bridge) = &self.shared.bridge {
+            let token = self.token();
+            self.pending.borrow_mut().insert(token, pending);
+            bridge.send(crate::cluster::Request::Watch {
+                shard: self.id,
+                token,
+                channel,
+                since,
+            });
+        } else if owner == self.id {
             let position = self
                 .owned
                 .borrow_mut()
@@ -386,12 +436,20 @@ impl Shard {
         else {
             return;
         };
-        {
+        let held = {
             let mut local = self.local.borrow_mut();
-            if let Some(l) = local.get_mut(&channel) {
-                l.pending -= 1;
+            match local.get_mut(&channel) {
+                Some(l) => {
+                    l.pending -= 1;
+                    if l.pending == 0 {
+                        std::mem::take(&mut l.held)
+                    } else {
+                        l.held.clone()
+                    }
+                }
+                None => Vec::new(),
             }
-        }
+        };
         if conn.is_closing() {
             self.release(&channel);
             let _ = done.send(());
@@ -404,6 +462,7 @@ impl Shard {
             channel: channel.clone(),
             id: n,
             seq: Cell::new(0),
+            start_offset: position.offset,
             slot: Cell::new(0),
         });
         {
@@ -435,6 +494,9 @@ impl Shard {
         }
         conn.respond(request_id.as_deref(), Ok(&body));
         for publication in &position.replay {
+            conn.enqueue_broadcast(publication, sub.next_seq(), self.metrics());
+        }
+        for publication in held.iter().filter(|p| p.offset > position.offset) {
             conn.enqueue_broadcast(publication, sub.next_seq(), self.metrics());
         }
         let _ = done.send(());
@@ -477,7 +539,12 @@ impl Shard {
             return;
         }
         let owner = owner_of(channel, self.shared.shards);
-        if owner == self.id {
+        if let Some(bridge) = &self.shared.bridge {
+            bridge.send(crate::cluster::Request::Unwatch {
+                shard: self.id,
+                channel: channel.clone(),
+            });
+        } else if owner == self.id {
             self.owned.borrow_mut().unwatch(self.id, channel);
         } else {
             self.send(
@@ -490,13 +557,35 @@ impl Shard {
         }
     }
 
+    /// Forgets an idle local entry without telling the owner (it already let go).
+    fn release_local(&self, channel: &Arc<str>) {
+        let mut local = self.local.borrow_mut();
+        if local
+            .get(channel)
+            .is_some_and(|l| l.subs.is_empty() && l.pending == 0)
+        {
+            local.remove(channel);
+        }
+    }
+
     // ---- queries ----
 
     pub async fn history(
         self: &Rc<Self>,
         channel: String,
         limit: usize,
-    ) -> Result<(Vec<Arc<Publication>>, u64, String), Error> {
+    ) -> Result<HistoryPage, Error> {
+        if let Some(bridge) = &self.shared.bridge {
+            let (reply, rx) = oneshot::channel();
+            bridge.send(crate::cluster::Request::History {
+                channel,
+                limit,
+                reply,
+            });
+            return rx
+                .await
+                .map_err(|_| protocol::err(Code::Unavailable, "cluster bridge stopped"))?;
+        }
         let owner = owner_of(&channel, self.shared.shards);
         if owner == self.id {
             return Ok(self.owned.borrow_mut().history(&channel, limit));
@@ -597,6 +686,27 @@ impl Shard {
                 let pending = self.pending.borrow_mut().remove(&token);
                 if let Some(p) = pending {
                     self.finish_subscribe(p, position);
+                }
+            }
+            RingMsg::SubscribeFailed { token, error } => {
+                let pending = self.pending.borrow_mut().remove(&token);
+                if let Some(Pending::Subscribe {
+                    conn,
+                    request_id,
+                    channel,
+                    done,
+                }) = pending
+                {
+                    if let Some(l) = self.local.borrow_mut().get_mut(&channel) {
+                        l.pending -= 1;
+                        if l.pending == 0 {
+                            l.held.clear();
+                        }
+                    }
+                    self.metrics().rejected(error.code);
+                    conn.respond(request_id.as_deref(), Err(&error));
+                    self.release_local(&channel);
+                    let _ = done.send(());
                 }
             }
             RingMsg::Unwatch { from, channel } => {

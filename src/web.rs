@@ -272,6 +272,9 @@ async fn route(
         "/health" => {
             if shard.shared.shutting_down.load(Relaxed) {
                 json(out, 503, br#"{"status":"shutting_down"}"#, keep_alive);
+            } else if shard.shared.bridge.as_ref().is_some_and(|b| !b.is_up()) {
+                // Still 200: existing connections work, so a load balancer must keep the node.
+                json(out, 200, br#"{"status":"degraded"}"#, keep_alive);
             } else {
                 json(out, 200, br#"{"status":"ok"}"#, keep_alive);
             }
@@ -298,7 +301,10 @@ async fn route(
             return;
         }
         "/metrics" => {
-            let text = metrics::render(&shard.shared.metrics);
+            let mut text = metrics::render(&shard.shared.metrics);
+            if let Some(bridge) = &shard.shared.bridge {
+                crate::cluster::render_metrics(&bridge.metrics, &mut text);
+            }
             http::write_response(
                 out,
                 200,
