@@ -1,0 +1,473 @@
+//! The publisher: one thread, one keep-alive connection (REST `POST /publish` or a WebSocket with the
+//! publish scope), publications spread round robin over the run's channels on an open-loop schedule,
+//! or, in max-rate mode, as fast as a bounded window of undelivered publications allows.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::client::Shared;
+use crate::extract;
+use crate::schedule::{self, Schedule};
+use crate::ws;
+
+/// How publications reach the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+pub enum Via {
+    /// `POST /publish` with the API key, HTTP/1.1 keep-alive.
+    Rest,
+    /// `publish` requests over a WebSocket authenticated with a publish-scope token.
+    Ws,
+}
+
+/// What to publish.
+#[derive(Clone)]
+pub struct PublisherConfig {
+    /// Where REST requests go (the admin listener when the server has one).
+    pub rest_target: SocketAddr,
+    /// Where the WebSocket publisher connects.
+    pub ws_target: SocketAddr,
+    /// Host header.
+    pub host: String,
+    /// REST or WebSocket.
+    pub via: Via,
+    /// API key (REST).
+    pub api_key: String,
+    /// Token (WebSocket).
+    pub token: String,
+    /// Channels, published to round robin.
+    pub channels: Arc<Vec<String>>,
+    /// Publications per second; 0: max-rate mode.
+    pub rate: f64,
+    /// Stop after this many publications.
+    pub count: Option<u64>,
+    /// Stop after this long.
+    pub duration: Option<Duration>,
+    /// Max-rate mode: publications not yet delivered to every subscriber, at most.
+    pub window: u64,
+    /// Deliveries each publication should cause (subscribers per channel), for the window.
+    pub deliveries_per_publication: u64,
+    /// Payload size in bytes.
+    pub payload_bytes: usize,
+    /// Source address to bind.
+    pub source: Option<Ipv4Addr>,
+}
+
+/// What the publisher did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct PublishResult {
+    /// Publications the server accepted.
+    pub published: u64,
+    /// Publications refused or failed.
+    pub errors: u64,
+    /// Per channel: the highest offset the server returned (0: none published).
+    pub last_offsets: Vec<u64>,
+    /// Per channel: publications accepted.
+    pub counts: Vec<u64>,
+    /// Seconds from the first scheduled publication to the last answer.
+    pub elapsed_s: f64,
+    /// How far the publisher fell behind its schedule at worst (a sign it, or the server, was the
+    /// bottleneck), ms.
+    pub max_behind_ms: f64,
+    /// Round-trip time of publish requests: p50 and max, µs.
+    pub rtt_p50_us: f64,
+    /// Largest publish round trip, µs.
+    pub rtt_max_us: f64,
+}
+
+/// A keep-alive connection that publishes one message at a time and returns its offset.
+trait Conn {
+    fn publish(&mut self, channel: &str, payload: &[u8]) -> Result<u64, String>;
+}
+
+/// Runs the publisher until its count or duration is reached, or `shared.stop`.
+pub fn run(cfg: &PublisherConfig, shared: &Shared) -> PublishResult {
+    let mut res = PublishResult {
+        last_offsets: vec![0; cfg.channels.len()],
+        counts: vec![0; cfg.channels.len()],
+        ..Default::default()
+    };
+    let conn: Result<Box<dyn Conn>, String> = match cfg.via {
+        Via::Rest => RestConn::connect(cfg).map(|c| Box::new(c) as Box<dyn Conn>),
+        Via::Ws => WsConn::connect(cfg).map(|c| Box::new(c) as Box<dyn Conn>),
+    };
+    let mut conn = match conn {
+        Ok(c) => c,
+        Err(e) => {
+            shared.error(format!("publisher: {e}"));
+            res.errors += 1;
+            return res;
+        }
+    };
+    schedule::precise_timers();
+    let sched = Schedule::new(cfg.rate);
+    let deadline = cfg.duration.map(|d| sched.start() + d);
+    let mut payload = Vec::with_capacity(cfg.payload_bytes + 64);
+    let mut rtt = hdrhistogram::Histogram::<u64>::new(3).expect("constant sigfig");
+    let mut k: u64 = 0;
+    let mut max_behind = Duration::ZERO;
+    loop {
+        if cfg.count.is_some_and(|c| k >= c) || shared.stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let sent_ns = if sched.paced() {
+            let due = sched.due(k);
+            if deadline.is_some_and(|d| due >= d) {
+                break;
+            }
+            schedule::sleep_until(due);
+            max_behind = max_behind.max(Instant::now().saturating_duration_since(due));
+            sched.due_unix_ns(k)
+        } else {
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                break;
+            }
+            wait_for_window(cfg, shared, k);
+            schedule::now_unix_ns()
+        };
+        payload.clear();
+        extract::build_payload(&mut payload, sent_ns, k, cfg.payload_bytes);
+        let ch = (k % cfg.channels.len() as u64) as usize;
+        let t0 = Instant::now();
+        match conn.publish(&cfg.channels[ch], &payload) {
+            Ok(offset) => {
+                res.published += 1;
+                shared.published.fetch_add(1, Ordering::Relaxed);
+                res.counts[ch] += 1;
+                res.last_offsets[ch] = res.last_offsets[ch].max(offset);
+            }
+            Err(e) => {
+                res.errors += 1;
+                shared.error(format!("publish {k} failed: {e}"));
+                if res.errors >= 10 && res.published == 0 {
+                    break;
+                }
+            }
+        }
+        let _ = rtt.record(t0.elapsed().as_micros() as u64);
+        k += 1;
+    }
+    res.elapsed_s = sched.start().elapsed().as_secs_f64();
+    res.max_behind_ms = max_behind.as_secs_f64() * 1e3;
+    res.rtt_p50_us = rtt.value_at_quantile(0.5) as f64;
+    res.rtt_max_us = rtt.max() as f64;
+    res
+}
+
+/// Max-rate mode: publication `k` may go once at most `window` earlier publications are still
+/// undelivered, counting undelivered as outstanding deliveries divided by deliveries per publication.
+fn wait_for_window(cfg: &PublisherConfig, shared: &Shared, k: u64) {
+    let per = cfg.deliveries_per_publication.max(1);
+    let allowed = |delivered: u64| k.saturating_mul(per) < delivered + cfg.window.max(1) * per;
+    if allowed(shared.deliveries.load(Ordering::Relaxed)) {
+        return;
+    }
+    shared.window_wait.store(true, Ordering::Relaxed);
+    let Ok(mut guard) = shared.window_mutex.lock() else {
+        return;
+    };
+    while !allowed(shared.deliveries.load(Ordering::Relaxed))
+        && !shared.stop.load(Ordering::Relaxed)
+    {
+        guard = match shared
+            .window_cv
+            .wait_timeout(guard, Duration::from_millis(5))
+        {
+            Ok((g, _)) => g,
+            Err(_) => return,
+        };
+    }
+    shared.window_wait.store(false, Ordering::Relaxed);
+}
+
+struct RestConn {
+    stream: std::net::TcpStream,
+    head: Vec<u8>,
+    buf: Vec<u8>,
+    req: Vec<u8>,
+}
+
+impl RestConn {
+    fn connect(cfg: &PublisherConfig) -> Result<Self, String> {
+        let stream = crate::net::connect_blocking(cfg.rest_target, cfg.source)
+            .map_err(|e| format!("connect to {} failed: {e}", cfg.rest_target))?;
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+        let head = format!(
+            "POST /publish HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: ",
+            cfg.host, cfg.api_key
+        )
+        .into_bytes();
+        Ok(RestConn {
+            stream,
+            head,
+            buf: Vec::with_capacity(4096),
+            req: Vec::with_capacity(1024),
+        })
+    }
+}
+
+impl Conn for RestConn {
+    fn publish(&mut self, channel: &str, payload: &[u8]) -> Result<u64, String> {
+        let mut body = Vec::with_capacity(payload.len() + channel.len() + 48);
+        body.extend_from_slice(b"{\"channel\":");
+        extract::push_json_str(&mut body, channel);
+        body.extend_from_slice(b",\"event\":\"m\",\"payload\":");
+        body.extend_from_slice(payload);
+        body.push(b'}');
+        self.req.clear();
+        self.req.extend_from_slice(&self.head);
+        extract::push_u64(&mut self.req, body.len() as u64);
+        self.req.extend_from_slice(b"\r\n\r\n");
+        self.req.extend_from_slice(&body);
+        self.stream
+            .write_all(&self.req)
+            .map_err(|e| format!("write: {e}"))?;
+        let (status, body) = read_http_response(&mut self.stream, &mut self.buf)?;
+        if status != 200 {
+            return Err(format!("HTTP {status}: {}", String::from_utf8_lossy(&body)));
+        }
+        extract::u64_field(&body, b"\"offset\":").ok_or_else(|| {
+            format!(
+                "publish answer without offset: {}",
+                String::from_utf8_lossy(&body)
+            )
+        })
+    }
+}
+
+/// Reads one HTTP/1.1 response with a Content-Length body; `buf` keeps bytes of the next one.
+pub fn read_http_response<R: Read>(r: &mut R, buf: &mut Vec<u8>) -> Result<(u16, Vec<u8>), String> {
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        if let Some(p) = ws::find(buf, b"\r\n\r\n") {
+            break p;
+        }
+        if buf.len() > 64 * 1024 {
+            return Err("response head over 64 KiB".into());
+        }
+        let n = r.read(&mut chunk).map_err(|e| format!("read: {e}"))?;
+        if n == 0 {
+            return Err("server closed the publish connection".into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("bad status line in {head:?}"))?;
+    let mut len = 0usize;
+    for l in lines {
+        if let Some((k, v)) = l.split_once(':') {
+            if k.trim().eq_ignore_ascii_case("content-length") {
+                len = v
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("bad content-length {v:?}"))?;
+            }
+        }
+    }
+    if len > 16 << 20 {
+        return Err(format!("response body of {len} bytes"));
+    }
+    let start = head_end + 4;
+    while buf.len() < start + len {
+        let n = r.read(&mut chunk).map_err(|e| format!("read: {e}"))?;
+        if n == 0 {
+            return Err("server closed the publish connection mid-body".into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let body = buf[start..start + len].to_vec();
+    buf.drain(..start + len);
+    Ok((status, body))
+}
+
+struct WsConn {
+    stream: std::net::TcpStream,
+    buf: Vec<u8>,
+    out: Vec<u8>,
+    rng: ws::MaskRng,
+    next_id: u64,
+}
+
+impl WsConn {
+    fn connect(cfg: &PublisherConfig) -> Result<Self, String> {
+        let mut stream = crate::net::connect_blocking(cfg.ws_target, cfg.source)
+            .map_err(|e| format!("connect to {} failed: {e}", cfg.ws_target))?;
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+        stream
+            .write_all(&ws::upgrade_request(&cfg.host))
+            .map_err(|e| format!("write: {e}"))?;
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            match ws::parse_upgrade_response(&buf) {
+                ws::Upgrade::Incomplete => {
+                    let n = stream.read(&mut chunk).map_err(|e| format!("read: {e}"))?;
+                    if n == 0 {
+                        return Err("closed during upgrade".into());
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+                ws::Upgrade::Refused(s) => return Err(format!("upgrade refused: {s}")),
+                ws::Upgrade::Switched(used) => {
+                    buf.drain(..used);
+                    break;
+                }
+            }
+        }
+        let mut c = WsConn {
+            stream,
+            buf,
+            out: Vec::with_capacity(1024),
+            rng: ws::MaskRng::new(0x5EED),
+            next_id: 1,
+        };
+        let mut req = b"{\"id\":1,\"method\":\"auth\",\"params\":{\"token\":".to_vec();
+        extract::push_json_str(&mut req, &cfg.token);
+        req.extend_from_slice(b"}}");
+        let r = c.request(&req, 1)?;
+        if let Some(code) = r.error_code {
+            return Err(format!("publisher auth failed: {code}"));
+        }
+        c.next_id = 2;
+        Ok(c)
+    }
+
+    fn request(&mut self, text: &[u8], id: u64) -> Result<extract::Response, String> {
+        self.out.clear();
+        let key = self.rng.next_key();
+        ws::encode_client_frame(&mut self.out, ws::OP_TEXT, text, key);
+        self.stream
+            .write_all(&self.out)
+            .map_err(|e| format!("write: {e}"))?;
+        let mut chunk = [0u8; 8192];
+        loop {
+            while let Some(f) = ws::decode_server_frame(&self.buf).map_err(|e| e.to_string())? {
+                let payload = self.buf[f.payload_start..f.end].to_vec();
+                self.buf.drain(..f.end);
+                match f.opcode {
+                    ws::OP_TEXT => {
+                        if let extract::Message::Response(r) = extract::parse_message(&payload) {
+                            if r.request_id == Some(id) {
+                                return Ok(r);
+                            }
+                        }
+                    }
+                    ws::OP_PING => {
+                        self.out.clear();
+                        let key = self.rng.next_key();
+                        ws::encode_client_frame(&mut self.out, ws::OP_PONG, &payload, key);
+                        self.stream
+                            .write_all(&self.out)
+                            .map_err(|e| format!("write: {e}"))?;
+                    }
+                    ws::OP_CLOSE => return Err("server closed the publisher WebSocket".into()),
+                    _ => {}
+                }
+            }
+            let n = self
+                .stream
+                .read(&mut chunk)
+                .map_err(|e| format!("read: {e}"))?;
+            if n == 0 {
+                return Err("server closed the publisher WebSocket".into());
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
+
+impl Conn for WsConn {
+    fn publish(&mut self, channel: &str, payload: &[u8]) -> Result<u64, String> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut req = Vec::with_capacity(payload.len() + channel.len() + 80);
+        req.extend_from_slice(b"{\"id\":");
+        extract::push_u64(&mut req, id);
+        req.extend_from_slice(b",\"method\":\"publish\",\"params\":{\"channel\":");
+        extract::push_json_str(&mut req, channel);
+        req.extend_from_slice(b",\"event\":\"m\",\"payload\":");
+        req.extend_from_slice(payload);
+        req.extend_from_slice(b"}}");
+        let r = self.request(&req, id)?;
+        if let Some(code) = r.error_code {
+            return Err(format!(
+                "{code} (a WebSocket publisher is rate limited per connection: raise \
+                 BROADCASTER_LIMITS_REQUESTS_PER_SECOND / _REQUEST_BURST on the server, or use --via rest)"
+            ));
+        }
+        r.offset
+            .ok_or_else(|| "publish result without offset".to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(window: u64, per: u64) -> PublisherConfig {
+        let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        PublisherConfig {
+            rest_target: a,
+            ws_target: a,
+            host: String::new(),
+            via: Via::Rest,
+            api_key: String::new(),
+            token: String::new(),
+            channels: Arc::new(vec!["c".into()]),
+            rate: 0.0,
+            count: None,
+            duration: None,
+            window,
+            deliveries_per_publication: per,
+            payload_bytes: 64,
+            source: None,
+        }
+    }
+
+    #[test]
+    fn window_bounds_undelivered_publications() {
+        let shared = Shared::default();
+        let c = cfg(4, 10);
+        // Publications 0..3 may go with nothing delivered; the 5th (k = 4) must wait for 10 deliveries.
+        for k in 0..4 {
+            wait_for_window(&c, &shared, k);
+        }
+        let waiter = std::thread::scope(|s| {
+            let h = s.spawn(|| {
+                let t = Instant::now();
+                wait_for_window(&c, &shared, 4);
+                t.elapsed()
+            });
+            std::thread::sleep(Duration::from_millis(30));
+            shared.deliveries.store(10, Ordering::Relaxed);
+            h.join().unwrap()
+        });
+        assert!(waiter >= Duration::from_millis(25), "{waiter:?}");
+        // Stopping releases a waiter too.
+        shared.stop.store(true, Ordering::Relaxed);
+        wait_for_window(&c, &shared, 1000);
+    }
+
+    #[test]
+    fn http_responses_are_read_back_to_back() {
+        let data = b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n{\"offset\":1}HTTP/1.1 413 Payload Too Large\r\ncontent-length: 2\r\n\r\n{}";
+        // {"offset":1} is 12 bytes: the first body is cut at 11 on purpose to prove the length rules.
+        let mut r = &data[..];
+        let mut buf = Vec::new();
+        let (s, b) = read_http_response(&mut r, &mut buf).unwrap();
+        assert_eq!(s, 200);
+        assert_eq!(b, b"{\"offset\":1");
+        assert_eq!(buf.first(), Some(&b'}'));
+        buf.remove(0);
+        let (s, b) = read_http_response(&mut r, &mut buf).unwrap();
+        assert_eq!((s, &b[..]), (413, &b"{}"[..]));
+        assert!(read_http_response(&mut r, &mut buf).is_err());
+    }
+}

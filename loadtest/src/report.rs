@@ -1,0 +1,406 @@
+//! The run summary: a human table on stdout, a JSON file, the `.hgrm` distribution and an SVG plot.
+
+use std::net::SocketAddr;
+
+use hdrhistogram::Histogram;
+
+use crate::checker::Anomalies;
+use crate::cli::Common;
+use crate::floor::FloorResult;
+use crate::hist::{self, Percentiles};
+use crate::publisher::{PublishResult, Via};
+
+/// Everything a run measured. Serialized as the JSON summary (`--json`).
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Report {
+    /// Scenario name.
+    pub scenario: &'static str,
+    /// `--label`, or the scenario name.
+    pub label: String,
+    /// The server's public address.
+    pub server: String,
+    /// Subscriber connections.
+    pub connections: u64,
+    /// Channels.
+    pub channels: u64,
+    /// Subscribers per channel.
+    pub subscribers_per_channel: u64,
+    /// Publication rate asked for (0: max rate).
+    pub rate: f64,
+    /// How publications were made.
+    pub via: Option<Via>,
+    /// Max-rate mode window.
+    pub window: Option<u64>,
+    /// Payload bytes.
+    pub payload_bytes: usize,
+    /// The publisher's results.
+    pub publish: Option<PublishResult>,
+    /// Broadcasts received.
+    pub deliveries: u64,
+    /// Broadcasts that should have been received.
+    pub expected_deliveries: u64,
+    /// Seconds of the measurement window (publish start to last delivery; the hold for idle; the
+    /// storm itself).
+    pub measured_s: f64,
+    /// Deliveries per second of publishing.
+    pub deliveries_per_s: f64,
+    /// What `latency` measures: `end_to_end` (scheduled send to receipt) or `connect_to_subscribed`.
+    pub latency_kind: &'static str,
+    /// Latency percentiles, nanoseconds.
+    pub latency: Percentiles,
+    /// Anomalies by `seq` (per subscription).
+    pub seq: Anomalies,
+    /// Anomalies by `offset` (per channel, across a subscriber's reconnects).
+    pub offsets: Anomalies,
+    /// Broadcasts whose offset was not the subscription's base + seq.
+    pub seq_offset_mismatch: u64,
+    /// Broadcasts without a send time in the payload.
+    pub untimed: u64,
+    /// Recovery: subscribes with `since` answered `recovered: false`.
+    pub unrecovered: u64,
+    /// Recovery: reconnects made.
+    pub reconnects: u64,
+    /// Connections that failed or were dropped.
+    pub connection_failures: u64,
+    /// Storm: connections that subscribed.
+    pub subscribed: Option<u64>,
+    /// Storm: connect + auth + subscribe per second.
+    pub connections_per_s: Option<f64>,
+    /// Mean size of a broadcast frame, header included.
+    pub frame_bytes_mean: Option<f64>,
+    /// Server CPU (user + system) over the window, seconds.
+    pub server_cpu_s: Option<f64>,
+    /// Server CPU per delivered message, µs.
+    pub server_cpu_us_per_delivery: Option<f64>,
+    /// Storm: server CPU per connection, µs.
+    pub server_cpu_us_per_connection: Option<f64>,
+    /// Server RSS before (idle: before connecting), bytes.
+    pub server_rss_before_bytes: Option<u64>,
+    /// Server RSS after, bytes.
+    pub server_rss_after_bytes: Option<u64>,
+    /// Idle: server RSS growth per connection, bytes.
+    pub server_rss_bytes_per_connection: Option<f64>,
+    /// Share of the server's CPU spent in the kernel (system time).
+    pub server_cpu_sys_fraction: Option<f64>,
+    /// Load generator CPU over the window, seconds.
+    pub loadgen_cpu_s: f64,
+    /// Share of the load generator's CPU spent in the kernel.
+    pub loadgen_cpu_sys_fraction: f64,
+    /// Load generator CPU per delivered message, µs.
+    pub loadgen_cpu_us_per_delivery: f64,
+    /// Storm: load generator CPU per connection, µs.
+    pub loadgen_cpu_us_per_connection: Option<f64>,
+    /// Load generator RSS, bytes.
+    pub loadgen_rss_bytes: u64,
+    /// Idle: load generator RSS growth per connection.
+    pub loadgen_rss_bytes_per_connection: Option<f64>,
+    /// Receive threads.
+    pub loadgen_threads: u64,
+    /// The open-files limit the load generator ran with.
+    pub open_files_limit: u64,
+    /// Source addresses used.
+    pub source_addresses: u64,
+    /// The kernel floor, when measured (`--floor`).
+    pub floor: Option<FloorResult>,
+    /// Server CPU per delivery divided by the one-frame-per-send floor.
+    pub server_ratio_to_floor_1: Option<f64>,
+    /// Server CPU per delivery divided by the k-frames-per-send floor.
+    pub server_ratio_to_floor_k: Option<f64>,
+    /// First error messages.
+    pub errors: Vec<String>,
+    /// Why the run failed; empty when it passed.
+    pub failures: Vec<String>,
+    /// True when nothing was lost, duplicated, reordered or refused.
+    pub passed: bool,
+    /// The merged latency histogram (not serialized).
+    #[serde(skip)]
+    pub histogram: Option<Histogram<u64>>,
+}
+
+impl Report {
+    /// An empty report for `scenario`.
+    pub fn new(scenario: &'static str, common: &Common, server: &SocketAddr) -> Self {
+        Report {
+            scenario,
+            label: common.label.clone().unwrap_or_else(|| scenario.to_string()),
+            server: server.to_string(),
+            latency_kind: "end_to_end",
+            payload_bytes: common.payload_bytes,
+            ..Default::default()
+        }
+    }
+
+    /// Records a reason the run failed.
+    pub fn fail(&mut self, why: String) {
+        self.failures.push(why);
+    }
+
+    /// Adds the floor and the ratios to it.
+    pub fn set_floor(&mut self, f: FloorResult) {
+        if let Some(s) = self.server_cpu_us_per_delivery {
+            let f1 = f.us_per_frame(1);
+            let k = f
+                .points
+                .iter()
+                .map(|p| p.frames_per_send)
+                .max()
+                .unwrap_or(1);
+            let fk = f.us_per_frame(k);
+            self.server_ratio_to_floor_1 = (f1 > 0.0).then(|| s / f1);
+            self.server_ratio_to_floor_k = (fk > 0.0 && k > 1).then(|| s / fk);
+        }
+        self.floor = Some(f);
+    }
+
+    /// Checks the counts and sets `passed`.
+    pub fn finish(&mut self) {
+        let mut why = Vec::new();
+        for (name, a) in [("seq", self.seq), ("offset", self.offsets)] {
+            if a.lost > 0 {
+                why.push(format!("{} messages LOST (by {name})", a.lost));
+            }
+            if a.duplicated > 0 {
+                why.push(format!("{} messages DUPLICATED (by {name})", a.duplicated));
+            }
+            if a.reordered > 0 {
+                why.push(format!("{} messages REORDERED (by {name})", a.reordered));
+            }
+        }
+        if self.seq_offset_mismatch > 0 {
+            why.push(format!(
+                "{} broadcasts with offset != base + seq",
+                self.seq_offset_mismatch
+            ));
+        }
+        if self.unrecovered > 0 {
+            why.push(format!(
+                "{} resubscribes were not recovered",
+                self.unrecovered
+            ));
+        }
+        if self.connection_failures > 0 {
+            why.push(format!(
+                "{} connections failed or were dropped",
+                self.connection_failures
+            ));
+        }
+        if self.deliveries != self.expected_deliveries && self.scenario != "storm" {
+            why.push(format!(
+                "{} deliveries, expected {}",
+                self.deliveries, self.expected_deliveries
+            ));
+        }
+        self.failures.extend(why);
+        self.passed = self.failures.is_empty();
+    }
+
+    /// The human-readable table.
+    pub fn table(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let mut row = |k: &str, v: String| {
+            let _ = writeln!(s, "  {k:<34} {v}");
+        };
+        row("scenario", format!("{} ({})", self.scenario, self.label));
+        row("server", self.server.clone());
+        row(
+            "connections",
+            format!(
+                "{} ({} channels x {} subscribers), {} source addresses",
+                self.connections,
+                self.channels,
+                self.subscribers_per_channel,
+                self.source_addresses
+            ),
+        );
+        if let Some(p) = &self.publish {
+            let mode = match self.window {
+                _ if self.scenario == "idle" => "one per channel after the hold".to_string(),
+                Some(w) => format!("max rate, window {w}"),
+                None => format!("{} msg/s", self.rate),
+            };
+            row(
+                "published",
+                format!(
+                    "{} ({mode}, via {:?}, {} B payload), {} errors, behind schedule max {:.2} ms, rtt p50 {} µs",
+                    p.published,
+                    self.via.unwrap_or(Via::Rest),
+                    self.payload_bytes,
+                    p.errors,
+                    p.max_behind_ms,
+                    p.rtt_p50_us
+                ),
+            );
+        }
+        if self.scenario != "storm" {
+            row(
+                "deliveries",
+                format!(
+                    "{} of {} expected",
+                    self.deliveries, self.expected_deliveries
+                ),
+            );
+            if self.scenario != "idle" {
+                row("deliveries/s", format!("{:.0}", self.deliveries_per_s));
+            }
+        }
+        if let Some(c) = self.connections_per_s {
+            row(
+                "connections/s",
+                format!("{c:.0} ({} subscribed)", self.subscribed.unwrap_or(0)),
+            );
+        }
+        let l = &self.latency;
+        row(
+            &format!("latency ms ({})", self.latency_kind),
+            format!(
+                "p50 {}  p90 {}  p99 {}  p99.9 {}  max {}  (n={})",
+                hist::ms(l.p50_ns),
+                hist::ms(l.p90_ns),
+                hist::ms(l.p99_ns),
+                hist::ms(l.p999_ns),
+                hist::ms(l.max_ns),
+                l.count
+            ),
+        );
+        row(
+            "lost / duplicated / reordered",
+            format!(
+                "{} / {} / {} (seq)   {} / {} / {} (offset)",
+                self.seq.lost,
+                self.seq.duplicated,
+                self.seq.reordered,
+                self.offsets.lost,
+                self.offsets.duplicated,
+                self.offsets.reordered
+            ),
+        );
+        if self.scenario == "recovery" {
+            row(
+                "reconnects / unrecovered",
+                format!("{} / {}", self.reconnects, self.unrecovered),
+            );
+        }
+        if let Some(f) = self.frame_bytes_mean {
+            row("broadcast frame bytes (mean)", format!("{f:.0}"));
+        }
+        let opt = |v: Option<f64>, unit: &str| {
+            v.map(|v| format!("{v:.3} {unit}"))
+                .unwrap_or_else(|| "- (no --server-pid)".into())
+        };
+        if self.scenario != "storm" && self.scenario != "idle" {
+            row(
+                "CPU per delivered message",
+                format!(
+                    "server {}   load generator {:.3} µs",
+                    opt(self.server_cpu_us_per_delivery, "µs"),
+                    self.loadgen_cpu_us_per_delivery
+                ),
+            );
+        }
+        if self.scenario == "storm" {
+            row(
+                "CPU per connection",
+                format!(
+                    "server {}   load generator {:.3} µs",
+                    opt(self.server_cpu_us_per_connection, "µs"),
+                    self.loadgen_cpu_us_per_connection.unwrap_or(0.0)
+                ),
+            );
+        }
+        row(
+            "CPU over the window",
+            format!(
+                "server {}   load generator {:.3} s over {:.2} s",
+                opt(self.server_cpu_s, "s"),
+                self.loadgen_cpu_s,
+                self.measured_s
+            ),
+        );
+        row(
+            "kernel (system) share of CPU",
+            format!(
+                "server {}   load generator {:.0}%",
+                self.server_cpu_sys_fraction
+                    .map(|f| format!("{:.0}%", f * 100.0))
+                    .unwrap_or_else(|| "-".into()),
+                self.loadgen_cpu_sys_fraction * 100.0
+            ),
+        );
+        if let Some(b) = self.server_rss_bytes_per_connection {
+            row("server RSS per connection", format!("{b:.0} B"));
+        }
+        if let (Some(a), Some(b)) = (self.server_rss_before_bytes, self.server_rss_after_bytes) {
+            row(
+                "server RSS before / after",
+                format!(
+                    "{:.1} / {:.1} MiB",
+                    a as f64 / 1048576.0,
+                    b as f64 / 1048576.0
+                ),
+            );
+        }
+        if let Some(b) = self.loadgen_rss_bytes_per_connection {
+            row("load generator RSS per connection", format!("{b:.0} B"));
+        }
+        if let Some(f) = &self.floor {
+            for p in &f.points {
+                row(
+                    &format!("kernel floor, {} frame(s)/send", p.frames_per_send),
+                    format!(
+                        "{:.3} µs per frame ({} sockets, {} B frames)",
+                        p.sender_cpu_us_per_frame, f.sockets, f.frame_bytes
+                    ),
+                );
+            }
+            if let Some(r) = self.server_ratio_to_floor_1 {
+                row("server / floor (1 per send)", format!("{r:.2}x"));
+            }
+            if let Some(r) = self.server_ratio_to_floor_k {
+                row("server / floor (k per send)", format!("{r:.2}x"));
+            }
+        }
+        for e in self.errors.iter().take(5) {
+            row("error", e.clone());
+        }
+        row(
+            "result",
+            if self.passed {
+                "PASS".to_string()
+            } else {
+                format!("FAIL: {}", self.failures.join("; "))
+            },
+        );
+        s
+    }
+
+    /// Writes the files asked for.
+    pub fn write_outputs(&self, common: &Common) -> std::io::Result<()> {
+        if let Some(p) = &common.json {
+            let text = serde_json::to_string_pretty(self).map_err(std::io::Error::other)?;
+            std::fs::write(p, text + "\n")?;
+        }
+        let empty = hist::new_histogram();
+        let h = self.histogram.as_ref().unwrap_or(&empty);
+        if let Some(p) = &common.hgrm {
+            std::fs::write(p, hist::hgrm(h))?;
+        }
+        if let Some(p) = &common.plot {
+            let title = format!(
+                "{}: {} latency, {} connections",
+                self.label, self.latency_kind, self.connections
+            );
+            std::fs::write(
+                p,
+                hist::svg_plot(
+                    &title,
+                    &[hist::Series {
+                        label: &self.label,
+                        hist: h,
+                    }],
+                ),
+            )?;
+        }
+        Ok(())
+    }
+}
