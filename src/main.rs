@@ -148,6 +148,7 @@ fn serve(args: ServeArgs) -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match broadcaster::server::run(config) {
         Ok(()) => ExitCode::SUCCESS,

@@ -49,7 +49,9 @@
  *   broadcast       {id, seq, offset, createTime, channel, event, payload}; duplicates (offset not
  *                   newer than the last one seen on the channel) are dropped before this event
  *   status          (state, {code, reason, delay, attempt}) on every state change
- *   error           Error with .code (server code, or "Connection", "Timeout", "Auth") and .method
+ *   error           Error with .code (server code, or "Connection", "Timeout", "Auth") and .method:
+ *                   failures no pending promise reports (auth, a refused resubscribe after a
+ *                   reconnect, a fatal close, an error answer without request id)
  *   subscribed      {channel, result, resumed}  (resumed: the subscribe carried `since`)
  *   recoveryFailed  {channel, result} — the server could not replay what was missed
  *                   (`recovered: false`): reload the channel's state (e.g. GET /history)
@@ -438,7 +440,7 @@
           const waiters = sub.waiters;
           sub.waiters = [];
           for (const w of waiters) w.reject(err);
-          this._emit("error", err);
+          if (!waiters.length) this._emit("error", err); // a resubscribe nobody awaits
           this._emit("unsubscribed", { channel, reason: err.message });
         }
       );
