@@ -496,6 +496,21 @@ mod tests {
     }
 
     #[test]
+    fn the_example_file_is_valid_and_documents_every_key() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tuning/broadcaster.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let c = Config::load(Some(&path), &|_| None, &Overrides::default()).unwrap();
+        assert_eq!(c.limits.ping_interval, Duration::from_secs(30));
+        for (key, _) in KEYS {
+            let leaf = key.rsplit('.').next().unwrap();
+            assert!(
+                text.contains(leaf),
+                "tuning/broadcaster.toml does not document {key}"
+            );
+        }
+    }
+
+    #[test]
     fn limit_relationships_are_checked() {
         let env = [("BROADCASTER_LIMITS_MAX_PAYLOAD_BYTES", "100000")];
         let e = load(None, &env, Overrides::default()).unwrap_err();

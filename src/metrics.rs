@@ -22,6 +22,10 @@ pub struct ShardMetrics {
     pub auth_failures_total: AtomicU64,
     pub rejected_requests_total: [AtomicU64; 9],
     pub accept_errors_total: AtomicU64,
+    /// Channels this shard sequences (owner state held: watchers or live history).
+    pub channels_owned: AtomicI64,
+    /// Channels with subscribers on this shard.
+    pub channels_subscribed: AtomicI64,
     latency_buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
     latency_sum_ns: AtomicU64,
 }
@@ -58,13 +62,23 @@ type Metric<T> = (&'static str, &'static str, fn(&ShardMetrics) -> T);
 pub fn render(shards: &[ShardMetrics]) -> String {
     use std::fmt::Write;
     let mut out = String::with_capacity(4096);
-    let gauges: [Metric<i64>; 2] = [
+    let gauges: [Metric<i64>; 4] = [
         ("connections_active", "Open WebSocket connections.", |m| {
             m.connections_active.load(Relaxed)
         }),
         ("subscriptions_total", "Active subscriptions.", |m| {
             m.subscriptions_total.load(Relaxed)
         }),
+        (
+            "channels_owned",
+            "Channels whose offsets and history this shard keeps (updated every second).",
+            |m| m.channels_owned.load(Relaxed),
+        ),
+        (
+            "channels_subscribed",
+            "Channels with subscribers on this shard (updated every second).",
+            |m| m.channels_subscribed.load(Relaxed),
+        ),
     ];
     for (name, help, get) in gauges {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");

@@ -67,6 +67,27 @@ pub struct Ack {
     pub offset: u64,
 }
 
+/// A publication on its way to its owner (or Redis); `wait` gives its acknowledgement.
+pub enum Submitted {
+    Done(Result<Ack, Error>),
+    Ring(oneshot::Receiver<Ack>),
+    Bridge(oneshot::Receiver<Result<Ack, Error>>),
+}
+
+impl Submitted {
+    pub async fn wait(self) -> Result<Ack, Error> {
+        match self {
+            Submitted::Done(r) => r,
+            Submitted::Ring(rx) => rx
+                .await
+                .map_err(|_| protocol::err(Code::Unavailable, "owner shard stopped")),
+            Submitted::Bridge(rx) => rx
+                .await
+                .map_err(|_| protocol::err(Code::Unavailable, "cluster bridge stopped"))?,
+        }
+    }
+}
+
 /// Messages between shards, carried by the rings. Only `Send` data: `Arc`s and owned values.
 pub enum RingMsg {
     Publish {
@@ -260,21 +281,30 @@ impl Shard {
 
     /// The one publish entry for REST and WebSocket: route to the owner shard, wait for the ack.
     pub async fn publish(self: &Rc<Self>, params: PublishParams) -> Result<Ack, Error> {
+        self.submit(params).wait().await
+    }
+
+    /// Sends a publication on its way without waiting: publications submitted one after another
+    /// from one shard keep their order, so `/broadcast` submits all, then waits for all.
+    pub fn submit(self: &Rc<Self>, params: PublishParams) -> Submitted {
         if self
             .shared
             .shutting_down
             .load(std::sync::atomic::Ordering::Relaxed)
         {
-            return Err(protocol::err(Code::Unavailable, "server is shutting down"));
+            return Submitted::Done(Err(protocol::err(
+                Code::Unavailable,
+                "server is shutting down",
+            )));
         }
         ShardMetrics::add(&self.metrics().messages_received_total, 1);
         let accepted = Instant::now();
         if let Some(bridge) = &self.shared.bridge {
             if !bridge.is_up() {
-                return Err(protocol::err(
+                return Submitted::Done(Err(protocol::err(
                     Code::Unavailable,
                     "cluster broker unreachable; retry",
-                ));
+                )));
             }
             let (reply, rx) = oneshot::channel();
             bridge.send(crate::cluster::Request::Publish {
@@ -282,13 +312,11 @@ impl Shard {
                 accepted,
                 reply,
             });
-            return rx
-                .await
-                .map_err(|_| protocol::err(Code::Unavailable, "cluster bridge stopped"))?;
+            return Submitted::Bridge(rx);
         }
         let owner = owner_of(&params.channel, self.shared.shards);
         if owner == self.id {
-            return Ok(self.owner_publish(&params, accepted));
+            return Submitted::Done(Ok(self.owner_publish(&params, accepted)));
         }
         let (tx, rx) = oneshot::channel();
         let token = self.token();
@@ -304,8 +332,7 @@ impl Shard {
                 accepted,
             },
         );
-        rx.await
-            .map_err(|_| protocol::err(Code::Unavailable, "owner shard stopped"))
+        Submitted::Ring(rx)
     }
 
     fn owner_publish(&self, p: &PublishParams, accepted: Instant) -> Ack {
@@ -777,6 +804,12 @@ impl Shard {
     /// Periodic upkeep: history expiry and forgetting idle channels.
     pub fn sweep(&self) {
         self.owned.borrow_mut().sweep(Instant::now());
+        let (owned, local) = self.table_sizes();
+        let m = self.metrics();
+        m.channels_owned
+            .store(owned as i64, std::sync::atomic::Ordering::Relaxed);
+        m.channels_subscribed
+            .store(local as i64, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Number of channels this shard sequences and of channels with local subscribers.

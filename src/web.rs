@@ -356,19 +356,26 @@ async fn rest_broadcast(shard: &Rc<Shard>, body: &[u8]) -> Result<Vec<u8>, Error
         shard.config().limits.max_payload_bytes,
         BROADCAST_CHANNELS_MAX,
     )?;
+    // Submit every publication first: one shard's submissions keep their order, and the owners
+    // work on them in parallel instead of one round trip after another.
+    let submitted: Vec<_> = channels
+        .iter()
+        .map(|channel| {
+            shard.submit(protocol::PublishParams {
+                channel: channel.clone(),
+                event: event.clone(),
+                payload: payload.clone(),
+            })
+        })
+        .collect();
     let mut out = b"{\"results\":[".to_vec();
-    for (i, channel) in channels.into_iter().enumerate() {
-        let params = protocol::PublishParams {
-            channel: channel.clone(),
-            event: event.clone(),
-            payload: payload.clone(),
-        };
-        let ack = shard.publish(params).await?;
+    for (i, (channel, pending)) in channels.iter().zip(submitted).enumerate() {
+        let ack = pending.wait().await?;
         if i > 0 {
             out.push(b',');
         }
         out.extend_from_slice(b"{\"channel\":");
-        protocol::write_json_string(&mut out, &channel);
+        protocol::write_json_string(&mut out, channel);
         out.extend_from_slice(b",\"id\":");
         protocol::write_json_string(&mut out, &ack.id);
         out.extend_from_slice(b",\"offset\":");
