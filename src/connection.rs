@@ -230,14 +230,19 @@ async fn writer(
         let oldest = conn.oldest.take();
         let mut written = 0;
         while written < buf.len() {
-            let attempt = future::or(
-                async { Some(transport::write_some(stream, &buf[written..]).await) },
-                async {
-                    glommio::timer::sleep(timeout).await;
-                    None
-                },
-            )
-            .await;
+            // Most writes complete at once: try before arming the write timeout, which costs a
+            // timer insertion and removal per write.
+            let mut write = std::pin::pin!(transport::write_some(stream, &buf[written..]));
+            let attempt = match future::poll_once(write.as_mut()).await {
+                Some(done) => Some(done),
+                None => {
+                    future::or(async { Some(write.await) }, async {
+                        glommio::timer::sleep(timeout).await;
+                        None
+                    })
+                    .await
+                }
+            };
             match attempt {
                 Some(Ok(n)) if n > 0 => {
                     written += n;

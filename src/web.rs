@@ -281,11 +281,14 @@ async fn route(
             return;
         }
         "/" => {
+            // Dev mode pre-fills its token: dev mode only ever listens on loopback.
+            let token = shard.config().dev_token.as_deref().unwrap_or("");
+            let page = PLAYGROUND_HTML.replace("{{DEV_TOKEN}}", token);
             http::write_response(
                 out,
                 200,
                 "text/html; charset=utf-8",
-                PLAYGROUND_HTML.as_bytes(),
+                page.as_bytes(),
                 keep_alive,
             );
             return;

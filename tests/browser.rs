@@ -1,0 +1,902 @@
+//! End-to-end test of the playground page (SPEC section 11) in headless Chromium.
+//!
+//! The test starts the real server in dev mode, launches `/usr/bin/chromium --headless` with
+//! `--remote-debugging-port=0` and drives it over the Chrome DevTools Protocol (a WebSocket,
+//! spoken here with tokio-tungstenite): it opens the playground, connects with the pre-filled dev
+//! token, subscribes, publishes over REST and from the page's form and reads the message list back
+//! from the DOM; then it drops the page's WebSocket, publishes while it is down and checks that
+//! `/client.js` reconnects, resubscribes with `since` and recovers every missed message once, in
+//! order (and that an unrecoverable position is reported as `recovered: false`).
+//!
+//! Chromium is required: a missing browser fails the test (CI installs the Debian `chromium`
+//! package). `CHROMIUM=/path` picks another binary; `PLAYGROUND_SCREENSHOT=/tmp/x.png` saves
+//! screenshots of the page (desktop, and `-phone` for a phone-width viewport).
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::{http_get_key, http_post_key, kill_with_parent, last_chars, Server, ServerOpts};
+use futures_util::stream::SplitSink;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio_tungstenite::tungstenite::protocol::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// Bound on one DevTools command.
+const CDP_T: Duration = Duration::from_secs(10);
+/// Bound on a condition in the page becoming true.
+const PAGE_T: Duration = Duration::from_secs(10);
+
+// ---------------------------------------------------------------------------------------------
+// Chromium process
+// ---------------------------------------------------------------------------------------------
+
+/// A headless Chromium in its own process group; killed (group and all) on drop.
+struct Chromium {
+    child: Option<Child>,
+    profile: PathBuf,
+    /// The browser's DevTools WebSocket URL.
+    ws_url: String,
+    stderr: Arc<Mutex<Vec<String>>>,
+}
+
+impl Chromium {
+    fn launch() -> Chromium {
+        let bin = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+        let profile = common::temp_path("-chromium-profile");
+        std::fs::create_dir_all(&profile).expect("create the Chromium profile dir");
+        let mut cmd = Command::new(&bin);
+        cmd.args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--no-default-browser-check",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-dev-shm-usage",
+            "--disable-extensions",
+            "--no-proxy-server",
+            "--remote-debugging-port=0",
+            "--window-size=1280,1000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .arg("about:blank")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+        {
+            use std::os::unix::process::CommandExt;
+            cmd.process_group(0);
+        }
+        kill_with_parent(&mut cmd);
+        let mut child = cmd.spawn().unwrap_or_else(|e| {
+            let _ = std::fs::remove_dir_all(&profile);
+            panic!(
+                "cannot start Chromium at {bin}: {e}; the playground test needs it \
+                 (Debian: apt-get install chromium chromium-driver)"
+            )
+        });
+        let stderr = child.stderr.take().expect("piped stderr");
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let lines2 = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                lines2.lock().unwrap().push(line.clone());
+                let _ = tx.send(line);
+            }
+        });
+        let mut browser = Chromium {
+            child: Some(child),
+            profile,
+            ws_url: String::new(),
+            stderr: lines,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(url) = line.strip_prefix("DevTools listening on ") {
+                        browser.ws_url = url.trim().to_string();
+                        return browser;
+                    }
+                }
+                Err(_) => panic!(
+                    "Chromium printed no DevTools URL within 30 s; stderr:\n{}",
+                    browser.stderr_text()
+                ),
+            }
+        }
+    }
+
+    fn stderr_text(&self) -> String {
+        let all = self.stderr.lock().unwrap().join("\n");
+        last_chars(&all, 3000).to_string()
+    }
+}
+
+impl Drop for Chromium {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: signals the process group this test created for Chromium (its pgid is
+            // the browser's pid), so renderer and helper processes go too.
+            unsafe {
+                libc::kill(-(c.id() as i32), libc::SIGKILL);
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // Helpers may still be exiting and writing; retry briefly.
+        for _ in 0..20 {
+            if std::fs::remove_dir_all(&self.profile).is_ok() || !self.profile.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Chrome DevTools Protocol client
+// ---------------------------------------------------------------------------------------------
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Value>>>>;
+type WsSink = SplitSink<WebSocketStream<MaybeTlsStream<TcpStream>>, Message>;
+
+struct Cdp {
+    sink: tokio::sync::Mutex<WsSink>,
+    next_id: AtomicU64,
+    pending: Pending,
+    /// Console messages and exceptions of the page, for failure reports.
+    console: Arc<Mutex<Vec<String>>>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Cdp {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+impl Cdp {
+    async fn connect(ws_url: &str) -> Cdp {
+        let (ws, _) = common::within(
+            CDP_T,
+            "DevTools WebSocket connect",
+            tokio_tungstenite::connect_async(ws_url),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("DevTools WebSocket {ws_url}: {e}"));
+        let (sink, mut stream) = ws.split();
+        let pending: Pending = Arc::default();
+        let console: Arc<Mutex<Vec<String>>> = Arc::default();
+        let (p2, c2) = (pending.clone(), console.clone());
+        let reader = tokio::spawn(async move {
+            while let Some(Ok(msg)) = stream.next().await {
+                let Message::Text(text) = msg else { continue };
+                let Ok(v) = serde_json::from_str::<Value>(&text) else {
+                    continue;
+                };
+                if let Some(id) = v.get("id").and_then(Value::as_u64) {
+                    if let Some(tx) = p2.lock().unwrap().remove(&id) {
+                        let _ = tx.send(v);
+                    }
+                    continue;
+                }
+                let params = &v["params"];
+                match v["method"].as_str() {
+                    Some("Runtime.consoleAPICalled") => {
+                        let args: Vec<String> = params["args"]
+                            .as_array()
+                            .map(|a| {
+                                a.iter()
+                                    .map(|x| match &x["value"] {
+                                        Value::Null => x["description"].to_string(),
+                                        v => v.to_string(),
+                                    })
+                                    .collect()
+                            })
+                            .unwrap_or_default();
+                        c2.lock().unwrap().push(format!(
+                            "console.{}: {}",
+                            params["type"].as_str().unwrap_or("log"),
+                            args.join(" ")
+                        ));
+                    }
+                    Some("Runtime.exceptionThrown") => {
+                        let d = &params["exceptionDetails"];
+                        c2.lock().unwrap().push(format!(
+                            "exception: {} {}",
+                            d["text"].as_str().unwrap_or(""),
+                            d["exception"]["description"].as_str().unwrap_or("")
+                        ));
+                    }
+                    Some("Log.entryAdded") => {
+                        let e = &params["entry"];
+                        c2.lock().unwrap().push(format!(
+                            "log.{}: {} {}",
+                            e["level"].as_str().unwrap_or(""),
+                            e["text"].as_str().unwrap_or(""),
+                            e["url"].as_str().unwrap_or("")
+                        ));
+                    }
+                    _ => {}
+                }
+            }
+        });
+        Cdp {
+            sink: tokio::sync::Mutex::new(sink),
+            next_id: AtomicU64::new(1),
+            pending,
+            console,
+            reader,
+        }
+    }
+
+    /// One DevTools command (on the page session when `session` is given); its `result`.
+    async fn call(&self, session: Option<&str>, method: &str, params: Value) -> Value {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut msg = json!({"id": id, "method": method, "params": params});
+        if let Some(s) = session {
+            msg["sessionId"] = json!(s);
+        }
+        let (tx, rx) = oneshot::channel();
+        self.pending.lock().unwrap().insert(id, tx);
+        common::within(CDP_T, &format!("send {method}"), async {
+            self.sink
+                .lock()
+                .await
+                .send(Message::text(msg.to_string()))
+                .await
+        })
+        .await
+        .unwrap_or_else(|e| panic!("DevTools send {method}: {e}"));
+        let v = match tokio::time::timeout(CDP_T, rx).await {
+            Ok(Ok(v)) => v,
+            Ok(Err(_)) => panic!("DevTools connection ended during {method}"),
+            Err(_) => {
+                self.pending.lock().unwrap().remove(&id);
+                panic!("DevTools {method} got no answer within {CDP_T:?}")
+            }
+        };
+        if let Some(e) = v.get("error") {
+            panic!("DevTools {method} failed: {e}");
+        }
+        v["result"].clone()
+    }
+}
+
+/// One page (tab), attached with a flat session.
+struct Page {
+    cdp: Cdp,
+    session: String,
+    server_stderr: Box<dyn Fn() -> String + Send + Sync>,
+}
+
+impl Page {
+    async fn open(browser: &Chromium, server: &Server) -> Page {
+        let cdp = Cdp::connect(&browser.ws_url).await;
+        let target = cdp
+            .call(None, "Target.createTarget", json!({"url": "about:blank"}))
+            .await;
+        let target_id = target["targetId"].as_str().expect("targetId").to_string();
+        let attached = cdp
+            .call(
+                None,
+                "Target.attachToTarget",
+                json!({"targetId": target_id, "flatten": true}),
+            )
+            .await;
+        let session = attached["sessionId"]
+            .as_str()
+            .expect("sessionId")
+            .to_string();
+        let stderr_path = server.stderr_path.clone();
+        let page = Page {
+            cdp,
+            session,
+            server_stderr: Box::new(move || {
+                std::fs::read_to_string(&stderr_path).unwrap_or_default()
+            }),
+        };
+        page.call("Runtime.enable", json!({})).await;
+        page.call("Log.enable", json!({})).await;
+        page.call("Page.enable", json!({})).await;
+        page.viewport(1280, 1000, false).await;
+        page
+    }
+
+    async fn call(&self, method: &str, params: Value) -> Value {
+        self.cdp.call(Some(&self.session), method, params).await
+    }
+
+    async fn viewport(&self, width: u32, height: u32, mobile: bool) {
+        self.call(
+            "Emulation.setDeviceMetricsOverride",
+            json!({"width": width, "height": height, "deviceScaleFactor": 1, "mobile": mobile}),
+        )
+        .await;
+    }
+
+    async fn navigate(&self, url: &str) {
+        let r = self.call("Page.navigate", json!({"url": url})).await;
+        if let Some(e) = r.get("errorText").and_then(Value::as_str) {
+            panic!("navigating to {url}: {e}");
+        }
+        self.wait_for(
+            "document.readyState === 'complete' && !!window.playground",
+            "the playground page to load",
+        )
+        .await;
+    }
+
+    /// Evaluates `expr` in the page (awaiting a promise) and returns its value as JSON; an
+    /// exception is an `Err` with its description.
+    async fn try_eval(&self, expr: &str) -> Result<Value, String> {
+        let r = self
+            .call(
+                "Runtime.evaluate",
+                json!({"expression": expr, "returnByValue": true, "awaitPromise": true}),
+            )
+            .await;
+        if let Some(d) = r.get("exceptionDetails") {
+            return Err(format!(
+                "{} {}",
+                d["text"].as_str().unwrap_or(""),
+                d["exception"]["description"].as_str().unwrap_or("")
+            ));
+        }
+        Ok(r["result"]["value"].clone())
+    }
+
+    async fn eval(&self, expr: &str) -> Value {
+        match self.try_eval(expr).await {
+            Ok(v) => v,
+            Err(e) => panic!("{expr} threw: {e}\n{}", self.diagnostics().await),
+        }
+    }
+
+    /// Polls `expr` until it is truthy; returns that value. Fails with the page's state.
+    async fn wait_for(&self, expr: &str, what: &str) -> Value {
+        let deadline = Instant::now() + PAGE_T;
+        loop {
+            let last = match self.try_eval(expr).await {
+                Ok(v) if truthy(&v) => return v,
+                Ok(v) => v,
+                Err(e) => json!(format!("threw: {e}")),
+            };
+            if Instant::now() > deadline {
+                panic!(
+                    "timed out after {PAGE_T:?} waiting for {what} ({expr}); last value {last}\n{}",
+                    self.diagnostics().await
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn set_value(&self, id: &str, value: &str) {
+        self.eval(&format!(
+            "(() => {{ const e = document.getElementById({id}); e.value = {value}; \
+             e.dispatchEvent(new Event('input', {{bubbles: true}})); return true; }})()",
+            id = json!(id),
+            value = json!(value)
+        ))
+        .await;
+    }
+
+    async fn click(&self, id: &str) {
+        let ok = self
+            .eval(&format!(
+                "(() => {{ const e = document.getElementById({}); if (!e || e.disabled) return false; \
+                 e.click(); return true; }})()",
+                json!(id)
+            ))
+            .await;
+        assert_eq!(
+            ok,
+            json!(true),
+            "#{id} is missing or disabled\n{}",
+            self.diagnostics().await
+        );
+    }
+
+    async fn text(&self, id: &str) -> String {
+        self.eval(&format!(
+            "(document.getElementById({}) || {{}}).textContent || ''",
+            json!(id)
+        ))
+        .await
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+    }
+
+    /// The message rows, oldest first.
+    async fn rows(&self) -> Vec<Row> {
+        let v = self.eval(ROWS_JS).await;
+        serde_json::from_value(v).expect("rows")
+    }
+
+    /// A PNG of the viewport, or of the whole page with `full`.
+    async fn screenshot(&self, path: &Path, full: bool) {
+        let mut params = json!({"format": "png"});
+        if full {
+            let m = self.call("Page.getLayoutMetrics", json!({})).await;
+            let size = &m["cssContentSize"];
+            params["captureBeyondViewport"] = json!(true);
+            params["clip"] = json!({"x": 0, "y": 0, "width": size["width"],
+                                    "height": size["height"], "scale": 1});
+        }
+        let r = self.call("Page.captureScreenshot", params).await;
+        let png = base64_decode(r["data"].as_str().expect("screenshot data"));
+        assert!(png.starts_with(b"\x89PNG"), "screenshot is not a PNG");
+        std::fs::write(path, png).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+        println!("screenshot: {}", path.display());
+    }
+
+    /// What the page shows and logged, for failure messages.
+    async fn diagnostics(&self) -> String {
+        let page = self
+            .try_eval(
+                "JSON.stringify({status: (document.getElementById('status')||{}).textContent, \
+                 log: Array.from(document.querySelectorAll('#log li')).map(l => l.textContent).reverse(), \
+                 rows: Array.from(document.querySelectorAll('#messages li.msg')).map(l => l.dataset)})",
+            )
+            .await
+            .unwrap_or_else(|e| json!(e));
+        let console = self.cdp.console.lock().unwrap().join("\n");
+        format!(
+            "page: {}\nconsole:\n{}\nserver stderr (tail):\n{}",
+            page.as_str().unwrap_or(&page.to_string()),
+            console,
+            last_chars(&(self.server_stderr)(), 2000)
+        )
+    }
+}
+
+const ROWS_JS: &str = "Array.from(document.querySelectorAll('#messages li.msg')).map(li => ({\
+    n: +li.dataset.n, channel: li.dataset.channel, event: li.dataset.event, \
+    seq: +li.dataset.seq, offset: +li.dataset.offset, \
+    payload: li.querySelector('.payload').textContent, \
+    latency: (li.querySelector('.latency b') || {}).textContent || ''})).sort((a, b) => a.n - b.n)";
+
+#[derive(Debug, Clone, serde::Deserialize)]
+struct Row {
+    channel: String,
+    event: String,
+    seq: u64,
+    offset: u64,
+    payload: String,
+    latency: String,
+}
+
+fn truthy(v: &Value) -> bool {
+    match v {
+        Value::Null => false,
+        Value::Bool(b) => *b,
+        Value::Number(n) => n.as_f64() != Some(0.0),
+        Value::String(s) => !s.is_empty(),
+        Value::Array(_) | Value::Object(_) => true,
+    }
+}
+
+fn base64_decode(s: &str) -> Vec<u8> {
+    fn val(c: u8) -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        } as u32)
+    }
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for c in s.bytes() {
+        let Some(v) = val(c) else { continue }; // padding and whitespace
+        acc = (acc << 6) | v;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    out
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64
+}
+
+// ---------------------------------------------------------------------------------------------
+// The test
+// ---------------------------------------------------------------------------------------------
+
+/// The dev-mode API key and token from the server's banner.
+fn dev_credentials(server: &Server) -> (String, String) {
+    let mut lines: Vec<String> = server.stdout_head.clone();
+    lines.extend(server.stdout_tail.lock().unwrap().iter().cloned());
+    let key = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("api key:"))
+        .map(|k| k.trim().to_string())
+        .unwrap_or_else(|| panic!("no `api key:` line in the dev-mode banner: {lines:?}"));
+    let token = lines
+        .iter()
+        .position(|l| l.starts_with("token (sub=dev"))
+        .and_then(|i| lines.get(i + 1))
+        .map(|t| t.trim().to_string())
+        .unwrap_or_else(|| panic!("no dev token in the banner: {lines:?}"));
+    (key, token)
+}
+
+async fn rest_publish(
+    server: &Server,
+    key: &str,
+    channel: &str,
+    event: &str,
+    payload: Value,
+) -> u64 {
+    let body = json!({"channel": channel, "event": event, "payload": payload}).to_string();
+    let r = http_post_key(server.public, "/publish", key, &body).await;
+    assert_eq!(r.status, 200, "POST /publish: {}", r.text());
+    r.json()["offset"]
+        .as_u64()
+        .expect("offset in the publish answer")
+}
+
+fn rows_on<'a>(rows: &'a [Row], channel: &str) -> Vec<&'a Row> {
+    rows.iter().filter(|r| r.channel == channel).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn playground_in_headless_chromium() {
+    common::within(Duration::from_secs(60), "the browser test", scenario()).await;
+}
+
+async fn scenario() {
+    let server = Server::start(ServerOpts {
+        secret: None,
+        api_keys: Vec::new(),
+        ..ServerOpts::shards(2)
+    });
+    let (key, dev_token) = dev_credentials(&server);
+    let browser = Chromium::launch();
+    let page = Page::open(&browser, &server).await;
+    let base = format!("http://{}", server.public);
+    page.navigate(&format!("{base}/")).await;
+
+    // The page and its client: the token field holds the dev token.
+    assert_eq!(
+        page.eval("typeof BroadcasterClient").await,
+        json!("function"),
+        "/client.js did not define BroadcasterClient"
+    );
+    let token = page.eval("document.getElementById('token').value").await;
+    assert_eq!(
+        token,
+        json!(dev_token),
+        "token field not pre-filled with the dev token"
+    );
+    assert_eq!(
+        page.eval("document.getElementById('url').value").await,
+        json!(format!("ws://{}/ws", server.public))
+    );
+
+    // Connect and subscribe.
+    page.click("connect").await;
+    page.wait_for(
+        "document.getElementById('status').dataset.state === 'connected'",
+        "the page to connect",
+    )
+    .await;
+    assert_eq!(page.text("status").await, "connected");
+    // A refused subscription is shown as an error and not kept.
+    page.set_value("channel", "bad channel").await;
+    page.click("subscribe").await;
+    page.wait_for(
+        "Array.from(document.querySelectorAll('#log li[data-kind=error]'))\
+         .some(l => l.textContent.includes('InvalidArgument'))",
+        "the InvalidArgument error of a bad channel name",
+    )
+    .await;
+    page.wait_for(
+        "document.querySelectorAll('#subs li').length === 0",
+        "the refused subscription to leave the list",
+    )
+    .await;
+
+    let ch = "e2e/news";
+    page.set_value("channel", ch).await;
+    page.click("subscribe").await;
+    let sub_sel = format!("#subs li[data-channel={}][data-active=true]", json!(ch));
+    page.wait_for(
+        &format!("!!document.querySelector({})", json!(sub_sel)),
+        "the subscription to show as active",
+    )
+    .await;
+
+    // A REST publication appears with seq 1 and its offset, and a latency from `t`.
+    let off1 = rest_publish(
+        &server,
+        &key,
+        ch,
+        "rest",
+        json!({"t": now_ms(), "text": "from REST"}),
+    )
+    .await;
+    assert_eq!(off1, 1);
+    page.wait_for(
+        "document.querySelectorAll('#messages li.msg').length >= 1",
+        "the REST publication on the page",
+    )
+    .await;
+    let rows = page.rows().await;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    let r = &rows[0];
+    assert_eq!((r.channel.as_str(), r.event.as_str()), (ch, "rest"));
+    assert_eq!((r.seq, r.offset), (1, off1));
+    assert!(r.payload.contains("\"text\":\"from REST\""), "{r:?}");
+    assert!(
+        r.latency.ends_with(" ms"),
+        "latency shown for a payload with t: {r:?}"
+    );
+
+    // The page's publish form uses the WebSocket `publish` method; the message comes back.
+    page.set_value("pub-channel", ch).await;
+    page.set_value("pub-event", "from-page").await;
+    page.set_value("pub-payload", r#"{"text": "from the page"}"#)
+        .await;
+    page.click("publish").await;
+    page.wait_for(
+        "document.querySelectorAll('#messages li.msg').length >= 2",
+        "the page's own publication",
+    )
+    .await;
+    let rows = page.rows().await;
+    let r = &rows[1];
+    assert_eq!(
+        (r.event.as_str(), r.seq, r.offset),
+        ("from-page", 2, 2),
+        "{rows:?}"
+    );
+    assert!(r.payload.contains("\"text\":\"from the page\""), "{r:?}");
+    assert!(r.latency.ends_with(" ms"), "the form adds t: {r:?}");
+    page.wait_for(
+        "document.getElementById('pub-result').textContent.includes('offset 2')",
+        "the publish result",
+    )
+    .await;
+    let h = http_get_key(server.public, "/history?channel=e2e/news", &key).await;
+    assert_eq!(h.status, 200, "{}", h.text());
+    let h = h.json();
+    assert_eq!(h["publications"][1]["event"], json!("from-page"), "{h}");
+    assert_eq!(
+        h["publications"][1]["payload"]["text"],
+        json!("from the page"),
+        "{h}"
+    );
+
+    // Recovery: the socket drops, three messages are published meanwhile, and after the
+    // reconnect all three arrive, in order, exactly once, then live delivery goes on.
+    let dropped = page
+        .eval("window.playground.client.dropConnection({hold: true})")
+        .await;
+    assert_eq!(dropped, json!(true));
+    page.wait_for(
+        "document.getElementById('status').dataset.state === 'reconnecting'",
+        "the page to notice the drop",
+    )
+    .await;
+    let mut missed = Vec::new();
+    for i in 1..=3 {
+        missed.push(rest_publish(&server, &key, ch, &format!("missed-{i}"), json!({"i": i})).await);
+    }
+    assert_eq!(missed, vec![3, 4, 5]);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        page.rows().await.len(),
+        2,
+        "messages arrived while disconnected"
+    );
+    page.eval("window.playground.client.resumeReconnect()")
+        .await;
+    page.wait_for(
+        "document.querySelectorAll('#messages li.msg').length >= 5",
+        "the missed messages after the reconnect",
+    )
+    .await;
+    page.wait_for(
+        "document.getElementById('status').dataset.state === 'connected'",
+        "the page to reconnect",
+    )
+    .await;
+    let live = rest_publish(&server, &key, ch, "live", json!({"t": now_ms()})).await;
+    assert_eq!(live, 6);
+    page.wait_for(
+        "document.querySelectorAll('#messages li.msg').length >= 6",
+        "a live message after the recovery",
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await; // room for a duplicate to show up
+    let rows = page.rows().await;
+    let got: Vec<(String, u64, u64)> = rows_on(&rows, ch)
+        .iter()
+        .map(|r| (r.event.clone(), r.seq, r.offset))
+        .collect();
+    let want: Vec<(String, u64, u64)> = [
+        ("rest", 1, 1),
+        ("from-page", 2, 2),
+        // A new subscription after the reconnect: seq starts again at 1.
+        ("missed-1", 1, 3),
+        ("missed-2", 2, 4),
+        ("missed-3", 3, 5),
+        ("live", 4, 6),
+    ]
+    .iter()
+    .map(|(e, s, o)| (e.to_string(), *s, *o))
+    .collect();
+    assert_eq!(
+        got,
+        want,
+        "messages after the recovery\n{}",
+        page.diagnostics().await
+    );
+    let log = page.text("log").await;
+    assert!(log.contains("missed messages recovered"), "log: {log}");
+    let position = page
+        .eval(&format!(
+            "window.playground.client.position({}).offset",
+            json!(ch)
+        ))
+        .await;
+    assert_eq!(position, json!(6));
+
+    if let Ok(path) = std::env::var("PLAYGROUND_SCREENSHOT") {
+        page.screenshot(Path::new(&path), false).await;
+    }
+
+    // Phone width: nothing overflows horizontally.
+    page.viewport(390, 844, true).await;
+    page.wait_for(
+        "document.documentElement.scrollWidth <= window.innerWidth",
+        "the page to fit a 390 px wide viewport",
+    )
+    .await;
+    if let Ok(path) = std::env::var("PLAYGROUND_SCREENSHOT") {
+        let phone = match path.strip_suffix(".png") {
+            Some(stem) => format!("{stem}-phone.png"),
+            None => format!("{path}-phone.png"),
+        };
+        page.screenshot(Path::new(&phone), true).await;
+    }
+    page.viewport(1280, 1000, false).await;
+
+    // The socket closes by itself (its close event, no hold): the backoff timer reconnects and
+    // a message published around the close shows exactly once.
+    let lost_before = page
+        .eval("document.querySelectorAll('#log li[data-kind=warn]').length")
+        .await;
+    page.eval("window.playground.client._ws.close(4000, 'test close'); true")
+        .await;
+    let around = rest_publish(&server, &key, ch, "around-close", json!({})).await;
+    page.wait_for(
+        &format!(
+            "document.querySelectorAll('#log li[data-kind=warn]').length > {lost_before} && \
+             document.getElementById('status').dataset.state === 'connected' && \
+             !!document.querySelector('#messages li.msg[data-offset=\"{around}\"]')"
+        ),
+        "the reconnect after a close event, and the message published around it",
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let rows = page.rows().await;
+    assert_eq!(
+        rows.iter().filter(|r| r.offset == around).count(),
+        1,
+        "{rows:?}"
+    );
+
+    // A position the server cannot resume from (another epoch): `recovered: false` is reported,
+    // and delivery continues with live messages.
+    page.eval(&format!(
+        "window.playground.client._subs.get({}).epoch = 'not-this-epoch'",
+        json!(ch)
+    ))
+    .await;
+    page.eval("window.playground.client.dropConnection({hold: true})")
+        .await;
+    page.wait_for(
+        "document.getElementById('status').dataset.state === 'reconnecting'",
+        "the second drop",
+    )
+    .await;
+    let lost = rest_publish(&server, &key, ch, "lost", json!({})).await;
+    page.eval("window.playground.client.resumeReconnect()")
+        .await;
+    page.wait_for(
+        "document.getElementById('log').textContent.includes('recovered: false')",
+        "the page to report recovered: false",
+    )
+    .await;
+    let after = rest_publish(&server, &key, ch, "after", json!({})).await;
+    page.wait_for(
+        &format!("!!document.querySelector('#messages li.msg[data-offset=\"{after}\"]')"),
+        "a live message after recovered: false",
+    )
+    .await;
+    let rows = page.rows().await;
+    assert!(rows.iter().all(|r| r.offset != lost), "{rows:?}");
+    let last = rows.last().expect("rows");
+    assert_eq!((last.event.as_str(), last.seq), ("after", 1), "{rows:?}");
+
+    // Disconnect and connect again with the buttons: the subscription is kept and resumed with
+    // `since`, so a message published while disconnected still arrives.
+    page.click("disconnect").await;
+    page.wait_for(
+        "document.getElementById('status').dataset.state === 'closed'",
+        "the page to disconnect",
+    )
+    .await;
+    let offline = rest_publish(&server, &key, ch, "while-offline", json!({})).await;
+    page.click("connect").await;
+    page.wait_for(
+        &format!("!!document.querySelector('#messages li.msg[data-offset=\"{offline}\"]')"),
+        "the message published while disconnected, after connecting again",
+    )
+    .await;
+    // The client's heartbeat request (used to detect a dead link) is answered.
+    let hb = page
+        .eval("window.playground.client.request('heartbeat', {}).then(r => typeof r.timestamp)")
+        .await;
+    assert_eq!(hb, json!("string"));
+
+    // Unsubscribe from the list: nothing more arrives.
+    page.eval("document.querySelector('#subs li button.unsubscribe').click()")
+        .await;
+    page.wait_for(
+        "document.querySelectorAll('#subs li').length === 0",
+        "the subscription list to empty",
+    )
+    .await;
+    let n = page.rows().await.len();
+    let _ = rest_publish(&server, &key, ch, "after-unsubscribe", json!({})).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(page.rows().await.len(), n, "a message after unsubscribe");
+
+    // No script errors on the page.
+    let errors: Vec<String> = page
+        .cdp
+        .console
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.starts_with("exception") || l.starts_with("console.error"))
+        .cloned()
+        .collect();
+    assert!(errors.is_empty(), "page errors: {errors:?}");
+
+    drop(page);
+    drop(browser);
+    drop(server);
+}
