@@ -15,11 +15,49 @@ pub struct Publication {
     pub id: Box<str>,
     pub create_time: Box<str>,
     pub event: Box<str>,
-    pub payload: Box<[u8]>,
     pub prefix: Box<[u8]>,
+    /// Ends with `"payload":PAYLOAD}}`: the payload is kept once, inside the frame.
     pub suffix: Box<[u8]>,
+    /// Where the payload starts in `suffix`.
+    payload_at: u32,
     /// When the publication was accepted, for `publish_to_write_seconds`.
     pub accepted: Instant,
+}
+
+impl Publication {
+    pub fn new(
+        channel: Arc<str>,
+        offset: u64,
+        id: &str,
+        create_time: &str,
+        event: &str,
+        payload: &[u8],
+        accepted: Instant,
+    ) -> Publication {
+        let (prefix, suffix) =
+            protocol::broadcast_parts(id, offset, create_time, &channel, event, payload);
+        // Payloads are bounded by max_payload_bytes, far below u32::MAX.
+        let payload_at = (suffix.len() - 2 - payload.len()) as u32;
+        Publication {
+            channel,
+            offset,
+            id: id.into(),
+            create_time: create_time.into(),
+            event: event.into(),
+            prefix,
+            suffix,
+            payload_at,
+            accepted,
+        }
+    }
+
+    /// The payload exactly as published (a slice of the encoded frame's tail).
+    pub fn payload(&self) -> &[u8] {
+        let end = self.suffix.len().saturating_sub(2);
+        self.suffix
+            .get(self.payload_at as usize..end)
+            .unwrap_or_default()
+    }
 }
 
 /// Publications oldest first, with the channel's offset and epoch (`GET /history`).
@@ -128,19 +166,15 @@ impl Channels {
         let state = self.state(channel);
         let name = state.name.clone();
         state.offset += 1;
-        let (prefix, suffix) =
-            protocol::broadcast_parts(&id, state.offset, &create_time, channel, event, payload);
-        let publication = Arc::new(Publication {
-            channel: name,
-            offset: state.offset,
-            id: id.into(),
-            create_time: create_time.into(),
-            event: event.into(),
-            payload: payload.into(),
-            prefix,
-            suffix,
+        let publication = Arc::new(Publication::new(
+            name,
+            state.offset,
+            &id,
+            &create_time,
+            event,
+            payload,
             accepted,
-        });
+        ));
         if size > 0 {
             if state.history.len() == size {
                 state.history.pop_front();

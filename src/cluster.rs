@@ -369,19 +369,15 @@ fn build(
     payload: &[u8],
     accepted: Instant,
 ) -> Publication {
-    let (prefix, suffix) =
-        protocol::broadcast_parts(id, offset, create_time, channel, event, payload);
-    Publication {
-        channel: Arc::from(channel),
+    Publication::new(
+        Arc::from(channel),
         offset,
-        id: id.into(),
-        create_time: create_time.into(),
-        event: event.into(),
-        payload: payload.into(),
-        prefix,
-        suffix,
+        id,
+        create_time,
+        event,
+        payload,
         accepted,
-    }
+    )
 }
 
 fn connection(state: &State) -> Option<redis::aio::MultiplexedConnection> {
@@ -720,7 +716,7 @@ mod tests {
         assert_eq!(p.offset, 7);
         assert_eq!(&*p.id, "n1-3");
         assert_eq!(&*p.event, "a b c");
-        assert_eq!(&*p.payload, b"{\"x\": 1}");
+        assert_eq!(p.payload(), b"{\"x\": 1}");
         assert!(decode("c", b"x n1 t 1 e1").is_none());
         assert!(decode("c", b"1 n1 t 9 e1").is_none());
     }

@@ -415,7 +415,7 @@ async fn rest_history(shard: &Rc<Shard>, query: &str) -> Result<Vec<u8>, Error> 
         out.extend_from_slice(b",\"event\":");
         protocol::write_json_string(&mut out, &p.event);
         out.extend_from_slice(b",\"payload\":");
-        out.extend_from_slice(&p.payload);
+        out.extend_from_slice(p.payload());
         out.push(b'}');
     }
     out.extend_from_slice(b"],\"offset\":");
