@@ -1,7 +1,7 @@
 //! One WebSocket connection: its send queue, the writer that drains it in one write per wake,
 //! and the session (read loop, requests, timers, close codes).
 //!
-//! The reader and the writer are two futures joined in one task, so they share one waker: a
+//! The reader and the writer are two tasks with a waker each, so a fan-out wakes only writers:
 //! fan-out wakes the task and both are polled. All state is `Cell`/`RefCell`, borrowed only inside
 //! synchronous helpers.
 
@@ -66,7 +66,8 @@ pub struct Conn {
     out_bytes_max: usize,
     /// When the oldest broadcast in `out` was accepted, for `publish_to_write_seconds`.
     oldest: Cell<Option<Instant>>,
-    waker: Cell<Option<Waker>>,
+    writer_waker: Cell<Option<Waker>>,
+    reader_waker: Cell<Option<Waker>>,
     /// A close frame is queued: nothing more is queued after it.
     closing: Cell<bool>,
     /// The socket failed or the writer gave up: stop everything.
@@ -82,7 +83,8 @@ impl Conn {
             inflight: Cell::new(0),
             out_bytes_max,
             oldest: Cell::new(None),
-            waker: Cell::new(None),
+            writer_waker: Cell::new(None),
+            reader_waker: Cell::new(None),
             closing: Cell::new(false),
             dead: Cell::new(false),
             subs: RefCell::new(HashMap::new()),
@@ -93,17 +95,24 @@ impl Conn {
         self.closing.get() || self.dead.get()
     }
 
+    /// Wakes the writer (something was queued) and the reader (the connection's state changed).
     fn wake(&self) {
-        if let Some(w) = self.waker.take() {
+        self.wake_writer();
+        if let Some(w) = self.reader_waker.take() {
             w.wake();
         }
     }
 
-    fn register(&self, waker: &Waker) {
-        let current = self.waker.take();
-        match current {
-            Some(w) if w.will_wake(waker) => self.waker.set(Some(w)),
-            _ => self.waker.set(Some(waker.clone())),
+    fn wake_writer(&self) {
+        if let Some(w) = self.writer_waker.take() {
+            w.wake();
+        }
+    }
+
+    fn register(slot: &Cell<Option<Waker>>, waker: &Waker) {
+        match slot.take() {
+            Some(w) if w.will_wake(waker) => slot.set(Some(w)),
+            _ => slot.set(Some(waker.clone())),
         }
     }
 
@@ -131,7 +140,7 @@ impl Conn {
         if was_empty {
             self.oldest.set(Some(p.accepted));
             drop(out);
-            self.wake();
+            self.wake_writer();
         }
         true
     }
@@ -146,7 +155,7 @@ impl Conn {
         }
         f(&mut out);
         drop(out);
-        self.wake();
+        self.wake_writer();
     }
 
     /// Queues a response: `Ok(body)` is the JSON text of `result`.
@@ -221,7 +230,7 @@ async fn writer(
             if !conn.out.borrow().is_empty() {
                 return Poll::Ready(true);
             }
-            conn.register(cx.waker());
+            Conn::register(&conn.writer_waker, cx.waker());
             Poll::Pending
         })
         .await;
@@ -340,17 +349,18 @@ pub async fn run(shard: Rc<Shard>, stream: Transport, input: Vec<u8>) {
     shard.conns.borrow_mut().insert(conn.id, conn.clone());
     ShardMetrics::gauge(&shard.metrics().connections_active, 1);
     tracing::debug!(conn = conn.id, shard = shard.id, "websocket open");
-    let stream = RefCell::new(stream);
-    future::zip(
-        async {
-            reader(&shard, &conn, &stream, input).await;
-            // Whatever ended the reader ends the writer too.
-            conn.dead.set(true);
-            conn.wake();
-        },
-        writer(&conn, &stream, limits.write_timeout, shard.metrics()),
-    )
-    .await;
+    let stream = Rc::new(RefCell::new(stream));
+    let writer_task = {
+        let (conn, stream, shard) = (conn.clone(), stream.clone(), shard.clone());
+        let timeout = limits.write_timeout;
+        glommio::spawn_local(async move { writer(&conn, &stream, timeout, shard.metrics()).await })
+            .detach()
+    };
+    reader(&shard, &conn, &stream, input).await;
+    // Whatever ended the reader ends the writer too.
+    conn.dead.set(true);
+    conn.wake();
+    writer_task.await;
     let subs: Vec<_> = conn.subs.borrow_mut().drain().map(|(_, s)| s).collect();
     for sub in &subs {
         shard.unsubscribe(sub);
@@ -470,7 +480,7 @@ async fn reader(
                     if conn.dead.get() {
                         return Some(io::ErrorKind::ConnectionAborted.into());
                     }
-                    conn.register(cx.waker());
+                    Conn::register(&conn.reader_waker, cx.waker());
                     None
                 };
                 match transport::read_some(stream, &mut input, &ready).await {
