@@ -247,11 +247,12 @@ async fn writer(
             let mut write = std::pin::pin!(transport::write_some(stream, &buf[written..]));
             let attempt = match future::poll_once(write.as_mut()).await {
                 Some(done) => Some(done),
+                // Boxed: only a blocked write needs the timer's state.
                 None => {
-                    future::or(async { Some(write.await) }, async {
+                    Box::pin(future::or(async { Some(write.await) }, async {
                         glommio::timer::sleep(timeout).await;
                         None
-                    })
+                    }))
                     .await
                 }
             };
@@ -343,8 +344,7 @@ struct Session {
 
 /// Runs one upgraded WebSocket connection to its end. `input` holds bytes read after the head.
 pub async fn run(shard: Rc<Shard>, stream: Transport, input: Vec<u8>) {
-    let config = shard.config().clone();
-    let limits = &config.limits;
+    let limits = &shard.config().limits;
     let conn = Conn::new(shard.new_conn_id(), limits.outbound_buffer_bytes);
     shard.conns.borrow_mut().insert(conn.id, conn.clone());
     ShardMetrics::gauge(&shard.metrics().connections_active, 1);
@@ -399,7 +399,8 @@ async fn reader(
     stream: &RefCell<Transport>,
     mut input: Vec<u8>,
 ) {
-    let limits = shard.config().limits.clone();
+    // Borrowed, not cloned: the reader lives as long as the connection.
+    let limits = &shard.config().limits;
     let leeway = shard.config().auth.leeway;
     let opened = Instant::now();
     let mut decoder = Decoder::new(limits.max_frame_bytes);
@@ -428,7 +429,9 @@ async fn reader(
                 }
                 Ok(Some((None, used))) => (used, Ok(())),
                 Ok(Some((Some(message), used))) => {
-                    let r = handle(shard, conn, &mut session, message).await;
+                    // Boxed: the request state exists only while a request is handled, so an idle
+                    // connection does not carry it in its future.
+                    let r = Box::pin(handle(shard, conn, &mut session, message)).await;
                     (used, r)
                 }
             };
@@ -809,5 +812,42 @@ mod tests {
         assert_eq!(r.take(t0), Ok(()));
         assert_eq!(r.take(t0), Err(false));
         assert_eq!(r.take(t0 + Duration::from_secs(11)), Ok(()));
+    }
+}
+
+#[cfg(test)]
+mod size_tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::shard::Shared;
+
+    /// The per-connection futures live as long as the connection: their size is idle memory.
+    #[test]
+    fn connection_futures_stay_small() {
+        let ex = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+            .io_memory(64 * 1024)
+            .make()
+            .unwrap();
+        ex.run(async {
+            let mut config = Config::default();
+            config.auth.jwt_secret = Some("s".into());
+            let shard = Shard::new(0, Arc::new(Shared::new(config, 1).unwrap()));
+            let listener = glommio::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let tcp = glommio::net::TcpStream::connect(listener.local_addr().unwrap())
+                .await
+                .unwrap();
+            let conn = Conn::new(1, 1 << 20);
+            let stream = Rc::new(RefCell::new(Transport::Plain(tcp)));
+            let r = reader(&shard, &conn, &stream, Vec::new());
+            let w = writer(&conn, &stream, Duration::from_secs(1), shard.metrics());
+            let sizes = (std::mem::size_of_val(&r), std::mem::size_of_val(&w));
+            eprintln!(
+                "reader future {} B, writer future {} B, conn {} B",
+                sizes.0,
+                sizes.1,
+                std::mem::size_of::<Conn>()
+            );
+            assert!(sizes.0 <= 1024 && sizes.1 <= 640, "{sizes:?}");
+        });
     }
 }

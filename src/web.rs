@@ -211,7 +211,9 @@ async fn upgrade(shard: Rc<Shard>, stream: RefCell<Transport>, head: Head, input
             shard.shared.connections.fetch_sub(1, Relaxed);
             return;
         }
-        connection::run(shard, stream.into_inner(), input).await;
+        // A task of its own, so this HTTP task (its head, its buffers) ends here and an idle
+        // WebSocket holds only what the session needs.
+        glommio::spawn_local(connection::run(shard, stream.into_inner(), input)).detach();
         return;
     }
     let _ = write_all(&stream, &out).await;
