@@ -167,7 +167,12 @@ pub struct Subscription {
     seq: Cell<u64>,
     /// The channel's offset when the subscription started: older publications that are still
     /// in flight towards this shard (cluster mode) are not for it.
-    start_offset: u64,
+    ///
+    /// Only publications still in flight when the subscription started can be older, and they
+    /// arrive before any newer one (each source feeds this shard in order); so the first newer
+    /// publication clears this, and offsets that restart after Redis lost its data (a new epoch)
+    /// are never mistaken for old ones.
+    start_offset: Cell<u64>,
     /// Index in the channel's subscriber list, kept so removal is a swap_remove.
     slot: Cell<usize>,
 }
@@ -375,8 +380,12 @@ impl Shard {
         let mut sent = 0u64;
         for sub in &local.subs {
             debug_assert!(Rc::ptr_eq(&local.subs[sub.slot.get()], sub));
-            if publication.offset <= sub.start_offset {
-                continue;
+            let start = sub.start_offset.get();
+            if start > 0 {
+                if publication.offset <= start {
+                    continue;
+                }
+                sub.start_offset.set(0);
             }
             if sub
                 .conn
@@ -489,7 +498,7 @@ impl Shard {
             channel: channel.clone(),
             id: n,
             seq: Cell::new(0),
-            start_offset: position.offset,
+            start_offset: Cell::new(position.offset),
             slot: Cell::new(0),
         });
         {
