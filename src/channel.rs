@@ -20,6 +20,8 @@ pub struct Publication {
     pub suffix: Box<[u8]>,
     /// Where the payload starts in `suffix`.
     payload_at: u32,
+    /// The channel's epoch when known (cluster mode): offsets compare only within one epoch.
+    pub epoch: Option<Arc<str>>,
     /// When the publication was accepted, for `publish_to_write_seconds`.
     pub accepted: Instant,
 }
@@ -47,6 +49,7 @@ impl Publication {
             prefix,
             suffix,
             payload_at,
+            epoch: None,
             accepted,
         }
     }

@@ -26,6 +26,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 /// A Redis call slower than this counts as Redis being unreachable (SPEC 13.18 asks for
 /// `Unavailable` within 5 s).
 const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often the bridge checks that Redis still answers.
+const LIVENESS_INTERVAL: Duration = Duration::from_millis(500);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
@@ -49,7 +51,7 @@ end
 redis.call('PEXPIRE', KEYS[1], ARGV[7])
 redis.call('PEXPIRE', KEYS[2], ARGV[7])
 redis.call('PEXPIRE', KEYS[3], ARGV[7])
-redis.call('PUBLISH', KEYS[4], off .. ' ' .. ARGV[1] .. ' ' .. ARGV[2] .. ' ' .. string.len(ARGV[3]) .. ' ' .. ARGV[3] .. ARGV[4])
+redis.call('PUBLISH', KEYS[4], off .. ' ' .. epoch .. ' ' .. ARGV[1] .. ' ' .. ARGV[2] .. ' ' .. string.len(ARGV[3]) .. ' ' .. ARGV[3] .. ARGV[4])
 return off
 "#;
 
@@ -291,10 +293,25 @@ async fn supervise(state: Rc<State>) {
                     tracing::info!("redis bridge connected");
                     first = false;
                     backoff = BACKOFF_MIN;
-                    while let Some(msg) = stream.next().await {
-                        on_message(&state, &msg);
+                    // A Redis that hangs (or a partition) ends no stream: ping to notice.
+                    let mut liveness = tokio::time::interval(LIVENESS_INTERVAL);
+                    loop {
+                        tokio::select! {
+                            msg = stream.next() => match msg {
+                                Some(msg) => on_message(&state, &msg),
+                                None => break,
+                            },
+                            _ = liveness.tick() => {
+                                let Some(mut conn) = connection(&state) else { break };
+                                let ping = redis::cmd("PING");
+                                let answer = ping.query_async::<String>(&mut conn);
+                                if !matches!(tokio::time::timeout(REDIS_TIMEOUT, answer).await, Ok(Ok(_))) {
+                                    break;
+                                }
+                            }
+                        }
                     }
-                    tracing::warn!("redis pub/sub connection lost; reconnecting");
+                    tracing::warn!("redis connection lost or unresponsive; reconnecting");
                 }
                 state.metrics.up.store(false, Relaxed);
                 *state.conn.borrow_mut() = None;
@@ -313,7 +330,7 @@ fn bump(c: &AtomicU64) {
     c.fetch_add(1, Relaxed);
 }
 
-/// Decodes `offset id createTime eventlen event+payload` and hands it to every watching shard.
+/// Decodes `offset epoch id createTime eventlen event+payload` and hands it to every watching shard.
 fn on_message(state: &State, msg: &redis::Msg) {
     let Some(channel) = msg
         .get_channel_name()
@@ -341,15 +358,16 @@ fn on_message(state: &State, msg: &redis::Msg) {
 }
 
 fn decode(channel: &str, data: &[u8]) -> Option<Publication> {
-    let mut fields = data.splitn(5, |b| *b == b' ');
+    let mut fields = data.splitn(6, |b| *b == b' ');
     let offset: u64 = std::str::from_utf8(fields.next()?).ok()?.parse().ok()?;
+    let epoch = std::str::from_utf8(fields.next()?).ok()?;
     let id = std::str::from_utf8(fields.next()?).ok()?;
     let create_time = std::str::from_utf8(fields.next()?).ok()?;
     let event_len: usize = std::str::from_utf8(fields.next()?).ok()?.parse().ok()?;
     let rest = fields.next()?;
     let event = std::str::from_utf8(rest.get(..event_len)?).ok()?;
     let payload = rest.get(event_len..)?;
-    Some(build(
+    let mut p = build(
         channel,
         offset,
         id,
@@ -357,7 +375,9 @@ fn decode(channel: &str, data: &[u8]) -> Option<Publication> {
         event,
         payload,
         Instant::now(),
-    ))
+    );
+    p.epoch = Some(Arc::from(epoch));
+    Some(p)
 }
 
 fn build(
@@ -479,7 +499,12 @@ async fn watch(state: &State, shard: usize, token: u64, channel: Arc<str>, since
     }
 }
 
+/// The shard has no subscriber (and no pending subscribe) left for `channel`: it sent one Watch
+/// per subscribe but sends one Unwatch in all, so its whole count goes.
 async fn unwatch(state: &State, shard: usize, channel: Arc<str>) {
+    if let Some(counts) = state.watchers.borrow_mut().get_mut(&channel) {
+        counts[shard] = counts[shard].min(1);
+    }
     release(state, shard, &channel).await;
 }
 
@@ -712,12 +737,13 @@ mod tests {
 
     #[test]
     fn pubsub_messages_decode() {
-        let p = decode("c", b"7 n1-3 2026-01-01T00:00:00.000Z 5 a b c{\"x\": 1}").unwrap();
+        let p = decode("c", b"7 e1 n1-3 2026-01-01T00:00:00.000Z 5 a b c{\"x\": 1}").unwrap();
+        assert_eq!(p.epoch.as_deref(), Some("e1"));
         assert_eq!(p.offset, 7);
         assert_eq!(&*p.id, "n1-3");
         assert_eq!(&*p.event, "a b c");
         assert_eq!(p.payload(), b"{\"x\": 1}");
-        assert!(decode("c", b"x n1 t 1 e1").is_none());
-        assert!(decode("c", b"1 n1 t 9 e1").is_none());
+        assert!(decode("c", b"x e n1 t 1 e1").is_none());
+        assert!(decode("c", b"1 e n1 t 9 e1").is_none());
     }
 }

@@ -173,6 +173,8 @@ pub struct Subscription {
     /// publication clears this, and offsets that restart after Redis lost its data (a new epoch)
     /// are never mistaken for old ones.
     start_offset: Cell<u64>,
+    /// The epoch `start_offset` belongs to.
+    start_epoch: Arc<str>,
     /// Index in the channel's subscriber list, kept so removal is a swap_remove.
     slot: Cell<usize>,
 }
@@ -382,7 +384,11 @@ impl Shard {
             debug_assert!(Rc::ptr_eq(&local.subs[sub.slot.get()], sub));
             let start = sub.start_offset.get();
             if start > 0 {
-                if publication.offset <= start {
+                let same_epoch = publication
+                    .epoch
+                    .as_ref()
+                    .is_none_or(|e| *e == sub.start_epoch);
+                if same_epoch && publication.offset <= start {
                     continue;
                 }
                 sub.start_offset.set(0);
@@ -499,6 +505,7 @@ impl Shard {
             id: n,
             seq: Cell::new(0),
             start_offset: Cell::new(position.offset),
+            start_epoch: position.epoch.clone(),
             slot: Cell::new(0),
         });
         {
@@ -532,7 +539,10 @@ impl Shard {
         for publication in &position.replay {
             conn.enqueue_broadcast(publication, sub.next_seq(), self.metrics());
         }
-        for publication in held.iter().filter(|p| p.offset > position.offset) {
+        let newer = |p: &&Arc<Publication>| {
+            p.offset > position.offset || p.epoch.as_ref().is_some_and(|e| *e != position.epoch)
+        };
+        for publication in held.iter().filter(newer) {
             conn.enqueue_broadcast(publication, sub.next_seq(), self.metrics());
         }
         let _ = done.send(());

@@ -1,0 +1,1363 @@
+//! Cluster mode (SPEC sections 5, 8 and 13.18-13.20; issue 8): real `redis-server` processes on
+//! free loopback ports and several broadcaster nodes (`--shards 2` each) sharing one Redis.
+//!
+//! `redis-server` must be installed (Debian package `redis-server`; `.ci/run` installs it): the
+//! tests fail, they do not skip, when it is missing. `REDIS_SERVER` may name another binary.
+//!
+//! Every wait is bounded, so a broken bridge fails a test instead of hanging it.
+
+mod common;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+// ---------------------------------------------------------------------------------------------
+// redis-server processes
+// ---------------------------------------------------------------------------------------------
+
+/// How long a fresh `redis-server` may take to answer PING.
+const REDIS_START: Duration = Duration::from_secs(10);
+
+/// A `redis-server` child on a loopback port, with no persistence (a restart loses every key).
+/// Killed on drop, and by the kernel if the test process dies first.
+struct Redis {
+    child: Option<Child>,
+    port: u16,
+    dir: PathBuf,
+}
+
+fn redis_bin() -> String {
+    std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into())
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    l.local_addr().unwrap().port()
+}
+
+/// A raw `PING\r\n` answered with `+PONG\r\n`.
+async fn ping(port: u16) -> bool {
+    let attempt = async {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+        s.write_all(b"PING\r\n").await.ok()?;
+        let mut buf = Vec::new();
+        let mut tmp = [0u8; 64];
+        while find(&buf, b"\r\n").is_none() {
+            let n = s.read(&mut tmp).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            buf.extend_from_slice(&tmp[..n]);
+        }
+        Some(buf.starts_with(b"+PONG\r\n"))
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_millis(500), attempt).await,
+        Ok(Some(true))
+    )
+}
+
+impl Redis {
+    /// Starts one on a free port (a few ports are tried in case another process takes one).
+    async fn start() -> Redis {
+        let mut last = String::new();
+        for _ in 0..5 {
+            match Redis::start_on(free_port()).await {
+                Ok(r) => return r,
+                Err(e) => last = e,
+            }
+        }
+        panic!("redis-server did not start: {last}");
+    }
+
+    async fn start_on(port: u16) -> Result<Redis, String> {
+        let dir = temp_path(&format!("-redis-{port}"));
+        std::fs::create_dir_all(&dir).expect("create the redis directory");
+        let log = dir.join("redis.log");
+        let mut cmd = Command::new(redis_bin());
+        cmd.arg("--port")
+            .arg(port.to_string())
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&dir)
+            .arg("--logfile")
+            .arg(&log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::File::create(dir.join("stderr.log")).expect("redis stderr file"),
+            ));
+        kill_with_parent(&mut cmd);
+        let child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => panic!(
+                "cannot run {:?} ({e}): the cluster tests need redis-server \
+                 (Debian package redis-server; set REDIS_SERVER to use another binary)",
+                redis_bin()
+            ),
+        };
+        let mut redis = Redis {
+            child: Some(child),
+            port,
+            dir,
+        };
+        let deadline = Instant::now() + REDIS_START;
+        loop {
+            if ping(port).await {
+                return Ok(redis);
+            }
+            let exited = redis.child.as_mut().unwrap().try_wait().ok().flatten();
+            if exited.is_some() || Instant::now() > deadline {
+                let why = format!(
+                    "redis-server on port {port} ({exited:?}) did not answer PING; log: {} {}",
+                    last_chars(
+                        &std::fs::read_to_string(redis.dir.join("stderr.log")).unwrap_or_default(),
+                        1000
+                    ),
+                    last_chars(&std::fs::read_to_string(&log).unwrap_or_default(), 2000)
+                );
+                redis.kill();
+                return Err(why);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILL: Redis vanishes with every key (no persistence).
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn signal(&self, sig: i32) {
+        let pid = self.child.as_ref().expect("redis is running").id() as i32;
+        // SAFETY: a signal to our own child process.
+        assert_eq!(unsafe { libc::kill(pid, sig) }, 0, "kill({pid}, {sig})");
+    }
+
+    /// A fresh, empty redis-server on the same port.
+    async fn restart(&mut self) {
+        self.kill();
+        let fresh = Redis::start_on(self.port)
+            .await
+            .unwrap_or_else(|e| panic!("redis restart on the same port: {e}"));
+        *self = fresh;
+    }
+
+    async fn cmd(&self, args: &[&str]) -> Resp {
+        redis_cmd(self.port, args).await
+    }
+
+    /// The Redis pub/sub channels whose name contains `channel`, with their subscriber counts.
+    async fn pubsub_for(&self, channel: &str) -> Vec<(String, i64)> {
+        let Resp::Array(names) = self.cmd(&["PUBSUB", "CHANNELS"]).await else {
+            panic!("PUBSUB CHANNELS did not answer an array");
+        };
+        let mut out = Vec::new();
+        for n in names {
+            let Resp::Bulk(Some(name)) = n else { continue };
+            if !name.contains(channel) {
+                continue;
+            }
+            let count = match self.cmd(&["PUBSUB", "NUMSUB", &name]).await {
+                Resp::Array(v) => match v.get(1) {
+                    Some(Resp::Int(i)) => *i,
+                    other => panic!("PUBSUB NUMSUB answered {other:?}"),
+                },
+                other => panic!("PUBSUB NUMSUB answered {other:?}"),
+            };
+            out.push((name, count));
+        }
+        out
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A RESP reply, just enough for PUBSUB and friends.
+#[derive(Debug, Clone, PartialEq)]
+enum Resp {
+    Simple(String),
+    Error(String),
+    Int(i64),
+    Bulk(Option<String>),
+    Array(Vec<Resp>),
+}
+
+fn parse_resp(b: &[u8]) -> Option<(Resp, usize)> {
+    let end = find(b, b"\r\n")?;
+    let line = String::from_utf8_lossy(&b[1..end]).into_owned();
+    let rest = end + 2;
+    match b[0] {
+        b'+' => Some((Resp::Simple(line), rest)),
+        b'-' => Some((Resp::Error(line), rest)),
+        b':' => Some((Resp::Int(line.parse().expect("RESP integer")), rest)),
+        b'$' => {
+            let n: i64 = line.parse().expect("RESP bulk length");
+            if n < 0 {
+                return Some((Resp::Bulk(None), rest));
+            }
+            let n = n as usize;
+            if b.len() < rest + n + 2 {
+                return None;
+            }
+            let s = String::from_utf8_lossy(&b[rest..rest + n]).into_owned();
+            Some((Resp::Bulk(Some(s)), rest + n + 2))
+        }
+        b'*' => {
+            let n: i64 = line.parse().expect("RESP array length");
+            let mut items = Vec::new();
+            let mut pos = rest;
+            for _ in 0..n.max(0) {
+                let (v, used) = parse_resp(&b[pos..])?;
+                items.push(v);
+                pos += used;
+            }
+            Some((Resp::Array(items), pos))
+        }
+        other => panic!("unexpected RESP type byte {other:?}"),
+    }
+}
+
+/// One command on a fresh connection (the test's own view of Redis; the server uses a client
+/// crate).
+async fn redis_cmd(port: u16, args: &[&str]) -> Resp {
+    within(T, &format!("redis {args:?}"), async {
+        let mut s = TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect to redis");
+        let mut req = format!("*{}\r\n", args.len());
+        for a in args {
+            req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+        }
+        s.write_all(req.as_bytes()).await.expect("write to redis");
+        let mut buf = Vec::new();
+        let mut tmp = vec![0u8; 16384];
+        loop {
+            if !buf.is_empty() {
+                if let Some((v, _)) = parse_resp(&buf) {
+                    return v;
+                }
+            }
+            let n = s.read(&mut tmp).await.expect("read from redis");
+            assert!(n > 0, "redis closed the connection");
+            buf.extend_from_slice(&tmp[..n]);
+        }
+    })
+    .await
+}
+
+/// A TCP proxy to Redis on a slow link: every byte from the node to Redis is delayed by `delay`
+/// (order kept, the delay is not cumulative); Redis's answers and pushed messages pass at once.
+/// It widens the window in which a node could answer a subscribe before Redis has its SUBSCRIBE.
+struct SlowLink {
+    port: u16,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl SlowLink {
+    async fn start(upstream_port: u16, delay: Duration) -> SlowLink {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the proxy");
+        let port = listener.local_addr().unwrap().port();
+        let accept = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let Ok(upstream) = TcpStream::connect(("127.0.0.1", upstream_port)).await
+                    else {
+                        return;
+                    };
+                    let _ = client.set_nodelay(true);
+                    let _ = upstream.set_nodelay(true);
+                    let (mut from_node, mut to_node) = client.into_split();
+                    let (mut from_redis, mut to_redis) = upstream.into_split();
+                    let (tx, mut rx) =
+                        tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+                    let forward = tokio::spawn(async move {
+                        while let Some((due, bytes)) = rx.recv().await {
+                            tokio::time::sleep_until(due).await;
+                            if to_redis.write_all(&bytes).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                    let read = tokio::spawn(async move {
+                        let mut buf = vec![0u8; 65536];
+                        while let Ok(n @ 1..) = from_node.read(&mut buf).await {
+                            let due = tokio::time::Instant::now() + delay;
+                            if tx.send((due, buf[..n].to_vec())).is_err() {
+                                return;
+                            }
+                        }
+                    });
+                    let _ = tokio::io::copy(&mut from_redis, &mut to_node).await;
+                    read.abort();
+                    forward.abort();
+                });
+            }
+        });
+        SlowLink { port, accept }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for SlowLink {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Nodes
+// ---------------------------------------------------------------------------------------------
+
+/// A node joined to `redis` with `--redis URL`.
+fn node(redis: &Redis) -> Server {
+    node_url(&redis.url())
+}
+
+fn node_url(url: &str) -> Server {
+    Server::start(ServerOpts {
+        shards: 2,
+        args: vec!["--redis".into(), url.into()],
+        ..Default::default()
+    })
+}
+
+/// A node joined to `redis` through `BROADCASTER_REDIS_URL` (plus any extra environment).
+fn node_env(redis: &Redis, env: &[(&str, &str)]) -> Server {
+    let mut opts = ServerOpts::shards(2).env("BROADCASTER_REDIS_URL", &redis.url());
+    for (k, v) in env {
+        opts = opts.env(k, v);
+    }
+    Server::start(opts)
+}
+
+/// The `/health` status string (the status code must be 200 in cluster mode, SPEC 13.18).
+async fn health(s: &Server) -> String {
+    let r = http_get(s.public, "/health").await;
+    assert_eq!(r.status, 200, "/health answered {}: {}", r.status, r.text());
+    r.json()["status"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no status in /health: {}", r.text()))
+        .to_string()
+}
+
+/// Polls `/health` until it says `want`.
+async fn wait_health(s: &Server, want: &str, d: Duration) {
+    let deadline = Instant::now() + d;
+    loop {
+        let got = health(s).await;
+        if got == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/health still {got:?}, not {want:?}, after {d:?}; stderr: {}",
+            last_chars(&s.stderr(), 2000)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until the node has reconnected to Redis at least `n` times in all and says "ok".
+async fn wait_reconnected(s: &Server, n: f64, d: Duration) {
+    let deadline = Instant::now() + d;
+    while metric(s, "redis_reconnects_total").await < n {
+        assert!(
+            Instant::now() < deadline,
+            "no reconnection to Redis within {d:?}; stderr: {}",
+            last_chars(&s.stderr(), 2000)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    wait_health(s, "ok", deadline.saturating_duration_since(Instant::now())).await;
+}
+
+/// Redis and `n` nodes (the first with `--redis`, the others with the environment variable),
+/// every node connected.
+async fn cluster(n: usize) -> (Redis, Vec<Server>) {
+    let redis = Redis::start().await;
+    let nodes: Vec<Server> = (0..n)
+        .map(|i| {
+            if i == 0 {
+                node(&redis)
+            } else {
+                node_env(&redis, &[])
+            }
+        })
+        .collect();
+    for s in &nodes {
+        wait_health(s, "ok", Duration::from_secs(10)).await;
+    }
+    (redis, nodes)
+}
+
+async fn metric(s: &Server, name: &str) -> f64 {
+    let r = http_get(s.backend(), "/metrics").await;
+    assert_eq!(r.status, 200, "/metrics: {}", r.text());
+    metric_sum(&r.text(), name).unwrap_or_else(|| panic!("metric {name} missing:\n{}", r.text()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Publishing and receiving
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+struct Note {
+    id: String,
+    seq: u64,
+    offset: u64,
+    channel: String,
+    event: String,
+    create_time: String,
+    payload: Value,
+    raw: String,
+}
+
+fn parse_note(raw: String) -> Note {
+    let v: Value =
+        serde_json::from_str(&raw).unwrap_or_else(|e| panic!("bad broadcast {raw:?}: {e}"));
+    assert_eq!(v["method"], json!("broadcast"), "{raw}");
+    let p = &v["params"];
+    let s = |k: &str| {
+        p[k].as_str()
+            .unwrap_or_else(|| panic!("{k} in {raw}"))
+            .to_string()
+    };
+    let n = |k: &str| p[k].as_u64().unwrap_or_else(|| panic!("{k} in {raw}"));
+    Note {
+        id: s("id"),
+        seq: n("seq"),
+        offset: n("offset"),
+        channel: s("channel"),
+        event: s("event"),
+        create_time: s("createTime"),
+        payload: p["payload"].clone(),
+        raw,
+    }
+}
+
+/// Exactly `n` broadcasts, within `d` in all.
+async fn take(ws: &mut Ws, n: usize, d: Duration) -> Vec<Note> {
+    within(d, &format!("{n} broadcasts"), async {
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            out.push(parse_note(ws.recv_broadcast_raw().await));
+        }
+        out
+    })
+    .await
+}
+
+fn offsets(notes: &[Note]) -> Vec<u64> {
+    notes.iter().map(|n| n.offset).collect()
+}
+
+fn seqs(notes: &[Note]) -> Vec<u64> {
+    notes.iter().map(|n| n.seq).collect()
+}
+
+fn ids(notes: &[Note]) -> Vec<String> {
+    notes.iter().map(|n| n.id.clone()).collect()
+}
+
+/// A publish acknowledgement (REST or WebSocket): `{"id","createTime","offset"}`.
+#[derive(Debug, Clone)]
+struct Ack {
+    id: String,
+    create_time: String,
+    offset: u64,
+}
+
+fn ack(v: &Value) -> Ack {
+    Ack {
+        id: v["id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("id in {v}"))
+            .into(),
+        create_time: v["createTime"]
+            .as_str()
+            .unwrap_or_else(|| panic!("createTime in {v}"))
+            .into(),
+        offset: v["offset"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("offset in {v}")),
+    }
+}
+
+async fn rest_publish(addr: SocketAddr, channel: &str, event: &str, payload: &str) -> HttpResponse {
+    http_post_key(
+        addr,
+        "/publish",
+        API_KEY,
+        &publish_body(channel, event, payload),
+    )
+    .await
+}
+
+async fn rest_publish_ok(addr: SocketAddr, channel: &str, event: &str, payload: &str) -> Ack {
+    let r = rest_publish(addr, channel, event, payload).await;
+    assert_eq!(
+        r.status,
+        200,
+        "REST publish answered {}: {}",
+        r.status,
+        r.text()
+    );
+    ack(&r.json())
+}
+
+/// A WebSocket publish with the payload as raw JSON text (sent as is, not re-encoded).
+async fn ws_publish_ok(ws: &mut Ws, channel: &str, event: &str, payload: &str) -> Ack {
+    let id = format!("pub-{:08x}", rand::random::<u32>());
+    let text = format!(
+        r#"{{"id":{},"method":"publish","params":{}}}"#,
+        json!(id),
+        publish_body(channel, event, payload)
+    );
+    let r = ws.request_raw(&text).await;
+    ack(&ok_result(&r, &json!(id)))
+}
+
+async fn subscribe_since(ws: &mut Ws, channel: &str, offset: u64, epoch: &str) -> Value {
+    ws.call(
+        "subscribe",
+        json!({"channel": channel, "since": {"offset": offset, "epoch": epoch}}),
+    )
+    .await
+}
+
+fn epoch_of(r: &Value) -> String {
+    let e = r["epoch"]
+        .as_str()
+        .unwrap_or_else(|| panic!("epoch in {r}"));
+    assert!(!e.is_empty(), "epoch must be a non-empty string: {r}");
+    e.to_string()
+}
+
+async fn history(s: &Server, query: &str) -> Value {
+    let r = http_get_key(s.backend(), &format!("/history?{query}"), API_KEY).await;
+    assert_eq!(r.status, 200, "/history?{query}: {}", r.text());
+    r.json()
+}
+
+/// A unique channel name, so that tests sharing nothing also share no Redis keys by accident.
+fn unique(prefix: &str) -> String {
+    format!("{prefix}-{:08x}", rand::random::<u32>())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------------
+
+/// SPEC 8, 4, 13.1-13.2: a publication on node A (REST and WebSocket) reaches subscribers on B
+/// and C, and A's own subscribed publisher, in the same order, offsets and seqs 1..N, ids and
+/// createTimes as acknowledged, event and raw payload intact through Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_on_one_node_reaches_every_node_in_order() {
+    let (_redis, nodes) = cluster(3).await;
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+    let ch = unique("fanout");
+
+    let mut subs = Vec::new();
+    let mut epochs = HashSet::new();
+    for s in [b, b, b, c, c, c] {
+        let mut ws = s.ws_authed("sub").await;
+        let r = ws.subscribe(&ch).await;
+        assert_eq!(r["offset"], json!(0), "fresh channel: {r}");
+        epochs.insert(epoch_of(&r));
+        subs.push(ws);
+    }
+    let mut publisher = a.ws_authed("pub").await;
+    let r = publisher.subscribe(&ch).await;
+    epochs.insert(epoch_of(&r));
+    assert_eq!(epochs.len(), 1, "one epoch on every node: {epochs:?}");
+
+    const N: usize = 40;
+    let mut sent = Vec::new();
+    for i in 1..=N {
+        // Spaces, multi-byte text and odd JSON spacing: the event and the raw payload must cross
+        // Redis intact.
+        let event = format!("ev {i} é");
+        let payload = format!(r#"{{"i": {i},  "t":"a b" , "l":[1, 2]}}"#);
+        let a_ack = if i % 2 == 0 {
+            rest_publish_ok(a.backend(), &ch, &event, &payload).await
+        } else {
+            ws_publish_ok(&mut publisher, &ch, &event, &payload).await
+        };
+        assert_eq!(a_ack.offset, i as u64, "acknowledged offset {a_ack:?}");
+        sent.push((a_ack, event, payload));
+    }
+    subs.push(publisher);
+
+    let mut tasks = Vec::new();
+    for mut ws in subs {
+        tasks.push(tokio::spawn(async move {
+            let notes = take(&mut ws, N, Duration::from_secs(10)).await;
+            (ws, notes)
+        }));
+    }
+    let mut back = Vec::new();
+    for t in tasks {
+        let (ws, notes) = t.await.expect("subscriber task");
+        let expected: Vec<u64> = (1..=N as u64).collect();
+        assert_eq!(offsets(&notes), expected, "offsets");
+        assert_eq!(seqs(&notes), expected, "seqs");
+        for (n, (a_ack, event, payload)) in notes.iter().zip(&sent) {
+            assert_eq!(n.id, a_ack.id, "{}", n.raw);
+            assert_eq!(n.create_time, a_ack.create_time, "{}", n.raw);
+            assert!(is_rfc3339_utc(&n.create_time), "{}", n.raw);
+            assert_eq!(n.channel, ch);
+            assert_eq!(&n.event, event);
+            assert!(
+                n.raw.contains(&format!("\"payload\":{payload}")),
+                "payload relayed byte for byte: {}",
+                n.raw
+            );
+            assert_eq!(n.payload, serde_json::from_str::<Value>(payload).unwrap());
+        }
+        back.push(ws);
+    }
+    // No duplicate or stray delivery: the next broadcast everybody sees is the next offset.
+    let next = rest_publish_ok(b.backend(), &ch, "last", "null").await;
+    assert_eq!(next.offset, N as u64 + 1);
+    for ws in &mut back {
+        let n = take(ws, 1, T).await;
+        assert_eq!((n[0].offset, n[0].seq), (N as u64 + 1, N as u64 + 1));
+        assert_eq!(n[0].id, next.id);
+    }
+}
+
+/// SPEC 4 and 8: concurrent publications from all three nodes (WebSocket and REST) interleave
+/// identically for every subscriber on every node, with contiguous offsets and seqs, and every
+/// acknowledged offset is the one subscribers see.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_publications_from_three_nodes_interleave_identically() {
+    let (_redis, nodes) = cluster(3).await;
+    let ch = unique("interleave");
+    const WS_PUBLISHERS: usize = 2;
+    const WS_EACH: usize = 35;
+    const REST_EACH: usize = 30;
+    const TOTAL: usize = 3 * (WS_PUBLISHERS * WS_EACH + REST_EACH);
+
+    let mut collectors = Vec::new();
+    for (ni, s) in nodes.iter().enumerate() {
+        for _ in 0..4 {
+            let mut ws = s.ws_authed("sub").await;
+            let r = ws.subscribe(&ch).await;
+            assert_eq!(r["offset"], json!(0), "{r}");
+            collectors.push(tokio::spawn(async move {
+                (ni, take(&mut ws, TOTAL, Duration::from_secs(30)).await)
+            }));
+        }
+    }
+
+    let mut publishers = Vec::new();
+    for (ni, s) in nodes.iter().enumerate() {
+        for p in 0..WS_PUBLISHERS {
+            let mut ws = s.ws_authed("pub").await;
+            let ch = ch.clone();
+            publishers.push(tokio::spawn(async move {
+                let mut acks = Vec::new();
+                for i in 0..WS_EACH {
+                    let payload = format!(r#"{{"node":{ni},"ws":{p},"i":{i}}}"#);
+                    acks.push(ws_publish_ok(&mut ws, &ch, "ws", &payload).await);
+                }
+                acks
+            }));
+        }
+        let addr = s.backend();
+        let ch = ch.clone();
+        publishers.push(tokio::spawn(async move {
+            let mut acks = Vec::new();
+            for i in 0..REST_EACH {
+                let payload = format!(r#"{{"node":{ni},"rest":true,"i":{i}}}"#);
+                acks.push(rest_publish_ok(addr, &ch, "rest", &payload).await);
+            }
+            acks
+        }));
+    }
+
+    let mut acks = Vec::new();
+    for p in publishers {
+        let mine = p.await.expect("publisher task");
+        // One publisher's sequential publishes are ordered.
+        assert!(
+            mine.windows(2).all(|w| w[0].offset < w[1].offset),
+            "one publisher's offsets increase: {mine:?}"
+        );
+        acks.extend(mine);
+    }
+    assert_eq!(acks.len(), TOTAL);
+    let mut by_offset: Vec<Option<&Ack>> = vec![None; TOTAL + 1];
+    for a in &acks {
+        assert!(
+            (1..=TOTAL as u64).contains(&a.offset),
+            "acknowledged offset out of 1..={TOTAL}: {a:?}"
+        );
+        assert!(
+            by_offset[a.offset as usize].replace(a).is_none(),
+            "offset {} acknowledged twice",
+            a.offset
+        );
+    }
+    let expected_ids: Vec<String> = by_offset[1..]
+        .iter()
+        .map(|a| a.unwrap().id.clone())
+        .collect();
+    assert_eq!(
+        expected_ids.iter().collect::<HashSet<_>>().len(),
+        TOTAL,
+        "ids unique across the cluster"
+    );
+
+    let expected: Vec<u64> = (1..=TOTAL as u64).collect();
+    for c in collectors {
+        let (ni, notes) = c.await.expect("collector task");
+        assert_eq!(offsets(&notes), expected, "offsets on node {ni}");
+        assert_eq!(seqs(&notes), expected, "seqs on node {ni}");
+        assert_eq!(
+            ids(&notes),
+            expected_ids,
+            "the same interleaving for a subscriber on node {ni}"
+        );
+    }
+}
+
+/// SPEC 5 and 8, 13.20: a client moves from node A to node B and recovers exactly what it missed,
+/// in order, before live publications that race with its subscribe; a wrong epoch or an offset
+/// above the top is `recovered: false`; GET /history answers the same on every node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_on_another_node_and_history_everywhere() {
+    let (_redis, nodes) = cluster(3).await;
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+    let ch = unique("recover");
+
+    let mut c1 = a.ws_authed("mover").await;
+    let r = c1.subscribe(&ch).await;
+    assert_eq!(r["offset"], json!(0));
+    let epoch = epoch_of(&r);
+    let mut acks = Vec::new();
+    for i in 1..=3 {
+        acks.push(rest_publish_ok(c.backend(), &ch, "ev", &format!(r#"{{"i": {i}}}"#)).await);
+    }
+    let seen = take(&mut c1, 3, T).await;
+    assert_eq!(offsets(&seen), vec![1, 2, 3]);
+    let last = seen[2].offset;
+    drop(c1);
+
+    // Missed while disconnected.
+    for i in 4..=8 {
+        acks.push(rest_publish_ok(c.backend(), &ch, "ev", &format!(r#"{{"i": {i}}}"#)).await);
+    }
+
+    // Every node answers the same history, from Redis.
+    let q = format!("channel={ch}");
+    let h = history(a, &q).await;
+    assert_eq!(h["epoch"], json!(epoch), "{h}");
+    assert_eq!(h["offset"], json!(8), "{h}");
+    let pubs = h["publications"].as_array().expect("publications");
+    assert_eq!(pubs.len(), 8, "{h}");
+    for (i, (p, a_ack)) in pubs.iter().zip(&acks).enumerate() {
+        assert_eq!(p["offset"], json!(i + 1), "oldest first: {h}");
+        assert_eq!(p["id"], json!(a_ack.id));
+        assert_eq!(p["createTime"], json!(a_ack.create_time));
+        assert_eq!(p["event"], json!("ev"));
+        assert_eq!(p["payload"], json!({"i": i + 1}));
+    }
+    assert_eq!(history(b, &q).await, h, "node B's history");
+    assert_eq!(history(c, &q).await, h, "node C's history");
+    let never = format!("channel={}", unique("never"));
+    for s in &nodes {
+        let v = history(s, &never).await;
+        assert_eq!(v["publications"], json!([]), "{v}");
+    }
+
+    // Reconnect to node B with `since` while node A keeps publishing.
+    let a_addr = a.backend();
+    let ch2 = ch.clone();
+    let live = tokio::spawn(async move {
+        let mut acks = Vec::new();
+        for i in 9..=18 {
+            acks.push(rest_publish_ok(a_addr, &ch2, "live", &format!(r#"{{"i": {i}}}"#)).await);
+        }
+        acks
+    });
+    let mut c2 = b.ws_authed("mover").await;
+    let r = subscribe_since(&mut c2, &ch, last, &epoch).await;
+    assert_eq!(r["recovered"], json!(true), "{r}");
+    assert_eq!(r["epoch"], json!(epoch), "{r}");
+    let top = r["offset"].as_u64().expect("offset");
+    assert!((8..=18).contains(&top), "top offset when subscribing: {r}");
+    acks.extend(live.await.expect("live publisher"));
+    let got = take(&mut c2, 15, Duration::from_secs(10)).await;
+    assert_eq!(
+        offsets(&got),
+        (4..=18).collect::<Vec<u64>>(),
+        "missed ones, then live ones, no gap, no duplicate"
+    );
+    assert_eq!(seqs(&got), (1..=15).collect::<Vec<u64>>());
+    assert_eq!(
+        ids(&got),
+        acks[3..].iter().map(|a| a.id.clone()).collect::<Vec<_>>()
+    );
+    assert_eq!(got[0].payload, json!({"i": 4}));
+
+    // Wrong epoch, offset above the top: not recovered, no replay. Exactly at the top: recovered
+    // with nothing to replay.
+    let mut c3 = c.ws_authed("x").await;
+    let r = subscribe_since(&mut c3, &ch, 3, &format!("not-{epoch}")).await;
+    assert_eq!(r["recovered"], json!(false), "wrong epoch: {r}");
+    assert_eq!(r["epoch"], json!(epoch), "{r}");
+    assert_eq!(r["offset"], json!(18), "{r}");
+    let mut c4 = a.ws_authed("x").await;
+    let r = subscribe_since(&mut c4, &ch, 50, &epoch).await;
+    assert_eq!(r["recovered"], json!(false), "offset above the top: {r}");
+    let mut c5 = b.ws_authed("x").await;
+    let r = subscribe_since(&mut c5, &ch, 18, &epoch).await;
+    assert_eq!(r["recovered"], json!(true), "nothing missed: {r}");
+    assert_eq!(r["offset"], json!(18), "{r}");
+
+    let next = rest_publish_ok(b.backend(), &ch, "next", "19").await;
+    assert_eq!(next.offset, 19);
+    let n = take(&mut c2, 1, T).await;
+    assert_eq!((n[0].offset, n[0].seq), (19, 16));
+    for ws in [&mut c3, &mut c4, &mut c5] {
+        let n = take(ws, 1, T).await;
+        assert_eq!(
+            (n[0].offset, n[0].seq, n[0].id.as_str()),
+            (19, 1, next.id.as_str()),
+            "no replay before the live publication: {}",
+            n[0].raw
+        );
+    }
+
+    let q = format!("channel={ch}&limit=2");
+    let h = history(c, &q).await;
+    let tail: Vec<&Value> = h["publications"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| &p["offset"])
+        .collect();
+    assert_eq!(tail, vec![&json!(18), &json!(19)], "{h}");
+    assert_eq!(history(a, &q).await, h);
+    assert_eq!(history(b, &q).await, h);
+}
+
+/// SPEC 5: recovery needs every missed publication still held; `history.size` caps the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_beyond_the_history_size_is_not_recovered() {
+    let redis = Redis::start().await;
+    let small = [("BROADCASTER_HISTORY_SIZE", "5")];
+    let a = node_env(&redis, &small);
+    let b = node_env(&redis, &small);
+    wait_health(&a, "ok", Duration::from_secs(10)).await;
+    wait_health(&b, "ok", Duration::from_secs(10)).await;
+    let ch = unique("small");
+    let mut ws = a.ws_authed("u").await;
+    let epoch = epoch_of(&ws.subscribe(&ch).await);
+    drop(ws);
+    for i in 1..=8 {
+        rest_publish_ok(a.backend(), &ch, "e", &i.to_string()).await;
+    }
+    let h = history(&b, &format!("channel={ch}")).await;
+    let held: Vec<u64> = h["publications"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["offset"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        held,
+        vec![4, 5, 6, 7, 8],
+        "the stream holds the last 5: {h}"
+    );
+    assert_eq!(h["offset"], json!(8), "{h}");
+    let mut ws = b.ws_authed("u").await;
+    let r = subscribe_since(&mut ws, &ch, 1, &epoch).await;
+    assert_eq!(r["recovered"], json!(false), "offsets 2-3 are gone: {r}");
+    let mut ws2 = b.ws_authed("u").await;
+    let r = subscribe_since(&mut ws2, &ch, 3, &epoch).await;
+    assert_eq!(r["recovered"], json!(true), "offsets 4-8 are held: {r}");
+    let got = take(&mut ws2, 5, T).await;
+    assert_eq!(offsets(&got), vec![4, 5, 6, 7, 8]);
+    rest_publish_ok(a.backend(), &ch, "e", "9").await;
+    let n = take(&mut ws, 1, T).await;
+    assert_eq!((n[0].offset, n[0].seq), (9, 1), "not recovered: live only");
+}
+
+/// SPEC 13.19: the subscribe result is sent only once the node is subscribed in Redis, so a
+/// publication made on another node right after the result is never missed. Fresh channels each
+/// round (each subscribe is a new Redis SUBSCRIBE), and a quick unsubscribe/resubscribe every
+/// third round (the UNSUBSCRIBE must not overtake the new SUBSCRIBE). Node B talks to Redis over
+/// a slow link (100 ms each way in), so answering before Redis has the SUBSCRIBE would lose the
+/// publication nodes A and C make over their direct links right after the result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribe_result_means_subscribed_in_redis() {
+    let redis = Redis::start().await;
+    let slow = SlowLink::start(redis.port, Duration::from_millis(100)).await;
+    let a = node(&redis);
+    let b = node_url(&slow.url());
+    let c = node_env(&redis, &[]);
+    for s in [&a, &b, &c] {
+        wait_health(s, "ok", Duration::from_secs(10)).await;
+    }
+    let mut on_a = a.ws_authed("pub").await;
+    let mut on_c = c.ws_authed("pub").await;
+    let base = unique("race");
+    for round in 0..30 {
+        let ch = format!("{base}-{round}");
+        // Rounds 0..12: subscribe on the slow node B; then subscribe on A, publish from C.
+        let (sub_node, publisher) = if round < 12 {
+            (&b, if round % 2 == 0 { &mut on_a } else { &mut on_c })
+        } else {
+            (&a, &mut on_c)
+        };
+        let mut sub = sub_node.ws_authed("sub").await;
+        if round % 3 == 0 {
+            sub.subscribe(&ch).await;
+            sub.call("unsubscribe", json!({"channel": ch})).await;
+        }
+        let r = sub.subscribe(&ch).await;
+        assert_eq!(r["offset"], json!(0), "{r}");
+        let p = ws_publish_ok(publisher, &ch, "e", &round.to_string()).await;
+        assert_eq!(p.offset, 1);
+        let n = within(
+            Duration::from_secs(3),
+            &format!("round {round}: the publication made right after the result"),
+            async { parse_note(sub.recv_broadcast_raw().await) },
+        )
+        .await;
+        assert_eq!((n.offset, n.seq, n.id.as_str()), (1, 1, p.id.as_str()));
+    }
+}
+
+/// SPEC 8 and 13.18: Redis killed: publishes answer Unavailable (REST 503, WebSocket error) within
+/// 5 s, connections stay open, /health stays 200 "degraded", subscribes fail rather than promise
+/// what they cannot (13.19). Redis restarted empty on the same port: the nodes reconnect,
+/// delivery resumes, and the lost history has a new epoch, so the old one is never recovered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_then_restart_with_data_loss() {
+    let mut redis = Redis::start().await;
+    let a = node(&redis);
+    let b = node_env(&redis, &[]);
+    for s in [&a, &b] {
+        wait_health(s, "ok", Duration::from_secs(10)).await;
+    }
+    let ch = unique("outage");
+    let mut sub = b.ws_authed("sub").await;
+    let old_epoch = epoch_of(&sub.subscribe(&ch).await);
+    let mut publisher = a.ws_authed("pub").await;
+    for i in 1..=3 {
+        ws_publish_ok(&mut publisher, &ch, "before", &i.to_string()).await;
+    }
+    assert_eq!(offsets(&take(&mut sub, 3, T).await), vec![1, 2, 3]);
+
+    redis.kill();
+    let killed = Instant::now();
+    let five = Duration::from_secs(5);
+    for s in [&a, &b] {
+        let r = within(
+            five.saturating_sub(killed.elapsed()),
+            "REST publish with Redis down",
+            rest_publish(s.backend(), &ch, "during", "0"),
+        )
+        .await;
+        r.assert_error(503, "Unavailable");
+    }
+    let r = within(
+        five.saturating_sub(killed.elapsed()),
+        "WebSocket publish with Redis down",
+        publisher.request(
+            "publish",
+            json!({"channel": ch, "event": "during", "payload": 0}),
+        ),
+    )
+    .await;
+    assert_eq!(r["error"]["code"], json!("Unavailable"), "{r}");
+    for s in [&a, &b] {
+        wait_health(s, "degraded", five.saturating_sub(killed.elapsed())).await;
+        assert_eq!(metric(s, "redis_up").await, 0.0);
+    }
+    // Existing connections are kept and answered.
+    sub.heartbeat_ok().await;
+    publisher.heartbeat_ok().await;
+    // A subscribe cannot be confirmed without Redis.
+    let mut late = b.ws_authed("late").await;
+    let r = late
+        .request("subscribe", json!({"channel": unique("new")}))
+        .await;
+    assert_eq!(r["error"]["code"], json!("Unavailable"), "{r}");
+    // History lives in Redis: no answer is better than a wrong one.
+    let r = http_get_key(a.backend(), &format!("/history?channel={ch}"), API_KEY).await;
+    r.assert_error(503, "Unavailable");
+    // Nothing refused was delivered.
+    sub.expect_no_broadcast(Duration::from_millis(200)).await;
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    redis.restart().await;
+    for s in [&a, &b] {
+        wait_reconnected(s, 1.0, Duration::from_secs(10)).await;
+        assert_eq!(metric(s, "redis_up").await, 1.0);
+    }
+    sub.heartbeat_ok().await;
+
+    // The history was lost with Redis: a new epoch, the old one is not recovered.
+    let mut fresh = b.ws_authed("fresh").await;
+    let r = subscribe_since(&mut fresh, &ch, 3, &old_epoch).await;
+    assert_eq!(
+        r["recovered"],
+        json!(false),
+        "old epoch after data loss: {r}"
+    );
+    let new_epoch = epoch_of(&r);
+    assert_ne!(new_epoch, old_epoch, "the epoch must change: {r}");
+    assert_eq!(r["offset"], json!(0), "{r}");
+
+    let a1 = ws_publish_ok(&mut publisher, &ch, "after", "1").await;
+    let a2 = rest_publish_ok(b.backend(), &ch, "after", "2").await;
+    assert_eq!((a1.offset, a2.offset), (1, 2), "offsets of the new epoch");
+    let got = take(&mut fresh, 2, T).await;
+    assert_eq!(ids(&got), vec![a1.id.clone(), a2.id.clone()]);
+    assert_eq!(seqs(&got), vec![1, 2]);
+    // The subscription that lived through the outage was resubscribed: it gets them too.
+    let got = take(&mut sub, 2, T).await;
+    assert_eq!(ids(&got), vec![a1.id, a2.id]);
+    assert_eq!(seqs(&got), vec![4, 5], "its seq continues without a gap");
+
+    let h = history(&a, &format!("channel={ch}")).await;
+    assert_eq!(h["epoch"], json!(new_epoch), "{h}");
+    assert_eq!(h["offset"], json!(2), "{h}");
+    assert_eq!(history(&b, &format!("channel={ch}")).await, h);
+}
+
+/// SPEC 4 and 8: a subscription that started at offset K keeps receiving every publication after
+/// Redis lost its data, the new epoch's offsets 1..K included (they are new publications, not
+/// ones it already had).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_living_through_redis_data_loss_miss_nothing() {
+    let mut redis = Redis::start().await;
+    let a = node(&redis);
+    let b = node(&redis);
+    for s in [&a, &b] {
+        wait_health(s, "ok", Duration::from_secs(10)).await;
+    }
+    let ch = unique("loss");
+    for i in 1..=5 {
+        rest_publish_ok(a.backend(), &ch, "old", &i.to_string()).await;
+    }
+    let mut sub = b.ws_authed("sub").await;
+    let r = sub.subscribe(&ch).await;
+    assert_eq!(r["offset"], json!(5), "{r}");
+
+    redis.restart().await;
+    for s in [&a, &b] {
+        wait_reconnected(s, 1.0, Duration::from_secs(10)).await;
+    }
+    // Node B (the only one with a subscriber) is subscribed again before anything is published.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while redis.pubsub_for(&ch).await.iter().all(|(_, n)| *n == 0) {
+        assert!(
+            Instant::now() < deadline,
+            "node B did not resubscribe {ch} after the Redis restart"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut acks = Vec::new();
+    for i in 1..=3 {
+        acks.push(rest_publish_ok(a.backend(), &ch, "new", &i.to_string()).await);
+    }
+    assert_eq!(
+        acks.iter().map(|a| a.offset).collect::<Vec<_>>(),
+        vec![1, 2, 3],
+        "the new epoch's offsets"
+    );
+    let got = within(
+        Duration::from_secs(3),
+        "publications after the data loss",
+        take(&mut sub, 3, T),
+    )
+    .await;
+    assert_eq!(
+        ids(&got),
+        acks.iter().map(|a| a.id.clone()).collect::<Vec<_>>()
+    );
+    assert_eq!(seqs(&got), vec![1, 2, 3]);
+}
+
+/// SPEC 8: Redis keeps its data but a node's pub/sub connection drops: the node resubscribes,
+/// existing subscriptions keep receiving with offsets continuing in the same epoch, and a client
+/// recovers with `since` as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pubsub_connection_loss_resubscribes_and_offsets_continue() {
+    let (redis, nodes) = cluster(2).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let ch = unique("drop");
+    let mut sub = b.ws_authed("sub").await;
+    let epoch = epoch_of(&sub.subscribe(&ch).await);
+    for i in 1..=3 {
+        rest_publish_ok(a.backend(), &ch, "e", &i.to_string()).await;
+    }
+    assert_eq!(offsets(&take(&mut sub, 3, T).await), vec![1, 2, 3]);
+
+    let killed = redis.cmd(&["CLIENT", "KILL", "TYPE", "pubsub"]).await;
+    assert!(
+        matches!(killed, Resp::Int(n) if n >= 1),
+        "CLIENT KILL answered {killed:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while redis.pubsub_for(&ch).await.iter().all(|(_, n)| *n == 0) {
+        assert!(
+            Instant::now() < deadline,
+            "no node resubscribed {ch}; B stderr: {}",
+            last_chars(&b.stderr(), 2000)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Only node B's connection was in pub/sub mode (A subscribes to nothing), so only B lost one.
+    wait_reconnected(b, 1.0, Duration::from_secs(10)).await;
+    assert_eq!(health(a).await, "ok");
+    let next = rest_publish_ok(a.backend(), &ch, "e", "4").await;
+    assert_eq!(next.offset, 4, "same history, offsets continue");
+    let n = take(&mut sub, 1, T).await;
+    assert_eq!((n[0].offset, n[0].seq), (4, 4));
+    let mut back = a.ws_authed("back").await;
+    let r = subscribe_since(&mut back, &ch, 1, &epoch).await;
+    assert_eq!(r["recovered"], json!(true), "same epoch: {r}");
+    assert_eq!(offsets(&take(&mut back, 3, T).await), vec![2, 3, 4]);
+}
+
+/// SPEC 8: a node killed with SIGKILL takes only its own connections down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_leaves_the_others_serving() {
+    let (_redis, mut nodes) = cluster(3).await;
+    let ch = unique("survive");
+    let mut on_b = nodes[1].ws_authed("b").await;
+    on_b.subscribe(&ch).await;
+    let mut on_c = Vec::new();
+    for _ in 0..3 {
+        let mut ws = nodes[2].ws_authed("c").await;
+        ws.subscribe(&ch).await;
+        on_c.push(ws);
+    }
+    let mut publisher = nodes[0].ws_authed("pub").await;
+    for i in 1..=5 {
+        ws_publish_ok(&mut publisher, &ch, "e", &i.to_string()).await;
+    }
+    assert_eq!(offsets(&take(&mut on_b, 5, T).await), vec![1, 2, 3, 4, 5]);
+    for ws in &mut on_c {
+        assert_eq!(offsets(&take(ws, 5, T).await), vec![1, 2, 3, 4, 5]);
+    }
+
+    nodes[1].signal(libc::SIGKILL);
+    nodes[1].wait_exit(T).await;
+    assert!(
+        matches!(on_b.ended(T).await, Ended::Dropped(_)),
+        "B's client loses its connection"
+    );
+
+    for i in 6..=25 {
+        if i % 2 == 0 {
+            ws_publish_ok(&mut publisher, &ch, "e", &i.to_string()).await;
+        } else {
+            rest_publish_ok(nodes[0].backend(), &ch, "e", &i.to_string()).await;
+        }
+    }
+    for ws in &mut on_c {
+        let got = take(ws, 20, T).await;
+        assert_eq!(offsets(&got), (6..=25).collect::<Vec<u64>>());
+        assert_eq!(seqs(&got), (6..=25).collect::<Vec<u64>>());
+    }
+    // And the other way round, from C to A.
+    let mut on_a = nodes[0].ws_authed("a").await;
+    on_a.subscribe(&ch).await;
+    let last = rest_publish_ok(nodes[2].backend(), &ch, "e", "26").await;
+    let n = take(&mut on_a, 1, T).await;
+    assert_eq!((n[0].offset, n[0].id.as_str()), (26, last.id.as_str()));
+    for i in [0, 2] {
+        assert_eq!(health(&nodes[i]).await, "ok");
+    }
+}
+
+/// Issue 8 items 4 and 6, SPEC 8: the bridge metrics move; each publication crosses Redis once
+/// per node, not once per subscriber, and only to nodes with local subscribers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bridge_metrics_count_each_publication_once_per_node() {
+    let (_redis, nodes) = cluster(2).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let ch = unique("metrics");
+    for s in [a, b] {
+        assert_eq!(metric(s, "redis_up").await, 1.0);
+    }
+    // Four subscribers on node B (both shards, most likely), none on node A.
+    let mut subs = Vec::new();
+    for _ in 0..4 {
+        let mut ws = b.ws_authed("sub").await;
+        ws.subscribe(&ch).await;
+        subs.push(ws);
+    }
+    let out_a = metric(a, "redis_publications_out_total").await;
+    let in_a = metric(a, "redis_publications_in_total").await;
+    let out_b = metric(b, "redis_publications_out_total").await;
+    let in_b = metric(b, "redis_publications_in_total").await;
+    const K: usize = 7;
+    for i in 0..K {
+        rest_publish_ok(a.backend(), &ch, "e", &i.to_string()).await;
+    }
+    for ws in &mut subs {
+        take(ws, K, T).await;
+    }
+    let k = K as f64;
+    assert_eq!(metric(a, "redis_publications_out_total").await - out_a, k);
+    assert_eq!(metric(b, "redis_publications_out_total").await - out_b, 0.0);
+    assert_eq!(
+        metric(b, "redis_publications_in_total").await - in_b,
+        k,
+        "once per node, not once per subscriber"
+    );
+    assert_eq!(
+        metric(a, "redis_publications_in_total").await - in_a,
+        0.0,
+        "node A has no subscriber of the channel"
+    );
+    assert!(metric(a, "redis_publish_seconds_count").await >= k);
+}
+
+/// Issue 8 item 3, SPEC 8: a node holds one Redis subscription per channel while it has local
+/// subscribers (however many, on whichever shards) and drops it after the last one leaves, by
+/// unsubscribe or by closing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_subscriptions_follow_local_subscribers() {
+    let (redis, nodes) = cluster(2).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let wait_count = |ch: String, want: i64| {
+        let redis = &redis;
+        async move {
+            let deadline = Instant::now() + T;
+            loop {
+                let now = redis.pubsub_for(&ch).await;
+                assert!(now.len() <= 1, "one Redis channel per channel: {now:?}");
+                let n = now.first().map_or(0, |c| c.1);
+                if n == want {
+                    return;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "Redis subscriptions for {ch}: {now:?}, want {want} node(s)"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+
+    // One subscriber, gone by unsubscribe; then by closing.
+    for close in [false, true] {
+        let ch = unique("one");
+        let mut ws = b.ws_authed("sub").await;
+        ws.subscribe(&ch).await;
+        wait_count(ch.clone(), 1).await;
+        if close {
+            drop(ws);
+        } else {
+            ws.call("unsubscribe", json!({"channel": ch})).await;
+        }
+        wait_count(ch, 0).await;
+    }
+
+    // Several subscribers on a node: still one Redis subscription; dropped after the last.
+    let ch = unique("many");
+    assert!(redis.pubsub_for(&ch).await.is_empty());
+    let mut subs = Vec::new();
+    for _ in 0..4 {
+        let mut ws = b.ws_authed("sub").await;
+        ws.subscribe(&ch).await;
+        subs.push(ws);
+    }
+    wait_count(ch.clone(), 1).await;
+    let mut on_a = a.ws_authed("a").await;
+    on_a.subscribe(&ch).await;
+    wait_count(ch.clone(), 2).await;
+    subs[0].call("unsubscribe", json!({"channel": ch})).await;
+    subs[1].call("unsubscribe", json!({"channel": ch})).await;
+    subs.truncate(2);
+    // Two of B's four left by closing, two by unsubscribing (and those connections stay open).
+    wait_count(ch.clone(), 1).await;
+    on_a.call("unsubscribe", json!({"channel": ch})).await;
+    wait_count(ch.clone(), 0).await;
+    for ws in &mut subs {
+        ws.heartbeat_ok().await;
+    }
+}
+
+/// SPEC 13.18: Redis hung (a network partition looks the same: no reset, no answer) is
+/// unreachable too: publishes answer Unavailable within 5 s and /health says "degraded" (200),
+/// connections stay open; once Redis answers again the node is "ok" and delivery goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hung_redis_is_unavailable_and_degraded() {
+    let (redis, nodes) = cluster(2).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let ch = unique("hung");
+    let mut sub = b.ws_authed("sub").await;
+    sub.subscribe(&ch).await;
+    let mut publisher = a.ws_authed("pub").await;
+
+    redis.signal(libc::SIGSTOP);
+    let stopped = Instant::now();
+    let five = Duration::from_secs(5);
+    let r = within(
+        five,
+        "REST publish with Redis hung",
+        rest_publish(a.backend(), &ch, "e", "0"),
+    )
+    .await;
+    r.assert_error(503, "Unavailable");
+    let r = within(
+        five.saturating_sub(stopped.elapsed()),
+        "WebSocket publish with Redis hung",
+        publisher.request(
+            "publish",
+            json!({"channel": ch, "event": "e", "payload": 0}),
+        ),
+    )
+    .await;
+    assert_eq!(r["error"]["code"], json!("Unavailable"), "{r}");
+    let d = five.saturating_sub(stopped.elapsed());
+    for s in [a, b] {
+        wait_health(s, "degraded", d).await;
+    }
+    sub.heartbeat_ok().await;
+    publisher.heartbeat_ok().await;
+
+    redis.signal(libc::SIGCONT);
+    for s in [a, b] {
+        wait_health(s, "ok", Duration::from_secs(10)).await;
+    }
+    let next = ws_publish_ok(&mut publisher, &ch, "e", "1").await;
+    let n = take(&mut sub, 1, T).await;
+    assert_eq!(n[0].id, next.id, "{}", n[0].raw);
+}
