@@ -367,8 +367,8 @@ fn decode(channel: &str, data: &[u8]) -> Option<Publication> {
     let rest = fields.next()?;
     let event = std::str::from_utf8(rest.get(..event_len)?).ok()?;
     let payload = rest.get(event_len..)?;
-    let mut p = build(
-        channel,
+    let mut p = Publication::new(
+        Arc::from(channel),
         offset,
         id,
         create_time,
@@ -378,26 +378,6 @@ fn decode(channel: &str, data: &[u8]) -> Option<Publication> {
     );
     p.epoch = Some(Arc::from(epoch));
     Some(p)
-}
-
-fn build(
-    channel: &str,
-    offset: u64,
-    id: &str,
-    create_time: &str,
-    event: &str,
-    payload: &[u8],
-    accepted: Instant,
-) -> Publication {
-    Publication::new(
-        Arc::from(channel),
-        offset,
-        id,
-        create_time,
-        event,
-        payload,
-        accepted,
-    )
 }
 
 fn connection(state: &State) -> Option<redis::aio::MultiplexedConnection> {
@@ -635,8 +615,8 @@ fn entries_to_publications(
         ) else {
             continue;
         };
-        out.push(Arc::new(build(
-            channel,
+        out.push(Arc::new(Publication::new(
+            Arc::from(channel),
             offset,
             &id,
             &t,
