@@ -72,6 +72,8 @@ pub struct Conn {
     closing: Cell<bool>,
     /// The socket failed or the writer gave up: stop everything.
     dead: Cell<bool>,
+    /// The close frame has been written and FIN sent: the reader's close linger runs.
+    close_sent: Cell<bool>,
     subs: RefCell<HashMap<Arc<str>, Rc<Subscription>>>,
 }
 
@@ -87,6 +89,7 @@ impl Conn {
             reader_waker: Cell::new(None),
             closing: Cell::new(false),
             dead: Cell::new(false),
+            close_sent: Cell::new(false),
             subs: RefCell::new(HashMap::new()),
         })
     }
@@ -125,7 +128,10 @@ impl Conn {
         let mut out = self.out.borrow_mut();
         // Frame length is bounded by prefix + suffix + 20 digits + 10 header bytes.
         let frame_max = p.prefix.len() + p.suffix.len() + 30;
-        if out.len() + self.inflight.get() + frame_max > self.out_bytes_max {
+        // An empty queue always takes one frame, so a payload at max_payload_bytes (whose frame
+        // is larger by its envelope) never cuts off a subscriber that keeps up.
+        let queued = out.len() + self.inflight.get();
+        if queued > 0 && queued + frame_max > self.out_bytes_max {
             drop(out);
             ShardMetrics::add(&metrics.slow_consumers_total, 1);
             tracing::info!(conn = self.id, channel = %p.channel, "slow consumer closed (4003)");
@@ -286,6 +292,10 @@ async fn writer(
         if conn.closing.get() && conn.out.borrow().is_empty() {
             // The close frame is out: send FIN and let the reader drain until the peer closes.
             transport::shutdown_write(stream).await;
+            // Tell the reader, which may be waiting on a far timer (the close came from
+            // fan-out or shutdown, not from the reader), that its close linger starts now.
+            conn.close_sent.set(true);
+            conn.wake();
             return;
         }
     }
@@ -452,9 +462,13 @@ async fn reader(
         let now = Instant::now();
         if conn.closing.get() {
             input.clear();
-            let started = *close_started.get_or_insert(now);
-            if now >= started + CLOSE_LINGER {
-                return;
+            // The linger starts once our close frame is out; until then the writer is still
+            // flushing what was queued before it (shutdown_grace applies to that).
+            if conn.close_sent.get() {
+                let started = *close_started.get_or_insert(now);
+                if now >= started + CLOSE_LINGER {
+                    return;
+                }
             }
         }
         // The next moment something is due: auth timeout, token expiry, a ping, ping timeout;
@@ -466,6 +480,9 @@ async fn reader(
             .map(|p| expiry_instant(p.exp, leeway, now));
         let due = match close_started {
             Some(started) => started + CLOSE_LINGER,
+            // Closing, close frame not out yet: the writer ends it (flushed, or its write
+            // timeout); this is only a backstop, never a due time in the past.
+            None if conn.closing.get() => now + limits.write_timeout + CLOSE_LINGER,
             None => {
                 let mut due = next_ping.min(last_heard + limits.ping_interval * 2);
                 if session.perms.is_none() {
@@ -477,17 +494,22 @@ async fn reader(
                 due
             }
         };
+        let lingering = close_started.is_some();
         let wake = future::or(
             async {
                 let ready = |cx: &std::task::Context<'_>| {
                     if conn.dead.get() {
                         return Some(io::ErrorKind::ConnectionAborted.into());
                     }
+                    if !lingering && conn.close_sent.get() {
+                        return Some(io::ErrorKind::Interrupted.into());
+                    }
                     Conn::register(&conn.reader_waker, cx.waker());
                     None
                 };
                 match transport::read_some(stream, &mut input, &ready).await {
                     Ok(n) => Wake::Data(n),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => Wake::Timer,
                     Err(_) => Wake::Data(0),
                 }
             },
