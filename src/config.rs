@@ -161,6 +161,11 @@ impl Default for LogConfig {
     }
 }
 
+/// Longest duration any key accepts.
+const DURATION_MAX: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Most clock skew `auth.leeway` may allow.
+const LEEWAY_MAX: Duration = Duration::from_secs(3600);
+
 /// How an environment variable's text becomes a TOML value for its key.
 #[derive(Clone, Copy)]
 enum Kind {
@@ -309,6 +314,24 @@ impl Config {
             if d.is_zero() {
                 return bad(key, "must be longer than 0s");
             }
+        }
+        // Bounds that keep `Instant + duration` and jsonwebtoken's `now - leeway` from
+        // overflowing (found by the config fuzz target).
+        let durations = [
+            ("shutdown_grace", self.shutdown_grace),
+            ("limits.auth_timeout", l.auth_timeout),
+            ("limits.http_head_timeout", l.http_head_timeout),
+            ("limits.write_timeout", l.write_timeout),
+            ("limits.ping_interval", l.ping_interval),
+            ("history.ttl", self.history.ttl),
+        ];
+        for (key, d) in durations {
+            if d > DURATION_MAX {
+                return bad(key, "at most 365 days");
+            }
+        }
+        if self.auth.leeway > LEEWAY_MAX {
+            return bad("auth.leeway", "at most 1 hour of clock skew");
         }
         if self.history.size > 100_000 {
             return bad("history.size", "at most 100000 publications per channel");
@@ -508,6 +531,25 @@ mod tests {
                 "tuning/broadcaster.toml does not document {key}"
             );
         }
+    }
+
+    #[test]
+    fn durations_that_would_overflow_are_refused() {
+        // Found by the config fuzz target: both used to panic a shard or refuse every token.
+        let e = load(
+            Some("[limits]\nhttp_head_timeout = \"9223372036854775807s\"\n"),
+            &[],
+            Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(e.contains("limits.http_head_timeout"), "{e}");
+        let e = load(
+            Some("[auth]\nleeway = \"9223372036854775807s\"\n"),
+            &[],
+            Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(e.contains("auth.leeway"), "{e}");
     }
 
     #[test]

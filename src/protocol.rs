@@ -464,9 +464,10 @@ fn members(t: &[u8], i: usize) -> Vec<(Span, Span)> {
     out
 }
 
-/// The value span of the last member named `name` (keys may be written with escapes).
+/// The value span of the first member named `name` (keys may be written with escapes). The first,
+/// because simd-json keeps the first of duplicated keys: the span must be the value it validated.
 fn find(t: &[u8], spans: &[(Span, Span)], name: &str) -> Option<Span> {
-    spans.iter().rev().find_map(|(k, v)| {
+    spans.iter().find_map(|(k, v)| {
         let raw = t.get(k.0..k.1)?;
         let same = if raw.contains(&b'\\') {
             let quoted = t.get(k.0 - 1..k.1 + 1)?;
@@ -612,6 +613,18 @@ mod tests {
             panic!()
         };
         assert_eq!(p.payload, br#""x""#);
+    }
+
+    #[test]
+    fn duplicated_keys_use_the_member_simd_json_validated() {
+        // Found by the protocol_request fuzz target.
+        let r = parse(r#"{"id":1,"method":"heartbeat","id":{"a":[1]}}"#).unwrap();
+        assert_eq!(r.id, Some(&b"1"[..]));
+        let text = r#"{"method":"publish","params":{"channel":"c","event":"e","payload":[1]},"params":{}}"#;
+        let Ok(Method::Publish(p)) = parse(text).unwrap().method else {
+            panic!("the first params is the one validated")
+        };
+        assert_eq!(p.payload, b"[1]");
     }
 
     #[test]
