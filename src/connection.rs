@@ -551,8 +551,14 @@ async fn reader(
 
 /// The instant a token of expiry `exp` (Unix seconds) stops being valid.
 fn expiry_instant(exp: u64, leeway: Duration, now: Instant) -> Instant {
-    let left = (exp + leeway.as_secs()).saturating_sub(unix_now());
-    now + Duration::from_secs(left)
+    // A client picks `exp`: saturate, and treat anything past a century as "never".
+    const FAR: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+    let left = exp
+        .saturating_add(leeway.as_secs())
+        .saturating_sub(unix_now());
+    let left = Duration::from_secs(left).min(FAR);
+    now.checked_add(left)
+        .unwrap_or(now + Duration::from_secs(365 * 24 * 3600))
 }
 
 type Outcome = Result<(), (u16, &'static str)>;
@@ -815,6 +821,14 @@ pub fn close_all(shard: &Shard) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn token_expiry_far_in_the_future_does_not_overflow() {
+        let now = Instant::now();
+        let t = expiry_instant(u64::MAX, Duration::from_secs(3600), now);
+        assert!(t > now + Duration::from_secs(10 * 365 * 24 * 3600));
+        assert!(expiry_instant(0, Duration::ZERO, now) <= now);
+    }
 
     #[test]
     fn rate_limit_allows_burst_then_refills_then_closes_abusers() {
