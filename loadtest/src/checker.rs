@@ -98,6 +98,19 @@ impl SeqChecker {
         }
     }
 
+    /// Moves the expected value forward to `next` without counting the values skipped as lost (a
+    /// gap the server said it could not recover and was entitled not to); returns how many were
+    /// skipped. Open gaps stay open.
+    pub fn skip_to(&mut self, next: u64) -> u64 {
+        if next > self.next {
+            let skipped = next - self.next;
+            self.next = next;
+            skipped
+        } else {
+            0
+        }
+    }
+
     /// The counts so far, without a tail check.
     pub fn counts(&self) -> Anomalies {
         self.counts
@@ -187,6 +200,23 @@ mod tests {
         // A recent gap is still known.
         c.observe(1 + (GAPS_MAX as u64 * 4 - 2) * 2 + 1);
         assert_eq!(c.counts().reordered, 1);
+    }
+
+    #[test]
+    fn skip_to_moves_on_without_loss() {
+        let mut c = SeqChecker::new(1);
+        c.observe(1);
+        c.observe(2);
+        assert_eq!(c.skip_to(10), 7);
+        assert_eq!(c.skip_to(5), 0, "never backwards");
+        c.observe(10);
+        c.observe(11);
+        let a = c.finish(11);
+        assert!(a.clean(), "{a:?}");
+        assert_eq!(a.received, 4);
+        // A late arrival from the skipped range is a duplicate, not a reorder.
+        c.observe(5);
+        assert_eq!(c.counts().duplicated, 1);
     }
 
     #[test]

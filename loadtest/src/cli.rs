@@ -1,6 +1,7 @@
 //! Command line: one subcommand per scenario.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use crate::publisher::Via;
 
@@ -26,6 +27,10 @@ pub enum Scenario {
     Storm(StormArgs),
     /// Subscribers disconnect and resubscribe with `since` while publishing goes on: nothing lost.
     Recovery(RecoveryArgs),
+    /// Thousands of connections cycle connect/auth/subscribe/receive/unsubscribe/disconnect for a
+    /// long while: nothing lost, and no RSS, gauge or file-descriptor leak in the server.
+    #[command(after_help = SOAK_HELP)]
+    Soak(SoakArgs),
     /// The kernel floor: CPU per frame of plain send() calls to N loopback sockets.
     Floor(FloorArgs),
 }
@@ -33,12 +38,16 @@ pub enum Scenario {
 /// Options every server scenario takes.
 #[derive(clap::Args, Debug, Clone)]
 pub struct Common {
-    /// The server's public listener (WebSocket), HOST:PORT.
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    pub server: String,
-    /// Where REST publishes go (the admin listener if the server has one); default: --server.
-    #[arg(long)]
-    pub rest: Option<String>,
+    /// The server's public listener (WebSocket), HOST:PORT. Several nodes of a cluster: repeat the
+    /// option or give a comma list; subscribers are spread round robin over them (each channel's
+    /// subscribers alternate between the nodes) and publications go to the first (all of them with
+    /// --publish-all).
+    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:8080")]
+    pub server: Vec<String>,
+    /// Where REST publishes go (the admin listener if the server has one), one per --server in the
+    /// same order; default: the --server addresses.
+    #[arg(long, value_delimiter = ',')]
+    pub rest: Vec<String>,
     /// The server's HS256 JWT secret; the load generator mints its own tokens.
     #[arg(long, env = "BROADCASTER_AUTH_JWT_SECRET", hide_env_values = true)]
     pub secret: Option<String>,
@@ -53,8 +62,10 @@ pub struct Common {
     #[arg(long, value_delimiter = ',')]
     pub cpus: Vec<usize>,
     /// The server's pid: report its CPU per delivered message and RSS per connection from /proc.
-    #[arg(long)]
-    pub server_pid: Option<u32>,
+    /// Repeat it (or give a comma list) for several nodes: their CPU and RSS are summed (add
+    /// redis-server's pid to count the broker too).
+    #[arg(long, value_delimiter = ',')]
+    pub server_pid: Vec<u32>,
     /// Write the JSON summary here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -123,6 +134,10 @@ pub struct PublishArgs {
     /// Publish over REST (keep-alive) or a WebSocket.
     #[arg(long, value_enum, default_value_t = Via::Rest)]
     pub via: Via,
+    /// Several --server nodes: publish round robin over all of them (one keep-alive connection
+    /// each) instead of to the first only.
+    #[arg(long)]
+    pub publish_all: bool,
 }
 
 /// `fanout` options.
@@ -196,6 +211,119 @@ pub struct RecoveryArgs {
     pub common: Common,
 }
 
+/// How to run the server for `soak` (shown under `soak --help`).
+pub const SOAK_HELP: &str = "\
+The server must keep enough history for what a client misses while it is away or unsubscribed
+(the load generator passes nothing to it). Run it on a server of its own (other clients would
+move its gauges and descriptors) with a large history, e.g.
+
+    BROADCASTER_HISTORY_SIZE=10000 broadcaster serve ...                  # --duration 30m
+    BROADCASTER_HISTORY_SIZE=10000 BROADCASTER_HISTORY_TTL=10s broadcaster serve ...   # 60 s
+
+and give the same figures as --history-size and --history-ttl. A `recovered: false` fails the
+run unless history really could not hold the gap: more than --history-size publications missed,
+or the first missed one possibly older than --history-ttl.
+
+Checks besides loss and order: with --server-pid, the server's RSS after the warm-up and at the
+end of the churn agree within --rss-tolerance percent (or --rss-slack-mib MiB), and its open
+file descriptors (/proc/PID/fd) come back to the pre-run count once every connection is
+closed; the gauges connections_active and subscriptions_total of GET /metrics (on --rest when
+the server has an admin listener) equal what the load generator holds open at the end, then
+fall back to their pre-run values. History grows until it holds history.size publications per channel or
+history.ttl of them, and that growth is not a leak: the warm-up is made at least that long
+(at most half the run). With the server's default TTL (300 s) a short run cannot reach it,
+hence BROADCASTER_HISTORY_TTL=10s for 60 s runs; `--duration 30m` warms up for 6 minutes.
+
+Exit status: 0 passed, 1 a check failed, 2 could not run.";
+
+/// `soak` options.
+#[derive(clap::Args, Debug, Clone)]
+pub struct SoakArgs {
+    /// Connections, each cycling connect → auth → subscribe → receive → disconnect → reconnect.
+    #[arg(long, short = 'n', default_value_t = 2000)]
+    pub connections: usize,
+    /// Channels published to.
+    #[arg(long, short = 'c', default_value_t = 8)]
+    pub channels: usize,
+    /// Most channels one connection subscribes to (each takes 1 to this many, fixed for its life).
+    #[arg(long, default_value_t = 3)]
+    pub channels_per_conn: usize,
+    /// How long to run: seconds, or with a unit (`90s`, `30m`, `1h`).
+    #[arg(long, default_value = "60", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// When the server's RSS is taken as the reference (default: 20% of --duration, 10 s to 6 min,
+    /// and at least the time the server's history takes to fill; at most half the run).
+    #[arg(long, value_parser = parse_duration)]
+    pub warmup: Option<Duration>,
+    /// Publications per second, all publishers together (open loop, round robin over channels).
+    #[arg(long, default_value_t = 50.0)]
+    pub rate: f64,
+    /// Publisher threads, each with its own keep-alive connection, share of the rate and channels.
+    #[arg(long, default_value_t = 2)]
+    pub publishers: usize,
+    /// Publish over REST (keep-alive) or a WebSocket.
+    #[arg(long, value_enum, default_value_t = Via::Rest)]
+    pub via: Via,
+    /// Mean seconds a connection stays connected (each session is uniform in 0.5x..1.5x).
+    #[arg(long, default_value_t = 8.0)]
+    pub session: f64,
+    /// Most seconds a connection stays away before reconnecting (uniform from 0).
+    #[arg(long, default_value_t = 1.0)]
+    pub pause: f64,
+    /// Share of sessions that unsubscribe from one of their channels mid-session and subscribe again
+    /// (with `since`) up to --pause later.
+    #[arg(long, default_value_t = 0.3)]
+    pub resubscribe: f64,
+    /// Share of sessions that end by dropping the TCP connection with no close frame (the others
+    /// do the WebSocket closing handshake).
+    #[arg(long, default_value_t = 0.25)]
+    pub abrupt: f64,
+    /// The server's history.size (BROADCASTER_HISTORY_SIZE): `recovered: false` is allowed only for
+    /// a gap larger than this, or for one whose first missed publication may be older than
+    /// --history-ttl.
+    #[arg(long, default_value_t = 10_000)]
+    pub history_size: u64,
+    /// The server's history.ttl (BROADCASTER_HISTORY_TTL).
+    #[arg(long, default_value = "300s", value_parser = parse_duration)]
+    pub history_ttl: Duration,
+    /// Largest change of the server's RSS between the warm-up and the end, percent.
+    #[arg(long, default_value_t = 5.0)]
+    pub rss_tolerance: f64,
+    /// A change of the server's RSS within this many MiB passes whatever the percentage: the
+    /// allocator commits memory in steps of about 2 MiB, 7% of a 30 MiB server.
+    #[arg(long, default_value_t = 2.0)]
+    pub rss_slack_mib: f64,
+    /// Seconds allowed at the end for every connection to come back and catch up, and then for the
+    /// server's gauges and descriptors to come back.
+    #[arg(long, default_value_t = 30.0)]
+    pub settle_timeout: f64,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+/// Parses a duration: plain seconds (`60`, `0.5`) or a number with a unit (`ms`, `s`, `m`, `h`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let v: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (e.g. 60, 90s, 30m, 1h)"))?;
+    let secs = match unit.trim() {
+        "" | "s" | "sec" => v,
+        "ms" => v / 1e3,
+        "m" | "min" => v * 60.0,
+        "h" => v * 3600.0,
+        u => return Err(format!("unknown duration unit {u:?} (ms, s, m, h)")),
+    };
+    if !secs.is_finite() || !(0.0..=1e9).contains(&secs) {
+        return Err(format!("{s:?} is out of range"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
 /// `floor` options.
 #[derive(clap::Args, Debug, Clone)]
 pub struct FloorArgs {
@@ -223,4 +351,57 @@ pub struct FloorArgs {
     /// Write the JSON result here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("60"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("30m"), Ok(Duration::from_secs(1800)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("0.5"), Ok(Duration::from_millis(500)));
+        assert!(parse_duration("10 parsecs").is_err());
+        assert!(parse_duration("m").is_err());
+        assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn several_servers_and_pids() {
+        let cli = Cli::parse_from([
+            "lt",
+            "fanout",
+            "--server",
+            "127.0.0.1:1",
+            "--server",
+            "127.0.0.1:2,127.0.0.1:3",
+            "--server-pid",
+            "10",
+            "--server-pid",
+            "11",
+            "--publish-all",
+        ]);
+        let Scenario::Fanout(a) = cli.scenario else {
+            panic!("not fanout")
+        };
+        assert_eq!(
+            a.common.server,
+            ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]
+        );
+        assert_eq!(a.common.server_pid, [10, 11]);
+        assert!(a.publish.publish_all);
+        let cli = Cli::parse_from(["lt", "soak", "--duration", "30m"]);
+        let Scenario::Soak(s) = cli.scenario else {
+            panic!("not soak")
+        };
+        assert_eq!(s.duration, Duration::from_secs(1800));
+        assert_eq!(s.connections, 2000);
+        assert_eq!(s.common.server, ["127.0.0.1:8080"]);
+        assert!(s.common.server_pid.is_empty());
+    }
 }

@@ -8,7 +8,7 @@
 
 use std::collections::{BinaryHeap, VecDeque};
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -19,6 +19,7 @@ use mio::{Events, Interest, Poll, Token};
 use crate::checker::{Anomalies, SeqChecker};
 use crate::extract::{self, Message};
 use crate::hist;
+use crate::net::Node;
 use crate::schedule::now_unix_ns;
 use crate::ws::{self, Upgrade};
 
@@ -75,10 +76,8 @@ impl Shared {
 /// What every connection of a run needs to know.
 #[derive(Clone)]
 pub struct ClientConfig {
-    /// The server's WebSocket listener.
-    pub target: SocketAddr,
-    /// The Host header.
-    pub host: String,
+    /// The servers' WebSocket listeners; subscriber `i` connects to `nodes[spec.node]`.
+    pub nodes: Arc<Vec<Node>>,
     /// The client token (one for all connections; subscriptions are per connection).
     pub token: String,
     /// Channel names; subscriber `i` subscribes to `channels[channel_of[i]]`.
@@ -105,6 +104,8 @@ pub const COALESCE_EVENTS: usize = 64;
 pub struct SubSpec {
     /// Index of its channel in [`ClientConfig::channels`].
     pub channel: u32,
+    /// Index of its server in [`ClientConfig::nodes`].
+    pub node: u16,
     /// Source address to bind.
     pub source: Option<Ipv4Addr>,
 }
@@ -377,8 +378,8 @@ impl Worker {
         }
     }
 
-    /// Recovery: drop the connection (close frame, best effort) and start a new one that will
-    /// subscribe with `since` the last offset seen.
+    /// Recovery: drop the connection (close frame, best effort) and start a new one (on the next
+    /// node when there are several) that will subscribe with `since` the last offset seen.
     fn reconnect(&mut self, poll: &Poll, idx: usize) {
         let key = self.rng.next_key();
         let c = &mut self.conns[idx];
@@ -390,6 +391,8 @@ impl Worker {
         }
         c.seq_closed.add(&c.seq.counts());
         c.since = c.offsets.as_ref().map(|o| o.high());
+        // Several nodes (a cluster): come back on the next one, so recovery crosses nodes.
+        c.spec.node = ((c.spec.node as usize + 1) % self.cfg.nodes.len()) as u16;
         self.shared.reconnects.fetch_add(1, Ordering::Relaxed);
         self.connect(poll, idx);
     }
@@ -400,7 +403,8 @@ impl Worker {
         c.pending.clear();
         c.fragments.clear();
         c.setup_started = Instant::now();
-        match crate::net::connect_nonblocking(self.cfg.target, c.spec.source) {
+        let target = self.cfg.nodes[c.spec.node as usize % self.cfg.nodes.len()].addr;
+        match crate::net::connect_nonblocking(target, c.spec.source) {
             Ok(mut s) => {
                 if let Err(e) = poll.registry().register(
                     &mut s,
@@ -464,8 +468,9 @@ impl Worker {
                         return;
                     }
                 }
+                let node = &self.cfg.nodes[c.spec.node as usize % self.cfg.nodes.len()];
                 c.pending
-                    .extend_from_slice(&ws::upgrade_request(&self.cfg.host));
+                    .extend_from_slice(&ws::upgrade_request(&node.host));
                 c.phase = Phase::Upgrading;
                 self.flush(idx);
                 // The answer may already be there.

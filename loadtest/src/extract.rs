@@ -95,6 +95,18 @@ pub fn parse_broadcast(text: &[u8]) -> Option<Broadcast> {
     })
 }
 
+/// A broadcast's `channel` (looked up outside the payload, like `seq` and `offset`).
+pub fn broadcast_channel(text: &[u8]) -> Option<&[u8]> {
+    match find(text, b"\"payload\":") {
+        Some(p) => string_field(&text[..p], b"\"channel\":").or_else(|| {
+            let rest = &text[p..];
+            let obj = payload_object(rest);
+            string_field(&rest[obj.len()..], b"\"channel\":")
+        }),
+        None => string_field(text, b"\"channel\":"),
+    }
+}
+
 /// The payload object starting at `"payload":` up to its closing brace (our payloads hold no
 /// nested objects or braces in strings).
 fn payload_object(from_key: &[u8]) -> &[u8] {
@@ -241,6 +253,16 @@ mod tests {
         let text = br#"{"method":"broadcast","params":{"seq":1,"offset":2,"payload":{"t":5,"n":6,"seq":99}}}"#;
         let b = parse_broadcast(text).unwrap();
         assert_eq!((b.seq, b.offset, b.sent_unix_ns, b.n), (1, 2, 5, 6));
+    }
+
+    #[test]
+    fn broadcast_channel_is_found_outside_the_payload() {
+        assert_eq!(broadcast_channel(SAMPLE), Some(&b"lt/fanout"[..]));
+        let after =
+            br#"{"params":{"payload":{"t":1,"n":2,"pad":"x"},"channel":"a/b","seq":1,"offset":1}}"#;
+        assert_eq!(broadcast_channel(after), Some(&b"a/b"[..]));
+        let none = br#"{"method":"broadcast","params":{"seq":1,"offset":1}}"#;
+        assert_eq!(broadcast_channel(none), None);
     }
 
     #[test]

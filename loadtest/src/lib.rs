@@ -14,6 +14,8 @@
 //! | [`procstat`] | /proc sampling of the server, own CPU, rlimits, pinning |
 //! | [`net`] | non-blocking connects from 127.0.0.x source addresses |
 //! | [`floor`] | the kernel floor: plain send() cost per frame |
+//! | [`soak`] | the soak scenario: churning connections, recovery across reconnects, leak checks |
+//! | [`metrics`] | the server's `/metrics` gauges |
 //! | [`report`] | the table, the JSON summary |
 //! | [`token`] | HS256 client tokens |
 
@@ -23,11 +25,13 @@ pub mod client;
 pub mod extract;
 pub mod floor;
 pub mod hist;
+pub mod metrics;
 pub mod net;
 pub mod procstat;
 pub mod publisher;
 pub mod report;
 pub mod scenario;
 pub mod schedule;
+pub mod soak;
 pub mod token;
 pub mod ws;

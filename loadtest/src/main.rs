@@ -12,6 +12,7 @@ fn main() {
         Scenario::Idle(a) => (scenario::idle(a), &a.common),
         Scenario::Storm(a) => (scenario::storm(a), &a.common),
         Scenario::Recovery(a) => (scenario::recovery(a), &a.common),
+        Scenario::Soak(a) => (scenario::soak(a), &a.common),
         Scenario::Floor(a) => {
             std::process::exit(run_floor(a));
         }

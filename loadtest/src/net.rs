@@ -4,6 +4,15 @@
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::FromRawFd;
 
+/// A server node: its address and the Host header its requests carry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Node {
+    /// Where to connect.
+    pub addr: SocketAddr,
+    /// The Host header (the address as given on the command line).
+    pub host: String,
+}
+
 /// The ephemeral port range size from /proc (28,232 with Linux's default 32768-60999).
 pub fn ephemeral_ports() -> u32 {
     std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")

@@ -90,6 +90,52 @@ pub fn sample(pid: u32) -> std::io::Result<ProcSample> {
     })
 }
 
+/// The sum of samples of every process in `pids` (several cluster nodes, or a node and its Redis):
+/// `None` when `pids` is empty or any of them cannot be read. The schedstat figure is kept only when
+/// every process has one, so `cpu_ns` never mixes the two sources.
+pub fn sample_all(pids: &[u32]) -> Option<ProcSample> {
+    if pids.is_empty() {
+        return None;
+    }
+    let samples: Vec<ProcSample> = pids
+        .iter()
+        .map(|&p| sample(p).ok())
+        .collect::<Option<_>>()?;
+    Some(sum_samples(&samples))
+}
+
+/// Adds samples up (see [`sample_all`]).
+pub fn sum_samples(samples: &[ProcSample]) -> ProcSample {
+    let mut t = ProcSample::default();
+    let all_sched = samples.iter().all(|s| s.cpu_sched_ns > 0);
+    for s in samples {
+        t.cpu_ticks_ns += s.cpu_ticks_ns;
+        t.sys_ticks_ns += s.sys_ticks_ns;
+        t.cpu_sched_ns += s.cpu_sched_ns;
+        t.rss_bytes += s.rss_bytes;
+    }
+    if !all_sched {
+        t.cpu_sched_ns = 0;
+    }
+    t
+}
+
+/// Open file descriptors of process `pid` (entries of /proc/PID/fd).
+pub fn fd_count(pid: u32) -> std::io::Result<u64> {
+    Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count() as u64)
+}
+
+/// The server's RSS alone (VmRSS of /proc/PID/status), bytes.
+pub fn rss(pid: u32) -> std::io::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    parse_status_rss(&status).ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "no VmRSS in /proc/PID/status",
+        )
+    })
+}
+
 /// This process's user + system CPU time (getrusage, microsecond resolution, all threads).
 pub fn self_cpu() -> Duration {
     let (u, s) = self_cpu_user_sys();
@@ -200,5 +246,42 @@ mod tests {
         assert!(self_cpu() > Duration::ZERO);
         assert!(thread_cpu_ns() > 0);
         assert!(raise_nofile() >= 1);
+    }
+
+    #[test]
+    fn samples_add_up() {
+        let a = ProcSample {
+            cpu_ticks_ns: 10,
+            sys_ticks_ns: 4,
+            cpu_sched_ns: 11,
+            rss_bytes: 100,
+        };
+        let mut b = a;
+        b.rss_bytes = 50;
+        let t = sum_samples(&[a, b]);
+        assert_eq!(
+            (t.cpu_ticks_ns, t.sys_ticks_ns, t.cpu_sched_ns, t.rss_bytes),
+            (20, 8, 22, 150)
+        );
+        assert_eq!(t.cpu_ns(), 22);
+        // One process without schedstat: ticks for everyone.
+        b.cpu_sched_ns = 0;
+        let t = sum_samples(&[a, b]);
+        assert_eq!(t.cpu_ns(), 20);
+        assert_eq!(sample_all(&[]), None);
+        let me = std::process::id();
+        let two = sample_all(&[me, me]).unwrap();
+        assert!(two.rss_bytes > 0);
+        assert_eq!(sample_all(&[me, u32::MAX]), None, "an unreadable pid");
+    }
+
+    #[test]
+    fn fds_and_rss_of_ourselves() {
+        let n = fd_count(std::process::id()).unwrap();
+        let f = std::fs::File::open("/proc/self/status").unwrap();
+        assert!(fd_count(std::process::id()).unwrap() > n.saturating_sub(2));
+        drop(f);
+        assert!(rss(std::process::id()).unwrap() > 0);
+        assert!(fd_count(u32::MAX).is_err());
     }
 }

@@ -3,13 +3,14 @@
 //! or, in max-rate mode, as fast as a bounded window of undelivered publications allows.
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::client::Shared;
 use crate::extract;
+use crate::net::Node;
 use crate::schedule::{self, Schedule};
 use crate::ws;
 
@@ -25,12 +26,12 @@ pub enum Via {
 /// What to publish.
 #[derive(Clone)]
 pub struct PublisherConfig {
-    /// Where REST requests go (the admin listener when the server has one).
-    pub rest_target: SocketAddr,
-    /// Where the WebSocket publisher connects.
-    pub ws_target: SocketAddr,
-    /// Host header.
-    pub host: String,
+    /// Where REST requests go (the admin listeners when the servers have one), one per node.
+    pub rest_nodes: Vec<Node>,
+    /// Where the WebSocket publisher connects, one per node.
+    pub ws_nodes: Vec<Node>,
+    /// Publish round robin over every node; otherwise to the first only.
+    pub publish_all: bool,
     /// REST or WebSocket.
     pub via: Via,
     /// API key (REST).
@@ -89,18 +90,31 @@ pub fn run(cfg: &PublisherConfig, shared: &Shared) -> PublishResult {
         counts: vec![0; cfg.channels.len()],
         ..Default::default()
     };
-    let conn: Result<Box<dyn Conn>, String> = match cfg.via {
-        Via::Rest => RestConn::connect(cfg).map(|c| Box::new(c) as Box<dyn Conn>),
-        Via::Ws => WsConn::connect(cfg).map(|c| Box::new(c) as Box<dyn Conn>),
+    let nodes = match cfg.via {
+        Via::Rest => &cfg.rest_nodes,
+        Via::Ws => &cfg.ws_nodes,
     };
-    let mut conn = match conn {
-        Ok(c) => c,
-        Err(e) => {
-            shared.error(format!("publisher: {e}"));
-            res.errors += 1;
-            return res;
+    let used = if cfg.publish_all { nodes.len() } else { 1 };
+    let mut conns: Vec<Box<dyn Conn>> = Vec::with_capacity(used);
+    for node in nodes.iter().take(used) {
+        let conn: Result<Box<dyn Conn>, String> = match cfg.via {
+            Via::Rest => RestConn::connect(cfg, node).map(|c| Box::new(c) as Box<dyn Conn>),
+            Via::Ws => WsConn::connect(cfg, node).map(|c| Box::new(c) as Box<dyn Conn>),
+        };
+        match conn {
+            Ok(c) => conns.push(c),
+            Err(e) => {
+                shared.error(format!("publisher: {e}"));
+                res.errors += 1;
+                return res;
+            }
         }
-    };
+    }
+    if conns.is_empty() {
+        shared.error("publisher: no server to publish to".into());
+        res.errors += 1;
+        return res;
+    }
     schedule::precise_timers();
     let sched = Schedule::new(cfg.rate);
     let deadline = cfg.duration.map(|d| sched.start() + d);
@@ -131,6 +145,8 @@ pub fn run(cfg: &PublisherConfig, shared: &Shared) -> PublishResult {
         extract::build_payload(&mut payload, sent_ns, k, cfg.payload_bytes);
         let ch = (k % cfg.channels.len() as u64) as usize;
         let t0 = Instant::now();
+        let n_conns = conns.len() as u64;
+        let conn = &mut conns[(k % n_conns) as usize];
         match conn.publish(&cfg.channels[ch], &payload) {
             Ok(offset) => {
                 res.published += 1;
@@ -190,13 +206,13 @@ struct RestConn {
 }
 
 impl RestConn {
-    fn connect(cfg: &PublisherConfig) -> Result<Self, String> {
-        let stream = crate::net::connect_blocking(cfg.rest_target, cfg.source)
-            .map_err(|e| format!("connect to {} failed: {e}", cfg.rest_target))?;
+    fn connect(cfg: &PublisherConfig, node: &Node) -> Result<Self, String> {
+        let stream = crate::net::connect_blocking(node.addr, cfg.source)
+            .map_err(|e| format!("connect to {} failed: {e}", node.addr))?;
         let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
         let head = format!(
             "POST /publish HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: ",
-            cfg.host, cfg.api_key
+            node.host, cfg.api_key
         )
         .into_bytes();
         Ok(RestConn {
@@ -296,12 +312,12 @@ struct WsConn {
 }
 
 impl WsConn {
-    fn connect(cfg: &PublisherConfig) -> Result<Self, String> {
-        let mut stream = crate::net::connect_blocking(cfg.ws_target, cfg.source)
-            .map_err(|e| format!("connect to {} failed: {e}", cfg.ws_target))?;
+    fn connect(cfg: &PublisherConfig, node: &Node) -> Result<Self, String> {
+        let mut stream = crate::net::connect_blocking(node.addr, cfg.source)
+            .map_err(|e| format!("connect to {} failed: {e}", node.addr))?;
         let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
         stream
-            .write_all(&ws::upgrade_request(&cfg.host))
+            .write_all(&ws::upgrade_request(&node.host))
             .map_err(|e| format!("write: {e}"))?;
         let mut buf = Vec::new();
         let mut chunk = [0u8; 4096];
@@ -412,11 +428,14 @@ mod tests {
     use super::*;
 
     fn cfg(window: u64, per: u64) -> PublisherConfig {
-        let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
-        PublisherConfig {
-            rest_target: a,
-            ws_target: a,
+        let a = Node {
+            addr: "127.0.0.1:1".parse().unwrap(),
             host: String::new(),
+        };
+        PublisherConfig {
+            rest_nodes: vec![a.clone()],
+            ws_nodes: vec![a],
+            publish_all: false,
             via: Via::Rest,
             api_key: String::new(),
             token: String::new(),
@@ -453,6 +472,87 @@ mod tests {
         // Stopping releases a waiter too.
         shared.stop.store(true, Ordering::Relaxed);
         wait_for_window(&c, &shared, 1000);
+    }
+
+    /// A fake REST node: answers every request with the next offset of a shared counter, counts
+    /// the requests it got.
+    fn fake_rest_node(
+        counter: Arc<std::sync::atomic::AtomicU64>,
+    ) -> (Node, std::thread::JoinHandle<u64>) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let node = Node {
+            addr: l.local_addr().unwrap(),
+            host: "fake".into(),
+        };
+        let h = std::thread::spawn(move || {
+            let (mut c, _) = l.accept().unwrap();
+            let mut got = 0;
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            loop {
+                // One request: a head with Content-Length, then the body.
+                let (head_end, len) = loop {
+                    if let Some(p) = ws::find(&buf, b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..p]).to_ascii_lowercase();
+                        let len: usize = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .map(|v| v.trim().parse().unwrap())
+                            .unwrap_or(0);
+                        break (p + 4, len);
+                    }
+                    let n = c.read(&mut chunk).unwrap_or(0);
+                    if n == 0 {
+                        return got;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                };
+                while buf.len() < head_end + len {
+                    let n = c.read(&mut chunk).unwrap();
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+                buf.drain(..head_end + len);
+                got += 1;
+                let off = counter.fetch_add(1, Ordering::Relaxed) + 1;
+                let body = format!("{{\"id\":\"x\",\"offset\":{off}}}");
+                let _ = write!(
+                    c,
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        (node, h)
+    }
+
+    #[test]
+    fn publish_all_goes_round_robin_over_the_nodes() {
+        let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (a, ha) = fake_rest_node(counter.clone());
+        let (b, hb) = fake_rest_node(counter.clone());
+        let mut c = cfg(4, 1);
+        c.rest_nodes = vec![a, b];
+        c.publish_all = true;
+        c.rate = 1000.0;
+        c.count = Some(6);
+        let shared = Shared::default();
+        let r = run(&c, &shared);
+        assert_eq!((r.published, r.errors), (6, 0), "{:?}", shared.errors);
+        assert_eq!(r.last_offsets, vec![6], "offsets are the cluster's, shared");
+        drop(c);
+        assert_eq!((ha.join().unwrap(), hb.join().unwrap()), (3, 3));
+
+        // Without --publish-all everything goes to the first node.
+        let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (a, ha) = fake_rest_node(counter.clone());
+        let (b, _hb) = fake_rest_node(counter.clone());
+        let mut c = cfg(4, 1);
+        c.rest_nodes = vec![a, b];
+        c.rate = 1000.0;
+        c.count = Some(4);
+        let r = run(&c, &Shared::default());
+        assert_eq!(r.published, 4);
+        assert_eq!(ha.join().unwrap(), 4);
     }
 
     #[test]

@@ -1,13 +1,12 @@
 //! The run summary: a human table on stdout, a JSON file, the `.hgrm` distribution and an SVG plot.
 
-use std::net::SocketAddr;
-
 use hdrhistogram::Histogram;
 
 use crate::checker::Anomalies;
 use crate::cli::Common;
 use crate::floor::FloorResult;
 use crate::hist::{self, Percentiles};
+use crate::net::Node;
 use crate::publisher::{PublishResult, Via};
 
 /// Everything a run measured. Serialized as the JSON summary (`--json`).
@@ -17,8 +16,12 @@ pub struct Report {
     pub scenario: &'static str,
     /// `--label`, or the scenario name.
     pub label: String,
-    /// The server's public address.
+    /// The server's public address (several nodes: comma separated).
     pub server: String,
+    /// Server nodes the subscribers were spread over.
+    pub nodes: u64,
+    /// Publications went round robin to every node (otherwise to the first).
+    pub publish_all: bool,
     /// Subscriber connections.
     pub connections: u64,
     /// Channels.
@@ -100,6 +103,8 @@ pub struct Report {
     pub open_files_limit: u64,
     /// Source addresses used.
     pub source_addresses: u64,
+    /// Soak: the churn, recovery, RSS, descriptor and gauge figures.
+    pub soak: Option<crate::soak::SoakFigures>,
     /// The kernel floor, when measured (`--floor`).
     pub floor: Option<FloorResult>,
     /// Server CPU per delivery divided by the one-frame-per-send floor.
@@ -119,11 +124,16 @@ pub struct Report {
 
 impl Report {
     /// An empty report for `scenario`.
-    pub fn new(scenario: &'static str, common: &Common, server: &SocketAddr) -> Self {
+    pub fn new(scenario: &'static str, common: &Common, nodes: &[Node]) -> Self {
         Report {
             scenario,
             label: common.label.clone().unwrap_or_else(|| scenario.to_string()),
-            server: server.to_string(),
+            server: nodes
+                .iter()
+                .map(|n| n.addr.to_string())
+                .collect::<Vec<_>>()
+                .join(","),
+            nodes: nodes.len() as u64,
             latency_kind: "end_to_end",
             payload_bytes: common.payload_bytes,
             ..Default::default()
@@ -184,7 +194,10 @@ impl Report {
                 self.connection_failures
             ));
         }
-        if self.deliveries != self.expected_deliveries && self.scenario != "storm" {
+        if self.deliveries != self.expected_deliveries
+            && self.scenario != "storm"
+            && self.scenario != "soak"
+        {
             why.push(format!(
                 "{} deliveries, expected {}",
                 self.deliveries, self.expected_deliveries
@@ -202,7 +215,19 @@ impl Report {
             let _ = writeln!(s, "  {k:<34} {v}");
         };
         row("scenario", format!("{} ({})", self.scenario, self.label));
-        row("server", self.server.clone());
+        if self.nodes > 1 {
+            row(
+                "servers",
+                format!(
+                    "{} nodes: {} (subscribers round robin, publishing to {})",
+                    self.nodes,
+                    self.server,
+                    if self.publish_all { "all" } else { "the first" }
+                ),
+            );
+        } else {
+            row("server", self.server.clone());
+        }
         row(
             "connections",
             format!(
@@ -232,7 +257,16 @@ impl Report {
                 ),
             );
         }
-        if self.scenario != "storm" {
+        if self.scenario == "soak" {
+            row(
+                "deliveries",
+                format!(
+                    "{} ({} live, the rest replayed by recoveries)",
+                    self.deliveries, self.latency.count
+                ),
+            );
+            row("deliveries/s", format!("{:.0}", self.deliveries_per_s));
+        } else if self.scenario != "storm" {
             row(
                 "deliveries",
                 format!(
@@ -280,6 +314,9 @@ impl Report {
                 "reconnects / unrecovered",
                 format!("{} / {}", self.reconnects, self.unrecovered),
             );
+        }
+        if let Some(k) = &self.soak {
+            soak_rows(&mut row, k);
         }
         if let Some(f) = self.frame_bytes_mean {
             row("broadcast frame bytes (mean)", format!("{f:.0}"));
@@ -403,4 +440,124 @@ impl Report {
         }
         Ok(())
     }
+}
+
+fn mib(b: Option<u64>) -> String {
+    b.map(|b| format!("{:.1}", b as f64 / 1048576.0))
+        .unwrap_or_else(|| "-".into())
+}
+
+fn num(v: Option<u64>) -> String {
+    v.map(|v| v.to_string()).unwrap_or_else(|| "-".into())
+}
+
+fn gauges(g: Option<crate::metrics::Gauges>) -> String {
+    g.map(|g| format!("{} / {}", g.connections_active, g.subscriptions_total))
+        .unwrap_or_else(|| "?".into())
+}
+
+/// The soak's rows of the table.
+fn soak_rows(row: &mut impl FnMut(&str, String), k: &crate::soak::SoakFigures) {
+    row(
+        "soak duration",
+        format!(
+            "{:.0} s churning (RSS reference after {:.0} s), {:.1} s to settle",
+            k.duration_s, k.warmup_s, k.settle_s
+        ),
+    );
+    row(
+        "connections cycled",
+        format!(
+            "{} sessions ended and reconnected ({} by TCP drop), {} sessions in all, {} unsubscribe/resubscribe",
+            k.cycled, k.abrupt_closes, k.sessions, k.resubscribes
+        ),
+    );
+    row(
+        "subscriptions checked",
+        format!(
+            "{} (connection, channel) pairs, 1-{} channels per connection; {} caught up at the end of {}",
+            k.subscriptions, k.channels_per_conn_max, k.settled, k.connections
+        ),
+    );
+    row(
+        "recovery (since)",
+        format!(
+            "{} recovered, {} NOT recovered, {} gaps over --history-size {} ({} offsets), {} replayed deliveries",
+            k.recovered,
+            k.unrecovered,
+            k.history_gaps,
+            k.history_size,
+            k.history_gap_offsets,
+            k.replayed
+        ),
+    );
+    if k.unexpected_broadcasts > 0 || k.never_subscribed > 0 {
+        row(
+            "unexpected",
+            format!(
+                "{} broadcasts while not subscribed, {} pairs never subscribed",
+                k.unexpected_broadcasts, k.never_subscribed
+            ),
+        );
+    }
+    if k.publishers_behind_max_s > 1.0 {
+        row(
+            "WARNING",
+            format!(
+                "the publishers fell {:.1} s behind their schedule: the server or this host could not \
+                 keep up, so latencies, and the RSS of queues under overload, are not steady-state \
+                 figures (lower --rate or --connections, or raise --session)",
+                k.publishers_behind_max_s
+            ),
+        );
+    }
+    let change = k
+        .rss_change_pct
+        .map(|c| {
+            format!(
+                "{c:+.2}% (limit ±{}% or ±{} MiB)",
+                k.rss_tolerance_pct, k.rss_slack_mib
+            )
+        })
+        .unwrap_or_else(|| "- (no --server-pid)".into());
+    row(
+        "server RSS MiB",
+        format!(
+            "start {} / after warm-up {} / end {} (medians over {:.0} s): {change}",
+            mib(k.rss_before_bytes),
+            mib(k.rss_warm_bytes),
+            mib(k.rss_end_bytes),
+            k.rss_window_s
+        ),
+    );
+    row(
+        "server RSS MiB, single samples",
+        format!(
+            "end of warm-up {} / end of churn {} / peak {} / after close {}",
+            mib(k.rss_warm_instant_bytes),
+            mib(k.rss_end_instant_bytes),
+            mib(k.rss_peak_bytes),
+            mib(k.rss_after_close_bytes)
+        ),
+    );
+    row(
+        "server file descriptors",
+        format!(
+            "start {} / peak {} / all open at the end {} / after close {}",
+            num(k.fd_before),
+            num(k.fd_peak),
+            num(k.fd_open_end),
+            num(k.fd_after)
+        ),
+    );
+    row(
+        "gauges conns / subs",
+        format!(
+            "before {}; at the end {} (expected {}); after close {}",
+            gauges(Some(k.gauges_before)),
+            gauges(k.gauges_open),
+            gauges(Some(k.gauges_open_expected)),
+            gauges(k.gauges_after_close)
+        ),
+    );
 }

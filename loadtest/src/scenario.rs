@@ -15,7 +15,7 @@ use crate::cli::{
 use crate::client::{self, ClientConfig, Shared, SubSpec, WorkerResult};
 use crate::floor::{self, FloorConfig, FloorResult};
 use crate::hist;
-use crate::net::{self, SourcePlan};
+use crate::net::{self, Node, SourcePlan};
 use crate::procstat::{self, ProcSample};
 use crate::publisher::{self, PublishResult, PublisherConfig, Via};
 use crate::report::Report;
@@ -24,25 +24,51 @@ use crate::report::Report;
 /// anomalies returns a [`Report`] with `passed == false` instead.
 pub type SetupError = String;
 
-struct Env {
-    target: SocketAddr,
-    rest_target: SocketAddr,
-    host: String,
-    token: String,
-    api_key: String,
-    prefix: String,
-    threads: usize,
-    nofile: u64,
+pub(crate) struct Env {
+    /// The servers' public listeners (one for a single node).
+    pub(crate) nodes: Arc<Vec<Node>>,
+    /// Where REST requests go, one per node.
+    pub(crate) rest_nodes: Vec<Node>,
+    pub(crate) token: String,
+    pub(crate) api_key: String,
+    pub(crate) prefix: String,
+    pub(crate) threads: usize,
+    pub(crate) nofile: u64,
 }
 
-fn resolve(addr: &str) -> Result<SocketAddr, SetupError> {
+impl Env {
+    /// True when every node is on loopback (source addresses can be bound).
+    fn all_loopback(&self) -> bool {
+        self.nodes.iter().all(|n| n.addr.ip().is_loopback())
+    }
+}
+
+pub(crate) fn resolve(addr: &str) -> Result<SocketAddr, SetupError> {
     addr.to_socket_addrs()
         .map_err(|e| format!("cannot resolve {addr}: {e}"))?
         .next()
         .ok_or_else(|| format!("{addr} resolves to nothing"))
 }
 
-fn prepare(common: &Common, connections: usize, need_api_key: bool) -> Result<Env, SetupError> {
+/// Resolves a list of HOST:PORT into nodes (the text kept as the Host header).
+pub(crate) fn resolve_nodes(list: &[String]) -> Result<Vec<Node>, SetupError> {
+    list.iter()
+        .map(|s| s.trim())
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            Ok(Node {
+                addr: resolve(s)?,
+                host: s.to_string(),
+            })
+        })
+        .collect()
+}
+
+pub(crate) fn prepare(
+    common: &Common,
+    connections: usize,
+    need_api_key: bool,
+) -> Result<Env, SetupError> {
     let nofile = procstat::raise_nofile();
     // The load generator needs one descriptor per connection plus a few dozen of its own.
     if (connections as u64) + 64 > nofile {
@@ -52,11 +78,25 @@ fn prepare(common: &Common, connections: usize, need_api_key: bool) -> Result<En
             connections + 64
         ));
     }
-    let target = resolve(&common.server)?;
-    let rest_target = match &common.rest {
-        Some(r) => resolve(r)?,
-        None => target,
+    let nodes = resolve_nodes(&common.server)?;
+    if nodes.is_empty() {
+        return Err("--server names no address".into());
+    }
+    if nodes.len() > u16::MAX as usize {
+        return Err("too many --server addresses".into());
+    }
+    let rest_nodes = if common.rest.is_empty() {
+        nodes.clone()
+    } else {
+        resolve_nodes(&common.rest)?
     };
+    if rest_nodes.len() != nodes.len() && rest_nodes.len() != 1 {
+        return Err(format!(
+            "--rest gives {} addresses for {} --server nodes: give one, or one per node in the same order",
+            rest_nodes.len(),
+            nodes.len()
+        ));
+    }
     let secret = common
         .secret
         .clone()
@@ -89,9 +129,8 @@ fn prepare(common: &Common, connections: usize, need_api_key: bool) -> Result<En
         )
     });
     Ok(Env {
-        target,
-        rest_target,
-        host: common.server.clone(),
+        nodes: Arc::new(nodes),
+        rest_nodes,
         token,
         api_key,
         prefix,
@@ -100,8 +139,8 @@ fn prepare(common: &Common, connections: usize, need_api_key: bool) -> Result<En
     })
 }
 
-fn source_plan(common: &Common, target: SocketAddr, connections: usize) -> SourcePlan {
-    if common.no_source_bind || !target.ip().is_loopback() {
+pub(crate) fn source_plan(common: &Common, env: &Env, connections: usize) -> SourcePlan {
+    if common.no_source_bind || !env.all_loopback() {
         return SourcePlan::none();
     }
     // Keep each source address's share of the ephemeral range small: connect()'s search for a free
@@ -239,34 +278,34 @@ fn merge(results: Vec<WorkerResult>, last_offsets: &[u64]) -> Merged {
     m
 }
 
-struct Window {
-    t0: Instant,
+pub(crate) struct Window {
+    pub(crate) t0: Instant,
     self_cpu0: Duration,
     self_sys0: Duration,
     server0: Option<ProcSample>,
 }
 
-fn window_start(pid: Option<u32>) -> Window {
+pub(crate) fn window_start(pids: &[u32]) -> Window {
     Window {
         t0: Instant::now(),
         self_cpu0: procstat::self_cpu(),
         self_sys0: procstat::self_cpu_user_sys().1,
-        server0: pid.and_then(|p| procstat::sample(p).ok()),
+        server0: procstat::sample_all(pids),
     }
 }
 
-struct WindowEnd {
-    elapsed: Duration,
-    self_cpu: Duration,
-    self_sys: Duration,
-    server_sys_ns: Option<u64>,
-    server_cpu_ns: Option<u64>,
-    server_before: Option<ProcSample>,
-    server_after: Option<ProcSample>,
+pub(crate) struct WindowEnd {
+    pub(crate) elapsed: Duration,
+    pub(crate) self_cpu: Duration,
+    pub(crate) self_sys: Duration,
+    pub(crate) server_sys_ns: Option<u64>,
+    pub(crate) server_cpu_ns: Option<u64>,
+    pub(crate) server_before: Option<ProcSample>,
+    pub(crate) server_after: Option<ProcSample>,
 }
 
-fn window_end(w: &Window, pid: Option<u32>) -> WindowEnd {
-    let after = pid.and_then(|p| procstat::sample(p).ok());
+pub(crate) fn window_end(w: &Window, pids: &[u32]) -> WindowEnd {
+    let after = procstat::sample_all(pids);
     WindowEnd {
         elapsed: w.t0.elapsed(),
         self_cpu: procstat::self_cpu().saturating_sub(w.self_cpu0),
@@ -355,14 +394,18 @@ pub fn recovery(a: &RecoveryArgs) -> Result<Report, SetupError> {
     })
 }
 
-fn channel_names(prefix: &str, name: &str, n: usize) -> Arc<Vec<String>> {
+pub(crate) fn channel_names(prefix: &str, name: &str, n: usize) -> Arc<Vec<String>> {
     Arc::new((0..n).map(|i| format!("{prefix}/{name}/{i}")).collect())
 }
 
-fn specs(plan: &SourcePlan, n: usize, channels: usize) -> Vec<SubSpec> {
+/// Subscriber `i` takes channel `i % channels` and, within its channel, the nodes in turn, so every
+/// channel's subscribers are spread evenly over the nodes whatever the channel and node counts.
+fn specs(plan: &SourcePlan, n: usize, channels: usize, nodes: usize) -> Vec<SubSpec> {
+    let channels = channels.max(1);
     (0..n)
         .map(|i| SubSpec {
-            channel: (i % channels.max(1)) as u32,
+            channel: (i % channels) as u32,
+            node: ((i / channels) % nodes.max(1)) as u16,
             source: plan.for_conn(i),
         })
         .collect()
@@ -372,11 +415,10 @@ fn run_pubsub(p: PubSub<'_>) -> Result<Report, SetupError> {
     let common = p.common;
     let total = p.channels * p.per_channel;
     let env = prepare(common, total + 1, p.publish.via == Via::Rest)?;
-    let plan = source_plan(common, env.target, total + 1);
+    let plan = source_plan(common, &env, total + 1);
     let channels = channel_names(&env.prefix, p.name, p.channels);
     let cfg = ClientConfig {
-        target: env.target,
-        host: env.host.clone(),
+        nodes: env.nodes.clone(),
         token: env.token.clone(),
         channels: channels.clone(),
         concurrency: common.concurrency.max(1),
@@ -384,8 +426,14 @@ fn run_pubsub(p: PubSub<'_>) -> Result<Report, SetupError> {
         record_setup_latency: false,
         coalesce: Duration::from_micros(common.coalesce_us),
     };
-    let workers = spawn_workers(&env, common, cfg, specs(&plan, total, p.channels));
-    let mut report = Report::new(p.name, common, &env.target);
+    let workers = spawn_workers(
+        &env,
+        common,
+        cfg,
+        specs(&plan, total, p.channels, env.nodes.len()),
+    );
+    let mut report = Report::new(p.name, common, &env.nodes);
+    report.publish_all = p.publish.publish_all && env.nodes.len() > 1;
     report.connections = total as u64;
     report.channels = p.channels as u64;
     report.subscribers_per_channel = p.per_channel as u64;
@@ -405,9 +453,9 @@ fn run_pubsub(p: PubSub<'_>) -> Result<Report, SetupError> {
         (_, d) => d.map(Duration::from_secs_f64),
     };
     let pcfg = PublisherConfig {
-        rest_target: env.rest_target,
-        ws_target: env.target,
-        host: env.host.clone(),
+        rest_nodes: env.rest_nodes.clone(),
+        ws_nodes: env.nodes.to_vec(),
+        publish_all: p.publish.publish_all,
         via: p.publish.via,
         api_key: env.api_key.clone(),
         token: env.token.clone(),
@@ -421,7 +469,7 @@ fn run_pubsub(p: PubSub<'_>) -> Result<Report, SetupError> {
         source: plan.for_conn(total),
     };
 
-    let window = window_start(common.server_pid);
+    let window = window_start(&common.server_pid);
     let shared = workers.shared.clone();
     let pub_cpu = common.cpus.last().copied();
     let publisher = {
@@ -458,7 +506,7 @@ fn run_pubsub(p: PubSub<'_>) -> Result<Report, SetupError> {
             break;
         }
     }
-    let end = window_end(&window, common.server_pid);
+    let end = window_end(&window, &common.server_pid);
     if !common.quiet {
         eprintln!("{}", progress_line(&shared, window.t0, &mut last, total));
     }
@@ -568,12 +616,11 @@ pub fn idle(a: &IdleArgs) -> Result<Report, SetupError> {
     let common = &a.common;
     let n = a.connections;
     let env = prepare(common, n + 1, true)?;
-    let plan = source_plan(common, env.target, n + 1);
+    let plan = source_plan(common, &env, n + 1);
     let channels = channel_names(&env.prefix, "idle", a.channels.max(1));
-    let before = common.server_pid.and_then(|p| procstat::sample(p).ok());
+    let before = procstat::sample_all(&common.server_pid);
     let cfg = ClientConfig {
-        target: env.target,
-        host: env.host.clone(),
+        nodes: env.nodes.clone(),
         token: env.token.clone(),
         channels: channels.clone(),
         concurrency: common.concurrency.max(1),
@@ -581,7 +628,7 @@ pub fn idle(a: &IdleArgs) -> Result<Report, SetupError> {
         record_setup_latency: false,
         coalesce: Duration::from_micros(common.coalesce_us),
     };
-    let mut report = Report::new("idle", common, &env.target);
+    let mut report = Report::new("idle", common, &env.nodes);
     report.connections = n as u64;
     report.channels = channels.len() as u64;
     report.subscribers_per_channel = (n / channels.len()) as u64;
@@ -589,20 +636,23 @@ pub fn idle(a: &IdleArgs) -> Result<Report, SetupError> {
     report.open_files_limit = env.nofile;
     report.source_addresses = plan.addrs().len() as u64;
     let self_rss0 = procstat::self_rss();
-    let workers = spawn_workers(&env, common, cfg, specs(&plan, n, channels.len()));
+    let workers = spawn_workers(
+        &env,
+        common,
+        cfg,
+        specs(&plan, n, channels.len(), env.nodes.len()),
+    );
     if let Err(e) = workers.wait_subscribed(common, "subscribe") {
         let (shared, _) = workers.join();
         return Err(with_errors(e, &shared));
     }
-    let window = window_start(common.server_pid);
+    let window = window_start(&common.server_pid);
     let hold = Duration::from_secs_f64(a.hold);
     let mut last = (Instant::now(), 0u64);
     while window.t0.elapsed() < hold {
         std::thread::sleep(Duration::from_secs(1).min(hold.saturating_sub(window.t0.elapsed())));
         if !common.quiet {
-            let rss = common
-                .server_pid
-                .and_then(|p| procstat::sample(p).ok())
+            let rss = procstat::sample_all(&common.server_pid)
                 .map(|s| format!(" server RSS {:.1} MiB", s.rss_bytes as f64 / 1048576.0))
                 .unwrap_or_default();
             eprintln!(
@@ -611,13 +661,13 @@ pub fn idle(a: &IdleArgs) -> Result<Report, SetupError> {
             );
         }
     }
-    let held = window_end(&window, common.server_pid);
+    let held = window_end(&window, &common.server_pid);
     let self_rss1 = procstat::self_rss();
     // One publication per channel proves every held connection is still alive and subscribed.
     let pcfg = PublisherConfig {
-        rest_target: env.rest_target,
-        ws_target: env.target,
-        host: env.host.clone(),
+        rest_nodes: env.rest_nodes.clone(),
+        ws_nodes: env.nodes.to_vec(),
+        publish_all: false,
         via: Via::Rest,
         api_key: env.api_key.clone(),
         token: env.token.clone(),
@@ -663,11 +713,10 @@ pub fn storm(a: &StormArgs) -> Result<Report, SetupError> {
     let common = &a.common;
     let n = a.connections;
     let env = prepare(common, n, false)?;
-    let plan = source_plan(common, env.target, n);
+    let plan = source_plan(common, &env, n);
     let channels = channel_names(&env.prefix, "storm", a.channels.max(1));
     let cfg = ClientConfig {
-        target: env.target,
-        host: env.host.clone(),
+        nodes: env.nodes.clone(),
         token: env.token.clone(),
         channels: channels.clone(),
         concurrency: common.concurrency.max(1),
@@ -675,7 +724,7 @@ pub fn storm(a: &StormArgs) -> Result<Report, SetupError> {
         record_setup_latency: true,
         coalesce: Duration::ZERO,
     };
-    let mut report = Report::new("storm", common, &env.target);
+    let mut report = Report::new("storm", common, &env.nodes);
     report.connections = n as u64;
     report.channels = channels.len() as u64;
     report.subscribers_per_channel = (n / channels.len()) as u64;
@@ -683,10 +732,15 @@ pub fn storm(a: &StormArgs) -> Result<Report, SetupError> {
     report.open_files_limit = env.nofile;
     report.source_addresses = plan.addrs().len() as u64;
     report.latency_kind = "connect_to_subscribed";
-    let window = window_start(common.server_pid);
-    let workers = spawn_workers(&env, common, cfg, specs(&plan, n, channels.len()));
+    let window = window_start(&common.server_pid);
+    let workers = spawn_workers(
+        &env,
+        common,
+        cfg,
+        specs(&plan, n, channels.len(), env.nodes.len()),
+    );
     let setup = workers.wait_subscribed(common, "connect, auth and subscribe");
-    let end = window_end(&window, common.server_pid);
+    let end = window_end(&window, &common.server_pid);
     let (shared, results) = workers.join();
     let merged = merge(results, &vec![0; channels.len()]);
     fill_common(&mut report, &shared, merged, &end, common);
@@ -705,6 +759,11 @@ pub fn storm(a: &StormArgs) -> Result<Report, SetupError> {
     Ok(report)
 }
 
+/// `soak`: connections churn for a long while; nothing lost, nothing leaked (see [`crate::soak`]).
+pub fn soak(a: &crate::cli::SoakArgs) -> Result<Report, SetupError> {
+    crate::soak::run(a)
+}
+
 /// `floor`: the kernel floor alone.
 pub fn floor_only(a: &FloorArgs) -> Result<FloorResult, SetupError> {
     let frame_bytes = a
@@ -718,4 +777,42 @@ pub fn floor_only(a: &FloorArgs) -> Result<FloorResult, SetupError> {
         passes_per_s: a.passes_per_s,
         pin: a.pin,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subscribers_alternate_nodes_within_each_channel() {
+        // 2 channels x 4 subscribers over 2 nodes: every channel gets 2 subscribers on each node,
+        // which `i % nodes` alone would not do (channel 0 would be all on node 0).
+        let s = specs(&SourcePlan::none(), 8, 2, 2);
+        for ch in 0..2u32 {
+            let nodes: Vec<u16> = s
+                .iter()
+                .filter(|x| x.channel == ch)
+                .map(|x| x.node)
+                .collect();
+            assert_eq!(nodes, [0, 1, 0, 1], "channel {ch}");
+        }
+        // One channel: plain round robin; one node: always node 0.
+        let s = specs(&SourcePlan::none(), 5, 1, 2);
+        assert_eq!(
+            s.iter().map(|x| x.node).collect::<Vec<_>>(),
+            [0, 1, 0, 1, 0]
+        );
+        assert!(specs(&SourcePlan::none(), 5, 3, 1)
+            .iter()
+            .all(|x| x.node == 0));
+    }
+
+    #[test]
+    fn nodes_resolve_in_order() {
+        let n = resolve_nodes(&["127.0.0.1:1".into(), " 127.0.0.1:2 ".into(), "".into()]).unwrap();
+        assert_eq!(n.len(), 2);
+        assert_eq!(n[1].addr, "127.0.0.1:2".parse().unwrap());
+        assert_eq!(n[1].host, "127.0.0.1:2");
+        assert!(resolve_nodes(&["no-such-host.invalid:1".into()]).is_err());
+    }
 }

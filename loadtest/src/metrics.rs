@@ -1,0 +1,127 @@
+//! The server's own gauges, read from `GET /metrics` (Prometheus text): `connections_active` and
+//! `subscriptions_total`, which the soak scenario checks against what the load generator holds.
+
+use std::io::Write;
+use std::time::Duration;
+
+use crate::net::Node;
+use crate::publisher::read_http_response;
+
+/// The two gauges the soak checks (the unlabelled totals over every shard).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Gauges {
+    /// Open WebSocket connections.
+    pub connections_active: i64,
+    /// Active subscriptions.
+    pub subscriptions_total: i64,
+}
+
+/// The value of the unlabelled sample `name` (`name VALUE` on a line of its own) in a Prometheus text
+/// exposition; labelled samples (`name{shard="0"} 3`) and other metrics sharing the prefix are not it.
+pub fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let rest = line.strip_prefix(name)?;
+        if !rest.starts_with([' ', '\t']) {
+            return None;
+        }
+        rest.split_whitespace().next()?.parse::<f64>().ok()
+    })
+}
+
+/// The soak's gauges from a metrics text.
+pub fn parse_gauges(text: &str) -> Result<Gauges, String> {
+    let get = |name: &str| {
+        sample(text, name)
+            .map(|v| v as i64)
+            .ok_or_else(|| format!("/metrics has no `{name}` sample"))
+    };
+    Ok(Gauges {
+        connections_active: get("connections_active")?,
+        subscriptions_total: get("subscriptions_total")?,
+    })
+}
+
+/// Fetches `GET /metrics` from `node` (a fresh connection, closed after the answer).
+pub fn scrape_text(node: &Node) -> Result<String, String> {
+    let mut s = crate::net::connect_blocking(node.addr, None)
+        .map_err(|e| format!("connect to {} for /metrics failed: {e}", node.addr))?;
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let req = format!(
+        "GET /metrics HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        node.host
+    );
+    s.write_all(req.as_bytes())
+        .map_err(|e| format!("/metrics request: {e}"))?;
+    let mut buf = Vec::new();
+    let (status, body) = read_http_response(&mut s, &mut buf)?;
+    if status != 200 {
+        return Err(format!(
+            "GET /metrics on {} answered HTTP {status} (with an admin listener, give it as --rest)",
+            node.addr
+        ));
+    }
+    String::from_utf8(body).map_err(|_| "/metrics is not UTF-8".to_string())
+}
+
+/// Fetches and parses the gauges.
+pub fn scrape(node: &Node) -> Result<Gauges, String> {
+    parse_gauges(&scrape_text(node)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TEXT: &str = "# HELP connections_active Open WebSocket connections.\n\
+        # TYPE connections_active gauge\n\
+        connections_active 5\n\
+        connections_active{shard=\"0\"} 2\n\
+        connections_active{shard=\"1\"} 3\n\
+        connections_active_extra 99\n\
+        # TYPE subscriptions_total gauge\n\
+        subscriptions_total{shard=\"0\"} 7\n\
+        subscriptions_total 12\n\
+        messages_sent_total 1e3\n";
+
+    #[test]
+    fn unlabelled_totals_are_read() {
+        assert_eq!(sample(TEXT, "connections_active"), Some(5.0));
+        assert_eq!(sample(TEXT, "subscriptions_total"), Some(12.0));
+        assert_eq!(sample(TEXT, "messages_sent_total"), Some(1000.0));
+        assert_eq!(sample(TEXT, "connections"), None, "a prefix is not a name");
+        assert_eq!(
+            parse_gauges(TEXT),
+            Ok(Gauges {
+                connections_active: 5,
+                subscriptions_total: 12
+            })
+        );
+        assert!(parse_gauges("connections_active 1\n").is_err());
+    }
+
+    #[test]
+    fn scrape_reads_an_http_answer() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let node = Node {
+            addr: l.local_addr().unwrap(),
+            host: "x".into(),
+        };
+        let t = std::thread::spawn(move || {
+            use std::io::Read;
+            let (mut c, _) = l.accept().unwrap();
+            let mut head = [0u8; 1024];
+            let n = c.read(&mut head).unwrap();
+            assert!(head[..n].starts_with(b"GET /metrics HTTP/1.1\r\n"));
+            let body = "connections_active 3\nsubscriptions_total 4\n";
+            write!(
+                c,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .unwrap();
+        });
+        let g = scrape(&node).unwrap();
+        t.join().unwrap();
+        assert_eq!((g.connections_active, g.subscriptions_total), (3, 4));
+    }
+}
