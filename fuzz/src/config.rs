@@ -1,0 +1,135 @@
+//! A structured generator of `broadcaster.toml` files: known keys with values at the edges.
+
+use arbitrary::Arbitrary;
+
+pub const KEYS: &[&str] = &[
+    "listen",
+    "admin_listen",
+    "shards",
+    "playground",
+    "allowed_origins",
+    "shutdown_grace",
+    "auth.jwt_secret",
+    "auth.api_keys",
+    "auth.leeway",
+    "limits.auth_timeout",
+    "limits.http_head_timeout",
+    "limits.http_head_bytes_max",
+    "limits.max_frame_bytes",
+    "limits.max_payload_bytes",
+    "limits.requests_per_second",
+    "limits.request_burst",
+    "limits.max_subscriptions_per_connection",
+    "limits.max_connections",
+    "limits.outbound_buffer_bytes",
+    "limits.write_timeout",
+    "limits.ping_interval",
+    "history.size",
+    "history.ttl",
+    "redis.url",
+    "tls.cert_file",
+    "tls.key_file",
+    "log.level",
+    "unknown",
+    "limits.unknown",
+];
+
+pub const VALUES: &[&str] = &[
+    "\"10s\"",
+    "\"0s\"",
+    "\"500ms\"",
+    "\"1ns\"",
+    "\"1h 2m\"",
+    "\"-1s\"",
+    "\"10\"",
+    "\"18446744073709551615s\"",
+    "\"9223372036854775807s\"",
+    "\"100years\"",
+    "\"584942417355years\"",
+    "0",
+    "1",
+    "255",
+    "256",
+    "65536",
+    "1048576",
+    "-1",
+    "9223372036854775807",
+    "1.5",
+    "true",
+    "false",
+    "\"127.0.0.1:0\"",
+    "\"0.0.0.0:8080\"",
+    "\"[::1]:8080\"",
+    "\"[::]:80\"",
+    "\"localhost:80\"",
+    "\"\"",
+    "\"s3cret\"",
+    "[]",
+    "[\"\"]",
+    "[\"a\", \"b\"]",
+    "[1]",
+    "\"info\"",
+    "\"broadcaster=debug,warn\"",
+    "\"[\"",
+    "{}",
+    "{ a = 1 }",
+];
+
+#[derive(Debug, Arbitrary)]
+pub enum Value {
+    Known(u8),
+    Str(String),
+    Int(i64),
+    Raw(String),
+}
+
+#[derive(Debug, Arbitrary)]
+pub struct ConfigSpec {
+    pub entries: Vec<(u8, Value)>,
+    /// Write dotted keys (`limits.x = 1`) instead of `[limits]` tables.
+    pub dotted: bool,
+}
+
+impl ConfigSpec {
+    pub fn encode(&self) -> String {
+        let mut top = String::new();
+        let mut tables: Vec<(String, String)> = Vec::new();
+        for (k, v) in &self.entries {
+            let key = KEYS[*k as usize % KEYS.len()];
+            let value = match v {
+                Value::Known(i) => VALUES[*i as usize % VALUES.len()].to_string(),
+                Value::Str(s) => toml_string(s),
+                Value::Int(i) => i.to_string(),
+                Value::Raw(r) => r.replace('\n', " "),
+            };
+            match key.split_once('.') {
+                Some((table, leaf)) if !self.dotted => {
+                    let line = format!("{leaf} = {value}\n");
+                    match tables.iter_mut().find(|(t, _)| t == table) {
+                        Some((_, body)) => body.push_str(&line),
+                        None => tables.push((table.to_string(), line)),
+                    }
+                }
+                _ => top.push_str(&format!("{key} = {value}\n")),
+            }
+        }
+        for (table, body) in tables {
+            top.push_str(&format!("[{table}]\n{body}"));
+        }
+        top
+    }
+}
+
+fn toml_string(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04X}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
