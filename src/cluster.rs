@@ -154,7 +154,8 @@ pub fn start(
     history_size: usize,
     history_ttl: Duration,
 ) -> Result<Bridge, String> {
-    let client = redis::Client::open(url).map_err(|e| format!("redis.url {url}: {e}"))?;
+    // The URL may hold a password: name the key, not the value.
+    let client = redis::Client::open(url).map_err(|e| format!("redis.url: {e}"))?;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let metrics = Arc::new(BridgeMetrics::default());
     let m = metrics.clone();

@@ -17,6 +17,7 @@ pub struct Head {
     pub ws_key: Option<String>,
     pub ws_version: Option<String>,
     pub origin: Option<String>,
+    pub host: Option<String>,
     /// The token of `Authorization: Bearer TOKEN`.
     pub bearer: Option<Vec<u8>>,
 }
@@ -112,6 +113,8 @@ pub fn parse_head(buf: &[u8], max_bytes: usize) -> Result<Option<Head>, HeadErro
             head.ws_version = Some(text());
         } else if name.eq_ignore_ascii_case("origin") {
             head.origin = Some(text());
+        } else if name.eq_ignore_ascii_case("host") {
+            head.host = Some(text());
         } else if name.eq_ignore_ascii_case("authorization") {
             let v = value.trim_ascii();
             if v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer ") {
@@ -120,6 +123,21 @@ pub fn parse_head(buf: &[u8], max_bytes: usize) -> Result<Option<Head>, HeadErro
         }
     }
     Ok(Some(head))
+}
+
+/// True when a `Host` header names this machine (localhost, 127.0.0.0/8 or ::1), with any port.
+/// Dev mode answers only those, so a web page whose name rebinds to 127.0.0.1 cannot read the
+/// dev token embedded in the playground (DNS rebinding).
+pub fn is_loopback_host(host: &str) -> bool {
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        rest.split(']').next().unwrap_or("")
+    } else {
+        host.rsplit_once(':').map_or(host, |(h, _)| h)
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Value of `key` in a query string, percent-decoded.
@@ -250,6 +268,29 @@ mod tests {
         assert!(!parse_head(close, 8192).unwrap().unwrap().keep_alive);
         let old = b"GET / HTTP/1.0\r\n\r\n";
         assert!(!parse_head(old, 8192).unwrap().unwrap().keep_alive);
+    }
+
+    #[test]
+    fn loopback_hosts() {
+        for h in [
+            "localhost",
+            "localhost:8080",
+            "127.0.0.1:8080",
+            "127.1.2.3",
+            "[::1]:8080",
+            "[::1]",
+        ] {
+            assert!(is_loopback_host(h), "{h}");
+        }
+        for h in [
+            "evil.example",
+            "evil.example:8080",
+            "10.0.0.1:80",
+            "[2001:db8::1]:80",
+            "",
+        ] {
+            assert!(!is_loopback_host(h), "{h}");
+        }
     }
 
     #[test]

@@ -107,6 +107,23 @@ async fn serve(shard: Rc<Shard>, tcp: TcpStream, role: Role) {
             }
         };
         buf.drain(..head.len);
+        if shard.config().dev_mode
+            && head
+                .host
+                .as_deref()
+                .is_some_and(|h| !http::is_loopback_host(h))
+        {
+            let mut out = Vec::new();
+            http::write_error(
+                &mut out,
+                403,
+                Code::PermissionDenied.as_str(),
+                "dev mode answers only loopback Host names",
+                false,
+            );
+            let _ = write_all(&stream, &out).await;
+            return;
+        }
         if head.path == "/ws" && matches!(role, Role::Public { .. }) {
             upgrade(shard, stream, head, buf).await;
             return;
