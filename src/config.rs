@@ -358,6 +358,14 @@ impl Config {
                 }
             }
         }
+        // tracing-subscriber 0.3 can panic on non-ASCII directives (found by the config fuzz
+        // target); levels and module paths are ASCII anyway.
+        if !self.log.level.is_ascii() {
+            return bad(
+                "log.level",
+                "must be ASCII, like \"info\" or \"broadcaster=debug,info\"",
+            );
+        }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return bad("log.level", &format!("not a valid level or filter: {e}"));
         }
@@ -550,6 +558,17 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.contains("auth.leeway"), "{e}");
+    }
+
+    #[test]
+    fn non_ascii_log_levels_are_refused_not_panicked_on() {
+        let e = load(
+            Some("[log]\nlevel = \" \u{6ae}=q\"\n"),
+            &[],
+            Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(e.contains("log.level"), "{e}");
     }
 
     #[test]

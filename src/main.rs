@@ -142,7 +142,11 @@ fn serve(args: ServeArgs) -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(&format!("invalid configuration: {e}")),
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    // RUST_LOG is read only when ASCII: tracing-subscriber can panic on other directives.
+    let from_env = std::env::var("RUST_LOG").ok().filter(|v| v.is_ascii());
+    let filter = from_env
+        .ok_or(())
+        .and_then(|v| tracing_subscriber::EnvFilter::try_new(v).map_err(|_| ()))
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&config.log.level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
