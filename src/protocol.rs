@@ -146,6 +146,15 @@ pub fn parse_request<'a>(
         return Err(reject(None, "request must be a JSON object"));
     };
     let spans = members(text, skip_ws(text, 0));
+    if let Some(name) = repeated(text, &spans, &TOP_MEMBERS) {
+        return Err(Rejected {
+            id: None,
+            error: err(
+                Code::InvalidArgument,
+                format!("request repeats member {name:?}"),
+            ),
+        });
+    }
     let id = match obj.get("id") {
         None => None,
         Some(v) if v.is_str() || v.is_number() => span_of(text, &spans, "id"),
@@ -161,19 +170,29 @@ pub fn parse_request<'a>(
     let params = obj.get("params");
     // An unknown method is NotFound whether or not the connection is authenticated.
     let method_needs_auth = matches!(method, "subscribe" | "unsubscribe" | "publish");
-    let method = match method {
-        "auth" => parse_auth(params),
-        "subscribe" => parse_subscribe(params),
-        "unsubscribe" => channel_param(params).map(|channel| Method::Unsubscribe { channel }),
-        "publish" => parse_publish(text, &spans, params, payload_bytes_max).map(Method::Publish),
-        "heartbeat" => Ok(Method::Heartbeat),
-        other => {
-            let mut shown = other.chars().take(64).collect::<String>();
-            if shown.len() < other.len() {
-                shown.push('…');
+    let inner = find(text, &spans, "params").map_or_else(Vec::new, |(at, _)| members(text, at));
+    let params_repeat = repeated(text, &inner, &PARAMS_MEMBERS);
+    let method = match (method, params_repeat) {
+        ("auth" | "subscribe" | "unsubscribe" | "publish", Some(name)) => Err(err(
+            Code::InvalidArgument,
+            format!("params repeats member {name:?}"),
+        )),
+        (method, _) => match method {
+            "auth" => parse_auth(params),
+            "subscribe" => parse_subscribe(params),
+            "unsubscribe" => channel_param(params).map(|channel| Method::Unsubscribe { channel }),
+            "publish" => {
+                parse_publish(text, &inner, params, payload_bytes_max).map(Method::Publish)
             }
-            Err(err(Code::NotFound, format!("unknown method {shown:?}")))
-        }
+            "heartbeat" => Ok(Method::Heartbeat),
+            other => {
+                let mut shown = other.chars().take(64).collect::<String>();
+                if shown.len() < other.len() {
+                    shown.push('…');
+                }
+                Err(err(Code::NotFound, format!("unknown method {shown:?}")))
+            }
+        },
     };
     Ok(Request {
         id,
@@ -263,7 +282,7 @@ fn parse_subscribe(params: Option<&BorrowedValue>) -> Result<Method, Error> {
 
 fn parse_publish(
     text: &[u8],
-    spans: &[(Span, Span)],
+    inner: &[(Span, Span)],
     params: Option<&BorrowedValue>,
     payload_bytes_max: usize,
 ) -> Result<PublishParams, Error> {
@@ -281,10 +300,7 @@ fn parse_publish(
     if params.and_then(|p| p.get("payload")).is_none() {
         return Err(err(Code::InvalidArgument, "params.payload is required"));
     }
-    let params_span = find(text, spans, "params")
-        .ok_or_else(|| err(Code::Internal, "params could not be located"))?;
-    let inner = members(text, params_span.0);
-    let payload = span_of(text, &inner, "payload")
+    let payload = span_of(text, inner, "payload")
         .ok_or_else(|| err(Code::Internal, "payload could not be located"))?;
     check_payload(payload.len(), payload_bytes_max)?;
     Ok(PublishParams {
@@ -320,6 +336,7 @@ pub fn parse_publish_body(body: &[u8], payload_bytes_max: usize) -> Result<Publi
         return Err(err(Code::InvalidArgument, "body must be a JSON object"));
     }
     let inner = members(body, skip_ws(body, 0));
+    refuse_repeated(body, &inner)?;
     let channel = channel_param(Some(&value))?;
     let event = value
         .get("event")
@@ -345,6 +362,8 @@ pub fn parse_broadcast_body(
     let mut scratch = body.to_vec();
     let value = simd_json::to_borrowed_value(&mut scratch)
         .map_err(|_| err(Code::InvalidArgument, "body is not valid JSON"))?;
+    let inner = members(body, skip_ws(body, 0));
+    refuse_repeated(body, &inner)?;
     let Some(list) = value.get("channels").and_then(|c| c.as_array()) else {
         return Err(err(
             Code::InvalidArgument,
@@ -370,7 +389,6 @@ pub fn parse_broadcast_body(
         .and_then(|e| e.as_str())
         .ok_or_else(|| err(Code::InvalidArgument, "event, a string, is required"))?;
     check_event(event)?;
-    let inner = members(body, skip_ws(body, 0));
     let payload = span_of(body, &inner, "payload")
         .ok_or_else(|| err(Code::InvalidArgument, "payload is required"))?;
     check_payload(payload.len(), payload_bytes_max)?;
@@ -464,19 +482,61 @@ fn members(t: &[u8], i: usize) -> Vec<(Span, Span)> {
     out
 }
 
-/// The value span of the first member named `name` (keys may be written with escapes). The first,
-/// because simd-json keeps the first of duplicated keys: the span must be the value it validated.
+/// Members that must not be repeated. simd-json keeps the first of duplicated keys in objects
+/// of up to 32 members and the last in larger ones, while the span scanner reads raw bytes; a
+/// repeated member could be validated in one place and used from another, so it is refused
+/// (found by the `protocol_request` fuzz target).
+const TOP_MEMBERS: [&str; 3] = ["id", "method", "params"];
+const PARAMS_MEMBERS: [&str; 5] = ["channel", "event", "payload", "token", "since"];
+const BODY_MEMBERS: [&str; 4] = ["channel", "channels", "event", "payload"];
+
+/// The first of `names` that occurs more than once among the keys of `spans`.
+fn repeated<'n>(t: &[u8], spans: &[(Span, Span)], names: &[&'n str]) -> Option<&'n str> {
+    let mut seen = 0u32;
+    for (k, _) in spans {
+        for (i, name) in names.iter().enumerate() {
+            if key_is(t, *k, name) {
+                if seen & (1 << i) != 0 {
+                    return Some(name);
+                }
+                seen |= 1 << i;
+            }
+        }
+    }
+    None
+}
+
+fn refuse_repeated(body: &[u8], spans: &[(Span, Span)]) -> Result<(), Error> {
+    match repeated(body, spans, &BODY_MEMBERS) {
+        Some(name) => Err(err(
+            Code::InvalidArgument,
+            format!("body repeats member {name:?}"),
+        )),
+        None => Ok(()),
+    }
+}
+
+fn key_is(t: &[u8], k: Span, name: &str) -> bool {
+    let Some(raw) = t.get(k.0..k.1) else {
+        return false;
+    };
+    if raw.contains(&b'\\') {
+        let quoted = k.0.checked_sub(1).and_then(|a| t.get(a..k.1 + 1));
+        quoted
+            .and_then(|q| serde_json::from_slice::<String>(q).ok())
+            .as_deref()
+            == Some(name)
+    } else {
+        raw == name.as_bytes()
+    }
+}
+
+/// The value span of the member named `name` (keys may be written with escapes). Callers have
+/// refused repeated members, so the first is the only one and the one simd-json validated.
 fn find(t: &[u8], spans: &[(Span, Span)], name: &str) -> Option<Span> {
-    spans.iter().find_map(|(k, v)| {
-        let raw = t.get(k.0..k.1)?;
-        let same = if raw.contains(&b'\\') {
-            let quoted = t.get(k.0 - 1..k.1 + 1)?;
-            serde_json::from_slice::<String>(quoted).ok()? == name
-        } else {
-            raw == name.as_bytes()
-        };
-        same.then_some(*v)
-    })
+    spans
+        .iter()
+        .find_map(|(k, v)| key_is(t, *k, name).then_some(*v))
 }
 
 fn span_of<'a>(t: &'a [u8], spans: &[(Span, Span)], name: &str) -> Option<&'a [u8]> {
@@ -616,15 +676,49 @@ mod tests {
     }
 
     #[test]
-    fn duplicated_keys_use_the_member_simd_json_validated() {
-        // Found by the protocol_request fuzz target.
-        let r = parse(r#"{"id":1,"method":"heartbeat","id":{"a":[1]}}"#).unwrap();
-        assert_eq!(r.id, Some(&b"1"[..]));
-        let text = r#"{"method":"publish","params":{"channel":"c","event":"e","payload":[1]},"params":{}}"#;
-        let Ok(Method::Publish(p)) = parse(text).unwrap().method else {
-            panic!("the first params is the one validated")
-        };
-        assert_eq!(p.payload, b"[1]");
+    fn repeated_members_are_refused() {
+        // Found by the protocol_request fuzz target: simd-json keeps the first of duplicated
+        // keys in small objects and the last in objects of more than 32 members.
+        let filler: String = (0..40).map(|i| format!(r#""f{i}":{i},"#)).collect();
+        for pad in ["", filler.as_str()] {
+            for text in [
+                format!(r#"{{{pad}"id":1,"method":"heartbeat","id":{{"a":[1]}}}}"#),
+                format!(r#"{{{pad}"id":{{"a":[1]}},"method":"heartbeat","id":1}}"#),
+                format!(r#"{{{pad}"method":"heartbeat","m\u0065thod":"auth"}}"#),
+                format!(
+                    r#"{{{pad}"method":"publish","params":{{"channel":"c","event":"e","payload":[1]}},"params":{{}}}}"#
+                ),
+            ] {
+                let r = parse(&text).expect_err(&text);
+                assert_eq!(r.error.code, Code::InvalidArgument, "{text}");
+                assert_eq!(r.id, None, "{text}");
+            }
+            for text in [
+                format!(
+                    r#"{{"id":7,"method":"publish","params":{{{pad}"channel":"c","event":"e","payload":[1],"payload":2}}}}"#
+                ),
+                format!(
+                    r#"{{"id":7,"method":"subscribe","params":{{{pad}"channel":"c","channel":"d"}}}}"#
+                ),
+                format!(r#"{{"id":7,"method":"auth","params":{{{pad}"token":"a","token":"b"}}}}"#),
+            ] {
+                let r = parse(&text).expect(&text);
+                assert_eq!(r.id, Some(&b"7"[..]));
+                let e = r.method.expect_err(&text);
+                assert_eq!(e.code, Code::InvalidArgument, "{text}");
+                assert!(e.message.contains("repeats"), "{e:?}");
+            }
+            // Members the server does not read may repeat.
+            let text = format!(r#"{{{pad}"x":1,"x":2,"method":"heartbeat","id":3}}"#);
+            assert!(parse(&text).expect(&text).method.is_ok());
+            let body = format!(r#"{{{pad}"channel":"c","event":"e","payload":1,"payload":{{}}}}"#);
+            let e = parse_publish_body(body.as_bytes(), 100).expect_err(&body);
+            assert_eq!(e.code, Code::InvalidArgument);
+            let body =
+                format!(r#"{{{pad}"channels":["c"],"channels":["d"],"event":"e","payload":1}}"#);
+            let e = parse_broadcast_body(body.as_bytes(), 100, 10).expect_err(&body);
+            assert_eq!(e.code, Code::InvalidArgument);
+        }
     }
 
     #[test]

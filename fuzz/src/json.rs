@@ -229,10 +229,22 @@ impl<'de: 'a, 'a> Deserialize<'de> for Members<'a> {
 }
 
 impl<'a> Members<'a> {
-    /// The raw value of the first member named `key`: with duplicated keys the server uses the
-    /// first (the member simd-json validates), so the oracle does too.
-    pub fn first(&self, key: &str) -> Option<&'a str> {
-        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v.get())
+    /// The raw values of every member named `key`, in order.
+    pub fn all(&self, key: &str) -> Vec<&'a str> {
+        self.0
+            .iter()
+            .filter(|(k, _)| k == key)
+            .map(|(_, v)| v.get())
+            .collect()
+    }
+
+    /// The raw value of `key` when it occurs once (with duplicates, which one a parser uses is
+    /// its choice; the oracle only asks that it be one of them).
+    pub fn unique(&self, key: &str) -> Option<&'a str> {
+        match self.all(key).as_slice() {
+            [one] => Some(one),
+            _ => None,
+        }
     }
 }
 
@@ -604,10 +616,11 @@ mod tests {
     #[test]
     fn raw_members_keep_value_text() {
         let m = raw_members(br#"{"a": {"x" :1} , "b":"\u0041","a":2}"#).unwrap();
-        assert_eq!(m.first("a"), Some(r#"{"x" :1}"#));
-        assert_eq!(m.first("b"), Some(r#""\u0041""#));
-        assert_eq!(m.first("z"), None);
+        assert_eq!(m.all("a"), vec![r#"{"x" :1}"#, "2"]);
+        assert_eq!(m.unique("a"), None);
+        assert_eq!(m.unique("b"), Some(r#""\u0041""#));
+        assert_eq!(m.unique("z"), None);
         let m = raw_members(br#"{"p\u0061yload": {"x" :1} }"#).unwrap();
-        assert_eq!(m.first("payload"), Some(r#"{"x" :1}"#));
+        assert_eq!(m.unique("payload"), Some(r#"{"x" :1}"#));
     }
 }

@@ -26,12 +26,20 @@ pub fn sign(header: &[u8], claims: &[u8], secret: &[u8]) -> String {
     format!("{message}.{}", b64(&sig))
 }
 
-/// JSON as jsonwebtoken reads it: serde_json skips the members it ignores without checking
-/// their UTF-8, so a signed token whose unknown claim holds invalid UTF-8 is accepted. That is
-/// serde_json's leniency, not a forgery (the signature covers those bytes), so the oracle reads
-/// such text with the invalid bytes replaced.
-fn lenient_json(text: &[u8]) -> serde_json::Result<Value> {
-    serde_json::from_slice(text).or_else(|_| serde_json::from_str(&String::from_utf8_lossy(text)))
+/// The header member the oracle looks at, read as jsonwebtoken reads headers: serde_json skips
+/// the members it does not know without checking them (UTF-8, number range), so a signed token
+/// may carry such bytes in an unknown member. That is serde_json's leniency, not a forgery.
+#[derive(serde::Deserialize)]
+struct HeaderSeen {
+    alg: Option<Value>,
+}
+
+/// The claims the oracle looks at, read the same way.
+#[derive(serde::Deserialize)]
+struct ClaimsSeen {
+    sub: Option<Value>,
+    exp: Option<Value>,
+    aud: Option<Value>,
 }
 
 /// Why an accepted token should not have been, or None when it is fine.
@@ -50,11 +58,11 @@ pub fn acceptance_error(
     let Ok(header) = URL_SAFE_NO_PAD.decode(parts[0]) else {
         return Some("header is not base64url".into());
     };
-    let Ok(header) = lenient_json(&header) else {
+    let Ok(header) = serde_json::from_slice::<HeaderSeen>(&header) else {
         return Some("header is not JSON".into());
     };
-    if header.get("alg") != Some(&Value::from("HS256")) {
-        return Some(format!("alg of {header}"));
+    if header.alg != Some(Value::from("HS256")) {
+        return Some(format!("alg {:?}", header.alg));
     }
     let Ok(sig) = URL_SAFE_NO_PAD.decode(parts[2]) else {
         return Some("signature is not base64url".into());
@@ -66,24 +74,24 @@ pub fn acceptance_error(
     let Ok(claims) = URL_SAFE_NO_PAD.decode(parts[1]) else {
         return Some("claims are not base64url".into());
     };
-    let Ok(claims) = lenient_json(&claims) else {
+    let Ok(claims) = serde_json::from_slice::<ClaimsSeen>(&claims) else {
         return Some("claims are not JSON".into());
     };
-    match claims.get("sub").and_then(Value::as_str) {
+    match claims.sub.as_ref().and_then(Value::as_str) {
         Some(s) if !s.is_empty() && s == sub => {}
         other => return Some(format!("sub {other:?} accepted as {sub:?}")),
     }
-    match claims.get("exp").and_then(Value::as_u64) {
+    match claims.exp.as_ref().and_then(Value::as_u64) {
         Some(e) if e == exp && e.saturating_add(leeway_secs) >= now => {}
         other => return Some(format!("exp {other:?} accepted as {exp} at {now}")),
     }
-    let aud_ok = match claims.get("aud") {
+    let aud_ok = match &claims.aud {
         Some(Value::String(a)) => a == "broadcaster",
         Some(Value::Array(a)) => a.iter().any(|v| v == "broadcaster"),
         _ => false,
     };
     if !aud_ok {
-        return Some(format!("aud {:?}", claims.get("aud")));
+        return Some(format!("aud {:?}", claims.aud));
     }
     None
 }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use arbitrary::Unstructured;
 use broadcaster::auth::{self, Verifier};
 use broadcaster::config::{Config, Overrides};
-use broadcaster::http::{parse_head, query_param};
+use broadcaster::http::{is_loopback_host, parse_head, query_param};
 use broadcaster::protocol::{
     check_channel, parse_broadcast_body, parse_publish_body, parse_request, Code, Method,
     EVENT_BYTES_MAX,
@@ -91,7 +91,26 @@ fn check_head(buf: &[u8], max: usize, u: &mut Unstructured) {
                 );
             }
             check_query(&h.query, u);
+            if let Some(host) = &h.host {
+                check_host(host);
+            }
         }
+    }
+}
+
+/// Dev mode serves only loopback `Host` names (DNS rebinding): a name under some domain is
+/// never taken for one.
+fn check_host(host: &str) {
+    if is_loopback_host(host) {
+        let name = match host.strip_prefix('[') {
+            Some(rest) => rest.split(']').next().unwrap_or(""),
+            None => host.rsplit_once(':').map_or(host, |(h, _)| h),
+        };
+        let ip = name.parse::<std::net::IpAddr>();
+        assert!(
+            name.eq_ignore_ascii_case("localhost") || ip.is_ok_and(|ip| ip.is_loopback()),
+            "Host {host:?} taken for loopback"
+        );
     }
 }
 
@@ -236,6 +255,15 @@ fn check_payload(what: &str, body: &[u8], payload: &[u8], max: usize, expected: 
     let _ = body;
 }
 
+/// The members the server reads, which must not repeat (`src/protocol.rs`).
+const TOP_MEMBERS: [&str; 3] = ["id", "method", "params"];
+const PARAMS_MEMBERS: [&str; 5] = ["channel", "event", "payload", "token", "since"];
+const BODY_MEMBERS: [&str; 4] = ["channel", "channels", "event", "payload"];
+
+fn repeats(m: &json::Members, names: &[&str]) -> bool {
+    names.iter().any(|n| m.all(n).len() > 1)
+}
+
 pub fn check_request(text: &[u8], max: usize) {
     // A dirty scratch buffer must not matter.
     let mut scratch = b"{\"junk\":[1,2,3]}".repeat(3);
@@ -247,9 +275,24 @@ pub fn check_request(text: &[u8], max: usize) {
         "parse is not deterministic"
     );
     let shown = || String::from_utf8_lossy(text).into_owned();
-    // serde_json's view of the members, for the spans: with duplicated keys the server uses the
-    // first one (the member simd-json validated), so the oracle does too.
+    // serde_json's view of the members, for the spans. The members the server reads must not
+    // repeat (which of two a parser keeps is its choice: simd-json keeps the first in objects
+    // of up to 32 members and the last beyond), so a request repeating `id`, `method` or
+    // `params` is refused whole, and one repeating a member of its `params` gets
+    // InvalidArgument for its method. Other members may repeat.
     let top = raw_members(text);
+    let top_repeats = top.as_ref().is_some_and(|m| repeats(m, &TOP_MEMBERS));
+    let inner = top
+        .as_ref()
+        .and_then(|m| m.unique("params"))
+        .and_then(|p| raw_members(p.as_bytes()));
+    let params_repeat = inner.as_ref().is_some_and(|m| repeats(m, &PARAMS_MEMBERS));
+    if top_repeats {
+        match &r {
+            Err(rejected) => assert!(rejected.id.is_none(), "id echoed from {:?}", shown()),
+            Ok(_) => panic!("request repeating a member accepted: {:?}", shown()),
+        }
+    }
     match r {
         Err(rejected) => {
             assert_eq!(
@@ -262,16 +305,16 @@ pub fn check_request(text: &[u8], max: usize) {
                 check_id(text, id);
             }
             // Completeness: an object serde_json reads (numbers in f64 range, nesting within
-            // 128, as simd-json requires too), whose `method` is a string and whose `id` is
-            // absent, a number or a string, is a request. Integers beyond 64 bits are a
-            // documented simd-json limit, not a bug here.
+            // 128, as simd-json requires too), not repeating `id`, `method` or `params`, whose
+            // `method` is a string and whose `id` is absent, a number or a string, is a
+            // request. Integers beyond 64 bits are a documented simd-json limit, not a bug here.
             let serde_reads = serde_json::from_slice::<serde_json::Value>(text).is_ok()
                 && !json::has_big_integer(text);
-            if let Some(m) = top.as_ref().filter(|_| serde_reads) {
-                let method_is_string = m.first("method").is_some_and(|v| v.starts_with('"'));
-                let id_ok = m
-                    .first("id")
-                    .is_none_or(|v| matches!(v.as_bytes()[0], b'"' | b'-' | b'0'..=b'9'));
+            if let Some(m) = top.as_ref().filter(|_| serde_reads && !top_repeats) {
+                let method_is_string = m.unique("method").is_some_and(|v| v.starts_with('"'));
+                let id_ok = m.all("id").is_empty()
+                    || m.unique("id")
+                        .is_some_and(|v| matches!(v.as_bytes()[0], b'"' | b'-' | b'0'..=b'9'));
                 assert!(
                     !(method_is_string && id_ok),
                     "request {:?} rejected: {:?}",
@@ -292,14 +335,22 @@ pub fn check_request(text: &[u8], max: usize) {
             if let Some(id) = req.id {
                 check_id(text, id);
                 if let Some(m) = &top {
-                    let raw = m.first("id");
                     assert_eq!(
                         Some(String::from_utf8_lossy(id).as_ref()),
-                        raw,
+                        m.unique("id"),
                         "id span of {:?}",
                         shown()
                     );
                 }
+            }
+            let known = !matches!(&req.method, Err(e) if e.code == Code::NotFound);
+            if params_repeat && known {
+                assert!(
+                    matches!(&req.method, Err(e) if e.code == Code::InvalidArgument),
+                    "params repeating a member accepted: {:?} for {:?}",
+                    req.method,
+                    shown()
+                );
             }
             match req.method {
                 Err(e) => {
@@ -327,9 +378,12 @@ pub fn check_request(text: &[u8], max: usize) {
                         "event of {} bytes",
                         p.event.len()
                     );
-                    let params = top.as_ref().and_then(|m| m.first("params"));
-                    let inner = params.and_then(|p| raw_members(p.as_bytes()));
-                    let expected = inner.as_ref().and_then(|m| m.first("payload"));
+                    let expected = inner.as_ref().and_then(|m| m.unique("payload"));
+                    assert!(
+                        top.is_none() || expected.is_some(),
+                        "payload span of {:?}",
+                        shown()
+                    );
                     check_payload("publish", text, &p.payload, max, expected);
                 }
                 Ok(Method::Subscribe { channel, .. }) | Ok(Method::Unsubscribe { channel }) => {
@@ -364,9 +418,13 @@ pub fn rest_bodies(data: &[u8]) {
 
 pub fn check_bodies(body: &[u8], max: usize, channels_max: usize) {
     let top = raw_members(body);
-    let expected = top.as_ref().and_then(|m| m.first("payload"));
+    let expected = top.as_ref().and_then(|m| m.unique("payload"));
+    let body_repeats = top.as_ref().is_some_and(|m| repeats(m, &BODY_MEMBERS));
     let shown = || String::from_utf8_lossy(body).into_owned();
-    let rest_code = |c: Code| matches!(c, Code::InvalidArgument | Code::ResourceExhausted);
+    // A body repeating a member the server reads is refused (see check_request).
+    let rest_code = |c: Code| {
+        matches!(c, Code::InvalidArgument) || (!body_repeats && c == Code::ResourceExhausted)
+    };
     match parse_publish_body(body, max) {
         Ok(p) => {
             assert!(
@@ -376,6 +434,11 @@ pub fn check_bodies(body: &[u8], max: usize, channels_max: usize) {
             );
             assert!(check_channel(&p.channel).is_ok(), "channel {:?}", p.channel);
             assert!((1..=EVENT_BYTES_MAX).contains(&p.event.len()));
+            assert!(
+                !body_repeats,
+                "body repeating a member accepted: {:?}",
+                shown()
+            );
             check_payload("publish body", body, &p.payload, max, expected);
         }
         Err(e) => assert!(rest_code(e.code), "publish body: {e:?} for {:?}", shown()),
@@ -396,6 +459,11 @@ pub fn check_bodies(body: &[u8], max: usize, channels_max: usize) {
                 assert!(check_channel(c).is_ok(), "channel {c:?}");
             }
             assert!((1..=EVENT_BYTES_MAX).contains(&event.len()));
+            assert!(
+                !body_repeats,
+                "body repeating a member accepted: {:?}",
+                shown()
+            );
             check_payload("broadcast body", body, &payload, max, expected);
         }
         Err(e) => assert!(rest_code(e.code), "broadcast body: {e:?} for {:?}", shown()),

@@ -29,3 +29,17 @@ fn regression_inputs_pass() {
     let failed = replay("regressions", false);
     assert!(failed.is_empty(), "{failed:#?}");
 }
+
+/// tracing-subscriber's `EnvFilter::try_new` panics on some non-ASCII directives; a
+/// `log.level` that reaches it must be an error naming the key (fixed in 3737eda).
+#[test]
+fn a_log_level_that_tracing_subscriber_cannot_parse_is_an_error() {
+    use broadcaster::config::{Config, Overrides};
+    let path = std::env::temp_dir().join(format!("bc-fuzz-log-{}.toml", std::process::id()));
+    std::fs::write(&path, "[log]\nlevel = \" \u{6ae}=q\"\n").unwrap();
+    let r =
+        std::panic::catch_unwind(|| Config::load(Some(&path), &|_| None, &Overrides::default()));
+    let _ = std::fs::remove_file(&path);
+    let e = r.expect("Config::load panicked").expect_err("accepted");
+    assert!(e.0.contains("log.level"), "{e}");
+}
