@@ -84,6 +84,7 @@ fn fanout(c: &mut Criterion) {
         drop(shard.subscribe(conn, None, "contest/annual-2024", None));
         conn.discard_queued();
     }
+    shard.flusher.discard();
     let p = publication();
     let mut g = c.benchmark_group("fanout_one_shard");
     g.throughput(Throughput::Elements(SUBSCRIBERS as u64));
@@ -93,6 +94,7 @@ fn fanout(c: &mut Criterion) {
                 for conn in &conns {
                     conn.discard_queued();
                 }
+                shard.flusher.discard();
             },
             |_| shard.deliver(&p),
             BatchSize::SmallInput,

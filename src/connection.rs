@@ -1,9 +1,11 @@
-//! One WebSocket connection: its send queue, the writer that drains it in one write per wake,
-//! and the session (read loop, requests, timers, close codes).
+//! One WebSocket connection: its send queue, the shard's flush pass and the connection's writer
+//! that drain it, and the session (read loop, requests, timers, close codes).
 //!
-//! The reader and the writer are two tasks with a waker each, so a fan-out wakes only writers:
-//! fan-out wakes the task and both are polled. All state is `Cell`/`RefCell`, borrowed only inside
-//! synchronous helpers.
+//! Fan-out queues bytes and marks the connection; the flush pass (`Flusher`, one task per shard)
+//! writes every marked socket once per executor turn with a plain non-blocking `send`, so a
+//! delivered message costs no task wake-up. The writer task handles the rest (TLS, a socket
+//! that is full, close frames) and the reader its own socket; each has its own waker. All state
+//! is `Cell`/`RefCell`, borrowed only inside synchronous helpers.
 
 use crate::auth::{unix_now, Permissions};
 use crate::channel::Publication;
@@ -56,17 +58,30 @@ mod pool {
     }
 }
 
+struct ConnIo {
+    shard: Rc<Shard>,
+    stream: Rc<RefCell<Transport>>,
+}
+
 /// Shard-local state of one connection that fan-out and the ring handlers touch.
 pub struct Conn {
     pub id: u64,
-    /// Bytes queued and not yet handed to the writer.
+    /// The plain TCP socket the flush pass writes to directly; -1 for TLS (its records are
+    /// written by the writer task) and once the connection has ended.
+    fd: Cell<i32>,
+    /// Bytes queued and not yet written.
     out: RefCell<Vec<u8>>,
     /// Bytes the writer holds and has not written yet; they count against the limit too.
     inflight: Cell<usize>,
     out_bytes_max: usize,
     /// When the oldest broadcast in `out` was accepted, for `publish_to_write_seconds`.
     oldest: Cell<Option<Instant>>,
-    writer_waker: Cell<Option<Waker>>,
+    /// The shard and the stream, while `run` runs: what the flush pass and a writer need.
+    io: RefCell<Option<ConnIo>>,
+    /// A writer task exists (it exits when the queue is empty): no task while idle.
+    writer_running: Cell<bool>,
+    /// `run` waiting for the writer to exit.
+    writer_done: Cell<Option<Waker>>,
     reader_waker: Cell<Option<Waker>>,
     /// A close frame is queued: nothing more is queued after it.
     closing: Cell<bool>,
@@ -81,11 +96,14 @@ impl Conn {
     pub fn new(id: u64, out_bytes_max: usize) -> Rc<Conn> {
         Rc::new(Conn {
             id,
+            fd: Cell::new(-1),
             out: RefCell::new(Vec::new()),
             inflight: Cell::new(0),
             out_bytes_max,
             oldest: Cell::new(None),
-            writer_waker: Cell::new(None),
+            io: RefCell::new(None),
+            writer_running: Cell::new(false),
+            writer_done: Cell::new(None),
             reader_waker: Cell::new(None),
             closing: Cell::new(false),
             dead: Cell::new(false),
@@ -98,18 +116,62 @@ impl Conn {
         self.closing.get() || self.dead.get()
     }
 
-    /// Wakes the writer (something was queued) and the reader (the connection's state changed).
+    /// Wakes the reader: the connection's state changed.
     fn wake(&self) {
-        self.wake_writer();
         if let Some(w) = self.reader_waker.take() {
             w.wake();
         }
     }
 
-    fn wake_writer(&self) {
-        if let Some(w) = self.writer_waker.take() {
-            w.wake();
+    /// Something was queued outside fan-out (a response, a ping, a close): the flush pass writes
+    /// it at the end of this turn, like fan-out's frames.
+    fn queued(self: &Rc<Self>) {
+        let io = self.io.borrow();
+        if let Some(io) = &*io {
+            io.shard.flusher.mark(self);
         }
+    }
+
+    /// Starts the writer task unless one runs (it loops until the queue is empty).
+    fn start_writer(self: &Rc<Self>) {
+        if self.writer_running.get() || self.dead.get() {
+            return;
+        }
+        let Some((shard, stream)) = self
+            .io
+            .borrow()
+            .as_ref()
+            .map(|io| (io.shard.clone(), io.stream.clone()))
+        else {
+            return;
+        };
+        self.writer_running.set(true);
+        let conn = self.clone();
+        glommio::spawn_local(async move {
+            writer(
+                &conn,
+                &stream,
+                shard.config().limits.write_timeout,
+                shard.metrics(),
+            )
+            .await;
+            conn.writer_running.set(false);
+            if let Some(w) = conn.writer_done.take() {
+                w.wake();
+            }
+        })
+        .detach();
+    }
+
+    /// The close frame and everything before it are out: FIN, and the reader's linger starts.
+    fn close_written(&self, fd: i32) {
+        // SAFETY: shutdown(2) on this connection's open socket (see `flush_now`); a failure
+        // (already reset) is harmless.
+        unsafe {
+            libc::shutdown(fd, libc::SHUT_WR);
+        }
+        self.close_sent.set(true);
+        self.wake();
     }
 
     fn register(slot: &Cell<Option<Waker>>, waker: &Waker) {
@@ -119,9 +181,16 @@ impl Conn {
         }
     }
 
-    /// Queues one broadcast frame; false when the connection is closing or just overflowed.
+    /// Queues one broadcast frame; false when the connection is closing or just overflowed. A
+    /// connection whose queue was empty is handed to `flusher`, which writes it after this turn.
     #[inline]
-    pub fn enqueue_broadcast(&self, p: &Publication, seq: u64, metrics: &ShardMetrics) -> bool {
+    pub fn enqueue_broadcast(
+        self: &Rc<Self>,
+        p: &Publication,
+        seq: u64,
+        metrics: &ShardMetrics,
+        flusher: &Flusher,
+    ) -> bool {
         if self.closing.get() || self.dead.get() {
             return false;
         }
@@ -146,12 +215,72 @@ impl Conn {
         if was_empty {
             self.oldest.set(Some(p.accepted));
             drop(out);
-            self.wake_writer();
+            flusher.mark(self);
         }
         true
     }
 
-    fn push_frame(&self, f: impl FnOnce(&mut Vec<u8>)) {
+    /// Writes what is queued with one non-blocking `send` from the flush pass: a delivered
+    /// message costs no task and no wake-up. What the socket does not take (rare: its buffer is
+    /// full) and TLS go to a writer task, which waits for room under the write timeout.
+    fn flush_now(self: &Rc<Self>, metrics: &ShardMetrics, now: Instant) {
+        if self.dead.get() || self.writer_running.get() {
+            // A writer loops until the queue is empty: it keeps the order.
+            return;
+        }
+        let fd = self.fd.get();
+        if fd < 0 {
+            self.start_writer();
+            return;
+        }
+        let mut out = self.out.borrow_mut();
+        if out.is_empty() {
+            return;
+        }
+        // SAFETY: `fd` is this connection's open socket: `run` sets it to -1 (and `dead`) before
+        // the stream is dropped, and nothing else closes it. `out` outlives the call.
+        let n = unsafe {
+            libc::send(
+                fd,
+                out.as_ptr().cast(),
+                out.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if n < 0 {
+            drop(out);
+            let e = io::Error::last_os_error();
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+            ) {
+                self.start_writer();
+            } else {
+                // Reset or broken pipe: the reader ends the connection.
+                self.dead.set(true);
+                self.wake();
+            }
+            return;
+        }
+        let n = n as usize;
+        if n < out.len() {
+            out.drain(..n);
+            drop(out);
+            self.start_writer();
+            return;
+        }
+        let buf = std::mem::take(&mut *out);
+        drop(out);
+        pool::give(buf);
+        if let Some(t) = self.oldest.take() {
+            metrics.observe_publish_to_write(now.saturating_duration_since(t));
+        }
+        if self.closing.get() {
+            self.close_written(fd);
+        }
+    }
+
+    fn push_frame(self: &Rc<Self>, f: impl FnOnce(&mut Vec<u8>)) {
         if self.closing.get() || self.dead.get() {
             return;
         }
@@ -161,11 +290,11 @@ impl Conn {
         }
         f(&mut out);
         drop(out);
-        self.wake_writer();
+        self.queued();
     }
 
     /// Queues a response: `Ok(body)` is the JSON text of `result`.
-    pub fn respond(&self, id: Option<&[u8]>, result: Result<&[u8], &Error>) {
+    pub fn respond(self: &Rc<Self>, id: Option<&[u8]>, result: Result<&[u8], &Error>) {
         self.push_frame(|out| {
             let mut msg = Vec::with_capacity(96);
             match result {
@@ -178,7 +307,7 @@ impl Conn {
 
     /// Queues a close frame, after what is queued unless `discard` (a slow consumer's queue is
     /// dropped: its socket is full anyway, and the close is best effort, SPEC 13.16).
-    pub fn close(&self, code: u16, reason: &str, discard: bool) {
+    pub fn close(self: &Rc<Self>, code: u16, reason: &str, discard: bool) {
         if self.closing.get() || self.dead.get() {
             return;
         }
@@ -193,6 +322,7 @@ impl Conn {
             frame::write_close(&mut out, code, reason);
         }
         self.closing.set(true);
+        self.queued();
         self.wake();
     }
 
@@ -220,7 +350,55 @@ impl Conn {
     }
 }
 
-/// Writes everything queued, one write per wake, until a close frame has been flushed.
+/// Connections that fan-out queued bytes for in this turn of the shard's executor. The flush
+/// pass runs once per turn (a task woken by the first mark), after every publication of the
+/// turn was queued, so each socket gets one `send` for all of them.
+#[derive(Default)]
+pub struct Flusher {
+    dirty: RefCell<Vec<Rc<Conn>>>,
+    waker: Cell<Option<Waker>>,
+}
+
+impl Flusher {
+    fn mark(&self, conn: &Rc<Conn>) {
+        let mut dirty = self.dirty.borrow_mut();
+        if dirty.is_empty() {
+            if let Some(w) = self.waker.take() {
+                w.wake();
+            }
+        }
+        dirty.push(conn.clone());
+    }
+
+    /// Forgets the connections marked so far without writing them; for benchmarks of fan-out.
+    pub fn discard(&self) {
+        self.dirty.borrow_mut().clear();
+    }
+
+    /// The flush pass, run as one task per shard for the shard's life.
+    pub async fn run(&self, metrics: &ShardMetrics) {
+        let mut batch: Vec<Rc<Conn>> = Vec::new();
+        loop {
+            poll_fn(|cx| {
+                if self.dirty.borrow().is_empty() {
+                    Conn::register(&self.waker, cx.waker());
+                    Poll::Pending
+                } else {
+                    Poll::Ready(())
+                }
+            })
+            .await;
+            std::mem::swap(&mut batch, &mut *self.dirty.borrow_mut());
+            let now = Instant::now();
+            for conn in batch.drain(..) {
+                conn.flush_now(metrics, now);
+            }
+        }
+    }
+}
+
+/// Writes what the flush pass could not (TLS, a socket that is full) until the queue is empty
+/// or a close frame has been flushed, then exits: an idle connection has no writer task.
 async fn writer(
     conn: &Conn,
     stream: &RefCell<Transport>,
@@ -229,21 +407,15 @@ async fn writer(
 ) {
     let mut buf: Vec<u8> = Vec::new();
     loop {
-        let ready = poll_fn(|cx| {
-            if conn.dead.get() {
-                return Poll::Ready(false);
-            }
-            if !conn.out.borrow().is_empty() {
-                return Poll::Ready(true);
-            }
-            Conn::register(&conn.writer_waker, cx.waker());
-            Poll::Pending
-        })
-        .await;
-        if !ready {
+        if conn.dead.get() {
             return;
         }
         std::mem::swap(&mut buf, &mut *conn.out.borrow_mut());
+        if buf.is_empty() {
+            // Keep the (empty) queue's buffer where it was.
+            std::mem::swap(&mut buf, &mut *conn.out.borrow_mut());
+            return;
+        }
         conn.inflight.set(buf.len());
         let oldest = conn.oldest.take();
         let mut written = 0;
@@ -359,18 +531,32 @@ pub async fn run(shard: Rc<Shard>, stream: Transport, input: Vec<u8>) {
     shard.conns.borrow_mut().insert(conn.id, conn.clone());
     ShardMetrics::gauge(&shard.metrics().connections_active, 1);
     tracing::debug!(conn = conn.id, shard = shard.id, "websocket open");
+    if let Transport::Plain(tcp) = &stream {
+        use std::os::fd::AsRawFd;
+        conn.fd.set(tcp.as_raw_fd());
+    }
     let stream = Rc::new(RefCell::new(stream));
-    let writer_task = {
-        let (conn, stream, shard) = (conn.clone(), stream.clone(), shard.clone());
-        let timeout = limits.write_timeout;
-        glommio::spawn_local(async move { writer(&conn, &stream, timeout, shard.metrics()).await })
-            .detach()
-    };
+    *conn.io.borrow_mut() = Some(ConnIo {
+        shard: shard.clone(),
+        stream: stream.clone(),
+    });
     reader(&shard, &conn, &stream, input).await;
-    // Whatever ended the reader ends the writer too.
+    // Whatever ended the reader ends the writer too, and the flush pass stops writing to the
+    // socket (it may still hold this connection in its list).
     conn.dead.set(true);
-    conn.wake();
-    writer_task.await;
+    conn.fd.set(-1);
+    // A writer blocked in a write ends with it (error or write timeout).
+    poll_fn(|cx| {
+        if conn.writer_running.get() {
+            Conn::register(&conn.writer_done, cx.waker());
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    })
+    .await;
+    // The shard holds the connection and the connection held the shard.
+    conn.io.borrow_mut().take();
     let subs: Vec<_> = conn.subs.borrow_mut().drain().map(|(_, s)| s).collect();
     for sub in &subs {
         shard.unsubscribe(sub);

@@ -169,6 +169,10 @@ async fn shard_main(
         admin.as_ref().and_then(|a| a.local_addr().ok()),
     );
     let shard = Shard::new(id, shared.clone());
+    let flush_task = {
+        let shard = shard.clone();
+        glommio::spawn_local(async move { shard.flusher.run(shard.metrics()).await }).detach()
+    };
     connect_rings(&shard, ends);
     let _ = ready.send(Ok(addrs));
 
@@ -200,6 +204,7 @@ async fn shard_main(
         glommio::timer::sleep(Duration::from_millis(20)).await;
     }
     public_task.cancel();
+    flush_task.cancel();
     if let Some(t) = admin_task {
         t.cancel();
     }

@@ -7,7 +7,7 @@
 use crate::auth::Verifier;
 use crate::channel::{self, Channels, HistoryPage, Position, Publication};
 use crate::config::Config;
-use crate::connection::Conn;
+use crate::connection::{Conn, Flusher};
 use crate::metrics::ShardMetrics;
 use crate::protocol::{self, Code, Error, PublishParams, Since};
 use futures_channel::oneshot;
@@ -217,6 +217,8 @@ pub struct Shard {
     next_subscription: Cell<u64>,
     pub conns: RefCell<HashMap<u64, Rc<Conn>>>,
     next_conn: Cell<u64>,
+    /// Writes what fan-out queued, once per executor turn (`server` runs its task).
+    pub flusher: Flusher,
 }
 
 /// Which shard sequences `channel`. Stable across runs and shards (SipHash with fixed keys).
@@ -245,6 +247,7 @@ impl Shard {
             next_subscription: Cell::new(0),
             conns: RefCell::new(HashMap::new()),
             next_conn: Cell::new(0),
+            flusher: Flusher::default(),
             shared,
         })
     }
@@ -393,10 +396,12 @@ impl Shard {
                 }
                 sub.start_offset.set(0);
             }
-            if sub
-                .conn
-                .enqueue_broadcast(publication, sub.next_seq(), self.metrics())
-            {
+            if sub.conn.enqueue_broadcast(
+                publication,
+                sub.next_seq(),
+                self.metrics(),
+                &self.flusher,
+            ) {
                 sent += 1;
             }
         }
@@ -537,13 +542,13 @@ impl Shard {
         }
         conn.respond(request_id.as_deref(), Ok(&body));
         for publication in &position.replay {
-            conn.enqueue_broadcast(publication, sub.next_seq(), self.metrics());
+            conn.enqueue_broadcast(publication, sub.next_seq(), self.metrics(), &self.flusher);
         }
         let newer = |p: &&Arc<Publication>| {
             p.offset > position.offset || p.epoch.as_ref().is_some_and(|e| *e != position.epoch)
         };
         for publication in held.iter().filter(newer) {
-            conn.enqueue_broadcast(publication, sub.next_seq(), self.metrics());
+            conn.enqueue_broadcast(publication, sub.next_seq(), self.metrics(), &self.flusher);
         }
         let _ = done.send(());
     }
