@@ -111,6 +111,11 @@ pub struct Report {
     pub server_ratio_to_floor_1: Option<f64>,
     /// Server CPU per delivery divided by the k-frames-per-send floor.
     pub server_ratio_to_floor_k: Option<f64>,
+    /// Fixed-rate scenarios: the one-frame-per-send floor with the sender pacing its passes
+    /// like the scenario (each socket gets `passes_per_s` frames a second), so the reader sleeps
+    /// between passes as the subscribers do; the back-to-back floor keeps the reader busy and
+    /// saves the sender the wake-ups.
+    pub paced_floor: Option<PacedFloor>,
     /// First error messages.
     pub errors: Vec<String>,
     /// Why the run failed; empty when it passed.
@@ -143,6 +148,19 @@ impl Report {
     /// Records a reason the run failed.
     pub fn fail(&mut self, why: String) {
         self.failures.push(why);
+    }
+
+    /// Adds the paced floor and the ratio to it.
+    pub fn set_paced_floor(&mut self, passes_per_s: f64, f: &FloorResult) {
+        let us = f.us_per_frame(1);
+        self.paced_floor = Some(PacedFloor {
+            passes_per_s,
+            us_per_frame: us,
+            server_ratio: self
+                .server_cpu_us_per_delivery
+                .filter(|_| us > 0.0)
+                .map(|s| s / us),
+        });
     }
 
     /// Adds the floor and the ratios to it.
@@ -397,6 +415,18 @@ impl Report {
                 row("server / floor (k per send)", format!("{r:.2}x"));
             }
         }
+        if let Some(p) = &self.paced_floor {
+            row(
+                "kernel floor, 1/send, paced",
+                format!(
+                    "{:.3} µs per frame ({:.1} passes/s, as the scenario)",
+                    p.us_per_frame, p.passes_per_s
+                ),
+            );
+            if let Some(r) = p.server_ratio {
+                row("server / paced floor", format!("{r:.2}x"));
+            }
+        }
         for e in self.errors.iter().take(5) {
             row("error", e.clone());
         }
@@ -560,4 +590,12 @@ fn soak_rows(row: &mut impl FnMut(&str, String), k: &crate::soak::SoakFigures) {
             gauges(k.gauges_after_close)
         ),
     );
+}
+
+/// The one-frame-per-send floor measured at the scenario's pace.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PacedFloor {
+    pub passes_per_s: f64,
+    pub us_per_frame: f64,
+    pub server_ratio: Option<f64>,
 }

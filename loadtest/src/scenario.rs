@@ -609,6 +609,20 @@ fn measure_floor(report: &mut Report, common: &Common, sockets: usize) {
         Ok(f) => report.set_floor(f),
         Err(e) => report.errors.push(format!("floor measurement failed: {e}")),
     }
+    // At a fixed rate each socket gets rate / channels frames a second.
+    if report.rate > 0.0 && report.channels > 0 {
+        let passes = report.rate / report.channels as f64;
+        let cfg = FloorConfig {
+            frames_per_send: Vec::new(),
+            seconds: 3.0f64.max(50.0 / passes),
+            passes_per_s: passes,
+            ..cfg
+        };
+        match floor::run(&cfg) {
+            Ok(f) => report.set_paced_floor(passes, &f),
+            Err(e) => report.errors.push(format!("paced floor failed: {e}")),
+        }
+    }
 }
 
 /// `idle`: hold N subscribed connections; RSS per connection.
