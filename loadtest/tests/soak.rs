@@ -1,5 +1,5 @@
 //! A short `soak` against the real server: a few hundred connections churn (connect, auth,
-//! subscribe, receive, unsubscribe/resubscribe, close or drop, reconnect with `since`) for 20 s while
+//! subscribe, receive, unsubscribe/resubscribe, close or drop, reconnect with `since`) for 60 s while
 //! two publishers run; the summary must pass: nothing lost or reordered, the server's gauges and
 //! descriptors back where they were, its RSS steady.
 //!
@@ -102,7 +102,7 @@ fn soak_churn_loses_nothing_and_leaks_nothing() {
             "--channels-per-conn",
             "2",
             "--duration",
-            "20s",
+            "60s",
             "--rate",
             "40",
             "--session",
@@ -120,7 +120,7 @@ fn soak_churn_loses_nothing_and_leaks_nothing() {
             "--settle-timeout",
             "15",
             // A 30 MiB (debug) server still raises its allocator high-water mark by one ~2 MiB
-            // step now and then in a 20 s run; the default 2 MiB slack would make the test flaky.
+            // step now and then in a short run; the default 2 MiB slack would make the test flaky.
             "--rss-slack-mib",
             "4",
             "--server",
@@ -181,7 +181,7 @@ fn soak_churn_loses_nothing_and_leaks_nothing() {
     assert!(k["rss_warm_bytes"].as_u64().is_some_and(|b| b > 0), "{k:#}");
     assert!(k["rss_end_bytes"].as_u64().is_some_and(|b| b > 0), "{k:#}");
     assert!(
-        t0.elapsed() < Duration::from_secs(50),
+        t0.elapsed() < Duration::from_secs(90),
         "took {:?}",
         t0.elapsed()
     );
