@@ -16,11 +16,9 @@ use crate::shard::{now_rfc3339, Shard, Subscription};
 use crate::transport::{self, Transport};
 use futures_lite::future;
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 use std::future::poll_fn;
 use std::io;
 use std::rc::Rc;
-use std::sync::Arc;
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -89,7 +87,9 @@ pub struct Conn {
     dead: Cell<bool>,
     /// The close frame has been written and FIN sent: the reader's close linger runs.
     close_sent: Cell<bool>,
-    subs: RefCell<HashMap<Arc<str>, Rc<Subscription>>>,
+    /// A connection's subscriptions, few for most: a vector costs 32 bytes for up to four where
+    /// a hash map cost 128; the scan is bounded by `max_subscriptions_per_connection`.
+    subs: RefCell<Vec<Rc<Subscription>>>,
 }
 
 impl Conn {
@@ -108,7 +108,7 @@ impl Conn {
             closing: Cell::new(false),
             dead: Cell::new(false),
             close_sent: Cell::new(false),
-            subs: RefCell::new(HashMap::new()),
+            subs: RefCell::new(Vec::new()),
         })
     }
 
@@ -338,15 +338,27 @@ impl Conn {
     }
 
     pub fn add_subscription(&self, sub: Rc<Subscription>) {
-        let previous = self.subs.borrow_mut().insert(sub.channel.clone(), sub);
         debug_assert!(
-            previous.is_none(),
+            self.subscribed(&sub.channel).is_none(),
             "one subscription per channel and connection"
         );
+        self.subs.borrow_mut().push(sub);
     }
 
     fn subscription_count(&self) -> usize {
         self.subs.borrow().len()
+    }
+
+    fn subscribed(&self, channel: &str) -> Option<usize> {
+        self.subs
+            .borrow()
+            .iter()
+            .position(|s| &*s.channel == channel)
+    }
+
+    fn remove_subscription(&self, channel: &str) -> Option<Rc<Subscription>> {
+        let at = self.subscribed(channel)?;
+        Some(self.subs.borrow_mut().swap_remove(at))
     }
 }
 
@@ -525,7 +537,14 @@ struct Session {
 }
 
 /// Runs one upgraded WebSocket connection to its end. `input` holds bytes read after the head.
-pub async fn run(shard: Rc<Shard>, stream: Transport, input: Vec<u8>) {
+///
+/// Not an `async fn`: the setup runs here, so the returned future, which lives as long as the
+/// connection, does not keep room for the `Transport` argument it moved out at once.
+pub fn run(
+    shard: Rc<Shard>,
+    stream: Transport,
+    input: Vec<u8>,
+) -> impl std::future::Future<Output = ()> {
     let limits = &shard.config().limits;
     let conn = Conn::new(shard.new_conn_id(), limits.outbound_buffer_bytes);
     shard.conns.borrow_mut().insert(conn.id, conn.clone());
@@ -540,6 +559,15 @@ pub async fn run(shard: Rc<Shard>, stream: Transport, input: Vec<u8>) {
         shard: shard.clone(),
         stream: stream.clone(),
     });
+    run_session(shard, conn, stream, input)
+}
+
+async fn run_session(
+    shard: Rc<Shard>,
+    conn: Rc<Conn>,
+    stream: Rc<RefCell<Transport>>,
+    input: Vec<u8>,
+) {
     reader(&shard, &conn, &stream, input).await;
     // Whatever ended the reader ends the writer too, and the flush pass stops writing to the
     // socket (it may still hold this connection in its list).
@@ -557,7 +585,7 @@ pub async fn run(shard: Rc<Shard>, stream: Transport, input: Vec<u8>) {
     .await;
     // The shard holds the connection and the connection held the shard.
     conn.io.borrow_mut().take();
-    let subs: Vec<_> = conn.subs.borrow_mut().drain().map(|(_, s)| s).collect();
+    let subs = std::mem::take(&mut *conn.subs.borrow_mut());
     for sub in &subs {
         shard.unsubscribe(sub);
     }
@@ -888,12 +916,12 @@ async fn handle_request(
                     let dropped: Vec<Rc<Subscription>> = conn
                         .subs
                         .borrow()
-                        .values()
+                        .iter()
                         .filter(|s| !(perms.can_subscribe && perms.allows_channel(&s.channel)))
                         .cloned()
                         .collect();
                     for sub in &dropped {
-                        conn.subs.borrow_mut().remove(&sub.channel);
+                        conn.remove_subscription(&sub.channel);
                         shard.unsubscribe(sub);
                     }
                 }
@@ -917,7 +945,7 @@ async fn handle_request(
                         "token does not allow subscribing to this channel",
                     ),
                 );
-            } else if conn.subs.borrow().contains_key(channel.as_str()) {
+            } else if conn.subscribed(&channel).is_some() {
                 fail(
                     shard,
                     conn,
@@ -940,7 +968,7 @@ async fn handle_request(
             }
         }
         Method::Unsubscribe { channel } => {
-            let sub = conn.subs.borrow_mut().remove(channel.as_str());
+            let sub = conn.remove_subscription(&channel);
             match sub {
                 Some(sub) => {
                     shard.unsubscribe(&sub);
@@ -1042,6 +1070,7 @@ mod size_tests {
     use super::*;
     use crate::config::Config;
     use crate::shard::Shared;
+    use std::sync::Arc;
 
     /// The per-connection futures live as long as the connection: their size is idle memory.
     #[test]

@@ -238,7 +238,9 @@ pub async fn read_some(
                 let wants =
                     matches!(&*stream.borrow(), Transport::Tls(t) if t.session.wants_write());
                 if wants {
-                    flush_tls(stream).await?;
+                    // Boxed: rare, and an idle connection's read future would otherwise keep
+                    // room for it.
+                    Box::pin(flush_tls(stream)).await?;
                 }
             }
         }

@@ -116,6 +116,14 @@ pub struct Report {
     /// between passes as the subscribers do; the back-to-back floor keeps the reader busy and
     /// saves the sender the wake-ups.
     pub paced_floor: Option<PacedFloor>,
+    /// Broadcast frames per socket write on the server (from its `/metrics`: frames queued over
+    /// writes that carried them, during the run).
+    pub frames_per_write: Option<f64>,
+    /// The floor per frame at that coalescing, from the 1- and k-frame floors with a fixed cost
+    /// per `send()` plus a cost per frame: `f(c) = a + b / c`.
+    pub floor_at_coalescing_us: Option<f64>,
+    /// Server CPU per delivery over `floor_at_coalescing_us` (issue 4, target 3).
+    pub server_ratio_to_floor_coalesced: Option<f64>,
     /// First error messages.
     pub errors: Vec<String>,
     /// Why the run failed; empty when it passed.
@@ -176,6 +184,13 @@ impl Report {
             let fk = f.us_per_frame(k);
             self.server_ratio_to_floor_1 = (f1 > 0.0).then(|| s / f1);
             self.server_ratio_to_floor_k = (fk > 0.0 && k > 1).then(|| s / fk);
+            if let Some(c) = self.frames_per_write.filter(|c| *c >= 1.0 && k > 1) {
+                let kf = k as f64;
+                let per_send = (f1 - fk) * kf / (kf - 1.0);
+                let floor = f1 - per_send + per_send / c;
+                self.floor_at_coalescing_us = Some(floor);
+                self.server_ratio_to_floor_coalesced = (floor > 0.0).then(|| s / floor);
+            }
         }
         self.floor = Some(f);
     }
@@ -414,6 +429,16 @@ impl Report {
             if let Some(r) = self.server_ratio_to_floor_k {
                 row("server / floor (k per send)", format!("{r:.2}x"));
             }
+        }
+        if let Some(c) = self.frames_per_write {
+            row("frames per write (server)", format!("{c:.2}"));
+        }
+        if let (Some(f), Some(r)) = (
+            self.floor_at_coalescing_us,
+            self.server_ratio_to_floor_coalesced,
+        ) {
+            row("floor at that coalescing", format!("{f:.3} µs per frame"));
+            row("server / floor at coalescing", format!("{r:.2}x"));
         }
         if let Some(p) = &self.paced_floor {
             row(

@@ -469,6 +469,7 @@ fn run_pubsub(p: PubSub<'_>) -> Result<Report, SetupError> {
         source: plan.for_conn(total),
     };
 
+    let writes0 = write_counts(&env.rest_nodes);
     let window = window_start(&common.server_pid);
     let shared = workers.shared.clone();
     let pub_cpu = common.cpus.last().copied();
@@ -507,6 +508,10 @@ fn run_pubsub(p: PubSub<'_>) -> Result<Report, SetupError> {
         }
     }
     let end = window_end(&window, &common.server_pid);
+    if let (Some(a), Some(b)) = (writes0, write_counts(&env.rest_nodes)) {
+        let (frames, writes) = (b.0 - a.0, b.1 - a.1);
+        report.frames_per_write = (writes > 0.0).then(|| frames / writes);
+    }
     if !common.quiet {
         eprintln!("{}", progress_line(&shared, window.t0, &mut last, total));
     }
@@ -585,6 +590,18 @@ fn fill_common(
     }
     report.histogram = Some(h);
     let _ = common;
+}
+
+/// The servers' broadcasts queued and socket writes that carried broadcasts (each such write is
+/// one `publish_to_write_seconds` observation), summed over the nodes; None if a scrape failed.
+fn write_counts(nodes: &[Node]) -> Option<(f64, f64)> {
+    let mut sum = (0.0, 0.0);
+    for node in nodes {
+        let text = crate::metrics::scrape_text(node).ok()?;
+        sum.0 += crate::metrics::sample(&text, "messages_sent_total")?;
+        sum.1 += crate::metrics::sample(&text, "publish_to_write_seconds_count")?;
+    }
+    Some(sum)
 }
 
 fn measure_floor(report: &mut Report, common: &Common, sockets: usize) {
