@@ -401,8 +401,14 @@ impl Flusher {
             })
             .await;
             std::mem::swap(&mut batch, &mut *self.dirty.borrow_mut());
-            let now = Instant::now();
-            for conn in batch.drain(..) {
+            // A pass over 19,000 sockets takes ~150 ms: the clock is read again every 16 writes
+            // so `publish_to_write_seconds` stays within ~0.1 ms of each write, without a clock
+            // read per socket.
+            let mut now = Instant::now();
+            for (i, conn) in batch.drain(..).enumerate() {
+                if i % 16 == 15 {
+                    now = Instant::now();
+                }
                 conn.flush_now(metrics, now);
             }
         }
