@@ -342,9 +342,13 @@ pub struct FloorArgs {
     /// Seconds of sending per measurement.
     #[arg(long, default_value_t = 3.0)]
     pub seconds: f64,
-    /// Passes over all sockets per second (0: back to back).
+    /// Passes per second (0: back to back).
     #[arg(long, default_value_t = 0.0)]
     pub passes_per_s: f64,
+    /// Sockets written per pass, the next ones each pass, like one publication of a channel
+    /// among several (0: all).
+    #[arg(long, default_value_t = 0)]
+    pub group: usize,
     /// Pin the sender to CPU 0 and the reader to CPU 1.
     #[arg(long)]
     pub pin: bool,

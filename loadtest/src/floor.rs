@@ -27,8 +27,11 @@ pub struct FloorConfig {
     pub frames_per_send: Vec<usize>,
     /// Sending time per measurement.
     pub seconds: f64,
-    /// Passes over all sockets per second; 0: as fast as the reader keeps up.
+    /// Passes per second; 0: as fast as the reader keeps up.
     pub passes_per_s: f64,
+    /// Sockets written per pass, the next ones each pass (like one publication of a channel
+    /// among several); 0: all of them.
+    pub group: usize,
     /// Pin the sender to CPU 0 and the reader to CPU 1.
     pub pin: bool,
 }
@@ -182,10 +185,15 @@ pub fn run(cfg: &FloorConfig) -> Result<FloorResult, String> {
             if let Some(iv) = pass_interval {
                 crate::schedule::sleep_until(t0 + iv * pass as u32);
             }
-            for s in senders.iter_mut() {
-                s.write_all(&buf).map_err(|e| format!("send: {e}"))?;
+            let n = senders.len();
+            let group = if cfg.group == 0 { n } else { cfg.group.min(n) };
+            let start = (pass as usize).wrapping_mul(group) % n;
+            for i in 0..group {
+                senders[(start + i) % n]
+                    .write_all(&buf)
+                    .map_err(|e| format!("send: {e}"))?;
             }
-            sends += senders.len() as u64;
+            sends += group as u64;
             pass += 1;
         }
         let sender_cpu = procstat::thread_cpu_ns() - c0;
@@ -298,6 +306,7 @@ mod tests {
             frames_per_send: vec![4],
             seconds: 0.1,
             passes_per_s: 0.0,
+            group: 0,
             pin: false,
         })
         .unwrap();

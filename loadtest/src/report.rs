@@ -159,10 +159,11 @@ impl Report {
     }
 
     /// Adds the paced floor and the ratio to it.
-    pub fn set_paced_floor(&mut self, passes_per_s: f64, f: &FloorResult) {
+    pub fn set_paced_floor(&mut self, passes_per_s: f64, sockets_per_pass: usize, f: &FloorResult) {
         let us = f.us_per_frame(1);
         self.paced_floor = Some(PacedFloor {
             passes_per_s,
+            sockets_per_pass,
             us_per_frame: us,
             server_ratio: self
                 .server_cpu_us_per_delivery
@@ -444,8 +445,8 @@ impl Report {
             row(
                 "kernel floor, 1/send, paced",
                 format!(
-                    "{:.3} µs per frame ({:.1} passes/s, as the scenario)",
-                    p.us_per_frame, p.passes_per_s
+                    "{:.3} µs per frame ({:.0} passes/s of {} sockets, as the scenario)",
+                    p.us_per_frame, p.passes_per_s, p.sockets_per_pass
                 ),
             );
             if let Some(r) = p.server_ratio {
@@ -621,6 +622,7 @@ fn soak_rows(row: &mut impl FnMut(&str, String), k: &crate::soak::SoakFigures) {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct PacedFloor {
     pub passes_per_s: f64,
+    pub sockets_per_pass: usize,
     pub us_per_frame: f64,
     pub server_ratio: Option<f64>,
 }

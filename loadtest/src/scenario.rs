@@ -620,23 +620,27 @@ fn measure_floor(report: &mut Report, common: &Common, sockets: usize) {
         frames_per_send: vec![common.floor_k],
         seconds: 2.0,
         passes_per_s: 0.0,
+        group: 0,
         pin: false,
     };
     match floor::run(&cfg) {
         Ok(f) => report.set_floor(f),
         Err(e) => report.errors.push(format!("floor measurement failed: {e}")),
     }
-    // At a fixed rate each socket gets rate / channels frames a second.
+    // At a fixed rate each publication goes to one channel's subscribers: the paced floor
+    // writes that many sockets per pass, `rate` passes a second, the next group each pass.
     if report.rate > 0.0 && report.channels > 0 {
-        let passes = report.rate / report.channels as f64;
+        let passes = report.rate;
+        let group = sockets.div_ceil(report.channels as usize);
         let cfg = FloorConfig {
             frames_per_send: Vec::new(),
             seconds: 3.0f64.max(50.0 / passes),
             passes_per_s: passes,
+            group,
             ..cfg
         };
         match floor::run(&cfg) {
-            Ok(f) => report.set_paced_floor(passes, &f),
+            Ok(f) => report.set_paced_floor(passes, group, &f),
             Err(e) => report.errors.push(format!("paced floor failed: {e}")),
         }
     }
@@ -806,6 +810,7 @@ pub fn floor_only(a: &FloorArgs) -> Result<FloorResult, SetupError> {
         frames_per_send: a.frames_per_send.clone(),
         seconds: a.seconds,
         passes_per_s: a.passes_per_s,
+        group: a.group,
         pin: a.pin,
     })
 }
