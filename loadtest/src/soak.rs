@@ -1019,11 +1019,7 @@ impl Worker {
         let key = self.mask.next_key();
         let c = &mut self.conns[idx];
         let sub = &mut c.subs[slot as usize];
-        let mut req = Vec::with_capacity(256);
-        req.extend_from_slice(b"{\"id\":");
-        extract::push_u64(&mut req, id);
-        req.extend_from_slice(b",\"method\":\"subscribe\",\"params\":{\"channel\":");
-        extract::push_json_str(&mut req, &self.cfg.channels[sub.channel as usize]);
+        let mut req = channel_request(id, "subscribe", &self.cfg.channels[sub.channel as usize]);
         sub.since = None;
         if let (Some(off), Some(epoch)) = (sub.offsets.as_ref(), sub.epoch.as_ref()) {
             let since = off.high();
@@ -1045,11 +1041,7 @@ impl Worker {
         let key = self.mask.next_key();
         let c = &mut self.conns[idx];
         let sub = &mut c.subs[slot as usize];
-        let mut req = Vec::with_capacity(256);
-        req.extend_from_slice(b"{\"id\":");
-        extract::push_u64(&mut req, id);
-        req.extend_from_slice(b",\"method\":\"unsubscribe\",\"params\":{\"channel\":");
-        extract::push_json_str(&mut req, &self.cfg.channels[sub.channel as usize]);
+        let mut req = channel_request(id, "unsubscribe", &self.cfg.channels[sub.channel as usize]);
         req.extend_from_slice(b"}}");
         sub.state = SubState::Unsubscribing;
         ws::encode_client_frame(&mut c.pending, ws::OP_TEXT, &req, key);
@@ -1913,6 +1905,18 @@ pub fn run(a: &SoakArgs) -> Result<Report, SetupError> {
     });
     report.finish();
     Ok(report)
+}
+
+/// `{"id":ID,"method":METHOD,"params":{"channel":CHANNEL` — the caller adds the rest and closes it.
+fn channel_request(id: u64, method: &str, channel: &str) -> Vec<u8> {
+    let mut req = Vec::with_capacity(256);
+    req.extend_from_slice(b"{\"id\":");
+    extract::push_u64(&mut req, id);
+    req.extend_from_slice(b",\"method\":\"");
+    req.extend_from_slice(method.as_bytes());
+    req.extend_from_slice(b"\",\"params\":{\"channel\":");
+    extract::push_json_str(&mut req, channel);
+    req
 }
 
 #[cfg(test)]
