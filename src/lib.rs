@@ -16,6 +16,7 @@
 //! | `shard` | per-core state, the ring messages, publish/subscribe routing, fan-out |
 //! | `connection` | one WebSocket: send queue, writer, read loop, timers, close codes |
 //! | `transport` | plain TCP or rustls over TCP, one read buffer per shard |
+//! | `poller` | per-shard epoll set and timer heap that idle connections wait on |
 //! | `web` | accept loops, REST endpoints, the WebSocket upgrade |
 //! | `metrics` | per-shard counters merged on scrape |
 //! | `server` | start shards, wire rings, signals, shutdown |
@@ -30,6 +31,7 @@ pub mod connection;
 pub mod frame;
 pub mod http;
 pub mod metrics;
+pub mod poller;
 pub mod protocol;
 pub mod server;
 pub mod shard;

@@ -183,6 +183,23 @@ async fn shard_main(
         let shard = shard.clone();
         glommio::spawn_local(async move { shard.flusher.run(shard.metrics()).await }).detach()
     };
+    let poll_task = {
+        let shard = shard.clone();
+        glommio::spawn_local(async move {
+            shard
+                .poller
+                .run(|id, events| shard.socket_ready(id, events))
+                .await
+        })
+        .detach()
+    };
+    let timer_task = {
+        let shard = shard.clone();
+        glommio::spawn_local(
+            async move { shard.timers.run(|id, due| shard.timer_due(id, due)).await },
+        )
+        .detach()
+    };
     connect_rings(&shard, ends);
     let _ = ready.send(Ok(addrs));
 
@@ -215,6 +232,8 @@ async fn shard_main(
     }
     public_task.cancel();
     flush_task.cancel();
+    poll_task.cancel();
+    timer_task.cancel();
     if let Some(t) = admin_task {
         t.cancel();
     }

@@ -9,6 +9,7 @@ use crate::channel::{self, Channels, HistoryPage, Position, Publication};
 use crate::config::Config;
 use crate::connection::{Conn, Flusher};
 use crate::metrics::ShardMetrics;
+use crate::poller::{Poller, Timers};
 use crate::protocol::{self, Code, Error, PublishParams, Since};
 use futures_channel::oneshot;
 use glommio::channels::local_channel::{self, LocalSender};
@@ -219,6 +220,10 @@ pub struct Shard {
     next_conn: Cell<u64>,
     /// Writes what fan-out queued, once per executor turn (`server` runs its task).
     pub flusher: Flusher,
+    /// Readiness of the shard's WebSocket sockets, and every connection's next due time
+    /// (`server` runs their tasks).
+    pub poller: Poller,
+    pub timers: Timers,
 }
 
 /// Which shard sequences `channel`. Stable across runs and shards (SipHash with fixed keys).
@@ -248,8 +253,26 @@ impl Shard {
             conns: RefCell::new(HashMap::new()),
             next_conn: Cell::new(0),
             flusher: Flusher::default(),
+            poller: Poller::new(),
+            timers: Timers::default(),
             shared,
         })
+    }
+
+    /// Readiness from the poller for connection `id`'s socket.
+    pub fn socket_ready(&self, id: u64, events: u32) {
+        let conn = self.conns.borrow().get(&id).cloned();
+        if let Some(conn) = conn {
+            conn.socket_ready(events);
+        }
+    }
+
+    /// The timers' entry for connection `id` at `due` has come.
+    pub fn timer_due(&self, id: u64, due: Instant) {
+        let conn = self.conns.borrow().get(&id).cloned();
+        if let Some(conn) = conn {
+            conn.timer_due(due);
+        }
     }
 
     pub fn metrics(&self) -> &ShardMetrics {

@@ -12,8 +12,138 @@ use std::sync::Arc;
 use std::task::Poll;
 
 pub enum Transport {
-    Plain(TcpStream),
+    /// glommio's stream: HTTP connections, and WebSocket ones when the shard has no epoll set.
+    Plain(Box<TcpStream>),
     Tls(Box<Tls>),
+    /// An upgraded WebSocket socket registered in the shard's epoll set (`poller`): no armed
+    /// poll per idle socket; the shard's poller sets its readiness and wakes its tasks.
+    Raw(RawSock),
+}
+
+/// A plain TCP socket whose readiness comes from the shard's epoll set (edge-triggered: a flag
+/// is cleared only by a short read or an EAGAIN, and the next event sets it again).
+pub struct RawSock {
+    fd: std::os::fd::OwnedFd,
+    readable: std::cell::Cell<bool>,
+    writable: std::cell::Cell<bool>,
+    /// The peer closed or the socket failed: reads go on until they say so, since that event
+    /// may have come with data a short read left behind.
+    hup: std::cell::Cell<bool>,
+    /// A write waiting for room.
+    tx: std::cell::Cell<Option<std::task::Waker>>,
+}
+
+impl RawSock {
+    /// Takes the socket out of glommio's stream (dropping the stream disarms its poll) and
+    /// registers it with `register`; gives the stream back if either step fails.
+    pub fn adopt(
+        tcp: Box<TcpStream>,
+        register: impl FnOnce(std::os::fd::RawFd) -> io::Result<()>,
+    ) -> Result<RawSock, Box<TcpStream>> {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        // SAFETY: plain syscall on the stream's open socket; the result is checked.
+        let fd = unsafe { libc::fcntl(tcp.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(tcp);
+        }
+        // SAFETY: `fd` is a new descriptor nothing else owns.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        if register(fd.as_raw_fd()).is_err() {
+            return Err(tcp);
+        }
+        drop(tcp);
+        Ok(RawSock {
+            fd,
+            // Unknown until tried: whatever arrived with the upgrade is read at once.
+            readable: std::cell::Cell::new(true),
+            writable: std::cell::Cell::new(true),
+            hup: std::cell::Cell::new(false),
+            tx: std::cell::Cell::new(None),
+        })
+    }
+
+    /// Records readiness from epoll; true when a reader should be woken.
+    pub fn ready(&self, events: u32) -> bool {
+        if events & crate::poller::WRITABLE != 0 {
+            self.writable.set(true);
+            if let Some(w) = self.tx.take() {
+                w.wake();
+            }
+        }
+        if events & crate::poller::HANGUP != 0 {
+            self.hup.set(true);
+        }
+        if events & crate::poller::READABLE != 0 {
+            self.readable.set(true);
+            return true;
+        }
+        false
+    }
+
+    fn fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.fd.as_raw_fd()
+    }
+
+    /// Reads into `buf`; `Pending` until epoll says there is more. The caller has registered
+    /// the waker that `ready` events lead to.
+    fn poll_recv(&self, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        loop {
+            if !self.readable.get() {
+                return Poll::Pending;
+            }
+            // SAFETY: `fd` is open while `self` lives; `buf` is valid for its length.
+            let n = unsafe {
+                libc::recv(
+                    self.fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n >= 0 {
+                let n = n as usize;
+                // A short read emptied the socket: any later data is a new edge.
+                if n > 0 && n < buf.len() && !self.hup.get() {
+                    self.readable.set(false);
+                }
+                return Poll::Ready(Ok(n));
+            }
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::WouldBlock => self.readable.set(false),
+                io::ErrorKind::Interrupted => {}
+                _ => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    fn poll_send(&self, cx: &std::task::Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        loop {
+            if !self.writable.get() {
+                self.tx.set(Some(cx.waker().clone()));
+                return Poll::Pending;
+            }
+            // SAFETY: `fd` is open while `self` lives; `buf` is valid for its length.
+            let n = unsafe {
+                libc::send(
+                    self.fd(),
+                    buf.as_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                )
+            };
+            if n >= 0 {
+                return Poll::Ready(Ok(n as usize));
+            }
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::WouldBlock => self.writable.set(false),
+                io::ErrorKind::Interrupted => {}
+                _ => return Poll::Ready(Err(e)),
+            }
+        }
+    }
 }
 
 pub struct Tls {
@@ -30,10 +160,12 @@ thread_local! {
 const TLS_READ_BYTES: usize = 18 * 1024;
 
 impl Transport {
-    pub fn tcp(&self) -> &TcpStream {
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
         match self {
-            Transport::Plain(t) => t,
-            Transport::Tls(t) => &t.tcp,
+            Transport::Plain(t) => t.as_raw_fd(),
+            Transport::Tls(t) => t.tcp.as_raw_fd(),
+            Transport::Raw(s) => s.fd(),
         }
     }
 }
@@ -71,7 +203,7 @@ pub async fn accept_tls(
     loop {
         let (handshaking, wants_write) = match &*stream.borrow() {
             Transport::Tls(t) => (t.session.is_handshaking(), t.session.wants_write()),
-            Transport::Plain(_) => (false, false),
+            _ => (false, false),
         };
         if wants_write {
             flush_tls(&stream).await?;
@@ -127,11 +259,11 @@ async fn write_raw(stream: &RefCell<Transport>, mut buf: &[u8]) -> io::Result<()
     while !buf.is_empty() {
         let n = poll_fn(|cx| {
             let mut guard = stream.borrow_mut();
-            let tcp = match &mut *guard {
-                Transport::Plain(t) => t,
-                Transport::Tls(t) => &mut t.tcp,
-            };
-            Pin::new(tcp).poll_write(cx, buf)
+            match &mut *guard {
+                Transport::Plain(t) => Pin::new(&mut **t).poll_write(cx, buf),
+                Transport::Tls(t) => Pin::new(&mut t.tcp).poll_write(cx, buf),
+                Transport::Raw(s) => s.poll_send(cx, buf),
+            }
         })
         .await?;
         if n == 0 {
@@ -148,7 +280,8 @@ pub async fn write_some(stream: &RefCell<Transport>, buf: &[u8]) -> io::Result<u
     let tls = matches!(&*stream.borrow(), Transport::Tls(_));
     if !tls {
         return poll_fn(|cx| match &mut *stream.borrow_mut() {
-            Transport::Plain(t) => Pin::new(t).poll_write(cx, buf),
+            Transport::Plain(t) => Pin::new(&mut **t).poll_write(cx, buf),
+            Transport::Raw(s) => s.poll_send(cx, buf),
             Transport::Tls(_) => Poll::Ready(Err(io::ErrorKind::Unsupported.into())),
         })
         .await;
@@ -172,7 +305,8 @@ pub async fn write_all(stream: &RefCell<Transport>, mut buf: &[u8]) -> io::Resul
 }
 
 /// Reads what is available into `into`; 0 at end of stream. `ready` is checked first on every
-/// poll, so a connection that must stop can end a pending read by waking the task.
+/// poll, so a connection that must stop can end a pending read by waking the task. For a `Raw`
+/// socket `ready` must also register the waker that the socket's readiness events wake.
 pub async fn read_some(
     stream: &RefCell<Transport>,
     into: &mut Vec<u8>,
@@ -186,9 +320,20 @@ pub async fn read_some(
             }
             let mut guard = stream.borrow_mut();
             match &mut *guard {
+                Transport::Raw(sock) => SCRATCH.with(|s| {
+                    let mut s = s.borrow_mut();
+                    match sock.poll_recv(&mut s) {
+                        Poll::Ready(Ok(n)) => {
+                            into.extend_from_slice(&s[..n]);
+                            Poll::Ready(Ok(Some(n)))
+                        }
+                        Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                        Poll::Pending => Poll::Pending,
+                    }
+                }),
                 Transport::Plain(tcp) => SCRATCH.with(|s| {
                     let mut s = s.borrow_mut();
-                    match Pin::new(tcp).poll_read(cx, &mut s) {
+                    match Pin::new(&mut **tcp).poll_read(cx, &mut s) {
                         Poll::Ready(Ok(n)) => {
                             into.extend_from_slice(&s[..n]);
                             Poll::Ready(Ok(Some(n)))
@@ -249,7 +394,6 @@ pub async fn read_some(
 
 /// Sends FIN (after a TLS close_notify): the peer sees the end of our side.
 pub async fn shutdown_write(stream: &RefCell<Transport>) {
-    use std::os::fd::AsRawFd;
     let tls = if let Transport::Tls(t) = &mut *stream.borrow_mut() {
         t.session.send_close_notify();
         true
@@ -259,7 +403,7 @@ pub async fn shutdown_write(stream: &RefCell<Transport>) {
     if tls {
         let _ = flush_tls(stream).await;
     }
-    let fd = stream.borrow().tcp().as_raw_fd();
+    let fd = stream.borrow().raw_fd();
     // SAFETY: shutdown(2) on a socket this connection owns; failure (already closed) is harmless.
     unsafe {
         libc::shutdown(fd, libc::SHUT_WR);

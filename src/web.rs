@@ -66,7 +66,7 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, role: Role) {
 async fn serve(shard: Rc<Shard>, tcp: TcpStream, role: Role) {
     let limits = shard.config().limits.clone();
     let stream = match shard.shared.tls.clone() {
-        None => Transport::Plain(tcp),
+        None => Transport::Plain(Box::new(tcp)),
         Some(config) => {
             let handshake = future::or(
                 async { transport::accept_tls(tcp, config).await.ok() },
