@@ -25,7 +25,7 @@ run() { # name shards args...
 }
 run fanout1000x50 1 fanout -s 1000 --rate 50 --duration 10 --floor --plot "$out/fanout1000x50.svg"
 run fanout5000x10 1 fanout -s 5000 --rate 10 --duration 10 --floor
-run fanout1000max 1 fanout -s 1000 --rate 0 --window 4 --duration 10 --floor
+run fanout1000max 1 fanout -s 1000 --rate 0 --window 4 --pipeline 4 --duration 10 --floor
 run chat100x50 1 chat -c 100 -k 50 --rate 1000 --duration 10 --floor
 run fanout1000x50-2shards 2 fanout -s 1000 --rate 50 --duration 10 --floor
 run idle19000 1 idle -n 19000 --hold 5

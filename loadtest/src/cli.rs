@@ -131,6 +131,12 @@ pub struct PublishArgs {
     /// Max-rate mode: publications not yet delivered to every subscriber, at most.
     #[arg(long, default_value_t = 4)]
     pub window: u64,
+    /// Max-rate mode: publish requests sent before their answers are read, at most (HTTP/1.1
+    /// pipelining on the keep-alive connection, or WebSocket requests by id); 1: one at a time.
+    /// With --window 4 --pipeline 4 four publications are in flight, as in the peers' max-rate
+    /// benchmark, and the server may take several in one read.
+    #[arg(long, default_value_t = 1)]
+    pub pipeline: u64,
     /// Publish over REST (keep-alive) or a WebSocket.
     #[arg(long, value_enum, default_value_t = Via::Rest)]
     pub via: Via,

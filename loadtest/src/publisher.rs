@@ -48,6 +48,8 @@ pub struct PublisherConfig {
     pub duration: Option<Duration>,
     /// Max-rate mode: publications not yet delivered to every subscriber, at most.
     pub window: u64,
+    /// Max-rate mode: requests sent before their answers are read, at most (1: one at a time).
+    pub pipeline: u64,
     /// Deliveries each publication should cause (subscribers per channel), for the window.
     pub deliveries_per_publication: u64,
     /// Payload size in bytes.
@@ -78,9 +80,19 @@ pub struct PublishResult {
     pub rtt_max_us: f64,
 }
 
-/// A keep-alive connection that publishes one message at a time and returns its offset.
+/// A keep-alive connection that publishes; answers come back in the order requests were sent.
 trait Conn {
-    fn publish(&mut self, channel: &str, payload: &[u8]) -> Result<u64, String>;
+    /// Sends one publication without waiting for its answer.
+    fn send(&mut self, channel: &str, payload: &[u8]) -> Result<(), String>;
+    /// Reads the answer to the oldest publication sent and not answered yet: its offset.
+    fn recv(&mut self) -> Result<u64, String>;
+}
+
+/// A publication sent and not answered yet.
+struct Sent {
+    channel: usize,
+    conn: usize,
+    at: Instant,
 }
 
 /// Runs the publisher until its count or duration is reached, or `shared.stop`.
@@ -122,8 +134,34 @@ pub fn run(cfg: &PublisherConfig, shared: &Shared) -> PublishResult {
     let mut rtt = hdrhistogram::Histogram::<u64>::new(3).expect("constant sigfig");
     let mut k: u64 = 0;
     let mut max_behind = Duration::ZERO;
+    // On a schedule each publication waits for its answer; at max rate up to `pipeline` go out
+    // before the first answer is read, so the server can take several in one read.
+    let depth = if sched.paced() {
+        1
+    } else {
+        cfg.pipeline.max(1) as usize
+    };
+    let mut sent: std::collections::VecDeque<Sent> = std::collections::VecDeque::new();
+    let mut complete = |s: Sent, conns: &mut Vec<Box<dyn Conn>>, res: &mut PublishResult| {
+        match conns[s.conn].recv() {
+            Ok(offset) => {
+                res.published += 1;
+                shared.published.fetch_add(1, Ordering::Relaxed);
+                res.counts[s.channel] += 1;
+                res.last_offsets[s.channel] = res.last_offsets[s.channel].max(offset);
+            }
+            Err(e) => {
+                res.errors += 1;
+                shared.error(format!("publish failed: {e}"));
+            }
+        }
+        let _ = rtt.record(s.at.elapsed().as_micros() as u64);
+    };
     loop {
-        if cfg.count.is_some_and(|c| k >= c) || shared.stop.load(Ordering::Relaxed) {
+        if cfg.count.is_some_and(|c| k >= c)
+            || shared.stop.load(Ordering::Relaxed)
+            || (res.errors >= 10 && res.published == 0)
+        {
             break;
         }
         let sent_ns = if sched.paced() {
@@ -144,26 +182,28 @@ pub fn run(cfg: &PublisherConfig, shared: &Shared) -> PublishResult {
         payload.clear();
         extract::build_payload(&mut payload, sent_ns, k, cfg.payload_bytes);
         let ch = (k % cfg.channels.len() as u64) as usize;
-        let t0 = Instant::now();
-        let n_conns = conns.len() as u64;
-        let conn = &mut conns[(k % n_conns) as usize];
-        match conn.publish(&cfg.channels[ch], &payload) {
-            Ok(offset) => {
-                res.published += 1;
-                shared.published.fetch_add(1, Ordering::Relaxed);
-                res.counts[ch] += 1;
-                res.last_offsets[ch] = res.last_offsets[ch].max(offset);
-            }
+        let at = Instant::now();
+        let ci = (k % conns.len() as u64) as usize;
+        match conns[ci].send(&cfg.channels[ch], &payload) {
+            Ok(()) => sent.push_back(Sent {
+                channel: ch,
+                conn: ci,
+                at,
+            }),
             Err(e) => {
                 res.errors += 1;
                 shared.error(format!("publish {k} failed: {e}"));
-                if res.errors >= 10 && res.published == 0 {
-                    break;
-                }
             }
         }
-        let _ = rtt.record(t0.elapsed().as_micros() as u64);
+        while sent.len() >= depth {
+            if let Some(s) = sent.pop_front() {
+                complete(s, &mut conns, &mut res);
+            }
+        }
         k += 1;
+    }
+    while let Some(s) = sent.pop_front() {
+        complete(s, &mut conns, &mut res);
     }
     res.elapsed_s = sched.start().elapsed().as_secs_f64();
     res.max_behind_ms = max_behind.as_secs_f64() * 1e3;
@@ -225,7 +265,7 @@ impl RestConn {
 }
 
 impl Conn for RestConn {
-    fn publish(&mut self, channel: &str, payload: &[u8]) -> Result<u64, String> {
+    fn send(&mut self, channel: &str, payload: &[u8]) -> Result<(), String> {
         let mut body = Vec::with_capacity(payload.len() + channel.len() + 48);
         body.extend_from_slice(b"{\"channel\":");
         extract::push_json_str(&mut body, channel);
@@ -239,7 +279,10 @@ impl Conn for RestConn {
         self.req.extend_from_slice(&body);
         self.stream
             .write_all(&self.req)
-            .map_err(|e| format!("write: {e}"))?;
+            .map_err(|e| format!("write: {e}"))
+    }
+
+    fn recv(&mut self) -> Result<u64, String> {
         let (status, body) = read_http_response(&mut self.stream, &mut self.buf)?;
         if status != 200 {
             return Err(format!("HTTP {status}: {}", String::from_utf8_lossy(&body)));
@@ -309,6 +352,8 @@ struct WsConn {
     out: Vec<u8>,
     rng: ws::MaskRng,
     next_id: u64,
+    /// Ids of publications sent and not answered yet, oldest first.
+    pending: std::collections::VecDeque<u64>,
 }
 
 impl WsConn {
@@ -343,6 +388,7 @@ impl WsConn {
             out: Vec::with_capacity(1024),
             rng: ws::MaskRng::new(0x5EED),
             next_id: 1,
+            pending: std::collections::VecDeque::new(),
         };
         let mut req = b"{\"id\":1,\"method\":\"auth\",\"params\":{\"token\":".to_vec();
         extract::push_json_str(&mut req, &cfg.token);
@@ -356,12 +402,21 @@ impl WsConn {
     }
 
     fn request(&mut self, text: &[u8], id: u64) -> Result<extract::Response, String> {
+        self.write_text(text)?;
+        self.response(id)
+    }
+
+    fn write_text(&mut self, text: &[u8]) -> Result<(), String> {
         self.out.clear();
         let key = self.rng.next_key();
         ws::encode_client_frame(&mut self.out, ws::OP_TEXT, text, key);
         self.stream
             .write_all(&self.out)
-            .map_err(|e| format!("write: {e}"))?;
+            .map_err(|e| format!("write: {e}"))
+    }
+
+    /// Reads frames (answering pings) until the response to request `id`.
+    fn response(&mut self, id: u64) -> Result<extract::Response, String> {
         let mut chunk = [0u8; 8192];
         loop {
             while let Some(f) = ws::decode_server_frame(&self.buf).map_err(|e| e.to_string())? {
@@ -400,7 +455,7 @@ impl WsConn {
 }
 
 impl Conn for WsConn {
-    fn publish(&mut self, channel: &str, payload: &[u8]) -> Result<u64, String> {
+    fn send(&mut self, channel: &str, payload: &[u8]) -> Result<(), String> {
         let id = self.next_id;
         self.next_id += 1;
         let mut req = Vec::with_capacity(payload.len() + channel.len() + 80);
@@ -411,7 +466,17 @@ impl Conn for WsConn {
         req.extend_from_slice(b",\"event\":\"m\",\"payload\":");
         req.extend_from_slice(payload);
         req.extend_from_slice(b"}}");
-        let r = self.request(&req, id)?;
+        self.write_text(&req)?;
+        self.pending.push_back(id);
+        Ok(())
+    }
+
+    fn recv(&mut self) -> Result<u64, String> {
+        let id = self
+            .pending
+            .pop_front()
+            .ok_or_else(|| "no publication waiting for an answer".to_string())?;
+        let r = self.response(id)?;
         if let Some(code) = r.error_code {
             return Err(format!(
                 "{code} (a WebSocket publisher is rate limited per connection: raise \
@@ -444,6 +509,7 @@ mod tests {
             count: None,
             duration: None,
             window,
+            pipeline: 1,
             deliveries_per_publication: per,
             payload_bytes: 64,
             source: None,

@@ -34,6 +34,8 @@ pub struct Report {
     pub via: Option<Via>,
     /// Max-rate mode window.
     pub window: Option<u64>,
+    /// Max-rate mode: publish requests in flight at most.
+    pub pipeline: Option<u64>,
     /// Payload bytes.
     pub payload_bytes: usize,
     /// The publisher's results.
@@ -275,7 +277,10 @@ impl Report {
         if let Some(p) = &self.publish {
             let mode = match self.window {
                 _ if self.scenario == "idle" => "one per channel after the hold".to_string(),
-                Some(w) => format!("max rate, window {w}"),
+                Some(w) => format!(
+                    "max rate, window {w}, {} request(s) in flight",
+                    self.pipeline.unwrap_or(1)
+                ),
                 None => format!("{} msg/s", self.rate),
             };
             row(

@@ -443,6 +443,7 @@ fn run_pubsub(p: PubSub<'_>) -> Result<Report, SetupError> {
     report.rate = p.publish.rate;
     report.via = Some(p.publish.via);
     report.window = (p.publish.rate <= 0.0).then_some(p.publish.window);
+    report.pipeline = (p.publish.rate <= 0.0).then_some(p.publish.pipeline.max(1));
 
     if let Err(e) = workers.wait_subscribed(common, "subscribe") {
         let (shared, _) = workers.join();
@@ -464,6 +465,7 @@ fn run_pubsub(p: PubSub<'_>) -> Result<Report, SetupError> {
         count: p.publish.messages,
         duration,
         window: p.publish.window.max(1),
+        pipeline: p.publish.pipeline.max(1),
         deliveries_per_publication: p.per_channel as u64,
         payload_bytes: common.payload_bytes,
         source: plan.for_conn(total),
@@ -711,6 +713,7 @@ pub fn idle(a: &IdleArgs) -> Result<Report, SetupError> {
         count: Some(channels.len() as u64),
         duration: None,
         window: u64::MAX / 4,
+        pipeline: 1,
         deliveries_per_publication: 1,
         payload_bytes: common.payload_bytes,
         source: plan.for_conn(n),

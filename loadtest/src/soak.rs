@@ -1548,6 +1548,7 @@ pub fn run(a: &SoakArgs) -> Result<Report, SetupError> {
             count: None,
             duration: Some(a.duration),
             window: 1,
+            pipeline: 1,
             deliveries_per_publication: 1,
             payload_bytes: common.payload_bytes,
             source: plan.for_conn(n + p),

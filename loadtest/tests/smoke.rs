@@ -175,3 +175,40 @@ fn idle_connections_stay_subscribed() {
     assert_eq!(s["deliveries"], 200);
     assert!(s["server_rss_bytes_per_connection"].as_f64().is_some());
 }
+
+#[test]
+fn pipelined_max_rate_publishing_loses_and_reorders_nothing() {
+    let server = start_server("pipeline");
+    let json = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("smoke-pipeline.json");
+    let s = run_loadtest(
+        &server,
+        &[
+            "chat",
+            "--channels",
+            "3",
+            "--per-channel",
+            "7",
+            "--rate",
+            "0",
+            "--window",
+            "4",
+            "--pipeline",
+            "4",
+            "--messages",
+            "600",
+        ],
+        &json,
+    );
+    assert_clean(&s);
+    assert_eq!(s["pipeline"], 4);
+    assert_eq!(s["publish"]["published"], 600);
+    assert_eq!(s["publish"]["errors"], 0);
+    // Every answer was matched to its own request: each channel's last offset is its count.
+    let counts = s["publish"]["counts"].as_array().cloned().unwrap_or_default();
+    let offsets = s["publish"]["last_offsets"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(counts.len(), 3, "{s:#}");
+    assert_eq!(counts, offsets, "{s:#}");
+}
