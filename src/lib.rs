@@ -33,6 +33,7 @@ pub mod http;
 pub mod metrics;
 pub mod poller;
 pub mod protocol;
+pub mod sendring;
 pub mod server;
 pub mod shard;
 pub mod transport;

@@ -204,7 +204,10 @@ fn pipelined_max_rate_publishing_loses_and_reorders_nothing() {
     assert_eq!(s["publish"]["published"], 600);
     assert_eq!(s["publish"]["errors"], 0);
     // Every answer was matched to its own request: each channel's last offset is its count.
-    let counts = s["publish"]["counts"].as_array().cloned().unwrap_or_default();
+    let counts = s["publish"]["counts"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     let offsets = s["publish"]["last_offsets"]
         .as_array()
         .cloned()
