@@ -255,9 +255,10 @@ impl Conn {
             self.close(close::SLOW_CONSUMER, "slow consumer", true);
             return false;
         }
-        if queued == 0 && self.fd.get() >= 0 && !self.writer_running.get() {
+        if queued == 0 && !self.writer_running.get() {
             // The common case, one frame per socket per pass: it goes into the pass's arena,
-            // so fan-out allocates nothing per subscriber.
+            // so fan-out allocates nothing per subscriber (TLS sockets copy it out again in
+            // the pass, for their writer).
             let mut arena = flusher.arena.borrow_mut();
             let start = arena.len();
             if start < ARENA_MAX {
@@ -448,10 +449,13 @@ impl Conn {
         self.out.borrow().len() + self.staged.get().1 as usize
     }
 
-    /// Forgets what is queued but keeps the buffer, as a writer that just finished would leave
-    /// it; for benchmarks of fan-out (with `Flusher::discard`).
+    /// Forgets what is queued and hands the buffer back, as the flush pass leaves a connection
+    /// whose queue it wrote in full; for benchmarks and tests of fan-out (with
+    /// `Flusher::discard`).
     pub fn discard_queued(&self) {
-        self.out.borrow_mut().clear();
+        if let Some(buf) = self.out.borrow_mut().take_if_any() {
+            pool::give(buf);
+        }
         self.staged.set((0, 0));
     }
 

@@ -1,0 +1,91 @@
+//! Fan-out allocates per publication, not per subscriber (issue 4, STYLE rule 7): one
+//! publication to N fresh subscribers of a shard makes a number of allocations that does not
+//! grow with N (the flush pass's arena and list grow by doubling).
+
+use broadcaster::channel::Channels;
+use broadcaster::config::Config;
+use broadcaster::connection::Conn;
+use broadcaster::shard::{Shard, Shared};
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+struct Counting;
+
+thread_local! {
+    static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
+}
+
+// SAFETY: forwards to the system allocator; the counter is a const thread-local (no allocation).
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.with(|c| c.set(c.get() + 1));
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.with(|c| c.set(c.get() + 1));
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn allocations() -> u64 {
+    ALLOCATIONS.with(|c| c.get())
+}
+
+/// Allocations made by one publication to `subscribers` fresh subscribers.
+fn fan_out_allocations(subscribers: usize) -> u64 {
+    let mut config = Config::default();
+    config.auth.jwt_secret = Some("test".into());
+    let shard = Shard::new(0, Arc::new(Shared::new(config, 1).unwrap()));
+    let conns: Vec<_> = (0..subscribers)
+        .map(|i| Conn::new(i as u64, 1 << 20))
+        .collect();
+    for conn in &conns {
+        drop(shard.subscribe(conn, None, "alloc/fanout", None));
+        conn.discard_queued();
+    }
+    shard.flusher.discard();
+    let mut channels = Channels::new(0, Duration::from_secs(1));
+    let p = channels
+        .publish(
+            "alloc/fanout",
+            "e",
+            br#"{"n":1}"#,
+            "id-1".into(),
+            "2026-11-22T00:00:00.000Z".into(),
+            Instant::now(),
+        )
+        .0;
+    let before = allocations();
+    shard.deliver(&p);
+    let made = allocations() - before;
+    assert_eq!(
+        conns
+            .iter()
+            .map(|c| c.queued_bytes())
+            .filter(|&b| b > 0)
+            .count(),
+        subscribers,
+        "every subscriber got the frame"
+    );
+    made
+}
+
+#[test]
+fn fan_out_allocations_do_not_grow_with_subscribers() {
+    let small = fan_out_allocations(100);
+    let large = fan_out_allocations(10_000);
+    eprintln!(
+        "allocations for one publication: 100 subscribers {small}, 10,000 subscribers {large}"
+    );
+    // Doubling growth of the arena and the flush list: a few dozen at most, where a buffer per
+    // subscriber would be 10,000.
+    assert!(large < 100, "{large} allocations for 10,000 subscribers");
+}
