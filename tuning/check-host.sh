@@ -87,6 +87,7 @@ check_sysctl net.core.netdev_max_backlog min 65536
 check_sysctl net.ipv4.tcp_slow_start_after_idle eq 0
 check_sysctl net.ipv4.tcp_tw_reuse eq 1
 check_sysctl net.ipv4.tcp_fin_timeout max 15
+check_sysctl fs.epoll.max_user_watches min 1048576
 
 echo "limits of this shell (tuning/limits.conf, LimitNOFILE/LimitMEMLOCK in broadcaster.service):"
 nofile_soft=$(ulimit -Sn)

@@ -29,6 +29,7 @@ fn check_host_reports_every_setting_and_exits_zero() {
         "fs.nr_open",
         "fs.file-max",
         "net.core.netdev_max_backlog",
+        "fs.epoll.max_user_watches",
         "nofile",
         "memlock",
         "kernel version",
