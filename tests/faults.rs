@@ -1240,3 +1240,92 @@ async fn sigterm_during_heavy_fan_out_closes_everyone_1001_without_gaps_and_exit
     // Nothing refused was delivered (at most one accepted publish per publisher lost its answer).
     assert!(*counts.iter().max().unwrap() <= ok + n_pub as u64);
 }
+
+// ---------------------------------------------------------------------------------------------
+// 7. Out of file descriptors
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_descriptors_the_server_refuses_new_connections_and_keeps_serving() {
+    const NOFILE: u64 = 96;
+    let s = Server::start(ServerOpts {
+        nofile: Some(NOFILE),
+        ..ServerOpts::shards(1)
+    });
+    let ch = "faults/emfile";
+    let mut healthy = Healthy::join(&s, ch).await;
+    let mut publisher = Publisher::connect(&s).await;
+    let fds0 = fd_count(&s);
+
+    // More connections than the server has descriptors for: it accepts until EMFILE, the
+    // kernel queues the rest in the listen backlog.
+    let mut flood = Vec::new();
+    for _ in 0..NOFILE + 40 {
+        match tokio::time::timeout(T, TcpStream::connect(s.public)).await {
+            Ok(Ok(mut c)) => {
+                let _ = c.write_all(b"GET /ws HTTP/1.1\r\n").await;
+                flood.push(c);
+            }
+            _ => break,
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fd_count(&s) + 2 < NOFILE as usize {
+        assert!(
+            Instant::now() < deadline,
+            "the server never ran out of descriptors: {} open",
+            fd_count(&s)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!(
+        "{} flood connections; server fds {fds0} -> {}",
+        flood.len(),
+        fd_count(&s)
+    );
+
+    // Out of descriptors, it still delivers, and still reads its WebSockets (their readiness
+    // comes from the shard's epoll set, whose wait itself needs a spare descriptor).
+    for i in 0..20 {
+        publisher.publish(ch, "full", &i.to_string()).await;
+    }
+    healthy = healthy.take(20, Duration::from_secs(10)).await;
+    let ch2 = "faults/emfile/2";
+    let r = within(
+        T,
+        "subscribe while out of descriptors",
+        healthy.ws.subscribe(ch2),
+    )
+    .await;
+    assert!(r["offset"].is_u64(), "{r}");
+    publisher.publish(ch2, "full", "\"second\"").await;
+    let p = within(
+        T,
+        "broadcast on the second channel",
+        healthy.ws.recv_broadcast(),
+    )
+    .await;
+    assert_eq!(p["channel"], json!(ch2), "{p}");
+
+    // Descriptors free again: new connections are served.
+    drop(flood);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while fd_count(&s) > fds0 + 4 {
+        assert!(
+            Instant::now() < deadline,
+            "descriptors not released: {} open, {fds0} before",
+            fd_count(&s)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut late = Healthy::join(&s, ch).await;
+    let ack = publisher.publish(ch, "after", "1").await;
+    assert_eq!(late.next().await["offset"], ack["offset"]);
+    assert_eq!(healthy.next().await["offset"], ack["offset"]);
+    assert!(counter(&s, "accept_errors_total").await >= 1.0);
+    assert!(
+        s.stderr().contains("accept failed"),
+        "no accept warning logged"
+    );
+    assert_no_panic(&s);
+}

@@ -89,6 +89,8 @@ pub struct ServerOpts {
     pub config_toml: Option<String>,
     /// Runs the bare binary (no `serve` subcommand and no flags at all).
     pub bare: bool,
+    /// Caps the server's open files (soft and hard limit), to run it out of descriptors.
+    pub nofile: Option<u64>,
 }
 
 impl Default for ServerOpts {
@@ -102,6 +104,7 @@ impl Default for ServerOpts {
             secret: Some(SECRET.into()),
             api_keys: vec![API_KEY.into(), API_KEY_2.into()],
             config_toml: None,
+            nofile: None,
             bare: false,
         }
     }
@@ -214,6 +217,22 @@ impl Server {
             .stdout(Stdio::piped())
             .stderr(Stdio::from(stderr));
         kill_with_parent(&mut cmd);
+        if let Some(n) = opts.nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe and touches only the new process.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let lim = libc::rlimit {
+                        rlim_cur: n,
+                        rlim_max: n,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         let mut child = cmd.spawn().map_err(|e| format!("spawn: {e}"))?;
         let stdout = child.stdout.take().expect("piped stdout");
 
