@@ -293,15 +293,11 @@ impl Conn {
         let Some((fd, ptr, len)) = self.flush_start(arena) else {
             return;
         };
-        // SAFETY: `fd` is this connection's open socket: `run` sets it to -1 (and `dead`) before
-        // the stream is dropped, and nothing else closes it. `ptr`/`len` are queued bytes,
-        // untouched until `flush_end`.
-        let n = unsafe { libc::send(fd, ptr.cast(), len, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
-        let result = if n < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(n as usize)
-        };
+        // SAFETY: `ptr`/`len` are queued bytes (`out` or the arena), untouched until `flush_end`;
+        // `fd` is this connection's open socket (`run` sets it to -1, and `dead`, before the
+        // stream is dropped, and nothing else closes it).
+        let bytes = unsafe { std::slice::from_raw_parts(ptr, len) };
+        let result = transport::send_now(fd, bytes);
         self.flush_end(fd, result, arena, metrics, now);
     }
 

@@ -118,11 +118,8 @@ impl Default for Poller {
 /// That error is the signal. A stream cannot be re-armed after it, so each wait uses a fresh copy
 /// of the descriptor (the copy shares the epoll set; closing it leaves the set alone).
 async fn wait_readable(epfd: RawFd) -> io::Result<()> {
-    // SAFETY: plain syscall; the result is checked before it is owned.
-    let copy = unsafe { libc::fcntl(epfd, libc::F_DUPFD_CLOEXEC, 0) };
-    if copy < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    use std::os::fd::IntoRawFd;
+    let copy = crate::transport::dup_cloexec(epfd)?.into_raw_fd();
     // SAFETY: `copy` is a new descriptor; the stream owns and closes it.
     let mut stream = unsafe { glommio::net::UnixStream::from_raw_fd(copy) };
     let mut byte = [0u8; 1];

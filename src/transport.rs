@@ -40,14 +40,10 @@ impl RawSock {
         tcp: Box<TcpStream>,
         register: impl FnOnce(std::os::fd::RawFd) -> io::Result<()>,
     ) -> Result<RawSock, Box<TcpStream>> {
-        use std::os::fd::{AsRawFd, FromRawFd};
-        // SAFETY: plain syscall on the stream's open socket; the result is checked.
-        let fd = unsafe { libc::fcntl(tcp.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
-        if fd < 0 {
+        use std::os::fd::AsRawFd;
+        let Ok(fd) = dup_cloexec(tcp.as_raw_fd()) else {
             return Err(tcp);
-        }
-        // SAFETY: `fd` is a new descriptor nothing else owns.
-        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        };
         if register(fd.as_raw_fd()).is_err() {
             return Err(tcp);
         }
@@ -88,62 +84,85 @@ impl RawSock {
     /// Reads into `buf`; `Pending` until epoll says there is more. The caller has registered
     /// the waker that `ready` events lead to.
     fn poll_recv(&self, buf: &mut [u8]) -> Poll<io::Result<usize>> {
-        loop {
-            if !self.readable.get() {
-                return Poll::Pending;
-            }
-            // SAFETY: `fd` is open while `self` lives; `buf` is valid for its length.
-            let n = unsafe {
-                libc::recv(
-                    self.fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    libc::MSG_DONTWAIT,
-                )
-            };
-            if n >= 0 {
-                let n = n as usize;
+        match attempt(&self.readable, || recv_now(self.fd(), buf)) {
+            None => Poll::Pending,
+            Some(Ok(n)) => {
                 // A short read emptied the socket: any later data is a new edge.
                 if n > 0 && n < buf.len() && !self.hup.get() {
                     self.readable.set(false);
                 }
-                return Poll::Ready(Ok(n));
+                Poll::Ready(Ok(n))
             }
-            let e = io::Error::last_os_error();
-            match e.kind() {
-                io::ErrorKind::WouldBlock => self.readable.set(false),
-                io::ErrorKind::Interrupted => {}
-                _ => return Poll::Ready(Err(e)),
-            }
+            Some(Err(e)) => Poll::Ready(Err(e)),
         }
     }
 
     fn poll_send(&self, cx: &std::task::Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        loop {
-            if !self.writable.get() {
+        match attempt(&self.writable, || send_now(self.fd(), buf)) {
+            None => {
                 self.tx.set(Some(cx.waker().clone()));
-                return Poll::Pending;
+                Poll::Pending
             }
-            // SAFETY: `fd` is open while `self` lives; `buf` is valid for its length.
-            let n = unsafe {
-                libc::send(
-                    self.fd(),
-                    buf.as_ptr().cast(),
-                    buf.len(),
-                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-                )
-            };
-            if n >= 0 {
-                return Poll::Ready(Ok(n as usize));
-            }
-            let e = io::Error::last_os_error();
-            match e.kind() {
-                io::ErrorKind::WouldBlock => self.writable.set(false),
-                io::ErrorKind::Interrupted => {}
-                _ => return Poll::Ready(Err(e)),
-            }
+            Some(result) => Poll::Ready(result),
         }
     }
+}
+
+/// Runs `op` while `ready` holds: again when interrupted; EAGAIN clears `ready` and gives None
+/// (the next readiness event sets it again).
+fn attempt(
+    ready: &std::cell::Cell<bool>,
+    mut op: impl FnMut() -> io::Result<usize>,
+) -> Option<io::Result<usize>> {
+    while ready.get() {
+        match op() {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => ready.set(false),
+            result => return Some(result),
+        }
+    }
+    None
+}
+
+/// One non-blocking `send`; a reset peer is an error, not SIGPIPE.
+pub fn send_now(fd: std::os::fd::RawFd, buf: &[u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for its length; a bad descriptor is an error, not UB.
+    let n = unsafe {
+        libc::send(
+            fd,
+            buf.as_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// One non-blocking `recv`.
+fn recv_now(fd: std::os::fd::RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for its length; a bad descriptor is an error, not UB.
+    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// A new close-on-exec descriptor for the same open file as `fd`.
+pub fn dup_cloexec(fd: std::os::fd::RawFd) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain syscall; the result is checked before it is owned.
+    let copy = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+    if copy < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `copy` is a new descriptor nothing else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(copy) })
 }
 
 pub struct Tls {
@@ -320,28 +339,10 @@ pub async fn read_some(
             }
             let mut guard = stream.borrow_mut();
             match &mut *guard {
-                Transport::Raw(sock) => SCRATCH.with(|s| {
-                    let mut s = s.borrow_mut();
-                    match sock.poll_recv(&mut s) {
-                        Poll::Ready(Ok(n)) => {
-                            into.extend_from_slice(&s[..n]);
-                            Poll::Ready(Ok(Some(n)))
-                        }
-                        Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-                        Poll::Pending => Poll::Pending,
-                    }
-                }),
-                Transport::Plain(tcp) => SCRATCH.with(|s| {
-                    let mut s = s.borrow_mut();
-                    match Pin::new(&mut **tcp).poll_read(cx, &mut s) {
-                        Poll::Ready(Ok(n)) => {
-                            into.extend_from_slice(&s[..n]);
-                            Poll::Ready(Ok(Some(n)))
-                        }
-                        Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-                        Poll::Pending => Poll::Pending,
-                    }
-                }),
+                Transport::Raw(sock) => scratch_read(into, |s| sock.poll_recv(s)),
+                Transport::Plain(tcp) => {
+                    scratch_read(into, |s| Pin::new(&mut **tcp).poll_read(cx, s))
+                }
                 Transport::Tls(t) => {
                     // Plaintext already decrypted goes first.
                     let before = into.len();
@@ -390,6 +391,20 @@ pub async fn read_some(
             }
         }
     }
+}
+
+/// Reads through the shard's scratch buffer with `read` and appends what came to `into`.
+fn scratch_read(
+    into: &mut Vec<u8>,
+    read: impl FnOnce(&mut [u8]) -> Poll<io::Result<usize>>,
+) -> Poll<io::Result<Option<usize>>> {
+    SCRATCH.with(|s| {
+        let mut s = s.borrow_mut();
+        read(&mut s).map_ok(|n| {
+            into.extend_from_slice(&s[..n]);
+            Some(n)
+        })
+    })
 }
 
 /// Sends FIN (after a TLS close_notify): the peer sees the end of our side.
