@@ -160,12 +160,9 @@ impl Timers {
     }
 
     /// Entries waiting, stale ones included.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.heap.borrow().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     /// Calls `fire(id, due)` for every entry whose time has come, for the shard's life.
@@ -303,7 +300,7 @@ mod tests {
             assert_eq!(got, vec![(1, 20), (2, 40), (1, 60)]);
             // None fired before its time.
             assert!(t0.elapsed() >= Duration::from_millis(60));
-            assert!(timers.is_empty());
+            assert_eq!(timers.len(), 0);
             task.cancel();
         });
     }

@@ -2,6 +2,7 @@
 //! single `io_uring_enter` instead of one `send` system call each.
 
 use std::io;
+use std::time::Instant;
 
 /// Sends submitted per `io_uring_enter`.
 const DEPTH: u32 = 256;
@@ -32,7 +33,8 @@ impl SendRing {
         }
     }
 
-    /// Sends every item (non-blocking) and reports each result to `done(index, result)`. An
+    /// Sends every item (non-blocking) and reports each result to `done(index, result, now)`,
+    /// `now` read once per `io_uring_enter` (not once per socket). An
     /// error means the ring failed: items not reported may or may not have been sent, and the
     /// ring must not be used again (dropping it cancels what it still holds).
     ///
@@ -41,10 +43,11 @@ impl SendRing {
     pub unsafe fn send_all(
         &mut self,
         items: &[Item],
-        mut done: impl FnMut(usize, io::Result<usize>),
+        mut done: impl FnMut(usize, io::Result<usize>, Instant),
     ) -> io::Result<()> {
         for (chunk_no, chunk) in items.chunks(DEPTH as usize).enumerate() {
             let base = chunk_no * DEPTH as usize;
+            let mut pushed = 0;
             {
                 let mut sq = self.ring.submission();
                 for (i, &(fd, ptr, len)) in chunk.iter().enumerate() {
@@ -62,9 +65,19 @@ impl SendRing {
                     if unsafe { sq.push(&sqe) }.is_err() {
                         break;
                     }
+                    pushed += 1;
                 }
             }
-            let mut left = chunk.len();
+            // Never seen (the queue is empty here), but waiting for completions of sends that
+            // were not queued would hang the shard: those go to the writer, as for EAGAIN.
+            for i in pushed..chunk.len() {
+                done(
+                    base + i,
+                    Err(io::ErrorKind::WouldBlock.into()),
+                    Instant::now(),
+                );
+            }
+            let mut left = pushed;
             let mut failures = 0;
             while left > 0 {
                 if let Err(e) = self.ring.submit_and_wait(left) {
@@ -76,6 +89,7 @@ impl SendRing {
                     }
                     continue;
                 }
+                let now = Instant::now();
                 for cqe in self.ring.completion() {
                     left -= 1;
                     let r = cqe.result();
@@ -84,7 +98,7 @@ impl SendRing {
                     } else {
                         Ok(r as usize)
                     };
-                    done(cqe.user_data() as usize, result);
+                    done(cqe.user_data() as usize, result, now);
                 }
             }
         }

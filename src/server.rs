@@ -188,16 +188,27 @@ async fn shard_main(
         glommio::spawn_local(async move {
             shard
                 .poller
-                .run(|id, events| shard.socket_ready(id, events))
+                .run(|id, events| {
+                    if let Some(conn) = shard.conn(id) {
+                        conn.socket_ready(events);
+                    }
+                })
                 .await
         })
         .detach()
     };
     let timer_task = {
         let shard = shard.clone();
-        glommio::spawn_local(
-            async move { shard.timers.run(|id, due| shard.timer_due(id, due)).await },
-        )
+        glommio::spawn_local(async move {
+            shard
+                .timers
+                .run(|id, due| {
+                    if let Some(conn) = shard.conn(id) {
+                        conn.timer_due(due);
+                    }
+                })
+                .await
+        })
         .detach()
     };
     connect_rings(&shard, ends);

@@ -259,20 +259,9 @@ impl Shard {
         })
     }
 
-    /// Readiness from the poller for connection `id`'s socket.
-    pub fn socket_ready(&self, id: u64, events: u32) {
-        let conn = self.conns.borrow().get(&id).cloned();
-        if let Some(conn) = conn {
-            conn.socket_ready(events);
-        }
-    }
-
-    /// The timers' entry for connection `id` at `due` has come.
-    pub fn timer_due(&self, id: u64, due: Instant) {
-        let conn = self.conns.borrow().get(&id).cloned();
-        if let Some(conn) = conn {
-            conn.timer_due(due);
-        }
+    /// Connection `id`, while it is open (the poller and the timers know connections by id).
+    pub fn conn(&self, id: u64) -> Option<Rc<Conn>> {
+        self.conns.borrow().get(&id).cloned()
     }
 
     pub fn metrics(&self) -> &ShardMetrics {
