@@ -769,23 +769,15 @@ struct Session {
 /// connection, does not keep room for the `Transport` argument it moved out at once.
 pub fn run(
     shard: Rc<Shard>,
+    id: u64,
     stream: Transport,
     input: Vec<u8>,
 ) -> impl std::future::Future<Output = ()> {
     let limits = &shard.config().limits;
-    let conn = Conn::new(shard.new_conn_id(), limits.outbound_buffer_bytes);
+    let conn = Conn::new(id, limits.outbound_buffer_bytes);
     shard.conns.borrow_mut().insert(conn.id, conn.clone());
     ShardMetrics::gauge(&shard.metrics().connections_active, 1);
     tracing::debug!(conn = conn.id, shard = shard.id, "websocket open");
-    let stream = match stream {
-        Transport::Plain(tcp) => {
-            match transport::RawSock::adopt(tcp, |fd| shard.poller.register(fd, conn.id)) {
-                Ok(sock) => Transport::Raw(sock),
-                Err(tcp) => Transport::Plain(tcp),
-            }
-        }
-        other => other,
-    };
     if !matches!(stream, Transport::Tls(_)) {
         conn.fd.set(stream.raw_fd());
     }
@@ -1327,12 +1319,13 @@ mod size_tests {
             let mut config = Config::default();
             config.auth.jwt_secret = Some("s".into());
             let shard = Shard::new(0, Arc::new(Shared::new(config, 1).unwrap()));
-            let listener = glommio::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            let tcp = glommio::net::TcpStream::connect(listener.local_addr().unwrap())
-                .await
-                .unwrap();
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let connect = || {
+                let tcp = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+                Transport::Raw(transport::RawSock::new(tcp.into()))
+            };
             let conn = Conn::new(1, 1 << 20);
-            let stream = Rc::new(RefCell::new(Transport::Plain(Box::new(tcp))));
+            let stream = Rc::new(RefCell::new(connect()));
             let mut input = Vec::new();
             let r = reader(&shard, &conn, &stream, &mut input);
             let w = writer(&conn, &stream, Duration::from_secs(1), shard.metrics());
@@ -1350,10 +1343,7 @@ mod size_tests {
             // future must stay in a smaller class: sharing the task's class, transient request
             // boxes fragmented the pages of long-lived tasks (+150-500 B per idle connection,
             // measured at 19,000).
-            let tcp2 = glommio::net::TcpStream::connect(listener.local_addr().unwrap())
-                .await
-                .unwrap();
-            let task = run(shard.clone(), Transport::Plain(Box::new(tcp2)), Vec::new());
+            let task = run(shard.clone(), 2, connect(), Vec::new());
             let mut session = Session {
                 perms: None,
                 rate: RateLimit::new(1, 1, Instant::now()),

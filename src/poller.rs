@@ -28,8 +28,7 @@ pub const HANGUP: u32 = (libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as 
 /// Events taken per `epoll_wait`.
 const BATCH: usize = 256;
 
-/// The shard's epoll set; `None` when it could not be created (sockets then wait through
-/// glommio, as the HTTP ones do).
+/// The shard's epoll set; `None` when it could not be created.
 pub struct Poller {
     epfd: Option<OwnedFd>,
 }
@@ -39,10 +38,8 @@ impl Poller {
         // SAFETY: plain syscall; the result is checked before it is owned.
         let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
         if fd < 0 {
-            tracing::warn!(
-                error = %io::Error::last_os_error(),
-                "epoll_create1 failed; WebSocket reads wait through io_uring polls"
-            );
+            // The shard then refuses to start: its listeners cannot be registered.
+            tracing::error!(error = %io::Error::last_os_error(), "epoll_create1 failed");
             return Poller { epfd: None };
         }
         // SAFETY: `fd` is a new descriptor nothing else owns.

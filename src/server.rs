@@ -3,7 +3,8 @@
 use crate::auth;
 use crate::config::Config;
 use crate::connection;
-use crate::shard::{RingMsg, Shard, Shared};
+use crate::shard::{RingMsg, Shard, Shared, Watched};
+use crate::transport;
 use crate::web::{self, Role};
 use glommio::channels::shared_channel::{self, SharedReceiver, SharedSender};
 use glommio::{LocalExecutorBuilder, Placement};
@@ -21,6 +22,9 @@ const RING_DEPTH: usize = 4096;
 /// enough to absorb a burst without waking the pump, small enough to bound memory.
 const RING_CAPACITY: usize = 4096;
 /// How often a shard looks at the shutdown flag and sweeps idle channels.
+/// Poller ids of the public and admin listeners (this one and one below); connection ids
+/// count up from 0.
+const LISTENER_IDS: u64 = u64::MAX;
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(50);
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -158,7 +162,9 @@ async fn shard_main(
     ready: Ready,
 ) {
     let bind = |addr: SocketAddr| {
-        glommio::net::TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))
+        transport::Listener::bind(addr)
+            .map(Rc::new)
+            .map_err(|e| format!("cannot listen on {addr}: {e}"))
     };
     let public = match bind(listen) {
         Ok(l) => l,
@@ -179,6 +185,15 @@ async fn shard_main(
         admin.as_ref().and_then(|a| a.local_addr().ok()),
     );
     let shard = Shard::new(id, shared.clone());
+    // Every plain socket waits in the shard's epoll set, the listeners too.
+    for (i, l) in std::iter::once(&public).chain(admin.as_ref()).enumerate() {
+        let key = LISTENER_IDS - i as u64;
+        if let Err(e) = shard.poller.register(l.fd(), key) {
+            let _ = ready.send(Err(format!("cannot watch the listening socket: {e}")));
+            return;
+        }
+        shard.watch(key, Watched::Listener(l.clone()));
+    }
     let flush_task = {
         let shard = shard.clone();
         glommio::spawn_local(async move { shard.flusher.run(shard.metrics()).await }).detach()
@@ -188,11 +203,7 @@ async fn shard_main(
         glommio::spawn_local(async move {
             shard
                 .poller
-                .run(|id, events| {
-                    if let Some(conn) = shard.conn(id) {
-                        conn.socket_ready(events);
-                    }
-                })
+                .run(|id, events| shard.socket_ready(id, events))
                 .await
         })
         .detach()
@@ -242,6 +253,9 @@ async fn shard_main(
         glommio::timer::sleep(Duration::from_millis(20)).await;
     }
     public_task.cancel();
+    for i in 0..2 {
+        shard.unwatch(LISTENER_IDS - i);
+    }
     flush_task.cancel();
     poll_task.cancel();
     timer_task.cancel();

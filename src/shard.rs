@@ -11,6 +11,7 @@ use crate::connection::{Conn, Flusher};
 use crate::metrics::ShardMetrics;
 use crate::poller::{Poller, Timers};
 use crate::protocol::{self, Code, Error, PublishParams, Since};
+use crate::transport::{HttpSock, Listener};
 use futures_channel::oneshot;
 use glommio::channels::local_channel::{self, LocalSender};
 use std::cell::{Cell, RefCell};
@@ -224,6 +225,14 @@ pub struct Shard {
     /// (`server` runs their tasks).
     pub poller: Poller,
     pub timers: Timers,
+    /// Sockets in the epoll set that are not WebSocket connections (yet), by poller id.
+    watched: RefCell<HashMap<u64, Watched>>,
+}
+
+/// A socket in the shard's epoll set that is not a WebSocket connection.
+pub enum Watched {
+    Http(Rc<HttpSock>),
+    Listener(Rc<Listener>),
 }
 
 /// Which shard sequences `channel`. Stable across runs and shards (SipHash with fixed keys).
@@ -255,6 +264,7 @@ impl Shard {
             flusher: Flusher::default(),
             poller: Poller::new(),
             timers: Timers::default(),
+            watched: RefCell::new(HashMap::new()),
             shared,
         })
     }
@@ -262,6 +272,29 @@ impl Shard {
     /// Connection `id`, while it is open (the poller and the timers know connections by id).
     pub fn conn(&self, id: u64) -> Option<Rc<Conn>> {
         self.conns.borrow().get(&id).cloned()
+    }
+
+    /// Readiness of the socket the poller knows as `id`.
+    pub fn socket_ready(&self, id: u64, events: u32) {
+        if let Some(conn) = self.conn(id) {
+            conn.socket_ready(events);
+            return;
+        }
+        // Waking only schedules the task, so the map stays borrowed for no longer than this.
+        match self.watched.borrow().get(&id) {
+            Some(Watched::Http(sock)) => sock.ready(events),
+            Some(Watched::Listener(l)) => l.ready(),
+            None => {}
+        }
+    }
+
+    /// Lets the poller reach `w` as `id` (registered in the epoll set under that id).
+    pub fn watch(&self, id: u64, w: Watched) {
+        self.watched.borrow_mut().insert(id, w);
+    }
+
+    pub fn unwatch(&self, id: u64) {
+        self.watched.borrow_mut().remove(&id);
     }
 
     pub fn metrics(&self) -> &ShardMetrics {

@@ -12,11 +12,9 @@ use std::sync::Arc;
 use std::task::Poll;
 
 pub enum Transport {
-    /// glommio's stream: HTTP connections, and WebSocket ones when the shard has no epoll set.
-    Plain(Box<TcpStream>),
     Tls(Box<Tls>),
-    /// An upgraded WebSocket socket registered in the shard's epoll set (`poller`): no armed
-    /// poll per idle socket; the shard's poller sets its readiness and wakes its tasks.
+    /// A plain TCP socket registered in the shard's epoll set (`poller`) from its accept on:
+    /// no armed poll per idle socket; the shard's poller sets its readiness and wakes its tasks.
     Raw(RawSock),
 }
 
@@ -34,28 +32,15 @@ pub struct RawSock {
 }
 
 impl RawSock {
-    /// Takes the socket out of glommio's stream (dropping the stream disarms its poll) and
-    /// registers it with `register`; gives the stream back if either step fails.
-    pub fn adopt(
-        tcp: Box<TcpStream>,
-        register: impl FnOnce(std::os::fd::RawFd) -> io::Result<()>,
-    ) -> Result<RawSock, Box<TcpStream>> {
-        use std::os::fd::AsRawFd;
-        let Ok(fd) = dup_cloexec(tcp.as_raw_fd()) else {
-            return Err(tcp);
-        };
-        if register(fd.as_raw_fd()).is_err() {
-            return Err(tcp);
-        }
-        drop(tcp);
-        Ok(RawSock {
+    /// A socket just registered in the epoll set: whatever arrived before is read at once.
+    pub fn new(fd: std::os::fd::OwnedFd) -> RawSock {
+        RawSock {
             fd,
-            // Unknown until tried: whatever arrived with the upgrade is read at once.
             readable: std::cell::Cell::new(true),
             writable: std::cell::Cell::new(true),
             hup: std::cell::Cell::new(false),
             tx: std::cell::Cell::new(None),
-        })
+        }
     }
 
     /// Records readiness from epoll; true when a reader should be woken.
@@ -165,6 +150,142 @@ pub fn dup_cloexec(fd: std::os::fd::RawFd) -> io::Result<std::os::fd::OwnedFd> {
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(copy) })
 }
 
+/// A socket serving HTTP, before any upgrade: the shard's poller reaches it by id
+/// (`Shard::watch`) to set its readiness and wake its task.
+pub struct HttpSock {
+    pub stream: RefCell<Transport>,
+    rx: std::cell::Cell<Option<std::task::Waker>>,
+}
+
+impl HttpSock {
+    pub fn new(stream: Transport) -> HttpSock {
+        HttpSock {
+            stream: RefCell::new(stream),
+            rx: std::cell::Cell::new(None),
+        }
+    }
+
+    /// Readiness from the poller.
+    pub fn ready(&self, events: u32) {
+        // Borrowed only inside polls, never across an await: see `Conn::socket_ready`.
+        let wake = match self.stream.try_borrow().as_deref() {
+            Ok(Transport::Raw(sock)) => sock.ready(events),
+            _ => false,
+        };
+        if wake {
+            if let Some(w) = self.rx.take() {
+                w.wake();
+            }
+        }
+    }
+
+    /// Reads what is available into `into`; 0 at end of stream.
+    pub async fn read_some(&self, into: &mut Vec<u8>) -> io::Result<usize> {
+        read_some(&self.stream, into, &|cx| {
+            self.rx.set(Some(cx.waker().clone()));
+            None
+        })
+        .await
+    }
+}
+
+/// Pending connections a listener queues (the kernel caps it at `net.core.somaxconn`).
+const LISTEN_BACKLOG: i32 = 4096;
+
+/// A listening socket of our own, non-blocking, in the shard's epoll set.
+///
+/// Not glommio's `TcpListener`: its accept turns O_NONBLOCK on and off around every `accept`
+/// (three `fcntl` per connection), and each socket it gave had to be copied out of glommio's
+/// stream again for the epoll set (`fcntl` + `close`). Accepted sockets inherit TCP_NODELAY
+/// from this one on Linux (one `setsockopt` less per connection; a test checks it).
+pub struct Listener {
+    fd: std::os::fd::OwnedFd,
+    /// Edge-triggered: cleared only by EAGAIN.
+    ready: std::cell::Cell<bool>,
+    waker: std::cell::Cell<Option<std::task::Waker>>,
+}
+
+impl Listener {
+    /// Binds `addr` with SO_REUSEPORT: every shard has its own listener on the same port.
+    pub fn bind(addr: std::net::SocketAddr) -> io::Result<Listener> {
+        use socket2::{Domain, Protocol, Socket, Type};
+        let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        sock.set_reuse_port(true)?;
+        sock.set_tcp_nodelay(true)?;
+        sock.set_nonblocking(true)?;
+        sock.bind(&addr.into())?;
+        sock.listen(LISTEN_BACKLOG)?;
+        Ok(Listener {
+            fd: sock.into(),
+            ready: std::cell::Cell::new(true),
+            waker: std::cell::Cell::new(None),
+        })
+    }
+
+    pub fn local_addr(&self) -> io::Result<std::net::SocketAddr> {
+        socket2::SockRef::from(&self.fd)
+            .local_addr()?
+            .as_socket()
+            .ok_or_else(|| io::Error::other("listener has no IP address"))
+    }
+
+    pub fn fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.fd.as_raw_fd()
+    }
+
+    /// The poller saw a connection arrive.
+    pub fn ready(&self) {
+        self.ready.set(true);
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+    }
+
+    /// The next connection, in blocking mode as glommio's streams expect (TLS); plain sockets
+    /// are only ever used with MSG_DONTWAIT. Errors are those a caller should back off from
+    /// (out of descriptors or memory); a connection reset before its accept is skipped.
+    pub async fn accept(&self) -> io::Result<std::os::fd::OwnedFd> {
+        use std::os::fd::FromRawFd;
+        poll_fn(|cx| loop {
+            if !self.ready.get() {
+                self.waker.set(Some(cx.waker().clone()));
+                return Poll::Pending;
+            }
+            // SAFETY: plain syscall; no address is asked for; the result is checked.
+            let fd = unsafe {
+                libc::accept4(
+                    self.fd(),
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    libc::SOCK_CLOEXEC,
+                )
+            };
+            if fd >= 0 {
+                // SAFETY: a new descriptor nothing else owns.
+                return Poll::Ready(Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }));
+            }
+            let e = io::Error::last_os_error();
+            match e.raw_os_error().unwrap_or(0) {
+                libc::EAGAIN => self.ready.set(false),
+                // accept(2): errors of the connection, not of the listener; take the next.
+                libc::EINTR
+                | libc::ECONNABORTED
+                | libc::EPROTO
+                | libc::ENETDOWN
+                | libc::ENOPROTOOPT
+                | libc::EHOSTDOWN
+                | libc::ENONET
+                | libc::EHOSTUNREACH
+                | libc::ENETUNREACH
+                | libc::EPERM => {}
+                _ => return Poll::Ready(Err(e)),
+            }
+        })
+        .await
+    }
+}
+
 pub struct Tls {
     tcp: TcpStream,
     session: rustls::ServerConnection,
@@ -182,7 +303,6 @@ impl Transport {
     pub fn raw_fd(&self) -> std::os::fd::RawFd {
         use std::os::fd::AsRawFd;
         match self {
-            Transport::Plain(t) => t.as_raw_fd(),
             Transport::Tls(t) => t.tcp.as_raw_fd(),
             Transport::Raw(s) => s.fd(),
         }
@@ -279,7 +399,6 @@ async fn write_raw(stream: &RefCell<Transport>, mut buf: &[u8]) -> io::Result<()
         let n = poll_fn(|cx| {
             let mut guard = stream.borrow_mut();
             match &mut *guard {
-                Transport::Plain(t) => Pin::new(&mut **t).poll_write(cx, buf),
                 Transport::Tls(t) => Pin::new(&mut t.tcp).poll_write(cx, buf),
                 Transport::Raw(s) => s.poll_send(cx, buf),
             }
@@ -295,11 +414,9 @@ async fn write_raw(stream: &RefCell<Transport>, mut buf: &[u8]) -> io::Result<()
 
 /// Writes some of `buf` (plain) or all of it (TLS: it is encrypted as one batch of records).
 pub async fn write_some(stream: &RefCell<Transport>, buf: &[u8]) -> io::Result<usize> {
-    use futures_lite::AsyncWrite;
     let tls = matches!(&*stream.borrow(), Transport::Tls(_));
     if !tls {
         return poll_fn(|cx| match &mut *stream.borrow_mut() {
-            Transport::Plain(t) => Pin::new(&mut **t).poll_write(cx, buf),
             Transport::Raw(s) => s.poll_send(cx, buf),
             Transport::Tls(_) => Poll::Ready(Err(io::ErrorKind::Unsupported.into())),
         })
@@ -340,9 +457,6 @@ pub async fn read_some(
             let mut guard = stream.borrow_mut();
             match &mut *guard {
                 Transport::Raw(sock) => scratch_read(into, |s| sock.poll_recv(s)),
-                Transport::Plain(tcp) => {
-                    scratch_read(into, |s| Pin::new(&mut **tcp).poll_read(cx, s))
-                }
                 Transport::Tls(t) => {
                     // Plaintext already decrypted goes first.
                     let before = into.len();
@@ -422,5 +536,36 @@ pub async fn shutdown_write(stream: &RefCell<Transport>) {
     // SAFETY: shutdown(2) on a socket this connection owns; failure (already closed) is harmless.
     unsafe {
         libc::shutdown(fd, libc::SHUT_WR);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The listener sets TCP_NODELAY once for every connection it accepts: if the kernel stops
+    /// copying it to accepted sockets, small frames wait for ACKs (Nagle) and this fails.
+    #[test]
+    fn accepted_sockets_inherit_nodelay_and_stay_blocking() {
+        glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+            .io_memory(64 * 1024)
+            .make()
+            .unwrap()
+            .run(async {
+                let listener = Listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+                let addr = listener.local_addr().unwrap();
+                assert_ne!(addr.port(), 0);
+                let _client = std::net::TcpStream::connect(addr).unwrap();
+                let fd = listener.accept().await.unwrap();
+                let sock = socket2::SockRef::from(&fd);
+                assert!(sock.tcp_nodelay().unwrap());
+                // glommio's streams (TLS) expect blocking mode; plain sockets use MSG_DONTWAIT.
+                assert!(!sock.nonblocking().unwrap());
+                // Nothing more queued: the next accept waits instead of failing.
+                assert!(futures_lite::future::poll_once(listener.accept())
+                    .await
+                    .is_none());
+                assert!(!listener.ready.get());
+            });
     }
 }

@@ -6,10 +6,11 @@ use crate::http::{self, Head};
 use crate::metrics::{self, ShardMetrics};
 use crate::protocol::{self, Code, Error};
 use crate::shard::Shard;
-use crate::transport::{self, read_some, write_all, Transport};
+use crate::shard::Watched;
+use crate::transport::{self, write_all, HttpSock, Listener, Transport};
 use futures_lite::future;
-use glommio::net::{TcpListener, TcpStream};
-use std::cell::RefCell;
+use glommio::net::TcpStream;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
@@ -41,13 +42,12 @@ const BODY_ENVELOPE_BYTES: usize = 64 * 1024;
 /// Pause after a failed accept (out of file descriptors), so the loop never spins.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
-pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, role: Role) {
+pub async fn accept_loop(shard: Rc<Shard>, listener: Rc<Listener>, role: Role) {
     let mut last_logged: Option<Instant> = None;
     loop {
         match listener.accept().await {
-            Ok(stream) => {
-                let _ = stream.set_nodelay(true);
-                glommio::spawn_local(serve(shard.clone(), stream, role)).detach();
+            Ok(fd) => {
+                glommio::spawn_local(serve(shard.clone(), fd, role)).detach();
             }
             Err(e) => {
                 ShardMetrics::add(&shard.metrics().accept_errors_total, 1);
@@ -63,11 +63,33 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, role: Role) {
 }
 
 /// Serves one TCP connection: HTTP requests with keep-alive, until an upgrade or close.
-async fn serve(shard: Rc<Shard>, tcp: TcpStream, role: Role) {
+async fn serve(shard: Rc<Shard>, fd: OwnedFd, role: Role) {
     let limits = shard.config().limits.clone();
+    // The poller knows the socket by this id from now on, and so does the WebSocket connection
+    // it may become.
+    let id = shard.new_conn_id();
     let stream = match shard.shared.tls.clone() {
-        None => Transport::Plain(Box::new(tcp)),
+        None => {
+            if let Err(e) = shard.poller.register(fd.as_raw_fd(), id) {
+                // Out of memory or over fs.epoll.max_user_watches: refuse, as when out of
+                // descriptors.
+                tracing::warn!(error = %e, "cannot watch a new connection; refusing it");
+                let mut out = Vec::new();
+                http::write_error(
+                    &mut out,
+                    503,
+                    Code::Unavailable.as_str(),
+                    "server cannot take more connections",
+                    false,
+                );
+                let _ = transport::send_now(fd.as_raw_fd(), &out);
+                return;
+            }
+            Transport::Raw(transport::RawSock::new(fd))
+        }
         Some(config) => {
+            // SAFETY: `fd` is a connected socket this task owns; the stream takes it over.
+            let tcp = unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) };
             let handshake = future::or(
                 async { transport::accept_tls(tcp, config).await.ok() },
                 async {
@@ -81,9 +103,12 @@ async fn serve(shard: Rc<Shard>, tcp: TcpStream, role: Role) {
             }
         }
     };
-    let stream = RefCell::new(stream);
+    let sock = Rc::new(HttpSock::new(stream));
+    shard.watch(id, Watched::Http(sock.clone()));
+    let _unwatch = Unwatch(&shard, id);
+    let stream = &sock.stream;
     let mut buf: Vec<u8> = Vec::new();
-    loop {
+    let (head, input) = loop {
         let deadline = Instant::now() + limits.http_head_timeout;
         let head = loop {
             match http::parse_head(&buf, limits.http_head_bytes_max) {
@@ -98,11 +123,11 @@ async fn serve(shard: Rc<Shard>, tcp: TcpStream, role: Role) {
                         e.message,
                         false,
                     );
-                    let _ = write_all(&stream, &out).await;
+                    let _ = write_all(stream, &out).await;
                     return;
                 }
             }
-            if !read_until(&stream, &mut buf, deadline).await {
+            if !read_until(&sock, &mut buf, deadline).await {
                 return;
             }
         };
@@ -121,12 +146,11 @@ async fn serve(shard: Rc<Shard>, tcp: TcpStream, role: Role) {
                 "dev mode answers only loopback Host names",
                 false,
             );
-            let _ = write_all(&stream, &out).await;
+            let _ = write_all(stream, &out).await;
             return;
         }
         if head.path == "/ws" && matches!(role, Role::Public { .. }) {
-            upgrade(shard, stream, head, buf).await;
-            return;
+            break (head, std::mem::take(&mut buf));
         }
         let mut out = Vec::new();
         if head.chunked {
@@ -137,7 +161,7 @@ async fn serve(shard: Rc<Shard>, tcp: TcpStream, role: Role) {
                 "chunked bodies are not supported; send Content-Length",
                 false,
             );
-            let _ = write_all(&stream, &out).await;
+            let _ = write_all(stream, &out).await;
             return;
         }
         let len = head.content_length.unwrap_or(0);
@@ -150,29 +174,39 @@ async fn serve(shard: Rc<Shard>, tcp: TcpStream, role: Role) {
                 "request body too large",
                 false,
             );
-            let _ = write_all(&stream, &out).await;
+            let _ = write_all(stream, &out).await;
             return;
         }
         let deadline = Instant::now() + limits.http_head_timeout;
         while buf.len() < len {
-            if !read_until(&stream, &mut buf, deadline).await {
+            if !read_until(&sock, &mut buf, deadline).await {
                 return;
             }
         }
         let body: Vec<u8> = buf.drain(..len).collect();
         let keep_alive = head.keep_alive;
         route(&shard, role, &head, &body, keep_alive, &mut out).await;
-        if write_all(&stream, &out).await.is_err() || !keep_alive {
+        if write_all(stream, &out).await.is_err() || !keep_alive {
             return;
         }
+    };
+    upgrade(shard.clone(), sock, id, head, input).await;
+}
+
+/// Takes a socket out of the poller's reach when its HTTP task ends.
+struct Unwatch<'a>(&'a Shard, u64);
+
+impl Drop for Unwatch<'_> {
+    fn drop(&mut self) {
+        self.0.unwatch(self.1);
     }
 }
 
 /// Reads more into `buf`; false on end of stream, error, or `deadline`.
-async fn read_until(stream: &RefCell<Transport>, buf: &mut Vec<u8>, deadline: Instant) -> bool {
+async fn read_until(sock: &HttpSock, buf: &mut Vec<u8>, deadline: Instant) -> bool {
     let left = deadline.saturating_duration_since(Instant::now());
     future::or(
-        async { matches!(read_some(stream, buf, &|_| None).await, Ok(n) if n > 0) },
+        async { matches!(sock.read_some(buf).await, Ok(n) if n > 0) },
         async {
             glommio::timer::sleep(left).await;
             false
@@ -181,8 +215,9 @@ async fn read_until(stream: &RefCell<Transport>, buf: &mut Vec<u8>, deadline: In
     .await
 }
 
-async fn upgrade(shard: Rc<Shard>, stream: RefCell<Transport>, head: Head, input: Vec<u8>) {
+async fn upgrade(shard: Rc<Shard>, sock: Rc<HttpSock>, id: u64, head: Head, input: Vec<u8>) {
     let config = shard.config();
+    let stream = &sock.stream;
     let mut out = Vec::new();
     let refuse = |out: &mut Vec<u8>, status: u16, code: Code, message: &str| {
         http::write_error(out, status, code.as_str(), message, false);
@@ -224,16 +259,24 @@ async fn upgrade(shard: Rc<Shard>, stream: RefCell<Transport>, head: Head, input
         );
     } else {
         http::write_upgrade(&mut out, head.ws_key.as_deref().unwrap_or_default());
-        if write_all(&stream, &out).await.is_err() {
+        if write_all(stream, &out).await.is_err() {
             shard.shared.connections.fetch_sub(1, Relaxed);
             return;
         }
+        // From here the poller finds the socket as a connection (`run` puts it in the shard's
+        // table under the same id before anything can wait).
+        shard.unwatch(id);
+        let Ok(sock) = Rc::try_unwrap(sock) else {
+            // Nothing else holds it once unwatched; if something did, the socket is dropped.
+            shard.shared.connections.fetch_sub(1, Relaxed);
+            return;
+        };
         // A task of its own, so this HTTP task (its head, its buffers) ends here and an idle
         // WebSocket holds only what the session needs.
-        glommio::spawn_local(connection::run(shard, stream.into_inner(), input)).detach();
+        glommio::spawn_local(connection::run(shard, id, sock.stream.into_inner(), input)).detach();
         return;
     }
-    let _ = write_all(&stream, &out).await;
+    let _ = write_all(stream, &out).await;
 }
 
 /// SPEC 13.15: no list (or dev mode) allows all; a handshake without Origin is allowed; exact match.
