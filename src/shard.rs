@@ -235,6 +235,26 @@ pub enum Watched {
     Listener(Rc<Listener>),
 }
 
+/// How far ahead of the fan-out walk subscriptions are prefetched (their connections half as far,
+/// once the subscription holding the pointer has arrived).
+const PREFETCH_AHEAD: usize = 4;
+
+/// Hints the CPU to load `lines` cache lines of the `Rc` allocation whose value is at `value`
+/// (its counts sit 16 bytes before it).
+#[inline(always)]
+fn prefetch<T>(value: *const T, lines: usize) {
+    #[cfg(target_arch = "x86_64")]
+    for i in 0..lines {
+        let p = (value as *const i8).wrapping_sub(16).wrapping_add(i * 64);
+        // SAFETY: a prefetch is only a hint: it never faults, whatever the address.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p);
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (value, lines);
+}
+
 /// Which shard sequences `channel`. Stable across runs and shards (SipHash with fixed keys).
 pub fn owner_of(channel: &str, shards: usize) -> usize {
     #[allow(deprecated)]
@@ -428,7 +448,17 @@ impl Shard {
             local.held.push(publication.clone());
         }
         let mut sent = 0u64;
-        for sub in &local.subs {
+        let subs = &local.subs;
+        for (i, sub) in subs.iter().enumerate() {
+            // Subscriptions and their connections are spread over the heap and cold by the
+            // next publication (the kernel's sends in between evict them): start loading the
+            // ones a few steps ahead so their misses overlap instead of coming one by one.
+            if let Some(ahead) = subs.get(i + PREFETCH_AHEAD) {
+                prefetch(Rc::as_ptr(ahead), 2);
+            }
+            if let Some(ahead) = subs.get(i + PREFETCH_AHEAD / 2) {
+                prefetch(Rc::as_ptr(&ahead.conn), 4);
+            }
             debug_assert!(Rc::ptr_eq(&local.subs[sub.slot.get()], sub));
             let start = sub.start_offset.get();
             if start > 0 {
