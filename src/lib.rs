@@ -15,8 +15,8 @@
 //! | `channel` | owner-shard state of a channel: offset, epoch, history, watchers |
 //! | `shard` | per-core state, the ring messages, publish/subscribe routing, fan-out |
 //! | `connection` | one WebSocket: send queue, writer, read loop, timers, close codes |
-//! | `transport` | plain TCP or rustls over TCP, one read buffer per shard |
-//! | `poller` | per-shard epoll set and timer heap that idle connections wait on |
+//! | `transport` | listeners, plain sockets (epoll) or rustls over TCP, one read buffer per shard |
+//! | `poller` | per-shard epoll set (listeners, every plain socket) and timer heap |
 //! | `web` | accept loops, REST endpoints, the WebSocket upgrade |
 //! | `metrics` | per-shard counters merged on scrape |
 //! | `server` | start shards, wire rings, signals, shutdown |

@@ -48,6 +48,8 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: Rc<Listener>, role: Role) {
         match listener.accept().await {
             Ok(fd) => {
                 glommio::spawn_local(serve(shard.clone(), fd, role)).detach();
+                // A full backlog (4,096) is taken in one go otherwise: let the others run.
+                glommio::yield_if_needed().await;
             }
             Err(e) => {
                 ShardMetrics::add(&shard.metrics().accept_errors_total, 1);
