@@ -272,11 +272,8 @@ impl Conn {
             }
         }
         self.unstage(&flusher.arena.borrow());
-        let mut out = self.out.borrow_mut();
+        let mut out = self.out_buf();
         let was_empty = out.is_empty() && queued == 0;
-        if out.capacity() == 0 {
-            *out = pool::take();
-        }
         protocol::write_broadcast_frame(&mut out, &p.prefix, seq, &p.suffix);
         if was_empty {
             self.oldest.set(Some(p.accepted));
@@ -393,10 +390,7 @@ impl Conn {
             return;
         }
         self.unstage_here();
-        let mut out = self.out.borrow_mut();
-        if out.capacity() == 0 {
-            *out = pool::take();
-        }
+        let mut out = self.out_buf();
         f(&mut out);
         drop(out);
         self.queued();
@@ -426,12 +420,9 @@ impl Conn {
             self.unstage_here();
         }
         {
-            let mut out = self.out.borrow_mut();
+            let mut out = self.out_buf();
             if discard {
                 out.clear();
-            }
-            if out.capacity() == 0 {
-                *out = pool::take();
             }
             frame::write_close(&mut out, code, reason);
         }
@@ -462,12 +453,18 @@ impl Conn {
         if len == 0 {
             return;
         }
+        let (start, len) = (start as usize, len as usize);
+        self.out_buf().extend_from_slice(&arena[start..start + len]);
+    }
+
+    /// The connection's own queue to append to, with a pool buffer if it had none (an idle
+    /// connection holds none). Whatever is staged in the arena must be moved in first.
+    fn out_buf(&self) -> std::cell::RefMut<'_, Vec<u8>> {
         let mut out = self.out.borrow_mut();
         if out.capacity() == 0 {
             *out = pool::take();
         }
-        let (start, len) = (start as usize, len as usize);
-        out.extend_from_slice(&arena[start..start + len]);
+        out
     }
 
     /// `unstage` with the arena of this connection's shard.
