@@ -606,6 +606,7 @@ pub fn write_broadcast_frame(out: &mut Vec<u8>, prefix: &[u8], seq: u64, suffix:
     let mut digits = itoa::Buffer::new();
     let seq = digits.format(seq).as_bytes();
     let len = prefix.len() + seq.len() + suffix.len();
+    out.reserve(len + 10);
     crate::frame::write_header(out, crate::frame::TEXT, len);
     out.extend_from_slice(prefix);
     out.extend_from_slice(seq);
