@@ -100,6 +100,32 @@ fn fanout(c: &mut Criterion) {
             BatchSize::SmallInput,
         )
     });
+    // As in the server between ticks: the kernel's sends have evicted every subscription and
+    // connection from the caches (64 MiB written over between iterations, untimed), so each
+    // subscriber starts with cache misses; this is what prefetching in `deliver` is for.
+    g.finish();
+    let mut evict = vec![0u8; 64 << 20];
+    let mut g = c.benchmark_group("fanout_one_shard_cold");
+    g.throughput(Throughput::Elements(SUBSCRIBERS as u64));
+    // Each iteration writes 64 MiB first: few samples, or the run takes minutes.
+    g.sample_size(10);
+    g.measurement_time(std::time::Duration::from_secs(2));
+    g.bench_function("10k_subscribers", |b| {
+        b.iter_batched(
+            || {
+                for conn in &conns {
+                    conn.discard_queued();
+                }
+                shard.flusher.discard();
+                for (i, x) in evict.iter_mut().step_by(64).enumerate() {
+                    *x = i as u8;
+                }
+                black_box(&evict);
+            },
+            |_| shard.deliver(&p),
+            BatchSize::PerIteration,
+        )
+    });
     g.finish();
 }
 

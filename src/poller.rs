@@ -4,10 +4,11 @@
 //! Waiting the glommio way costs memory per idle connection: a read arms an io_uring poll whose
 //! source is ~500 bytes, and a `sleep` raced against it holds a timer (~180 bytes with its entry
 //! in the reactor). Measured with heaptrack at 10,000 idle subscribed connections, those two were
-//! 30% of the server's heap. Here an upgraded plain-TCP socket is registered once, edge-triggered,
-//! in the shard's epoll set (the kernel's entry is not in our RSS and needs no re-arming after a
-//! read), one task per shard turns readiness into wake-ups, and another serves every
-//! connection's next due time from one heap.
+//! 30% of the server's heap. Here a plain-TCP socket is registered once, at its accept,
+//! edge-triggered, in the shard's epoll set (the kernel's entry is not in our RSS and needs no
+//! re-arming after a read), and so are the listeners; one task per shard turns readiness into
+//! wake-ups (`Shard::socket_ready`), and another serves every connection's next due time from
+//! one heap.
 
 use futures_lite::{future, AsyncReadExt};
 use std::cell::{Cell, RefCell};
@@ -48,7 +49,8 @@ impl Poller {
         }
     }
 
-    /// Registers `fd` (edge-triggered, read and write) under `id`, the connection's id.
+    /// Registers `fd` (edge-triggered, read and write) under `id`: a connection id (from its
+    /// accept on), or a listener's.
     /// Closing the socket removes it.
     pub fn register(&self, fd: RawFd, id: u64) -> io::Result<()> {
         let Some(epfd) = &self.epfd else {
