@@ -76,13 +76,10 @@ async fn serve(shard: Rc<Shard>, fd: OwnedFd, role: Role) {
                 // Out of memory or over fs.epoll.max_user_watches: refuse, as when out of
                 // descriptors.
                 tracing::warn!(error = %e, "cannot watch a new connection; refusing it");
-                let mut out = Vec::new();
-                http::write_error(
-                    &mut out,
+                let out = closing_error(
                     503,
-                    Code::Unavailable.as_str(),
+                    Code::Unavailable,
                     "server cannot take more connections",
-                    false,
                 );
                 let _ = transport::send_now(fd.as_raw_fd(), &out);
                 return;
@@ -117,14 +114,7 @@ async fn serve(shard: Rc<Shard>, fd: OwnedFd, role: Role) {
                 Ok(Some(head)) => break head,
                 Ok(None) => {}
                 Err(e) => {
-                    let mut out = Vec::new();
-                    http::write_error(
-                        &mut out,
-                        e.status,
-                        Code::InvalidArgument.as_str(),
-                        e.message,
-                        false,
-                    );
+                    let out = closing_error(e.status, Code::InvalidArgument, e.message);
                     let _ = write_all(stream, &out).await;
                     return;
                 }
@@ -140,13 +130,10 @@ async fn serve(shard: Rc<Shard>, fd: OwnedFd, role: Role) {
                 .as_deref()
                 .is_some_and(|h| !http::is_loopback_host(h))
         {
-            let mut out = Vec::new();
-            http::write_error(
-                &mut out,
+            let out = closing_error(
                 403,
-                Code::PermissionDenied.as_str(),
+                Code::PermissionDenied,
                 "dev mode answers only loopback Host names",
-                false,
             );
             let _ = write_all(stream, &out).await;
             return;
@@ -154,14 +141,11 @@ async fn serve(shard: Rc<Shard>, fd: OwnedFd, role: Role) {
         if head.path == "/ws" && matches!(role, Role::Public { .. }) {
             break (head, std::mem::take(&mut buf));
         }
-        let mut out = Vec::new();
         if head.chunked {
-            http::write_error(
-                &mut out,
+            let out = closing_error(
                 411,
-                "InvalidArgument",
+                Code::InvalidArgument,
                 "chunked bodies are not supported; send Content-Length",
-                false,
             );
             let _ = write_all(stream, &out).await;
             return;
@@ -169,13 +153,7 @@ async fn serve(shard: Rc<Shard>, fd: OwnedFd, role: Role) {
         let len = head.content_length.unwrap_or(0);
         if len > limits.max_payload_bytes + BODY_ENVELOPE_BYTES {
             // Refused unread (SPEC 13.8), so the connection cannot be reused.
-            http::write_error(
-                &mut out,
-                413,
-                "ResourceExhausted",
-                "request body too large",
-                false,
-            );
+            let out = closing_error(413, Code::ResourceExhausted, "request body too large");
             let _ = write_all(stream, &out).await;
             return;
         }
@@ -187,12 +165,20 @@ async fn serve(shard: Rc<Shard>, fd: OwnedFd, role: Role) {
         }
         let body: Vec<u8> = buf.drain(..len).collect();
         let keep_alive = head.keep_alive;
+        let mut out = Vec::new();
         route(&shard, role, &head, &body, keep_alive, &mut out).await;
         if write_all(stream, &out).await.is_err() || !keep_alive {
             return;
         }
     };
     upgrade(shard.clone(), sock, id, head, input).await;
+}
+
+/// An error answer after which the connection closes.
+fn closing_error(status: u16, code: Code, message: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    http::write_error(&mut out, status, code.as_str(), message, false);
+    out
 }
 
 /// Takes a socket out of the poller's reach when its HTTP task ends.
@@ -221,19 +207,10 @@ async fn upgrade(shard: Rc<Shard>, sock: Rc<HttpSock>, id: u64, head: Head, inpu
     let config = shard.config();
     let stream = &sock.stream;
     let mut out = Vec::new();
-    let refuse = |out: &mut Vec<u8>, status: u16, code: Code, message: &str| {
-        http::write_error(out, status, code.as_str(), message, false);
-    };
     if head.method != "GET" {
-        refuse(
-            &mut out,
-            405,
-            Code::InvalidArgument,
-            "a WebSocket upgrade is a GET",
-        );
+        out = closing_error(405, Code::InvalidArgument, "a WebSocket upgrade is a GET");
     } else if !head.upgrade_websocket || !head.connection_upgrade {
-        refuse(
-            &mut out,
+        out = closing_error(
             400,
             Code::InvalidArgument,
             "expected Upgrade: websocket and Connection: Upgrade",
@@ -241,20 +218,18 @@ async fn upgrade(shard: Rc<Shard>, sock: Rc<HttpSock>, id: u64, head: Head, inpu
     } else if head.ws_version.as_deref() != Some("13") {
         out.extend_from_slice(b"HTTP/1.1 426 Upgrade Required\r\nsec-websocket-version: 13\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
     } else if head.ws_key.as_deref().is_none_or(|k| k.len() != 24) {
-        refuse(
-            &mut out,
+        out = closing_error(
             400,
             Code::InvalidArgument,
             "missing or malformed Sec-WebSocket-Key",
         );
     } else if !origin_allowed(config, head.origin.as_deref()) {
-        refuse(&mut out, 403, Code::PermissionDenied, "origin not allowed");
+        out = closing_error(403, Code::PermissionDenied, "origin not allowed");
     } else if shard.shared.shutting_down.load(Relaxed) {
-        refuse(&mut out, 503, Code::Unavailable, "server is shutting down");
+        out = closing_error(503, Code::Unavailable, "server is shutting down");
     } else if shard.shared.connections.fetch_add(1, Relaxed) >= config.limits.max_connections {
         shard.shared.connections.fetch_sub(1, Relaxed);
-        refuse(
-            &mut out,
+        out = closing_error(
             503,
             Code::Unavailable,
             "max_connections reached; try another node",
