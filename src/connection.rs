@@ -136,22 +136,10 @@ impl Conn {
 
     /// Readiness from the shard's epoll set for this connection's socket.
     pub fn socket_ready(&self, events: u32) {
-        let guard = self.io.borrow();
-        let Some(io) = &*guard else {
-            return;
+        let wake = match &*self.io.borrow() {
+            Some(io) => transport::socket_ready(&io.stream, events),
+            None => false,
         };
-        // The stream is borrowed only inside polls, never across an await, so this never fails
-        // here (the poller runs as its own task); if it did, the event is dropped and the next
-        // read or write finds out for itself.
-        let Ok(stream) = io.stream.try_borrow() else {
-            return;
-        };
-        let wake = match &*stream {
-            Transport::Raw(sock) => sock.ready(events),
-            _ => false,
-        };
-        drop(stream);
-        drop(guard);
         if wake {
             self.wake();
         }
@@ -273,9 +261,8 @@ impl Conn {
         }
         self.unstage(&flusher.arena.borrow());
         let mut out = self.out_buf();
-        let was_empty = out.is_empty() && queued == 0;
         protocol::write_broadcast_frame(&mut out, &p.prefix, seq, &p.suffix);
-        if was_empty {
+        if queued == 0 {
             self.oldest.set(Some(p.accepted));
             drop(out);
             flusher.mark(self);
@@ -314,8 +301,7 @@ impl Conn {
         let fd = self.fd.get();
         if self.writer_running.get() || fd < 0 {
             // A writer loops until the queue is empty: it keeps the order.
-            self.unstage(arena);
-            self.start_writer();
+            self.to_writer(arena);
             return None;
         }
         let (start, len) = self.staged.get();
@@ -346,8 +332,7 @@ impl Conn {
                     e.kind(),
                     io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
                 ) {
-                    self.unstage(arena);
-                    self.start_writer();
+                    self.to_writer(arena);
                 } else {
                     // Reset or broken pipe: the reader ends the connection.
                     self.staged.set((0, 0));
@@ -361,8 +346,7 @@ impl Conn {
         if len > 0 {
             self.staged.set((start + n as u32, len - n as u32));
             if (n as u32) < len {
-                self.unstage(arena);
-                self.start_writer();
+                self.to_writer(arena);
                 return;
             }
         } else {
@@ -465,6 +449,12 @@ impl Conn {
             *out = pool::take();
         }
         out
+    }
+
+    /// Hands what is queued, a staged frame included, to a writer task (which keeps the order).
+    fn to_writer(self: &Rc<Self>, arena: &[u8]) {
+        self.unstage(arena);
+        self.start_writer();
     }
 
     /// `unstage` with the arena of this connection's shard.

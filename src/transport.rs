@@ -150,6 +150,18 @@ pub fn dup_cloexec(fd: std::os::fd::RawFd) -> io::Result<std::os::fd::OwnedFd> {
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(copy) })
 }
 
+/// Records readiness from the poller on `stream`'s socket; true when its reader should be woken.
+///
+/// The stream is borrowed only inside polls, never across an await, so the borrow never fails
+/// here (the poller runs as its own task); if it did, the event is dropped and the next read or
+/// write finds out for itself.
+pub fn socket_ready(stream: &RefCell<Transport>, events: u32) -> bool {
+    match stream.try_borrow().as_deref() {
+        Ok(Transport::Raw(sock)) => sock.ready(events),
+        _ => false,
+    }
+}
+
 /// A socket serving HTTP, before any upgrade: the shard's poller reaches it by id
 /// (`Shard::watch`) to set its readiness and wake its task.
 pub struct HttpSock {
@@ -167,12 +179,7 @@ impl HttpSock {
 
     /// Readiness from the poller.
     pub fn ready(&self, events: u32) {
-        // Borrowed only inside polls, never across an await: see `Conn::socket_ready`.
-        let wake = match self.stream.try_borrow().as_deref() {
-            Ok(Transport::Raw(sock)) => sock.ready(events),
-            _ => false,
-        };
-        if wake {
+        if socket_ready(&self.stream, events) {
             if let Some(w) = self.rx.take() {
                 w.wake();
             }
