@@ -29,32 +29,34 @@ pub const HANGUP: u32 = (libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as 
 /// Events taken per `epoll_wait`.
 const BATCH: usize = 256;
 
-/// The shard's epoll set; `None` when it could not be created.
+/// The shard's epoll set, or the errno of its creation: then every registration fails with
+/// it, the listeners' first, so the shard refuses to start saying why.
 pub struct Poller {
-    epfd: Option<OwnedFd>,
+    epfd: Result<OwnedFd, i32>,
 }
 
 impl Poller {
     pub fn new() -> Poller {
         // SAFETY: plain syscall; the result is checked before it is owned.
         let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if fd < 0 {
-            // The shard then refuses to start: its listeners cannot be registered.
-            tracing::error!(error = %io::Error::last_os_error(), "epoll_create1 failed");
-            return Poller { epfd: None };
-        }
-        // SAFETY: `fd` is a new descriptor nothing else owns.
-        Poller {
-            epfd: Some(unsafe { OwnedFd::from_raw_fd(fd) }),
-        }
+        let epfd = if fd < 0 {
+            Err(io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO))
+        } else {
+            // SAFETY: `fd` is a new descriptor nothing else owns.
+            Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+        };
+        Poller { epfd }
     }
 
     /// Registers `fd` (edge-triggered, read and write) under `id`: a connection id (from its
     /// accept on), or a listener's.
     /// Closing the socket removes it.
     pub fn register(&self, fd: RawFd, id: u64) -> io::Result<()> {
-        let Some(epfd) = &self.epfd else {
-            return Err(io::ErrorKind::Unsupported.into());
+        let epfd = match &self.epfd {
+            Ok(epfd) => epfd,
+            Err(errno) => return Err(io::Error::from_raw_os_error(*errno)),
         };
         let mut ev = libc::epoll_event {
             events: (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32,
@@ -69,7 +71,7 @@ impl Poller {
 
     /// Hands every readiness event to `ready(id, events)`, for the shard's life.
     pub async fn run(&self, ready: impl Fn(u64, u32)) {
-        let Some(epfd) = &self.epfd else {
+        let Ok(epfd) = &self.epfd else {
             return;
         };
         let epfd = epfd.as_raw_fd();

@@ -22,9 +22,6 @@ const RING_DEPTH: usize = 4096;
 /// enough to absorb a burst without waking the pump, small enough to bound memory.
 const RING_CAPACITY: usize = 4096;
 /// How often a shard looks at the shutdown flag and sweeps idle channels.
-/// Poller ids of the public and admin listeners (this one and one below); connection ids
-/// count up from 0.
-const LISTENER_IDS: u64 = u64::MAX;
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(50);
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -185,14 +182,19 @@ async fn shard_main(
         admin.as_ref().and_then(|a| a.local_addr().ok()),
     );
     let shard = Shard::new(id, shared.clone());
-    // Every plain socket waits in the shard's epoll set, the listeners too.
-    for (i, l) in std::iter::once(&public).chain(admin.as_ref()).enumerate() {
-        let key = LISTENER_IDS - i as u64;
-        if let Err(e) = shard.poller.register(l.fd(), key) {
+    // Every plain socket waits in the shard's epoll set, the listeners too. Their poller ids
+    // count down from the top; connection ids count up from 0.
+    let listeners: Vec<(u64, Rc<transport::Listener>)> = std::iter::once(public.clone())
+        .chain(admin.clone())
+        .enumerate()
+        .map(|(i, l)| (u64::MAX - i as u64, l))
+        .collect();
+    for (key, l) in &listeners {
+        if let Err(e) = shard.poller.register(l.fd(), *key) {
             let _ = ready.send(Err(format!("cannot watch the listening socket: {e}")));
             return;
         }
-        shard.watch(key, Watched::Listener(l.clone()));
+        shard.watch(*key, Watched::Listener(l.clone()));
     }
     let flush_task = {
         let shard = shard.clone();
@@ -210,16 +212,9 @@ async fn shard_main(
     };
     let timer_task = {
         let shard = shard.clone();
-        glommio::spawn_local(async move {
-            shard
-                .timers
-                .run(|id, due| {
-                    if let Some(conn) = shard.conn(id) {
-                        conn.timer_due(due);
-                    }
-                })
-                .await
-        })
+        glommio::spawn_local(
+            async move { shard.timers.run(|id, due| shard.timer_due(id, due)).await },
+        )
         .detach()
     };
     connect_rings(&shard, ends);
@@ -253,8 +248,8 @@ async fn shard_main(
         glommio::timer::sleep(Duration::from_millis(20)).await;
     }
     public_task.cancel();
-    for i in 0..2 {
-        shard.unwatch(LISTENER_IDS - i);
+    for (key, _) in &listeners {
+        shard.unwatch(*key);
     }
     flush_task.cancel();
     poll_task.cancel();

@@ -308,6 +308,13 @@ impl Shard {
         }
     }
 
+    /// The timers' entry for connection `id` at `due` has come.
+    pub fn timer_due(&self, id: u64, due: Instant) {
+        if let Some(conn) = self.conn(id) {
+            conn.timer_due(due);
+        }
+    }
+
     /// Lets the poller reach `w` as `id` (registered in the epoll set under that id).
     pub fn watch(&self, id: u64, w: Watched) {
         self.watched.borrow_mut().insert(id, w);
