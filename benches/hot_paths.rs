@@ -47,7 +47,7 @@ fn frame_encode(c: &mut Criterion) {
 /// Measures: simd-json parse of a publish request, raw payload span included.
 fn request_parse(c: &mut Criterion) {
     let text = br#"{"id":42,"method":"publish","params":{"channel":"contest/annual-2024","event":"run_update","payload":{"run_id":12345,"verdict":"AC","score":1.0}}}"#;
-    let mut scratch = Vec::new();
+    let mut scratch = broadcaster::json::Scratch::default();
     let mut g = c.benchmark_group("request_parse");
     g.throughput(Throughput::Elements(1));
     g.bench_function("publish", |b| {

@@ -4,7 +4,9 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-/// Publishes one message through `POST {base}/publish` and returns the JSON answer.
+/// Publishes one message through `POST {base}/publish` and returns the JSON answer. The payload
+/// is checked to be one JSON text and sent exactly as given (spacing, key order, number
+/// spelling and escapes are the caller's).
 pub fn publish(
     base: &str,
     api_key: &str,
@@ -12,9 +14,9 @@ pub fn publish(
     event: &str,
     payload: &str,
 ) -> Result<String, String> {
-    let payload: serde_json::Value =
-        serde_json::from_str(payload).map_err(|e| format!("--payload is not JSON: {e}"))?;
-    let body = serde_json::json!({"channel": channel, "event": event, "payload": payload});
+    crate::json::validate(payload.as_bytes())
+        .map_err(|e| format!("--payload: {}", e.message("it")))?;
+    let body = publish_body(channel, event, payload);
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(Duration::from_secs(10)))
         .http_status_as_error(false)
@@ -24,7 +26,8 @@ pub fn publish(
     let mut response = agent
         .post(&url)
         .header("Authorization", &format!("Bearer {api_key}"))
-        .send_json(&body)
+        .header("Content-Type", "application/json")
+        .send(&body[..])
         .map_err(|e| format!("cannot reach {url}: {e}"))?;
     let status = response.status().as_u16();
     let text = response
@@ -36,6 +39,18 @@ pub fn publish(
     } else {
         Err(format!("HTTP {status}: {text}"))
     }
+}
+
+/// `{"channel":C,"event":E,"payload":P}` with `payload` as it is (already checked to be JSON).
+fn publish_body(channel: &str, event: &str, payload: &str) -> Vec<u8> {
+    let mut body = b"{\"channel\":".to_vec();
+    crate::protocol::write_json_string(&mut body, channel);
+    body.extend_from_slice(b",\"event\":");
+    crate::protocol::write_json_string(&mut body, event);
+    body.extend_from_slice(b",\"payload\":");
+    body.extend_from_slice(payload.as_bytes());
+    body.push(b'}');
+    body
 }
 
 /// Where the terminal client stands in one channel, so a reconnect can ask for what it missed.
@@ -165,48 +180,79 @@ fn session(
             }
             continue;
         };
-        let Ok(v) = serde_json::from_str::<Value>(&text) else {
+        let Ok(frame) = serde_json::from_str::<Incoming>(&text) else {
+            eprintln!("unreadable frame from the server: {text}");
             continue;
         };
-        if v["method"] == "broadcast" {
-            let p = &v["params"];
-            let channel = p["channel"].as_str().unwrap_or_default();
-            println!(
-                "{channel} {}: {}",
-                p["event"].as_str().unwrap_or_default(),
-                p["payload"]
-            );
-            if let Some(pos) = positions.iter_mut().find(|x| x.channel == channel) {
-                pos.offset = p["offset"].as_u64();
+        let broadcast = frame
+            .params
+            .filter(|_| frame.method.as_deref() == Some("broadcast"))
+            .and_then(|p| serde_json::from_str::<Broadcast>(p.get()).ok());
+        if let Some(b) = broadcast {
+            // The payload as published, byte for byte: re-encoding it would change numbers
+            // (`1.0e10`), spacing and escapes.
+            println!("{} {}: {}", b.channel, b.event, b.payload.get());
+            if let Some(pos) = positions.iter_mut().find(|x| x.channel == b.channel) {
+                pos.offset = b.offset;
             }
             continue;
         }
-        let id = v["requestId"].as_u64().unwrap_or(0);
-        if let Some(e) = v.get("error") {
-            let text = format!(
-                "{}: {}",
-                e["code"].as_str().unwrap_or("?"),
-                e["message"].as_str().unwrap_or("")
-            );
+        let id = frame.request_id.unwrap_or(0);
+        if let Some(e) = frame.error {
+            let text = format!("{}: {}", e.code, e.message);
             if id == auth_id || subscribe_ids.contains_key(&id) {
                 return Err(SessionEnd::Fatal(text));
             }
             eprintln!("error: {text}");
-        } else if let Some(&i) = subscribe_ids.get(&id) {
-            let r = &v["result"];
+        } else if let (Some(&i), Some(r)) = (subscribe_ids.get(&id), frame.result) {
             let pos = &mut positions[i];
-            if r["recovered"] == false {
+            if r.recovered == Some(false) {
                 eprintln!(
                     "{}: could not recover missed messages (history gone); continuing live",
                     pos.channel
                 );
             }
-            if pos.offset.is_none() || r["recovered"] != true {
-                pos.offset = r["offset"].as_u64();
+            if pos.offset.is_none() || r.recovered != Some(true) {
+                pos.offset = r.offset;
             }
-            pos.epoch = r["epoch"].as_str().map(str::to_string);
+            pos.epoch = r.epoch;
         }
     }
+}
+
+/// A frame from the server, as far as the terminal client reads it. Unknown members are
+/// skipped without being converted, so any JSON a payload holds is fine.
+#[derive(serde::Deserialize)]
+struct Incoming<'a> {
+    method: Option<String>,
+    #[serde(borrow)]
+    params: Option<&'a serde_json::value::RawValue>,
+    #[serde(rename = "requestId")]
+    request_id: Option<u64>,
+    result: Option<SubscribeResult>,
+    error: Option<ErrorObject>,
+}
+
+#[derive(serde::Deserialize)]
+struct Broadcast<'a> {
+    channel: String,
+    event: String,
+    offset: Option<u64>,
+    #[serde(borrow)]
+    payload: &'a serde_json::value::RawValue,
+}
+
+#[derive(serde::Deserialize)]
+struct SubscribeResult {
+    offset: Option<u64>,
+    epoch: Option<String>,
+    recovered: Option<bool>,
+}
+
+#[derive(serde::Deserialize)]
+struct ErrorObject {
+    code: String,
+    message: String,
 }
 
 fn is_disconnected<T>(rx: &crossbeam_channel::Receiver<T>) -> bool {

@@ -12,6 +12,7 @@
 //! those shards once (one `Arc<Publication>`, encoded once per node).
 
 use crate::channel::{HistoryPage, Position, Publication};
+use crate::metrics::BridgeMetrics;
 use crate::protocol::{self, Code, Error, PublishParams, Since};
 use crate::shard::{now_rfc3339, Ack, RingMsg};
 use futures_channel::{mpsc, oneshot};
@@ -19,7 +20,7 @@ use futures_util::StreamExt;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -70,18 +71,6 @@ if not epoch then
 end
 return {off, epoch}
 "#;
-
-/// Bridge counters, rendered with the shard metrics.
-#[derive(Default)]
-pub struct BridgeMetrics {
-    pub up: AtomicBool,
-    pub reconnects_total: AtomicU64,
-    pub publications_out_total: AtomicU64,
-    pub publications_in_total: AtomicU64,
-    pub publish_seconds_sum_ns: AtomicU64,
-    pub publish_seconds_count: AtomicU64,
-    pub publish_errors_total: AtomicU64,
-}
 
 pub enum Request {
     Publish {
@@ -660,56 +649,6 @@ async fn history(state: &State, channel: &str, limit: usize) -> Result<HistoryPa
     entries.reverse();
     let items = entries_to_publications(channel, entries, state.history_ttl);
     Ok((items, offset.unwrap_or(0), epoch.unwrap_or_default()))
-}
-
-/// Appends the bridge's metrics in the Prometheus text format.
-pub fn render_metrics(m: &BridgeMetrics, out: &mut String) {
-    use std::fmt::Write;
-    let rows: [(&str, &str, &str, u64); 5] = [
-        (
-            "redis_up",
-            "gauge",
-            "1 while the Redis bridge is connected.",
-            m.up.load(Relaxed) as u64,
-        ),
-        (
-            "redis_reconnects_total",
-            "counter",
-            "Reconnections to Redis after a loss.",
-            m.reconnects_total.load(Relaxed),
-        ),
-        (
-            "redis_publications_out_total",
-            "counter",
-            "Publications written to Redis by this node.",
-            m.publications_out_total.load(Relaxed),
-        ),
-        (
-            "redis_publications_in_total",
-            "counter",
-            "Publications received from Redis by this node.",
-            m.publications_in_total.load(Relaxed),
-        ),
-        (
-            "redis_publish_errors_total",
-            "counter",
-            "Publishes that failed or timed out at Redis.",
-            m.publish_errors_total.load(Relaxed),
-        ),
-    ];
-    for (name, kind, help, value) in rows {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-        );
-    }
-    let name = "redis_publish_seconds";
-    let _ = writeln!(
-        out,
-        "# HELP {name} Round trip of the publish script to Redis.\n# TYPE {name} summary\n{name}_sum {}\n{name}_count {}",
-        m.publish_seconds_sum_ns.load(Relaxed) as f64 / 1e9,
-        m.publish_seconds_count.load(Relaxed)
-    );
 }
 
 #[cfg(test)]

@@ -1055,7 +1055,8 @@ async fn handle_request(
     let limits = &shard.config().limits;
     thread_local! {
         // simd-json parses in place; one copy buffer per shard, not one per connection.
-        static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+        static SCRATCH: RefCell<crate::json::Scratch> =
+            const { RefCell::new(crate::json::Scratch::new()) };
     }
     let request = SCRATCH.with(|scratch| {
         protocol::parse_request(text, &mut scratch.borrow_mut(), limits.max_payload_bytes)

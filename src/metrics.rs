@@ -1,9 +1,20 @@
-//! Per-shard counters, written only by their shard and read (merged) only when `/metrics` is
-//! scraped. They are atomics with relaxed ordering so a scrape from another shard needs no lock;
-//! on x86 a relaxed load or store of an uncontended line costs the same as a plain one.
+//! Per-shard counters, written only by their shard and read only when `/metrics` is scraped,
+//! and the Prometheus text exposition (format 0.0.4, written by `prometheus-client`).
+//!
+//! The counters are atomics with relaxed ordering so a scrape from another shard needs no lock;
+//! on x86 a relaxed load or store of an uncontended line costs the same as a plain one. Every
+//! per-shard figure is exposed once per shard with a `shard` label and never as a node total
+//! beside it, so `sum(connections_active)` in Prometheus is the truth.
 
 use crate::protocol::Code;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Upper bounds (seconds) of the `publish_to_write_seconds` histogram buckets.
@@ -11,7 +22,10 @@ pub const LATENCY_BUCKETS: [f64; 14] = [
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0,
 ];
 
-#[derive(Default)]
+/// The `Content-Type` of `/metrics`.
+pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
+
+#[derive(Default, Debug)]
 pub struct ShardMetrics {
     pub connections_active: AtomicI64,
     pub subscriptions_total: AtomicI64,
@@ -55,111 +69,317 @@ impl ShardMetrics {
     }
 }
 
-/// A metric's name, help text, and how to read it from one shard.
-type Metric<T> = (&'static str, &'static str, fn(&ShardMetrics) -> T);
+/// The Redis bridge's counters (cluster mode), one set per node.
+#[derive(Default, Debug)]
+pub struct BridgeMetrics {
+    pub up: AtomicBool,
+    pub reconnects_total: AtomicU64,
+    pub publications_out_total: AtomicU64,
+    pub publications_in_total: AtomicU64,
+    pub publish_seconds_sum_ns: AtomicU64,
+    pub publish_seconds_count: AtomicU64,
+    pub publish_errors_total: AtomicU64,
+}
 
-/// Renders every shard's metrics in the Prometheus text format, per shard and summed.
-pub fn render(shards: &[ShardMetrics]) -> String {
-    use std::fmt::Write;
-    let mut out = String::with_capacity(4096);
-    let gauges: [Metric<i64>; 4] = [
-        ("connections_active", "Open WebSocket connections.", |m| {
-            m.connections_active.load(Relaxed)
-        }),
-        ("subscriptions_total", "Active subscriptions.", |m| {
-            m.subscriptions_total.load(Relaxed)
-        }),
-        (
-            "channels_owned",
-            "Channels whose offsets and history this shard keeps (updated every second).",
-            |m| m.channels_owned.load(Relaxed),
-        ),
-        (
-            "channels_subscribed",
-            "Channels with subscribers on this shard (updated every second).",
-            |m| m.channels_subscribed.load(Relaxed),
-        ),
-    ];
-    for (name, help, get) in gauges {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
-        let total: i64 = shards.iter().map(get).sum();
-        let _ = writeln!(out, "{name} {total}");
-        for (i, m) in shards.iter().enumerate() {
-            let _ = writeln!(out, "{name}{{shard=\"{i}\"}} {}", get(m));
+/// Everything `/metrics` shows, built once at start; `render` reads the atomics at each scrape.
+pub struct Exposition {
+    registry: Registry,
+}
+
+impl Exposition {
+    pub fn new(shards: Arc<[ShardMetrics]>) -> Exposition {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(Shards(shards)));
+        registry.register_collector(Box::new(Process));
+        registry.register_collector(Box::new(BuildInfo));
+        Exposition { registry }
+    }
+
+    /// Adds the Redis bridge's series (cluster mode).
+    pub fn add_bridge(&mut self, bridge: Arc<BridgeMetrics>) {
+        self.registry.register_collector(Box::new(Bridge(bridge)));
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(8192);
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// A metric's name (counters without their `_total`, which the encoder appends), help text,
+/// and how to read it from one shard.
+type Row<T> = (&'static str, &'static str, fn(&ShardMetrics) -> T);
+
+const GAUGES: [Row<i64>; 4] = [
+    ("connections_active", "Open WebSocket connections.", |m| {
+        m.connections_active.load(Relaxed)
+    }),
+    ("subscriptions_total", "Active subscriptions.", |m| {
+        m.subscriptions_total.load(Relaxed)
+    }),
+    (
+        "channels_owned",
+        "Channels whose offsets and history this shard keeps (updated every second).",
+        |m| m.channels_owned.load(Relaxed),
+    ),
+    (
+        "channels_subscribed",
+        "Channels with subscribers on this shard (updated every second).",
+        |m| m.channels_subscribed.load(Relaxed),
+    ),
+];
+
+const COUNTERS: [Row<u64>; 6] = [
+    ("messages_sent", "Broadcasts written to clients.", |m| {
+        m.messages_sent_total.load(Relaxed)
+    }),
+    (
+        "messages_received",
+        "Publications received from backends and clients.",
+        |m| m.messages_received_total.load(Relaxed),
+    ),
+    (
+        "slow_consumers",
+        "Connections closed with 4003 because their send queue overflowed.",
+        |m| m.slow_consumers_total.load(Relaxed),
+    ),
+    (
+        "write_timeouts",
+        "Connections closed because a write made no progress within write_timeout.",
+        |m| m.write_timeouts_total.load(Relaxed),
+    ),
+    ("auth_failures", "Refused auth requests.", |m| {
+        m.auth_failures_total.load(Relaxed)
+    }),
+    (
+        "accept_errors",
+        "Failed accepts (such as running out of file descriptors).",
+        |m| m.accept_errors_total.load(Relaxed),
+    ),
+];
+
+/// The shards' series, each labelled `shard`.
+#[derive(Debug)]
+struct Shards(Arc<[ShardMetrics]>);
+
+impl Collector for Shards {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        for (name, help, get) in GAUGES {
+            let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for (shard, m) in self.0.iter().enumerate() {
+                metric
+                    .encode_family(&[("shard", shard)])?
+                    .encode_gauge(&get(m))?;
+            }
         }
-    }
-    let counters: [Metric<u64>; 6] = [
-        (
-            "messages_sent_total",
-            "Broadcasts written to clients.",
-            |m| m.messages_sent_total.load(Relaxed),
-        ),
-        (
-            "messages_received_total",
-            "Publications received from backends and clients.",
-            |m| m.messages_received_total.load(Relaxed),
-        ),
-        (
-            "slow_consumers_total",
-            "Connections closed with 4003 because their send queue overflowed.",
-            |m| m.slow_consumers_total.load(Relaxed),
-        ),
-        (
-            "write_timeouts_total",
-            "Connections closed because a write made no progress within write_timeout.",
-            |m| m.write_timeouts_total.load(Relaxed),
-        ),
-        ("auth_failures_total", "Refused auth requests.", |m| {
-            m.auth_failures_total.load(Relaxed)
-        }),
-        (
-            "accept_errors_total",
-            "Failed accepts (such as running out of file descriptors).",
-            |m| m.accept_errors_total.load(Relaxed),
-        ),
-    ];
-    for (name, help, get) in counters {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-        let total: u64 = shards.iter().map(get).sum();
-        let _ = writeln!(out, "{name} {total}");
-        for (i, m) in shards.iter().enumerate() {
-            let _ = writeln!(out, "{name}{{shard=\"{i}\"}} {}", get(m));
+        for (name, help, get) in COUNTERS {
+            let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (shard, m) in self.0.iter().enumerate() {
+                metric
+                    .encode_family(&[("shard", shard)])?
+                    .encode_counter::<NoLabelSet, _, f64>(&get(m), None)?;
+            }
         }
+        let mut metric = encoder.encode_descriptor(
+            "rejected_requests",
+            "Requests answered with an error, by code.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (shard, m) in self.0.iter().enumerate() {
+            for (code, counter) in Code::ALL.iter().zip(&m.rejected_requests_total) {
+                let labels = [("shard", shard.to_string()), ("code", code.as_str().into())];
+                metric
+                    .encode_family(&labels)?
+                    .encode_counter::<NoLabelSet, _, f64>(&counter.load(Relaxed), None)?;
+            }
+        }
+        let mut metric = encoder.encode_descriptor(
+            "publish_to_write_seconds",
+            "Time from a publication being accepted to its write to a subscriber's socket.",
+            None,
+            MetricType::Histogram,
+        )?;
+        for (shard, m) in self.0.iter().enumerate() {
+            // Each bucket's own count: the encoder adds them up into the `le` series.
+            let buckets: Vec<(f64, u64)> = LATENCY_BUCKETS
+                .iter()
+                .chain([f64::INFINITY].iter())
+                .zip(&m.latency_buckets)
+                .map(|(bound, n)| (*bound, n.load(Relaxed)))
+                .collect();
+            let count = buckets.iter().map(|(_, n)| n).sum();
+            let sum = m.latency_sum_ns.load(Relaxed) as f64 / 1e9;
+            metric
+                .encode_family(&[("shard", shard)])?
+                .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
+        }
+        Ok(())
     }
-    let name = "rejected_requests_total";
-    let _ = writeln!(
-        out,
-        "# HELP {name} Requests answered with an error, by code.\n# TYPE {name} counter"
-    );
-    for (c, code) in Code::ALL.iter().enumerate() {
-        let total: u64 = shards
-            .iter()
-            .map(|m| m.rejected_requests_total[c].load(Relaxed))
-            .sum();
-        let _ = writeln!(out, "{name}{{code=\"{}\"}} {total}", code.as_str());
+}
+
+/// `broadcaster_build_info{version}`: 1, so dashboards can show which version runs.
+#[derive(Debug)]
+struct BuildInfo;
+
+impl Collector for BuildInfo {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let mut metric = encoder.encode_descriptor(
+            "broadcaster_build_info",
+            "The running version (always 1).",
+            None,
+            MetricType::Gauge,
+        )?;
+        metric
+            .encode_family(&[("version", env!("CARGO_PKG_VERSION"))])?
+            .encode_gauge(&1i64)
     }
-    let name = "publish_to_write_seconds";
-    let _ = writeln!(
-        out,
-        "# HELP {name} Time from a publication being accepted to its write to a subscriber's socket.\n# TYPE {name} histogram"
-    );
-    let mut cumulative = 0u64;
-    for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
-        cumulative += shards
-            .iter()
-            .map(|m| m.latency_buckets[i].load(Relaxed))
-            .sum::<u64>();
-        let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+}
+
+/// The `process_*` series every Prometheus exporter has, read from `/proc` at each scrape.
+#[derive(Debug)]
+struct Process;
+
+impl Collector for Process {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(p) = ProcessFigures::read() else {
+            return Ok(());
+        };
+        let counter = ConstCounter::new(p.cpu_seconds);
+        let metric = encoder.encode_descriptor(
+            "process_cpu_seconds",
+            "User and system CPU time spent, in seconds.",
+            None,
+            counter.metric_type(),
+        )?;
+        counter.encode(metric)?;
+        let gauges: [(&str, &str, f64); 5] = [
+            (
+                "process_resident_memory_bytes",
+                "Resident memory size in bytes.",
+                p.resident_bytes as f64,
+            ),
+            (
+                "process_virtual_memory_bytes",
+                "Virtual memory size in bytes.",
+                p.virtual_bytes as f64,
+            ),
+            (
+                "process_open_fds",
+                "Open file descriptors.",
+                p.open_fds as f64,
+            ),
+            (
+                "process_max_fds",
+                "Most open file descriptors allowed (the soft limit).",
+                p.max_fds as f64,
+            ),
+            (
+                "process_start_time_seconds",
+                "Start time of the process since the Unix epoch, in seconds.",
+                p.start_time_seconds,
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let gauge = ConstGauge::new(value);
+            let metric = encoder.encode_descriptor(name, help, None, gauge.metric_type())?;
+            gauge.encode(metric)?;
+        }
+        Ok(())
     }
-    cumulative += shards
-        .iter()
-        .map(|m| m.latency_buckets[LATENCY_BUCKETS.len()].load(Relaxed))
-        .sum::<u64>();
-    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
-    let sum_ns: u64 = shards.iter().map(|m| m.latency_sum_ns.load(Relaxed)).sum();
-    let _ = writeln!(out, "{name}_sum {}", sum_ns as f64 / 1e9);
-    let _ = writeln!(out, "{name}_count {cumulative}");
-    out
+}
+
+/// The process's own figures, from `/proc/self` (Linux).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ProcessFigures {
+    pub cpu_seconds: f64,
+    pub resident_bytes: u64,
+    pub virtual_bytes: u64,
+    pub open_fds: u64,
+    pub max_fds: u64,
+    pub start_time_seconds: f64,
+}
+
+impl ProcessFigures {
+    pub fn read() -> Option<ProcessFigures> {
+        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        // The command name, in parentheses, may hold spaces: fields are counted after it.
+        let fields: Vec<&str> = stat.get(stat.rfind(')')? + 2..)?.split(' ').collect();
+        // proc(5) numbers fields from 1 (pid); fields[0] here is field 3 (state).
+        let field = |n: usize| fields.get(n - 3)?.parse::<u64>().ok();
+        let ticks = crate::sys::clock_ticks_per_second() as f64;
+        let boot_time: u64 = std::fs::read_to_string("/proc/stat")
+            .ok()?
+            .lines()
+            .find_map(|l| l.strip_prefix("btime ")?.trim().parse().ok())?;
+        let open_fds = std::fs::read_dir("/proc/self/fd").ok()?.count() as u64;
+        Some(ProcessFigures {
+            cpu_seconds: (field(14)? + field(15)?) as f64 / ticks,
+            resident_bytes: field(24)? * crate::sys::page_size(),
+            virtual_bytes: field(23)?,
+            // The directory handle read_dir holds is one of them.
+            open_fds: open_fds.saturating_sub(1),
+            max_fds: crate::sys::open_files_limit(),
+            start_time_seconds: boot_time as f64 + field(22)? as f64 / ticks,
+        })
+    }
+}
+
+/// The Redis bridge's series (cluster mode).
+#[derive(Debug)]
+struct Bridge(Arc<BridgeMetrics>);
+
+impl Collector for Bridge {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let m = &self.0;
+        let up = ConstGauge::new(m.up.load(Relaxed) as i64);
+        let metric = encoder.encode_descriptor(
+            "redis_up",
+            "1 while the Redis bridge is connected.",
+            None,
+            up.metric_type(),
+        )?;
+        up.encode(metric)?;
+        let counters: [(&str, &str, &AtomicU64); 4] = [
+            (
+                "redis_reconnects",
+                "Reconnections to Redis after a loss.",
+                &m.reconnects_total,
+            ),
+            (
+                "redis_publications_out",
+                "Publications written to Redis by this node.",
+                &m.publications_out_total,
+            ),
+            (
+                "redis_publications_in",
+                "Publications received from Redis by this node.",
+                &m.publications_in_total,
+            ),
+            (
+                "redis_publish_errors",
+                "Publishes that failed or timed out at Redis.",
+                &m.publish_errors_total,
+            ),
+        ];
+        for (name, help, value) in counters {
+            let counter = ConstCounter::new(value.load(Relaxed));
+            let metric = encoder.encode_descriptor(name, help, None, counter.metric_type())?;
+            counter.encode(metric)?;
+        }
+        // A histogram with only the +Inf bucket: the round trip's sum and count.
+        let mut metric = encoder.encode_descriptor(
+            "redis_publish_seconds",
+            "Round trip of the publish script to Redis.",
+            None,
+            MetricType::Histogram,
+        )?;
+        let count = m.publish_seconds_count.load(Relaxed);
+        let sum = m.publish_seconds_sum_ns.load(Relaxed) as f64 / 1e9;
+        metric.encode_histogram::<NoLabelSet>(sum, count, &[], None)
+    }
 }
 
 #[cfg(test)]
@@ -167,17 +387,67 @@ mod tests {
     use super::*;
 
     #[test]
-    fn renders_sums_and_buckets() {
-        let shards = [ShardMetrics::default(), ShardMetrics::default()];
+    fn renders_every_shard_once_with_its_label() {
+        let shards: Arc<[ShardMetrics]> = (0..2).map(|_| ShardMetrics::default()).collect();
         ShardMetrics::gauge(&shards[0].connections_active, 2);
         ShardMetrics::gauge(&shards[1].connections_active, 3);
         shards[1].observe_publish_to_write(Duration::from_micros(300));
         shards[1].rejected(Code::ResourceExhausted);
-        let text = render(&shards);
-        assert!(text.contains("\nconnections_active 5\n"), "{text}");
-        assert!(text.contains("connections_active{shard=\"1\"} 3"));
-        assert!(text.contains("publish_to_write_seconds_bucket{le=\"0.00025\"} 0"));
-        assert!(text.contains("publish_to_write_seconds_bucket{le=\"0.0005\"} 1"));
-        assert!(text.contains("rejected_requests_total{code=\"ResourceExhausted\"} 1"));
+        ShardMetrics::add(&shards[0].messages_sent_total, 7);
+        let text = Exposition::new(shards).render();
+        assert!(
+            text.contains("\nconnections_active{shard=\"0\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\nconnections_active{shard=\"1\"} 3\n"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("\nconnections_active "),
+            "no unlabelled total: {text}"
+        );
+        assert!(
+            text.contains("\nmessages_sent_total{shard=\"0\"} 7\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE messages_sent_total counter\n"),
+            "{text}"
+        );
+        assert!(text.contains("publish_to_write_seconds_bucket{shard=\"1\",le=\"0.00025\"} 0"));
+        assert!(text.contains("publish_to_write_seconds_bucket{shard=\"1\",le=\"0.0005\"} 1"));
+        assert!(text.contains("publish_to_write_seconds_bucket{shard=\"1\",le=\"+Inf\"} 1"));
+        assert!(
+            text.contains("publish_to_write_seconds_count{shard=\"1\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("rejected_requests_total{shard=\"1\",code=\"ResourceExhausted\"} 1"));
+        assert!(text.contains("broadcaster_build_info{version=\""), "{text}");
+        assert!(text.contains("\nprocess_open_fds "), "{text}");
+    }
+
+    #[test]
+    fn process_figures_follow_the_process() {
+        let before = ProcessFigures::read().unwrap();
+        let files: Vec<_> = (0..200)
+            .map(|_| std::fs::File::open("/proc/self/stat").unwrap())
+            .collect();
+        let during = ProcessFigures::read().unwrap();
+        drop(files);
+        // Other tests of this process open and close files meanwhile: a lower bound only.
+        assert!(during.open_fds >= 200, "{before:?} {during:?}");
+        assert!(before.resident_bytes > 1 << 20 && before.virtual_bytes >= before.resident_bytes);
+        assert!(before.max_fds >= during.open_fds);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        assert!(before.start_time_seconds <= now + 1.0);
+        assert!(
+            before.start_time_seconds > now - 24.0 * 3600.0,
+            "{before:?}"
+        );
+        assert!(before.cpu_seconds >= 0.0);
     }
 }

@@ -6,6 +6,7 @@
 //! scanner finds their byte spans in the original text, which simd-json has already proven to be
 //! valid JSON.
 
+use crate::json;
 use simd_json::prelude::*;
 use simd_json::BorrowedValue;
 
@@ -133,16 +134,14 @@ pub const CHANNEL_BYTES_MAX: usize = 255;
 /// Parses one text frame. `scratch` is reused across calls (simd-json parses in place).
 pub fn parse_request<'a>(
     text: &'a [u8],
-    scratch: &mut Vec<u8>,
+    scratch: &mut json::Scratch,
     payload_bytes_max: usize,
 ) -> Result<Request<'a>, Rejected<'a>> {
-    scratch.clear();
-    scratch.extend_from_slice(text);
-    let value = match simd_json::to_borrowed_value(scratch) {
-        Ok(v) => v,
-        Err(_) => return Err(reject(None, "request is not valid JSON")),
+    let parsed = match json::parse(text, scratch) {
+        Ok(p) => p,
+        Err(e) => return Err(reject(None, &e.message("request"))),
     };
-    let Some(obj) = value.as_object() else {
+    let Some(obj) = parsed.value.as_object() else {
         return Err(reject(None, "request must be a JSON object"));
     };
     let spans = members(text, skip_ws(text, 0));
@@ -172,12 +171,15 @@ pub fn parse_request<'a>(
     let method_needs_auth = matches!(method, "subscribe" | "unsubscribe" | "publish");
     let inner = find(text, &spans, "params").map_or_else(Vec::new, |(at, _)| members(text, at));
     let params_repeat = repeated(text, &inner, &PARAMS_MEMBERS);
-    let method = match (method, params_repeat) {
-        ("auth" | "subscribe" | "unsubscribe" | "publish", Some(name)) => Err(err(
+    let unpaired = unpaired_in(&parsed, text, &spans, &["method"])
+        .or_else(|| unpaired_in(&parsed, text, &inner, &PARAMS_MEMBERS));
+    let method = match (method, params_repeat, unpaired) {
+        ("auth" | "subscribe" | "unsubscribe" | "publish", Some(name), _) => Err(err(
             Code::InvalidArgument,
             format!("params repeats member {name:?}"),
         )),
-        (method, _) => match method {
+        (_, _, Some(e)) => Err(e),
+        (method, _, None) => match method {
             "auth" => parse_auth(params),
             "subscribe" => parse_subscribe(params),
             "unsubscribe" => channel_param(params).map(|channel| Method::Unsubscribe { channel }),
@@ -199,6 +201,28 @@ pub fn parse_request<'a>(
         method_needs_auth,
         method,
     })
+}
+
+/// An error when a member the server decodes as text (one of `names`) holds the escape of an
+/// unpaired surrogate: that is not Unicode text, and reading it as U+FFFD would act on another
+/// channel or event than the client named. Payloads and ids may hold one: they are relayed
+/// byte for byte.
+fn unpaired_in(
+    parsed: &json::Parsed,
+    text: &[u8],
+    spans: &[(Span, Span)],
+    names: &[&str],
+) -> Option<Error> {
+    if parsed.unpaired.is_empty() {
+        return None;
+    }
+    let name = names.iter().find(|name| {
+        **name != "payload" && find(text, spans, name).is_some_and(|v| parsed.unpaired_within(v))
+    })?;
+    Some(err(
+        Code::InvalidArgument,
+        format!("{name} holds an unpaired UTF-16 surrogate escape, which is not Unicode text"),
+    ))
 }
 
 fn reject<'a>(id: Option<&'a [u8]>, message: &str) -> Rejected<'a> {
@@ -329,14 +353,8 @@ pub fn check_payload(len: usize, payload_bytes_max: usize) -> Result<(), Error> 
 
 /// Parses a REST publish body (`{"channel","event","payload"}`), keeping the payload's bytes.
 pub fn parse_publish_body(body: &[u8], payload_bytes_max: usize) -> Result<PublishParams, Error> {
-    let mut scratch = body.to_vec();
-    let value = simd_json::to_borrowed_value(&mut scratch)
-        .map_err(|_| err(Code::InvalidArgument, "body is not valid JSON"))?;
-    if !value.is_object() {
-        return Err(err(Code::InvalidArgument, "body must be a JSON object"));
-    }
-    let inner = members(body, skip_ws(body, 0));
-    refuse_repeated(body, &inner)?;
+    let mut scratch = json::Scratch::default();
+    let (value, inner) = parse_body(body, &mut scratch)?;
     let channel = channel_param(Some(&value))?;
     let event = value
         .get("event")
@@ -353,17 +371,33 @@ pub fn parse_publish_body(body: &[u8], payload_bytes_max: usize) -> Result<Publi
     })
 }
 
+/// Parses a REST body: a JSON object that repeats none of the members the server reads and
+/// holds no unpaired surrogate in them. Returns its value and its members' spans.
+fn parse_body<'s>(
+    body: &[u8],
+    scratch: &'s mut json::Scratch,
+) -> Result<(BorrowedValue<'s>, Vec<(Span, Span)>), Error> {
+    let parsed =
+        json::parse(body, scratch).map_err(|e| err(Code::InvalidArgument, e.message("body")))?;
+    if !parsed.value.is_object() {
+        return Err(err(Code::InvalidArgument, "body must be a JSON object"));
+    }
+    let inner = members(body, skip_ws(body, 0));
+    refuse_repeated(body, &inner)?;
+    if let Some(e) = unpaired_in(&parsed, body, &inner, &BODY_MEMBERS) {
+        return Err(e);
+    }
+    Ok((parsed.value, inner))
+}
+
 /// Parses a REST broadcast body (`{"channels":[...],"event","payload"}`).
 pub fn parse_broadcast_body(
     body: &[u8],
     payload_bytes_max: usize,
     channels_max: usize,
 ) -> Result<(Vec<String>, String, Vec<u8>), Error> {
-    let mut scratch = body.to_vec();
-    let value = simd_json::to_borrowed_value(&mut scratch)
-        .map_err(|_| err(Code::InvalidArgument, "body is not valid JSON"))?;
-    let inner = members(body, skip_ws(body, 0));
-    refuse_repeated(body, &inner)?;
+    let mut scratch = json::Scratch::default();
+    let (value, inner) = parse_body(body, &mut scratch)?;
     let Some(list) = value.get("channels").and_then(|c| c.as_array()) else {
         return Err(err(
             Code::InvalidArgument,
@@ -618,7 +652,7 @@ mod tests {
     use super::*;
 
     fn parse(text: &str) -> Result<Request<'_>, Rejected<'_>> {
-        parse_request(text.as_bytes(), &mut Vec::new(), 65536)
+        parse_request(text.as_bytes(), &mut json::Scratch::default(), 65536)
     }
 
     #[test]
@@ -674,6 +708,96 @@ mod tests {
             panic!()
         };
         assert_eq!(p.payload, br#""x""#);
+    }
+
+    #[test]
+    fn valid_json_that_simd_json_refuses_is_relayed_byte_for_byte() {
+        for payload in [
+            r#"{"i":1,"big":123456789012345678901234567890}"#,
+            r#"[-123456789012345678901234567890,1e400,-1e400,1e-400,-0,-0.0,1.7976931348623159e308]"#,
+            r#""cut inside an emoji: \ud83d""#,
+            r#"{"\udc00":["\ud800x"]}"#,
+        ] {
+            let text = format!(
+                r#"{{"id":123456789012345678901234567890,"method":"publish","params":{{"channel":"c","event":"e","payload":{payload}}}}}"#
+            );
+            let r = parse(&text).expect(&text);
+            assert_eq!(r.id, Some(&b"123456789012345678901234567890"[..]));
+            let Ok(Method::Publish(p)) = r.method else {
+                panic!("{text}: {:?}", r.method)
+            };
+            assert_eq!(p.payload, payload.as_bytes());
+            let body = format!(r#"{{"channel":"c","event":"e","payload":{payload},"x":1e999}}"#);
+            let p = parse_publish_body(body.as_bytes(), 100).expect(&body);
+            assert_eq!(p.payload, payload.as_bytes());
+            let body = format!(r#"{{"channels":["c","d"],"event":"e","payload":{payload}}}"#);
+            let (_, _, p) = parse_broadcast_body(body.as_bytes(), 100, 10).expect(&body);
+            assert_eq!(p, payload.as_bytes());
+        }
+        // A deep payload within the bound, and one beyond it with a message naming the limit.
+        let depth = json::DEPTH_MAX - 2;
+        let deep = format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+        let text = format!(
+            r#"{{"method":"publish","params":{{"channel":"c","event":"e","payload":{deep}}}}}"#
+        );
+        assert!(parse(&text).unwrap().method.is_ok());
+        let text = format!(
+            r#"{{"method":"publish","params":{{"channel":"c","event":"e","payload":[{deep}]}}}}"#
+        );
+        let e = parse(&text).unwrap_err().error;
+        assert!(e.message.contains("deeper than 1024 levels"), "{e:?}");
+    }
+
+    #[test]
+    fn unreadable_values_in_decoded_members_are_refused() {
+        for (text, says) in [
+            (
+                r#"{"method":"subscribe","params":{"channel":"a\ud800"}}"#,
+                "channel holds an unpaired",
+            ),
+            (
+                r#"{"method":"publish","params":{"channel":"a","event":"\udfff","payload":1}}"#,
+                "event holds",
+            ),
+            (
+                r#"{"method":"auth","params":{"token":"\ud800"}}"#,
+                "token holds",
+            ),
+            (
+                r#"{"method":"subscribe","params":{"channel":"a","since":{"offset":18446744073709551616,"epoch":"e"}}}"#,
+                "since must be",
+            ),
+            (
+                r#"{"method":"subscribe","params":{"channel":"a","since":{"offset":1e400,"epoch":"e"}}}"#,
+                "since must be",
+            ),
+            (
+                r#"{"method":"subscribe","params":{"channel":123456789012345678901234567890}}"#,
+                "params.channel, a string",
+            ),
+        ] {
+            let e = parse(text).expect(text).method.expect_err(text);
+            assert_eq!(e.code, Code::InvalidArgument, "{text}");
+            assert!(e.message.contains(says), "{text}: {e:?}");
+        }
+        let r = parse(r#"{"method":"he\udbffartbeat"}"#).unwrap();
+        assert!(r.method.unwrap_err().message.contains("method holds"));
+        let e = parse_publish_body(br#"{"channel":"\ud800","event":"e","payload":1}"#, 100)
+            .unwrap_err();
+        assert!(e.message.contains("channel holds"), "{e:?}");
+        let e = parse_broadcast_body(
+            br#"{"channels":["a","\ud800"],"event":"e","payload":1}"#,
+            100,
+            9,
+        )
+        .unwrap_err();
+        assert!(e.message.contains("channels holds"), "{e:?}");
+        // Members the server does not read may hold anything valid.
+        let r = parse(r#"{"method":"heartbeat","x":"\ud800","y":1e400}"#).unwrap();
+        assert_eq!(r.method, Ok(Method::Heartbeat));
+        // Not JSON: serde_json's description says where.
+        let r = parse(r#"{"method":"heartbeat","x":[1,]}"#).unwrap_err();
+        assert!(r.error.message.contains("line 1 column"), "{:?}", r.error);
     }
 
     #[test]
@@ -755,7 +879,7 @@ mod tests {
         assert!(parse(&ok).unwrap().method.is_ok());
         let big =
             r#"{"method":"publish","params":{"channel":"a","event":"e","payload":"0123456789"}}"#;
-        let r = parse_request(big.as_bytes(), &mut Vec::new(), 8).unwrap();
+        let r = parse_request(big.as_bytes(), &mut json::Scratch::default(), 8).unwrap();
         assert_eq!(r.method.unwrap_err().code, Code::ResourceExhausted);
     }
 

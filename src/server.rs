@@ -36,6 +36,8 @@ struct Ends {
 /// Runs the server until SIGINT or SIGTERM has drained it. Prints the listening lines on stdout
 /// once every shard is ready.
 pub fn run(mut config: Config) -> Result<(), String> {
+    exit_on_panic();
+    crate::preflight::check_io_uring()?;
     let shards = config.shard_count();
     let dev = config.dev_mode.then(|| dev_mode_setup(&mut config));
     let mut shared = Shared::new(config, shards)?;
@@ -48,13 +50,15 @@ pub fn run(mut config: Config) -> Result<(), String> {
             *inbox = Some(rx);
         }
         let history = &shared.config.history;
-        shared.bridge = Some(crate::cluster::start(
+        let bridge = crate::cluster::start(
             &url,
             shared.node_id.clone(),
             senders,
             history.size,
             history.ttl,
-        )?);
+        )?;
+        shared.exposition.add_bridge(bridge.metrics.clone());
+        shared.bridge = Some(bridge);
     }
     let shared = Arc::new(shared);
 
@@ -77,12 +81,14 @@ pub fn run(mut config: Config) -> Result<(), String> {
     }
 
     let cpus = allowed_cpus();
-    let (ready_tx, ready_rx) = crossbeam_channel::unbounded();
     let mut listen = (shared.config.listen, shared.config.admin_listen);
-    let mut handles = Vec::new();
+    let mut started = Vec::new();
     for (id, ends) in ends.into_iter().enumerate() {
         let shared = shared.clone();
-        let ready = ready_tx.clone();
+        // One channel per shard, its sender held by the shard alone: a shard that ends before
+        // it is ready (glommio could not build its executor) drops it, and the wait below
+        // reports why instead of waiting forever.
+        let (ready, readiness) = crossbeam_channel::bounded(1);
         let cpu = cpus[id % cpus.len()];
         let addrs = listen;
         let handle = LocalExecutorBuilder::new(Placement::Fixed(cpu))
@@ -98,19 +104,21 @@ pub fn run(mut config: Config) -> Result<(), String> {
             .ring_depth(RING_DEPTH)
             .spawn(move || shard_main(id, shared, ends, addrs, ready))
             .map_err(|e| format!("cannot start shard {id}: {e}"))?;
-        handles.push(handle);
         // Shard 0 resolves port 0; the others bind the port it got (SO_REUSEPORT).
         if id == 0 {
-            let (public, admin) = ready_rx
-                .recv()
-                .map_err(|_| "shard 0 stopped during start".to_string())??;
-            listen = (public, admin);
+            let (addrs, handle) = wait_ready(id, &readiness, handle)?;
+            listen = addrs;
+            started.push((handle, None));
+        } else {
+            started.push((handle, Some(readiness)));
         }
     }
-    for _ in 1..shards {
-        ready_rx
-            .recv()
-            .map_err(|_| "a shard stopped during start".to_string())??;
+    let mut handles = Vec::new();
+    for (id, (handle, readiness)) in started.into_iter().enumerate() {
+        handles.push(match readiness {
+            Some(readiness) => wait_ready(id, &readiness, handle)?.1,
+            None => handle,
+        });
     }
     if let Some(dev) = dev {
         dev_mode_banner(&dev, listen.0);
@@ -137,6 +145,24 @@ pub fn run(mut config: Config) -> Result<(), String> {
     Ok(())
 }
 
+/// The exit status of a process that stopped because a thread panicked.
+pub const PANIC_EXIT_CODE: i32 = 101;
+
+/// Makes a panic on any thread (a shard, the Redis bridge) end the whole process with
+/// `PANIC_EXIT_CODE` once the panic is logged. A server with one shard gone would be half
+/// alive: that shard's connections dead, its channels never sequenced, and the start waiting
+/// for it forever.
+pub fn exit_on_panic() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        let thread = std::thread::current();
+        let name = thread.name().unwrap_or("unnamed");
+        tracing::error!(thread = name, "a thread panicked; stopping the process");
+        std::process::exit(PANIC_EXIT_CODE);
+    }));
+}
+
 fn wait_for_signal(shared: &Shared) {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM]) else {
@@ -149,7 +175,30 @@ fn wait_for_signal(shared: &Shared) {
     }
 }
 
-type Ready = crossbeam_channel::Sender<Result<(SocketAddr, Option<SocketAddr>), String>>;
+/// The listening addresses a shard got, or why it could not listen.
+type Ready = crossbeam_channel::Sender<Result<Addrs, String>>;
+type Addrs = (SocketAddr, Option<SocketAddr>);
+
+/// Waits until shard `id` listens; when it ended instead, says why (glommio's error).
+fn wait_ready(
+    id: usize,
+    readiness: &crossbeam_channel::Receiver<Result<Addrs, String>>,
+    handle: glommio::ExecutorJoinHandle<()>,
+) -> Result<(Addrs, glommio::ExecutorJoinHandle<()>), String> {
+    match readiness.recv() {
+        Ok(Ok(addrs)) => Ok((addrs, handle)),
+        Ok(Err(e)) => Err(e),
+        Err(_) => {
+            let why = match handle.join() {
+                Err(e) => e.to_string(),
+                Ok(()) => "it ended".to_string(),
+            };
+            Err(format!(
+                "shard {id} stopped during start (glommio could not build its executor): {why}"
+            ))
+        }
+    }
+}
 
 async fn shard_main(
     id: usize,

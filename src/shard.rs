@@ -32,7 +32,10 @@ pub struct Shared {
     /// Open WebSocket connections of the node, for `max_connections` (SPEC 13.17).
     pub connections: AtomicUsize,
     pub shutting_down: AtomicBool,
-    pub metrics: Vec<ShardMetrics>,
+    /// One slot per shard, written only by its shard.
+    pub metrics: Arc<[ShardMetrics]>,
+    /// What `/metrics` renders: the slots above, process figures, build info, the bridge.
+    pub exposition: crate::metrics::Exposition,
     /// Set when `tls.cert_file` and `tls.key_file` are: every listener speaks TLS.
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Cluster mode: offsets, history and delivery between nodes go through Redis.
@@ -47,15 +50,17 @@ impl Shared {
             (Some(cert), Some(key)) => Some(crate::transport::server_config(cert, key)?),
             _ => None,
         };
+        let metrics: Arc<[ShardMetrics]> = (0..shards).map(|_| ShardMetrics::default()).collect();
         Ok(Shared {
             tls,
+            exposition: crate::metrics::Exposition::new(metrics.clone()),
+            metrics,
             bridge: None,
             verifier: Verifier::new(&secret, config.auth.leeway),
             node_id: format!("{:08x}", rand::random::<u32>()),
             shards,
             connections: AtomicUsize::new(0),
             shutting_down: AtomicBool::new(false),
-            metrics: (0..shards).map(|_| ShardMetrics::default()).collect(),
             config,
         })
     }

@@ -343,17 +343,8 @@ async fn route(
             return;
         }
         "/metrics" => {
-            let mut text = metrics::render(&shard.shared.metrics);
-            if let Some(bridge) = &shard.shared.bridge {
-                crate::cluster::render_metrics(&bridge.metrics, &mut text);
-            }
-            http::write_response(
-                out,
-                200,
-                "text/plain; version=0.0.4",
-                text.as_bytes(),
-                keep_alive,
-            );
+            let text = shard.shared.exposition.render();
+            http::write_response(out, 200, metrics::CONTENT_TYPE, text.as_bytes(), keep_alive);
             return;
         }
         _ => {}

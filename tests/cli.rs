@@ -204,6 +204,57 @@ async fn publish_command_prints_the_json_result() {
     assert!(!out.status.success(), "publish with a bad key must fail");
 }
 
+/// Issue 14: `broadcaster publish --payload` sends the payload exactly as given: a re-encoder
+/// would change `1.0e10`, key order, spacing and escapes. Invalid JSON is refused before
+/// anything is sent.
+#[tokio::test]
+async fn publish_command_sends_the_payload_exactly_as_given() {
+    let s = Server::start(ServerOpts::default());
+    let mut ws = s.ws_authed("u").await;
+    ws.subscribe("exact").await;
+    let url = format!("http://{}", s.public);
+    let mut payloads = vec![r#"{"from":"cli","n":1.0e10}"#.to_string()];
+    payloads.extend(hard_payloads());
+    for payload in &payloads {
+        let args = [
+            "publish",
+            "--url",
+            &url,
+            "--api-key",
+            API_KEY,
+            "--channel",
+            "exact",
+            "--event",
+            "e",
+            "--payload",
+            payload,
+        ];
+        let out = run_cli(&args, &[], Duration::from_secs(10)).await;
+        assert!(out.status.success(), "{payload:.60}: {}", stderr_of(&out));
+        assert_eq!(raw_payload(&ws.recv_broadcast_raw().await), payload);
+    }
+    for (payload, says) in [("{\"a\":1", "EOF while parsing"), ("1 2", "trailing")] {
+        let args = [
+            "publish",
+            "--url",
+            &url,
+            "--api-key",
+            API_KEY,
+            "--channel",
+            "exact",
+            "--event",
+            "e",
+            "--payload",
+            payload,
+        ];
+        let out = run_cli(&args, &[], Duration::from_secs(10)).await;
+        assert!(!out.status.success(), "{payload} was accepted");
+        let err = stderr_of(&out);
+        assert!(err.contains("--payload") && err.contains(says), "{err}");
+    }
+    ws.expect_no_broadcast(Duration::from_millis(200)).await;
+}
+
 #[tokio::test]
 async fn connect_command_prints_broadcasts_and_publishes_stdin_lines() {
     let s = Server::start(ServerOpts::default());
@@ -261,10 +312,13 @@ async fn connect_command_prints_broadcasts_and_publishes_stdin_lines() {
         assert!(Instant::now() < deadline, "connect never subscribed: {v}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    s.publish("chat", "note", "\"hello-from-rest\"").await;
-    watcher.recv_broadcast().await;
+    // Printed as published, byte for byte: numbers, spacing and escapes untouched.
+    let payload = r#"{"n":1.0e10, "big":123456789012345678901234567890,"s":"\ud83d"}"#;
+    s.publish("chat", "note", payload).await;
+    watcher.recv_broadcast_raw().await;
+    let expected = format!("chat note: {payload}");
     let deadline = Instant::now() + T;
-    while !lines.lock().unwrap().contains("hello-from-rest") {
+    while !lines.lock().unwrap().lines().any(|l| l == expected) {
         assert!(
             Instant::now() < deadline,
             "connect did not print the broadcast: {:?}",

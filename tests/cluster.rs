@@ -869,6 +869,119 @@ async fn recovery_on_another_node_and_history_everywhere() {
     assert_eq!(history(b, &q).await, h);
 }
 
+/// Issue 14, SPEC 4 and 8: every valid JSON payload crosses Redis byte for byte: published on
+/// node A (REST and WebSocket), delivered on B, in B's history, and recovered on B.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valid_payloads_cross_redis_byte_for_byte() {
+    let (_redis, nodes) = cluster(2).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let ch = unique("payloads");
+    let mut sub = b.ws_authed("sub").await;
+    let epoch = epoch_of(&sub.subscribe(&ch).await);
+    let mut publisher = a.ws_authed("pub").await;
+    let payloads = hard_payloads();
+    for p in &payloads {
+        rest_publish_ok(a.backend(), &ch, "rest", p).await;
+        assert_eq!(raw_payload(&sub.recv_broadcast_raw().await), p, "REST on A");
+        ws_publish_ok(&mut publisher, &ch, "ws", p).await;
+        assert_eq!(
+            raw_payload(&sub.recv_broadcast_raw().await),
+            p,
+            "WebSocket on A"
+        );
+    }
+    let r = http_get_key(b.backend(), &format!("/history?channel={ch}"), API_KEY).await;
+    assert_eq!(r.status, 200);
+    let text = r.text();
+    for p in &payloads {
+        assert!(
+            text.contains(&format!(r#","payload":{p}}}"#)),
+            "B's history lacks {p:.60}"
+        );
+    }
+    let mut late = b.ws_authed("late").await;
+    let r = subscribe_since(&mut late, &ch, 0, &epoch).await;
+    assert_eq!(r["recovered"], json!(true), "{r}");
+    for p in &payloads {
+        for how in ["REST", "WebSocket"] {
+            let raw = late.recv_broadcast_raw().await;
+            assert_eq!(raw_payload(&raw), p, "recovered {how}");
+        }
+    }
+}
+
+/// Issue 14: every series the shipped Grafana dashboard (`tuning/grafana-dashboard.json`)
+/// queries exists in `/metrics` of a cluster node, read with a PromQL parser.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_grafana_dashboard_queries_only_series_the_server_exposes() {
+    use promql_parser::parser::{Expr, VectorSelector};
+    use promql_parser::util::{walk_expr, ExprVisitor};
+    struct Names(Vec<String>);
+    impl ExprVisitor for Names {
+        type Error = ();
+        fn pre_visit(&mut self, e: &Expr) -> Result<bool, ()> {
+            let vs: Option<&VectorSelector> = match e {
+                Expr::VectorSelector(vs) => Some(vs),
+                Expr::MatrixSelector(m) => Some(&m.vs),
+                _ => None,
+            };
+            if let Some(name) = vs.and_then(|vs| vs.name.clone()) {
+                self.0.push(name);
+            }
+            Ok(true)
+        }
+    }
+
+    let (_redis, nodes) = cluster(1).await;
+    let s = &nodes[0];
+    rest_publish_ok(s.backend(), &unique("dash"), "e", "1").await;
+    let text = http_get(s.backend(), "/metrics").await.text();
+    let mut exposed = HashSet::new();
+    for sample in parse_metrics(&text).samples {
+        if matches!(sample.value, prometheus_parse::Value::Histogram(_)) {
+            exposed.insert(format!("{}_bucket", sample.metric));
+        }
+        exposed.insert(sample.metric);
+    }
+
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tuning/grafana-dashboard.json");
+    let dashboard: Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("the dashboard file"))
+            .expect("the dashboard is JSON");
+    let mut queried = Vec::new();
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().expect("targets") {
+            let expr = target["expr"].as_str().expect("expr");
+            // Grafana's own variables, as Grafana substitutes them.
+            let expr = expr.replace("$__rate_interval", "1m");
+            let parsed = promql_parser::parser::parse(&expr)
+                .unwrap_or_else(|e| panic!("panel {}: {expr}: {e}", panel["title"]));
+            let mut names = Names(Vec::new());
+            walk_expr(&mut names, &parsed).unwrap();
+            assert!(!names.0.is_empty(), "{expr} queries no series");
+            queried.extend(names.0);
+        }
+    }
+    let missing: Vec<_> = queried.iter().filter(|n| !exposed.contains(*n)).collect();
+    assert!(
+        missing.is_empty(),
+        "queried but not exposed: {missing:?}\n{text}"
+    );
+    for name in [
+        "connections_active",
+        "subscriptions_total",
+        "messages_sent_total",
+        "publish_to_write_seconds_bucket",
+        "slow_consumers_total",
+        "redis_up",
+    ] {
+        assert!(
+            queried.iter().any(|q| q == name),
+            "the dashboard lacks {name}"
+        );
+    }
+}
+
 /// SPEC 5: recovery needs every missed publication still held; `history.size` caps the stream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recovery_beyond_the_history_size_is_not_recovered() {

@@ -61,29 +61,117 @@ async fn metrics_move_with_connect_subscribe_publish_and_disconnect() {
         value(&after, "publish_to_write_seconds_count") >= 2.0,
         "{after}"
     );
-    // Per-shard lines sum to the total.
-    let per_shard: f64 = after
-        .lines()
-        .filter(|l| l.starts_with("connections_active{shard="))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
-    assert_eq!(per_shard, 2.0);
 
     let mut c = Ws::connect(s.public).await;
     let r = c.request("auth", json!({"token": "not-a-jwt"})).await;
     assert_eq!(r["error"]["code"], "Unauthenticated");
     let m = metrics(&s).await;
     assert!(value(&m, "auth_failures_total") >= 1.0);
-    assert!(
-        m.contains("rejected_requests_total{code=\"Unauthenticated\"} 1"),
-        "{m}"
-    );
+    let unauthenticated: f64 = parse_metrics(&m)
+        .samples
+        .iter()
+        .filter(|s| s.metric == "rejected_requests_total")
+        .filter(|s| s.labels.get("code") == Some("Unauthenticated"))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v) => v,
+            ref v => panic!("{v:?}"),
+        })
+        .sum();
+    assert_eq!(unauthenticated, 1.0, "{m}");
 
     drop(a);
     drop(b);
     drop(c);
     settle(&s, "connections_active", 0.0).await;
     settle(&s, "subscriptions_total", 0.0).await;
+}
+
+/// Issue 14: each series once. Per-shard figures carry a `shard` label and no total beside
+/// them, so sums over shards (what Prometheus and dashboards do) are the truth; node-wide ones
+/// (`process_*`, build info) have no label. Read with a Prometheus text-format parser.
+#[tokio::test]
+async fn metrics_are_one_series_per_shard_and_sum_to_what_is_open() {
+    let s = Server::start(ServerOpts::shards(2));
+    let mut conns = Vec::new();
+    for i in 0..6 {
+        let mut ws = s.ws_authed(&format!("u{i}")).await;
+        for c in 0..i % 3 {
+            ws.subscribe(&format!("ch{c}")).await;
+        }
+        conns.push(ws);
+    }
+    // 6 connections; subscriptions 0+1+2+0+1+2.
+    settle(&s, "connections_active", 6.0).await;
+    settle(&s, "subscriptions_total", 6.0).await;
+    let r = http_get(s.public, "/metrics").await;
+    assert_eq!(
+        r.header("content-type").as_deref(),
+        Some("text/plain; version=0.0.4; charset=utf-8")
+    );
+    let text = r.text();
+    let scrape = parse_metrics(&text);
+    let mut labelled = std::collections::BTreeSet::new();
+    let mut plain = std::collections::BTreeSet::new();
+    for sample in &scrape.samples {
+        let name = sample.metric.clone();
+        match sample.labels.get("shard") {
+            Some(shard) => {
+                assert!(["0", "1"].contains(&shard), "{name} shard {shard}");
+                labelled.insert(name);
+            }
+            None => {
+                plain.insert(name);
+            }
+        }
+    }
+    let both: Vec<_> = labelled.intersection(&plain).collect();
+    assert!(
+        both.is_empty(),
+        "with and without a shard label: {both:?}\n{text}"
+    );
+    for name in [
+        "connections_active",
+        "subscriptions_total",
+        "messages_sent_total",
+        "messages_received_total",
+        "publish_to_write_seconds",
+        "slow_consumers_total",
+        "rejected_requests_total",
+    ] {
+        assert!(labelled.contains(name), "{name} is not per shard:\n{text}");
+    }
+    for name in [
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "process_max_fds",
+        "process_start_time_seconds",
+        "broadcaster_build_info",
+    ] {
+        assert!(plain.contains(name), "{name} missing:\n{text}");
+    }
+    assert_eq!(value(&text, "connections_active"), 6.0);
+    assert_eq!(value(&text, "subscriptions_total"), 6.0);
+    assert!(value(&text, "process_open_fds") >= 6.0);
+    assert!(value(&text, "process_resident_memory_bytes") > 1e6);
+    let build = scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == "broadcaster_build_info")
+        .unwrap();
+    assert_eq!(build.labels.get("version"), Some(env!("CARGO_PKG_VERSION")));
+    assert_eq!(build.value, prometheus_parse::Value::Gauge(1.0));
+    // Every series has its help text.
+    for name in labelled.iter().chain(&plain) {
+        let family = name
+            .strip_suffix("_sum")
+            .or_else(|| name.strip_suffix("_count"))
+            .filter(|f| scrape.docs.contains_key(*f))
+            .unwrap_or(name);
+        assert!(scrape.docs.contains_key(family), "no HELP for {name}");
+    }
+    drop(conns);
+    settle(&s, "connections_active", 0.0).await;
 }
 
 #[tokio::test]

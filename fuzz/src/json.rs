@@ -269,10 +269,9 @@ pub fn serde_accepts(t: &[u8]) -> Result<(), String> {
     }
 }
 
-/// True when `t` holds an integer literal (no fraction, no exponent) outside the range of
-/// i64 and u64: simd-json refuses those ("not valid JSON") where serde_json reads them as f64.
-pub fn has_big_integer(t: &[u8]) -> bool {
-    let mut i = 0;
+/// The deepest nesting of arrays and objects in `t`, outside strings (for a valid text).
+pub fn depth(t: &[u8]) -> usize {
+    let (mut depth, mut deepest, mut i) = (0usize, 0usize, 0);
     while i < t.len() {
         match t[i] {
             b'"' => {
@@ -280,28 +279,17 @@ pub fn has_big_integer(t: &[u8]) -> bool {
                 while i < t.len() && t[i] != b'"' {
                     i += if t[i] == b'\\' { 2 } else { 1 };
                 }
-                i += 1;
             }
-            b'-' | b'0'..=b'9' => {
-                let start = i;
-                i += 1;
-                while i < t.len() && matches!(t[i], b'0'..=b'9' | b'.' | b'e' | b'E' | b'+' | b'-')
-                {
-                    i += 1;
-                }
-                let token = &t[start..i];
-                if !token.iter().any(|b| matches!(b, b'.' | b'e' | b'E')) {
-                    let text = std::str::from_utf8(token).unwrap_or("");
-                    let fits = text.parse::<i64>().is_ok() || text.parse::<u64>().is_ok();
-                    if !fits {
-                        return true;
-                    }
-                }
+            b'[' | b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
             }
-            _ => i += 1,
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
         }
+        i += 1;
     }
-    false
+    deepest
 }
 
 // ---- a structured generator: JSON texts that look like requests ----
@@ -315,6 +303,9 @@ pub enum Str {
     Known(u8),
     /// Bytes written verbatim between quotes: may be invalid, on purpose.
     Raw(Vec<u8>),
+    /// Text around the escape of one UTF-16 surrogate, paired or not: valid JSON that is not
+    /// Unicode text unless paired.
+    Surrogate(String, u16, bool),
 }
 
 const KNOWN: &[&str] = &[
@@ -449,6 +440,17 @@ impl<'u, 'a> Writer<'u, 'a> {
                 self.out.extend_from_slice(b);
                 self.out.push(b'"');
             }
+            Str::Surrogate(text, unit, paired) => {
+                let unit = 0xD800 | (unit & 0x7FF);
+                let mut s = serde_json::to_string(text).unwrap_or_default();
+                s.pop();
+                s.push_str(&format!("\\u{unit:04x}"));
+                if *paired && unit < 0xDC00 {
+                    s.push_str("\\udc00");
+                }
+                s.push('"');
+                self.out.extend_from_slice(s.as_bytes());
+            }
         }
     }
 
@@ -549,6 +551,7 @@ fn clone_str(s: &Str) -> Str {
         Str::Escaped(s) => Str::Escaped(s.clone()),
         Str::Known(i) => Str::Known(*i),
         Str::Raw(b) => Str::Raw(b.clone()),
+        Str::Surrogate(t, u, p) => Str::Surrogate(t.clone(), *u, *p),
     }
 }
 
@@ -604,13 +607,10 @@ mod tests {
     }
 
     #[test]
-    fn big_integers_are_found_outside_strings() {
-        assert!(has_big_integer(b"{\"id\":123456789012345678901234567890}"));
-        assert!(has_big_integer(b"[-9223372036854775809]"));
-        assert!(!has_big_integer(
-            b"[-9223372036854775808, 18446744073709551615, 1e400]"
-        ));
-        assert!(!has_big_integer(b"\"123456789012345678901234567890\""));
+    fn depth_counts_containers_outside_strings() {
+        assert_eq!(depth(b"1"), 0);
+        assert_eq!(depth(b"[[],{\"a\":[1]}]"), 3);
+        assert_eq!(depth(b"[\"[[[\\\"[\"]"), 1);
     }
 
     #[test]

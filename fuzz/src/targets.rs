@@ -8,6 +8,7 @@ use arbitrary::Unstructured;
 use broadcaster::auth::{self, Verifier};
 use broadcaster::config::{Config, Overrides};
 use broadcaster::http::{is_loopback_host, parse_head, query_param};
+use broadcaster::json::DEPTH_MAX;
 use broadcaster::protocol::{
     check_channel, parse_broadcast_body, parse_publish_body, parse_request, Code, Method,
     EVENT_BYTES_MAX,
@@ -266,7 +267,8 @@ fn repeats(m: &json::Members, names: &[&str]) -> bool {
 
 pub fn check_request(text: &[u8], max: usize) {
     // A dirty scratch buffer must not matter.
-    let mut scratch = b"{\"junk\":[1,2,3]}".repeat(3);
+    let mut scratch = broadcaster::json::Scratch::default();
+    let _ = parse_request(b"{\"junk\":[1,2,1e400]}", &mut scratch, max);
     let r = parse_request(text, &mut scratch, max);
     let again = parse_request(text, &mut scratch, max);
     assert_eq!(
@@ -304,13 +306,12 @@ pub fn check_request(text: &[u8], max: usize) {
             if let Some(id) = rejected.id {
                 check_id(text, id);
             }
-            // Completeness: an object serde_json reads (numbers in f64 range, nesting within
-            // 128, as simd-json requires too), not repeating `id`, `method` or `params`, whose
-            // `method` is a string and whose `id` is absent, a number or a string, is a
-            // request. Integers beyond 64 bits are a documented simd-json limit, not a bug here.
-            let serde_reads = serde_json::from_slice::<serde_json::Value>(text).is_ok()
-                && !json::has_big_integer(text);
-            if let Some(m) = top.as_ref().filter(|_| serde_reads && !top_repeats) {
+            check_json_verdict(text, &rejected.error.message);
+            // Completeness: a JSON object (any numbers, any escapes, nesting within the
+            // documented bound), not repeating `id`, `method` or `params`, whose `method` is
+            // a string and whose `id` is absent, a number or a string, is a request.
+            let reads = is_valid_json(text) && json::depth(text) <= DEPTH_MAX;
+            if let Some(m) = top.as_ref().filter(|_| reads && !top_repeats) {
                 let method_is_string = m.unique("method").is_some_and(|v| v.starts_with('"'));
                 let id_ok = m.all("id").is_empty()
                     || m.unique("id")
@@ -354,6 +355,7 @@ pub fn check_request(text: &[u8], max: usize) {
             }
             match req.method {
                 Err(e) => {
+                    check_json_verdict(text, &e.message);
                     assert!(
                         matches!(
                             e.code,
@@ -396,6 +398,31 @@ pub fn check_request(text: &[u8], max: usize) {
             }
         }
     }
+}
+
+/// The server calls a text "not valid JSON" only when it is not (RFC 8259), and "nests
+/// deeper" only when it does; it never fails to read a valid text within the bound.
+fn check_json_verdict(text: &[u8], message: &str) {
+    let shown = || String::from_utf8_lossy(text).into_owned();
+    if message.contains("not valid JSON") {
+        assert!(
+            !is_valid_json(text),
+            "valid JSON {:?} refused: {message}",
+            shown()
+        );
+    }
+    if message.contains("deeper than") {
+        assert!(
+            is_valid_json(text) && json::depth(text) > DEPTH_MAX,
+            "{:?} refused for depth: {message}",
+            shown()
+        );
+    }
+    assert!(
+        !message.contains("cannot read this valid JSON"),
+        "{:?}: {message}",
+        shown()
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -441,7 +468,10 @@ pub fn check_bodies(body: &[u8], max: usize, channels_max: usize) {
             );
             check_payload("publish body", body, &p.payload, max, expected);
         }
-        Err(e) => assert!(rest_code(e.code), "publish body: {e:?} for {:?}", shown()),
+        Err(e) => {
+            check_json_verdict(body, &e.message);
+            assert!(rest_code(e.code), "publish body: {e:?} for {:?}", shown())
+        }
     }
     match parse_broadcast_body(body, max, channels_max) {
         Ok((channels, event, payload)) => {
@@ -466,7 +496,10 @@ pub fn check_bodies(body: &[u8], max: usize, channels_max: usize) {
             );
             check_payload("broadcast body", body, &payload, max, expected);
         }
-        Err(e) => assert!(rest_code(e.code), "broadcast body: {e:?} for {:?}", shown()),
+        Err(e) => {
+            check_json_verdict(body, &e.message);
+            assert!(rest_code(e.code), "broadcast body: {e:?} for {:?}", shown())
+        }
     }
 }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 use crate::net::Node;
 use crate::publisher::read_http_response;
 
-/// The two gauges the soak checks (the unlabelled totals over every shard).
+/// The two gauges the soak checks (summed over every shard).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Gauges {
     /// Open WebSocket connections.
@@ -16,16 +16,40 @@ pub struct Gauges {
     pub subscriptions_total: i64,
 }
 
-/// The value of the unlabelled sample `name` (`name VALUE` on a line of its own) in a Prometheus text
-/// exposition; labelled samples (`name{shard="0"} 3`) and other metrics sharing the prefix are not it.
+/// The sum of every sample of `name` in a Prometheus text exposition (`name VALUE` and
+/// `name{shard="0"} VALUE` alike: the server labels per-shard figures and writes no total
+/// beside them); None when there is none. Other metrics sharing the prefix are not it.
 pub fn sample(text: &str, name: &str) -> Option<f64> {
-    text.lines().find_map(|line| {
-        let rest = line.strip_prefix(name)?;
-        if !rest.starts_with([' ', '\t']) {
-            return None;
+    text.lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix(name)?;
+            let rest = match rest.strip_prefix('{') {
+                Some(labelled) => &labelled[labels_end(labelled)? + 1..],
+                None => rest,
+            };
+            if !rest.starts_with([' ', '\t']) {
+                return None;
+            }
+            rest.split_whitespace().next()?.parse::<f64>().ok()
+        })
+        .reduce(|a, b| a + b)
+}
+
+/// Where the label set that `labels` starts ends: its `}`, outside quoted values (which may
+/// hold `}` and escaped quotes).
+fn labels_end(labels: &str) -> Option<usize> {
+    let mut quoted = false;
+    let mut escaped = false;
+    for (i, c) in labels.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            '}' if !quoted => return Some(i),
+            _ => {}
         }
-        rest.split_whitespace().next()?.parse::<f64>().ok()
-    })
+    }
+    None
 }
 
 /// The soak's gauges from a metrics text.
@@ -74,17 +98,16 @@ mod tests {
 
     const TEXT: &str = "# HELP connections_active Open WebSocket connections.\n\
         # TYPE connections_active gauge\n\
-        connections_active 5\n\
         connections_active{shard=\"0\"} 2\n\
         connections_active{shard=\"1\"} 3\n\
         connections_active_extra 99\n\
         # TYPE subscriptions_total gauge\n\
         subscriptions_total{shard=\"0\"} 7\n\
-        subscriptions_total 12\n\
+        subscriptions_total{shard=\"1\",x=\"}\"} 5\n\
         messages_sent_total 1e3\n";
 
     #[test]
-    fn unlabelled_totals_are_read() {
+    fn samples_are_summed_over_shards() {
         assert_eq!(sample(TEXT, "connections_active"), Some(5.0));
         assert_eq!(sample(TEXT, "subscriptions_total"), Some(12.0));
         assert_eq!(sample(TEXT, "messages_sent_total"), Some(1000.0));

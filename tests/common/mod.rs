@@ -406,6 +406,46 @@ pub fn last_chars(s: &str, n: usize) -> &str {
     &s[i..]
 }
 
+/// A broadcast notification, told by its first bytes: its payload may hold JSON that
+/// serde_json's `Value` cannot hold (`1e400`, unpaired surrogate escapes).
+pub fn is_broadcast(frame: &str) -> bool {
+    frame.starts_with(r#"{"method":"broadcast","params":{"#)
+}
+
+/// The payload's text in a broadcast frame, exactly as the server wrote it (it is the last
+/// member of the params).
+pub fn raw_payload(frame: &str) -> &str {
+    let at = frame
+        .find(r#","payload":"#)
+        .unwrap_or_else(|| panic!("no payload in {frame}"));
+    let rest = &frame[at + r#","payload":"#.len()..];
+    rest.strip_suffix("}}")
+        .unwrap_or_else(|| panic!("broadcast does not end with its payload: {frame}"))
+}
+
+/// Payloads that are valid JSON (RFC 8259) and that a re-encoder or simd-json alone would
+/// change or refuse: integers beyond 64 bits, exponents beyond f64, negative zero, spacing, key
+/// order, escapes, unpaired surrogate escapes, long strings, deep nesting within the bound.
+pub fn hard_payloads() -> Vec<String> {
+    let mut v: Vec<String> = [
+        r#"{"i":1,"big":123456789012345678901234567890}"#,
+        r#"[-123456789012345678901234567890,18446744073709551616,-9223372036854775809]"#,
+        r#"{"e":[1e400,-1e400,1e-400,1.7976931348623159e308,1E+2,0e0],"n":1.0e10}"#,
+        r#"[-0,-0.0,0.1234567890123456789012345678901234567890123456789]"#,
+        "{ \"b\" : 1 ,\t\"a\":[ 2 ,3 ]\n}",
+        r#""\u00e9\ud83d\ude00\/\b\f\n\r\t\"\\\u0000""#,
+        r#"{"cut inside an emoji":"\ud83d","low alone":"\udc00"}"#,
+        "\"é😀\"",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    v.push(format!(r#""{}""#, "\\u00e9x".repeat(3000)));
+    // 1024 levels in all for a WebSocket publish: its envelope takes two.
+    v.push(format!("{}{}", "[".repeat(1000), "]".repeat(1000)));
+    v
+}
+
 /// The body of a publish request, with the payload inserted as raw JSON text.
 pub fn publish_body(channel: &str, event: &str, payload_raw: &str) -> String {
     format!(
@@ -765,12 +805,12 @@ impl Ws {
     pub async fn next_response(&mut self) -> Value {
         loop {
             let t = self.recv_text().await;
-            let v: Value = serde_json::from_str(&t)
-                .unwrap_or_else(|e| panic!("server sent invalid JSON {t:?}: {e}"));
-            if v.get("method") == Some(&json!("broadcast")) && v.get("requestId").is_none() {
+            if is_broadcast(&t) {
                 self.pending.push_back(t);
                 continue;
             }
+            let v: Value = serde_json::from_str(&t)
+                .unwrap_or_else(|e| panic!("server sent invalid JSON {t:?}: {e}"));
             return v;
         }
     }
@@ -818,13 +858,7 @@ impl Ws {
             return t;
         }
         let t = self.recv_text().await;
-        let v: Value = serde_json::from_str(&t)
-            .unwrap_or_else(|e| panic!("server sent invalid JSON {t:?}: {e}"));
-        assert_eq!(
-            v.get("method"),
-            Some(&json!("broadcast")),
-            "expected a broadcast, got {t}"
-        );
+        assert!(is_broadcast(&t), "expected a broadcast, got {t}");
         t
     }
 
@@ -1386,28 +1420,41 @@ pub async fn http_post_key(addr: SocketAddr, path: &str, key: &str, body: &str) 
     .await
 }
 
-/// The value of a Prometheus metric in `text`: its unlabelled sample when there is one (the
-/// node total), otherwise the sum of its labelled samples (per shard).
+/// A `/metrics` answer read by a Prometheus text-format parser (the `prometheus-parse` crate).
+/// Panics on a line that is neither a comment, blank, nor a sample it could read, so a
+/// malformed exposition fails the test that scraped it.
+pub fn parse_metrics(text: &str) -> prometheus_parse::Scrape {
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
+        .expect("reading a string cannot fail");
+    let lines = text
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        .count();
+    let read: usize = scrape
+        .samples
+        .iter()
+        .map(|s| match &s.value {
+            prometheus_parse::Value::Histogram(buckets) => buckets.len(),
+            _ => 1,
+        })
+        .sum();
+    assert_eq!(read, lines, "lines the parser could not read in:\n{text}");
+    scrape
+}
+
+/// The sum of every sample named `name` (every shard's, or the one unlabelled sample of a
+/// node-wide metric); None when the exposition has none.
 pub fn metric_sum(text: &str, name: &str) -> Option<f64> {
-    let mut plain = None;
-    let mut labelled = None;
-    for line in text.lines() {
-        if line.starts_with('#') {
-            continue;
-        }
-        let Some(rest) = line.strip_prefix(name) else {
-            continue;
-        };
-        let value = || rest.trim().rsplit(' ').next()?.parse::<f64>().ok();
-        if rest.starts_with(' ') {
-            plain = value();
-        } else if rest.starts_with('{') {
-            if let Some(v) = value() {
-                *labelled.get_or_insert(0.0) += v;
-            }
-        }
-    }
-    plain.or(labelled)
+    use prometheus_parse::Value as V;
+    parse_metrics(text)
+        .samples
+        .iter()
+        .filter(|s| s.metric == name)
+        .filter_map(|s| match s.value {
+            V::Counter(v) | V::Gauge(v) | V::Untyped(v) => Some(v),
+            _ => None,
+        })
+        .reduce(|a, b| a + b)
 }
 
 /// Reads everything a std reader has (used for child pipes in the CLI tests).
