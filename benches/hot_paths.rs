@@ -4,7 +4,8 @@
 use broadcaster::channel::Channels;
 use broadcaster::config::Config;
 use broadcaster::connection::Conn;
-use broadcaster::shard::{Shard, Shared};
+use broadcaster::node::Node;
+use broadcaster::shard::Shard;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use std::hint::black_box;
 use std::sync::Arc;
@@ -76,7 +77,7 @@ fn fanout(c: &mut Criterion) {
     const SUBSCRIBERS: usize = 10_000;
     let mut config = Config::default();
     config.auth.jwt_secret = Some("bench".into());
-    let shard = Shard::new(0, Arc::new(Shared::new(config, 1).expect("shared state")));
+    let shard = Shard::new(0, Arc::new(Node::new(config, 1).expect("shared state")));
     let conns: Vec<_> = (0..SUBSCRIBERS)
         .map(|i| Conn::new(i as u64, 1 << 20))
         .collect();

@@ -1,8 +1,9 @@
 //! Client JWT verification into `Permissions`, API key checks, and token minting for the CLI.
 
+use crate::clock::unix_now;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 /// What a verified token allows. Built once per `auth`, read on every subscribe and publish.
 #[derive(Debug, Clone)]
@@ -126,13 +127,6 @@ pub fn mint(
         &EncodingKey::from_secret(secret.as_bytes()),
     )
     .map_err(|e| format!("cannot sign token: {e}"))
-}
-
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 /// Compares an offered API key with every configured one in time that does not depend on where

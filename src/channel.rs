@@ -1,6 +1,7 @@
 //! Owner-shard state of a channel: its offset, epoch, history, and which shards watch it.
 //! Only the owner shard (`hash(channel) % shards`) ever touches a `ChannelState`.
 
+use crate::constants::{SHARDS_MAX, WATCH_WORDS};
 use crate::protocol::{self, Since};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -81,7 +82,7 @@ pub struct ChannelState {
     epoch: Arc<str>,
     history: VecDeque<Arc<Publication>>,
     /// Bit per shard that has (or is about to have) subscribers: they get every publication.
-    watchers: [u64; 4],
+    watchers: [u64; WATCH_WORDS],
 }
 
 /// Every channel an owner shard sequences.
@@ -103,7 +104,7 @@ impl ChannelState {
             // A fresh epoch whenever the state is created: offsets restart, old ones mean nothing.
             epoch: format!("{:016x}", rand::random::<u64>()).into(),
             history: VecDeque::new(),
-            watchers: [0; 4],
+            watchers: [0; WATCH_WORDS],
         }
     }
 
@@ -163,7 +164,7 @@ impl Channels {
         id: String,
         create_time: String,
         accepted: Instant,
-    ) -> (Arc<Publication>, [u64; 4]) {
+    ) -> (Arc<Publication>, [u64; WATCH_WORDS]) {
         let size = self.history_size;
         let ttl = self.history_ttl;
         let state = self.state(channel);
@@ -186,7 +187,7 @@ impl Channels {
         }
         state.expire(accepted, ttl);
         let watchers = state.watchers;
-        if watchers == [0; 4] && state.history.is_empty() {
+        if watchers == [0; WATCH_WORDS] && state.history.is_empty() {
             self.states.remove(channel);
         }
         (publication, watchers)
@@ -264,8 +265,8 @@ impl Channels {
     }
 }
 
-pub fn shards_in(mask: &[u64; 4]) -> impl Iterator<Item = usize> + '_ {
-    (0..256).filter(move |s| {
+pub fn shards_in(mask: &[u64; WATCH_WORDS]) -> impl Iterator<Item = usize> + '_ {
+    (0..SHARDS_MAX).filter(move |s| {
         let (w, b) = bit(*s);
         mask[w] & b != 0
     })

@@ -12,9 +12,11 @@
 //! those shards once (one `Arc<Publication>`, encoded once per node).
 
 use crate::channel::{HistoryPage, Position, Publication};
+use crate::clock::{now_rfc3339, unix_ms};
+use crate::error::{Code, Error};
 use crate::metrics::BridgeMetrics;
-use crate::protocol::{self, Code, Error, PublishParams, Since};
-use crate::shard::{now_rfc3339, Ack, RingMsg};
+use crate::protocol::{PublishParams, Since};
+use crate::ring::{Ack, ShardMsg};
 use futures_channel::{mpsc, oneshot};
 use futures_util::StreamExt;
 use std::cell::RefCell;
@@ -22,7 +24,7 @@ use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 /// A Redis call slower than this counts as Redis being unreachable (SPEC 13.18 asks for
 /// `Unavailable` within 5 s).
@@ -122,24 +124,17 @@ fn keys(channel: &str) -> [String; 4] {
 }
 
 fn unavailable(what: &str) -> Error {
-    protocol::err(
+    crate::error::err(
         Code::Unavailable,
         format!("cluster broker unreachable ({what}); retry"),
     )
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// Starts the bridge thread. `shards` are the per-shard delivery channels.
 pub fn start(
     url: &str,
     node_id: String,
-    shards: Vec<mpsc::UnboundedSender<RingMsg>>,
+    shards: Vec<mpsc::UnboundedSender<ShardMsg>>,
     history_size: usize,
     history_ttl: Duration,
 ) -> Result<Bridge, String> {
@@ -186,7 +181,7 @@ pub fn start(
 struct State {
     client: redis::Client,
     node_id: String,
-    shards: Vec<mpsc::UnboundedSender<RingMsg>>,
+    shards: Vec<mpsc::UnboundedSender<ShardMsg>>,
     history_size: usize,
     history_ttl: Duration,
     metrics: Arc<BridgeMetrics>,
@@ -342,7 +337,7 @@ fn on_message(state: &State, msg: &redis::Msg) {
     let p = Arc::new(p);
     for (shard, n) in counts.iter().enumerate() {
         if *n > 0 {
-            let _ = state.shards[shard].unbounded_send(RingMsg::Deliver(p.clone()));
+            let _ = state.shards[shard].unbounded_send(ShardMsg::Deliver(p.clone()));
         }
     }
 }
@@ -427,7 +422,7 @@ async fn publish(state: &State, params: PublishParams, _accepted: Instant) -> Re
 }
 
 async fn watch(state: &State, shard: usize, token: u64, channel: Arc<str>, since: Option<Since>) {
-    let reply = |msg: RingMsg| {
+    let reply = |msg: ShardMsg| {
         let _ = state.shards[shard].unbounded_send(msg);
     };
     let first_on_node = {
@@ -461,10 +456,10 @@ async fn watch(state: &State, shard: usize, token: u64, channel: Arc<str>, since
         Err(unavailable("subscribe failed"))
     };
     match position {
-        Ok(position) => reply(RingMsg::Subscribed { token, position }),
+        Ok(position) => reply(ShardMsg::Subscribed { token, position }),
         Err(error) => {
             release(state, shard, &channel).await;
-            reply(RingMsg::SubscribeFailed { token, error });
+            reply(ShardMsg::SubscribeFailed { token, error });
         }
     }
 }

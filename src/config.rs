@@ -5,6 +5,7 @@
 //! merged table is deserialized, so a bad value is reported once, with the key's dotted path, no
 //! matter which layer it came from.
 
+use crate::constants::SHARDS_MAX;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -336,8 +337,8 @@ impl Config {
         if self.history.size > 100_000 {
             return bad("history.size", "at most 100000 publications per channel");
         }
-        if self.shards > 256 {
-            return bad("shards", "at most 256");
+        if self.shards > SHARDS_MAX {
+            return bad("shards", &format!("at most {SHARDS_MAX}"));
         }
         if self.auth.api_keys.iter().any(|k| k.is_empty()) {
             return bad("auth.api_keys", "an API key may not be empty");
@@ -372,7 +373,8 @@ impl Config {
         Ok(())
     }
 
-    /// Shards to start: the configured number, or one per CPU this process may run on.
+    /// Shards to start: the configured number, or one per CPU this process may run on (at most
+    /// `SHARDS_MAX`).
     pub fn shard_count(&self) -> usize {
         if self.shards > 0 {
             return self.shards;
@@ -380,6 +382,7 @@ impl Config {
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1)
+            .min(SHARDS_MAX)
     }
 }
 

@@ -7,13 +7,15 @@
 //! that is full, close frames) and the reader its own socket; each has its own waker. All state
 //! is `Cell`/`RefCell`, borrowed only inside synchronous helpers.
 
-use crate::auth::{unix_now, Permissions};
+use crate::auth::Permissions;
 use crate::channel::Publication;
-use crate::frame::{self, close, Decoder, Message};
+use crate::clock::{now_rfc3339, unix_now};
+use crate::error::{close, err, Code, Error};
+use crate::frame::{self, Decoder, Message};
+use crate::io::socket::{self as transport, Transport};
 use crate::metrics::ShardMetrics;
-use crate::protocol::{self, err, Code, Error, Method};
-use crate::shard::{now_rfc3339, Shard, Subscription};
-use crate::transport::{self, Transport};
+use crate::protocol::{self, Method};
+use crate::shard::{Shard, Subscription};
 use futures_lite::future;
 use std::cell::{Cell, RefCell};
 use std::future::poll_fn;
@@ -203,11 +205,7 @@ impl Conn {
 
     /// The close frame and everything before it are out: FIN, and the reader's linger starts.
     fn close_written(&self, fd: i32) {
-        // SAFETY: shutdown(2) on this connection's open socket (see `flush_now`); a failure
-        // (already reset) is harmless.
-        unsafe {
-            libc::shutdown(fd, libc::SHUT_WR);
-        }
+        crate::sys::shutdown_write(fd);
         self.close_sent.set(true);
         self.wake();
     }
@@ -281,7 +279,7 @@ impl Conn {
         // `fd` is this connection's open socket (`run` sets it to -1, and `dead`, before the
         // stream is dropped, and nothing else closes it).
         let bytes = unsafe { std::slice::from_raw_parts(ptr, len) };
-        let result = transport::send_now(fd, bytes);
+        let result = crate::sys::send_nonblocking(fd, bytes);
         self.flush_end(fd, result, arena, metrics, now);
     }
 
@@ -534,8 +532,8 @@ impl Flusher {
         let mut batch: Vec<Rc<Conn>> = Vec::new();
         // One io_uring submission per pass instead of a send() per socket: 4-13% less server
         // CPU per delivered message (A/B, fan-out and chat rows).
-        let mut ring = crate::sendring::SendRing::new();
-        let mut items: Vec<crate::sendring::Item> = Vec::new();
+        let mut ring = crate::io::send_batch::SendBatch::new();
+        let mut items: Vec<crate::io::send_batch::Item> = Vec::new();
         let mut owners: Vec<usize> = Vec::new();
         loop {
             poll_fn(|cx| {
@@ -569,8 +567,8 @@ impl Flusher {
         &self,
         batch: &[Rc<Conn>],
         arena: &[u8],
-        ring: &mut Option<crate::sendring::SendRing>,
-        items: &mut Vec<crate::sendring::Item>,
+        ring: &mut Option<crate::io::send_batch::SendBatch>,
+        items: &mut Vec<crate::io::send_batch::Item>,
         owners: &mut Vec<usize>,
         metrics: &ShardMetrics,
     ) {
@@ -809,10 +807,7 @@ async fn run_session(
     }
     shard.conns.borrow_mut().remove(&conn.id);
     ShardMetrics::gauge(&shard.metrics().connections_active, -1);
-    shard
-        .shared
-        .connections
-        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    shard.node.connection_ended();
     tracing::debug!(conn = conn.id, shard = shard.id, "websocket closed");
 }
 
@@ -1099,7 +1094,7 @@ async fn handle_request(
             body.push(b'}');
             conn.respond(id, Ok(&body));
         }
-        Method::Auth { token } => match shard.shared.verifier.verify(&token) {
+        Method::Auth { token } => match shard.node.verifier.verify(&token) {
             Err(e) => {
                 ShardMetrics::add(&shard.metrics().auth_failures_total, 1);
                 fail(shard, conn, id, &err(Code::Unauthenticated, e.0));
@@ -1222,7 +1217,7 @@ async fn handle_request(
 }
 
 /// `{"id","createTime","offset"}` of a publish result.
-pub fn ack_json(ack: &crate::shard::Ack) -> Vec<u8> {
+pub fn ack_json(ack: &crate::ring::Ack) -> Vec<u8> {
     let mut body = Vec::with_capacity(96);
     body.extend_from_slice(b"{\"id\":");
     protocol::write_json_string(&mut body, &ack.id);
@@ -1293,7 +1288,7 @@ mod tests {
 mod size_tests {
     use super::*;
     use crate::config::Config;
-    use crate::shard::Shared;
+    use crate::node::Node;
     use std::sync::Arc;
 
     /// The per-connection futures live as long as the connection: their size is idle memory.
@@ -1306,7 +1301,7 @@ mod size_tests {
         ex.run(async {
             let mut config = Config::default();
             config.auth.jwt_secret = Some("s".into());
-            let shard = Shard::new(0, Arc::new(Shared::new(config, 1).unwrap()));
+            let shard = Shard::new(0, Arc::new(Node::new(config, 1).unwrap()));
             let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             let connect = || {
                 let tcp = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();

@@ -3,46 +3,11 @@
 //! ours, which is written by hand for fan-out); the rules a server must
 //! enforce (masking, reserved bits, control frame limits, fragmentation, UTF-8) are here.
 
+use crate::error::close::{INVALID_DATA, PROTOCOL, TOO_BIG};
+use crate::error::Close;
 use std::io::Cursor;
 use tungstenite::protocol::frame::coding::{Control, Data, OpCode};
 use tungstenite::protocol::frame::FrameHeader;
-
-/// Close codes this server sends. Each says what the client should do next.
-pub mod close {
-    /// Normal closure: the client asked to close, or unsubscribed and left.
-    pub const NORMAL: u16 = 1000;
-    /// Server shutting down: reconnect (to another node) with `since` to recover.
-    pub const GOING_AWAY: u16 = 1001;
-    /// The client broke RFC 6455 (unmasked frame, reserved bits, bad opcode): fix the client.
-    pub const PROTOCOL: u16 = 1002;
-    /// Text that is not UTF-8: fix the client.
-    pub const INVALID_DATA: u16 = 1007;
-    /// Policy violation (origin, abuse).
-    pub const POLICY: u16 = 1008;
-    /// Message larger than `max_frame_bytes`: send smaller messages.
-    pub const TOO_BIG: u16 = 1009;
-    /// Not authenticated within `auth_timeout`: send `auth` first.
-    pub const AUTH_TIMEOUT: u16 = 4001;
-    /// Token expired: get a fresh token, reconnect, and resubscribe with `since`.
-    pub const TOKEN_EXPIRED: u16 = 4002;
-    /// Slow consumer (send queue over `outbound_buffer_bytes`): reconnect with `since`.
-    pub const SLOW_CONSUMER: u16 = 4003;
-    /// Far over the request rate: back off before reconnecting.
-    pub const TOO_MANY_REQUESTS: u16 = 4004;
-    /// Silent past twice the ping interval: reconnect with `since`.
-    pub const PING_TIMEOUT: u16 = 4005;
-}
-
-/// The peer broke the protocol; the connection must be closed with `code`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Violation {
-    pub code: u16,
-    pub reason: &'static str,
-}
-
-const fn violation(code: u16, reason: &'static str) -> Violation {
-    Violation { code, reason }
-}
 
 /// One complete message from the client.
 #[derive(Debug, PartialEq, Eq)]
@@ -86,7 +51,7 @@ impl Decoder {
     pub fn decode<'a>(
         &'a mut self,
         buf: &'a mut [u8],
-    ) -> Result<Option<(Option<Message<'a>>, usize)>, Violation> {
+    ) -> Result<Option<(Option<Message<'a>>, usize)>, Close> {
         if !self.assembled.is_empty() {
             self.assembled = Vec::new();
         }
@@ -94,23 +59,26 @@ impl Decoder {
         let (header, length) = match FrameHeader::parse(&mut cursor) {
             Ok(Some(h)) => h,
             Ok(None) => return Ok(None),
-            Err(_) => return Err(violation(1002, "reserved opcode")),
+            Err(_) => return Err(Close::new(PROTOCOL, "reserved opcode")),
         };
         if header.rsv1 || header.rsv2 || header.rsv3 {
-            return Err(violation(1002, "reserved bits set without an extension"));
+            return Err(Close::new(
+                PROTOCOL,
+                "reserved bits set without an extension",
+            ));
         }
         let Some(mask) = header.mask else {
-            return Err(violation(1002, "client frames must be masked"));
+            return Err(Close::new(PROTOCOL, "client frames must be masked"));
         };
         let is_control = matches!(header.opcode, OpCode::Control(_));
         if is_control && (length > 125 || !header.is_final) {
-            return Err(violation(
-                1002,
+            return Err(Close::new(
+                PROTOCOL,
                 "control frames are at most 125 bytes, unfragmented",
             ));
         }
         if length > self.max_message_bytes as u64 {
-            return Err(violation(1009, "message larger than max_frame_bytes"));
+            return Err(Close::new(TOO_BIG, "message larger than max_frame_bytes"));
         }
         let start = cursor.position() as usize;
         let end = start + length as usize;
@@ -125,14 +93,14 @@ impl Decoder {
             OpCode::Control(Control::Pong) => Some(Message::Pong),
             OpCode::Control(Control::Close) => Some(Message::Close(parse_close(payload)?)),
             OpCode::Control(Control::Reserved(_)) | OpCode::Data(Data::Reserved(_)) => {
-                return Err(violation(1002, "reserved opcode"))
+                return Err(Close::new(PROTOCOL, "reserved opcode"))
             }
             OpCode::Data(Data::Continue) => {
                 let Some((text, mut data)) = self.fragments.take() else {
-                    return Err(violation(1002, "continuation frame without a message"));
+                    return Err(Close::new(PROTOCOL, "continuation frame without a message"));
                 };
                 if data.len() + payload.len() > self.max_message_bytes {
-                    return Err(violation(1009, "message larger than max_frame_bytes"));
+                    return Err(Close::new(TOO_BIG, "message larger than max_frame_bytes"));
                 }
                 data.extend_from_slice(payload);
                 if header.is_final {
@@ -145,8 +113,8 @@ impl Decoder {
             }
             OpCode::Data(kind) => {
                 if self.fragments.is_some() {
-                    return Err(violation(
-                        1002,
+                    return Err(Close::new(
+                        PROTOCOL,
                         "new message before the fragmented one ended",
                     ));
                 }
@@ -163,29 +131,29 @@ impl Decoder {
     }
 }
 
-fn complete(text: bool, data: &[u8]) -> Result<Message<'_>, Violation> {
+fn complete(text: bool, data: &[u8]) -> Result<Message<'_>, Close> {
     if !text {
         return Ok(Message::Binary(data));
     }
     match simdutf8::basic::from_utf8(data) {
         Ok(_) => Ok(Message::Text(data)),
-        Err(_) => Err(violation(1007, "text message is not valid UTF-8")),
+        Err(_) => Err(Close::new(INVALID_DATA, "text message is not valid UTF-8")),
     }
 }
 
-fn parse_close(payload: &[u8]) -> Result<Option<u16>, Violation> {
+fn parse_close(payload: &[u8]) -> Result<Option<u16>, Close> {
     match payload.len() {
         0 => Ok(None),
-        1 => Err(violation(1002, "close payload of one byte")),
+        1 => Err(Close::new(PROTOCOL, "close payload of one byte")),
         _ => {
             let code = u16::from_be_bytes([payload[0], payload[1]]);
             // RFC 6455 7.4: codes a peer may send. 1004-1006 and 1015 are reserved.
             let allowed = matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999);
             if !allowed {
-                return Err(violation(1002, "invalid close code"));
+                return Err(Close::new(PROTOCOL, "invalid close code"));
             }
             if simdutf8::basic::from_utf8(&payload[2..]).is_err() {
-                return Err(violation(1007, "close reason is not valid UTF-8"));
+                return Err(Close::new(INVALID_DATA, "close reason is not valid UTF-8"));
             }
             Ok(Some(code))
         }
@@ -318,7 +286,7 @@ mod tests {
         out
     }
 
-    fn decode_all(d: &mut Decoder, bytes: &[u8]) -> Result<Vec<String>, Violation> {
+    fn decode_all(d: &mut Decoder, bytes: &[u8]) -> Result<Vec<String>, Close> {
         let mut buf = bytes.to_vec();
         let mut out = Vec::new();
         let mut pos = 0;

@@ -6,7 +6,7 @@
 //! per-shard figure is exposed once per shard with a `shard` label and never as a node total
 //! beside it, so `sum(connections_active)` in Prometheus is the truth.
 
-use crate::protocol::Code;
+use crate::error::Code;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
 use prometheus_client::metrics::counter::ConstCounter;

@@ -6,78 +6,10 @@
 //! scanner finds their byte spans in the original text, which simd-json has already proven to be
 //! valid JSON.
 
+use crate::error::{err, Code, Error};
 use crate::json;
 use simd_json::prelude::*;
 use simd_json::BorrowedValue;
-
-/// Error codes of SPEC section 4 (gRPC names).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Code {
-    InvalidArgument,
-    NotFound,
-    AlreadyExists,
-    FailedPrecondition,
-    PermissionDenied,
-    Unauthenticated,
-    ResourceExhausted,
-    Unavailable,
-    Internal,
-}
-
-impl Code {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Code::InvalidArgument => "InvalidArgument",
-            Code::NotFound => "NotFound",
-            Code::AlreadyExists => "AlreadyExists",
-            Code::FailedPrecondition => "FailedPrecondition",
-            Code::PermissionDenied => "PermissionDenied",
-            Code::Unauthenticated => "Unauthenticated",
-            Code::ResourceExhausted => "ResourceExhausted",
-            Code::Unavailable => "Unavailable",
-            Code::Internal => "Internal",
-        }
-    }
-
-    /// The HTTP status REST answers with (SPEC section 3).
-    pub fn http_status(self) -> u16 {
-        match self {
-            Code::InvalidArgument => 400,
-            Code::Unauthenticated => 401,
-            Code::PermissionDenied => 403,
-            Code::NotFound => 404,
-            Code::AlreadyExists | Code::FailedPrecondition => 409,
-            Code::ResourceExhausted => 413,
-            Code::Unavailable => 503,
-            Code::Internal => 500,
-        }
-    }
-
-    pub const ALL: [Code; 9] = [
-        Code::InvalidArgument,
-        Code::NotFound,
-        Code::AlreadyExists,
-        Code::FailedPrecondition,
-        Code::PermissionDenied,
-        Code::Unauthenticated,
-        Code::ResourceExhausted,
-        Code::Unavailable,
-        Code::Internal,
-    ];
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Error {
-    pub code: Code,
-    pub message: String,
-}
-
-pub fn err(code: Code, message: impl Into<String>) -> Error {
-    Error {
-        code,
-        message: message.into(),
-    }
-}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Since {

@@ -3,10 +3,11 @@
 use crate::auth;
 use crate::config::Config;
 use crate::connection;
-use crate::shard::{RingMsg, Shard, Shared, Watched};
-use crate::transport;
+use crate::io::listener::Listener;
+use crate::node::Node;
+use crate::ring::Ends;
+use crate::shard::{Shard, Watched};
 use crate::web::{self, Role};
-use glommio::channels::shared_channel::{self, SharedReceiver, SharedSender};
 use glommio::{LocalExecutorBuilder, Placement};
 use std::io::Write;
 use std::net::SocketAddr;
@@ -18,20 +19,9 @@ use std::time::{Duration, Instant};
 /// io_uring submission queue entries per ring (see `start`).
 const RING_DEPTH: usize = 4096;
 
-/// Publications in flight between one pair of shards before the sender's pump waits. Deep
-/// enough to absorb a burst without waking the pump, small enough to bound memory.
-const RING_CAPACITY: usize = 4096;
 /// How often a shard looks at the shutdown flag and sweeps idle channels.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(50);
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
-
-/// Both ends of every ring, handed to the shard that will connect them.
-struct Ends {
-    to: Vec<Option<SharedSender<RingMsg>>>,
-    from: Vec<Option<SharedReceiver<RingMsg>>>,
-    /// Cluster mode: answers and publications from the Redis bridge.
-    bridge: Option<futures_channel::mpsc::UnboundedReceiver<RingMsg>>,
-}
 
 /// Runs the server until SIGINT or SIGTERM has drained it. Prints the listening lines on stdout
 /// once every shard is ready.
@@ -40,51 +30,27 @@ pub fn run(mut config: Config) -> Result<(), String> {
     crate::preflight::check_io_uring()?;
     let shards = config.shard_count();
     let dev = config.dev_mode.then(|| dev_mode_setup(&mut config));
-    let mut shared = Shared::new(config, shards)?;
-    let mut bridge_inboxes: Vec<_> = (0..shards).map(|_| None).collect();
-    if let Some(url) = shared.config.redis.url.clone() {
-        let mut senders = Vec::new();
-        for inbox in bridge_inboxes.iter_mut() {
-            let (tx, rx) = futures_channel::mpsc::unbounded();
-            senders.push(tx);
-            *inbox = Some(rx);
-        }
-        let history = &shared.config.history;
+    let mut node = Node::new(config, shards)?;
+    let (ends, to_shards) = crate::ring::mesh(shards, node.config.redis.url.is_some());
+    if let Some(url) = node.config.redis.url.clone() {
+        let history = &node.config.history;
         let bridge = crate::cluster::start(
             &url,
-            shared.node_id.clone(),
-            senders,
+            node.node_id.clone(),
+            to_shards,
             history.size,
             history.ttl,
         )?;
-        shared.exposition.add_bridge(bridge.metrics.clone());
-        shared.bridge = Some(bridge);
+        node.exposition.add_bridge(bridge.metrics.clone());
+        node.bridge = Some(bridge);
     }
-    let shared = Arc::new(shared);
-
-    let mut ends: Vec<Ends> = (0..shards)
-        .zip(bridge_inboxes)
-        .map(|(_, bridge)| Ends {
-            to: (0..shards).map(|_| None).collect(),
-            from: (0..shards).map(|_| None).collect(),
-            bridge,
-        })
-        .collect();
-    for a in 0..shards {
-        for b in 0..shards {
-            if a != b {
-                let (tx, rx) = shared_channel::new_bounded(RING_CAPACITY);
-                ends[a].to[b] = Some(tx);
-                ends[b].from[a] = Some(rx);
-            }
-        }
-    }
+    let node = Arc::new(node);
 
     let cpus = allowed_cpus();
-    let mut listen = (shared.config.listen, shared.config.admin_listen);
+    let mut listen = (node.config.listen, node.config.admin_listen);
     let mut started = Vec::new();
     for (id, ends) in ends.into_iter().enumerate() {
-        let shared = shared.clone();
+        let node = node.clone();
         // One channel per shard, its sender held by the shard alone: a shard that ends before
         // it is ready (glommio could not build its executor) drops it, and the wait below
         // reports why instead of waiting forever.
@@ -102,7 +68,7 @@ pub fn run(mut config: Config) -> Result<(), String> {
             // cancel walked ~600 polls and took 11% of the server's CPU in the chat benchmark.
             // 4,096 entries give the most, 256 buckets.
             .ring_depth(RING_DEPTH)
-            .spawn(move || shard_main(id, shared, ends, addrs, ready))
+            .spawn(move || shard_main(id, node, ends, addrs, ready))
             .map_err(|e| format!("cannot start shard {id}: {e}"))?;
         // Shard 0 resolves port 0; the others bind the port it got (SO_REUSEPORT).
         if id == 0 {
@@ -133,7 +99,7 @@ pub fn run(mut config: Config) -> Result<(), String> {
     }
     tracing::info!(shards, public = %listen.0, admin = ?listen.1, "serving");
 
-    let signals = shared.clone();
+    let signals = node.clone();
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || wait_for_signal(&signals))
@@ -163,7 +129,7 @@ pub fn exit_on_panic() {
     }));
 }
 
-fn wait_for_signal(shared: &Shared) {
+fn wait_for_signal(node: &Node) {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM]) else {
         tracing::error!("cannot install signal handlers; stop with SIGKILL");
@@ -171,7 +137,7 @@ fn wait_for_signal(shared: &Shared) {
     };
     if let Some(sig) = signals.forever().next() {
         tracing::info!(signal = sig, "shutting down");
-        shared.shutting_down.store(true, Relaxed);
+        node.shutting_down.store(true, Relaxed);
     }
 }
 
@@ -202,13 +168,13 @@ fn wait_ready(
 
 async fn shard_main(
     id: usize,
-    shared: Arc<Shared>,
+    node: Arc<Node>,
     ends: Ends,
     (listen, admin_listen): (SocketAddr, Option<SocketAddr>),
     ready: Ready,
 ) {
     let bind = |addr: SocketAddr| {
-        transport::Listener::bind(addr)
+        Listener::bind(addr)
             .map(Rc::new)
             .map_err(|e| format!("cannot listen on {addr}: {e}"))
     };
@@ -230,10 +196,10 @@ async fn shard_main(
         public.local_addr().unwrap_or(listen),
         admin.as_ref().and_then(|a| a.local_addr().ok()),
     );
-    let shard = Shard::new(id, shared.clone());
+    let shard = Shard::new(id, node.clone());
     // Every plain socket waits in the shard's epoll set, the listeners too. Their poller ids
     // count down from the top; connection ids count up from 0.
-    let listeners: Vec<(u64, Rc<transport::Listener>)> = std::iter::once(public.clone())
+    let listeners: Vec<(u64, Rc<Listener>)> = std::iter::once(public.clone())
         .chain(admin.clone())
         .enumerate()
         .map(|(i, l)| (u64::MAX - i as u64, l))
@@ -266,7 +232,7 @@ async fn shard_main(
         )
         .detach()
     };
-    connect_rings(&shard, ends);
+    shard.connect_rings(ends);
     let _ = ready.send(Ok(addrs));
 
     let public_task = glommio::spawn_local(web::accept_loop(
@@ -281,7 +247,7 @@ async fn shard_main(
         .map(|a| glommio::spawn_local(web::accept_loop(shard.clone(), a, Role::Admin)).detach());
 
     let mut last_sweep = Instant::now();
-    while !shared.shutting_down.load(Relaxed) {
+    while !node.shutting_down.load(Relaxed) {
         glommio::timer::sleep(HOUSEKEEPING_INTERVAL).await;
         if last_sweep.elapsed() >= SWEEP_INTERVAL {
             shard.sweep();
@@ -292,7 +258,7 @@ async fn shard_main(
     // Drain: /health answers 503, upgrades and publishes are refused, every client gets 1001,
     // and queued messages get up to shutdown_grace to leave.
     connection::close_all(&shard);
-    let deadline = Instant::now() + shared.config.shutdown_grace;
+    let deadline = Instant::now() + node.config.shutdown_grace;
     while !shard.conns.borrow().is_empty() && Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(20)).await;
     }
@@ -308,59 +274,9 @@ async fn shard_main(
     }
 }
 
-/// Connects this shard's ends of the rings: a pump per destination, a reader per source.
-fn connect_rings(shard: &Rc<Shard>, ends: Ends) {
-    for (peer, tx) in ends.to.into_iter().enumerate() {
-        let Some(tx) = tx else { continue };
-        let outbox = shard.set_outbox(peer);
-        glommio::spawn_local(async move {
-            let ring = tx.connect().await;
-            while let Some(msg) = outbox.recv().await {
-                if ring.send(msg).await.is_err() {
-                    break;
-                }
-            }
-        })
-        .detach();
-    }
-    if let Some(mut inbox) = ends.bridge {
-        let shard = shard.clone();
-        glommio::spawn_local(async move {
-            use futures_util::StreamExt;
-            while let Some(msg) = inbox.next().await {
-                shard.on_ring(msg);
-                glommio::yield_if_needed().await;
-            }
-        })
-        .detach();
-    }
-    for rx in ends.from.into_iter().flatten() {
-        let shard = shard.clone();
-        glommio::spawn_local(async move {
-            let ring = rx.connect().await;
-            while let Some(msg) = ring.recv().await {
-                shard.on_ring(msg);
-                glommio::yield_if_needed().await;
-            }
-        })
-        .detach();
-    }
-}
-
 /// CPUs this process may run on, in order; shards are pinned to them round robin.
 fn allowed_cpus() -> Vec<usize> {
-    // SAFETY: sched_getaffinity fills the zeroed set we own.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    let ok =
-        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) }
-            == 0;
-    let cpus: Vec<usize> = if ok {
-        (0..libc::CPU_SETSIZE as usize)
-            .filter(|c| unsafe { libc::CPU_ISSET(*c, &set) })
-            .collect()
-    } else {
-        Vec::new()
-    };
+    let cpus = crate::sys::allowed_cpus();
     if cpus.is_empty() {
         vec![0]
     } else {

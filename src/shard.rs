@@ -4,150 +4,26 @@
 //! only inside the small synchronous methods below, never across an `.await`, so a borrow can
 //! never be observed by another task of the same shard.
 
-use crate::auth::Verifier;
 use crate::channel::{self, Channels, HistoryPage, Position, Publication};
 use crate::config::Config;
 use crate::connection::{Conn, Flusher};
+use crate::error::{Code, Error};
+use crate::io::listener::Listener;
+use crate::io::poller::Poller;
+use crate::io::socket::HttpSock;
+use crate::io::timers::Timers;
 use crate::metrics::ShardMetrics;
-use crate::poller::{Poller, Timers};
-use crate::protocol::{self, Code, Error, PublishParams, Since};
-use crate::transport::{HttpSock, Listener};
+use crate::node::Node;
+use crate::protocol::{PublishParams, Since};
+use crate::ring::{Ack, Ends, Outboxes, ShardMsg, Submitted};
+use crate::route::{route, Route};
 use futures_channel::oneshot;
-use glommio::channels::local_channel::{self, LocalSender};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicUsize};
+
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
-
-/// What every shard shares: read-only configuration and node-wide atomics. Nothing here is on the
-/// per-message path except the metrics, which each shard writes only in its own slot.
-pub struct Shared {
-    pub config: Config,
-    pub verifier: Verifier,
-    pub node_id: String,
-    pub shards: usize,
-    /// Open WebSocket connections of the node, for `max_connections` (SPEC 13.17).
-    pub connections: AtomicUsize,
-    pub shutting_down: AtomicBool,
-    /// One slot per shard, written only by its shard.
-    pub metrics: Arc<[ShardMetrics]>,
-    /// What `/metrics` renders: the slots above, process figures, build info, the bridge.
-    pub exposition: crate::metrics::Exposition,
-    /// Set when `tls.cert_file` and `tls.key_file` are: every listener speaks TLS.
-    pub tls: Option<Arc<rustls::ServerConfig>>,
-    /// Cluster mode: offsets, history and delivery between nodes go through Redis.
-    pub bridge: Option<crate::cluster::Bridge>,
-}
-
-impl Shared {
-    /// Shared state for `shards` shards. The JWT secret must already be set (dev mode sets one).
-    pub fn new(config: Config, shards: usize) -> Result<Shared, String> {
-        let secret = config.auth.jwt_secret.clone().unwrap_or_default();
-        let tls = match (&config.tls.cert_file, &config.tls.key_file) {
-            (Some(cert), Some(key)) => Some(crate::transport::server_config(cert, key)?),
-            _ => None,
-        };
-        let metrics: Arc<[ShardMetrics]> = (0..shards).map(|_| ShardMetrics::default()).collect();
-        Ok(Shared {
-            tls,
-            exposition: crate::metrics::Exposition::new(metrics.clone()),
-            metrics,
-            bridge: None,
-            verifier: Verifier::new(&secret, config.auth.leeway),
-            node_id: format!("{:08x}", rand::random::<u32>()),
-            shards,
-            connections: AtomicUsize::new(0),
-            shutting_down: AtomicBool::new(false),
-            config,
-        })
-    }
-}
-
-/// Publication acknowledgement, as `publish` returns it.
-#[derive(Debug, Clone)]
-pub struct Ack {
-    pub id: Box<str>,
-    pub create_time: Box<str>,
-    pub offset: u64,
-}
-
-/// A publication on its way to its owner (or Redis); `wait` gives its acknowledgement.
-pub enum Submitted {
-    Done(Result<Ack, Error>),
-    Ring(oneshot::Receiver<Ack>),
-    Bridge(oneshot::Receiver<Result<Ack, Error>>),
-}
-
-impl Submitted {
-    pub async fn wait(self) -> Result<Ack, Error> {
-        match self {
-            Submitted::Done(r) => r,
-            Submitted::Ring(rx) => rx
-                .await
-                .map_err(|_| protocol::err(Code::Unavailable, "owner shard stopped")),
-            Submitted::Bridge(rx) => rx
-                .await
-                .map_err(|_| protocol::err(Code::Unavailable, "cluster bridge stopped"))?,
-        }
-    }
-}
-
-/// Messages between shards, carried by the rings. Only `Send` data: `Arc`s and owned values.
-pub enum RingMsg {
-    Publish {
-        token: u64,
-        from: usize,
-        params: PublishParams,
-        accepted: Instant,
-    },
-    Published {
-        token: u64,
-        ack: Ack,
-    },
-    Subscribe {
-        token: u64,
-        from: usize,
-        channel: Arc<str>,
-        since: Option<Since>,
-    },
-    Subscribed {
-        token: u64,
-        position: Position,
-    },
-    /// Cluster mode: the subscription could not be set up (Redis unreachable).
-    SubscribeFailed {
-        token: u64,
-        error: Error,
-    },
-    Unwatch {
-        from: usize,
-        channel: Arc<str>,
-    },
-    Deliver(Arc<Publication>),
-    History {
-        token: u64,
-        from: usize,
-        channel: String,
-        limit: usize,
-    },
-    HistoryIs {
-        token: u64,
-        items: Vec<Arc<Publication>>,
-        offset: u64,
-        epoch: String,
-    },
-    Channels {
-        token: u64,
-        from: usize,
-    },
-    ChannelsAre {
-        token: u64,
-        counts: Vec<(Arc<str>, usize)>,
-    },
-}
+use std::time::Instant;
 
 /// A request waiting for another shard's answer.
 enum Pending {
@@ -211,11 +87,11 @@ const HELD_MAX: usize = 4096;
 
 pub struct Shard {
     pub id: usize,
-    pub shared: Arc<Shared>,
+    pub node: Arc<Node>,
     /// Per destination shard: a local queue drained into the ring by a pump task, so that
     /// handling a ring message never waits on another full ring (which could deadlock two
     /// shards sending to each other).
-    outboxes: RefCell<Vec<Option<LocalSender<RingMsg>>>>,
+    outboxes: Outboxes,
     owned: RefCell<Channels>,
     local: RefCell<HashMap<Arc<str>, Local>>,
     pending: RefCell<HashMap<u64, Pending>>,
@@ -244,40 +120,12 @@ pub enum Watched {
 /// once the subscription holding the pointer has arrived).
 const PREFETCH_AHEAD: usize = 4;
 
-/// Hints the CPU to load `lines` cache lines of the `Rc` allocation whose value is at `value`
-/// (its counts sit 16 bytes before it).
-#[inline(always)]
-fn prefetch<T>(value: *const T, lines: usize) {
-    #[cfg(target_arch = "x86_64")]
-    for i in 0..lines {
-        let p = (value as *const i8).wrapping_sub(16).wrapping_add(i * 64);
-        // SAFETY: a prefetch is only a hint: it never faults, whatever the address.
-        unsafe {
-            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p);
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (value, lines);
-}
-
-/// Which shard sequences `channel`. Stable across runs and shards (SipHash with fixed keys).
-pub fn owner_of(channel: &str, shards: usize) -> usize {
-    #[allow(deprecated)]
-    let mut h = std::hash::SipHasher::new_with_keys(0x6272_6f61, 0x6463_6173);
-    channel.hash(&mut h);
-    (h.finish() % shards as u64) as usize
-}
-
-pub fn now_rfc3339() -> String {
-    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
-}
-
 impl Shard {
-    pub fn new(id: usize, shared: Arc<Shared>) -> Rc<Shard> {
-        let history = shared.config.history.clone();
+    pub fn new(id: usize, node: Arc<Node>) -> Rc<Shard> {
+        let history = node.config.history.clone();
         Rc::new(Shard {
             id,
-            outboxes: RefCell::new((0..shared.shards).map(|_| None).collect()),
+            outboxes: Outboxes::new(node.shards),
             owned: RefCell::new(Channels::new(history.size, history.ttl)),
             local: RefCell::new(HashMap::new()),
             pending: RefCell::new(HashMap::new()),
@@ -290,7 +138,7 @@ impl Shard {
             poller: Poller::new(),
             timers: Timers::default(),
             watched: RefCell::new(HashMap::new()),
-            shared,
+            node,
         })
     }
 
@@ -330,26 +178,22 @@ impl Shard {
     }
 
     pub fn metrics(&self) -> &ShardMetrics {
-        &self.shared.metrics[self.id]
+        &self.node.metrics[self.id]
     }
 
     pub fn config(&self) -> &Config {
-        &self.shared.config
+        &self.node.config
     }
 
-    /// Connects this shard's outbox to `peer`'s ring. Called once per peer at start.
-    pub fn set_outbox(&self, peer: usize) -> local_channel::LocalReceiver<RingMsg> {
-        let (tx, rx) = local_channel::new_unbounded();
-        self.outboxes.borrow_mut()[peer] = Some(tx);
-        rx
-    }
-
-    fn send(&self, peer: usize, msg: RingMsg) {
+    fn send(&self, peer: usize, msg: ShardMsg) {
         debug_assert_ne!(peer, self.id, "local work takes the fast path");
-        if let Some(tx) = &self.outboxes.borrow()[peer] {
-            // Unbounded and local: fails only after the pump has gone (shutdown).
-            let _ = tx.try_send(msg);
-        }
+        self.outboxes.send(peer, msg);
+    }
+
+    /// Connects this shard's ends of the rings; messages are handled by `on_ring`.
+    pub fn connect_rings(self: &Rc<Self>, ends: Ends) {
+        let shard = self.clone();
+        crate::ring::connect(&self.outboxes, ends, Rc::new(move |msg| shard.on_ring(msg)));
     }
 
     fn token(&self) -> u64 {
@@ -361,7 +205,7 @@ impl Shard {
     pub fn new_conn_id(&self) -> u64 {
         let n = self.next_conn.get();
         self.next_conn.set(n + 1);
-        (n << 8) | self.id as u64
+        (n << crate::constants::SHARD_ID_BITS) | self.id as u64
     }
 
     // ---- publish ----
@@ -374,37 +218,33 @@ impl Shard {
     /// Sends a publication on its way without waiting: publications submitted one after another
     /// from one shard keep their order, so `/broadcast` submits all, then waits for all.
     pub fn submit(self: &Rc<Self>, params: PublishParams) -> Submitted {
-        if self
-            .shared
-            .shutting_down
-            .load(std::sync::atomic::Ordering::Relaxed)
-        {
-            return Submitted::Done(Err(protocol::err(
+        if self.node.is_shutting_down() {
+            return Submitted::Done(Err(crate::error::err(
                 Code::Unavailable,
                 "server is shutting down",
             )));
         }
         ShardMetrics::add(&self.metrics().messages_received_total, 1);
         let accepted = Instant::now();
-        if let Some(bridge) = &self.shared.bridge {
-            if !bridge.is_up() {
-                return Submitted::Done(Err(protocol::err(
-                    Code::Unavailable,
-                    "cluster broker unreachable; retry",
-                )));
+        let owner = match route(&self.node, self.id, &params.channel) {
+            Route::Local => return Submitted::Done(Ok(self.owner_publish(&params, accepted))),
+            Route::Peer(owner) => owner,
+            Route::Redis(bridge) => {
+                if !bridge.is_up() {
+                    return Submitted::Done(Err(crate::error::err(
+                        Code::Unavailable,
+                        "cluster broker unreachable; retry",
+                    )));
+                }
+                let (reply, rx) = oneshot::channel();
+                bridge.send(crate::cluster::Request::Publish {
+                    params,
+                    accepted,
+                    reply,
+                });
+                return Submitted::Bridge(rx);
             }
-            let (reply, rx) = oneshot::channel();
-            bridge.send(crate::cluster::Request::Publish {
-                params,
-                accepted,
-                reply,
-            });
-            return Submitted::Bridge(rx);
-        }
-        let owner = owner_of(&params.channel, self.shared.shards);
-        if owner == self.id {
-            return Submitted::Done(Ok(self.owner_publish(&params, accepted)));
-        }
+        };
         let (tx, rx) = oneshot::channel();
         let token = self.token();
         self.pending
@@ -412,7 +252,7 @@ impl Shard {
             .insert(token, Pending::Publish(tx));
         self.send(
             owner,
-            RingMsg::Publish {
+            ShardMsg::Publish {
                 token,
                 from: self.id,
                 params,
@@ -425,20 +265,20 @@ impl Shard {
     fn owner_publish(&self, p: &PublishParams, accepted: Instant) -> Ack {
         let n = self.next_publication.get() + 1;
         self.next_publication.set(n);
-        let id = format!("{}-{}-{}", self.shared.node_id, self.id, n);
+        let id = format!("{}-{}-{}", self.node.node_id, self.id, n);
         let (publication, watchers) = self.owned.borrow_mut().publish(
             &p.channel,
             &p.event,
             &p.payload,
             id,
-            now_rfc3339(),
+            crate::clock::now_rfc3339(),
             accepted,
         );
         for shard in channel::shards_in(&watchers) {
             if shard == self.id {
                 self.deliver(&publication);
             } else {
-                self.send(shard, RingMsg::Deliver(publication.clone()));
+                self.send(shard, ShardMsg::Deliver(publication.clone()));
             }
         }
         Ack {
@@ -466,10 +306,10 @@ impl Shard {
             // next publication (the kernel's sends in between evict them): start loading the
             // ones a few steps ahead so their misses overlap instead of coming one by one.
             if let Some(ahead) = subs.get(i + PREFETCH_AHEAD) {
-                prefetch(Rc::as_ptr(ahead), 2);
+                crate::sys::prefetch(Rc::as_ptr(ahead), 2);
             }
             if let Some(ahead) = subs.get(i + PREFETCH_AHEAD / 2) {
-                prefetch(Rc::as_ptr(&ahead.conn), 4);
+                crate::sys::prefetch(Rc::as_ptr(&ahead.conn), 4);
             }
             debug_assert!(Rc::ptr_eq(&local.subs[sub.slot.get()], sub));
             let start = sub.start_offset.get();
@@ -522,40 +362,44 @@ impl Shard {
         if let Some(l) = self.local.borrow_mut().get_mut(&channel) {
             l.pending += 1;
         }
-        let owner = owner_of(&channel, self.shared.shards);
         let pending = Pending::Subscribe {
             conn: conn.clone(),
             request_id: request_id.map(<[u8]>::to_vec),
             channel: channel.clone(),
             done,
         };
-        if let Some(bridge) = &self.shared.bridge {
-            let token = self.token();
-            self.pending.borrow_mut().insert(token, pending);
-            bridge.send(crate::cluster::Request::Watch {
-                shard: self.id,
-                token,
-                channel,
-                since,
-            });
-        } else if owner == self.id {
-            let position = self
-                .owned
-                .borrow_mut()
-                .subscribe(self.id, &channel, since.as_ref());
-            self.finish_subscribe(pending, position);
-        } else {
-            let token = self.token();
-            self.pending.borrow_mut().insert(token, pending);
-            self.send(
-                owner,
-                RingMsg::Subscribe {
+        match route(&self.node, self.id, &channel) {
+            Route::Local => {
+                let position = self
+                    .owned
+                    .borrow_mut()
+                    .subscribe(self.id, &channel, since.as_ref());
+                self.finish_subscribe(pending, position);
+            }
+            Route::Peer(owner) => {
+                let token = self.token();
+                self.pending.borrow_mut().insert(token, pending);
+                let from = self.id;
+                let msg = ShardMsg::Subscribe {
                     token,
-                    from: self.id,
+                    from,
                     channel,
                     since,
-                },
-            );
+                };
+                self.send(owner, msg);
+            }
+            Route::Redis(bridge) => {
+                let token = self.token();
+                self.pending.borrow_mut().insert(token, pending);
+                let shard = self.id;
+                let request = crate::cluster::Request::Watch {
+                    shard,
+                    token,
+                    channel,
+                    since,
+                };
+                bridge.send(request);
+            }
         }
         rx
     }
@@ -613,11 +457,11 @@ impl Shard {
         body.extend_from_slice(b"{\"subscriptionId\":\"");
         body.extend_from_slice(format!("{}-{}", self.id, n).as_bytes());
         body.extend_from_slice(b"\",\"timestamp\":");
-        protocol::write_json_string(&mut body, &now_rfc3339());
+        crate::protocol::write_json_string(&mut body, &crate::clock::now_rfc3339());
         body.extend_from_slice(b",\"offset\":");
         body.extend_from_slice(itoa::Buffer::new().format(position.offset).as_bytes());
         body.extend_from_slice(b",\"epoch\":");
-        protocol::write_json_string(&mut body, &position.epoch);
+        crate::protocol::write_json_string(&mut body, &position.epoch);
         if let Some(r) = position.recovered {
             body.extend_from_slice(if r {
                 b",\"recovered\":true}"
@@ -676,22 +520,16 @@ impl Shard {
         if !idle {
             return;
         }
-        let owner = owner_of(channel, self.shared.shards);
-        if let Some(bridge) = &self.shared.bridge {
-            bridge.send(crate::cluster::Request::Unwatch {
-                shard: self.id,
-                channel: channel.clone(),
-            });
-        } else if owner == self.id {
-            self.owned.borrow_mut().unwatch(self.id, channel);
-        } else {
-            self.send(
-                owner,
-                RingMsg::Unwatch {
-                    from: self.id,
-                    channel: channel.clone(),
-                },
-            );
+        match route(&self.node, self.id, channel) {
+            Route::Local => self.owned.borrow_mut().unwatch(self.id, channel),
+            Route::Peer(owner) => {
+                let (from, channel) = (self.id, channel.clone());
+                self.send(owner, ShardMsg::Unwatch { from, channel });
+            }
+            Route::Redis(bridge) => {
+                let (shard, channel) = (self.id, channel.clone());
+                bridge.send(crate::cluster::Request::Unwatch { shard, channel });
+            }
         }
     }
 
@@ -713,21 +551,21 @@ impl Shard {
         channel: String,
         limit: usize,
     ) -> Result<HistoryPage, Error> {
-        if let Some(bridge) = &self.shared.bridge {
-            let (reply, rx) = oneshot::channel();
-            bridge.send(crate::cluster::Request::History {
-                channel,
-                limit,
-                reply,
-            });
-            return rx
-                .await
-                .map_err(|_| protocol::err(Code::Unavailable, "cluster bridge stopped"))?;
-        }
-        let owner = owner_of(&channel, self.shared.shards);
-        if owner == self.id {
-            return Ok(self.owned.borrow_mut().history(&channel, limit));
-        }
+        let owner = match route(&self.node, self.id, &channel) {
+            Route::Local => return Ok(self.owned.borrow_mut().history(&channel, limit)),
+            Route::Peer(owner) => owner,
+            Route::Redis(bridge) => {
+                let (reply, rx) = oneshot::channel();
+                bridge.send(crate::cluster::Request::History {
+                    channel,
+                    limit,
+                    reply,
+                });
+                return rx
+                    .await
+                    .map_err(|_| crate::error::err(Code::Unavailable, "cluster bridge stopped"))?;
+            }
+        };
         let (tx, rx) = oneshot::channel();
         let token = self.token();
         self.pending
@@ -735,7 +573,7 @@ impl Shard {
             .insert(token, Pending::History(tx));
         self.send(
             owner,
-            RingMsg::History {
+            ShardMsg::History {
                 token,
                 from: self.id,
                 channel,
@@ -743,7 +581,7 @@ impl Shard {
             },
         );
         rx.await
-            .map_err(|_| protocol::err(Code::Unavailable, "owner shard stopped"))
+            .map_err(|_| crate::error::err(Code::Unavailable, "owner shard stopped"))
     }
 
     fn local_counts(&self) -> Vec<(Arc<str>, usize)> {
@@ -761,7 +599,7 @@ impl Shard {
         for (c, n) in self.local_counts() {
             *counts.entry(c).or_default() += n;
         }
-        if self.shared.shards == 1 {
+        if self.node.shards == 1 {
             return Ok(counts);
         }
         let (tx, rx) = oneshot::channel();
@@ -769,16 +607,16 @@ impl Shard {
         self.pending.borrow_mut().insert(
             token,
             Pending::Channels {
-                waiting: self.shared.shards - 1,
+                waiting: self.node.shards - 1,
                 counts,
                 done: Some(tx),
             },
         );
-        for peer in 0..self.shared.shards {
+        for peer in 0..self.node.shards {
             if peer != self.id {
                 self.send(
                     peer,
-                    RingMsg::Channels {
+                    ShardMsg::Channels {
                         token,
                         from: self.id,
                     },
@@ -786,29 +624,29 @@ impl Shard {
             }
         }
         rx.await
-            .map_err(|_| protocol::err(Code::Unavailable, "a shard stopped"))
+            .map_err(|_| crate::error::err(Code::Unavailable, "a shard stopped"))
     }
 
     // ---- the ring ----
 
     /// Handles one message from another shard. Never waits: replies go to outboxes.
-    pub fn on_ring(&self, msg: RingMsg) {
+    pub fn on_ring(&self, msg: ShardMsg) {
         match msg {
-            RingMsg::Publish {
+            ShardMsg::Publish {
                 token,
                 from,
                 params,
                 accepted,
             } => {
                 let ack = self.owner_publish(&params, accepted);
-                self.send(from, RingMsg::Published { token, ack });
+                self.send(from, ShardMsg::Published { token, ack });
             }
-            RingMsg::Published { token, ack } => {
+            ShardMsg::Published { token, ack } => {
                 if let Some(Pending::Publish(tx)) = self.pending.borrow_mut().remove(&token) {
                     let _ = tx.send(ack);
                 }
             }
-            RingMsg::Subscribe {
+            ShardMsg::Subscribe {
                 token,
                 from,
                 channel,
@@ -818,15 +656,15 @@ impl Shard {
                     .owned
                     .borrow_mut()
                     .subscribe(from, &channel, since.as_ref());
-                self.send(from, RingMsg::Subscribed { token, position });
+                self.send(from, ShardMsg::Subscribed { token, position });
             }
-            RingMsg::Subscribed { token, position } => {
+            ShardMsg::Subscribed { token, position } => {
                 let pending = self.pending.borrow_mut().remove(&token);
                 if let Some(p) = pending {
                     self.finish_subscribe(p, position);
                 }
             }
-            RingMsg::SubscribeFailed { token, error } => {
+            ShardMsg::SubscribeFailed { token, error } => {
                 let pending = self.pending.borrow_mut().remove(&token);
                 if let Some(Pending::Subscribe {
                     conn,
@@ -847,11 +685,11 @@ impl Shard {
                     let _ = done.send(());
                 }
             }
-            RingMsg::Unwatch { from, channel } => {
+            ShardMsg::Unwatch { from, channel } => {
                 self.owned.borrow_mut().unwatch(from, &channel);
             }
-            RingMsg::Deliver(publication) => self.deliver(&publication),
-            RingMsg::History {
+            ShardMsg::Deliver(publication) => self.deliver(&publication),
+            ShardMsg::History {
                 token,
                 from,
                 channel,
@@ -860,7 +698,7 @@ impl Shard {
                 let (items, offset, epoch) = self.owned.borrow_mut().history(&channel, limit);
                 self.send(
                     from,
-                    RingMsg::HistoryIs {
+                    ShardMsg::HistoryIs {
                         token,
                         items,
                         offset,
@@ -868,7 +706,7 @@ impl Shard {
                     },
                 );
             }
-            RingMsg::HistoryIs {
+            ShardMsg::HistoryIs {
                 token,
                 items,
                 offset,
@@ -878,11 +716,11 @@ impl Shard {
                     let _ = tx.send((items, offset, epoch));
                 }
             }
-            RingMsg::Channels { token, from } => {
+            ShardMsg::Channels { token, from } => {
                 let counts = self.local_counts();
-                self.send(from, RingMsg::ChannelsAre { token, counts });
+                self.send(from, ShardMsg::ChannelsAre { token, counts });
             }
-            RingMsg::ChannelsAre { token, counts } => {
+            ShardMsg::ChannelsAre { token, counts } => {
                 let mut pending = self.pending.borrow_mut();
                 let finished = match pending.get_mut(&token) {
                     Some(Pending::Channels {

@@ -2,17 +2,18 @@
 
 use crate::auth;
 use crate::connection;
+use crate::error::{Code, Error};
 use crate::http::{self, Head};
+use crate::io::listener::Listener;
+use crate::io::socket::{self as transport, write_all, HttpSock, Transport};
+use crate::io::tls;
 use crate::metrics::{self, ShardMetrics};
-use crate::protocol::{self, Code, Error};
+use crate::protocol;
 use crate::shard::Shard;
 use crate::shard::Watched;
-use crate::transport::{self, write_all, HttpSock, Listener, Transport};
 use futures_lite::future;
-use glommio::net::TcpStream;
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::rc::Rc;
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 /// What a listener serves.
@@ -70,7 +71,7 @@ async fn serve(shard: Rc<Shard>, fd: OwnedFd, role: Role) {
     // The poller knows the socket by this id from now on, and so does the WebSocket connection
     // it may become.
     let id = shard.new_conn_id();
-    let stream = match shard.shared.tls.clone() {
+    let stream = match shard.node.tls.clone() {
         None => {
             if let Err(e) = shard.poller.register(fd.as_raw_fd(), id) {
                 // Out of memory or over fs.epoll.max_user_watches: refuse, as when out of
@@ -81,21 +82,17 @@ async fn serve(shard: Rc<Shard>, fd: OwnedFd, role: Role) {
                     Code::Unavailable,
                     "server cannot take more connections",
                 );
-                let _ = transport::send_now(fd.as_raw_fd(), &out);
+                let _ = crate::sys::send_nonblocking(fd.as_raw_fd(), &out);
                 return;
             }
             Transport::Raw(transport::RawSock::new(fd))
         }
         Some(config) => {
-            // SAFETY: `fd` is a connected socket this task owns; the stream takes it over.
-            let tcp = unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) };
-            let handshake = future::or(
-                async { transport::accept_tls(tcp, config).await.ok() },
-                async {
-                    glommio::timer::sleep(limits.http_head_timeout).await;
-                    None
-                },
-            );
+            let tcp = crate::sys::glommio_tcp_stream(fd);
+            let handshake = future::or(async { tls::accept_tls(tcp, config).await.ok() }, async {
+                glommio::timer::sleep(limits.http_head_timeout).await;
+                None
+            });
             match handshake.await {
                 Some(t) => t,
                 None => return,
@@ -225,10 +222,9 @@ async fn upgrade(shard: Rc<Shard>, sock: Rc<HttpSock>, id: u64, head: Head, inpu
         );
     } else if !origin_allowed(config, head.origin.as_deref()) {
         out = closing_error(403, Code::PermissionDenied, "origin not allowed");
-    } else if shard.shared.shutting_down.load(Relaxed) {
+    } else if shard.node.is_shutting_down() {
         out = closing_error(503, Code::Unavailable, "server is shutting down");
-    } else if shard.shared.connections.fetch_add(1, Relaxed) >= config.limits.max_connections {
-        shard.shared.connections.fetch_sub(1, Relaxed);
+    } else if !shard.node.admit_connection() {
         out = closing_error(
             503,
             Code::Unavailable,
@@ -237,7 +233,7 @@ async fn upgrade(shard: Rc<Shard>, sock: Rc<HttpSock>, id: u64, head: Head, inpu
     } else {
         http::write_upgrade(&mut out, head.ws_key.as_deref().unwrap_or_default());
         if write_all(stream, &out).await.is_err() {
-            shard.shared.connections.fetch_sub(1, Relaxed);
+            shard.node.connection_ended();
             return;
         }
         // From here the poller finds the socket as a connection (`run` puts it in the shard's
@@ -245,7 +241,7 @@ async fn upgrade(shard: Rc<Shard>, sock: Rc<HttpSock>, id: u64, head: Head, inpu
         shard.unwatch(id);
         let Ok(sock) = Rc::try_unwrap(sock) else {
             // Nothing else holds it once unwatched; if something did, the socket is dropped.
-            shard.shared.connections.fetch_sub(1, Relaxed);
+            shard.node.connection_ended();
             return;
         };
         // A task of its own, so this HTTP task (its head, its buffers) ends here and an idle
@@ -297,11 +293,11 @@ async fn route(
         _ => None,
     };
     let Some(expected) = expected.filter(|_| !backend_path || role.backend()) else {
-        let e = protocol::err(Code::NotFound, format!("no endpoint at {}", head.path));
+        let e = crate::error::err(Code::NotFound, format!("no endpoint at {}", head.path));
         return error(shard, out, 404, &e, keep_alive);
     };
     if head.method != expected && !(expected == "GET" && head.method == "HEAD") {
-        let e = protocol::err(
+        let e = crate::error::err(
             Code::InvalidArgument,
             format!("{} takes {expected}", head.path),
         );
@@ -309,9 +305,9 @@ async fn route(
     }
     match head.path.as_str() {
         "/health" => {
-            if shard.shared.shutting_down.load(Relaxed) {
+            if shard.node.is_shutting_down() {
                 json(out, 503, br#"{"status":"shutting_down"}"#, keep_alive);
-            } else if shard.shared.bridge.as_ref().is_some_and(|b| !b.is_up()) {
+            } else if shard.node.bridge.as_ref().is_some_and(|b| !b.is_up()) {
                 // Still 200: existing connections work, so a load balancer must keep the node.
                 json(out, 200, br#"{"status":"degraded"}"#, keep_alive);
             } else {
@@ -343,7 +339,7 @@ async fn route(
             return;
         }
         "/metrics" => {
-            let text = shard.shared.exposition.render();
+            let text = shard.node.exposition.render();
             http::write_response(out, 200, metrics::CONTENT_TYPE, text.as_bytes(), keep_alive);
             return;
         }
@@ -356,7 +352,7 @@ async fn route(
         .is_some_and(|k| auth::api_key_matches(keys, k))
     {
         ShardMetrics::add(&shard.metrics().auth_failures_total, 1);
-        let e = protocol::err(
+        let e = crate::error::err(
             Code::Unauthenticated,
             "missing or unknown API key (Authorization: Bearer KEY)",
         );
@@ -421,14 +417,14 @@ async fn rest_broadcast(shard: &Rc<Shard>, body: &[u8]) -> Result<Vec<u8>, Error
 
 async fn rest_history(shard: &Rc<Shard>, query: &str) -> Result<Vec<u8>, Error> {
     let channel = http::query_param(query, "channel")
-        .ok_or_else(|| protocol::err(Code::InvalidArgument, "channel is required"))?;
+        .ok_or_else(|| crate::error::err(Code::InvalidArgument, "channel is required"))?;
     protocol::check_channel(&channel)?;
     let size = shard.config().history.size;
     let limit = match http::query_param(query, "limit") {
         None => size,
-        Some(l) => l
-            .parse::<usize>()
-            .map_err(|_| protocol::err(Code::InvalidArgument, "limit must be a whole number"))?,
+        Some(l) => l.parse::<usize>().map_err(|_| {
+            crate::error::err(Code::InvalidArgument, "limit must be a whole number")
+        })?,
     };
     let (items, offset, epoch) = shard.history(channel, limit).await?;
     let mut out = b"{\"publications\":[".to_vec();

@@ -5,7 +5,8 @@
 use broadcaster::channel::Channels;
 use broadcaster::config::Config;
 use broadcaster::connection::Conn;
-use broadcaster::shard::{Shard, Shared};
+use broadcaster::node::Node;
+use broadcaster::shard::Shard;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::sync::Arc;
@@ -43,7 +44,7 @@ fn allocations() -> u64 {
 fn fan_out_allocations(subscribers: usize) -> u64 {
     let mut config = Config::default();
     config.auth.jwt_secret = Some("test".into());
-    let shard = Shard::new(0, Arc::new(Shared::new(config, 1).unwrap()));
+    let shard = Shard::new(0, Arc::new(Node::new(config, 1).unwrap()));
     let conns: Vec<_> = (0..subscribers)
         .map(|i| Conn::new(i as u64, 1 << 20))
         .collect();

@@ -9,8 +9,9 @@ use broadcaster::auth::{self, Verifier};
 use broadcaster::config::{Config, Overrides};
 use broadcaster::http::{is_loopback_host, parse_head, query_param};
 use broadcaster::json::DEPTH_MAX;
+use broadcaster::error::Code;
 use broadcaster::protocol::{
-    check_channel, parse_broadcast_body, parse_publish_body, parse_request, Code, Method,
+    check_channel, parse_broadcast_body, parse_publish_body, parse_request, Method,
     EVENT_BYTES_MAX,
 };
 
@@ -543,7 +544,7 @@ pub fn jwt(data: &[u8]) {
         }
     };
     let verifier = Verifier::new(SECRET, Duration::from_secs(leeway));
-    let now = auth::unix_now();
+    let now = broadcaster::clock::unix_now();
     let check = |token: &str| {
         let r = verifier.verify(token);
         if let Ok(p) = &r {
@@ -685,7 +686,7 @@ pub fn check_config(text: &[u8]) {
         l.write_timeout
     );
     assert!(
-        c.auth.leeway.as_secs() <= auth::unix_now(),
+        c.auth.leeway.as_secs() <= broadcaster::clock::unix_now(),
         "auth.leeway = {:?} underflows the JWT exp check",
         c.auth.leeway
     );

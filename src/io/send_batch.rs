@@ -7,16 +7,16 @@ use std::time::Instant;
 /// Sends submitted per `io_uring_enter`.
 const DEPTH: u32 = 256;
 
-pub struct SendRing {
+pub struct SendBatch {
     ring: io_uring::IoUring,
 }
 
 /// One send: socket, bytes, length.
 pub type Item = (i32, *const u8, usize);
 
-impl SendRing {
+impl SendBatch {
     /// None when io_uring is unavailable (the flush pass then calls `send` per socket).
-    pub fn new() -> Option<SendRing> {
+    pub fn new() -> Option<SendBatch> {
         // The flags (kernel 6.0 / 5.19) save work when one thread submits and reaps; older
         // kernels refuse them, so try without.
         let ring = io_uring::IoUring::builder()
@@ -25,7 +25,7 @@ impl SendRing {
             .build(DEPTH)
             .or_else(|_| io_uring::IoUring::new(DEPTH));
         match ring {
-            Ok(ring) => Some(SendRing { ring }),
+            Ok(ring) => Some(SendBatch { ring }),
             Err(e) => {
                 tracing::warn!(error = %e, "no io_uring for the flush pass; one send() per socket");
                 None

@@ -1,0 +1,19 @@
+//! Compile-time limits and how they relate, checked when the crate compiles. Limits a deployment
+//! may tune are configuration keys (`config.rs`); these are the ones the data structures are
+//! built around.
+
+/// Most shards one node runs. A connection id keeps its shard in its low `SHARD_ID_BITS` bits,
+/// and a channel's owner keeps one watch bit per shard in `WATCH_WORDS` words; `shards` in the
+/// configuration is bounded by this too.
+pub const SHARDS_MAX: usize = 256;
+/// Low bits of a connection id that name its shard.
+pub const SHARD_ID_BITS: u32 = 8;
+/// 64-bit words of a channel's watch mask (one bit per shard).
+pub const WATCH_WORDS: usize = SHARDS_MAX / 64;
+
+const _: () = assert!(1 << SHARD_ID_BITS == SHARDS_MAX);
+const _: () = assert!(WATCH_WORDS * 64 == SHARDS_MAX);
+
+/// Messages in flight between one pair of shards before the sender's pump waits. Deep enough
+/// to absorb a burst without waking the pump, small enough to bound memory.
+pub const RING_CAPACITY: usize = 4096;

@@ -1,0 +1,75 @@
+//! The node: what all its shards share, read-mostly (configuration, token verifier, TLS,
+//! metrics slots, the Redis bridge handle) and the node-wide atomics (connection count,
+//! shutdown flag).
+
+use crate::auth::Verifier;
+use crate::config::Config;
+use crate::metrics::ShardMetrics;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+
+/// What every shard of the node shares: read-only configuration and node-wide atomics. Nothing
+/// here is on the per-message path except the metrics, which each shard writes only in its own
+/// slot.
+pub struct Node {
+    pub config: Config,
+    pub verifier: Verifier,
+    pub node_id: String,
+    pub shards: usize,
+    /// Open WebSocket connections of the node, for `max_connections` (SPEC 13.17).
+    pub connections: AtomicUsize,
+    pub shutting_down: AtomicBool,
+    /// One slot per shard, written only by its shard.
+    pub metrics: Arc<[ShardMetrics]>,
+    /// What `/metrics` renders: the slots above, process figures, build info, the bridge.
+    pub exposition: crate::metrics::Exposition,
+    /// Set when `tls.cert_file` and `tls.key_file` are: every listener speaks TLS.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Cluster mode: offsets, history and delivery between nodes go through Redis.
+    pub bridge: Option<crate::cluster::Bridge>,
+}
+
+impl Node {
+    /// The node of `shards` shards. The JWT secret must already be set (dev mode sets one).
+    pub fn new(config: Config, shards: usize) -> Result<Node, String> {
+        let secret = config.auth.jwt_secret.clone().unwrap_or_default();
+        let tls = match (&config.tls.cert_file, &config.tls.key_file) {
+            (Some(cert), Some(key)) => Some(crate::io::tls::server_config(cert, key)?),
+            _ => None,
+        };
+        let metrics: Arc<[ShardMetrics]> = (0..shards).map(|_| ShardMetrics::default()).collect();
+        Ok(Node {
+            tls,
+            exposition: crate::metrics::Exposition::new(metrics.clone()),
+            metrics,
+            bridge: None,
+            verifier: Verifier::new(&secret, config.auth.leeway),
+            node_id: format!("{:08x}", rand::random::<u32>()),
+            shards,
+            connections: AtomicUsize::new(0),
+            shutting_down: AtomicBool::new(false),
+            config,
+        })
+    }
+}
+
+impl Node {
+    /// Counts a new WebSocket connection against `limits.max_connections` (SPEC 13.17); false,
+    /// and nothing counted, when the node is full.
+    pub fn admit_connection(&self) -> bool {
+        if self.connections.fetch_add(1, Relaxed) >= self.config.limits.max_connections {
+            self.connections.fetch_sub(1, Relaxed);
+            return false;
+        }
+        true
+    }
+
+    /// A connection counted by `admit_connection` has ended.
+    pub fn connection_ended(&self) {
+        self.connections.fetch_sub(1, Relaxed);
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Relaxed)
+    }
+}
