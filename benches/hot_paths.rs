@@ -85,14 +85,14 @@ fn fanout(c: &mut Criterion) {
         drop(shard.subscribe(conn, None, "contest/annual-2024", None));
         conn.discard_queued();
     }
-    shard.flusher.discard();
+    shard.flusher().discard();
     let p = publication();
     // What the flush pass does after sending: empty queues and arena, buffers back to the pool.
     let reset = || {
         for conn in &conns {
             conn.discard_queued();
         }
-        shard.flusher.discard();
+        shard.flusher().discard();
     };
     let mut g = c.benchmark_group("fanout_one_shard");
     g.throughput(Throughput::Elements(SUBSCRIBERS as u64));

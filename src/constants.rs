@@ -17,3 +17,10 @@ const _: () = assert!(WATCH_WORDS * 64 == SHARDS_MAX);
 /// Messages in flight between one pair of shards before the sender's pump waits. Deep enough
 /// to absorb a burst without waking the pump, small enough to bound memory.
 pub const RING_CAPACITY: usize = 4096;
+
+/// Bytes of broadcast frames a shard stages in one flush pass's arena; beyond it, frames go to
+/// the connections' own buffers (the arena keeps its capacity between passes). A staged frame
+/// is located by u32 offsets.
+pub const ARENA_MAX: usize = 4 << 20;
+
+const _: () = assert!(ARENA_MAX < u32::MAX as usize);

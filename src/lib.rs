@@ -42,6 +42,8 @@ pub mod protocol;
 pub mod ring;
 pub mod route;
 pub mod server;
+pub mod session;
 pub mod shard;
+pub mod shutdown;
 pub mod sys;
 pub mod web;

@@ -536,6 +536,19 @@ pub fn write_json_string(out: &mut Vec<u8>, s: &str) {
     let _ = serde_json::to_writer(&mut *out, s);
 }
 
+/// `{"id","createTime","offset"}` of a publish result.
+pub fn ack_json(ack: &crate::ring::Ack) -> Vec<u8> {
+    let mut body = Vec::with_capacity(96);
+    body.extend_from_slice(b"{\"id\":");
+    write_json_string(&mut body, &ack.id);
+    body.extend_from_slice(b",\"createTime\":");
+    write_json_string(&mut body, &ack.create_time);
+    body.extend_from_slice(b",\"offset\":");
+    body.extend_from_slice(itoa::Buffer::new().format(ack.offset).as_bytes());
+    body.push(b'}');
+    body
+}
+
 /// The two halves of a broadcast message around the per-subscription `seq`, built once per
 /// publication and shared by every subscriber on every shard.
 pub fn broadcast_parts(

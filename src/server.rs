@@ -2,7 +2,6 @@
 
 use crate::auth;
 use crate::config::Config;
-use crate::connection;
 use crate::io::listener::Listener;
 use crate::node::Node;
 use crate::ring::Ends;
@@ -213,7 +212,7 @@ async fn shard_main(
     }
     let flush_task = {
         let shard = shard.clone();
-        glommio::spawn_local(async move { shard.flusher.run(shard.metrics()).await }).detach()
+        glommio::spawn_local(async move { shard.flusher().run(shard.metrics()).await }).detach()
     };
     let poll_task = {
         let shard = shard.clone();
@@ -255,13 +254,7 @@ async fn shard_main(
         }
     }
 
-    // Drain: /health answers 503, upgrades and publishes are refused, every client gets 1001,
-    // and queued messages get up to shutdown_grace to leave.
-    connection::close_all(&shard);
-    let deadline = Instant::now() + node.config.shutdown_grace;
-    while !shard.conns.borrow().is_empty() && Instant::now() < deadline {
-        glommio::timer::sleep(Duration::from_millis(20)).await;
-    }
+    crate::shutdown::drain(&shard).await;
     public_task.cancel();
     for (key, _) in &listeners {
         shard.unwatch(*key);

@@ -6,7 +6,7 @@
 
 use crate::channel::{self, Channels, HistoryPage, Position, Publication};
 use crate::config::Config;
-use crate::connection::{Conn, Flusher};
+use crate::connection::{Conn, Flusher, SendSide, Subscription};
 use crate::error::{Code, Error};
 use crate::io::listener::Listener;
 use crate::io::poller::Poller;
@@ -42,34 +42,6 @@ enum Pending {
     },
 }
 
-/// One subscription: a (channel, connection) pair with its own `seq` counter.
-pub struct Subscription {
-    pub conn: Rc<Conn>,
-    pub channel: Arc<str>,
-    pub id: u64,
-    seq: Cell<u64>,
-    /// The channel's offset when the subscription started: older publications that are still
-    /// in flight towards this shard (cluster mode) are not for it.
-    ///
-    /// Only publications still in flight when the subscription started can be older, and they
-    /// arrive before any newer one (each source feeds this shard in order); so the first newer
-    /// publication clears this, and offsets that restart after Redis lost its data (a new epoch)
-    /// are never mistaken for old ones.
-    start_offset: Cell<u64>,
-    /// The epoch `start_offset` belongs to.
-    start_epoch: Arc<str>,
-    /// Index in the channel's subscriber list, kept so removal is a swap_remove.
-    slot: Cell<usize>,
-}
-
-impl Subscription {
-    pub fn next_seq(&self) -> u64 {
-        let s = self.seq.get() + 1;
-        self.seq.set(s);
-        s
-    }
-}
-
 /// The shard-local subscribers of one channel.
 #[derive(Default)]
 struct Local {
@@ -101,7 +73,7 @@ pub struct Shard {
     pub conns: RefCell<HashMap<u64, Rc<Conn>>>,
     next_conn: Cell<u64>,
     /// Writes what fan-out queued, once per executor turn (`server` runs its task).
-    pub flusher: Flusher,
+    pub send: Rc<SendSide>,
     /// Readiness of the shard's WebSocket sockets, and every connection's next due time
     /// (`server` runs their tasks).
     pub poller: Poller,
@@ -134,7 +106,7 @@ impl Shard {
             next_subscription: Cell::new(0),
             conns: RefCell::new(HashMap::new()),
             next_conn: Cell::new(0),
-            flusher: Flusher::default(),
+            send: Rc::new(SendSide::new(node.clone(), id)),
             poller: Poller::new(),
             timers: Timers::default(),
             watched: RefCell::new(HashMap::new()),
@@ -175,6 +147,11 @@ impl Shard {
 
     pub fn unwatch(&self, id: u64) {
         self.watched.borrow_mut().remove(&id);
+    }
+
+    /// The flush pass of this shard's connections.
+    pub fn flusher(&self) -> &Flusher {
+        &self.send.flusher
     }
 
     pub fn metrics(&self) -> &ShardMetrics {
@@ -311,23 +288,15 @@ impl Shard {
             if let Some(ahead) = subs.get(i + PREFETCH_AHEAD / 2) {
                 crate::sys::prefetch(Rc::as_ptr(&ahead.conn), 4);
             }
-            debug_assert!(Rc::ptr_eq(&local.subs[sub.slot.get()], sub));
-            let start = sub.start_offset.get();
-            if start > 0 {
-                let same_epoch = publication
-                    .epoch
-                    .as_ref()
-                    .is_none_or(|e| *e == sub.start_epoch);
-                if same_epoch && publication.offset <= start {
-                    continue;
-                }
-                sub.start_offset.set(0);
+            debug_assert!(Rc::ptr_eq(&local.subs[sub.slot()], sub));
+            if !sub.takes(publication) {
+                continue;
             }
             if sub.conn.enqueue_broadcast(
                 publication,
                 sub.next_seq(),
                 self.metrics(),
-                &self.flusher,
+                &self.send.flusher,
             ) {
                 sent += 1;
             }
@@ -435,19 +404,17 @@ impl Shard {
         }
         let n = self.next_subscription.get() + 1;
         self.next_subscription.set(n);
-        let sub = Rc::new(Subscription {
-            conn: conn.clone(),
-            channel: channel.clone(),
-            id: n,
-            seq: Cell::new(0),
-            start_offset: Cell::new(position.offset),
-            start_epoch: position.epoch.clone(),
-            slot: Cell::new(0),
-        });
+        let sub = Rc::new(Subscription::new(
+            conn.clone(),
+            channel.clone(),
+            n,
+            position.offset,
+            position.epoch.clone(),
+        ));
         {
             let mut local = self.local.borrow_mut();
             let l = local.entry(channel.clone()).or_default();
-            sub.slot.set(l.subs.len());
+            sub.set_slot(l.subs.len());
             l.subs.push(sub.clone());
         }
         conn.add_subscription(sub.clone());
@@ -473,13 +440,23 @@ impl Shard {
         }
         conn.respond(request_id.as_deref(), Ok(&body));
         for publication in &position.replay {
-            conn.enqueue_broadcast(publication, sub.next_seq(), self.metrics(), &self.flusher);
+            conn.enqueue_broadcast(
+                publication,
+                sub.next_seq(),
+                self.metrics(),
+                &self.send.flusher,
+            );
         }
         let newer = |p: &&Arc<Publication>| {
             p.offset > position.offset || p.epoch.as_ref().is_some_and(|e| *e != position.epoch)
         };
         for publication in held.iter().filter(newer) {
-            conn.enqueue_broadcast(publication, sub.next_seq(), self.metrics(), &self.flusher);
+            conn.enqueue_broadcast(
+                publication,
+                sub.next_seq(),
+                self.metrics(),
+                &self.send.flusher,
+            );
         }
         let _ = done.send(());
     }
@@ -491,13 +468,13 @@ impl Shard {
             let Some(l) = local.get_mut(&sub.channel) else {
                 return;
             };
-            let slot = sub.slot.get();
+            let slot = sub.slot();
             if slot >= l.subs.len() || !Rc::ptr_eq(&l.subs[slot], sub) {
                 return;
             }
             l.subs.swap_remove(slot);
             if let Some(moved) = l.subs.get(slot) {
-                moved.slot.set(slot);
+                moved.set_slot(slot);
             }
         }
         ShardMetrics::gauge(&self.metrics().subscriptions_total, -1);

@@ -1,7 +1,6 @@
 //! Accept loops and HTTP/1.1 serving: REST endpoints (SPEC section 3) and the WebSocket upgrade.
 
 use crate::auth;
-use crate::connection;
 use crate::error::{Code, Error};
 use crate::http::{self, Head};
 use crate::io::listener::Listener;
@@ -246,7 +245,13 @@ async fn upgrade(shard: Rc<Shard>, sock: Rc<HttpSock>, id: u64, head: Head, inpu
         };
         // A task of its own, so this HTTP task (its head, its buffers) ends here and an idle
         // WebSocket holds only what the session needs.
-        glommio::spawn_local(connection::run(shard, id, sock.stream.into_inner(), input)).detach();
+        glommio::spawn_local(crate::session::run(
+            shard,
+            id,
+            sock.stream.into_inner(),
+            input,
+        ))
+        .detach();
         return;
     }
     let _ = write_all(stream, &out).await;
@@ -376,7 +381,7 @@ async fn route(
 async fn rest_publish(shard: &Rc<Shard>, body: &[u8]) -> Result<Vec<u8>, Error> {
     let params = protocol::parse_publish_body(body, shard.config().limits.max_payload_bytes)?;
     let ack = shard.publish(params).await?;
-    Ok(connection::ack_json(&ack))
+    Ok(protocol::ack_json(&ack))
 }
 
 async fn rest_broadcast(shard: &Rc<Shard>, body: &[u8]) -> Result<Vec<u8>, Error> {

@@ -52,7 +52,7 @@ fn fan_out_allocations(subscribers: usize) -> u64 {
         drop(shard.subscribe(conn, None, "alloc/fanout", None));
         conn.discard_queued();
     }
-    shard.flusher.discard();
+    shard.flusher().discard();
     let mut channels = Channels::new(0, Duration::from_secs(1));
     let p = channels
         .publish(
