@@ -38,7 +38,9 @@ fn frame_encode(c: &mut Criterion) {
         b.iter(|| {
             seq += 1;
             out.clear();
-            broadcaster::protocol::write_broadcast_frame(&mut out, &p.prefix, seq, &p.suffix);
+            broadcaster::wire::broadcast::write_broadcast_frame(
+                &mut out, &p.prefix, seq, &p.suffix,
+            );
             black_box(out.len())
         })
     });
@@ -48,12 +50,12 @@ fn frame_encode(c: &mut Criterion) {
 /// Measures: simd-json parse of a publish request, raw payload span included.
 fn request_parse(c: &mut Criterion) {
     let text = br#"{"id":42,"method":"publish","params":{"channel":"contest/annual-2024","event":"run_update","payload":{"run_id":12345,"verdict":"AC","score":1.0}}}"#;
-    let mut scratch = broadcaster::json::Scratch::default();
+    let mut scratch = broadcaster::wire::json::Scratch::default();
     let mut g = c.benchmark_group("request_parse");
     g.throughput(Throughput::Elements(1));
     g.bench_function("publish", |b| {
         b.iter(|| {
-            let r = broadcaster::protocol::parse_request(black_box(text), &mut scratch, 65536);
+            let r = broadcaster::wire::request::parse_request(black_box(text), &mut scratch, 65536);
             black_box(r.is_ok())
         })
     });
@@ -66,7 +68,7 @@ fn http_head_parse(c: &mut Criterion) {
     let mut g = c.benchmark_group("http_head_parse");
     g.throughput(Throughput::Elements(1));
     g.bench_function("upgrade", |b| {
-        b.iter(|| black_box(broadcaster::http::parse_head(black_box(head), 8192).is_ok()))
+        b.iter(|| black_box(broadcaster::wire::http::parse_head(black_box(head), 8192).is_ok()))
     });
     g.finish();
 }

@@ -2,7 +2,8 @@
 //! Only the owner shard (`hash(channel) % shards`) ever touches a `ChannelState`.
 
 use crate::constants::{SHARDS_MAX, WATCH_WORDS};
-use crate::protocol::{self, Since};
+use crate::wire::broadcast;
+use crate::wire::request::Since;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -38,7 +39,7 @@ impl Publication {
         accepted: Instant,
     ) -> Publication {
         let (prefix, suffix) =
-            protocol::broadcast_parts(id, offset, create_time, &channel, event, payload);
+            broadcast::broadcast_parts(id, offset, create_time, &channel, event, payload);
         // Payloads are bounded by max_payload_bytes, far below u32::MAX.
         let payload_at = (suffix.len() - 2 - payload.len()) as u32;
         Publication {

@@ -24,21 +24,18 @@
 
 pub mod auth;
 pub mod channel;
-pub mod client;
+pub mod cli;
 pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod connection;
 pub mod constants;
+pub mod dev;
 pub mod error;
-pub mod frame;
-pub mod http;
 pub mod io;
-pub mod json;
 pub mod metrics;
 pub mod node;
 pub mod preflight;
-pub mod protocol;
 pub mod ring;
 pub mod route;
 pub mod server;
@@ -47,3 +44,4 @@ pub mod shard;
 pub mod shutdown;
 pub mod sys;
 pub mod web;
+pub mod wire;

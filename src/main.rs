@@ -106,7 +106,7 @@ fn main() -> ExitCode {
             url,
             token,
             channels,
-        } => match broadcaster::client::connect(&url, &token, &channels) {
+        } => match broadcaster::cli::connect(&url, &token, &channels) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&e),
         },
@@ -116,7 +116,7 @@ fn main() -> ExitCode {
             channel,
             event,
             payload,
-        } => match broadcaster::client::publish(&url, &api_key, &channel, &event, &payload) {
+        } => match broadcaster::cli::publish(&url, &api_key, &channel, &event, &payload) {
             Ok(text) => {
                 println!("{text}");
                 ExitCode::SUCCESS

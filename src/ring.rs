@@ -10,7 +10,7 @@
 use crate::channel::{Position, Publication};
 use crate::constants::RING_CAPACITY;
 use crate::error::{Code, Error};
-use crate::protocol::{PublishParams, Since};
+use crate::wire::request::{PublishParams, Since};
 use futures_channel::{mpsc, oneshot};
 use glommio::channels::local_channel::{self, LocalSender};
 use glommio::channels::shared_channel::{self, SharedReceiver, SharedSender};

@@ -1,6 +1,5 @@
 //! Starts the shards, wires the rings between them, waits for a signal, and shuts down.
 
-use crate::auth;
 use crate::config::Config;
 use crate::io::listener::Listener;
 use crate::node::Node;
@@ -28,7 +27,7 @@ pub fn run(mut config: Config) -> Result<(), String> {
     exit_on_panic();
     crate::preflight::check_io_uring()?;
     let shards = config.shard_count();
-    let dev = config.dev_mode.then(|| dev_mode_setup(&mut config));
+    let dev = config.dev_mode.then(|| crate::dev::setup(&mut config));
     let mut node = Node::new(config, shards)?;
     let (ends, to_shards) = crate::ring::mesh(shards, node.config.redis.url.is_some());
     if let Some(url) = node.config.redis.url.clone() {
@@ -86,7 +85,7 @@ pub fn run(mut config: Config) -> Result<(), String> {
         });
     }
     if let Some(dev) = dev {
-        dev_mode_banner(&dev, listen.0);
+        crate::dev::banner(&dev, listen.0);
     }
     {
         let mut stdout = std::io::stdout().lock();
@@ -275,61 +274,4 @@ fn allowed_cpus() -> Vec<usize> {
     } else {
         cpus
     }
-}
-
-/// What dev mode generated.
-struct Dev {
-    secret: String,
-    key: String,
-    token: String,
-}
-
-/// Dev mode (SPEC section 2): a generated secret and API key, and the playground on.
-fn dev_mode_setup(config: &mut Config) -> Dev {
-    let secret = random_token(32);
-    config.auth.jwt_secret = Some(secret.clone());
-    if config.auth.api_keys.is_empty() {
-        config.auth.api_keys = vec![random_token(24)];
-    }
-    config.playground = true;
-    let token = auth::mint(
-        &secret,
-        "dev",
-        &["*".to_string()],
-        &["subscribe".to_string(), "publish".to_string()],
-        Duration::from_secs(24 * 3600),
-    )
-    .unwrap_or_default();
-    config.dev_token = Some(token.clone());
-    Dev {
-        secret,
-        key: config.auth.api_keys[0].clone(),
-        token,
-    }
-}
-
-/// Prints what to paste to try the server.
-fn dev_mode_banner(dev: &Dev, listen: SocketAddr) {
-    let url = format!("http://{listen}");
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(
-        out,
-        "broadcaster: dev mode (no auth.jwt_secret configured); loopback only, secrets are new each start\n\
-         jwt secret: {secret}\n\
-         api key:    {key}\n\
-         token (sub=dev, all channels, subscribe+publish, 24h):\n{token}\n\
-         connect:    ws://{listen}/ws  then send {{\"id\":1,\"method\":\"auth\",\"params\":{{\"token\":\"<token>\"}}}}\n\
-         playground: {url}/\n\
-         publish:    curl -sS -X POST {url}/publish -H 'Authorization: Bearer {key}' -d '{{\"channel\":\"news\",\"event\":\"hello\",\"payload\":{{\"text\":\"hi\"}}}}'",
-        secret = dev.secret,
-        key = dev.key,
-        token = dev.token,
-    );
-    let _ = out.flush();
-}
-
-fn random_token(bytes: usize) -> String {
-    (0..bytes)
-        .map(|_| format!("{:02x}", rand::random::<u8>()))
-        .collect()
 }

@@ -14,9 +14,10 @@ use crate::io::socket::HttpSock;
 use crate::io::timers::Timers;
 use crate::metrics::ShardMetrics;
 use crate::node::Node;
-use crate::protocol::{PublishParams, Since};
 use crate::ring::{Ack, Ends, Outboxes, ShardMsg, Submitted};
 use crate::route::{route, Route};
+use crate::wire::reply;
+use crate::wire::request::{PublishParams, Since};
 use futures_channel::oneshot;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -420,24 +421,13 @@ impl Shard {
         conn.add_subscription(sub.clone());
         ShardMetrics::gauge(&self.metrics().subscriptions_total, 1);
         // The response first, then what was missed, then (later) live publications.
-        let mut body = Vec::with_capacity(160);
-        body.extend_from_slice(b"{\"subscriptionId\":\"");
-        body.extend_from_slice(format!("{}-{}", self.id, n).as_bytes());
-        body.extend_from_slice(b"\",\"timestamp\":");
-        crate::protocol::write_json_string(&mut body, &crate::clock::now_rfc3339());
-        body.extend_from_slice(b",\"offset\":");
-        body.extend_from_slice(itoa::Buffer::new().format(position.offset).as_bytes());
-        body.extend_from_slice(b",\"epoch\":");
-        crate::protocol::write_json_string(&mut body, &position.epoch);
-        if let Some(r) = position.recovered {
-            body.extend_from_slice(if r {
-                b",\"recovered\":true}"
-            } else {
-                b",\"recovered\":false}"
-            });
-        } else {
-            body.push(b'}');
-        }
+        let body = reply::subscribed(
+            &format!("{}-{}", self.id, n),
+            &crate::clock::now_rfc3339(),
+            position.offset,
+            &position.epoch,
+            position.recovered,
+        );
         conn.respond(request_id.as_deref(), Ok(&body));
         for publication in &position.replay {
             conn.enqueue_broadcast(

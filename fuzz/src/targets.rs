@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 use arbitrary::Unstructured;
 use broadcaster::auth::{self, Verifier};
 use broadcaster::config::{Config, Overrides};
-use broadcaster::http::{is_loopback_host, parse_head, query_param};
-use broadcaster::json::DEPTH_MAX;
+use broadcaster::wire::http::{is_loopback_host, parse_head, query_param};
+use broadcaster::wire::json::DEPTH_MAX;
 use broadcaster::error::Code;
-use broadcaster::protocol::{
+use broadcaster::wire::request::{
     check_channel, parse_broadcast_body, parse_publish_body, parse_request, Method,
     EVENT_BYTES_MAX,
 };
@@ -268,7 +268,7 @@ fn repeats(m: &json::Members, names: &[&str]) -> bool {
 
 pub fn check_request(text: &[u8], max: usize) {
     // A dirty scratch buffer must not matter.
-    let mut scratch = broadcaster::json::Scratch::default();
+    let mut scratch = broadcaster::wire::json::Scratch::default();
     let _ = parse_request(b"{\"junk\":[1,2,1e400]}", &mut scratch, max);
     let r = parse_request(text, &mut scratch, max);
     let again = parse_request(text, &mut scratch, max);

@@ -3,7 +3,7 @@
 //! way `connection.rs` does, in chunks, so the two can be compared.
 
 use arbitrary::Arbitrary;
-use broadcaster::frame::{Decoder, Message};
+use broadcaster::wire::frame::{Decoder, Message};
 
 /// What a client's byte stream amounts to, message by message, up to the first violation or
 /// close (after which the server reads nothing more).

@@ -18,12 +18,11 @@ pub use flush::Flusher;
 pub use subscription::Subscription;
 
 use crate::error::Error;
-use crate::frame;
 use crate::io::socket::{self as transport, Transport};
 use crate::io::timers::Timers;
 use crate::metrics::ShardMetrics;
 use crate::node::Node;
-use crate::protocol;
+use crate::wire::{frame, reply};
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -215,8 +214,8 @@ impl Conn {
         self.push_frame(|out| {
             let mut msg = Vec::with_capacity(96);
             match result {
-                Ok(body) => protocol::write_result(&mut msg, id, body),
-                Err(e) => protocol::write_error(&mut msg, id, e),
+                Ok(body) => reply::write_result(&mut msg, id, body),
+                Err(e) => reply::write_error(&mut msg, id, e),
             }
             frame::write_text(out, &msg);
         });

@@ -8,7 +8,7 @@ use crate::connection::{Conn, Flusher};
 use crate::constants::ARENA_MAX;
 use crate::error::close;
 use crate::metrics::ShardMetrics;
-use crate::protocol;
+use crate::wire::broadcast;
 use std::rc::Rc;
 
 impl Conn {
@@ -43,7 +43,7 @@ impl Conn {
             let mut arena = flusher.arena.borrow_mut();
             let start = arena.len();
             if start < ARENA_MAX {
-                protocol::write_broadcast_frame(&mut arena, &p.prefix, seq, &p.suffix);
+                broadcast::write_broadcast_frame(&mut arena, &p.prefix, seq, &p.suffix);
                 self.staged
                     .set((start as u32, (arena.len() - start) as u32));
                 drop(arena);
@@ -54,7 +54,7 @@ impl Conn {
         }
         self.unstage(&flusher.arena.borrow());
         let mut out = self.out_buf();
-        protocol::write_broadcast_frame(&mut out, &p.prefix, seq, &p.suffix);
+        broadcast::write_broadcast_frame(&mut out, &p.prefix, seq, &p.suffix);
         if queued == 0 {
             self.oldest.set(Some(p.accepted));
             drop(out);

@@ -9,10 +9,10 @@ use crate::clock::unix_now;
 use crate::config::Limits;
 use crate::connection::Conn;
 use crate::error::close;
-use crate::frame::Decoder;
 use crate::io::socket::{self as transport, Transport};
 use crate::metrics::ShardMetrics;
 use crate::shard::Shard;
+use crate::wire::frame::Decoder;
 use rate_limit::RateLimit;
 use std::cell::RefCell;
 use std::io;
@@ -326,7 +326,7 @@ mod tests {
                 &shard,
                 &conn,
                 &mut session,
-                crate::frame::Message::Text(b"{}"),
+                crate::wire::frame::Message::Text(b"{}"),
             );
             let (task, request) = (
                 std::mem::size_of_val(&task),

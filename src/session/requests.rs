@@ -7,10 +7,11 @@ use crate::auth::Permissions;
 use crate::clock::now_rfc3339;
 use crate::connection::Conn;
 use crate::error::{close, err, Close, Code, Error};
-use crate::frame::Message;
 use crate::metrics::ShardMetrics;
-use crate::protocol::{self, Method, PublishParams, Since};
 use crate::shard::Shard;
+use crate::wire::frame::Message;
+use crate::wire::reply;
+use crate::wire::request::{self, Method, PublishParams, Since};
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::Instant;
@@ -62,11 +63,11 @@ async fn request(
 ) -> Outcome {
     thread_local! {
         // simd-json parses in place; one copy buffer per shard, not one per connection.
-        static SCRATCH: RefCell<crate::json::Scratch> =
-            const { RefCell::new(crate::json::Scratch::new()) };
+        static SCRATCH: RefCell<crate::wire::json::Scratch> =
+            const { RefCell::new(crate::wire::json::Scratch::new()) };
     }
     let payload_max = shard.config().limits.max_payload_bytes;
-    let request = SCRATCH.with(|s| protocol::parse_request(text, &mut s.borrow_mut(), payload_max));
+    let request = SCRATCH.with(|s| request::parse_request(text, &mut s.borrow_mut(), payload_max));
     let verdict = session.rate.take(Instant::now());
     let request = match request {
         Ok(r) => r,
@@ -133,10 +134,7 @@ fn fail(shard: &Shard, conn: &Rc<Conn>, id: Option<&[u8]>, e: &Error) {
 }
 
 fn heartbeat(conn: &Rc<Conn>, id: Option<&[u8]>) {
-    let mut body = b"{\"timestamp\":".to_vec();
-    protocol::write_json_string(&mut body, &now_rfc3339());
-    body.push(b'}');
-    conn.respond(id, Ok(&body));
+    conn.respond(id, Ok(&reply::heartbeat(&now_rfc3339())));
 }
 
 /// `auth`, first or again: a fresher token of the same `sub` refreshes the permissions, and the
@@ -164,7 +162,7 @@ fn auth(shard: &Shard, conn: &Rc<Conn>, session: &mut Session, id: Option<&[u8]>
     }
     tracing::debug!(conn = conn.id, sub = %perms.sub, "authenticated");
     session.perms = Some(perms);
-    conn.respond(id, Ok(b"{\"success\":true}"));
+    conn.respond(id, Ok(reply::SUCCESS));
 }
 
 async fn subscribe(
@@ -205,7 +203,7 @@ fn unsubscribe(shard: &Shard, conn: &Rc<Conn>, id: Option<&[u8]>, channel: &str)
     match conn.remove_subscription(channel) {
         Some(sub) => {
             shard.unsubscribe(&sub);
-            conn.respond(id, Ok(b"{\"success\":true}"));
+            conn.respond(id, Ok(reply::SUCCESS));
         }
         None => fail(
             shard,
@@ -231,7 +229,7 @@ async fn publish(
         return fail(shard, conn, id, &e);
     }
     match shard.publish(params).await {
-        Ok(ack) => conn.respond(id, Ok(&protocol::ack_json(&ack))),
+        Ok(a) => conn.respond(id, Ok(&reply::ack(&a.id, &a.create_time, a.offset))),
         Err(e) => fail(shard, conn, id, &e),
     }
 }

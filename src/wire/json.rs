@@ -1,4 +1,5 @@
-//! JSON texts as RFC 8259 defines them, read with simd-json.
+//! JSON texts as RFC 8259 defines them: parsed with simd-json, and the byte spans of members
+//! found in the original text.
 //!
 //! simd-json refuses some valid texts: numbers outside i64/u64 and f64 (snowflake ids, decimals
 //! for money, `1e400`), escapes of unpaired UTF-16 surrogates (`"\ud800"`, which
@@ -186,6 +187,140 @@ fn replace_in_string(t: &mut [u8], mut i: usize, unpaired: &mut Vec<usize>) -> u
 fn hex4(t: &[u8], at: usize) -> Option<u16> {
     let digits = std::str::from_utf8(t.get(at..at + 4)?).ok()?;
     u16::from_str_radix(digits, 16).ok()
+}
+
+// ---- spans: where a member's value is in the original text ----
+//
+// simd-json validates the text and reads the small fields; two values must travel as the client
+// wrote them, `id` (echoed as `requestId`) and `payload` (relayed byte for byte), so this small
+// scanner finds byte spans in the original text, which `parse` has proven to be valid JSON.
+
+/// Byte range `[start, end)` in the original text.
+pub type Span = (usize, usize);
+
+pub(crate) fn skip_ws(t: &[u8], mut i: usize) -> usize {
+    while i < t.len() && matches!(t[i], b' ' | b'\t' | b'\n' | b'\r') {
+        i += 1;
+    }
+    i
+}
+
+/// End (exclusive) of the string starting at the quote at `i`.
+fn skip_string(t: &[u8], mut i: usize) -> usize {
+    i += 1;
+    while i < t.len() {
+        match t[i] {
+            b'\\' => i += 2,
+            b'"' => return i + 1,
+            _ => i += 1,
+        }
+    }
+    t.len()
+}
+
+/// End (exclusive) of the value starting at `i`.
+fn skip_value(t: &[u8], i: usize) -> usize {
+    match t.get(i) {
+        Some(b'"') => skip_string(t, i),
+        Some(b'{') | Some(b'[') => {
+            let mut depth = 0usize;
+            let mut j = i;
+            while j < t.len() {
+                match t[j] {
+                    b'"' => {
+                        j = skip_string(t, j);
+                        continue;
+                    }
+                    b'{' | b'[' => depth += 1,
+                    b'}' | b']' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            return j + 1;
+                        }
+                    }
+                    _ => {}
+                }
+                j += 1;
+            }
+            t.len()
+        }
+        Some(_) => {
+            let mut j = i;
+            while j < t.len() && !matches!(t[j], b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r')
+            {
+                j += 1;
+            }
+            j
+        }
+        None => i,
+    }
+}
+
+/// The (key, value) spans of the object starting at `i`; keys without their quotes.
+pub(crate) fn members(t: &[u8], i: usize) -> Vec<(Span, Span)> {
+    let mut out = Vec::new();
+    if t.get(i) != Some(&b'{') {
+        return out;
+    }
+    let mut j = skip_ws(t, i + 1);
+    while j < t.len() && t[j] == b'"' {
+        let key_end = skip_string(t, j);
+        let key = (j + 1, key_end.saturating_sub(1).max(j + 1));
+        let colon = skip_ws(t, key_end);
+        let v = skip_ws(t, colon + 1);
+        let v_end = skip_value(t, v);
+        out.push((key, (v, v_end)));
+        j = skip_ws(t, v_end);
+        if t.get(j) == Some(&b',') {
+            j = skip_ws(t, j + 1);
+        } else {
+            break;
+        }
+    }
+    out
+}
+
+/// The first of `names` that occurs more than once among the keys of `spans`.
+pub(crate) fn repeated<'n>(t: &[u8], spans: &[(Span, Span)], names: &[&'n str]) -> Option<&'n str> {
+    let mut seen = 0u32;
+    for (k, _) in spans {
+        for (i, name) in names.iter().enumerate() {
+            if key_is(t, *k, name) {
+                if seen & (1 << i) != 0 {
+                    return Some(name);
+                }
+                seen |= 1 << i;
+            }
+        }
+    }
+    None
+}
+
+fn key_is(t: &[u8], k: Span, name: &str) -> bool {
+    let Some(raw) = t.get(k.0..k.1) else {
+        return false;
+    };
+    if raw.contains(&b'\\') {
+        let quoted = k.0.checked_sub(1).and_then(|a| t.get(a..k.1 + 1));
+        quoted
+            .and_then(|q| serde_json::from_slice::<String>(q).ok())
+            .as_deref()
+            == Some(name)
+    } else {
+        raw == name.as_bytes()
+    }
+}
+
+/// The value span of the member named `name` (keys may be written with escapes). Callers have
+/// refused repeated members, so the first is the only one and the one simd-json validated.
+pub(crate) fn find(t: &[u8], spans: &[(Span, Span)], name: &str) -> Option<Span> {
+    spans
+        .iter()
+        .find_map(|(k, v)| key_is(t, *k, name).then_some(*v))
+}
+
+pub(crate) fn span_of<'a>(t: &'a [u8], spans: &[(Span, Span)], name: &str) -> Option<&'a [u8]> {
+    find(t, spans, name).and_then(|(a, b)| t.get(a..b))
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ pub fn publish(
     event: &str,
     payload: &str,
 ) -> Result<String, String> {
-    crate::json::validate(payload.as_bytes())
+    crate::wire::json::validate(payload.as_bytes())
         .map_err(|e| format!("--payload: {}", e.message("it")))?;
     let body = publish_body(channel, event, payload);
     let agent: ureq::Agent = ureq::Agent::config_builder()
@@ -44,9 +44,9 @@ pub fn publish(
 /// `{"channel":C,"event":E,"payload":P}` with `payload` as it is (already checked to be JSON).
 fn publish_body(channel: &str, event: &str, payload: &str) -> Vec<u8> {
     let mut body = b"{\"channel\":".to_vec();
-    crate::protocol::write_json_string(&mut body, channel);
+    crate::wire::reply::write_json_string(&mut body, channel);
     body.extend_from_slice(b",\"event\":");
-    crate::protocol::write_json_string(&mut body, event);
+    crate::wire::reply::write_json_string(&mut body, event);
     body.extend_from_slice(b",\"payload\":");
     body.extend_from_slice(payload.as_bytes());
     body.push(b'}');

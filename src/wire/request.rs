@@ -7,7 +7,7 @@
 //! valid JSON.
 
 use crate::error::{err, Code, Error};
-use crate::json;
+use crate::wire::json::{self, find, members, repeated, skip_ws, span_of, Span};
 use simd_json::prelude::*;
 use simd_json::BorrowedValue;
 
@@ -62,6 +62,24 @@ pub struct Rejected<'a> {
 pub const EVENT_BYTES_MAX: usize = 128;
 /// Channel names are 1-255 bytes (SPEC section 4).
 pub const CHANNEL_BYTES_MAX: usize = 255;
+
+/// Members that must not be repeated. simd-json keeps the first of duplicated keys in objects
+/// of up to 32 members and the last in larger ones, while the span scanner reads raw bytes; a
+/// repeated member could be validated in one place and used from another, so it is refused
+/// (found by the `protocol_request` fuzz target).
+const TOP_MEMBERS: [&str; 3] = ["id", "method", "params"];
+const PARAMS_MEMBERS: [&str; 5] = ["channel", "event", "payload", "token", "since"];
+const BODY_MEMBERS: [&str; 4] = ["channel", "channels", "event", "payload"];
+
+fn refuse_repeated(body: &[u8], spans: &[(Span, Span)]) -> Result<(), Error> {
+    match repeated(body, spans, &BODY_MEMBERS) {
+        Some(name) => Err(err(
+            Code::InvalidArgument,
+            format!("body repeats member {name:?}"),
+        )),
+        None => Ok(()),
+    }
+}
 
 /// Parses one text frame. `scratch` is reused across calls (simd-json parses in place).
 pub fn parse_request<'a>(
@@ -361,237 +379,6 @@ pub fn parse_broadcast_body(
     Ok((channels, event.to_string(), payload.to_vec()))
 }
 
-// ---- span scanner over JSON that simd-json has already validated ----
-
-/// Byte range `[start, end)` in the original text.
-type Span = (usize, usize);
-
-fn skip_ws(t: &[u8], mut i: usize) -> usize {
-    while i < t.len() && matches!(t[i], b' ' | b'\t' | b'\n' | b'\r') {
-        i += 1;
-    }
-    i
-}
-
-/// End (exclusive) of the string starting at the quote at `i`.
-fn skip_string(t: &[u8], mut i: usize) -> usize {
-    i += 1;
-    while i < t.len() {
-        match t[i] {
-            b'\\' => i += 2,
-            b'"' => return i + 1,
-            _ => i += 1,
-        }
-    }
-    t.len()
-}
-
-/// End (exclusive) of the value starting at `i`.
-fn skip_value(t: &[u8], i: usize) -> usize {
-    match t.get(i) {
-        Some(b'"') => skip_string(t, i),
-        Some(b'{') | Some(b'[') => {
-            let mut depth = 0usize;
-            let mut j = i;
-            while j < t.len() {
-                match t[j] {
-                    b'"' => {
-                        j = skip_string(t, j);
-                        continue;
-                    }
-                    b'{' | b'[' => depth += 1,
-                    b'}' | b']' => {
-                        depth -= 1;
-                        if depth == 0 {
-                            return j + 1;
-                        }
-                    }
-                    _ => {}
-                }
-                j += 1;
-            }
-            t.len()
-        }
-        Some(_) => {
-            let mut j = i;
-            while j < t.len() && !matches!(t[j], b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r')
-            {
-                j += 1;
-            }
-            j
-        }
-        None => i,
-    }
-}
-
-/// The (key, value) spans of the object starting at `i`; keys without their quotes.
-fn members(t: &[u8], i: usize) -> Vec<(Span, Span)> {
-    let mut out = Vec::new();
-    if t.get(i) != Some(&b'{') {
-        return out;
-    }
-    let mut j = skip_ws(t, i + 1);
-    while j < t.len() && t[j] == b'"' {
-        let key_end = skip_string(t, j);
-        let key = (j + 1, key_end.saturating_sub(1).max(j + 1));
-        let colon = skip_ws(t, key_end);
-        let v = skip_ws(t, colon + 1);
-        let v_end = skip_value(t, v);
-        out.push((key, (v, v_end)));
-        j = skip_ws(t, v_end);
-        if t.get(j) == Some(&b',') {
-            j = skip_ws(t, j + 1);
-        } else {
-            break;
-        }
-    }
-    out
-}
-
-/// Members that must not be repeated. simd-json keeps the first of duplicated keys in objects
-/// of up to 32 members and the last in larger ones, while the span scanner reads raw bytes; a
-/// repeated member could be validated in one place and used from another, so it is refused
-/// (found by the `protocol_request` fuzz target).
-const TOP_MEMBERS: [&str; 3] = ["id", "method", "params"];
-const PARAMS_MEMBERS: [&str; 5] = ["channel", "event", "payload", "token", "since"];
-const BODY_MEMBERS: [&str; 4] = ["channel", "channels", "event", "payload"];
-
-/// The first of `names` that occurs more than once among the keys of `spans`.
-fn repeated<'n>(t: &[u8], spans: &[(Span, Span)], names: &[&'n str]) -> Option<&'n str> {
-    let mut seen = 0u32;
-    for (k, _) in spans {
-        for (i, name) in names.iter().enumerate() {
-            if key_is(t, *k, name) {
-                if seen & (1 << i) != 0 {
-                    return Some(name);
-                }
-                seen |= 1 << i;
-            }
-        }
-    }
-    None
-}
-
-fn refuse_repeated(body: &[u8], spans: &[(Span, Span)]) -> Result<(), Error> {
-    match repeated(body, spans, &BODY_MEMBERS) {
-        Some(name) => Err(err(
-            Code::InvalidArgument,
-            format!("body repeats member {name:?}"),
-        )),
-        None => Ok(()),
-    }
-}
-
-fn key_is(t: &[u8], k: Span, name: &str) -> bool {
-    let Some(raw) = t.get(k.0..k.1) else {
-        return false;
-    };
-    if raw.contains(&b'\\') {
-        let quoted = k.0.checked_sub(1).and_then(|a| t.get(a..k.1 + 1));
-        quoted
-            .and_then(|q| serde_json::from_slice::<String>(q).ok())
-            .as_deref()
-            == Some(name)
-    } else {
-        raw == name.as_bytes()
-    }
-}
-
-/// The value span of the member named `name` (keys may be written with escapes). Callers have
-/// refused repeated members, so the first is the only one and the one simd-json validated.
-fn find(t: &[u8], spans: &[(Span, Span)], name: &str) -> Option<Span> {
-    spans
-        .iter()
-        .find_map(|(k, v)| key_is(t, *k, name).then_some(*v))
-}
-
-fn span_of<'a>(t: &'a [u8], spans: &[(Span, Span)], name: &str) -> Option<&'a [u8]> {
-    find(t, spans, name).and_then(|(a, b)| t.get(a..b))
-}
-
-// ---- encoding ----
-
-/// Appends `{"requestId":ID,"result":BODY}`; `body` is JSON text.
-pub fn write_result(out: &mut Vec<u8>, id: Option<&[u8]>, body: &[u8]) {
-    out.extend_from_slice(b"{\"requestId\":");
-    out.extend_from_slice(id.unwrap_or(b"null"));
-    out.extend_from_slice(b",\"result\":");
-    out.extend_from_slice(body);
-    out.push(b'}');
-}
-
-/// Appends `{"requestId":ID,"error":{"code":..,"message":..}}`.
-pub fn write_error(out: &mut Vec<u8>, id: Option<&[u8]>, e: &Error) {
-    out.extend_from_slice(b"{\"requestId\":");
-    out.extend_from_slice(id.unwrap_or(b"null"));
-    out.extend_from_slice(b",\"error\":{\"code\":\"");
-    out.extend_from_slice(e.code.as_str().as_bytes());
-    out.extend_from_slice(b"\",\"message\":");
-    write_json_string(out, &e.message);
-    out.extend_from_slice(b"}}");
-}
-
-pub fn write_json_string(out: &mut Vec<u8>, s: &str) {
-    // serde_json's escaping is the reference; writing into a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut *out, s);
-}
-
-/// `{"id","createTime","offset"}` of a publish result.
-pub fn ack_json(ack: &crate::ring::Ack) -> Vec<u8> {
-    let mut body = Vec::with_capacity(96);
-    body.extend_from_slice(b"{\"id\":");
-    write_json_string(&mut body, &ack.id);
-    body.extend_from_slice(b",\"createTime\":");
-    write_json_string(&mut body, &ack.create_time);
-    body.extend_from_slice(b",\"offset\":");
-    body.extend_from_slice(itoa::Buffer::new().format(ack.offset).as_bytes());
-    body.push(b'}');
-    body
-}
-
-/// The two halves of a broadcast message around the per-subscription `seq`, built once per
-/// publication and shared by every subscriber on every shard.
-pub fn broadcast_parts(
-    id: &str,
-    offset: u64,
-    create_time: &str,
-    channel: &str,
-    event: &str,
-    payload: &[u8],
-) -> (Box<[u8]>, Box<[u8]>) {
-    let mut prefix = Vec::with_capacity(48 + id.len());
-    prefix.extend_from_slice(b"{\"method\":\"broadcast\",\"params\":{\"id\":");
-    write_json_string(&mut prefix, id);
-    prefix.extend_from_slice(b",\"seq\":");
-    let mut suffix = Vec::with_capacity(80 + channel.len() + event.len() + payload.len());
-    suffix.extend_from_slice(b",\"offset\":");
-    suffix.extend_from_slice(itoa::Buffer::new().format(offset).as_bytes());
-    suffix.extend_from_slice(b",\"createTime\":");
-    write_json_string(&mut suffix, create_time);
-    suffix.extend_from_slice(b",\"channel\":");
-    write_json_string(&mut suffix, channel);
-    suffix.extend_from_slice(b",\"event\":");
-    write_json_string(&mut suffix, event);
-    suffix.extend_from_slice(b",\"payload\":");
-    suffix.extend_from_slice(payload);
-    suffix.extend_from_slice(b"}}");
-    (prefix.into_boxed_slice(), suffix.into_boxed_slice())
-}
-
-/// Appends one broadcast frame for a subscriber: header, prefix, its `seq`, suffix. This is the
-/// only work done per subscriber per publication: no allocation, two short copies.
-#[inline]
-pub fn write_broadcast_frame(out: &mut Vec<u8>, prefix: &[u8], seq: u64, suffix: &[u8]) {
-    let mut digits = itoa::Buffer::new();
-    let seq = digits.format(seq).as_bytes();
-    let len = prefix.len() + seq.len() + suffix.len();
-    out.reserve(len + 10);
-    crate::frame::write_header(out, crate::frame::TEXT, len);
-    out.extend_from_slice(prefix);
-    out.extend_from_slice(seq);
-    out.extend_from_slice(suffix);
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -826,21 +613,6 @@ mod tests {
             r#"{"method":"publish","params":{"channel":"a","event":"e","payload":"0123456789"}}"#;
         let r = parse_request(big.as_bytes(), &mut json::Scratch::default(), 8).unwrap();
         assert_eq!(r.method.unwrap_err().code, Code::ResourceExhausted);
-    }
-
-    #[test]
-    fn broadcast_frames_splice_seq() {
-        let (p, s) = broadcast_parts("n-1", 7, "2026-01-01T00:00:00.000Z", "c\"", "e", b"[1]");
-        let mut out = Vec::new();
-        write_broadcast_frame(&mut out, &p, 42, &s);
-        assert_eq!(out[1], 126, "a 16-bit length follows");
-        let body = &out[4..];
-        assert_eq!(u16::from_be_bytes([out[2], out[3]]) as usize, body.len());
-        let v: serde_json::Value = serde_json::from_slice(body).unwrap();
-        assert_eq!(v["params"]["seq"], 42);
-        assert_eq!(v["params"]["offset"], 7);
-        assert_eq!(v["params"]["channel"], "c\"");
-        assert_eq!(v["params"]["payload"], serde_json::json!([1]));
     }
 
     #[test]

@@ -1,0 +1,204 @@
+//! The bridge thread's loops: requests from the shards, the connection to Redis (kept open,
+//! re-opened with capped exponential backoff, every watched channel resubscribed), and the
+//! pub/sub messages handed to the shards that watch their channel.
+
+use super::scripts::keys;
+use super::{bump, publish, recovery, watch, Request, State, REDIS_TIMEOUT};
+use crate::channel::Publication;
+use crate::ring::ShardMsg;
+use futures_util::StreamExt;
+use std::rc::Rc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How often the bridge checks that Redis still answers.
+const LIVENESS_INTERVAL: Duration = Duration::from_millis(500);
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+pub(super) async fn run(state: Rc<State>, mut rx: tokio::sync::mpsc::UnboundedReceiver<Request>) {
+    tokio::task::spawn_local(supervise(state.clone()));
+    // Watch requests run one at a time, in order, so a shard's subscribes and unsubscribes of a
+    // channel take effect in the order it sent them.
+    let (watch_tx, mut watch_rx) = tokio::sync::mpsc::unbounded_channel::<Request>();
+    let s = state.clone();
+    tokio::task::spawn_local(async move {
+        while let Some(r) = watch_rx.recv().await {
+            match r {
+                Request::Watch {
+                    shard,
+                    token,
+                    channel,
+                    since,
+                } => watch::watch(&s, shard, token, channel, since).await,
+                Request::Unwatch { shard, channel } => watch::unwatch(&s, shard, channel).await,
+                _ => {}
+            }
+        }
+    });
+    while let Some(request) = rx.recv().await {
+        match request {
+            Request::Publish {
+                params,
+                accepted,
+                reply,
+            } => {
+                let s = state.clone();
+                tokio::task::spawn_local(async move {
+                    let _ = reply.send(publish::publish(&s, params, accepted).await);
+                });
+            }
+            Request::History {
+                channel,
+                limit,
+                reply,
+            } => {
+                let s = state.clone();
+                tokio::task::spawn_local(async move {
+                    let _ = reply.send(recovery::history(&s, &channel, limit).await);
+                });
+            }
+            r => {
+                let _ = watch_tx.send(r);
+            }
+        }
+    }
+}
+
+/// Keeps a command connection and a pub/sub connection open, reconnecting with capped
+/// exponential backoff; after a reconnect it resubscribes every watched channel.
+async fn supervise(state: Rc<State>) {
+    let mut backoff = BACKOFF_MIN;
+    let mut first = true;
+    loop {
+        let connected = async {
+            let conn = state.client.get_multiplexed_async_connection().await?;
+            let pubsub = state.client.get_async_pubsub().await?;
+            redis::RedisResult::Ok((conn, pubsub))
+        };
+        match tokio::time::timeout(REDIS_TIMEOUT, connected).await {
+            Ok(Ok((conn, pubsub))) => {
+                let (mut sink, mut stream) = pubsub.split();
+                let channels: Vec<String> = state
+                    .watchers
+                    .borrow()
+                    .keys()
+                    .map(|c| keys(c)[3].clone())
+                    .collect();
+                let mut ok = true;
+                for c in channels {
+                    if sink.subscribe(&c).await.is_err() {
+                        ok = false;
+                        break;
+                    }
+                }
+                if ok {
+                    *state.conn.borrow_mut() = Some(conn);
+                    *state.sink.borrow_mut() = Some(sink);
+                    state.metrics.up.store(true, Relaxed);
+                    if !first {
+                        bump(&state.metrics.reconnects_total);
+                    }
+                    tracing::info!("redis bridge connected");
+                    first = false;
+                    backoff = BACKOFF_MIN;
+                    // A Redis that hangs (or a partition) ends no stream: ping to notice.
+                    let mut liveness = tokio::time::interval(LIVENESS_INTERVAL);
+                    loop {
+                        tokio::select! {
+                            msg = stream.next() => match msg {
+                                Some(msg) => on_message(&state, &msg),
+                                None => break,
+                            },
+                            _ = liveness.tick() => {
+                                let Some(mut conn) = state.connection() else { break };
+                                let ping = redis::cmd("PING");
+                                let answer = ping.query_async::<String>(&mut conn);
+                                if !matches!(tokio::time::timeout(REDIS_TIMEOUT, answer).await, Ok(Ok(_))) {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    tracing::warn!("redis connection lost or unresponsive; reconnecting");
+                }
+                state.metrics.up.store(false, Relaxed);
+                *state.conn.borrow_mut() = None;
+                *state.sink.borrow_mut() = None;
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, retry_in = ?backoff, "redis unreachable"),
+            Err(_) => tracing::warn!(retry_in = ?backoff, "redis connect timed out"),
+        }
+        state.metrics.up.store(false, Relaxed);
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// Decodes `offset epoch id createTime eventlen event+payload` and hands it to every watching shard.
+fn on_message(state: &State, msg: &redis::Msg) {
+    let Some(channel) = msg
+        .get_channel_name()
+        .strip_prefix("bc:{")
+        .and_then(|c| c.strip_suffix('}'))
+    else {
+        return;
+    };
+    let data = msg.get_payload_bytes();
+    let Some(p) = decode(channel, data) else {
+        tracing::warn!(channel, "undecodable publication from redis dropped");
+        return;
+    };
+    bump(&state.metrics.publications_in_total);
+    let watchers = state.watchers.borrow();
+    let Some(counts) = watchers.get(channel) else {
+        return;
+    };
+    let p = Arc::new(p);
+    for (shard, n) in counts.iter().enumerate() {
+        if *n > 0 {
+            let _ = state.shards[shard].unbounded_send(ShardMsg::Deliver(p.clone()));
+        }
+    }
+}
+
+fn decode(channel: &str, data: &[u8]) -> Option<Publication> {
+    let mut fields = data.splitn(6, |b| *b == b' ');
+    let offset: u64 = std::str::from_utf8(fields.next()?).ok()?.parse().ok()?;
+    let epoch = std::str::from_utf8(fields.next()?).ok()?;
+    let id = std::str::from_utf8(fields.next()?).ok()?;
+    let create_time = std::str::from_utf8(fields.next()?).ok()?;
+    let event_len: usize = std::str::from_utf8(fields.next()?).ok()?.parse().ok()?;
+    let rest = fields.next()?;
+    let event = std::str::from_utf8(rest.get(..event_len)?).ok()?;
+    let payload = rest.get(event_len..)?;
+    let mut p = Publication::new(
+        Arc::from(channel),
+        offset,
+        id,
+        create_time,
+        event,
+        payload,
+        Instant::now(),
+    );
+    p.epoch = Some(Arc::from(epoch));
+    Some(p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pubsub_messages_decode() {
+        let p = decode("c", b"7 e1 n1-3 2026-01-01T00:00:00.000Z 5 a b c{\"x\": 1}").unwrap();
+        assert_eq!(p.epoch.as_deref(), Some("e1"));
+        assert_eq!(p.offset, 7);
+        assert_eq!(&*p.id, "n1-3");
+        assert_eq!(&*p.event, "a b c");
+        assert_eq!(p.payload(), b"{\"x\": 1}");
+        assert!(decode("c", b"x e n1 t 1 e1").is_none());
+        assert!(decode("c", b"1 e n1 t 9 e1").is_none());
+    }
+}

@@ -1,0 +1,166 @@
+//! Cluster mode: the Redis bridge (SPEC section 8).
+//!
+//! The bridge lives on its own thread with a single-threaded tokio runtime, off the shards, so
+//! Redis never blocks a shard. Shards send it requests through an unbounded channel (a send is a
+//! plain function call); it answers and delivers through one unbounded channel per shard, whose
+//! receiving task the shard runs like a ring reader.
+//!
+//! Redis holds, per channel, the offset counter, the epoch and a capped stream of history. One Lua
+//! script per publication assigns the offset, appends to the stream and PUBLISHes, atomically, so
+//! the pub/sub order is the offset order on every node. A node SUBSCRIBEs to a channel only while
+//! one of its shards has subscribers, over one pub/sub connection, and fans each message out to
+//! those shards once (one `Arc<Publication>`, encoded once per node).
+
+//!
+//! | file | what |
+//! |---|---|
+//! | `mod.rs` | the handle shards hold, what they may ask, the bridge's state, `start` |
+//! | `bridge.rs` | the request loop, (re)connecting with backoff, pub/sub messages to shards |
+//! | `publish.rs` | one publication through the publish script |
+//! | `watch.rs` | which channels the node subscribes to in Redis, and the subscribe answer |
+//! | `recovery.rs` | a channel's position, recovery from the stream, history pages |
+//! | `scripts.rs` | the Lua scripts and the key scheme |
+
+mod bridge;
+mod publish;
+mod recovery;
+mod scripts;
+mod watch;
+
+use crate::channel::HistoryPage;
+use crate::error::{Code, Error};
+use crate::metrics::BridgeMetrics;
+use crate::ring::{Ack, ShardMsg};
+use crate::wire::request::{PublishParams, Since};
+use futures_channel::{mpsc, oneshot};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// A Redis call slower than this counts as Redis being unreachable (SPEC 13.18 asks for
+/// `Unavailable` within 5 s).
+const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What a shard may ask of the bridge.
+pub enum Request {
+    Publish {
+        params: PublishParams,
+        accepted: Instant,
+        reply: oneshot::Sender<Result<Ack, Error>>,
+    },
+    Watch {
+        shard: usize,
+        token: u64,
+        channel: Arc<str>,
+        since: Option<Since>,
+    },
+    Unwatch {
+        shard: usize,
+        channel: Arc<str>,
+    },
+    History {
+        channel: String,
+        limit: usize,
+        reply: oneshot::Sender<Result<HistoryPage, Error>>,
+    },
+}
+
+/// What shards hold to talk to the bridge.
+pub struct Bridge {
+    pub requests: tokio::sync::mpsc::UnboundedSender<Request>,
+    pub metrics: Arc<BridgeMetrics>,
+}
+
+impl Bridge {
+    pub fn is_up(&self) -> bool {
+        self.metrics.up.load(Relaxed)
+    }
+
+    pub fn send(&self, r: Request) {
+        // Fails only when the bridge thread is gone (shutdown); callers then see a dropped reply.
+        let _ = self.requests.send(r);
+    }
+}
+
+fn unavailable(what: &str) -> Error {
+    crate::error::err(
+        Code::Unavailable,
+        format!("cluster broker unreachable ({what}); retry"),
+    )
+}
+
+/// Starts the bridge thread. `shards` are the per-shard delivery channels.
+pub fn start(
+    url: &str,
+    node_id: String,
+    shards: Vec<mpsc::UnboundedSender<ShardMsg>>,
+    history_size: usize,
+    history_ttl: Duration,
+) -> Result<Bridge, String> {
+    // The URL may hold a password: name the key, not the value.
+    let client = redis::Client::open(url).map_err(|e| format!("redis.url: {e}"))?;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let metrics = Arc::new(BridgeMetrics::default());
+    let m = metrics.clone();
+    std::thread::Builder::new()
+        .name("redis-bridge".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start the redis bridge runtime");
+                    return;
+                }
+            };
+            let state = Rc::new(State {
+                client,
+                node_id,
+                shards,
+                history_size,
+                history_ttl,
+                metrics: m,
+                conn: RefCell::new(None),
+                sink: RefCell::new(None),
+                watchers: RefCell::new(HashMap::new()),
+                next_publication: std::cell::Cell::new(0),
+            });
+            let local = tokio::task::LocalSet::new();
+            local.block_on(&runtime, bridge::run(state, rx));
+        })
+        .map_err(|e| format!("cannot start the redis bridge thread: {e}"))?;
+    Ok(Bridge {
+        requests: tx,
+        metrics,
+    })
+}
+
+struct State {
+    client: redis::Client,
+    node_id: String,
+    shards: Vec<mpsc::UnboundedSender<ShardMsg>>,
+    history_size: usize,
+    history_ttl: Duration,
+    metrics: Arc<BridgeMetrics>,
+    conn: RefCell<Option<redis::aio::MultiplexedConnection>>,
+    sink: RefCell<Option<redis::aio::PubSubSink>>,
+    /// Per channel, how many subscriptions (pending ones included) each shard holds.
+    watchers: RefCell<HashMap<Arc<str>, Vec<usize>>>,
+    next_publication: std::cell::Cell<u64>,
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Relaxed);
+}
+
+impl State {
+    /// The command connection, while Redis is connected.
+    fn connection(&self) -> Option<redis::aio::MultiplexedConnection> {
+        self.conn.borrow().clone()
+    }
+}

@@ -1,0 +1,171 @@
+//! A channel's position in Redis (offset and epoch, creating the epoch the first time), the
+//! publications after a client's `since` from the stream, and history pages.
+
+use super::scripts::{keys, POSITION_LUA};
+use super::{unavailable, State, REDIS_TIMEOUT};
+use crate::channel::{HistoryPage, Position, Publication};
+use crate::clock::unix_ms;
+use crate::error::Error;
+use crate::wire::request::Since;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+type StreamEntries = Vec<(String, HashMap<String, redis::Value>)>;
+
+pub(super) async fn position(
+    state: &State,
+    channel: &str,
+    since: Option<&Since>,
+) -> Result<Position, Error> {
+    let Some(mut conn) = state.connection() else {
+        return Err(unavailable("not connected"));
+    };
+    let k = keys(channel);
+    let candidate = format!("{:016x}", rand::random::<u64>());
+    let script = redis::Script::new(POSITION_LUA);
+    let mut invocation = script.key(&k[0]);
+    invocation
+        .key(&k[1])
+        .key(&k[2])
+        .arg(&candidate)
+        .arg(state.history_ttl.as_millis().max(1) as u64);
+    let (offset, epoch): (u64, String) =
+        tokio::time::timeout(REDIS_TIMEOUT, invocation.invoke_async(&mut conn))
+            .await
+            .map_err(|_| unavailable("position timed out"))?
+            .map_err(|_| unavailable("position failed"))?;
+    let mut position = Position {
+        offset,
+        epoch: Arc::from(epoch.as_str()),
+        recovered: None,
+        replay: Vec::new(),
+    };
+    let Some(since) = since else {
+        return Ok(position);
+    };
+    position.recovered = Some(false);
+    if since.epoch != epoch || since.offset > offset {
+        return Ok(position);
+    }
+    if since.offset == offset {
+        position.recovered = Some(true);
+        return Ok(position);
+    }
+    let entries: StreamEntries = tokio::time::timeout(
+        REDIS_TIMEOUT,
+        redis::cmd("XRANGE")
+            .arg(&k[2])
+            .arg(format!("{}-0", since.offset + 1))
+            .arg(format!("{offset}-1"))
+            .query_async(&mut conn),
+    )
+    .await
+    .map_err(|_| unavailable("history timed out"))?
+    .map_err(|_| unavailable("history failed"))?;
+    let items = entries_to_publications(channel, entries, state.history_ttl);
+    // Every publication after `since` must still be held, in order, with none expired.
+    let complete = items.len() as u64 == offset - since.offset
+        && items
+            .iter()
+            .enumerate()
+            .all(|(i, p)| p.offset == since.offset + 1 + i as u64);
+    if complete {
+        position.recovered = Some(true);
+        position.replay = items;
+    }
+    Ok(position)
+}
+
+fn entries_to_publications(
+    channel: &str,
+    entries: StreamEntries,
+    ttl: Duration,
+) -> Vec<Arc<Publication>> {
+    let now = unix_ms();
+    let text = |m: &HashMap<String, redis::Value>, k: &str| -> Option<Vec<u8>> {
+        match m.get(k)? {
+            redis::Value::BulkString(b) => Some(b.clone()),
+            _ => None,
+        }
+    };
+    let mut out = Vec::with_capacity(entries.len());
+    for (entry_id, fields) in entries {
+        let Some(offset) = entry_id
+            .split('-')
+            .next()
+            .and_then(|o| o.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        let (Some(id), Some(t), Some(e), Some(p)) = (
+            text(&fields, "i"),
+            text(&fields, "t"),
+            text(&fields, "e"),
+            text(&fields, "p"),
+        ) else {
+            continue;
+        };
+        let written_ms: u64 = text(&fields, "m")
+            .and_then(|m| String::from_utf8(m).ok())
+            .and_then(|m| m.parse().ok())
+            .unwrap_or(0);
+        if now.saturating_sub(written_ms) > ttl.as_millis() as u64 {
+            continue;
+        }
+        let (Ok(id), Ok(t), Ok(e)) = (
+            String::from_utf8(id),
+            String::from_utf8(t),
+            String::from_utf8(e),
+        ) else {
+            continue;
+        };
+        out.push(Arc::new(Publication::new(
+            Arc::from(channel),
+            offset,
+            &id,
+            &t,
+            &e,
+            &p,
+            Instant::now(),
+        )));
+    }
+    out
+}
+
+pub(super) async fn history(
+    state: &State,
+    channel: &str,
+    limit: usize,
+) -> Result<HistoryPage, Error> {
+    let Some(mut conn) = state.connection() else {
+        return Err(unavailable("not connected"));
+    };
+    let k = keys(channel);
+    let query = async {
+        let (offset, epoch): (Option<u64>, Option<String>) = redis::pipe()
+            .get(&k[0])
+            .get(&k[1])
+            .query_async(&mut conn)
+            .await?;
+        let entries: StreamEntries = redis::cmd("XREVRANGE")
+            .arg(&k[2])
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(limit.max(1))
+            .query_async(&mut conn)
+            .await?;
+        redis::RedisResult::Ok((offset, epoch, entries))
+    };
+    let (offset, epoch, mut entries) = tokio::time::timeout(REDIS_TIMEOUT, query)
+        .await
+        .map_err(|_| unavailable("history timed out"))?
+        .map_err(|_| unavailable("history failed"))?;
+    if limit == 0 {
+        entries.clear();
+    }
+    entries.reverse();
+    let items = entries_to_publications(channel, entries, state.history_ttl);
+    Ok((items, offset.unwrap_or(0), epoch.unwrap_or_default()))
+}

@@ -1,0 +1,220 @@
+//! The HTTP task of one TCP connection: requests with keep-alive, until the connection closes
+//! or becomes a WebSocket (then a session task takes the socket over and this task ends, so its
+//! buffers go with it).
+
+use super::routes::route;
+use super::Role;
+use crate::error::{err, Code};
+use crate::io::socket::{write_all, HttpSock, RawSock, Transport};
+use crate::io::tls;
+use crate::shard::{Shard, Watched};
+use crate::wire::handshake;
+use crate::wire::http::{self, Head};
+use futures_lite::future;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::rc::Rc;
+use std::time::Instant;
+
+/// Room for the envelope around a payload of `max_payload_bytes` in a REST body.
+const BODY_ENVELOPE_BYTES: usize = 64 * 1024;
+
+/// Serves one TCP connection: HTTP requests with keep-alive, until an upgrade or close.
+pub(super) async fn serve(shard: Rc<Shard>, fd: OwnedFd, role: Role) {
+    // The poller knows the socket by this id from now on, and so does the WebSocket connection
+    // it may become.
+    let id = shard.new_conn_id();
+    let Some(stream) = open(&shard, fd, id).await else {
+        return;
+    };
+    let sock = Rc::new(HttpSock::new(stream));
+    shard.watch(id, Watched::Http(sock.clone()));
+    let _unwatch = Unwatch(&shard, id);
+    let mut buf: Vec<u8> = Vec::new();
+    loop {
+        let (head, body) = match next_request(&shard, &sock, &mut buf, role).await {
+            Ok(Some(Next::Upgrade(head))) => {
+                let input = std::mem::take(&mut buf);
+                return upgrade(shard.clone(), sock, id, head, input).await;
+            }
+            Ok(Some(Next::Request(head, body))) => (head, body),
+            Ok(None) => return,
+            Err(answer) => {
+                let _ = write_all(&sock.stream, &answer).await;
+                return;
+            }
+        };
+        let mut out = Vec::new();
+        route(&shard, role, &head, &body, head.keep_alive, &mut out).await;
+        if write_all(&sock.stream, &out).await.is_err() || !head.keep_alive {
+            return;
+        }
+    }
+}
+
+/// The connection's stream: a plain socket in the shard's epoll set, or TLS after its
+/// handshake (within `http_head_timeout`). None when it cannot be served.
+async fn open(shard: &Shard, fd: OwnedFd, id: u64) -> Option<Transport> {
+    let Some(config) = shard.node.tls.clone() else {
+        if let Err(e) = shard.poller.register(fd.as_raw_fd(), id) {
+            // Out of memory or over fs.epoll.max_user_watches: refuse, as when out of
+            // descriptors.
+            tracing::warn!(error = %e, "cannot watch a new connection; refusing it");
+            let out = closing_error(
+                503,
+                Code::Unavailable,
+                "server cannot take more connections",
+            );
+            let _ = crate::sys::send_nonblocking(fd.as_raw_fd(), &out);
+            return None;
+        }
+        return Some(Transport::Raw(RawSock::new(fd)));
+    };
+    let tcp = crate::sys::glommio_tcp_stream(fd);
+    let timeout = shard.config().limits.http_head_timeout;
+    future::or(async { tls::accept_tls(tcp, config).await.ok() }, async {
+        glommio::timer::sleep(timeout).await;
+        None
+    })
+    .await
+}
+
+/// What a connection asks next.
+enum Next {
+    Upgrade(Head),
+    Request(Head, Vec<u8>),
+}
+
+/// Reads the next request, head and body, from `buf` and the socket. `Ok(None)`: the connection
+/// ended or timed out; `Err(answer)`: answer this and close.
+async fn next_request(
+    shard: &Shard,
+    sock: &HttpSock,
+    buf: &mut Vec<u8>,
+    role: Role,
+) -> Result<Option<Next>, Vec<u8>> {
+    let limits = &shard.config().limits;
+    let deadline = Instant::now() + limits.http_head_timeout;
+    let head = loop {
+        match http::parse_head(buf, limits.http_head_bytes_max) {
+            Ok(Some(head)) => break head,
+            Ok(None) => {}
+            Err(e) => return Err(closing_error(e.status, Code::InvalidArgument, e.message)),
+        }
+        if !read_until(sock, buf, deadline).await {
+            return Ok(None);
+        }
+    };
+    buf.drain(..head.len);
+    let dev = shard.config().dev_mode;
+    if dev
+        && head
+            .host
+            .as_deref()
+            .is_some_and(|h| !http::is_loopback_host(h))
+    {
+        let message = "dev mode answers only loopback Host names";
+        return Err(closing_error(403, Code::PermissionDenied, message));
+    }
+    if head.path == "/ws" && role.public() {
+        return Ok(Some(Next::Upgrade(head)));
+    }
+    if head.chunked {
+        let message = "chunked bodies are not supported; send Content-Length";
+        return Err(closing_error(411, Code::InvalidArgument, message));
+    }
+    let len = head.content_length.unwrap_or(0);
+    if len > limits.max_payload_bytes + BODY_ENVELOPE_BYTES {
+        // Refused unread (SPEC 13.8), so the connection cannot be reused.
+        return Err(closing_error(
+            413,
+            Code::ResourceExhausted,
+            "request body too large",
+        ));
+    }
+    let deadline = Instant::now() + limits.http_head_timeout;
+    while buf.len() < len {
+        if !read_until(sock, buf, deadline).await {
+            return Ok(None);
+        }
+    }
+    let body: Vec<u8> = buf.drain(..len).collect();
+    Ok(Some(Next::Request(head, body)))
+}
+
+/// An error answer after which the connection closes.
+fn closing_error(status: u16, code: Code, message: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    http::write_error(&mut out, status, &err(code, message), false);
+    out
+}
+
+/// Takes a socket out of the poller's reach when its HTTP task ends.
+struct Unwatch<'a>(&'a Shard, u64);
+
+impl Drop for Unwatch<'_> {
+    fn drop(&mut self) {
+        self.0.unwatch(self.1);
+    }
+}
+
+/// Reads more into `buf`; false on end of stream, error, or `deadline`.
+async fn read_until(sock: &HttpSock, buf: &mut Vec<u8>, deadline: Instant) -> bool {
+    let left = deadline.saturating_duration_since(Instant::now());
+    future::or(
+        async { matches!(sock.read_some(buf).await, Ok(n) if n > 0) },
+        async {
+            glommio::timer::sleep(left).await;
+            false
+        },
+    )
+    .await
+}
+
+/// The WebSocket upgrade: checked (`wire::handshake`), counted against `max_connections`,
+/// answered 101, and the socket handed to a session task of its own.
+async fn upgrade(shard: Rc<Shard>, sock: Rc<HttpSock>, id: u64, head: Head, input: Vec<u8>) {
+    let config = shard.config();
+    let origins: &[String] = if config.dev_mode {
+        &[]
+    } else {
+        &config.allowed_origins
+    };
+    let mut out = Vec::new();
+    if let Err(r) = handshake::check(&head, origins) {
+        if r.status == 426 {
+            http::write_upgrade_required(&mut out);
+        } else {
+            out = closing_error(r.status, r.error.code, &r.error.message);
+        }
+    } else if shard.node.is_shutting_down() {
+        out = closing_error(503, Code::Unavailable, "server is shutting down");
+    } else if !shard.node.admit_connection() {
+        let message = "max_connections reached; try another node";
+        out = closing_error(503, Code::Unavailable, message);
+    } else {
+        return accept(shard, sock, id, &head, input).await;
+    }
+    let _ = write_all(&sock.stream, &out).await;
+}
+
+/// Answers 101 and starts the session on the socket.
+async fn accept(shard: Rc<Shard>, sock: Rc<HttpSock>, id: u64, head: &Head, input: Vec<u8>) {
+    let mut out = Vec::new();
+    handshake::write_accept(&mut out, head.ws_key.as_deref().unwrap_or_default());
+    if write_all(&sock.stream, &out).await.is_err() {
+        shard.node.connection_ended();
+        return;
+    }
+    // From here the poller finds the socket as a connection (`session::run` puts it in the
+    // shard's table under the same id before anything can wait).
+    shard.unwatch(id);
+    let Ok(sock) = Rc::try_unwrap(sock) else {
+        // Nothing else holds it once unwatched; if something did, the socket is dropped.
+        shard.node.connection_ended();
+        return;
+    };
+    // A task of its own, so this HTTP task (its head, its buffers) ends here and an idle
+    // WebSocket holds only what the session needs.
+    let session = crate::session::run(shard, id, sock.stream.into_inner(), input);
+    glommio::spawn_local(session).detach();
+}

@@ -1,0 +1,10 @@
+//! Sans-IO: bytes in, values or bytes out. Nothing here knows glommio, a socket or a shard, so
+//! each entry point is fuzzed (`fuzz/`) and benched (`benches/`) on its own.
+
+pub mod broadcast;
+pub mod frame;
+pub mod handshake;
+pub mod http;
+pub mod json;
+pub mod reply;
+pub mod request;
