@@ -124,41 +124,85 @@ fn session(
     positions: &mut [Position],
     lines: &crossbeam_channel::Receiver<String>,
 ) -> Result<(), SessionEnd> {
-    use serde_json::{json, Value};
-    use tungstenite::{stream::MaybeTlsStream, Message};
-    let dropped = |e: &dyn std::fmt::Display| SessionEnd::Dropped(e.to_string());
-    let (mut ws, _) = tungstenite::connect(url).map_err(|e| dropped(&e))?;
-    if let MaybeTlsStream::Plain(s) = ws.get_mut() {
-        let _ = s.set_read_timeout(Some(Duration::from_millis(100)));
-    }
-    let mut next_id = 1u64;
-    let mut send = |ws: &mut tungstenite::WebSocket<_>, method: &str, params: Value| {
-        let id = next_id;
-        next_id += 1;
-        let msg = json!({"id": id, "method": method, "params": params}).to_string();
-        ws.send(Message::text(msg)).map(|_| id)
-    };
-    let auth_id = send(&mut ws, "auth", json!({"token": token})).map_err(|e| dropped(&e))?;
-    let mut subscribe_ids = HashMap::new();
-    for (i, p) in positions.iter().enumerate() {
-        let mut params = json!({"channel": p.channel});
-        if let (Some(offset), Some(epoch)) = (p.offset, &p.epoch) {
-            params["since"] = json!({"offset": offset, "epoch": epoch});
-        }
-        let id = send(&mut ws, "subscribe", params).map_err(|e| dropped(&e))?;
-        subscribe_ids.insert(id, i);
-    }
+    let mut t = Terminal::open(url, token, positions)?;
     loop {
         while let Ok(line) = lines.try_recv() {
+            let channel = &t.positions[0].channel;
             let params =
-                json!({"channel": positions[0].channel, "event": "message", "payload": line});
-            send(&mut ws, "publish", params).map_err(|e| dropped(&e))?;
+                serde_json::json!({"channel": channel, "event": "message", "payload": line});
+            t.send("publish", params)?;
         }
         if lines.is_empty() && is_disconnected(lines) {
-            let _ = ws.close(None);
+            let _ = t.ws.close(None);
             return Ok(());
         }
-        let msg = match ws.read() {
+        if let Some(text) = t.next_text()? {
+            t.on_text(&text)?;
+        }
+    }
+}
+
+type Socket = tungstenite::WebSocket<tungstenite::stream::MaybeTlsStream<std::net::TcpStream>>;
+
+fn dropped(e: &dyn std::fmt::Display) -> SessionEnd {
+    SessionEnd::Dropped(e.to_string())
+}
+
+/// One connection of the terminal client: authenticated, subscribed, its requests' ids.
+struct Terminal<'p> {
+    ws: Socket,
+    next_id: u64,
+    auth_id: u64,
+    /// Subscribe request ids and the position each is for.
+    subscribe_ids: HashMap<u64, usize>,
+    positions: &'p mut [Position],
+}
+
+impl<'p> Terminal<'p> {
+    /// Connects, authenticates and subscribes every channel (with `since` where a position is
+    /// known, so a reconnect misses nothing).
+    fn open(url: &str, token: &str, positions: &'p mut [Position]) -> Result<Self, SessionEnd> {
+        use serde_json::json;
+        let (mut ws, _) = tungstenite::connect(url).map_err(|e| dropped(&e))?;
+        if let tungstenite::stream::MaybeTlsStream::Plain(s) = ws.get_mut() {
+            let _ = s.set_read_timeout(Some(Duration::from_millis(100)));
+        }
+        let mut t = Terminal {
+            ws,
+            next_id: 1,
+            auth_id: 0,
+            subscribe_ids: HashMap::new(),
+            positions,
+        };
+        t.auth_id = t.send("auth", json!({"token": token}))?;
+        for i in 0..t.positions.len() {
+            let p = &t.positions[i];
+            let mut params = json!({"channel": p.channel});
+            if let (Some(offset), Some(epoch)) = (p.offset, &p.epoch) {
+                params["since"] = json!({"offset": offset, "epoch": epoch});
+            }
+            let id = t.send("subscribe", params)?;
+            t.subscribe_ids.insert(id, i);
+        }
+        Ok(t)
+    }
+
+    /// Sends a request; returns its id.
+    fn send(&mut self, method: &str, params: serde_json::Value) -> Result<u64, SessionEnd> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let msg = serde_json::json!({"id": id, "method": method, "params": params}).to_string();
+        self.ws
+            .send(tungstenite::Message::text(msg))
+            .map_err(|e| dropped(&e))?;
+        Ok(id)
+    }
+
+    /// The next text frame, None when the read timed out (to look at stdin again) or brought
+    /// another kind of frame; a close is the end of the session.
+    fn next_text(&mut self) -> Result<Option<String>, SessionEnd> {
+        use tungstenite::Message;
+        let msg = match self.ws.read() {
             Ok(m) => m,
             Err(tungstenite::Error::Io(e))
                 if matches!(
@@ -166,23 +210,26 @@ fn session(
                     std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                 ) =>
             {
-                continue
+                return Ok(None)
             }
             Err(e) => return Err(dropped(&e)),
         };
-        let Message::Text(text) = msg else {
-            if let Message::Close(Some(frame)) = msg {
-                return Err(dropped(&format!(
-                    "closed {}: {}",
-                    u16::from(frame.code),
-                    frame.reason
-                )));
-            }
-            continue;
-        };
-        let Ok(frame) = serde_json::from_str::<Incoming>(&text) else {
+        match msg {
+            Message::Text(text) => Ok(Some(text.to_string())),
+            Message::Close(Some(frame)) => Err(dropped(&format!(
+                "closed {}: {}",
+                u16::from(frame.code),
+                frame.reason
+            ))),
+            _ => Ok(None),
+        }
+    }
+
+    /// Prints a broadcast, or takes note of a response.
+    fn on_text(&mut self, text: &str) -> Result<(), SessionEnd> {
+        let Ok(frame) = serde_json::from_str::<Incoming>(text) else {
             eprintln!("unreadable frame from the server: {text}");
-            continue;
+            return Ok(());
         };
         let broadcast = frame
             .params
@@ -192,20 +239,20 @@ fn session(
             // The payload as published, byte for byte: re-encoding it would change numbers
             // (`1.0e10`), spacing and escapes.
             println!("{} {}: {}", b.channel, b.event, b.payload.get());
-            if let Some(pos) = positions.iter_mut().find(|x| x.channel == b.channel) {
+            if let Some(pos) = self.positions.iter_mut().find(|x| x.channel == b.channel) {
                 pos.offset = b.offset;
             }
-            continue;
+            return Ok(());
         }
         let id = frame.request_id.unwrap_or(0);
         if let Some(e) = frame.error {
             let text = format!("{}: {}", e.code, e.message);
-            if id == auth_id || subscribe_ids.contains_key(&id) {
+            if id == self.auth_id || self.subscribe_ids.contains_key(&id) {
                 return Err(SessionEnd::Fatal(text));
             }
             eprintln!("error: {text}");
-        } else if let (Some(&i), Some(r)) = (subscribe_ids.get(&id), frame.result) {
-            let pos = &mut positions[i];
+        } else if let (Some(&i), Some(r)) = (self.subscribe_ids.get(&id), frame.result) {
+            let pos = &mut self.positions[i];
             if r.recovered == Some(false) {
                 eprintln!(
                     "{}: could not recover missed messages (history gone); continuing live",
@@ -217,6 +264,7 @@ fn session(
             }
             pos.epoch = r.epoch;
         }
+        Ok(())
     }
 }
 

@@ -125,6 +125,68 @@ impl Default for Config {
     }
 }
 
+impl Limits {
+    fn assert_valid(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, why: &str| Err(ConfigError(format!("limits.{key}: {why}")));
+        if self.max_frame_bytes < 256 {
+            return bad("max_frame_bytes", "must be at least 256");
+        }
+        if self.max_payload_bytes == 0 || self.max_payload_bytes > self.max_frame_bytes {
+            return bad(
+                "max_payload_bytes",
+                "must be between 1 and limits.max_frame_bytes (a payload travels inside one message)",
+            );
+        }
+        if self.http_head_bytes_max < 256 {
+            return bad("http_head_bytes_max", "must be at least 256");
+        }
+        if self.requests_per_second == 0 {
+            return bad("requests_per_second", "must be at least 1");
+        }
+        if self.request_burst == 0 {
+            return bad("request_burst", "must be at least 1");
+        }
+        if self.outbound_buffer_bytes < self.max_frame_bytes {
+            return bad(
+                "outbound_buffer_bytes",
+                "must be at least limits.max_frame_bytes, or no large broadcast could be queued",
+            );
+        }
+        if self.max_connections == 0 {
+            return bad("max_connections", "must be at least 1");
+        }
+        for (key, d) in [
+            ("auth_timeout", self.auth_timeout),
+            ("http_head_timeout", self.http_head_timeout),
+            ("write_timeout", self.write_timeout),
+            ("ping_interval", self.ping_interval),
+        ] {
+            if d.is_zero() {
+                return bad(key, "must be longer than 0s");
+            }
+        }
+        Ok(())
+    }
+}
+
+impl LogConfig {
+    fn assert_valid(&self) -> Result<(), ConfigError> {
+        // tracing-subscriber 0.3 can panic on non-ASCII directives (found by the config fuzz
+        // target); levels and module paths are ASCII anyway.
+        if !self.level.is_ascii() {
+            return Err(ConfigError(
+                "log.level: must be ASCII, like \"info\" or \"broadcaster=debug,info\"".into(),
+            ));
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.level) {
+            return Err(ConfigError(format!(
+                "log.level: not a valid level or filter: {e}"
+            )));
+        }
+        Ok(())
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
@@ -277,63 +339,9 @@ impl Config {
     /// Relationships between values, checked before any shard starts (tungstenite's
     /// `WebSocketConfig::assert_valid`).
     pub fn assert_valid(&self) -> Result<(), ConfigError> {
+        self.limits.assert_valid()?;
+        self.assert_durations()?;
         let bad = |key: &str, why: &str| Err(ConfigError(format!("{key}: {why}")));
-        let l = &self.limits;
-        if l.max_frame_bytes < 256 {
-            return bad("limits.max_frame_bytes", "must be at least 256");
-        }
-        if l.max_payload_bytes == 0 || l.max_payload_bytes > l.max_frame_bytes {
-            return bad(
-                "limits.max_payload_bytes",
-                "must be between 1 and limits.max_frame_bytes (a payload travels inside one message)",
-            );
-        }
-        if l.http_head_bytes_max < 256 {
-            return bad("limits.http_head_bytes_max", "must be at least 256");
-        }
-        if l.requests_per_second == 0 {
-            return bad("limits.requests_per_second", "must be at least 1");
-        }
-        if l.request_burst == 0 {
-            return bad("limits.request_burst", "must be at least 1");
-        }
-        if l.outbound_buffer_bytes < l.max_frame_bytes {
-            return bad(
-                "limits.outbound_buffer_bytes",
-                "must be at least limits.max_frame_bytes, or no large broadcast could be queued",
-            );
-        }
-        if l.max_connections == 0 {
-            return bad("limits.max_connections", "must be at least 1");
-        }
-        for (key, d) in [
-            ("limits.auth_timeout", l.auth_timeout),
-            ("limits.http_head_timeout", l.http_head_timeout),
-            ("limits.write_timeout", l.write_timeout),
-            ("limits.ping_interval", l.ping_interval),
-        ] {
-            if d.is_zero() {
-                return bad(key, "must be longer than 0s");
-            }
-        }
-        // Bounds that keep `Instant + duration` and jsonwebtoken's `now - leeway` from
-        // overflowing (found by the config fuzz target).
-        let durations = [
-            ("shutdown_grace", self.shutdown_grace),
-            ("limits.auth_timeout", l.auth_timeout),
-            ("limits.http_head_timeout", l.http_head_timeout),
-            ("limits.write_timeout", l.write_timeout),
-            ("limits.ping_interval", l.ping_interval),
-            ("history.ttl", self.history.ttl),
-        ];
-        for (key, d) in durations {
-            if d > DURATION_MAX {
-                return bad(key, "at most 365 days");
-            }
-        }
-        if self.auth.leeway > LEEWAY_MAX {
-            return bad("auth.leeway", "at most 1 hour of clock skew");
-        }
         if self.history.size > 100_000 {
             return bad("history.size", "at most 100000 publications per channel");
         }
@@ -346,29 +354,48 @@ impl Config {
         if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
             return bad("tls", "set both tls.cert_file and tls.key_file, or neither");
         }
-        if self.dev_mode {
-            if !self.listen.ip().is_loopback() {
-                return bad(
-                    "listen",
-                    "dev mode (no auth.jwt_secret) only binds a loopback address; configure a secret to listen elsewhere",
-                );
-            }
-            if let Some(a) = self.admin_listen {
-                if !a.ip().is_loopback() {
-                    return bad("admin_listen", "dev mode only binds a loopback address");
-                }
+        self.assert_dev_mode()?;
+        self.log.assert_valid()
+    }
+
+    /// Bounds that keep `Instant + duration` and jsonwebtoken's `now - leeway` from
+    /// overflowing (found by the config fuzz target).
+    fn assert_durations(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        let durations = [
+            ("shutdown_grace", self.shutdown_grace),
+            ("limits.auth_timeout", l.auth_timeout),
+            ("limits.http_head_timeout", l.http_head_timeout),
+            ("limits.write_timeout", l.write_timeout),
+            ("limits.ping_interval", l.ping_interval),
+            ("history.ttl", self.history.ttl),
+        ];
+        for (key, d) in durations {
+            if d > DURATION_MAX {
+                return Err(ConfigError(format!("{key}: at most 365 days")));
             }
         }
-        // tracing-subscriber 0.3 can panic on non-ASCII directives (found by the config fuzz
-        // target); levels and module paths are ASCII anyway.
-        if !self.log.level.is_ascii() {
-            return bad(
-                "log.level",
-                "must be ASCII, like \"info\" or \"broadcaster=debug,info\"",
-            );
+        if self.auth.leeway > LEEWAY_MAX {
+            let why = "auth.leeway: at most 1 hour of clock skew";
+            return Err(ConfigError(why.into()));
         }
-        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
-            return bad("log.level", &format!("not a valid level or filter: {e}"));
+        Ok(())
+    }
+
+    /// Dev mode binds loopback addresses only: its secrets are printed, and its playground
+    /// holds a token.
+    fn assert_dev_mode(&self) -> Result<(), ConfigError> {
+        if !self.dev_mode {
+            return Ok(());
+        }
+        if !self.listen.ip().is_loopback() {
+            return Err(ConfigError(
+                "listen: dev mode (no auth.jwt_secret) only binds a loopback address; configure a secret to listen elsewhere".into(),
+            ));
+        }
+        if self.admin_listen.is_some_and(|a| !a.ip().is_loopback()) {
+            let why = "admin_listen: dev mode only binds a loopback address";
+            return Err(ConfigError(why.into()));
         }
         Ok(())
     }

@@ -24,3 +24,8 @@ pub const RING_CAPACITY: usize = 4096;
 pub const ARENA_MAX: usize = 4 << 20;
 
 const _: () = assert!(ARENA_MAX < u32::MAX as usize);
+
+/// Publications a shard holds for the subscribes of one channel still waiting for their answer
+/// (cluster mode: the answer may come after newer publications, which the new subscriptions
+/// must get). A subscribe round trip's worth; later ones are not held.
+pub const HELD_MAX: usize = 4096;

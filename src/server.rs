@@ -1,4 +1,6 @@
-//! Starts the shards, wires the rings between them, waits for a signal, and shuts down.
+//! Starts the node: one glommio executor per shard, pinned round robin to the CPUs the process
+//! may use, the rings between them, the Redis bridge in cluster mode; then waits for a signal
+//! and lets every shard drain.
 
 use crate::config::Config;
 use crate::io::listener::Listener;
@@ -6,7 +8,7 @@ use crate::node::Node;
 use crate::ring::Ends;
 use crate::shard::{Shard, Watched};
 use crate::web::{self, Role};
-use glommio::{LocalExecutorBuilder, Placement};
+use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};
 use std::io::Write;
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -14,12 +16,19 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// io_uring submission queue entries per ring (see `start`).
+/// io_uring submission queue entries per glommio ring (see `spawn_shard`).
 const RING_DEPTH: usize = 4096;
-
 /// How often a shard looks at the shutdown flag and sweeps idle channels.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(50);
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The exit status of a process that stopped because a thread panicked.
+pub const PANIC_EXIT_CODE: i32 = 101;
+
+/// The listening addresses a shard got (public, admin), or why it could not listen.
+type Addrs = (SocketAddr, Option<SocketAddr>);
+type Ready = crossbeam_channel::Sender<Result<Addrs, String>>;
+type Readiness = crossbeam_channel::Receiver<Result<Addrs, String>>;
 
 /// Runs the server until SIGINT or SIGTERM has drained it. Prints the listening lines on stdout
 /// once every shard is ready.
@@ -28,6 +37,34 @@ pub fn run(mut config: Config) -> Result<(), String> {
     crate::preflight::check_io_uring()?;
     let shards = config.shard_count();
     let dev = config.dev_mode.then(|| crate::dev::setup(&mut config));
+    let (node, ends) = node(config, shards)?;
+    let (handles, listen) = start_shards(&node, ends)?;
+    if let Some(dev) = dev {
+        crate::dev::banner(&dev, listen.0);
+    }
+    {
+        let mut stdout = std::io::stdout().lock();
+        let _ = writeln!(stdout, "listening public={}", listen.0);
+        if let Some(admin) = listen.1 {
+            let _ = writeln!(stdout, "listening admin={admin}");
+        }
+        let _ = stdout.flush();
+    }
+    tracing::info!(shards, public = %listen.0, admin = ?listen.1, "serving");
+    let signals = node.clone();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || wait_for_signal(&signals))
+        .map_err(|e| format!("cannot start the signal thread: {e}"))?;
+    for h in handles {
+        let _ = h.join();
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// The node, with the Redis bridge started in cluster mode, and each shard's ends of the rings.
+fn node(config: Config, shards: usize) -> Result<(Arc<Node>, Vec<Ends>), String> {
     let mut node = Node::new(config, shards)?;
     let (ends, to_shards) = crate::ring::mesh(shards, node.config.redis.url.is_some());
     if let Some(url) = node.config.redis.url.clone() {
@@ -42,33 +79,21 @@ pub fn run(mut config: Config) -> Result<(), String> {
         node.exposition.add_bridge(bridge.metrics.clone());
         node.bridge = Some(bridge);
     }
-    let node = Arc::new(node);
+    Ok((Arc::new(node), ends))
+}
 
-    let cpus = allowed_cpus();
+/// Starts every shard and waits until each listens. Shard 0 resolves port 0; the others bind
+/// the port it got (SO_REUSEPORT).
+fn start_shards(
+    node: &Arc<Node>,
+    ends: Vec<Ends>,
+) -> Result<(Vec<ExecutorJoinHandle<()>>, Addrs), String> {
+    let cpus = crate::sys::allowed_cpus();
     let mut listen = (node.config.listen, node.config.admin_listen);
     let mut started = Vec::new();
     for (id, ends) in ends.into_iter().enumerate() {
-        let node = node.clone();
-        // One channel per shard, its sender held by the shard alone: a shard that ends before
-        // it is ready (glommio could not build its executor) drops it, and the wait below
-        // reports why instead of waiting forever.
-        let (ready, readiness) = crossbeam_channel::bounded(1);
-        let cpu = cpus[id % cpus.len()];
-        let addrs = listen;
-        let handle = LocalExecutorBuilder::new(Placement::Fixed(cpu))
-            .name(&format!("shard-{id}"))
-            // No file I/O: the storage buffers glommio would register are not needed.
-            .io_memory(64 * 1024)
-            // Each idle connection has a poll armed in the ring, and every cancellation glommio
-            // submits (its preemption and sleep timers, several per executor turn) searches one
-            // bucket of the kernel's table of armed polls. The kernel sizes that table from the
-            // ring: 128 entries (glommio's default) give 8 buckets, so at 5,000 connections a
-            // cancel walked ~600 polls and took 11% of the server's CPU in the chat benchmark.
-            // 4,096 entries give the most, 256 buckets.
-            .ring_depth(RING_DEPTH)
-            .spawn(move || shard_main(id, node, ends, addrs, ready))
-            .map_err(|e| format!("cannot start shard {id}: {e}"))?;
-        // Shard 0 resolves port 0; the others bind the port it got (SO_REUSEPORT).
+        let cpu = cpus.get(id % cpus.len().max(1)).copied().unwrap_or(0);
+        let (handle, readiness) = spawn_shard(id, cpu, node.clone(), ends, listen)?;
         if id == 0 {
             let (addrs, handle) = wait_ready(id, &readiness, handle)?;
             listen = addrs;
@@ -84,33 +109,57 @@ pub fn run(mut config: Config) -> Result<(), String> {
             None => handle,
         });
     }
-    if let Some(dev) = dev {
-        crate::dev::banner(&dev, listen.0);
-    }
-    {
-        let mut stdout = std::io::stdout().lock();
-        let _ = writeln!(stdout, "listening public={}", listen.0);
-        if let Some(admin) = listen.1 {
-            let _ = writeln!(stdout, "listening admin={admin}");
-        }
-        let _ = stdout.flush();
-    }
-    tracing::info!(shards, public = %listen.0, admin = ?listen.1, "serving");
-
-    let signals = node.clone();
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || wait_for_signal(&signals))
-        .map_err(|e| format!("cannot start the signal thread: {e}"))?;
-    for h in handles {
-        let _ = h.join();
-    }
-    tracing::info!("stopped");
-    Ok(())
+    Ok((handles, listen))
 }
 
-/// The exit status of a process that stopped because a thread panicked.
-pub const PANIC_EXIT_CODE: i32 = 101;
+/// Starts shard `id` on its own executor pinned to `cpu`.
+fn spawn_shard(
+    id: usize,
+    cpu: usize,
+    node: Arc<Node>,
+    ends: Ends,
+    listen: Addrs,
+) -> Result<(ExecutorJoinHandle<()>, Readiness), String> {
+    // One channel per shard, its sender held by the shard alone: a shard that ends before it
+    // is ready (glommio could not build its executor) drops it, and `wait_ready` reports why
+    // instead of waiting forever.
+    let (ready, readiness) = crossbeam_channel::bounded(1);
+    let handle = LocalExecutorBuilder::new(Placement::Fixed(cpu))
+        .name(&format!("shard-{id}"))
+        // No file I/O: the storage buffers glommio would register are not needed.
+        .io_memory(64 * 1024)
+        // Each idle connection had a poll armed in the ring, and every cancellation glommio
+        // submits (its preemption and sleep timers, several per executor turn) searches one
+        // bucket of the kernel's table of armed polls, which the kernel sizes from the ring:
+        // 128 entries (glommio's default) give 8 buckets, and at 5,000 connections a cancel
+        // walked ~600 polls (11% of the server's CPU in the chat benchmark). 4,096 entries
+        // give the most, 256 buckets. TLS sockets still wait in the ring.
+        .ring_depth(RING_DEPTH)
+        .spawn(move || shard_main(id, node, ends, listen, ready))
+        .map_err(|e| format!("cannot start shard {id}: {e}"))?;
+    Ok((handle, readiness))
+}
+
+/// Waits until shard `id` listens; when it ended instead, says why (glommio's error).
+fn wait_ready(
+    id: usize,
+    readiness: &Readiness,
+    handle: ExecutorJoinHandle<()>,
+) -> Result<(Addrs, ExecutorJoinHandle<()>), String> {
+    match readiness.recv() {
+        Ok(Ok(addrs)) => Ok((addrs, handle)),
+        Ok(Err(e)) => Err(e),
+        Err(_) => {
+            let why = match handle.join() {
+                Err(e) => e.to_string(),
+                Ok(()) => "it ended".to_string(),
+            };
+            Err(format!(
+                "shard {id} stopped during start (glommio could not build its executor): {why}"
+            ))
+        }
+    }
+}
 
 /// Makes a panic on any thread (a shard, the Redis bridge) end the whole process with
 /// `PANIC_EXIT_CODE` once the panic is logged. A server with one shard gone would be half
@@ -139,111 +188,39 @@ fn wait_for_signal(node: &Node) {
     }
 }
 
-/// The listening addresses a shard got, or why it could not listen.
-type Ready = crossbeam_channel::Sender<Result<Addrs, String>>;
-type Addrs = (SocketAddr, Option<SocketAddr>);
-
-/// Waits until shard `id` listens; when it ended instead, says why (glommio's error).
-fn wait_ready(
-    id: usize,
-    readiness: &crossbeam_channel::Receiver<Result<Addrs, String>>,
-    handle: glommio::ExecutorJoinHandle<()>,
-) -> Result<(Addrs, glommio::ExecutorJoinHandle<()>), String> {
-    match readiness.recv() {
-        Ok(Ok(addrs)) => Ok((addrs, handle)),
-        Ok(Err(e)) => Err(e),
-        Err(_) => {
-            let why = match handle.join() {
-                Err(e) => e.to_string(),
-                Ok(()) => "it ended".to_string(),
-            };
-            Err(format!(
-                "shard {id} stopped during start (glommio could not build its executor): {why}"
-            ))
-        }
-    }
-}
-
-async fn shard_main(
-    id: usize,
-    node: Arc<Node>,
-    ends: Ends,
-    (listen, admin_listen): (SocketAddr, Option<SocketAddr>),
-    ready: Ready,
-) {
-    let bind = |addr: SocketAddr| {
-        Listener::bind(addr)
-            .map(Rc::new)
-            .map_err(|e| format!("cannot listen on {addr}: {e}"))
-    };
-    let public = match bind(listen) {
-        Ok(l) => l,
-        Err(e) => {
-            let _ = ready.send(Err(e));
-            return;
-        }
-    };
-    let admin = match admin_listen.map(bind).transpose() {
-        Ok(l) => l,
-        Err(e) => {
-            let _ = ready.send(Err(e));
-            return;
-        }
-    };
-    let addrs = (
-        public.local_addr().unwrap_or(listen),
-        admin.as_ref().and_then(|a| a.local_addr().ok()),
-    );
+/// One shard's life: listen, serve, sweep, and on shutdown drain.
+async fn shard_main(id: usize, node: Arc<Node>, ends: Ends, listen: Addrs, ready: Ready) {
     let shard = Shard::new(id, node.clone());
-    // Every plain socket waits in the shard's epoll set, the listeners too. Their poller ids
-    // count down from the top; connection ids count up from 0.
-    let listeners: Vec<(u64, Rc<Listener>)> = std::iter::once(public.clone())
-        .chain(admin.clone())
-        .enumerate()
-        .map(|(i, l)| (u64::MAX - i as u64, l))
-        .collect();
-    for (key, l) in &listeners {
-        if let Err(e) = shard.poller.register(l.fd(), *key) {
-            let _ = ready.send(Err(format!("cannot watch the listening socket: {e}")));
+    let listeners = match listen_on(&shard, listen) {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = ready.send(Err(e));
             return;
         }
-        shard.watch(*key, Watched::Listener(l.clone()));
-    }
-    let flush_task = {
-        let shard = shard.clone();
-        glommio::spawn_local(async move { shard.flusher().run(shard.metrics()).await }).detach()
     };
-    let poll_task = {
-        let shard = shard.clone();
-        glommio::spawn_local(async move {
-            shard
-                .poller
-                .run(|id, events| shard.socket_ready(id, events))
-                .await
-        })
-        .detach()
-    };
-    let timer_task = {
-        let shard = shard.clone();
-        glommio::spawn_local(
-            async move { shard.timers.run(|id, due| shard.timer_due(id, due)).await },
-        )
-        .detach()
-    };
+    let services = start_services(&shard);
     shard.connect_rings(ends);
+    let addrs = (
+        listeners[0].1.local_addr().unwrap_or(listen.0),
+        listeners
+            .get(1)
+            .and_then(|(_, a)| a.local_addr().ok())
+            .or(listen.1),
+    );
     let _ = ready.send(Ok(addrs));
-
-    let public_task = glommio::spawn_local(web::accept_loop(
-        shard.clone(),
-        public,
-        Role::Public {
-            backend: admin.is_none(),
-        },
-    ))
-    .detach();
-    let admin_task = admin
-        .map(|a| glommio::spawn_local(web::accept_loop(shard.clone(), a, Role::Admin)).detach());
-
+    let backend = listeners.len() == 1;
+    let accepts: Vec<_> = listeners
+        .iter()
+        .enumerate()
+        .map(|(i, (_, l))| {
+            let role = if i == 0 {
+                Role::Public { backend }
+            } else {
+                Role::Admin
+            };
+            glommio::spawn_local(web::accept_loop(shard.clone(), l.clone(), role)).detach()
+        })
+        .collect();
     let mut last_sweep = Instant::now();
     while !node.shutting_down.load(Relaxed) {
         glommio::timer::sleep(HOUSEKEEPING_INTERVAL).await;
@@ -252,26 +229,46 @@ async fn shard_main(
             last_sweep = Instant::now();
         }
     }
-
     crate::shutdown::drain(&shard).await;
-    public_task.cancel();
+    for task in accepts.into_iter().chain(services) {
+        task.cancel();
+    }
     for (key, _) in &listeners {
         shard.unwatch(*key);
     }
-    flush_task.cancel();
-    poll_task.cancel();
-    timer_task.cancel();
-    if let Some(t) = admin_task {
-        t.cancel();
-    }
 }
 
-/// CPUs this process may run on, in order; shards are pinned to them round robin.
-fn allowed_cpus() -> Vec<usize> {
-    let cpus = crate::sys::allowed_cpus();
-    if cpus.is_empty() {
-        vec![0]
-    } else {
-        cpus
+/// The shard's listeners (public, then admin if configured), bound and in its epoll set. Their
+/// poller ids count down from the top; connection ids count up from 0.
+fn listen_on(shard: &Shard, (public, admin): Addrs) -> Result<Vec<(u64, Rc<Listener>)>, String> {
+    let mut listeners = Vec::new();
+    for (i, addr) in std::iter::once(public).chain(admin).enumerate() {
+        let listener = Listener::bind(addr)
+            .map(Rc::new)
+            .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        let key = u64::MAX - i as u64;
+        shard
+            .poller
+            .register(listener.fd(), key)
+            .map_err(|e| format!("cannot watch the listening socket: {e}"))?;
+        shard.watch(key, Watched::Listener(listener.clone()));
+        listeners.push((key, listener));
     }
+    Ok(listeners)
+}
+
+/// The shard's own tasks for its life: the flush pass, the epoll set's readiness, the timers.
+fn start_services(shard: &Rc<Shard>) -> Vec<glommio::task::JoinHandle<()>> {
+    let (s1, s2, s3) = (shard.clone(), shard.clone(), shard.clone());
+    vec![
+        glommio::spawn_local(async move { s1.flusher().run(s1.metrics()).await }).detach(),
+        glommio::spawn_local(async move {
+            s2.poller
+                .run(|id, events| s2.socket_ready(id, events))
+                .await
+        })
+        .detach(),
+        glommio::spawn_local(async move { s3.timers.run(|id, due| s3.timer_due(id, due)).await })
+            .detach(),
+    ]
 }

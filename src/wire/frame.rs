@@ -61,25 +61,7 @@ impl Decoder {
             Ok(None) => return Ok(None),
             Err(_) => return Err(Close::new(PROTOCOL, "reserved opcode")),
         };
-        if header.rsv1 || header.rsv2 || header.rsv3 {
-            return Err(Close::new(
-                PROTOCOL,
-                "reserved bits set without an extension",
-            ));
-        }
-        let Some(mask) = header.mask else {
-            return Err(Close::new(PROTOCOL, "client frames must be masked"));
-        };
-        let is_control = matches!(header.opcode, OpCode::Control(_));
-        if is_control && (length > 125 || !header.is_final) {
-            return Err(Close::new(
-                PROTOCOL,
-                "control frames are at most 125 bytes, unfragmented",
-            ));
-        }
-        if length > self.max_message_bytes as u64 {
-            return Err(Close::new(TOO_BIG, "message larger than max_frame_bytes"));
-        }
+        let mask = check_header(&header, length, self.max_message_bytes)?;
         let start = cursor.position() as usize;
         let end = start + length as usize;
         if buf.len() < end {
@@ -95,40 +77,75 @@ impl Decoder {
             OpCode::Control(Control::Reserved(_)) | OpCode::Data(Data::Reserved(_)) => {
                 return Err(Close::new(PROTOCOL, "reserved opcode"))
             }
-            OpCode::Data(Data::Continue) => {
-                let Some((text, mut data)) = self.fragments.take() else {
-                    return Err(Close::new(PROTOCOL, "continuation frame without a message"));
-                };
-                if data.len() + payload.len() > self.max_message_bytes {
-                    return Err(Close::new(TOO_BIG, "message larger than max_frame_bytes"));
-                }
-                data.extend_from_slice(payload);
-                if header.is_final {
-                    self.assembled = data;
-                    Some(complete(text, &self.assembled)?)
-                } else {
-                    self.fragments = Some((text, data));
-                    None
-                }
-            }
-            OpCode::Data(kind) => {
-                if self.fragments.is_some() {
-                    return Err(Close::new(
-                        PROTOCOL,
-                        "new message before the fragmented one ended",
-                    ));
-                }
-                let text = kind == Data::Text;
-                if header.is_final {
-                    Some(complete(text, payload)?)
-                } else {
-                    self.fragments = Some((text, payload.to_vec()));
-                    None
-                }
-            }
+            OpCode::Data(Data::Continue) => self.continuation(payload, header.is_final)?,
+            OpCode::Data(kind) => self.start(kind == Data::Text, payload, header.is_final)?,
         };
         Ok(Some((message, end)))
     }
+}
+
+impl Decoder {
+    /// A continuation frame: appended to the message it continues, which completes when
+    /// `last`.
+    fn continuation<'a>(
+        &'a mut self,
+        payload: &[u8],
+        last: bool,
+    ) -> Result<Option<Message<'a>>, Close> {
+        let Some((text, mut data)) = self.fragments.take() else {
+            return Err(Close::new(PROTOCOL, "continuation frame without a message"));
+        };
+        if data.len() + payload.len() > self.max_message_bytes {
+            return Err(Close::new(TOO_BIG, "message larger than max_frame_bytes"));
+        }
+        data.extend_from_slice(payload);
+        if last {
+            self.assembled = data;
+            return Ok(Some(complete(text, &self.assembled)?));
+        }
+        self.fragments = Some((text, data));
+        Ok(None)
+    }
+
+    /// The first frame of a data message: the whole message when `last`.
+    fn start<'a>(
+        &mut self,
+        text: bool,
+        payload: &'a [u8],
+        last: bool,
+    ) -> Result<Option<Message<'a>>, Close> {
+        if self.fragments.is_some() {
+            let why = "new message before the fragmented one ended";
+            return Err(Close::new(PROTOCOL, why));
+        }
+        if last {
+            return Ok(Some(complete(text, payload)?));
+        }
+        self.fragments = Some((text, payload.to_vec()));
+        Ok(None)
+    }
+}
+
+/// The rules of RFC 6455 5.1-5.5 a frame header must keep: no reserved bits without an
+/// extension, masked, control frames short and unfragmented, within the size limit. Returns
+/// the mask.
+fn check_header(header: &FrameHeader, length: u64, max: usize) -> Result<[u8; 4], Close> {
+    if header.rsv1 || header.rsv2 || header.rsv3 {
+        let why = "reserved bits set without an extension";
+        return Err(Close::new(PROTOCOL, why));
+    }
+    let Some(mask) = header.mask else {
+        return Err(Close::new(PROTOCOL, "client frames must be masked"));
+    };
+    let is_control = matches!(header.opcode, OpCode::Control(_));
+    if is_control && (length > 125 || !header.is_final) {
+        let why = "control frames are at most 125 bytes, unfragmented";
+        return Err(Close::new(PROTOCOL, why));
+    }
+    if length > max as u64 {
+        return Err(Close::new(TOO_BIG, "message larger than max_frame_bytes"));
+    }
+    Ok(mask)
 }
 
 fn complete(text: bool, data: &[u8]) -> Result<Message<'_>, Close> {

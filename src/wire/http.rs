@@ -74,57 +74,70 @@ pub fn parse_head(buf: &[u8], max_bytes: usize) -> Result<Option<Head>, HeadErro
         ..Head::default()
     };
     for h in req.headers.iter() {
-        let value = h.value;
+        head.take_header(h.name, h.value)?;
+    }
+    Ok(Some(head))
+}
+
+impl Head {
+    /// Takes what the server uses of one header.
+    fn take_header(&mut self, name: &str, value: &[u8]) -> Result<(), HeadError> {
         let text = || String::from_utf8_lossy(value).trim().to_string();
-        let name = h.name;
-        if name.eq_ignore_ascii_case("content-length") {
-            let n = std::str::from_utf8(value)
-                .ok()
-                .and_then(|s| s.trim().parse::<usize>().ok())
-                .ok_or(HeadError {
-                    status: 400,
-                    message: "invalid Content-Length",
-                })?;
-            if head.content_length.is_some_and(|m| m != n) {
-                return Err(HeadError {
-                    status: 400,
-                    message: "conflicting Content-Length headers",
-                });
-            }
-            head.content_length = Some(n);
-        } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            head.chunked = true;
-        } else if name.eq_ignore_ascii_case("connection") {
+        let is = |n: &str| name.eq_ignore_ascii_case(n);
+        if is("content-length") {
+            self.take_content_length(value)?;
+        } else if is("transfer-encoding") {
+            self.chunked = true;
+        } else if is("connection") {
             for token in text().split(',') {
                 let token = token.trim();
                 if token.eq_ignore_ascii_case("close") {
-                    head.keep_alive = false;
+                    self.keep_alive = false;
                 } else if token.eq_ignore_ascii_case("keep-alive") {
-                    head.keep_alive = true;
+                    self.keep_alive = true;
                 } else if token.eq_ignore_ascii_case("upgrade") {
-                    head.connection_upgrade = true;
+                    self.connection_upgrade = true;
                 }
             }
-        } else if name.eq_ignore_ascii_case("upgrade") {
-            head.upgrade_websocket = text()
+        } else if is("upgrade") {
+            self.upgrade_websocket = text()
                 .split(',')
                 .any(|t| t.trim().eq_ignore_ascii_case("websocket"));
-        } else if name.eq_ignore_ascii_case("sec-websocket-key") {
-            head.ws_key = Some(text());
-        } else if name.eq_ignore_ascii_case("sec-websocket-version") {
-            head.ws_version = Some(text());
-        } else if name.eq_ignore_ascii_case("origin") {
-            head.origin = Some(text());
-        } else if name.eq_ignore_ascii_case("host") {
-            head.host = Some(text());
-        } else if name.eq_ignore_ascii_case("authorization") {
+        } else if is("sec-websocket-key") {
+            self.ws_key = Some(text());
+        } else if is("sec-websocket-version") {
+            self.ws_version = Some(text());
+        } else if is("origin") {
+            self.origin = Some(text());
+        } else if is("host") {
+            self.host = Some(text());
+        } else if is("authorization") {
             let v = value.trim_ascii();
             if v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer ") {
-                head.bearer = Some(v[7..].trim_ascii().to_vec());
+                self.bearer = Some(v[7..].trim_ascii().to_vec());
             }
         }
+        Ok(())
     }
-    Ok(Some(head))
+
+    /// A `Content-Length`; several must agree (request smuggling).
+    fn take_content_length(&mut self, value: &[u8]) -> Result<(), HeadError> {
+        let n = std::str::from_utf8(value)
+            .ok()
+            .and_then(|s| s.trim().parse::<usize>().ok())
+            .ok_or(HeadError {
+                status: 400,
+                message: "invalid Content-Length",
+            })?;
+        if self.content_length.is_some_and(|m| m != n) {
+            return Err(HeadError {
+                status: 400,
+                message: "conflicting Content-Length headers",
+            });
+        }
+        self.content_length = Some(n);
+        Ok(())
+    }
 }
 
 /// True when a `Host` header names this machine (localhost, 127.0.0.0/8 or ::1), with any port.

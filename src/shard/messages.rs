@@ -1,0 +1,113 @@
+//! What another shard, or the Redis bridge, says to this one: one small fn per message, behind
+//! one dispatch. None waits: replies go to outboxes.
+
+use super::{Pending, Shard};
+use crate::channel::Publication;
+use crate::ring::{Ack, ShardMsg};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+impl Shard {
+    /// Handles one message, in ring order.
+    pub fn on_ring(&self, msg: ShardMsg) {
+        match msg {
+            ShardMsg::Publish {
+                token,
+                from,
+                params,
+                accepted,
+            } => {
+                let ack = self.owner_publish(&params, accepted);
+                self.send(from, ShardMsg::Published { token, ack });
+            }
+            ShardMsg::Published { token, ack } => self.published(token, ack),
+            ShardMsg::Subscribe {
+                token,
+                from,
+                channel,
+                since,
+            } => {
+                let position = self
+                    .owned
+                    .borrow_mut()
+                    .subscribe(from, &channel, since.as_ref());
+                self.send(from, ShardMsg::Subscribed { token, position });
+            }
+            ShardMsg::Subscribed { token, position } => {
+                if let Some(pending) = self.answer_for(token) {
+                    self.subscribed(pending, position);
+                }
+            }
+            ShardMsg::SubscribeFailed { token, error } => {
+                if let Some(pending) = self.answer_for(token) {
+                    self.subscribe_failed(pending, &error);
+                }
+            }
+            ShardMsg::Unwatch { from, channel } => self.owned.borrow_mut().unwatch(from, &channel),
+            ShardMsg::Deliver(publication) => self.deliver(&publication),
+            ShardMsg::History {
+                token,
+                from,
+                channel,
+                limit,
+            } => {
+                let (items, offset, epoch) = self.owned.borrow_mut().history(&channel, limit);
+                let msg = ShardMsg::HistoryIs {
+                    token,
+                    items,
+                    offset,
+                    epoch,
+                };
+                self.send(from, msg);
+            }
+            ShardMsg::HistoryIs {
+                token,
+                items,
+                offset,
+                epoch,
+            } => self.history_is(token, items, offset, epoch),
+            ShardMsg::Channels { token, from } => {
+                let counts = self.subscriptions.counts();
+                self.send(from, ShardMsg::ChannelsAre { token, counts });
+            }
+            ShardMsg::ChannelsAre { token, counts } => self.channels_are(token, counts),
+        }
+    }
+
+    fn published(&self, token: u64, ack: Ack) {
+        if let Some(Pending::Publish(tx)) = self.answer_for(token) {
+            let _ = tx.send(ack);
+        }
+    }
+
+    fn history_is(&self, token: u64, items: Vec<Arc<Publication>>, offset: u64, epoch: String) {
+        if let Some(Pending::History(tx)) = self.answer_for(token) {
+            let _ = tx.send((items, offset, epoch));
+        }
+    }
+
+    /// One peer's subscriber counts; the request completes with the last.
+    fn channels_are(&self, token: u64, counts: Vec<(Arc<str>, usize)>) {
+        let mut pending = self.pending.borrow_mut();
+        let Some(Pending::Channels {
+            waiting,
+            counts: sum,
+            done,
+        }) = pending.get_mut(&token)
+        else {
+            return;
+        };
+        for (c, n) in counts {
+            *sum.entry(c).or_insert(0) += n;
+        }
+        *waiting -= 1;
+        if *waiting > 0 {
+            return;
+        }
+        let sum: HashMap<Arc<str>, usize> = std::mem::take(sum);
+        if let Some(tx) = done.take() {
+            let _ = tx.send(sum);
+        }
+        pending.remove(&token);
+    }
+}

@@ -1,0 +1,160 @@
+//! Subscribing without gaps: a subscription starts at the moment its owner's answer arrives in
+//! ring order; unsubscribing; and letting the owner know when no subscriber is left here.
+
+use super::{Pending, Shard};
+use crate::channel::{Position, Publication};
+use crate::connection::{Conn, Subscription};
+use crate::error::Error;
+use crate::metrics::ShardMetrics;
+use crate::ring::ShardMsg;
+use crate::route::{route, Route};
+use crate::wire::reply;
+use crate::wire::request::Since;
+use futures_channel::oneshot;
+use std::rc::Rc;
+use std::sync::Arc;
+
+impl Shard {
+    /// Starts a subscription for `conn`. It becomes active, and its response is queued, at the
+    /// moment the owner's answer arrives in ring order, so no publication after the answer's
+    /// offset can be missed and none before it is delivered. The returned receiver completes
+    /// then.
+    pub fn subscribe(
+        self: &Rc<Self>,
+        conn: &Rc<Conn>,
+        request_id: Option<&[u8]>,
+        channel: &str,
+        since: Option<Since>,
+    ) -> oneshot::Receiver<()> {
+        let (done, rx) = oneshot::channel();
+        let channel = self.subscriptions.begin(channel);
+        let pending = Pending::Subscribe {
+            conn: conn.clone(),
+            request_id: request_id.map(<[u8]>::to_vec),
+            channel: channel.clone(),
+            done,
+        };
+        match route(&self.node, self.id, &channel) {
+            Route::Local => {
+                let position = self
+                    .owned
+                    .borrow_mut()
+                    .subscribe(self.id, &channel, since.as_ref());
+                self.subscribed(pending, position);
+            }
+            Route::Peer(owner) => {
+                let token = self.await_answer(pending);
+                let from = self.id;
+                let msg = ShardMsg::Subscribe {
+                    token,
+                    from,
+                    channel,
+                    since,
+                };
+                self.send(owner, msg);
+            }
+            Route::Redis(bridge) => {
+                let token = self.await_answer(pending);
+                let shard = self.id;
+                let request = crate::cluster::Request::Watch {
+                    shard,
+                    token,
+                    channel,
+                    since,
+                };
+                bridge.send(request);
+            }
+        }
+        rx
+    }
+
+    /// The owner answered a subscribe with the channel's position: the subscription starts
+    /// here. The response is queued first, then what was missed, then (later) live
+    /// publications.
+    pub(super) fn subscribed(&self, pending: Pending, position: Position) {
+        let Pending::Subscribe {
+            conn,
+            request_id,
+            channel,
+            done,
+        } = pending
+        else {
+            return;
+        };
+        let held = self.subscriptions.answered(&channel);
+        if conn.is_closing() {
+            self.release(&channel);
+            let _ = done.send(());
+            return;
+        }
+        let n = self.next_subscription.get() + 1;
+        self.next_subscription.set(n);
+        let (offset, epoch) = (position.offset, position.epoch.clone());
+        let sub = Rc::new(Subscription::new(conn.clone(), channel, n, offset, epoch));
+        self.subscriptions.add(sub.clone());
+        conn.add_subscription(sub.clone());
+        ShardMetrics::gauge(&self.metrics().subscriptions_total, 1);
+        let body = reply::subscribed(
+            &format!("{}-{}", self.id, n),
+            &crate::clock::now_rfc3339(),
+            position.offset,
+            &position.epoch,
+            position.recovered,
+        );
+        conn.respond(request_id.as_deref(), Ok(&body));
+        let newer = |p: &&Arc<Publication>| {
+            p.offset > position.offset || p.epoch.as_ref().is_some_and(|e| *e != position.epoch)
+        };
+        let (metrics, flusher) = (self.metrics(), &self.send.flusher);
+        for publication in position.replay.iter().chain(held.iter().filter(newer)) {
+            conn.enqueue_broadcast(publication, sub.next_seq(), metrics, flusher);
+        }
+        let _ = done.send(());
+    }
+
+    /// A subscribe could not be set up (cluster mode: Redis unreachable): its request gets the
+    /// error.
+    pub(super) fn subscribe_failed(&self, pending: Pending, error: &Error) {
+        let Pending::Subscribe {
+            conn,
+            request_id,
+            channel,
+            done,
+        } = pending
+        else {
+            return;
+        };
+        self.subscriptions.failed(&channel);
+        self.metrics().rejected(error.code);
+        conn.respond(request_id.as_deref(), Err(error));
+        let _ = done.send(());
+    }
+
+    /// Removes one subscription of a connection (unsubscribe, re-auth narrowing, or close).
+    pub fn unsubscribe(&self, sub: &Rc<Subscription>) {
+        if !self.subscriptions.remove(sub) {
+            return;
+        }
+        ShardMetrics::gauge(&self.metrics().subscriptions_total, -1);
+        self.release(&sub.channel);
+    }
+
+    /// When a channel has neither subscribers nor pending subscribes here, tells its owner to
+    /// stop sending its publications to this shard.
+    fn release(&self, channel: &Arc<str>) {
+        if !self.subscriptions.forget_if_idle(channel) {
+            return;
+        }
+        match route(&self.node, self.id, channel) {
+            Route::Local => self.owned.borrow_mut().unwatch(self.id, channel),
+            Route::Peer(owner) => {
+                let (from, channel) = (self.id, channel.clone());
+                self.send(owner, ShardMsg::Unwatch { from, channel });
+            }
+            Route::Redis(bridge) => {
+                let (shard, channel) = (self.id, channel.clone());
+                bridge.send(crate::cluster::Request::Unwatch { shard, channel });
+            }
+        }
+    }
+}
