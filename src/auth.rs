@@ -8,10 +8,13 @@ use std::time::Duration;
 /// What a verified token allows. Built once per `auth`, read on every subscribe and publish.
 #[derive(Debug, Clone)]
 pub struct Permissions {
+    /// The token's subject: the user.
     pub sub: String,
     /// Unix seconds; the connection is closed with 4002 at this time unless re-authenticated.
     pub exp: u64,
+    /// The `subscribe` scope.
     pub can_subscribe: bool,
+    /// The `publish` scope.
     pub can_publish: bool,
     patterns: Vec<String>,
 }
@@ -48,6 +51,7 @@ pub struct Verifier {
 }
 
 impl Verifier {
+    /// A verifier of tokens signed with `secret`, allowing `leeway` of clock skew on `exp`.
     pub fn new(secret: &str, leeway: Duration) -> Verifier {
         // Only HS256 is listed, so `none`, RS256 (alg confusion) and every other alg fail.
         let mut validation = Validation::new(Algorithm::HS256);
@@ -61,6 +65,7 @@ impl Verifier {
         }
     }
 
+    /// The permissions `token` grants, or why it is refused.
     pub fn verify(&self, token: &str) -> Result<Permissions, TokenError> {
         use jsonwebtoken::errors::ErrorKind as K;
         let data =
@@ -131,7 +136,7 @@ pub fn mint(
 
 /// Compares an offered API key with every configured one in time that does not depend on where
 /// the first differing byte is, so response timing tells an attacker nothing about a key.
-pub fn api_key_matches(keys: &[String], offered: &[u8]) -> bool {
+pub(crate) fn api_key_matches(keys: &[String], offered: &[u8]) -> bool {
     let mut found = false;
     for key in keys {
         let key = key.as_bytes();

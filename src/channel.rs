@@ -12,24 +12,25 @@ use std::time::{Duration, Instant};
 /// frame is encoded once here; each subscriber only splices in its own `seq`.
 #[derive(Debug)]
 pub struct Publication {
-    pub channel: Arc<str>,
-    pub offset: u64,
-    pub id: Box<str>,
-    pub create_time: Box<str>,
-    pub event: Box<str>,
+    pub(crate) channel: Arc<str>,
+    pub(crate) offset: u64,
+    pub(crate) id: Box<str>,
+    pub(crate) create_time: Box<str>,
+    pub(crate) event: Box<str>,
+    /// The broadcast notification up to its `seq` value (`wire::broadcast`).
     pub prefix: Box<[u8]>,
     /// Ends with `"payload":PAYLOAD}}`: the payload is kept once, inside the frame.
     pub suffix: Box<[u8]>,
     /// Where the payload starts in `suffix`.
     payload_at: u32,
     /// The channel's epoch when known (cluster mode): offsets compare only within one epoch.
-    pub epoch: Option<Arc<str>>,
+    pub(crate) epoch: Option<Arc<str>>,
     /// When the publication was accepted, for `publish_to_write_seconds`.
-    pub accepted: Instant,
+    pub(crate) accepted: Instant,
 }
 
 impl Publication {
-    pub fn new(
+    pub(crate) fn new(
         channel: Arc<str>,
         offset: u64,
         id: &str,
@@ -57,7 +58,7 @@ impl Publication {
     }
 
     /// The payload exactly as published (a slice of the encoded frame's tail).
-    pub fn payload(&self) -> &[u8] {
+    pub(crate) fn payload(&self) -> &[u8] {
         let end = self.suffix.len().saturating_sub(2);
         self.suffix
             .get(self.payload_at as usize..end)
@@ -66,18 +67,18 @@ impl Publication {
 }
 
 /// Publications oldest first, with the channel's offset and epoch (`GET /history`).
-pub type HistoryPage = (Vec<Arc<Publication>>, u64, String);
+pub(crate) type HistoryPage = (Vec<Arc<Publication>>, u64, String);
 
 /// What a subscriber needs to start: the channel's position and, on recovery, what it missed.
 #[derive(Debug)]
-pub struct Position {
-    pub offset: u64,
-    pub epoch: Arc<str>,
-    pub recovered: Option<bool>,
-    pub replay: Vec<Arc<Publication>>,
+pub(crate) struct Position {
+    pub(crate) offset: u64,
+    pub(crate) epoch: Arc<str>,
+    pub(crate) recovered: Option<bool>,
+    pub(crate) replay: Vec<Arc<Publication>>,
 }
 
-pub struct ChannelState {
+pub(crate) struct ChannelState {
     name: Arc<str>,
     offset: u64,
     epoch: Arc<str>,
@@ -109,11 +110,6 @@ impl ChannelState {
         }
     }
 
-    pub fn watched_by(&self, shard: usize) -> bool {
-        let (w, b) = bit(shard);
-        self.watchers[w] & b != 0
-    }
-
     fn unwatched(&self) -> bool {
         self.watchers.iter().all(|w| *w == 0)
     }
@@ -129,6 +125,8 @@ impl ChannelState {
 }
 
 impl Channels {
+    /// The channels of one owner shard, each keeping `history_size` publications for
+    /// `history_ttl`.
     pub fn new(history_size: usize, history_ttl: Duration) -> Channels {
         Channels {
             states: HashMap::new(),
@@ -137,11 +135,12 @@ impl Channels {
         }
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.states.len()
     }
 
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
         self.states.is_empty()
     }
 
@@ -196,7 +195,12 @@ impl Channels {
 
     /// Registers `shard` as a watcher and answers with the channel's position; with `since`,
     /// also the publications after it when history still holds every one of them.
-    pub fn subscribe(&mut self, shard: usize, channel: &str, since: Option<&Since>) -> Position {
+    pub(crate) fn subscribe(
+        &mut self,
+        shard: usize,
+        channel: &str,
+        since: Option<&Since>,
+    ) -> Position {
         let ttl = self.history_ttl;
         let state = self.state(channel);
         let (w, b) = bit(shard);
@@ -231,7 +235,7 @@ impl Channels {
     }
 
     /// `shard` has no subscriber left for `channel`.
-    pub fn unwatch(&mut self, shard: usize, channel: &str) {
+    pub(crate) fn unwatch(&mut self, shard: usize, channel: &str) {
         if let Some(state) = self.states.get_mut(channel) {
             let (w, b) = bit(shard);
             state.watchers[w] &= !b;
@@ -242,7 +246,7 @@ impl Channels {
     }
 
     /// The newest `limit` publications, oldest first, with the channel's offset and epoch.
-    pub fn history(&mut self, channel: &str, limit: usize) -> HistoryPage {
+    pub(crate) fn history(&mut self, channel: &str, limit: usize) -> HistoryPage {
         let ttl = self.history_ttl;
         match self.states.get_mut(channel) {
             None => (Vec::new(), 0, String::new()),
@@ -257,7 +261,7 @@ impl Channels {
 
     /// Drops expired history and forgets channels with neither watchers nor history, so memory
     /// does not grow with the number of channels ever used.
-    pub fn sweep(&mut self, now: Instant) {
+    pub(crate) fn sweep(&mut self, now: Instant) {
         let ttl = self.history_ttl;
         self.states.retain(|_, s| {
             s.expire(now, ttl);
@@ -266,7 +270,7 @@ impl Channels {
     }
 }
 
-pub fn shards_in(mask: &[u64; WATCH_WORDS]) -> impl Iterator<Item = usize> + '_ {
+pub(crate) fn shards_in(mask: &[u64; WATCH_WORDS]) -> impl Iterator<Item = usize> + '_ {
     (0..SHARDS_MAX).filter(move |s| {
         let (w, b) = bit(*s);
         mask[w] & b != 0

@@ -5,7 +5,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Now as RFC 3339 in UTC with milliseconds (`2026-11-21T22:13:25.443Z`), the protocol's
 /// timestamps.
-pub fn now_rfc3339() -> String {
+pub(crate) fn now_rfc3339() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
 }
 
@@ -18,7 +18,7 @@ pub fn unix_now() -> u64 {
 }
 
 /// Milliseconds since the Unix epoch (history entries' write time in Redis).
-pub fn unix_ms() -> u64 {
+pub(crate) fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)

@@ -22,22 +22,36 @@ impl std::fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// The whole configuration: the TOML file's keys, each overridable by environment and flags.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
+    /// Public listener. Default `127.0.0.1:8080`.
     pub listen: SocketAddr,
+    /// Backend listener: when set, the backend endpoints (REST, metrics) move here and the
+    /// public listener answers them 404. Default: none.
     pub admin_listen: Option<SocketAddr>,
-    /// 0 means one shard per CPU the process may run on.
+    /// Shards to run; 0 (the default) means one per CPU the process may run on.
     pub shards: usize,
+    /// Serve the playground page at `/`. Default false; always on in dev mode.
     pub playground: bool,
+    /// Browser origins allowed at the handshake (403 otherwise); empty (the default) allows
+    /// any, as dev mode does.
     pub allowed_origins: Vec<String>,
+    /// How long a shutdown waits for queued messages to leave. Default 5 s.
     #[serde(with = "duration")]
     pub shutdown_grace: Duration,
+    /// `[auth]`.
     pub auth: AuthConfig,
+    /// `[limits]`.
     pub limits: Limits,
+    /// `[history]`.
     pub history: HistoryConfig,
+    /// `[redis]`.
     pub redis: RedisConfig,
+    /// `[tls]`.
     pub tls: TlsConfig,
+    /// `[log]`.
     pub log: LogConfig,
     /// Set when no JWT secret was configured and one was generated (SPEC section 2).
     #[serde(skip)]
@@ -47,60 +61,89 @@ pub struct Config {
     pub dev_token: Option<String>,
 }
 
+/// `[auth]`: client tokens and backend keys.
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
+    /// HS256 secret of client tokens. Unset: dev mode (a generated one, loopback only).
     pub jwt_secret: Option<String>,
+    /// Backend API keys; several at once so they can be rotated. Default none.
     pub api_keys: Vec<String>,
+    /// Clock skew allowed on a token's `exp`, at most 1 hour. Default 0 s.
     #[serde(with = "duration")]
     pub leeway: Duration,
 }
 
+/// `[limits]`: a bound on everything a client can make the server hold or do (SPEC 6).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
+    /// A connection with no successful `auth` by then is closed 4001. Default 10 s.
     #[serde(with = "duration")]
     pub auth_timeout: Duration,
+    /// A request head (and body) not complete by then drops the connection. Default 10 s.
     #[serde(with = "duration")]
     pub http_head_timeout: Duration,
+    /// Larger request heads are answered 431. Default 8 KiB.
     pub http_head_bytes_max: usize,
+    /// Larger WebSocket messages close the connection 1009. Default 64 KiB.
     pub max_frame_bytes: usize,
+    /// Larger payloads are ResourceExhausted / 413; at most `max_frame_bytes`. Default 64 KiB.
     pub max_payload_bytes: usize,
+    /// Token bucket refill per connection. Default 100 requests a second.
     pub requests_per_second: u32,
+    /// Token bucket size. Default 200.
     pub request_burst: u32,
+    /// More subscribes are ResourceExhausted. Default 1024.
     pub max_subscriptions_per_connection: usize,
+    /// WebSocket connections per node; more are answered 503 at the handshake. Default 1,000,000.
     pub max_connections: usize,
+    /// Bytes queued for one connection (queued and being written); a broadcast beyond it closes
+    /// the connection 4003, so one slow client never holds more. Default 1 MiB, as centrifuge's
+    /// ClientQueueMaxSize: room for ~5,000 small broadcasts.
     pub outbound_buffer_bytes: usize,
+    /// A write without progress for this long closes the connection. Default 10 s.
     #[serde(with = "duration")]
     pub write_timeout: Duration,
+    /// Server ping period; a client silent for twice this is closed 4005. Default 30 s.
     #[serde(with = "duration")]
     pub ping_interval: Duration,
 }
 
+/// `[history]`: what each channel keeps for recovery and `GET /history`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HistoryConfig {
+    /// Publications kept per channel, at most 100,000. Default 100.
     pub size: usize,
+    /// How long they are kept. Default 300 s.
     #[serde(with = "duration")]
     pub ttl: Duration,
 }
 
+/// `[redis]`: cluster mode.
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
+    /// Set: nodes share channels, offsets and history through this Redis. Default: none.
     pub url: Option<String>,
 }
 
+/// `[tls]`: both set turn every listener into wss:// and https://.
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct TlsConfig {
+    /// PEM certificate chain.
     pub cert_file: Option<String>,
+    /// PEM private key.
     pub key_file: Option<String>,
 }
 
+/// `[log]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
+    /// A tracing filter (`info`, `broadcaster=debug,info`); `RUST_LOG` overrides. Default info.
     pub level: String,
 }
 
@@ -199,7 +242,6 @@ impl Default for Limits {
             request_burst: 200,
             max_subscriptions_per_connection: 1024,
             max_connections: 1_000_000,
-            // One megabyte, as centrifuge's ClientQueueMaxSize: room for ~5,000 small broadcasts.
             outbound_buffer_bytes: 1 << 20,
             write_timeout: Duration::from_secs(10),
             ping_interval: Duration::from_secs(30),
@@ -277,9 +319,13 @@ pub fn env_name(key: &str) -> String {
 /// Values given on the command line; each replaces the file's and the environment's.
 #[derive(Debug, Default, Clone)]
 pub struct Overrides {
+    /// `--listen`.
     pub listen: Option<String>,
+    /// `--admin-listen`.
     pub admin_listen: Option<String>,
+    /// `--shards`.
     pub shards: Option<usize>,
+    /// `--redis`.
     pub redis: Option<String>,
 }
 
@@ -461,7 +507,7 @@ mod duration {
     use serde::{Deserialize, Deserializer};
     use std::time::Duration;
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let text = String::deserialize(d)?;
         humantime::parse_duration(&text).map_err(|e| {
             serde::de::Error::custom(format!(

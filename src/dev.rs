@@ -8,14 +8,14 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 /// What dev mode generated.
-pub struct Dev {
+pub(crate) struct Dev {
     secret: String,
     key: String,
     token: String,
 }
 
 /// Dev mode (SPEC section 2): a generated secret and API key, and the playground on.
-pub fn setup(config: &mut Config) -> Dev {
+pub(crate) fn setup(config: &mut Config) -> Dev {
     let secret = random_token(32);
     config.auth.jwt_secret = Some(secret.clone());
     if config.auth.api_keys.is_empty() {
@@ -39,7 +39,7 @@ pub fn setup(config: &mut Config) -> Dev {
 }
 
 /// Prints what to paste to try the server.
-pub fn banner(dev: &Dev, listen: SocketAddr) {
+pub(crate) fn banner(dev: &Dev, listen: SocketAddr) {
     let url = format!("http://{listen}");
     let mut out = std::io::stdout().lock();
     let _ = writeln!(

@@ -5,18 +5,28 @@
 /// Error codes of SPEC section 4 (gRPC names).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Code {
+    /// The request or a parameter is malformed: fix the request.
     InvalidArgument,
+    /// No such method, subscription or endpoint.
     NotFound,
+    /// Already subscribed to the channel.
     AlreadyExists,
+    /// Not possible in this state (re-auth with another `sub`): open a new connection.
     FailedPrecondition,
+    /// The token does not allow it: get a token that does.
     PermissionDenied,
+    /// Authenticate first, or with a valid token or API key.
     Unauthenticated,
+    /// Over a rate or size limit: slow down or send less.
     ResourceExhausted,
+    /// Shutting down, or the cluster broker unreachable: retry, another node if need be.
     Unavailable,
+    /// A fault of the server: report it.
     Internal,
 }
 
 impl Code {
+    /// The code's name, as the protocol writes it.
     pub fn as_str(self) -> &'static str {
         match self {
             Code::InvalidArgument => "InvalidArgument",
@@ -45,6 +55,7 @@ impl Code {
         }
     }
 
+    /// Every code, in the order metrics label them.
     pub const ALL: [Code; 9] = [
         Code::InvalidArgument,
         Code::NotFound,
@@ -59,11 +70,15 @@ impl Code {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
+/// An error answer: its code and a message for people.
 pub struct Error {
+    /// What kind of error, and so what the client should do.
     pub code: Code,
+    /// What was wrong, for the person reading it.
     pub message: String,
 }
 
+/// An error of `code` saying `message`.
 pub fn err(code: Code, message: impl Into<String>) -> Error {
     Error {
         code,
@@ -98,12 +113,14 @@ pub mod close {
 /// Why a connection is closed: the code and a short reason for the close frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Close {
+    /// The close code (`close`).
     pub code: u16,
+    /// The close frame's reason text.
     pub reason: &'static str,
 }
 
 impl Close {
-    pub const fn new(code: u16, reason: &'static str) -> Close {
+    pub(crate) const fn new(code: u16, reason: &'static str) -> Close {
         Close { code, reason }
     }
 }

@@ -14,7 +14,7 @@ const PREFETCH_AHEAD: usize = 4;
 
 /// Queues `p` for every subscription in `subs` that takes it; returns how many did.
 #[inline]
-pub fn deliver(
+pub(crate) fn deliver(
     subs: &[Rc<Subscription>],
     p: &Publication,
     metrics: &ShardMetrics,

@@ -22,28 +22,31 @@
 //! | `server` | start shards, wire rings, signals, shutdown |
 //! | `client` | the `publish` and `connect` subcommands |
 
+#![deny(unsafe_code)]
+#![warn(unreachable_pub, missing_docs)]
+
 pub mod auth;
 pub mod channel;
 pub mod cli;
 pub mod clock;
-pub mod cluster;
+mod cluster;
 pub mod config;
 pub mod connection;
-pub mod constants;
-pub mod dev;
+mod constants;
+mod dev;
 pub mod error;
-pub mod fanout;
-pub mod io;
-pub mod metrics;
+mod fanout;
+mod io;
+mod metrics;
 pub mod node;
-pub mod preflight;
-pub mod ring;
-pub mod route;
+mod preflight;
+mod ring;
+mod route;
 pub mod server;
-pub mod session;
+mod session;
 pub mod shard;
-pub mod shutdown;
-pub mod subscriptions;
-pub mod sys;
-pub mod web;
+mod shutdown;
+mod subscriptions;
+mod sys;
+mod web;
 pub mod wire;

@@ -18,15 +18,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// Upper bounds (seconds) of the `publish_to_write_seconds` histogram buckets.
-pub const LATENCY_BUCKETS: [f64; 14] = [
+pub(crate) const LATENCY_BUCKETS: [f64; 14] = [
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0,
 ];
 
 /// The `Content-Type` of `/metrics`.
-pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
+pub(crate) const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
 
 #[derive(Default, Debug)]
-pub struct ShardMetrics {
+pub(crate) struct ShardMetrics {
     pub connections_active: AtomicI64,
     pub subscriptions_total: AtomicI64,
     pub messages_sent_total: AtomicU64,
@@ -45,20 +45,20 @@ pub struct ShardMetrics {
 }
 
 impl ShardMetrics {
-    pub fn add(counter: &AtomicU64, n: u64) {
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
         counter.store(counter.load(Relaxed) + n, Relaxed);
     }
 
-    pub fn gauge(gauge: &AtomicI64, delta: i64) {
+    pub(crate) fn gauge(gauge: &AtomicI64, delta: i64) {
         gauge.store(gauge.load(Relaxed) + delta, Relaxed);
     }
 
-    pub fn rejected(&self, code: Code) {
+    pub(crate) fn rejected(&self, code: Code) {
         let i = Code::ALL.iter().position(|c| *c == code).unwrap_or(0);
         Self::add(&self.rejected_requests_total[i], 1);
     }
 
-    pub fn observe_publish_to_write(&self, d: Duration) {
+    pub(crate) fn observe_publish_to_write(&self, d: Duration) {
         let secs = d.as_secs_f64();
         let i = LATENCY_BUCKETS
             .iter()
@@ -71,7 +71,7 @@ impl ShardMetrics {
 
 /// The Redis bridge's counters (cluster mode), one set per node.
 #[derive(Default, Debug)]
-pub struct BridgeMetrics {
+pub(crate) struct BridgeMetrics {
     pub up: AtomicBool,
     pub reconnects_total: AtomicU64,
     pub publications_out_total: AtomicU64,
@@ -82,12 +82,12 @@ pub struct BridgeMetrics {
 }
 
 /// Everything `/metrics` shows, built once at start; `render` reads the atomics at each scrape.
-pub struct Exposition {
+pub(crate) struct Exposition {
     registry: Registry,
 }
 
 impl Exposition {
-    pub fn new(shards: Arc<[ShardMetrics]>) -> Exposition {
+    pub(crate) fn new(shards: Arc<[ShardMetrics]>) -> Exposition {
         let mut registry = Registry::default();
         registry.register_collector(Box::new(Shards(shards)));
         registry.register_collector(Box::new(Process));
@@ -96,11 +96,11 @@ impl Exposition {
     }
 
     /// Adds the Redis bridge's series (cluster mode).
-    pub fn add_bridge(&mut self, bridge: Arc<BridgeMetrics>) {
+    pub(crate) fn add_bridge(&mut self, bridge: Arc<BridgeMetrics>) {
         self.registry.register_collector(Box::new(Bridge(bridge)));
     }
 
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let mut out = String::with_capacity(8192);
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry);
@@ -293,7 +293,7 @@ impl Collector for Process {
 
 /// The process's own figures, from `/proc/self` (Linux).
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct ProcessFigures {
+pub(crate) struct ProcessFigures {
     pub cpu_seconds: f64,
     pub resident_bytes: u64,
     pub virtual_bytes: u64,
@@ -303,7 +303,7 @@ pub struct ProcessFigures {
 }
 
 impl ProcessFigures {
-    pub fn read() -> Option<ProcessFigures> {
+    pub(crate) fn read() -> Option<ProcessFigures> {
         let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
         // The command name, in parentheses, may hold spaces: fields are counted after it.
         let fields: Vec<&str> = stat.get(stat.rfind(')')? + 2..)?.split(' ').collect();

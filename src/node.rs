@@ -12,21 +12,21 @@ use std::sync::Arc;
 /// here is on the per-message path except the metrics, which each shard writes only in its own
 /// slot.
 pub struct Node {
-    pub config: Config,
-    pub verifier: Verifier,
-    pub node_id: String,
-    pub shards: usize,
+    pub(crate) config: Config,
+    pub(crate) verifier: Verifier,
+    pub(crate) node_id: String,
+    pub(crate) shards: usize,
     /// Open WebSocket connections of the node, for `max_connections` (SPEC 13.17).
-    pub connections: AtomicUsize,
-    pub shutting_down: AtomicBool,
+    pub(crate) connections: AtomicUsize,
+    pub(crate) shutting_down: AtomicBool,
     /// One slot per shard, written only by its shard.
-    pub metrics: Arc<[ShardMetrics]>,
+    pub(crate) metrics: Arc<[ShardMetrics]>,
     /// What `/metrics` renders: the slots above, process figures, build info, the bridge.
-    pub exposition: crate::metrics::Exposition,
+    pub(crate) exposition: crate::metrics::Exposition,
     /// Set when `tls.cert_file` and `tls.key_file` are: every listener speaks TLS.
-    pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
     /// Cluster mode: offsets, history and delivery between nodes go through Redis.
-    pub bridge: Option<crate::cluster::Bridge>,
+    pub(crate) bridge: Option<crate::cluster::Bridge>,
 }
 
 impl Node {
@@ -56,7 +56,7 @@ impl Node {
 impl Node {
     /// Counts a new WebSocket connection against `limits.max_connections` (SPEC 13.17); false,
     /// and nothing counted, when the node is full.
-    pub fn admit_connection(&self) -> bool {
+    pub(crate) fn admit_connection(&self) -> bool {
         if self.connections.fetch_add(1, Relaxed) >= self.config.limits.max_connections {
             self.connections.fetch_sub(1, Relaxed);
             return false;
@@ -65,11 +65,11 @@ impl Node {
     }
 
     /// A connection counted by `admit_connection` has ended.
-    pub fn connection_ended(&self) {
+    pub(crate) fn connection_ended(&self) {
         self.connections.fetch_sub(1, Relaxed);
     }
 
-    pub fn is_shutting_down(&self) -> bool {
+    pub(crate) fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Relaxed)
     }
 }

@@ -5,7 +5,7 @@ use std::io;
 
 /// Opens and probes a small io_uring as glommio will (glommio registers a probe on each ring
 /// it builds); on refusal, says what refused it and how to fix that.
-pub fn check_io_uring() -> Result<(), String> {
+pub(crate) fn check_io_uring() -> Result<(), String> {
     let refused = match io_uring::IoUring::new(8) {
         Ok(ring) => {
             let mut probe = io_uring::Probe::new();
@@ -21,7 +21,7 @@ pub fn check_io_uring() -> Result<(), String> {
 
 /// What the host says about itself, for the explanation.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Host {
+pub(crate) struct Host {
     /// `uname -r`.
     pub kernel_release: Option<String>,
     /// `kernel.io_uring_disabled` (Linux 6.6+): 0 allowed, 1 only for `kernel.io_uring_group`,
@@ -32,7 +32,7 @@ pub struct Host {
 }
 
 impl Host {
-    pub fn read() -> Host {
+    pub(crate) fn read() -> Host {
         let number = |text: &str| text.trim().parse::<u8>().ok();
         Host {
             kernel_release: crate::sys::kernel_release(),
@@ -57,7 +57,7 @@ impl Host {
 const PROFILE: &str = "tuning/seccomp.json";
 
 /// The one error printed when io_uring is refused: what refused it, and how to fix it.
-pub fn explain(e: &io::Error, host: &Host) -> String {
+pub(crate) fn explain(e: &io::Error, host: &Host) -> String {
     let what = format!(
         "io_uring is not available ({e}); Broadcaster's shards run on glommio, which needs it"
     );

@@ -21,21 +21,21 @@ use std::time::Instant;
 
 /// Publication acknowledgement, as `publish` returns it.
 #[derive(Debug, Clone)]
-pub struct Ack {
+pub(crate) struct Ack {
     pub id: Box<str>,
     pub create_time: Box<str>,
     pub offset: u64,
 }
 
 /// A publication on its way to its owner (or Redis); `wait` gives its acknowledgement.
-pub enum Submitted {
+pub(crate) enum Submitted {
     Done(Result<Ack, Error>),
     Ring(oneshot::Receiver<Ack>),
     Bridge(oneshot::Receiver<Result<Ack, Error>>),
 }
 
 impl Submitted {
-    pub async fn wait(self) -> Result<Ack, Error> {
+    pub(crate) async fn wait(self) -> Result<Ack, Error> {
         match self {
             Submitted::Done(r) => r,
             Submitted::Ring(rx) => rx
@@ -50,7 +50,7 @@ impl Submitted {
 
 /// Messages between shards (and from the Redis bridge to a shard), carried by the rings. Only
 /// `Send` data: `Arc`s and owned values.
-pub enum ShardMsg {
+pub(crate) enum ShardMsg {
     Publish {
         token: u64,
         from: usize,
@@ -104,7 +104,7 @@ pub enum ShardMsg {
 }
 
 /// One shard's ends of every ring, handed to the shard that connects them.
-pub struct Ends {
+pub(crate) struct Ends {
     to: Vec<Option<SharedSender<ShardMsg>>>,
     from: Vec<Option<SharedReceiver<ShardMsg>>>,
     /// Cluster mode: answers and publications from the Redis bridge.
@@ -113,7 +113,10 @@ pub struct Ends {
 
 /// The rings between `shards` shards, one per ordered pair, and in cluster mode one channel
 /// from the Redis bridge to each shard (`bridge` holds their senders, for the bridge).
-pub fn mesh(shards: usize, cluster: bool) -> (Vec<Ends>, Vec<mpsc::UnboundedSender<ShardMsg>>) {
+pub(crate) fn mesh(
+    shards: usize,
+    cluster: bool,
+) -> (Vec<Ends>, Vec<mpsc::UnboundedSender<ShardMsg>>) {
     let mut bridge = Vec::new();
     let mut ends: Vec<Ends> = (0..shards)
         .map(|_| Ends {
@@ -139,14 +142,14 @@ pub fn mesh(shards: usize, cluster: bool) -> (Vec<Ends>, Vec<mpsc::UnboundedSend
 }
 
 /// A shard's queues towards its peers: sending never waits (see the module's comment).
-pub struct Outboxes(RefCell<Vec<Option<LocalSender<ShardMsg>>>>);
+pub(crate) struct Outboxes(RefCell<Vec<Option<LocalSender<ShardMsg>>>>);
 
 impl Outboxes {
-    pub fn new(shards: usize) -> Outboxes {
+    pub(crate) fn new(shards: usize) -> Outboxes {
         Outboxes(RefCell::new((0..shards).map(|_| None).collect()))
     }
 
-    pub fn send(&self, peer: usize, msg: ShardMsg) {
+    pub(crate) fn send(&self, peer: usize, msg: ShardMsg) {
         if let Some(tx) = &self.0.borrow()[peer] {
             // Unbounded and local: fails only after the pump has gone (shutdown).
             let _ = tx.try_send(msg);
@@ -156,7 +159,7 @@ impl Outboxes {
 
 /// Connects a shard's ends: a pump per destination draining its outbox into the ring, and a
 /// reader per source (and for the bridge) handing each message to `handle`, in ring order.
-pub fn connect(outboxes: &Outboxes, ends: Ends, handle: Rc<dyn Fn(ShardMsg)>) {
+pub(crate) fn connect(outboxes: &Outboxes, ends: Ends, handle: Rc<dyn Fn(ShardMsg)>) {
     for (peer, tx) in ends.to.into_iter().enumerate() {
         let Some(tx) = tx else { continue };
         let (outbox, pending) = local_channel::new_unbounded();

@@ -6,7 +6,7 @@ use crate::node::Node;
 use std::hash::{Hash, Hasher};
 
 /// Where the work for one channel is done.
-pub enum Route<'a> {
+pub(crate) enum Route<'a> {
     /// This shard owns the channel: done here, now.
     Local,
     /// Shard `.0` owns the channel: a message on the ring, answered on the ring.
@@ -16,7 +16,7 @@ pub enum Route<'a> {
 }
 
 /// Which shard sequences `channel`. Stable across runs and shards (SipHash with fixed keys).
-pub fn owner_of(channel: &str, shards: usize) -> usize {
+pub(crate) fn owner_of(channel: &str, shards: usize) -> usize {
     #[allow(deprecated)]
     let mut h = std::hash::SipHasher::new_with_keys(0x6272_6f61, 0x6463_6173);
     channel.hash(&mut h);
@@ -24,7 +24,7 @@ pub fn owner_of(channel: &str, shards: usize) -> usize {
 }
 
 /// Where shard `here` of `node` sends work for `channel`.
-pub fn route<'a>(node: &'a Node, here: usize, channel: &str) -> Route<'a> {
+pub(crate) fn route<'a>(node: &'a Node, here: usize, channel: &str) -> Route<'a> {
     if let Some(bridge) = &node.bridge {
         return Route::Redis(bridge);
     }

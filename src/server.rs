@@ -165,7 +165,7 @@ fn wait_ready(
 /// `PANIC_EXIT_CODE` once the panic is logged. A server with one shard gone would be half
 /// alive: that shard's connections dead, its channels never sequenced, and the start waiting
 /// for it forever.
-pub fn exit_on_panic() {
+pub(crate) fn exit_on_panic() {
     let report = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         report(info);

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 /// Closes every connection of `shard` with 1001 and waits until they are gone or
 /// `shutdown_grace` has passed. `/health` already answers 503 and publishes are refused (the
 /// node's shutdown flag).
-pub async fn drain(shard: &Shard) {
+pub(crate) async fn drain(shard: &Shard) {
     let conns: Vec<Rc<_>> = shard.conns.borrow().values().cloned().collect();
     for conn in conns {
         conn.close(close::GOING_AWAY, "server shutting down", false);

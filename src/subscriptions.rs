@@ -30,12 +30,12 @@ impl Subscribers {
 
 /// Borrowed only inside these methods, never across an await.
 #[derive(Default)]
-pub struct Subscriptions(RefCell<HashMap<Arc<str>, Subscribers>>);
+pub(crate) struct Subscriptions(RefCell<HashMap<Arc<str>, Subscribers>>);
 
 impl Subscriptions {
     /// A subscribe of `channel` goes out: pending until `answered` or `failed`. Returns the
     /// channel's name as the table keeps it (one allocation per channel, shared).
-    pub fn begin(&self, channel: &str) -> Arc<str> {
+    pub(crate) fn begin(&self, channel: &str) -> Arc<str> {
         let mut table = self.0.borrow_mut();
         let name = match table.get_key_value(channel) {
             Some((name, _)) => name.clone(),
@@ -53,7 +53,7 @@ impl Subscriptions {
 
     /// A subscribe's answer came: the publications held while it was pending (for the last
     /// pending one, they are let go).
-    pub fn answered(&self, channel: &Arc<str>) -> Vec<Arc<Publication>> {
+    pub(crate) fn answered(&self, channel: &Arc<str>) -> Vec<Arc<Publication>> {
         let mut table = self.0.borrow_mut();
         let Some(s) = table.get_mut(channel) else {
             return Vec::new();
@@ -69,7 +69,7 @@ impl Subscriptions {
 
     /// A subscribe failed: it is no longer pending, and the channel is forgotten if idle
     /// (its owner already let go).
-    pub fn failed(&self, channel: &Arc<str>) {
+    pub(crate) fn failed(&self, channel: &Arc<str>) {
         let mut table = self.0.borrow_mut();
         if let Some(s) = table.get_mut(channel) {
             assert!(s.pending > 0, "a failure for no pending subscribe");
@@ -83,7 +83,7 @@ impl Subscriptions {
         }
     }
 
-    pub fn add(&self, sub: Rc<Subscription>) {
+    pub(crate) fn add(&self, sub: Rc<Subscription>) {
         let mut table = self.0.borrow_mut();
         let s = table.entry(sub.channel.clone()).or_default();
         sub.set_slot(s.subs.len());
@@ -95,7 +95,7 @@ impl Subscriptions {
     }
 
     /// Removes `sub`; false when it was not in the table (already removed).
-    pub fn remove(&self, sub: &Rc<Subscription>) -> bool {
+    pub(crate) fn remove(&self, sub: &Rc<Subscription>) -> bool {
         let mut table = self.0.borrow_mut();
         let Some(s) = table.get_mut(&sub.channel) else {
             return false;
@@ -114,7 +114,7 @@ impl Subscriptions {
 
     /// Forgets `channel` when it has neither subscribers nor subscribes in flight here; true
     /// when it did (then its owner must stop sending its publications to this shard).
-    pub fn forget_if_idle(&self, channel: &Arc<str>) -> bool {
+    pub(crate) fn forget_if_idle(&self, channel: &Arc<str>) -> bool {
         let mut table = self.0.borrow_mut();
         let idle = table.get(channel).is_some_and(Subscribers::idle);
         if idle {
@@ -126,7 +126,7 @@ impl Subscriptions {
     /// Holds `p` for the channel's subscribes in flight, then runs `deliver` over its
     /// subscribers; None when the channel has none here.
     #[inline]
-    pub fn deliver_to<R>(
+    pub(crate) fn deliver_to<R>(
         &self,
         p: &Arc<Publication>,
         deliver: impl FnOnce(&[Rc<Subscription>]) -> R,
@@ -140,7 +140,7 @@ impl Subscriptions {
     }
 
     /// Every channel with subscribers here, with their number.
-    pub fn counts(&self) -> Vec<(Arc<str>, usize)> {
+    pub(crate) fn counts(&self) -> Vec<(Arc<str>, usize)> {
         self.0
             .borrow()
             .iter()
@@ -150,11 +150,7 @@ impl Subscriptions {
     }
 
     /// Channels in the table (with subscribers or subscribes in flight).
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.0.borrow().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.borrow().is_empty()
     }
 }

@@ -2,6 +2,8 @@
 //! sound. The rest of the crate has no `unsafe` but the flush pass's view of its own queued
 //! bytes and the io_uring batch (`connection/flush.rs`, `io/send_batch.rs`).
 
+#![allow(unsafe_code)]
+
 use std::io;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 
@@ -15,7 +17,7 @@ fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
 }
 
 /// One non-blocking `send` of `buf` on socket `fd`; a reset peer is an error, not SIGPIPE.
-pub fn send_nonblocking(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+pub(crate) fn send_nonblocking(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
     // SAFETY: `buf` is valid for its length; a bad descriptor is an error, not UB.
     let n = unsafe {
         libc::send(
@@ -33,7 +35,7 @@ pub fn send_nonblocking(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
 }
 
 /// One non-blocking `recv` into `buf` from socket `fd`.
-pub fn recv_nonblocking(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+pub(crate) fn recv_nonblocking(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     // SAFETY: `buf` is valid for writes of its length; a bad descriptor is an error, not UB.
     let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
     if n < 0 {
@@ -45,7 +47,7 @@ pub fn recv_nonblocking(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
 
 /// Sends FIN on socket `fd` (`shutdown(SHUT_WR)`). A socket the peer already reset answers an
 /// error, which changes nothing for the caller, so it is not reported.
-pub fn shutdown_write(fd: RawFd) {
+pub(crate) fn shutdown_write(fd: RawFd) {
     // SAFETY: plain syscall on a descriptor; a bad one is an error, not UB.
     unsafe {
         libc::shutdown(fd, libc::SHUT_WR);
@@ -53,7 +55,7 @@ pub fn shutdown_write(fd: RawFd) {
 }
 
 /// A new close-on-exec descriptor for the same open file as `fd`.
-pub fn dup_cloexec(fd: RawFd) -> io::Result<OwnedFd> {
+pub(crate) fn dup_cloexec(fd: RawFd) -> io::Result<OwnedFd> {
     // SAFETY: plain syscall; the result is checked before it is owned.
     let copy = check(unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) })?;
     // SAFETY: `copy` is a new descriptor nothing else owns.
@@ -61,7 +63,7 @@ pub fn dup_cloexec(fd: RawFd) -> io::Result<OwnedFd> {
 }
 
 /// The next connection waiting on listening socket `fd` (close-on-exec, blocking mode).
-pub fn accept(fd: RawFd) -> io::Result<OwnedFd> {
+pub(crate) fn accept(fd: RawFd) -> io::Result<OwnedFd> {
     // SAFETY: plain syscall; no address is asked for; the result is checked.
     let conn = check(unsafe {
         libc::accept4(
@@ -76,7 +78,7 @@ pub fn accept(fd: RawFd) -> io::Result<OwnedFd> {
 }
 
 /// A new epoll set.
-pub fn epoll_create() -> io::Result<OwnedFd> {
+pub(crate) fn epoll_create() -> io::Result<OwnedFd> {
     // SAFETY: plain syscall; the result is checked before it is owned.
     let fd = check(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
     // SAFETY: `fd` is a new descriptor nothing else owns.
@@ -85,7 +87,7 @@ pub fn epoll_create() -> io::Result<OwnedFd> {
 
 /// Adds `fd` to the epoll set `epfd`, edge-triggered for reads, writes and hang-ups, tagged
 /// `id` in its events.
-pub fn epoll_add(epfd: RawFd, fd: RawFd, id: u64) -> io::Result<()> {
+pub(crate) fn epoll_add(epfd: RawFd, fd: RawFd, id: u64) -> io::Result<()> {
     let mut ev = libc::epoll_event {
         events: (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32,
         u64: id,
@@ -95,7 +97,7 @@ pub fn epoll_add(epfd: RawFd, fd: RawFd, id: u64) -> io::Result<()> {
 }
 
 /// The events ready in the epoll set `epfd` now (never waits), at most `events.len()`.
-pub fn epoll_poll(epfd: RawFd, events: &mut [libc::epoll_event]) -> io::Result<usize> {
+pub(crate) fn epoll_poll(epfd: RawFd, events: &mut [libc::epoll_event]) -> io::Result<usize> {
     let max = events.len().min(i32::MAX as usize) as i32;
     // SAFETY: `events` has room for `max` entries; timeout 0 never blocks.
     let n = check(unsafe { libc::epoll_wait(epfd, events.as_mut_ptr(), max, 0) })?;
@@ -103,21 +105,21 @@ pub fn epoll_poll(epfd: RawFd, events: &mut [libc::epoll_event]) -> io::Result<u
 }
 
 /// A glommio stream over a descriptor this process owns (the stream closes it).
-pub fn glommio_unix_stream(fd: OwnedFd) -> glommio::net::UnixStream {
+pub(crate) fn glommio_unix_stream(fd: OwnedFd) -> glommio::net::UnixStream {
     use std::os::fd::IntoRawFd;
     // SAFETY: ownership of the open descriptor moves into the stream.
     unsafe { glommio::net::UnixStream::from_raw_fd(fd.into_raw_fd()) }
 }
 
 /// A glommio TCP stream over a connected socket this process owns (the stream closes it).
-pub fn glommio_tcp_stream(fd: OwnedFd) -> glommio::net::TcpStream {
+pub(crate) fn glommio_tcp_stream(fd: OwnedFd) -> glommio::net::TcpStream {
     use std::os::fd::IntoRawFd;
     // SAFETY: ownership of the connected socket moves into the stream.
     unsafe { glommio::net::TcpStream::from_raw_fd(fd.into_raw_fd()) }
 }
 
 /// The CPUs this process may run on, in order (empty when the kernel will not say).
-pub fn allowed_cpus() -> Vec<usize> {
+pub(crate) fn allowed_cpus() -> Vec<usize> {
     // SAFETY: an all-zero cpu_set_t is the empty set.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     // SAFETY: sched_getaffinity fills the set we own, of the size we pass.
@@ -136,7 +138,7 @@ pub fn allowed_cpus() -> Vec<usize> {
 /// Hints the CPU to load `lines` cache lines of the `Rc` allocation whose value is at `value`
 /// (its counts sit 16 bytes before it).
 #[inline(always)]
-pub fn prefetch<T>(value: *const T, lines: usize) {
+pub(crate) fn prefetch<T>(value: *const T, lines: usize) {
     #[cfg(target_arch = "x86_64")]
     for i in 0..lines {
         let p = (value as *const i8).wrapping_sub(16).wrapping_add(i * 64);
@@ -150,7 +152,7 @@ pub fn prefetch<T>(value: *const T, lines: usize) {
 }
 
 /// Clock ticks per second, the unit of CPU times in `/proc` (`sysconf(_SC_CLK_TCK)`).
-pub fn clock_ticks_per_second() -> u64 {
+pub(crate) fn clock_ticks_per_second() -> u64 {
     // SAFETY: sysconf reads a constant of the system; it has no memory effects.
     let n = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     if n > 0 {
@@ -161,7 +163,7 @@ pub fn clock_ticks_per_second() -> u64 {
 }
 
 /// The size of a memory page, the unit of resident memory in `/proc`.
-pub fn page_size() -> u64 {
+pub(crate) fn page_size() -> u64 {
     // SAFETY: as above.
     let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     if n > 0 {
@@ -172,7 +174,7 @@ pub fn page_size() -> u64 {
 }
 
 /// The soft limit on open file descriptors (`RLIMIT_NOFILE`).
-pub fn open_files_limit() -> u64 {
+pub(crate) fn open_files_limit() -> u64 {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -186,7 +188,7 @@ pub fn open_files_limit() -> u64 {
 }
 
 /// The kernel's release (`uname -r`), such as `6.1.0-18-amd64`.
-pub fn kernel_release() -> Option<String> {
+pub(crate) fn kernel_release() -> Option<String> {
     // SAFETY: an all-zero utsname is a valid value of the plain C struct uname fills.
     let mut name: libc::utsname = unsafe { std::mem::zeroed() };
     // SAFETY: uname writes into the struct we own.

@@ -45,7 +45,7 @@ use std::time::{Duration, Instant};
 const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What a shard may ask of the bridge.
-pub enum Request {
+pub(crate) enum Request {
     Publish {
         params: PublishParams,
         accepted: Instant,
@@ -69,17 +69,17 @@ pub enum Request {
 }
 
 /// What shards hold to talk to the bridge.
-pub struct Bridge {
+pub(crate) struct Bridge {
     pub requests: tokio::sync::mpsc::UnboundedSender<Request>,
     pub metrics: Arc<BridgeMetrics>,
 }
 
 impl Bridge {
-    pub fn is_up(&self) -> bool {
+    pub(crate) fn is_up(&self) -> bool {
         self.metrics.up.load(Relaxed)
     }
 
-    pub fn send(&self, r: Request) {
+    pub(crate) fn send(&self, r: Request) {
         // Fails only when the bridge thread is gone (shutdown); callers then see a dropped reply.
         let _ = self.requests.send(r);
     }
@@ -93,7 +93,7 @@ fn unavailable(what: &str) -> Error {
 }
 
 /// Starts the bridge thread. `shards` are the per-shard delivery channels.
-pub fn start(
+pub(crate) fn start(
     url: &str,
     node_id: String,
     shards: Vec<mpsc::UnboundedSender<ShardMsg>>,

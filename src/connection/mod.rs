@@ -15,7 +15,7 @@ mod subscription;
 mod writer;
 
 pub use flush::Flusher;
-pub use subscription::Subscription;
+pub(crate) use subscription::Subscription;
 
 use crate::error::Error;
 use crate::io::socket::{self as transport, Transport};
@@ -43,15 +43,15 @@ enum Phase {
 
 /// What the send side of every connection of one shard shares: the flush pass and the limits
 /// and metrics its writers need. One per shard; a connection holds an `Rc` of it while open.
-pub struct SendSide {
-    pub flusher: Flusher,
+pub(crate) struct SendSide {
+    pub(crate) flusher: Flusher,
     write_timeout: Duration,
     node: Arc<Node>,
     shard: usize,
 }
 
 impl SendSide {
-    pub fn new(node: Arc<Node>, shard: usize) -> SendSide {
+    pub(crate) fn new(node: Arc<Node>, shard: usize) -> SendSide {
         SendSide {
             flusher: Flusher::default(),
             write_timeout: node.config.limits.write_timeout,
@@ -73,7 +73,7 @@ struct ConnIo {
 
 /// Shard-local state of one connection that fan-out, the ring handlers and its session touch.
 pub struct Conn {
-    pub id: u64,
+    pub(crate) id: u64,
     /// The plain TCP socket the flush pass writes to directly; -1 for TLS (its records are
     /// written by the writer task) and once the connection has ended.
     fd: Cell<i32>,
@@ -108,6 +108,8 @@ pub struct Conn {
 }
 
 impl Conn {
+    /// A connection known to its shard as `id`, whose send queue holds at most
+    /// `out_bytes_max` bytes (`limits.outbound_buffer_bytes`).
     pub fn new(id: u64, out_bytes_max: usize) -> Rc<Conn> {
         Rc::new(Conn {
             id,
@@ -130,7 +132,7 @@ impl Conn {
     }
 
     /// Starts writing to `stream` through the shard's `send` side.
-    pub fn attach(&self, send: Rc<SendSide>, stream: Rc<RefCell<Transport>>) {
+    pub(crate) fn attach(&self, send: Rc<SendSide>, stream: Rc<RefCell<Transport>>) {
         if !matches!(&*stream.borrow(), Transport::Tls(_)) {
             self.fd.set(stream.borrow().raw_fd());
         }
@@ -138,16 +140,16 @@ impl Conn {
     }
 
     /// A close frame is queued, or the connection is dead.
-    pub fn is_closing(&self) -> bool {
+    pub(crate) fn is_closing(&self) -> bool {
         self.phase.get() != Phase::Open
     }
 
-    pub fn is_dead(&self) -> bool {
+    pub(crate) fn is_dead(&self) -> bool {
         self.phase.get() == Phase::Dead
     }
 
     /// Our close frame and FIN are out.
-    pub fn close_sent(&self) -> bool {
+    pub(crate) fn close_sent(&self) -> bool {
         self.phase.get() == Phase::CloseSent
     }
 
@@ -162,13 +164,13 @@ impl Conn {
 
     /// Stops everything: the writer ends, the flush pass skips the connection, the session
     /// ends.
-    pub fn mark_dead(&self) {
+    pub(crate) fn mark_dead(&self) {
         self.phase.set(Phase::Dead);
         self.wake();
     }
 
     /// Readiness from the shard's epoll set for this connection's socket.
-    pub fn socket_ready(&self, events: u32) {
+    pub(crate) fn socket_ready(&self, events: u32) {
         let wake = match &*self.io.borrow() {
             Some(io) => transport::socket_ready(&io.stream, events),
             None => false,
@@ -179,7 +181,7 @@ impl Conn {
     }
 
     /// The shard's timers say `due` has come: wakes the session if it still waits for it.
-    pub fn timer_due(&self, due: Instant) {
+    pub(crate) fn timer_due(&self, due: Instant) {
         if self.wake_at.get() == Some(due) {
             self.wake_at.set(None);
             self.timer_fired.set(true);
@@ -188,17 +190,17 @@ impl Conn {
     }
 
     /// Asks the shard's timers to wake the session at `due` (or earlier, if it asked so).
-    pub fn wake_at(&self, timers: &Timers, due: Instant) {
+    pub(crate) fn wake_at(&self, timers: &Timers, due: Instant) {
         timers.arm(self.id, &self.wake_at, due);
     }
 
     /// True once after the timers woke the session.
-    pub fn take_timer_fired(&self) -> bool {
+    pub(crate) fn take_timer_fired(&self) -> bool {
         self.timer_fired.replace(false)
     }
 
     /// The session waits: `waker` is woken when the connection's state changes.
-    pub fn wait_with(&self, waker: &Waker) {
+    pub(crate) fn wait_with(&self, waker: &Waker) {
         register(&self.reader_waker, waker);
     }
 
@@ -210,7 +212,7 @@ impl Conn {
     }
 
     /// Queues a response: `Ok(body)` is the JSON text of `result`.
-    pub fn respond(self: &Rc<Self>, id: Option<&[u8]>, result: Result<&[u8], &Error>) {
+    pub(crate) fn respond(self: &Rc<Self>, id: Option<&[u8]>, result: Result<&[u8], &Error>) {
         self.push_frame(|out| {
             let mut msg = Vec::with_capacity(96);
             match result {
@@ -222,18 +224,18 @@ impl Conn {
     }
 
     /// Queues a ping.
-    pub fn ping(self: &Rc<Self>) {
+    pub(crate) fn ping(self: &Rc<Self>) {
         self.push_frame(frame::write_ping);
     }
 
     /// Queues a pong answering `payload`.
-    pub fn pong(self: &Rc<Self>, payload: &[u8]) {
+    pub(crate) fn pong(self: &Rc<Self>, payload: &[u8]) {
         self.push_frame(|out| frame::write_pong(out, payload));
     }
 
     /// Queues a close frame, after what is queued unless `discard` (a slow consumer's queue is
     /// dropped: its socket is full anyway, and the close is best effort, SPEC 13.16).
-    pub fn close(self: &Rc<Self>, code: u16, reason: &str, discard: bool) {
+    pub(crate) fn close(self: &Rc<Self>, code: u16, reason: &str, discard: bool) {
         if self.is_closing() {
             return;
         }
@@ -257,7 +259,7 @@ impl Conn {
     /// Ends the connection's writing: waits for a writer still blocked in a write (it ends
     /// with the error or its write timeout), lets go of the stream and the shard's send side,
     /// and gives back the queue's buffer. Returns the subscriptions, for the shard to remove.
-    pub async fn end(&self) -> Vec<Rc<Subscription>> {
+    pub(crate) async fn end(&self) -> Vec<Rc<Subscription>> {
         // Not `mark_dead`: its wake-up would poll the ending session once more for nothing.
         self.phase.set(Phase::Dead);
         self.fd.set(-1);
@@ -278,7 +280,7 @@ impl Conn {
         std::mem::take(&mut *self.subs.borrow_mut())
     }
 
-    pub fn add_subscription(&self, sub: Rc<Subscription>) {
+    pub(crate) fn add_subscription(&self, sub: Rc<Subscription>) {
         debug_assert!(
             self.subscribed(&sub.channel).is_none(),
             "one subscription per channel and connection"
@@ -286,11 +288,11 @@ impl Conn {
         self.subs.borrow_mut().push(sub);
     }
 
-    pub fn subscription_count(&self) -> usize {
+    pub(crate) fn subscription_count(&self) -> usize {
         self.subs.borrow().len()
     }
 
-    pub fn is_subscribed(&self, channel: &str) -> bool {
+    pub(crate) fn is_subscribed(&self, channel: &str) -> bool {
         self.subscribed(channel).is_some()
     }
 
@@ -301,13 +303,13 @@ impl Conn {
             .position(|s| &*s.channel == channel)
     }
 
-    pub fn remove_subscription(&self, channel: &str) -> Option<Rc<Subscription>> {
+    pub(crate) fn remove_subscription(&self, channel: &str) -> Option<Rc<Subscription>> {
         let at = self.subscribed(channel)?;
         Some(self.subs.borrow_mut().swap_remove(at))
     }
 
     /// Removes and returns the subscriptions whose channel `keep` refuses.
-    pub fn remove_subscriptions_unless(
+    pub(crate) fn remove_subscriptions_unless(
         &self,
         keep: impl Fn(&str) -> bool,
     ) -> Vec<Rc<Subscription>> {

@@ -17,12 +17,12 @@ thread_local! {
     static FREE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
 }
 
-pub fn take() -> Vec<u8> {
+pub(super) fn take() -> Vec<u8> {
     FREE.with(|f| f.borrow_mut().pop())
         .unwrap_or_else(|| Vec::with_capacity(FIRST_CAPACITY))
 }
 
-pub fn give(mut buf: Vec<u8>) {
+pub(super) fn give(mut buf: Vec<u8>) {
     if buf.capacity() == 0 || buf.capacity() > CAPACITY_MAX {
         return;
     }

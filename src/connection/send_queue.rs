@@ -15,7 +15,7 @@ impl Conn {
     /// Queues one broadcast frame; false when the connection is closing or just overflowed. A
     /// connection whose queue was empty is handed to `flusher`, which writes it after this turn.
     #[inline]
-    pub fn enqueue_broadcast(
+    pub(crate) fn enqueue_broadcast(
         self: &Rc<Self>,
         p: &Publication,
         seq: u64,

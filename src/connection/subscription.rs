@@ -6,10 +6,9 @@ use std::cell::Cell;
 use std::rc::Rc;
 use std::sync::Arc;
 
-pub struct Subscription {
-    pub conn: Rc<Conn>,
-    pub channel: Arc<str>,
-    pub id: u64,
+pub(crate) struct Subscription {
+    pub(crate) conn: Rc<Conn>,
+    pub(crate) channel: Arc<str>,
     seq: Cell<u64>,
     /// The channel's offset when the subscription started: older publications that are still
     /// in flight towards this shard (cluster mode) are not for it.
@@ -27,11 +26,10 @@ pub struct Subscription {
 
 impl Subscription {
     /// A subscription starting at `offset` of `epoch`: publications up to it are not its.
-    pub fn new(conn: Rc<Conn>, channel: Arc<str>, id: u64, offset: u64, epoch: Arc<str>) -> Self {
+    pub(crate) fn new(conn: Rc<Conn>, channel: Arc<str>, offset: u64, epoch: Arc<str>) -> Self {
         Subscription {
             conn,
             channel,
-            id,
             seq: Cell::new(0),
             start_offset: Cell::new(offset),
             start_epoch: epoch,
@@ -40,7 +38,7 @@ impl Subscription {
     }
 
     #[inline]
-    pub fn next_seq(&self) -> u64 {
+    pub(crate) fn next_seq(&self) -> u64 {
         let s = self.seq.get() + 1;
         self.seq.set(s);
         s
@@ -49,7 +47,7 @@ impl Subscription {
     /// Whether `p` is for this subscription: a publication of its start epoch at or below its
     /// start offset was in flight when it started (its replay, if any, covered it).
     #[inline]
-    pub fn takes(&self, p: &Publication) -> bool {
+    pub(crate) fn takes(&self, p: &Publication) -> bool {
         let start = self.start_offset.get();
         if start > 0 {
             let same_epoch = p.epoch.as_ref().is_none_or(|e| *e == self.start_epoch);
@@ -62,11 +60,11 @@ impl Subscription {
     }
 
     #[inline]
-    pub fn slot(&self) -> usize {
+    pub(crate) fn slot(&self) -> usize {
         self.slot.get()
     }
 
-    pub fn set_slot(&self, slot: usize) {
+    pub(crate) fn set_slot(&self, slot: usize) {
         self.slot.set(slot);
     }
 }

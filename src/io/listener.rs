@@ -14,7 +14,7 @@ const LISTEN_BACKLOG: i32 = 4096;
 /// (three `fcntl` per connection), and each socket it gave had to be copied out of glommio's
 /// stream again for the epoll set (`fcntl` + `close`). Accepted sockets inherit TCP_NODELAY
 /// from this one on Linux (one `setsockopt` less per connection; a test checks it).
-pub struct Listener {
+pub(crate) struct Listener {
     fd: std::os::fd::OwnedFd,
     /// Edge-triggered: cleared only by EAGAIN.
     ready: std::cell::Cell<bool>,
@@ -23,7 +23,7 @@ pub struct Listener {
 
 impl Listener {
     /// Binds `addr` with SO_REUSEPORT: every shard has its own listener on the same port.
-    pub fn bind(addr: std::net::SocketAddr) -> io::Result<Listener> {
+    pub(crate) fn bind(addr: std::net::SocketAddr) -> io::Result<Listener> {
         use socket2::{Domain, Protocol, Socket, Type};
         let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
         sock.set_reuse_port(true)?;
@@ -38,20 +38,20 @@ impl Listener {
         })
     }
 
-    pub fn local_addr(&self) -> io::Result<std::net::SocketAddr> {
+    pub(crate) fn local_addr(&self) -> io::Result<std::net::SocketAddr> {
         socket2::SockRef::from(&self.fd)
             .local_addr()?
             .as_socket()
             .ok_or_else(|| io::Error::other("listener has no IP address"))
     }
 
-    pub fn fd(&self) -> std::os::fd::RawFd {
+    pub(crate) fn fd(&self) -> std::os::fd::RawFd {
         use std::os::fd::AsRawFd;
         self.fd.as_raw_fd()
     }
 
     /// The poller saw a connection arrive.
-    pub fn ready(&self) {
+    pub(crate) fn ready(&self) {
         self.ready.set(true);
         if let Some(w) = self.waker.take() {
             w.wake();
@@ -61,7 +61,7 @@ impl Listener {
     /// The next connection, in blocking mode as glommio's streams expect (TLS); plain sockets
     /// are only ever used with MSG_DONTWAIT. Errors are those a caller should back off from
     /// (out of descriptors or memory); a connection reset before its accept is skipped.
-    pub async fn accept(&self) -> io::Result<std::os::fd::OwnedFd> {
+    pub(crate) async fn accept(&self) -> io::Result<std::os::fd::OwnedFd> {
         poll_fn(|cx| loop {
             if !self.ready.get() {
                 self.waker.set(Some(cx.waker().clone()));

@@ -15,29 +15,29 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
 /// Readiness from epoll for the events a socket is registered with.
-pub const READABLE: u32 =
+pub(crate) const READABLE: u32 =
     (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32;
-pub const WRITABLE: u32 = (libc::EPOLLOUT | libc::EPOLLHUP | libc::EPOLLERR) as u32;
-pub const HANGUP: u32 = (libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32;
+pub(crate) const WRITABLE: u32 = (libc::EPOLLOUT | libc::EPOLLHUP | libc::EPOLLERR) as u32;
+pub(crate) const HANGUP: u32 = (libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32;
 
 /// Events taken per `epoll_wait`.
 const BATCH: usize = 256;
 
 /// The shard's epoll set, or the errno of its creation: then every registration fails with
 /// it, the listeners' first, so the shard refuses to start saying why.
-pub struct Poller {
+pub(crate) struct Poller {
     epfd: Result<OwnedFd, i32>,
 }
 
 impl Poller {
-    pub fn new() -> Poller {
+    pub(crate) fn new() -> Poller {
         let epfd = crate::sys::epoll_create().map_err(|e| e.raw_os_error().unwrap_or(libc::EIO));
         Poller { epfd }
     }
 
     /// Registers `fd` (edge-triggered, read and write) under `id`: a connection id (from its
     /// accept on), or a listener's. Closing the socket removes it.
-    pub fn register(&self, fd: RawFd, id: u64) -> io::Result<()> {
+    pub(crate) fn register(&self, fd: RawFd, id: u64) -> io::Result<()> {
         match &self.epfd {
             Ok(epfd) => crate::sys::epoll_add(epfd.as_raw_fd(), fd, id),
             Err(errno) => Err(io::Error::from_raw_os_error(*errno)),
@@ -45,7 +45,7 @@ impl Poller {
     }
 
     /// Hands every readiness event to `ready(id, events)`, for the shard's life.
-    pub async fn run(&self, ready: impl Fn(u64, u32)) {
+    pub(crate) async fn run(&self, ready: impl Fn(u64, u32)) {
         let Ok(epfd) = &self.epfd else {
             return;
         };

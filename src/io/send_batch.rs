@@ -1,22 +1,24 @@
 //! The flush pass's sends as one io_uring submission: every socket of a pass is written with a
 //! single `io_uring_enter` instead of one `send` system call each.
 
+#![allow(unsafe_code)]
+
 use std::io;
 use std::time::Instant;
 
 /// Sends submitted per `io_uring_enter`.
 const DEPTH: u32 = 256;
 
-pub struct SendBatch {
+pub(crate) struct SendBatch {
     ring: io_uring::IoUring,
 }
 
 /// One send: socket, bytes, length.
-pub type Item = (i32, *const u8, usize);
+pub(crate) type Item = (i32, *const u8, usize);
 
 impl SendBatch {
     /// None when io_uring is unavailable (the flush pass then calls `send` per socket).
-    pub fn new() -> Option<SendBatch> {
+    pub(crate) fn new() -> Option<SendBatch> {
         // The flags (kernel 6.0 / 5.19) save work when one thread submits and reaps; older
         // kernels refuse them, so try without.
         let ring = io_uring::IoUring::builder()
@@ -40,7 +42,7 @@ impl SendBatch {
     ///
     /// # Safety
     /// Every item's socket must be open and its bytes valid and unchanged until this returns.
-    pub unsafe fn send_all(
+    pub(crate) unsafe fn send_all(
         &mut self,
         items: &[Item],
         mut done: impl FnMut(usize, io::Result<usize>, Instant),

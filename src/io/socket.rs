@@ -10,7 +10,7 @@ use std::io::{self, Write};
 use std::pin::Pin;
 use std::task::Poll;
 
-pub enum Transport {
+pub(crate) enum Transport {
     Tls(Box<tls::Tls>),
     /// A plain TCP socket registered in the shard's epoll set (`poller`) from its accept on:
     /// no armed poll per idle socket; the shard's poller sets its readiness and wakes its tasks.
@@ -19,7 +19,7 @@ pub enum Transport {
 
 /// A plain TCP socket whose readiness comes from the shard's epoll set (edge-triggered: a flag
 /// is cleared only by a short read or an EAGAIN, and the next event sets it again).
-pub struct RawSock {
+pub(crate) struct RawSock {
     fd: std::os::fd::OwnedFd,
     readable: std::cell::Cell<bool>,
     writable: std::cell::Cell<bool>,
@@ -32,7 +32,7 @@ pub struct RawSock {
 
 impl RawSock {
     /// A socket just registered in the epoll set: whatever arrived before is read at once.
-    pub fn new(fd: std::os::fd::OwnedFd) -> RawSock {
+    pub(crate) fn new(fd: std::os::fd::OwnedFd) -> RawSock {
         RawSock {
             fd,
             readable: std::cell::Cell::new(true),
@@ -43,7 +43,7 @@ impl RawSock {
     }
 
     /// Records readiness from epoll; true when a reader should be woken.
-    pub fn ready(&self, events: u32) -> bool {
+    pub(crate) fn ready(&self, events: u32) -> bool {
         if events & crate::io::poller::WRITABLE != 0 {
             self.writable.set(true);
             if let Some(w) = self.tx.take() {
@@ -117,7 +117,7 @@ fn attempt(
 /// The stream is borrowed only inside polls, never across an await, so the borrow never fails
 /// here (the poller runs as its own task); if it did, the event is dropped and the next read or
 /// write finds out for itself.
-pub fn socket_ready(stream: &RefCell<Transport>, events: u32) -> bool {
+pub(crate) fn socket_ready(stream: &RefCell<Transport>, events: u32) -> bool {
     match stream.try_borrow().as_deref() {
         Ok(Transport::Raw(sock)) => sock.ready(events),
         _ => false,
@@ -126,13 +126,13 @@ pub fn socket_ready(stream: &RefCell<Transport>, events: u32) -> bool {
 
 /// A socket serving HTTP, before any upgrade: the shard's poller reaches it by id
 /// (`Shard::watch`) to set its readiness and wake its task.
-pub struct HttpSock {
+pub(crate) struct HttpSock {
     pub stream: RefCell<Transport>,
     rx: std::cell::Cell<Option<std::task::Waker>>,
 }
 
 impl HttpSock {
-    pub fn new(stream: Transport) -> HttpSock {
+    pub(crate) fn new(stream: Transport) -> HttpSock {
         HttpSock {
             stream: RefCell::new(stream),
             rx: std::cell::Cell::new(None),
@@ -140,7 +140,7 @@ impl HttpSock {
     }
 
     /// Readiness from the poller.
-    pub fn ready(&self, events: u32) {
+    pub(crate) fn ready(&self, events: u32) {
         if socket_ready(&self.stream, events) {
             if let Some(w) = self.rx.take() {
                 w.wake();
@@ -149,7 +149,7 @@ impl HttpSock {
     }
 
     /// Reads what is available into `into`; 0 at end of stream.
-    pub async fn read_some(&self, into: &mut Vec<u8>) -> io::Result<usize> {
+    pub(crate) async fn read_some(&self, into: &mut Vec<u8>) -> io::Result<usize> {
         read_some(&self.stream, into, &|cx| {
             self.rx.set(Some(cx.waker().clone()));
             None
@@ -164,7 +164,7 @@ thread_local! {
 }
 
 impl Transport {
-    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+    pub(crate) fn raw_fd(&self) -> std::os::fd::RawFd {
         use std::os::fd::AsRawFd;
         match self {
             Transport::Tls(t) => t.tcp.as_raw_fd(),
@@ -194,7 +194,7 @@ pub(crate) async fn write_raw(stream: &RefCell<Transport>, mut buf: &[u8]) -> io
 }
 
 /// Writes some of `buf` (plain) or all of it (TLS: it is encrypted as one batch of records).
-pub async fn write_some(stream: &RefCell<Transport>, buf: &[u8]) -> io::Result<usize> {
+pub(crate) async fn write_some(stream: &RefCell<Transport>, buf: &[u8]) -> io::Result<usize> {
     let tls = matches!(&*stream.borrow(), Transport::Tls(_));
     if !tls {
         return poll_fn(|cx| match &mut *stream.borrow_mut() {
@@ -210,7 +210,7 @@ pub async fn write_some(stream: &RefCell<Transport>, buf: &[u8]) -> io::Result<u
     Ok(buf.len())
 }
 
-pub async fn write_all(stream: &RefCell<Transport>, mut buf: &[u8]) -> io::Result<()> {
+pub(crate) async fn write_all(stream: &RefCell<Transport>, mut buf: &[u8]) -> io::Result<()> {
     while !buf.is_empty() {
         let n = write_some(stream, buf).await?;
         if n == 0 {
@@ -224,7 +224,7 @@ pub async fn write_all(stream: &RefCell<Transport>, mut buf: &[u8]) -> io::Resul
 /// Reads what is available into `into`; 0 at end of stream. `ready` is checked first on every
 /// poll, so a connection that must stop can end a pending read by waking the task. For a `Raw`
 /// socket `ready` must also register the waker that the socket's readiness events wake.
-pub async fn read_some(
+pub(crate) async fn read_some(
     stream: &RefCell<Transport>,
     into: &mut Vec<u8>,
     ready: &dyn Fn(&std::task::Context<'_>) -> Option<io::Error>,
@@ -272,7 +272,7 @@ fn scratch_read(
 }
 
 /// Sends FIN (after a TLS close_notify): the peer sees the end of our side.
-pub async fn shutdown_write(stream: &RefCell<Transport>) {
+pub(crate) async fn shutdown_write(stream: &RefCell<Transport>) {
     let tls = if let Transport::Tls(t) = &mut *stream.borrow_mut() {
         t.session.send_close_notify();
         true

@@ -18,7 +18,7 @@ use std::time::Instant;
 /// pushes a new entry and leaves the old one stale. An entry fires only if it is still the
 /// connection's remembered wake, so stale entries and those of closed connections just expire.
 #[derive(Default)]
-pub struct Timers {
+pub(crate) struct Timers {
     heap: RefCell<BinaryHeap<Reverse<(Instant, u64)>>>,
     poked: Cell<bool>,
     waker: Cell<Option<Waker>>,
@@ -26,7 +26,7 @@ pub struct Timers {
 
 impl Timers {
     /// Asks for connection `id` to be woken at `due` or before; `armed` is its remembered wake.
-    pub fn arm(&self, id: u64, armed: &Cell<Option<Instant>>, due: Instant) {
+    pub(crate) fn arm(&self, id: u64, armed: &Cell<Option<Instant>>, due: Instant) {
         if armed.get().is_some_and(|t| t <= due) {
             return;
         }
@@ -49,7 +49,7 @@ impl Timers {
     }
 
     /// Calls `fire(id, due)` for every entry whose time has come, for the shard's life.
-    pub async fn run(&self, fire: impl Fn(u64, Instant)) {
+    pub(crate) async fn run(&self, fire: impl Fn(u64, Instant)) {
         loop {
             let now = Instant::now();
             loop {

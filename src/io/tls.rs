@@ -14,13 +14,16 @@ use std::task::Poll;
 pub(crate) const READ_BYTES: usize = 18 * 1024;
 
 /// A TLS session over its socket.
-pub struct Tls {
+pub(crate) struct Tls {
     pub(crate) tcp: TcpStream,
     pub(crate) session: rustls::ServerConnection,
 }
 
 /// Loads the certificate chain and key named by `tls.cert_file` / `tls.key_file`.
-pub fn server_config(cert_file: &str, key_file: &str) -> Result<Arc<rustls::ServerConfig>, String> {
+pub(crate) fn server_config(
+    cert_file: &str,
+    key_file: &str,
+) -> Result<Arc<rustls::ServerConfig>, String> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_file)
@@ -43,7 +46,7 @@ pub fn server_config(cert_file: &str, key_file: &str) -> Result<Arc<rustls::Serv
 }
 
 /// Runs the TLS handshake on a fresh connection.
-pub async fn accept_tls(
+pub(crate) async fn accept_tls(
     tcp: TcpStream,
     config: Arc<rustls::ServerConfig>,
 ) -> io::Result<Transport> {

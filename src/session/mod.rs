@@ -42,7 +42,7 @@ struct Times {
 ///
 /// Not an `async fn`: the setup runs here, so the returned future, which lives as long as the
 /// connection, does not keep room for the `Transport` argument it moved out at once.
-pub fn run(
+pub(crate) fn run(
     shard: Rc<Shard>,
     id: u64,
     stream: Transport,

@@ -9,7 +9,7 @@ const REJECT_WINDOW: Duration = Duration::from_secs(10);
 
 /// What to do with one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
+pub(super) enum Verdict {
     Allow,
     /// Answer ResourceExhausted.
     Reject,
@@ -18,7 +18,7 @@ pub enum Verdict {
 }
 
 /// Single precision: it lives in every connection's task, and a bucket needs no more.
-pub struct RateLimit {
+pub(super) struct RateLimit {
     tokens: f32,
     per_second: f32,
     burst: f32,
@@ -28,7 +28,7 @@ pub struct RateLimit {
 }
 
 impl RateLimit {
-    pub fn new(per_second: u32, burst: u32, now: Instant) -> RateLimit {
+    pub(super) fn new(per_second: u32, burst: u32, now: Instant) -> RateLimit {
         RateLimit {
             tokens: burst as f32,
             last: now,
@@ -40,7 +40,7 @@ impl RateLimit {
     }
 
     /// Counts one request made at `now`.
-    pub fn take(&mut self, now: Instant) -> Verdict {
+    pub(super) fn take(&mut self, now: Instant) -> Verdict {
         let dt = now.duration_since(self.last).as_secs_f32();
         self.last = now;
         self.tokens = (self.tokens + dt * self.per_second).min(self.burst);

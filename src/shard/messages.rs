@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 impl Shard {
     /// Handles one message, in ring order.
-    pub fn on_ring(&self, msg: ShardMsg) {
+    pub(crate) fn on_ring(&self, msg: ShardMsg) {
         match msg {
             ShardMsg::Publish {
                 token,

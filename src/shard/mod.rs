@@ -53,9 +53,10 @@ enum Pending {
     },
 }
 
+/// One shard: an executor's connections, subscriptions, owned channels and ring ends.
 pub struct Shard {
-    pub id: usize,
-    pub node: Arc<Node>,
+    pub(crate) id: usize,
+    pub(crate) node: Arc<Node>,
     /// Per destination shard: a local queue drained into the ring by a pump task, so that
     /// handling a ring message never waits on another full ring (which could deadlock two
     /// shards sending to each other).
@@ -68,25 +69,26 @@ pub struct Shard {
     next_token: Cell<u64>,
     next_publication: Cell<u64>,
     next_subscription: Cell<u64>,
-    pub conns: RefCell<HashMap<u64, Rc<Conn>>>,
+    pub(crate) conns: RefCell<HashMap<u64, Rc<Conn>>>,
     next_conn: Cell<u64>,
     /// Writes what fan-out queued, once per executor turn (`server` runs its task).
-    pub send: Rc<SendSide>,
+    pub(crate) send: Rc<SendSide>,
     /// Readiness of the shard's WebSocket sockets, and every connection's next due time
     /// (`server` runs their tasks).
-    pub poller: Poller,
-    pub timers: Timers,
+    pub(crate) poller: Poller,
+    pub(crate) timers: Timers,
     /// Sockets in the epoll set that are not WebSocket connections (yet), by poller id.
     watched: RefCell<HashMap<u64, Watched>>,
 }
 
 /// A socket in the shard's epoll set that is not a WebSocket connection.
-pub enum Watched {
+pub(crate) enum Watched {
     Http(Rc<HttpSock>),
     Listener(Rc<Listener>),
 }
 
 impl Shard {
+    /// Shard `id` of `node`, with nothing open yet.
     pub fn new(id: usize, node: Arc<Node>) -> Rc<Shard> {
         let history = node.config.history.clone();
         Rc::new(Shard {
@@ -109,12 +111,12 @@ impl Shard {
     }
 
     /// Connection `id`, while it is open (the poller and the timers know connections by id).
-    pub fn conn(&self, id: u64) -> Option<Rc<Conn>> {
+    pub(crate) fn conn(&self, id: u64) -> Option<Rc<Conn>> {
         self.conns.borrow().get(&id).cloned()
     }
 
     /// Readiness of the socket the poller knows as `id`.
-    pub fn socket_ready(&self, id: u64, events: u32) {
+    pub(crate) fn socket_ready(&self, id: u64, events: u32) {
         if let Some(conn) = self.conn(id) {
             conn.socket_ready(events);
             return;
@@ -128,18 +130,18 @@ impl Shard {
     }
 
     /// The timers' entry for connection `id` at `due` has come.
-    pub fn timer_due(&self, id: u64, due: Instant) {
+    pub(crate) fn timer_due(&self, id: u64, due: Instant) {
         if let Some(conn) = self.conn(id) {
             conn.timer_due(due);
         }
     }
 
     /// Lets the poller reach `w` as `id` (registered in the epoll set under that id).
-    pub fn watch(&self, id: u64, w: Watched) {
+    pub(crate) fn watch(&self, id: u64, w: Watched) {
         self.watched.borrow_mut().insert(id, w);
     }
 
-    pub fn unwatch(&self, id: u64) {
+    pub(crate) fn unwatch(&self, id: u64) {
         self.watched.borrow_mut().remove(&id);
     }
 
@@ -148,11 +150,11 @@ impl Shard {
         &self.send.flusher
     }
 
-    pub fn metrics(&self) -> &ShardMetrics {
+    pub(crate) fn metrics(&self) -> &ShardMetrics {
         &self.node.metrics[self.id]
     }
 
-    pub fn config(&self) -> &Config {
+    pub(crate) fn config(&self) -> &Config {
         &self.node.config
     }
 
@@ -162,7 +164,7 @@ impl Shard {
     }
 
     /// Connects this shard's ends of the rings; messages are handled by `on_ring`.
-    pub fn connect_rings(self: &Rc<Self>, ends: Ends) {
+    pub(crate) fn connect_rings(self: &Rc<Self>, ends: Ends) {
         let shard = self.clone();
         crate::ring::connect(&self.outboxes, ends, Rc::new(move |msg| shard.on_ring(msg)));
     }
@@ -180,7 +182,7 @@ impl Shard {
         self.pending.borrow_mut().remove(&token)
     }
 
-    pub fn new_conn_id(&self) -> u64 {
+    pub(crate) fn new_conn_id(&self) -> u64 {
         let n = self.next_conn.get();
         self.next_conn.set(n + 1);
         (n << crate::constants::SHARD_ID_BITS) | self.id as u64
@@ -196,7 +198,7 @@ impl Shard {
     }
 
     /// Periodic upkeep: history expiry and forgetting idle channels.
-    pub fn sweep(&self) {
+    pub(crate) fn sweep(&self) {
         self.owned.borrow_mut().sweep(Instant::now());
         let (owned, local) = self.table_sizes();
         let m = self.metrics();
@@ -207,7 +209,7 @@ impl Shard {
     }
 
     /// Number of channels this shard sequences and of channels with local subscribers.
-    pub fn table_sizes(&self) -> (usize, usize) {
+    pub(crate) fn table_sizes(&self) -> (usize, usize) {
         (self.owned.borrow().len(), self.subscriptions.len())
     }
 }

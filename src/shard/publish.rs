@@ -13,13 +13,13 @@ use std::time::Instant;
 
 impl Shard {
     /// The one publish entry for REST and WebSocket: route to the owner shard, wait for the ack.
-    pub async fn publish(self: &Rc<Self>, params: PublishParams) -> Result<Ack, Error> {
+    pub(crate) async fn publish(self: &Rc<Self>, params: PublishParams) -> Result<Ack, Error> {
         self.submit(params).wait().await
     }
 
     /// Sends a publication on its way without waiting: publications submitted one after another
     /// from one shard keep their order, so `/broadcast` submits all, then waits for all.
-    pub fn submit(self: &Rc<Self>, params: PublishParams) -> Submitted {
+    pub(crate) fn submit(self: &Rc<Self>, params: PublishParams) -> Submitted {
         if self.node.is_shutting_down() {
             return Submitted::Done(Err(err(Code::Unavailable, "server is shutting down")));
         }

@@ -11,7 +11,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 impl Shard {
-    pub async fn history(
+    pub(crate) async fn history(
         self: &Rc<Self>,
         channel: String,
         limit: usize,
@@ -47,7 +47,7 @@ impl Shard {
     }
 
     /// Subscriber counts of every channel with subscribers, summed over all shards.
-    pub async fn channel_counts(self: &Rc<Self>) -> Result<HashMap<Arc<str>, usize>, Error> {
+    pub(crate) async fn channel_counts(self: &Rc<Self>) -> Result<HashMap<Arc<str>, usize>, Error> {
         let mut counts: HashMap<Arc<str>, usize> = HashMap::new();
         for (c, n) in self.subscriptions.counts() {
             *counts.entry(c).or_default() += n;

@@ -90,7 +90,7 @@ impl Shard {
         let n = self.next_subscription.get() + 1;
         self.next_subscription.set(n);
         let (offset, epoch) = (position.offset, position.epoch.clone());
-        let sub = Rc::new(Subscription::new(conn.clone(), channel, n, offset, epoch));
+        let sub = Rc::new(Subscription::new(conn.clone(), channel, offset, epoch));
         self.subscriptions.add(sub.clone());
         conn.add_subscription(sub.clone());
         ShardMetrics::gauge(&self.metrics().subscriptions_total, 1);
@@ -131,7 +131,7 @@ impl Shard {
     }
 
     /// Removes one subscription of a connection (unsubscribe, re-auth narrowing, or close).
-    pub fn unsubscribe(&self, sub: &Rc<Subscription>) {
+    pub(crate) fn unsubscribe(&self, sub: &Rc<Subscription>) {
         if !self.subscriptions.remove(sub) {
             return;
         }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Accepts connections for the shard's life, one HTTP task each.
-pub async fn accept_loop(shard: Rc<Shard>, listener: Rc<Listener>, role: Role) {
+pub(crate) async fn accept_loop(shard: Rc<Shard>, listener: Rc<Listener>, role: Role) {
     let mut last_logged: Option<Instant> = None;
     loop {
         match listener.accept().await {

@@ -6,11 +6,11 @@ mod playground;
 mod routes;
 mod serve;
 
-pub use accept::accept_loop;
+pub(crate) use accept::accept_loop;
 
 /// What a listener serves.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub enum Role {
+pub(crate) enum Role {
     /// Clients and, unless `admin_listen` is set, the backend endpoints too.
     Public { backend: bool },
     /// Backend endpoints only (`admin_listen`).

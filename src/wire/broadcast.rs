@@ -6,7 +6,7 @@ use crate::wire::reply::write_json_string;
 
 /// The two halves of a broadcast message around the per-subscription `seq`, built once per
 /// publication and shared by every subscriber on every shard.
-pub fn broadcast_parts(
+pub(crate) fn broadcast_parts(
     id: &str,
     offset: u64,
     create_time: &str,

@@ -14,8 +14,11 @@ use tungstenite::protocol::frame::FrameHeader;
 pub enum Message<'a> {
     /// Valid UTF-8, already unmasked and reassembled.
     Text(&'a [u8]),
+    /// A binary message (the protocol answers InvalidArgument).
     Binary(&'a [u8]),
+    /// A ping and its payload, to echo in a pong.
     Ping(&'a [u8]),
+    /// A pong (the connection is alive; nothing to do).
     Pong,
     /// The code the client sent (None for an empty close frame).
     Close(Option<u16>),
@@ -31,17 +34,13 @@ pub struct Decoder {
 }
 
 impl Decoder {
+    /// A decoder of messages of at most `max_message_bytes` (`limits.max_frame_bytes`).
     pub fn new(max_message_bytes: usize) -> Decoder {
         Decoder {
             max_message_bytes,
             fragments: None,
             assembled: Vec::new(),
         }
-    }
-
-    /// True while a fragmented message is open (its bytes are held here).
-    pub fn is_idle(&self) -> bool {
-        self.fragments.is_none() && self.assembled.capacity() == 0
     }
 
     /// Decodes the next message from `buf`, unmasking it in place. Returns the message and the
@@ -178,7 +177,7 @@ fn parse_close(payload: &[u8]) -> Result<Option<u16>, Close> {
 }
 
 /// XORs the client's mask over the payload, eight bytes at a time.
-pub fn unmask(buf: &mut [u8], mask: [u8; 4]) {
+pub(crate) fn unmask(buf: &mut [u8], mask: [u8; 4]) {
     let wide = u64::from_ne_bytes([
         mask[0], mask[1], mask[2], mask[3], mask[0], mask[1], mask[2], mask[3],
     ]);
@@ -201,7 +200,7 @@ pub fn unmask(buf: &mut [u8], mask: [u8; 4]) {
 /// time (2.1% of the server's CPU at max rate, more than the rest of the frame). A test checks
 /// both agree for every length class.
 #[inline]
-pub fn write_header(out: &mut Vec<u8>, opcode: OpCode, len: usize) {
+pub(crate) fn write_header(out: &mut Vec<u8>, opcode: OpCode, len: usize) {
     let first = 0x80 | u8::from(opcode);
     if len < 126 {
         out.extend_from_slice(&[first, len as u8]);
@@ -214,16 +213,16 @@ pub fn write_header(out: &mut Vec<u8>, opcode: OpCode, len: usize) {
     }
 }
 
-pub const TEXT: OpCode = OpCode::Data(Data::Text);
+pub(crate) const TEXT: OpCode = OpCode::Data(Data::Text);
 
 /// Appends one text frame.
-pub fn write_text(out: &mut Vec<u8>, body: &[u8]) {
+pub(crate) fn write_text(out: &mut Vec<u8>, body: &[u8]) {
     write_header(out, TEXT, body.len());
     out.extend_from_slice(body);
 }
 
 /// Appends a close frame with `code` and a short reason (cut to fit a control frame).
-pub fn write_close(out: &mut Vec<u8>, code: u16, reason: &str) {
+pub(crate) fn write_close(out: &mut Vec<u8>, code: u16, reason: &str) {
     let mut end = reason.len().min(123);
     while !reason.is_char_boundary(end) {
         end -= 1;
@@ -233,11 +232,11 @@ pub fn write_close(out: &mut Vec<u8>, code: u16, reason: &str) {
     out.extend_from_slice(&reason.as_bytes()[..end]);
 }
 
-pub fn write_ping(out: &mut Vec<u8>) {
+pub(crate) fn write_ping(out: &mut Vec<u8>) {
     write_header(out, OpCode::Control(Control::Ping), 0);
 }
 
-pub fn write_pong(out: &mut Vec<u8>, payload: &[u8]) {
+pub(crate) fn write_pong(out: &mut Vec<u8>, payload: &[u8]) {
     write_header(out, OpCode::Control(Control::Pong), payload.len());
     out.extend_from_slice(payload);
 }

@@ -7,7 +7,7 @@ use crate::wire::http::Head;
 /// Why an upgrade is refused: the HTTP status and the error it answers with. A 426 carries no
 /// error body, only `sec-websocket-version: 13` (`http::write_upgrade_required`).
 #[derive(Debug)]
-pub struct Refused {
+pub(crate) struct Refused {
     pub status: u16,
     pub error: Error,
 }
@@ -22,7 +22,7 @@ fn refused(status: u16, code: Code, message: &str) -> Refused {
 /// Checks an upgrade request: a GET with `Upgrade: websocket` and `Connection: Upgrade`, version
 /// 13, a 24-character key, and an allowed `Origin` (`allowed_origins` empty: any; a handshake
 /// without `Origin` is allowed, SPEC 13.15; origins compare exactly).
-pub fn check(head: &Head, allowed_origins: &[String]) -> Result<(), Refused> {
+pub(crate) fn check(head: &Head, allowed_origins: &[String]) -> Result<(), Refused> {
     if head.method != "GET" {
         return Err(refused(
             405,
@@ -57,7 +57,7 @@ pub fn check(head: &Head, allowed_origins: &[String]) -> Result<(), Refused> {
 }
 
 /// Appends the 101 answer that turns the connection into a WebSocket.
-pub fn write_accept(out: &mut Vec<u8>, ws_key: &str) {
+pub(crate) fn write_accept(out: &mut Vec<u8>, ws_key: &str) {
     let accept = tungstenite::handshake::derive_accept_key(ws_key.as_bytes());
     out.extend_from_slice(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: ");
     out.extend_from_slice(accept.as_bytes());

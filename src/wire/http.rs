@@ -6,19 +6,31 @@ use crate::error::Error;
 /// The parts of a request head the server acts on. Owned, because the read buffer moves on.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Head {
+    /// `GET`, `POST`, ...
     pub method: String,
+    /// The target up to `?`.
     pub path: String,
+    /// The target after `?` (not decoded).
     pub query: String,
     /// Bytes taken by the head, including the blank line.
     pub len: usize,
+    /// HTTP/1.1 without `Connection: close` (or HTTP/1.0 with `keep-alive`).
     pub keep_alive: bool,
+    /// `Content-Length`.
     pub content_length: Option<usize>,
+    /// Any `Transfer-Encoding` (refused: 411).
     pub chunked: bool,
+    /// `Upgrade: websocket`.
     pub upgrade_websocket: bool,
+    /// `Connection: Upgrade`.
     pub connection_upgrade: bool,
+    /// `Sec-WebSocket-Key`.
     pub ws_key: Option<String>,
+    /// `Sec-WebSocket-Version`.
     pub ws_version: Option<String>,
+    /// `Origin`.
     pub origin: Option<String>,
+    /// `Host`.
     pub host: Option<String>,
     /// The token of `Authorization: Bearer TOKEN`.
     pub bearer: Option<Vec<u8>>,
@@ -27,7 +39,9 @@ pub struct Head {
 /// A head that cannot be served. The status and message go back before the connection closes.
 #[derive(Debug, PartialEq, Eq)]
 pub struct HeadError {
+    /// 400 or 431.
     pub status: u16,
+    /// What was wrong.
     pub message: &'static str,
 }
 
@@ -189,7 +203,7 @@ fn percent_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-pub fn reason(status: u16) -> &'static str {
+pub(crate) fn reason(status: u16) -> &'static str {
     match status {
         101 => "Switching Protocols",
         200 => "OK",
@@ -210,7 +224,7 @@ pub fn reason(status: u16) -> &'static str {
 }
 
 /// Appends a complete response with a body.
-pub fn write_response(
+pub(crate) fn write_response(
     out: &mut Vec<u8>,
     status: u16,
     content_type: &str,
@@ -229,13 +243,13 @@ pub fn write_response(
 }
 
 /// Appends an error answer: the WebSocket error object, wrapped (SPEC section 3).
-pub fn write_error(out: &mut Vec<u8>, status: u16, e: &Error, keep_alive: bool) {
+pub(crate) fn write_error(out: &mut Vec<u8>, status: u16, e: &Error, keep_alive: bool) {
     let body = crate::wire::reply::rest_error(e);
     write_response(out, status, "application/json", &body, keep_alive);
 }
 
 /// The 426 answer to an upgrade of another WebSocket version (RFC 6455 4.4).
-pub fn write_upgrade_required(out: &mut Vec<u8>) {
+pub(crate) fn write_upgrade_required(out: &mut Vec<u8>) {
     out.extend_from_slice(b"HTTP/1.1 426 Upgrade Required\r\nsec-websocket-version: 13\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
 }
 

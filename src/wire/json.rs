@@ -19,7 +19,7 @@ pub const DEPTH_MAX: usize = simd_json::DEFAULT_MAX_DEPTH;
 
 /// Why a text could not be read.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum JsonError {
+pub(crate) enum JsonError {
     /// Not one JSON text (RFC 8259); serde_json's description, with line and column.
     Invalid(String),
     /// Valid, but nested deeper than `DEPTH_MAX`.
@@ -28,7 +28,7 @@ pub enum JsonError {
 
 impl JsonError {
     /// The message for a client, `what` naming the text ("request", "body").
-    pub fn message(&self, what: &str) -> String {
+    pub(crate) fn message(&self, what: &str) -> String {
         match self {
             JsonError::Invalid(why) => format!("{what} is not valid JSON: {why}"),
             JsonError::TooDeep => {
@@ -49,7 +49,7 @@ pub struct Scratch {
 }
 
 impl Scratch {
-    pub const fn new() -> Scratch {
+    pub(crate) const fn new() -> Scratch {
         Scratch {
             fast: Vec::new(),
             slow: Vec::new(),
@@ -58,23 +58,23 @@ impl Scratch {
 }
 
 /// A parsed text.
-pub struct Parsed<'s> {
-    pub value: BorrowedValue<'s>,
+pub(crate) struct Parsed<'s> {
+    pub(crate) value: BorrowedValue<'s>,
     /// Byte offsets of the escapes of unpaired surrogates (`\udXXX`): `value` holds U+FFFD in
     /// their place, so a caller that decodes a string holding one must refuse it rather than
     /// use another text than the client sent. Empty for nearly every text.
-    pub unpaired: Vec<usize>,
+    pub(crate) unpaired: Vec<usize>,
 }
 
 impl Parsed<'_> {
     /// True when an unpaired surrogate escape lies within `start..end` of the text.
-    pub fn unpaired_within(&self, (start, end): (usize, usize)) -> bool {
+    pub(crate) fn unpaired_within(&self, (start, end): (usize, usize)) -> bool {
         self.unpaired.iter().any(|&at| at >= start && at < end)
     }
 }
 
 /// Parses one JSON text. Every text RFC 8259 allows is read, except nesting beyond `DEPTH_MAX`.
-pub fn parse<'s>(text: &[u8], scratch: &'s mut Scratch) -> Result<Parsed<'s>, JsonError> {
+pub(crate) fn parse<'s>(text: &[u8], scratch: &'s mut Scratch) -> Result<Parsed<'s>, JsonError> {
     scratch.fast.clear();
     scratch.fast.extend_from_slice(text);
     let refused = match simd_json::to_borrowed_value(&mut scratch.fast) {
@@ -105,7 +105,7 @@ pub fn parse<'s>(text: &[u8], scratch: &'s mut Scratch) -> Result<Parsed<'s>, Js
 
 /// Checks that `text` is one JSON text (RFC 8259), with no limit on depth or number size:
 /// what a client may send as a payload. Used where a text is relayed without being read.
-pub fn validate(text: &[u8]) -> Result<(), JsonError> {
+pub(crate) fn validate(text: &[u8]) -> Result<(), JsonError> {
     // serde_json checks the grammar of strings but not their UTF-8.
     if simdutf8::basic::from_utf8(text).is_err() {
         return Err(JsonError::Invalid("not UTF-8".into()));
@@ -196,7 +196,7 @@ fn hex4(t: &[u8], at: usize) -> Option<u16> {
 // scanner finds byte spans in the original text, which `parse` has proven to be valid JSON.
 
 /// Byte range `[start, end)` in the original text.
-pub type Span = (usize, usize);
+pub(crate) type Span = (usize, usize);
 
 pub(crate) fn skip_ws(t: &[u8], mut i: usize) -> usize {
     while i < t.len() && matches!(t[i], b' ' | b'\t' | b'\n' | b'\r') {

@@ -3,8 +3,8 @@
 
 pub mod broadcast;
 pub mod frame;
-pub mod handshake;
+pub(crate) mod handshake;
 pub mod http;
 pub mod json;
-pub mod reply;
+pub(crate) mod reply;
 pub mod request;

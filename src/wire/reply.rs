@@ -5,7 +5,7 @@
 use crate::error::Error;
 
 /// Appends `s` as a JSON string.
-pub fn write_json_string(out: &mut Vec<u8>, s: &str) {
+pub(crate) fn write_json_string(out: &mut Vec<u8>, s: &str) {
     // serde_json's escaping is the reference; writing into a Vec cannot fail.
     let _ = serde_json::to_writer(&mut *out, s);
 }
@@ -15,7 +15,7 @@ fn write_u64(out: &mut Vec<u8>, n: u64) {
 }
 
 /// Appends `{"requestId":ID,"result":BODY}`; `body` is JSON text.
-pub fn write_result(out: &mut Vec<u8>, id: Option<&[u8]>, body: &[u8]) {
+pub(crate) fn write_result(out: &mut Vec<u8>, id: Option<&[u8]>, body: &[u8]) {
     out.extend_from_slice(b"{\"requestId\":");
     out.extend_from_slice(id.unwrap_or(b"null"));
     out.extend_from_slice(b",\"result\":");
@@ -24,7 +24,7 @@ pub fn write_result(out: &mut Vec<u8>, id: Option<&[u8]>, body: &[u8]) {
 }
 
 /// Appends `{"requestId":ID,"error":{"code":..,"message":..}}`.
-pub fn write_error(out: &mut Vec<u8>, id: Option<&[u8]>, e: &Error) {
+pub(crate) fn write_error(out: &mut Vec<u8>, id: Option<&[u8]>, e: &Error) {
     out.extend_from_slice(b"{\"requestId\":");
     out.extend_from_slice(id.unwrap_or(b"null"));
     out.extend_from_slice(b",\"error\":");
@@ -42,7 +42,7 @@ fn write_error_object(out: &mut Vec<u8>, e: &Error) {
 }
 
 /// A REST error body: the WebSocket error object, wrapped (SPEC 3).
-pub fn rest_error(e: &Error) -> Vec<u8> {
+pub(crate) fn rest_error(e: &Error) -> Vec<u8> {
     let mut out = b"{\"error\":".to_vec();
     write_error_object(&mut out, e);
     out.push(b'}');
@@ -50,10 +50,10 @@ pub fn rest_error(e: &Error) -> Vec<u8> {
 }
 
 /// `{"success":true}` (auth, unsubscribe).
-pub const SUCCESS: &[u8] = b"{\"success\":true}";
+pub(crate) const SUCCESS: &[u8] = b"{\"success\":true}";
 
 /// `{"timestamp":T}` (heartbeat).
-pub fn heartbeat(timestamp: &str) -> Vec<u8> {
+pub(crate) fn heartbeat(timestamp: &str) -> Vec<u8> {
     let mut body = b"{\"timestamp\":".to_vec();
     write_json_string(&mut body, timestamp);
     body.push(b'}');
@@ -61,7 +61,7 @@ pub fn heartbeat(timestamp: &str) -> Vec<u8> {
 }
 
 /// `{"id","createTime","offset"}` of a publish result.
-pub fn ack(id: &str, create_time: &str, offset: u64) -> Vec<u8> {
+pub(crate) fn ack(id: &str, create_time: &str, offset: u64) -> Vec<u8> {
     let mut body = Vec::with_capacity(96);
     body.extend_from_slice(b"{\"id\":");
     write_json_string(&mut body, id);
@@ -74,7 +74,7 @@ pub fn ack(id: &str, create_time: &str, offset: u64) -> Vec<u8> {
 }
 
 /// The `subscribe` result: `{"subscriptionId","timestamp","offset","epoch","recovered"?}`.
-pub fn subscribed(
+pub(crate) fn subscribed(
     subscription_id: &str,
     timestamp: &str,
     offset: u64,
@@ -99,7 +99,7 @@ pub fn subscribed(
 }
 
 /// One publication of a `GET /history` page.
-pub struct HistoryItem<'a> {
+pub(crate) struct HistoryItem<'a> {
     pub id: &'a str,
     pub offset: u64,
     pub create_time: &'a str,
@@ -109,7 +109,7 @@ pub struct HistoryItem<'a> {
 }
 
 /// `{"publications":[{"id","offset","createTime","event","payload"}...],"offset","epoch"}`.
-pub fn history_page<'a>(
+pub(crate) fn history_page<'a>(
     items: impl Iterator<Item = HistoryItem<'a>>,
     offset: u64,
     epoch: &str,
@@ -140,7 +140,7 @@ pub fn history_page<'a>(
 }
 
 /// `{"channels":[{"channel","subscribers"}...]}` (`GET /channels`).
-pub fn channel_counts<'a>(counts: impl Iterator<Item = (&'a str, usize)>) -> Vec<u8> {
+pub(crate) fn channel_counts<'a>(counts: impl Iterator<Item = (&'a str, usize)>) -> Vec<u8> {
     let mut out = b"{\"channels\":[".to_vec();
     for (i, (channel, n)) in counts.enumerate() {
         if i > 0 {
@@ -157,7 +157,9 @@ pub fn channel_counts<'a>(counts: impl Iterator<Item = (&'a str, usize)>) -> Vec
 }
 
 /// `{"results":[{"channel","id","offset"}...]}` (`POST /broadcast`), in request order.
-pub fn broadcast_results<'a>(results: impl Iterator<Item = (&'a str, &'a str, u64)>) -> Vec<u8> {
+pub(crate) fn broadcast_results<'a>(
+    results: impl Iterator<Item = (&'a str, &'a str, u64)>,
+) -> Vec<u8> {
     let mut out = b"{\"results\":[".to_vec();
     for (i, (channel, id, offset)) in results.enumerate() {
         if i > 0 {
@@ -176,11 +178,11 @@ pub fn broadcast_results<'a>(results: impl Iterator<Item = (&'a str, &'a str, u6
 }
 
 /// `GET /health` bodies.
-pub mod health {
-    pub const OK: &[u8] = b"{\"status\":\"ok\"}";
+pub(crate) mod health {
+    pub(crate) const OK: &[u8] = b"{\"status\":\"ok\"}";
     /// Redis unreachable in cluster mode: still 200, existing connections work.
-    pub const DEGRADED: &[u8] = b"{\"status\":\"degraded\"}";
-    pub const SHUTTING_DOWN: &[u8] = b"{\"status\":\"shutting_down\"}";
+    pub(crate) const DEGRADED: &[u8] = b"{\"status\":\"degraded\"}";
+    pub(crate) const SHUTTING_DOWN: &[u8] = b"{\"status\":\"shutting_down\"}";
 }
 
 #[cfg(test)]

@@ -12,30 +12,46 @@ use simd_json::prelude::*;
 use simd_json::BorrowedValue;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
+/// A subscribe's `since`: the last position the client saw.
 pub struct Since {
+    /// The last offset seen.
     pub offset: u64,
+    /// The epoch of that offset.
     pub epoch: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
+/// A request's method and parameters (SPEC 4).
 pub enum Method {
+    /// `auth` with a JWT.
     Auth {
+        /// The JWT.
         token: String,
     },
+    /// `subscribe`, with `since` to recover what was missed.
     Subscribe {
+        /// The channel.
         channel: String,
+        /// The last position seen.
         since: Option<Since>,
     },
+    /// `unsubscribe`.
     Unsubscribe {
+        /// The channel.
         channel: String,
     },
+    /// `publish`.
     Publish(PublishParams),
+    /// `heartbeat`.
     Heartbeat,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
+/// A publication as a publisher asks for it.
 pub struct PublishParams {
+    /// The channel.
     pub channel: String,
+    /// The event name, 1-128 bytes.
     pub event: String,
     /// The payload exactly as the client wrote it.
     pub payload: Vec<u8>,
@@ -47,14 +63,18 @@ pub struct PublishParams {
 pub struct Request<'a> {
     /// Raw JSON text of `id` (a number or string), echoed as `requestId`.
     pub id: Option<&'a [u8]>,
+    /// The method is one that needs `auth` first.
     pub method_needs_auth: bool,
+    /// The method, or what is wrong with its parameters.
     pub method: Result<Method, Error>,
 }
 
 /// A frame that is not a request at all. The id is echoed when it could be read.
 #[derive(Debug)]
 pub struct Rejected<'a> {
+    /// The request's `id` when it could be read.
     pub id: Option<&'a [u8]>,
+    /// Why it is not a request.
     pub error: Error,
 }
 
@@ -284,14 +304,14 @@ fn parse_publish(
     })
 }
 
-pub fn check_event(event: &str) -> Result<(), Error> {
+pub(crate) fn check_event(event: &str) -> Result<(), Error> {
     if event.is_empty() || event.len() > EVENT_BYTES_MAX {
         return Err(err(Code::InvalidArgument, "event must be 1-128 bytes"));
     }
     Ok(())
 }
 
-pub fn check_payload(len: usize, payload_bytes_max: usize) -> Result<(), Error> {
+pub(crate) fn check_payload(len: usize, payload_bytes_max: usize) -> Result<(), Error> {
     if len > payload_bytes_max {
         return Err(err(
             Code::ResourceExhausted,
