@@ -7,29 +7,30 @@
 //! cap the oldest gap is forgotten and a late arrival into it counts as a duplicate, still a failure.
 
 /// The most open gaps remembered per sequence.
-pub const GAPS_MAX: usize = 256;
+const GAPS_MAX: usize = 256;
 
 /// Anomaly counts for one or many sequences.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
-pub struct Anomalies {
+pub(crate) struct Anomalies {
     /// Values received.
-    pub received: u64,
+    pub(crate) received: u64,
     /// Values never received (gaps still open, plus the missing tail at `finish`).
-    pub lost: u64,
+    pub(crate) lost: u64,
     /// Values received more than once.
-    pub duplicated: u64,
+    pub(crate) duplicated: u64,
     /// Values received after a later one.
-    pub reordered: u64,
+    pub(crate) reordered: u64,
 }
 
 impl Anomalies {
     /// True when nothing was lost, duplicated or reordered.
-    pub fn clean(&self) -> bool {
+    #[cfg(test)]
+    fn clean(&self) -> bool {
         self.lost == 0 && self.duplicated == 0 && self.reordered == 0
     }
 
     /// Adds `other` into `self`.
-    pub fn add(&mut self, other: &Anomalies) {
+    pub(crate) fn add(&mut self, other: &Anomalies) {
         self.received += other.received;
         self.lost += other.lost;
         self.duplicated += other.duplicated;
@@ -39,7 +40,7 @@ impl Anomalies {
 
 /// Tracks one sequence.
 #[derive(Debug, Clone)]
-pub struct SeqChecker {
+pub(crate) struct SeqChecker {
     /// The value expected next (one above the highest seen).
     next: u64,
     /// Open gaps as half-open ranges `[from, to)`, oldest first.
@@ -49,7 +50,7 @@ pub struct SeqChecker {
 
 impl SeqChecker {
     /// A sequence whose first value should be `first`.
-    pub fn new(first: u64) -> Self {
+    pub(crate) fn new(first: u64) -> Self {
         SeqChecker {
             next: first,
             gaps: Vec::new(),
@@ -58,17 +59,17 @@ impl SeqChecker {
     }
 
     /// The value expected next.
-    pub fn next_expected(&self) -> u64 {
+    pub(crate) fn next_expected(&self) -> u64 {
         self.next
     }
 
     /// The highest value seen so far (`first - 1` before any).
-    pub fn high(&self) -> u64 {
+    pub(crate) fn high(&self) -> u64 {
         self.next.saturating_sub(1)
     }
 
     /// Records one received value.
-    pub fn observe(&mut self, v: u64) {
+    pub(crate) fn observe(&mut self, v: u64) {
         self.counts.received += 1;
         if v == self.next {
             self.next += 1;
@@ -101,7 +102,7 @@ impl SeqChecker {
     /// Moves the expected value forward to `next` without counting the values skipped as lost (a
     /// gap the server said it could not recover and was entitled not to); returns how many were
     /// skipped. Open gaps stay open.
-    pub fn skip_to(&mut self, next: u64) -> u64 {
+    pub(crate) fn skip_to(&mut self, next: u64) -> u64 {
         if next > self.next {
             let skipped = next - self.next;
             self.next = next;
@@ -112,13 +113,13 @@ impl SeqChecker {
     }
 
     /// The counts so far, without a tail check.
-    pub fn counts(&self) -> Anomalies {
+    pub(crate) fn counts(&self) -> Anomalies {
         self.counts
     }
 
     /// The counts with every value up to `last_expected` required: the values above the high mark
     /// are added to `lost`.
-    pub fn finish(&self, last_expected: u64) -> Anomalies {
+    pub(crate) fn finish(&self, last_expected: u64) -> Anomalies {
         let mut c = self.counts;
         if last_expected >= self.next {
             c.lost += last_expected - self.next + 1;

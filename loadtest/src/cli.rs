@@ -43,77 +43,77 @@ pub struct Common {
     /// subscribers alternate between the nodes) and publications go to the first (all of them with
     /// --publish-all).
     #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:8080")]
-    pub server: Vec<String>,
+    pub(crate) server: Vec<String>,
     /// Where REST publishes go (the admin listener if the server has one), one per --server in the
     /// same order; default: the --server addresses.
     #[arg(long, value_delimiter = ',')]
-    pub rest: Vec<String>,
+    pub(crate) rest: Vec<String>,
     /// The server's HS256 JWT secret; the load generator mints its own tokens.
     #[arg(long, env = "BROADCASTER_AUTH_JWT_SECRET", hide_env_values = true)]
-    pub secret: Option<String>,
+    pub(crate) secret: Option<String>,
     /// An API key for REST publishing (the first of a comma list).
     #[arg(long, env = "BROADCASTER_AUTH_API_KEYS", hide_env_values = true)]
-    pub api_key: Option<String>,
+    pub(crate) api_key: Option<String>,
     /// Receive threads (0: one per CPU in --cpus, else CPUs - 1, at least 1).
     #[arg(long, default_value_t = 0)]
-    pub threads: usize,
+    pub(crate) threads: usize,
     /// Pin the load generator's threads to these CPUs (comma list), e.g. `--cpus 1` with the
     /// server on CPU 0.
     #[arg(long, value_delimiter = ',')]
-    pub cpus: Vec<usize>,
+    pub(crate) cpus: Vec<usize>,
     /// The server's pid: report its CPU per delivered message and RSS per connection from /proc.
     /// Repeat it (or give a comma list) for several nodes: their CPU and RSS are summed (add
     /// redis-server's pid to count the broker too).
     #[arg(long, value_delimiter = ',')]
-    pub server_pid: Vec<u32>,
+    pub(crate) server_pid: Vec<u32>,
     /// Write the JSON summary here.
     #[arg(long)]
-    pub json: Option<PathBuf>,
+    pub(crate) json: Option<PathBuf>,
     /// Write the latency percentile distribution (.hgrm, milliseconds) here.
     #[arg(long)]
-    pub hgrm: Option<PathBuf>,
+    pub(crate) hgrm: Option<PathBuf>,
     /// Write an SVG latency-percentile plot here.
     #[arg(long)]
-    pub plot: Option<PathBuf>,
+    pub(crate) plot: Option<PathBuf>,
     /// A label for the plot legend and the summary.
     #[arg(long)]
-    pub label: Option<String>,
+    pub(crate) label: Option<String>,
     /// Loopback source addresses 127.0.0.2.. to spread connections over (0: as many as the
     /// ephemeral port range needs).
     #[arg(long, default_value_t = 0)]
-    pub source_ips: usize,
+    pub(crate) source_ips: usize,
     /// Do not bind source addresses (for a non-loopback server).
     #[arg(long)]
-    pub no_source_bind: bool,
+    pub(crate) no_source_bind: bool,
     /// Connection setups in flight per thread.
     #[arg(long, default_value_t = 256)]
-    pub concurrency: usize,
+    pub(crate) concurrency: usize,
     /// Seconds allowed for all connections to subscribe.
     #[arg(long, default_value_t = 120.0)]
-    pub setup_timeout: f64,
+    pub(crate) setup_timeout: f64,
     /// Seconds to wait after the last publication for every delivery.
     #[arg(long, default_value_t = 5.0)]
-    pub drain_timeout: f64,
+    pub(crate) drain_timeout: f64,
     /// Payload size in bytes (the JSON value, send time and padding included).
     #[arg(long, default_value_t = 64)]
-    pub payload_bytes: usize,
+    pub(crate) payload_bytes: usize,
     /// Prefix of the channel names (default: `lt-PID`).
     #[arg(long)]
-    pub channel_prefix: Option<String>,
+    pub(crate) channel_prefix: Option<String>,
     /// Also measure the kernel floor (same socket count and frame size) and report ratios to it.
     #[arg(long)]
-    pub floor: bool,
+    pub(crate) floor: bool,
     /// Frames per send() for the coalesced floor.
     #[arg(long, default_value_t = 4)]
-    pub floor_k: usize,
+    pub(crate) floor_k: usize,
     /// Microseconds a receive thread sleeps after a wake-up that found few ready connections, so
     /// reads batch more frames: lowers the load generator's CPU per message, adds up to this much to
     /// measured latency (0: exact latency).
     #[arg(long, default_value_t = 0)]
-    pub coalesce_us: u64,
+    pub(crate) coalesce_us: u64,
     /// No progress line.
     #[arg(long)]
-    pub quiet: bool,
+    pub(crate) quiet: bool,
 }
 
 /// How publications are made.
@@ -121,29 +121,29 @@ pub struct Common {
 pub struct PublishArgs {
     /// Publications per second (open loop); 0: max-rate mode bounded by --window.
     #[arg(long, default_value_t = 1000.0)]
-    pub rate: f64,
+    pub(crate) rate: f64,
     /// Publish this many messages (default: run for --duration).
     #[arg(long)]
-    pub messages: Option<u64>,
+    pub(crate) messages: Option<u64>,
     /// Seconds to publish for (default 10 when --messages is not given).
     #[arg(long)]
-    pub duration: Option<f64>,
+    pub(crate) duration: Option<f64>,
     /// Max-rate mode: publications not yet delivered to every subscriber, at most.
     #[arg(long, default_value_t = 4)]
-    pub window: u64,
+    pub(crate) window: u64,
     /// Max-rate mode: publish requests sent before their answers are read, at most (HTTP/1.1
     /// pipelining on the keep-alive connection, or WebSocket requests by id); 1: one at a time.
     /// With --window 4 --pipeline 4 four publications are in flight, as in the peers' max-rate
     /// benchmark, and the server may take several in one read.
     #[arg(long, default_value_t = 1)]
-    pub pipeline: u64,
+    pub(crate) pipeline: u64,
     /// Publish over REST (keep-alive) or a WebSocket.
     #[arg(long, value_enum, default_value_t = Via::Rest)]
-    pub via: Via,
+    pub(crate) via: Via,
     /// Several --server nodes: publish round robin over all of them (one keep-alive connection
     /// each) instead of to the first only.
     #[arg(long)]
-    pub publish_all: bool,
+    pub(crate) publish_all: bool,
 }
 
 /// `fanout` options.
@@ -151,9 +151,9 @@ pub struct PublishArgs {
 pub struct FanoutArgs {
     /// Subscribers on the channel.
     #[arg(long, short = 's', default_value_t = 1000)]
-    pub subscribers: usize,
+    pub(crate) subscribers: usize,
     #[command(flatten)]
-    pub publish: PublishArgs,
+    pub(crate) publish: PublishArgs,
     #[command(flatten)]
     pub common: Common,
 }
@@ -163,12 +163,12 @@ pub struct FanoutArgs {
 pub struct ChatArgs {
     /// Channels.
     #[arg(long, short = 'c', default_value_t = 100)]
-    pub channels: usize,
+    pub(crate) channels: usize,
     /// Subscribers per channel.
     #[arg(long, short = 'k', default_value_t = 50)]
-    pub per_channel: usize,
+    pub(crate) per_channel: usize,
     #[command(flatten)]
-    pub publish: PublishArgs,
+    pub(crate) publish: PublishArgs,
     #[command(flatten)]
     pub common: Common,
 }
@@ -178,13 +178,13 @@ pub struct ChatArgs {
 pub struct IdleArgs {
     /// Connections.
     #[arg(long, short = 'n', default_value_t = 1000)]
-    pub connections: usize,
+    pub(crate) connections: usize,
     /// Seconds to hold them.
     #[arg(long, default_value_t = 10.0)]
-    pub hold: f64,
+    pub(crate) hold: f64,
     /// Channels the connections subscribe to (round robin).
     #[arg(long, default_value_t = 1)]
-    pub channels: usize,
+    pub(crate) channels: usize,
     #[command(flatten)]
     pub common: Common,
 }
@@ -194,10 +194,10 @@ pub struct IdleArgs {
 pub struct StormArgs {
     /// Connections.
     #[arg(long, short = 'n', default_value_t = 5000)]
-    pub connections: usize,
+    pub(crate) connections: usize,
     /// Channels the connections subscribe to (round robin).
     #[arg(long, default_value_t = 1)]
-    pub channels: usize,
+    pub(crate) channels: usize,
     #[command(flatten)]
     pub common: Common,
 }
@@ -207,18 +207,18 @@ pub struct StormArgs {
 pub struct RecoveryArgs {
     /// Subscribers on the channel.
     #[arg(long, short = 's', default_value_t = 200)]
-    pub subscribers: usize,
+    pub(crate) subscribers: usize,
     /// Mean seconds between one subscriber's disconnects (each is uniform in 0.5x..1.5x).
     #[arg(long, default_value_t = 1.0)]
-    pub reconnect_every: f64,
+    pub(crate) reconnect_every: f64,
     #[command(flatten)]
-    pub publish: PublishArgs,
+    pub(crate) publish: PublishArgs,
     #[command(flatten)]
     pub common: Common,
 }
 
 /// How to run the server for `soak` (shown under `soak --help`).
-pub const SOAK_HELP: &str = "\
+const SOAK_HELP: &str = "\
 The server must keep enough history for what a client misses while it is away or unsubscribed
 (the load generator passes nothing to it). Run it on a server of its own (other clients would
 move its gauges and descriptors) with a large history, e.g.
@@ -247,68 +247,68 @@ Exit status: 0 passed, 1 a check failed, 2 could not run.";
 pub struct SoakArgs {
     /// Connections, each cycling connect → auth → subscribe → receive → disconnect → reconnect.
     #[arg(long, short = 'n', default_value_t = 2000)]
-    pub connections: usize,
+    pub(crate) connections: usize,
     /// Channels published to.
     #[arg(long, short = 'c', default_value_t = 8)]
-    pub channels: usize,
+    pub(crate) channels: usize,
     /// Most channels one connection subscribes to (each takes 1 to this many, fixed for its life).
     #[arg(long, default_value_t = 3)]
-    pub channels_per_conn: usize,
+    pub(crate) channels_per_conn: usize,
     /// How long to run: seconds, or with a unit (`90s`, `30m`, `1h`).
     #[arg(long, default_value = "60", value_parser = parse_duration)]
-    pub duration: Duration,
+    pub(crate) duration: Duration,
     /// When the server's RSS is taken as the reference (default: 20% of --duration, 10 s to 6 min,
     /// and at least the time the server's history takes to fill; at most half the run).
     #[arg(long, value_parser = parse_duration)]
-    pub warmup: Option<Duration>,
+    pub(crate) warmup: Option<Duration>,
     /// Publications per second, all publishers together (open loop, round robin over channels).
     #[arg(long, default_value_t = 50.0)]
-    pub rate: f64,
+    pub(crate) rate: f64,
     /// Publisher threads, each with its own keep-alive connection, share of the rate and channels.
     #[arg(long, default_value_t = 2)]
-    pub publishers: usize,
+    pub(crate) publishers: usize,
     /// Publish over REST (keep-alive) or a WebSocket.
     #[arg(long, value_enum, default_value_t = Via::Rest)]
-    pub via: Via,
+    pub(crate) via: Via,
     /// Mean seconds a connection stays connected (each session is uniform in 0.5x..1.5x).
     #[arg(long, default_value_t = 8.0)]
-    pub session: f64,
+    pub(crate) session: f64,
     /// Most seconds a connection stays away before reconnecting (uniform from 0).
     #[arg(long, default_value_t = 1.0)]
-    pub pause: f64,
+    pub(crate) pause: f64,
     /// Share of sessions that unsubscribe from one of their channels mid-session and subscribe again
     /// (with `since`) up to --pause later.
     #[arg(long, default_value_t = 0.3)]
-    pub resubscribe: f64,
+    pub(crate) resubscribe: f64,
     /// Share of sessions that end by dropping the TCP connection with no close frame (the others
     /// do the WebSocket closing handshake).
     #[arg(long, default_value_t = 0.25)]
-    pub abrupt: f64,
+    pub(crate) abrupt: f64,
     /// The server's history.size (BROADCASTER_HISTORY_SIZE): `recovered: false` is allowed only for
     /// a gap larger than this, or for one whose first missed publication may be older than
     /// --history-ttl.
     #[arg(long, default_value_t = 10_000)]
-    pub history_size: u64,
+    pub(crate) history_size: u64,
     /// The server's history.ttl (BROADCASTER_HISTORY_TTL).
     #[arg(long, default_value = "300s", value_parser = parse_duration)]
-    pub history_ttl: Duration,
+    pub(crate) history_ttl: Duration,
     /// Largest change of the server's RSS between the warm-up and the end, percent.
     #[arg(long, default_value_t = 5.0)]
-    pub rss_tolerance: f64,
+    pub(crate) rss_tolerance: f64,
     /// A change of the server's RSS within this many MiB passes whatever the percentage: the
     /// allocator commits memory in steps of about 2 MiB, 7% of a 30 MiB server.
     #[arg(long, default_value_t = 2.0)]
-    pub rss_slack_mib: f64,
+    pub(crate) rss_slack_mib: f64,
     /// Seconds allowed at the end for every connection to come back and catch up, and then for the
     /// server's gauges and descriptors to come back.
     #[arg(long, default_value_t = 30.0)]
-    pub settle_timeout: f64,
+    pub(crate) settle_timeout: f64,
     #[command(flatten)]
     pub common: Common,
 }
 
 /// Parses a duration: plain seconds (`60`, `0.5`) or a number with a unit (`ms`, `s`, `m`, `h`).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
@@ -335,26 +335,26 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 pub struct FloorArgs {
     /// Sockets written in turn.
     #[arg(long, short = 'n', default_value_t = 1000)]
-    pub sockets: usize,
+    pub(crate) sockets: usize,
     /// Bytes per frame (default: the size of a broadcast frame of a --payload-bytes payload).
     #[arg(long)]
-    pub frame_bytes: Option<usize>,
+    pub(crate) frame_bytes: Option<usize>,
     /// Payload size the default frame size is computed for.
     #[arg(long, default_value_t = 64)]
-    pub payload_bytes: usize,
+    pub(crate) payload_bytes: usize,
     /// Frames per send() to measure besides 1 (comma list).
     #[arg(long, short = 'k', value_delimiter = ',', default_value = "4")]
-    pub frames_per_send: Vec<usize>,
+    pub(crate) frames_per_send: Vec<usize>,
     /// Seconds of sending per measurement.
     #[arg(long, default_value_t = 3.0)]
-    pub seconds: f64,
+    pub(crate) seconds: f64,
     /// Passes per second (0: back to back).
     #[arg(long, default_value_t = 0.0)]
-    pub passes_per_s: f64,
+    pub(crate) passes_per_s: f64,
     /// Sockets written per pass, the next ones each pass, like one publication of a channel
     /// among several (0: all).
     #[arg(long, default_value_t = 0)]
-    pub group: usize,
+    pub(crate) group: usize,
     /// Pin the sender to CPU 0 and the reader to CPU 1.
     #[arg(long)]
     pub pin: bool,

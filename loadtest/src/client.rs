@@ -7,7 +7,7 @@
 //! idle connection costs the load generator a socket and ~200 bytes of state.
 
 use std::collections::{BinaryHeap, VecDeque};
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, Write};
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -20,51 +20,47 @@ use crate::checker::{Anomalies, SeqChecker};
 use crate::extract::{self, Message};
 use crate::hist;
 use crate::net::Node;
-use crate::schedule::now_unix_ns;
-use crate::ws::{self, Upgrade};
+use crate::recv::{self, End, Inbound, Receiver};
+use crate::ws;
 
-/// Bytes read per `read()`: one worker-wide buffer, large enough to take a burst of frames at once.
-const READ_BUF_BYTES: usize = 256 * 1024;
-/// Leftover (partial frame) bytes kept per connection before it is judged broken.
-const PARTIAL_BYTES_MAX: usize = 32 << 20;
 /// Request ids of the two setup requests.
 const AUTH_ID: u64 = 1;
 const SUBSCRIBE_ID: u64 = 2;
 
 /// State shared by the workers, the publisher and the main thread.
 #[derive(Default)]
-pub struct Shared {
+pub(crate) struct Shared {
     /// Set to end the run; workers return their results.
-    pub stop: AtomicBool,
+    pub(crate) stop: AtomicBool,
     /// Connections that have completed the WebSocket upgrade (first time only).
-    pub upgraded: AtomicU64,
+    pub(crate) upgraded: AtomicU64,
     /// Connections whose first `subscribe` succeeded.
-    pub subscribed: AtomicU64,
+    pub(crate) subscribed: AtomicU64,
     /// Connections that failed during setup or were dropped by the server.
-    pub failed: AtomicU64,
+    pub(crate) failed: AtomicU64,
     /// Broadcasts received, all connections.
-    pub deliveries: AtomicU64,
+    pub(crate) deliveries: AtomicU64,
     /// Publications accepted by the server so far (the publisher's count).
-    pub published: AtomicU64,
+    pub(crate) published: AtomicU64,
     /// Broadcasts whose seq was not the expected one (progress line only).
-    pub anomalies: AtomicU64,
+    pub(crate) anomalies: AtomicU64,
     /// Recovery: reconnects done.
-    pub reconnects: AtomicU64,
+    pub(crate) reconnects: AtomicU64,
     /// Recovery: `subscribe` with `since` that answered `recovered: false`.
-    pub unrecovered: AtomicU64,
+    pub(crate) unrecovered: AtomicU64,
     /// Largest latency seen since the progress line last read it, ns.
-    pub interval_max_ns: AtomicU64,
+    pub(crate) interval_max_ns: AtomicU64,
     /// First error messages (a handful), for the report.
-    pub errors: Mutex<Vec<String>>,
+    pub(crate) errors: Mutex<Vec<String>>,
     /// Rung when deliveries advance and a windowed publisher waits.
-    pub window_wait: AtomicBool,
-    pub window_mutex: Mutex<()>,
-    pub window_cv: Condvar,
+    pub(crate) window_wait: AtomicBool,
+    pub(crate) window_mutex: Mutex<()>,
+    pub(crate) window_cv: Condvar,
 }
 
 impl Shared {
     /// Records an error message (the first 20 are kept).
-    pub fn error(&self, msg: String) {
+    pub(crate) fn error(&self, msg: String) {
         if let Ok(mut e) = self.errors.lock() {
             if e.len() < 20 {
                 e.push(msg);
@@ -75,61 +71,61 @@ impl Shared {
 
 /// What every connection of a run needs to know.
 #[derive(Clone)]
-pub struct ClientConfig {
+pub(crate) struct ClientConfig {
     /// The servers' WebSocket listeners; subscriber `i` connects to `nodes[spec.node]`.
-    pub nodes: Arc<Vec<Node>>,
+    pub(crate) nodes: Arc<Vec<Node>>,
     /// The client token (one for all connections; subscriptions are per connection).
-    pub token: String,
+    pub(crate) token: String,
     /// Channel names; subscriber `i` subscribes to `channels[channel_of[i]]`.
-    pub channels: Arc<Vec<String>>,
+    pub(crate) channels: Arc<Vec<String>>,
     /// Setups in progress per worker, at most.
-    pub concurrency: usize,
+    pub(crate) concurrency: usize,
     /// Recovery scenario: mean time between a subscriber's disconnects.
-    pub reconnect_every: Option<Duration>,
+    pub(crate) reconnect_every: Option<Duration>,
     /// Record the time from connect to subscribed into the histogram instead of broadcast latency
     /// (the storm scenario).
-    pub record_setup_latency: bool,
+    pub(crate) record_setup_latency: bool,
     /// After a wake-up that found fewer than [`COALESCE_EVENTS`] ready connections, sleep this long
     /// before waiting again, so the next wake-up finds more: fewer wake-ups and fewer reads per
     /// delivered message for the load generator, at the price of up to this much added to measured
     /// latency. Zero (the default) measures latency exactly.
-    pub coalesce: Duration,
+    pub(crate) coalesce: Duration,
 }
 
 /// See [`ClientConfig::coalesce`].
-pub const COALESCE_EVENTS: usize = 64;
+const COALESCE_EVENTS: usize = 64;
 
 /// One subscriber to create.
 #[derive(Debug, Clone, Copy)]
-pub struct SubSpec {
+pub(crate) struct SubSpec {
     /// Index of its channel in [`ClientConfig::channels`].
-    pub channel: u32,
+    pub(crate) channel: u32,
     /// Index of its server in [`ClientConfig::nodes`].
-    pub node: u16,
+    pub(crate) node: u16,
     /// Source address to bind.
-    pub source: Option<Ipv4Addr>,
+    pub(crate) source: Option<Ipv4Addr>,
 }
 
 /// A subscriber's final state, for the tail checks once the publisher's last offsets are known.
 #[derive(Debug, Clone)]
-pub struct SubFinal {
+pub(crate) struct SubFinal {
     /// Channel index.
-    pub channel: u32,
+    pub(crate) channel: u32,
     /// Whether it ever subscribed.
-    pub subscribed: bool,
+    pub(crate) subscribed: bool,
     /// Seq anomalies of subscriptions that ended (recovery), without tail checks.
-    pub seq_closed: Anomalies,
+    pub(crate) seq_closed: Anomalies,
     /// The live subscription's seq checker.
-    pub seq: SeqChecker,
+    pub(crate) seq: SeqChecker,
     /// The offset that seq 0 of the live subscription stands for.
-    pub seq_base: u64,
+    pub(crate) seq_base: u64,
     /// Offsets across all of the subscriber's subscriptions.
-    pub offsets: SeqChecker,
+    pub(crate) offsets: SeqChecker,
 }
 
 impl SubFinal {
     /// Anomalies by seq and by offset, requiring every offset up to `channel_last_offset`.
-    pub fn finish(&self, channel_last_offset: u64) -> (Anomalies, Anomalies) {
+    pub(crate) fn finish(&self, channel_last_offset: u64) -> (Anomalies, Anomalies) {
         let mut seq = self.seq_closed;
         seq.add(
             &self
@@ -141,19 +137,19 @@ impl SubFinal {
 }
 
 /// What a worker hands back.
-pub struct WorkerResult {
+pub(crate) struct WorkerResult {
     /// Latency histogram (ns).
-    pub hist: Histogram<u64>,
+    pub(crate) hist: Histogram<u64>,
     /// Per subscriber, in the order given.
-    pub subs: Vec<SubFinal>,
+    pub(crate) subs: Vec<SubFinal>,
     /// Broadcasts whose offset disagreed with seq (offset != base + seq).
-    pub seq_offset_mismatch: u64,
+    pub(crate) seq_offset_mismatch: u64,
     /// Broadcast frames and their total size (header included), for the floor comparison.
-    pub frames: u64,
+    pub(crate) frames: u64,
     /// Sum of broadcast frame sizes.
-    pub frame_bytes: u64,
+    pub(crate) frame_bytes: u64,
     /// Broadcasts without a readable send time.
-    pub untimed: u64,
+    pub(crate) untimed: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -170,12 +166,9 @@ struct Conn {
     spec: SubSpec,
     stream: Option<mio::net::TcpStream>,
     phase: Phase,
-    /// Unparsed bytes (a partial frame, or the upgrade response head); empty most of the time.
-    partial: Vec<u8>,
+    inbound: Inbound,
     /// Unwritten bytes.
     pending: Vec<u8>,
-    /// A fragmented message being reassembled.
-    fragments: Vec<u8>,
     seq: SeqChecker,
     seq_base: u64,
     seq_closed: Anomalies,
@@ -198,7 +191,7 @@ struct Counters {
 }
 
 /// Runs one worker until `shared.stop`. `subs` are its subscribers; `seed` varies mask keys.
-pub fn run_worker(
+pub(crate) fn run_worker(
     cfg: ClientConfig,
     subs: Vec<SubSpec>,
     shared: Arc<Shared>,
@@ -233,9 +226,8 @@ impl Worker {
                 spec,
                 stream: None,
                 phase: Phase::Idle,
-                partial: Vec::new(),
+                inbound: Inbound::default(),
                 pending: Vec::new(),
-                fragments: Vec::new(),
                 seq: SeqChecker::new(1),
                 seq_base: 0,
                 seq_closed: Anomalies::default(),
@@ -259,7 +251,7 @@ impl Worker {
             shared,
             conns,
             poll,
-            rbuf: vec![0; READ_BUF_BYTES],
+            rbuf: vec![0; recv::READ_BUF_BYTES],
             hist: hist::new_histogram(),
             rng: ws::MaskRng::new(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xDEAD_BEEF),
             counters: Counters {
@@ -399,9 +391,8 @@ impl Worker {
 
     fn connect(&mut self, poll: &Poll, idx: usize) {
         let c = &mut self.conns[idx];
-        c.partial.clear();
+        c.inbound.clear();
         c.pending.clear();
-        c.fragments.clear();
         c.setup_started = Instant::now();
         let target = self.cfg.nodes[c.spec.node as usize % self.cfg.nodes.len()].addr;
         match crate::net::connect_nonblocking(target, c.spec.source) {
@@ -511,212 +502,21 @@ impl Worker {
     }
 
     fn on_readable(&mut self, idx: usize) {
-        loop {
-            let c = &mut self.conns[idx];
-            let Some(s) = c.stream.as_mut() else { return };
-            let n = match s.read(&mut self.rbuf) {
-                Ok(0) => {
-                    let phase = c.phase;
-                    self.fail(
-                        idx,
-                        format!("server closed the connection (phase {phase:?})"),
-                    );
-                    return;
-                }
-                Ok(n) => n,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    self.fail(idx, format!("read failed: {e}"));
-                    return;
-                }
-            };
-            let now_ns = now_unix_ns();
-            // Parse in place from the worker buffer when nothing is left over (the common case);
-            // only a partial frame is copied into the connection.
-            let mut data = std::mem::take(&mut self.rbuf);
-            let result = if self.conns[idx].partial.is_empty() {
-                let r = self.process(idx, &data[..n], now_ns);
-                if let Ok(used) = r {
-                    if used < n {
-                        self.conns[idx].partial.extend_from_slice(&data[used..n]);
-                    }
-                }
-                r.map(|_| ())
-            } else {
-                let mut partial = std::mem::take(&mut self.conns[idx].partial);
-                partial.extend_from_slice(&data[..n]);
-                let r = self.process(idx, &partial, now_ns);
-                if let Ok(used) = r {
-                    partial.drain(..used);
-                    if partial.len() > PARTIAL_BYTES_MAX {
-                        self.rbuf = data;
-                        self.fail(idx, "partial frame over 32 MiB".into());
-                        return;
-                    }
-                    if self.conns[idx].stream.is_some() {
-                        self.conns[idx].partial = partial;
-                    }
-                }
-                r.map(|_| ())
-            };
-            data.truncate(READ_BUF_BYTES);
-            self.rbuf = data;
-            if let Err(msg) = result {
-                self.fail(idx, msg);
-                return;
+        let result = recv::read_ready(self, idx, |w| {
+            if !w.conns[idx].pending.is_empty() {
+                w.flush(idx);
             }
-            if !self.conns[idx].pending.is_empty() {
-                self.flush(idx);
-            }
-            // A short read drained the socket: with edge-triggered epoll a new arrival raises a new
-            // event, so the extra read() that would return EAGAIN is skipped (half the syscalls).
-            if n < READ_BUF_BYTES {
-                return;
-            }
-        }
-    }
-
-    /// Consumes complete units from `data`; returns the bytes used.
-    fn process(&mut self, idx: usize, data: &[u8], now_ns: u64) -> Result<usize, String> {
-        let mut pos = 0;
-        if self.conns[idx].phase == Phase::Upgrading {
-            match ws::parse_upgrade_response(data) {
-                Upgrade::Incomplete => return Ok(0),
-                Upgrade::Refused(status) => return Err(format!("upgrade refused: {status}")),
-                Upgrade::Switched(used) => {
-                    pos = used;
-                    self.on_upgraded(idx);
-                }
-            }
-        }
-        while pos < data.len() {
-            let f = match ws::decode_server_frame(&data[pos..]) {
-                Ok(Some(f)) => f,
-                Ok(None) => break,
-                Err(e) => return Err(e.to_string()),
-            };
-            let payload = &data[pos + f.payload_start..pos + f.end];
-            let frame_len = f.end as u64;
-            pos += f.end;
-            match f.opcode {
-                ws::OP_TEXT if f.fin => self.on_text(idx, payload, frame_len, now_ns)?,
-                ws::OP_TEXT | ws::OP_BINARY => {
-                    let c = &mut self.conns[idx];
-                    c.fragments.clear();
-                    c.fragments.extend_from_slice(payload);
-                }
-                ws::OP_CONTINUATION => {
-                    let c = &mut self.conns[idx];
-                    c.fragments.extend_from_slice(payload);
-                    if c.fragments.len() > PARTIAL_BYTES_MAX {
-                        return Err("fragmented message over 32 MiB".into());
-                    }
-                    if f.fin {
-                        let msg = std::mem::take(&mut c.fragments);
-                        self.on_text(idx, &msg, msg.len() as u64, now_ns)?;
-                    }
-                }
-                ws::OP_PING => {
-                    let key = self.rng.next_key();
-                    ws::encode_client_frame(
-                        &mut self.conns[idx].pending,
-                        ws::OP_PONG,
-                        payload,
-                        key,
-                    );
-                }
-                ws::OP_CLOSE => {
-                    let code = if payload.len() >= 2 {
-                        u16::from_be_bytes([payload[0], payload[1]])
-                    } else {
-                        1005
-                    };
-                    let reason =
-                        String::from_utf8_lossy(payload.get(2..).unwrap_or(&[])).into_owned();
-                    return Err(format!("server sent close {code} {reason}"));
-                }
-                _ => {}
-            }
-        }
-        Ok(pos)
-    }
-
-    fn on_upgraded(&mut self, idx: usize) {
-        let k1 = self.rng.next_key();
-        let k2 = self.rng.next_key();
-        let c = &mut self.conns[idx];
-        if !c.ever_subscribed {
-            self.shared.upgraded.fetch_add(1, Ordering::Relaxed);
-        }
-        let mut req = Vec::with_capacity(512);
-        req.extend_from_slice(b"{\"id\":1,\"method\":\"auth\",\"params\":{\"token\":");
-        extract::push_json_str(&mut req, &self.cfg.token);
-        req.extend_from_slice(b"}}");
-        ws::encode_client_frame(&mut c.pending, ws::OP_TEXT, &req, k1);
-        req.clear();
-        req.extend_from_slice(b"{\"id\":2,\"method\":\"subscribe\",\"params\":{\"channel\":");
-        extract::push_json_str(&mut req, &self.cfg.channels[c.spec.channel as usize]);
-        if let (Some(since), Some(epoch)) = (c.since, c.epoch.as_ref()) {
-            req.extend_from_slice(b",\"since\":{\"offset\":");
-            extract::push_u64(&mut req, since);
-            req.extend_from_slice(b",\"epoch\":");
-            extract::push_json_str(&mut req, epoch);
-            req.push(b'}');
-        }
-        req.extend_from_slice(b"}}");
-        // auth and subscribe leave in one write: the server handles a connection's frames in order,
-        // so the subscribe is authorized, and the setup costs one round trip instead of two.
-        ws::encode_client_frame(&mut c.pending, ws::OP_TEXT, &req, k2);
-        c.phase = Phase::Subscribing;
-    }
-
-    fn on_text(
-        &mut self,
-        idx: usize,
-        text: &[u8],
-        frame_len: u64,
-        now_ns: u64,
-    ) -> Result<(), String> {
-        match extract::parse_message(text) {
-            Message::Broadcast(b) => {
-                let c = &mut self.conns[idx];
-                if c.phase != Phase::Live {
-                    return Err(format!(
-                        "broadcast before the subscribe result (seq {})",
-                        b.seq
-                    ));
-                }
-                let k = &mut self.counters;
-                k.deliveries += 1;
-                k.frames += 1;
-                k.frame_bytes += frame_len;
-                if b.seq != c.seq.next_expected() {
-                    k.anomalies += 1;
-                }
-                c.seq.observe(b.seq);
-                if let Some(o) = c.offsets.as_mut() {
-                    o.observe(b.offset);
-                }
-                if b.offset != c.seq_base + b.seq {
-                    k.seq_offset_mismatch += 1;
-                }
-                if b.sent_unix_ns > 0 {
-                    let lat = now_ns.saturating_sub(b.sent_unix_ns);
-                    if !self.cfg.record_setup_latency {
-                        hist::record(&mut self.hist, lat);
-                    }
-                    if lat > k.interval_max_ns {
-                        k.interval_max_ns = lat;
-                    }
-                } else {
-                    k.untimed += 1;
-                }
-                Ok(())
-            }
-            Message::Response(r) => self.on_response(idx, r),
-            Message::Other => Ok(()),
-        }
+        });
+        let msg = match result {
+            Ok(()) => return,
+            Err(End::Eof | End::Closed) => format!(
+                "server closed the connection (phase {:?})",
+                self.conns[idx].phase
+            ),
+            Err(End::ReadFailed(e)) => format!("read failed: {e}"),
+            Err(End::Failed(msg)) => msg,
+        };
+        self.fail(idx, msg);
     }
 
     fn on_response(&mut self, idx: usize, r: extract::Response) -> Result<(), String> {
@@ -797,5 +597,110 @@ impl Worker {
             frame_bytes: self.counters.frame_bytes,
             untimed: self.counters.untimed,
         }
+    }
+}
+
+impl Receiver for Worker {
+    fn read_buf(&mut self) -> &mut Vec<u8> {
+        &mut self.rbuf
+    }
+
+    fn stream(&mut self, idx: usize) -> Option<&mut mio::net::TcpStream> {
+        self.conns[idx].stream.as_mut()
+    }
+
+    fn inbound(&mut self, idx: usize) -> &mut Inbound {
+        &mut self.conns[idx].inbound
+    }
+
+    fn upgrading(&self, idx: usize) -> bool {
+        self.conns[idx].phase == Phase::Upgrading
+    }
+
+    /// A subscriber never waits for the answer to its close frame: a reconnect drops the socket.
+    fn closing(&self, _idx: usize) -> bool {
+        false
+    }
+
+    fn on_upgraded(&mut self, idx: usize) {
+        let k1 = self.rng.next_key();
+        let k2 = self.rng.next_key();
+        let c = &mut self.conns[idx];
+        if !c.ever_subscribed {
+            self.shared.upgraded.fetch_add(1, Ordering::Relaxed);
+        }
+        let mut req = Vec::with_capacity(512);
+        req.extend_from_slice(b"{\"id\":1,\"method\":\"auth\",\"params\":{\"token\":");
+        extract::push_json_str(&mut req, &self.cfg.token);
+        req.extend_from_slice(b"}}");
+        ws::encode_client_frame(&mut c.pending, ws::OP_TEXT, &req, k1);
+        req.clear();
+        req.extend_from_slice(b"{\"id\":2,\"method\":\"subscribe\",\"params\":{\"channel\":");
+        extract::push_json_str(&mut req, &self.cfg.channels[c.spec.channel as usize]);
+        if let (Some(since), Some(epoch)) = (c.since, c.epoch.as_ref()) {
+            req.extend_from_slice(b",\"since\":{\"offset\":");
+            extract::push_u64(&mut req, since);
+            req.extend_from_slice(b",\"epoch\":");
+            extract::push_json_str(&mut req, epoch);
+            req.push(b'}');
+        }
+        req.extend_from_slice(b"}}");
+        // auth and subscribe leave in one write: the server handles a connection's frames in order,
+        // so the subscribe is authorized, and the setup costs one round trip instead of two.
+        ws::encode_client_frame(&mut c.pending, ws::OP_TEXT, &req, k2);
+        c.phase = Phase::Subscribing;
+    }
+
+    fn on_text(
+        &mut self,
+        idx: usize,
+        text: &[u8],
+        frame_bytes: u64,
+        now_ns: u64,
+    ) -> Result<(), String> {
+        match extract::parse_message(text) {
+            Message::Broadcast(b) => {
+                let c = &mut self.conns[idx];
+                if c.phase != Phase::Live {
+                    return Err(format!(
+                        "broadcast before the subscribe result (seq {})",
+                        b.seq
+                    ));
+                }
+                let k = &mut self.counters;
+                k.deliveries += 1;
+                k.frames += 1;
+                k.frame_bytes += frame_bytes;
+                if b.seq != c.seq.next_expected() {
+                    k.anomalies += 1;
+                }
+                c.seq.observe(b.seq);
+                if let Some(o) = c.offsets.as_mut() {
+                    o.observe(b.offset);
+                }
+                if b.offset != c.seq_base + b.seq {
+                    k.seq_offset_mismatch += 1;
+                }
+                if b.sent_unix_ns > 0 {
+                    let lat = now_ns.saturating_sub(b.sent_unix_ns);
+                    if !self.cfg.record_setup_latency {
+                        hist::record(&mut self.hist, lat);
+                    }
+                    if lat > k.interval_max_ns {
+                        k.interval_max_ns = lat;
+                    }
+                } else {
+                    k.untimed += 1;
+                }
+                Ok(())
+            }
+            Message::Response(r) => self.on_response(idx, r),
+            Message::Other => Ok(()),
+        }
+    }
+
+    fn pong(&mut self, idx: usize, payload: &[u8]) {
+        let key = self.rng.next_key();
+        ws::encode_client_frame(&mut self.conns[idx].pending, ws::OP_PONG, payload, key);
     }
 }

@@ -10,7 +10,7 @@ use crate::ws::find;
 
 /// What one text frame from the server is.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Message {
+pub(crate) enum Message {
     /// A `broadcast` notification.
     Broadcast(Broadcast),
     /// A response to request `request_id` (`None` when the server echoed `null`).
@@ -21,34 +21,34 @@ pub enum Message {
 
 /// The fields of a broadcast the load generator uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Broadcast {
+pub(crate) struct Broadcast {
     /// Per-subscription sequence, from 1.
-    pub seq: u64,
+    pub(crate) seq: u64,
     /// Per-channel offset, from 1.
-    pub offset: u64,
+    pub(crate) offset: u64,
     /// The payload's `t`: the scheduled send time, unix nanoseconds (0 if the payload lacks it).
-    pub sent_unix_ns: u64,
+    pub(crate) sent_unix_ns: u64,
     /// The payload's `n`: the publication's number in the run.
-    pub n: u64,
+    pub(crate) n: u64,
 }
 
 /// The fields of a response the load generator uses.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Response {
+pub(crate) struct Response {
     /// `requestId` when it is a number.
-    pub request_id: Option<u64>,
+    pub(crate) request_id: Option<u64>,
     /// The error object's `code`, when the response is an error.
-    pub error_code: Option<String>,
+    pub(crate) error_code: Option<String>,
     /// `result.offset` (subscribe, publish).
-    pub offset: Option<u64>,
+    pub(crate) offset: Option<u64>,
     /// `result.epoch` (subscribe).
-    pub epoch: Option<String>,
+    pub(crate) epoch: Option<String>,
     /// `result.recovered` (subscribe with `since`).
-    pub recovered: Option<bool>,
+    pub(crate) recovered: Option<bool>,
 }
 
 /// Classifies and extracts one server text frame.
-pub fn parse_message(text: &[u8]) -> Message {
+pub(crate) fn parse_message(text: &[u8]) -> Message {
     // Fast path: the server writes `method` first for notifications; fall back to a search.
     let is_broadcast = text.starts_with(b"{\"method\":\"broadcast\"")
         || (find(text, b"\"requestId\"").is_none() && find(text, b"\"broadcast\"").is_some());
@@ -65,7 +65,7 @@ pub fn parse_message(text: &[u8]) -> Message {
 }
 
 /// Extracts `seq`, `offset`, and the payload's `t` and `n` from a broadcast.
-pub fn parse_broadcast(text: &[u8]) -> Option<Broadcast> {
+fn parse_broadcast(text: &[u8]) -> Option<Broadcast> {
     let payload_at = find(text, b"\"payload\":");
     // Envelope keys are searched outside the payload: before it, and after it when the server
     // put the payload first.
@@ -96,7 +96,7 @@ pub fn parse_broadcast(text: &[u8]) -> Option<Broadcast> {
 }
 
 /// A broadcast's `channel` (looked up outside the payload, like `seq` and `offset`).
-pub fn broadcast_channel(text: &[u8]) -> Option<&[u8]> {
+pub(crate) fn broadcast_channel(text: &[u8]) -> Option<&[u8]> {
     match find(text, b"\"payload\":") {
         Some(p) => string_field(&text[..p], b"\"channel\":").or_else(|| {
             let rest = &text[p..];
@@ -123,7 +123,7 @@ fn u64_after_payload(from_key: &[u8], key: &[u8]) -> Option<u64> {
 }
 
 /// Extracts the response fields.
-pub fn parse_response(text: &[u8]) -> Response {
+fn parse_response(text: &[u8]) -> Response {
     let request_id = u64_field(text, b"\"requestId\":");
     let error_code = find(text, b"\"error\":")
         .and_then(|p| string_field(&text[p..], b"\"code\":"))
@@ -143,13 +143,13 @@ fn skip_ws(s: &[u8]) -> &[u8] {
 }
 
 /// The unsigned integer after `key` (which includes the colon), whitespace allowed.
-pub fn u64_field(text: &[u8], key: &[u8]) -> Option<u64> {
+pub(crate) fn u64_field(text: &[u8], key: &[u8]) -> Option<u64> {
     let at = find(text, key)?;
     parse_u64_prefix(skip_ws(&text[at + key.len()..]))
 }
 
 /// Parses the leading decimal digits of `s` (none, or overflow: `None`).
-pub fn parse_u64_prefix(s: &[u8]) -> Option<u64> {
+fn parse_u64_prefix(s: &[u8]) -> Option<u64> {
     let mut v: u64 = 0;
     let mut any = false;
     for &b in s {
@@ -163,7 +163,7 @@ pub fn parse_u64_prefix(s: &[u8]) -> Option<u64> {
 }
 
 /// The string after `key` (no escapes expected in the fields read here).
-pub fn string_field<'a>(text: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
+fn string_field<'a>(text: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
     let at = find(text, key)?;
     let s = skip_ws(&text[at + key.len()..]);
     let s = s.strip_prefix(b"\"")?;
@@ -185,7 +185,7 @@ fn bool_field(text: &[u8], key: &[u8]) -> Option<bool> {
 
 /// Builds our payload: `{"t":T,"n":N,"pad":"xx..."}`, padded so the whole JSON value is
 /// `target_bytes` long when that is reachable (it never goes below the unpadded length).
-pub fn build_payload(out: &mut Vec<u8>, sent_unix_ns: u64, n: u64, target_bytes: usize) {
+pub(crate) fn build_payload(out: &mut Vec<u8>, sent_unix_ns: u64, n: u64, target_bytes: usize) {
     let start = out.len();
     out.extend_from_slice(b"{\"t\":");
     push_u64(out, sent_unix_ns);
@@ -199,7 +199,7 @@ pub fn build_payload(out: &mut Vec<u8>, sent_unix_ns: u64, n: u64, target_bytes:
 }
 
 /// Appends the decimal form of `v`.
-pub fn push_u64(out: &mut Vec<u8>, mut v: u64) {
+pub(crate) fn push_u64(out: &mut Vec<u8>, mut v: u64) {
     let mut buf = [0u8; 20];
     let mut i = buf.len();
     loop {
@@ -214,7 +214,7 @@ pub fn push_u64(out: &mut Vec<u8>, mut v: u64) {
 }
 
 /// Appends `s` as a JSON string literal (channel names and tokens here need no escapes, but be safe).
-pub fn push_json_str(out: &mut Vec<u8>, s: &str) {
+pub(crate) fn push_json_str(out: &mut Vec<u8>, s: &str) {
     let quoted = serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into());
     out.extend_from_slice(quoted.as_bytes());
 }

@@ -1,25 +1,27 @@
 //! Latency histograms: recording, percentiles, the `.hgrm` percentile distribution (the text format
 //! of HdrHistogram's `outputPercentileDistribution`, readable by its plotter), and an SVG plot.
 
+use std::fmt::Write as _;
+
 use hdrhistogram::Histogram;
 
 /// Lowest discernible latency: 1 ns, so three significant digits hold from the bottom up (a
 /// 1 µs lowest value would make everything under 1 ms coarse to 512 ns steps). ~200 KiB per histogram.
-pub const LOWEST_NS: u64 = 1;
+const LOWEST_NS: u64 = 1;
 /// Highest recordable latency: 100 s; longer is clamped (and would be a failed run anyway).
-pub const HIGHEST_NS: u64 = 100_000_000_000;
+const HIGHEST_NS: u64 = 100_000_000_000;
 /// Three significant digits: 0.1% value resolution.
-pub const SIGFIG: u8 = 3;
+const SIGFIG: u8 = 3;
 
 /// A latency histogram in nanoseconds.
-pub fn new_histogram() -> Histogram<u64> {
+pub(crate) fn new_histogram() -> Histogram<u64> {
     // The bounds are constants that hdrhistogram accepts; a failure here is a programming error.
     Histogram::new_with_bounds(LOWEST_NS, HIGHEST_NS, SIGFIG).expect("constant histogram bounds")
 }
 
 /// Records one latency, clamped into the histogram's range.
 #[inline]
-pub fn record(h: &mut Histogram<u64>, latency_ns: u64) {
+pub(crate) fn record(h: &mut Histogram<u64>, latency_ns: u64) {
     let v = latency_ns.clamp(LOWEST_NS, HIGHEST_NS);
     // In range by the clamp, so this cannot fail.
     let _ = h.record(v);
@@ -27,29 +29,29 @@ pub fn record(h: &mut Histogram<u64>, latency_ns: u64) {
 
 /// The percentiles every report shows, in nanoseconds.
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
-pub struct Percentiles {
+pub(crate) struct Percentiles {
     /// Number of recorded values.
-    pub count: u64,
+    pub(crate) count: u64,
     /// Minimum.
-    pub min_ns: u64,
+    min_ns: u64,
     /// Mean.
-    pub mean_ns: f64,
+    mean_ns: f64,
     /// Median.
-    pub p50_ns: u64,
+    pub(crate) p50_ns: u64,
     /// 90th percentile.
-    pub p90_ns: u64,
+    pub(crate) p90_ns: u64,
     /// 99th percentile.
-    pub p99_ns: u64,
+    pub(crate) p99_ns: u64,
     /// 99.9th percentile.
-    pub p999_ns: u64,
+    pub(crate) p999_ns: u64,
     /// 99.99th percentile.
-    pub p9999_ns: u64,
+    p9999_ns: u64,
     /// Maximum.
-    pub max_ns: u64,
+    pub(crate) max_ns: u64,
 }
 
 /// Summarizes `h`.
-pub fn percentiles(h: &Histogram<u64>) -> Percentiles {
+pub(crate) fn percentiles(h: &Histogram<u64>) -> Percentiles {
     if h.is_empty() {
         return Percentiles::default();
     }
@@ -67,8 +69,7 @@ pub fn percentiles(h: &Histogram<u64>) -> Percentiles {
 }
 
 /// Writes the percentile distribution in HdrHistogram's text format, values in milliseconds.
-pub fn hgrm(h: &Histogram<u64>) -> String {
-    use std::fmt::Write;
+pub(crate) fn hgrm(h: &Histogram<u64>) -> String {
     const SCALE: f64 = 1e6; // ns per ms
     let mut s = String::new();
     let _ = writeln!(
@@ -123,107 +124,131 @@ pub fn hgrm(h: &Histogram<u64>) -> String {
 }
 
 /// One line of a latency-percentile plot.
-pub struct Series<'a> {
+pub(crate) struct Series<'a> {
     /// Legend label.
-    pub label: &'a str,
+    pub(crate) label: &'a str,
     /// The histogram (nanoseconds).
-    pub hist: &'a Histogram<u64>,
+    pub(crate) hist: &'a Histogram<u64>,
 }
 
 /// Draws latency (ms, linear) against percentile (log scale of 1/(1-p), 0% to 99.999%), the usual
 /// HdrHistogram plot, as a self-contained SVG.
-pub fn svg_plot(title: &str, series: &[Series<'_>]) -> String {
-    use std::fmt::Write;
-    const W: f64 = 900.0;
-    const H: f64 = 520.0;
-    const LEFT: f64 = 80.0;
-    const RIGHT: f64 = 30.0;
-    const TOP: f64 = 50.0;
-    const BOTTOM: f64 = 70.0;
-    const MAX_NINES: f64 = 5.0; // 99.999%
-    const COLORS: [&str; 6] = [
-        "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b",
-    ];
-    let pw = W - LEFT - RIGHT;
-    let ph = H - TOP - BOTTOM;
-
+pub(crate) fn svg_plot(title: &str, series: &[Series<'_>]) -> String {
     let max_ms = series
         .iter()
         .filter(|s| !s.hist.is_empty())
         .map(|s| s.hist.max() as f64 / 1e6)
         .fold(0.0f64, f64::max);
-    let y_max = nice_ceiling(max_ms.max(0.001));
-    let x_of = |q: f64| {
+    let plot = Plot {
+        y_max: nice_ceiling(max_ms.max(0.001)),
+    };
+    let mut s = String::new();
+    plot.frame(&mut s, title);
+    for (i, ser) in series.iter().enumerate() {
+        plot.series(&mut s, i, ser);
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+const W: f64 = 900.0;
+const H: f64 = 520.0;
+const LEFT: f64 = 80.0;
+const RIGHT: f64 = 30.0;
+const TOP: f64 = 50.0;
+const BOTTOM: f64 = 70.0;
+/// The x axis ends at 99.999%.
+const MAX_NINES: f64 = 5.0;
+const COLORS: [&str; 6] = [
+    "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b",
+];
+/// Plot width and height inside the margins.
+const PW: f64 = W - LEFT - RIGHT;
+const PH: f64 = H - TOP - BOTTOM;
+
+/// A latency-percentile plot whose y axis goes up to `y_max` ms.
+struct Plot {
+    y_max: f64,
+}
+
+impl Plot {
+    fn x_of(&self, q: f64) -> f64 {
         let nines = if q >= 1.0 {
             MAX_NINES
         } else {
             (-(1.0 - q).log10()).min(MAX_NINES)
         };
-        LEFT + nines / MAX_NINES * pw
-    };
-    let y_of = |ms: f64| TOP + ph - (ms / y_max).min(1.0) * ph;
+        LEFT + nines / MAX_NINES * PW
+    }
 
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = writeln!(s, r#"<rect width="{W}" height="{H}" fill="white"/>"#);
-    let _ = writeln!(
-        s,
-        r#"<text x="{}" y="28" text-anchor="middle" font-size="16">{}</text>"#,
-        W / 2.0,
-        xml_escape(title)
-    );
-    // Grid and axes.
-    for (i, label) in ["0%", "90%", "99%", "99.9%", "99.99%", "99.999%"]
-        .iter()
-        .enumerate()
-    {
-        let x = LEFT + i as f64 / MAX_NINES * pw;
+    fn y_of(&self, ms: f64) -> f64 {
+        TOP + PH - (ms / self.y_max).min(1.0) * PH
+    }
+
+    /// The SVG head, the title, the grid, the axes and their labels.
+    fn frame(&self, s: &mut String, title: &str) {
         let _ = writeln!(
             s,
-            r##"<line x1="{x:.1}" y1="{TOP}" x2="{x:.1}" y2="{:.1}" stroke="#ddd"/><text x="{x:.1}" y="{:.1}" text-anchor="middle">{label}</text>"##,
-            TOP + ph,
-            TOP + ph + 18.0
+            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12">"#
         );
-    }
-    for i in 0..=5 {
-        let ms = y_max * i as f64 / 5.0;
-        let y = y_of(ms);
+        let _ = writeln!(s, r#"<rect width="{W}" height="{H}" fill="white"/>"#);
         let _ = writeln!(
             s,
-            r##"<line x1="{LEFT}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="#ddd"/><text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"##,
-            LEFT + pw,
-            LEFT - 6.0,
-            y + 4.0,
-            fmt_ms(ms)
+            r#"<text x="{}" y="28" text-anchor="middle" font-size="16">{}</text>"#,
+            W / 2.0,
+            xml_escape(title)
+        );
+        for (i, label) in ["0%", "90%", "99%", "99.9%", "99.99%", "99.999%"]
+            .iter()
+            .enumerate()
+        {
+            let x = LEFT + i as f64 / MAX_NINES * PW;
+            let _ = writeln!(
+                s,
+                r##"<line x1="{x:.1}" y1="{TOP}" x2="{x:.1}" y2="{:.1}" stroke="#ddd"/><text x="{x:.1}" y="{:.1}" text-anchor="middle">{label}</text>"##,
+                TOP + PH,
+                TOP + PH + 18.0
+            );
+        }
+        for i in 0..=5 {
+            let ms = self.y_max * i as f64 / 5.0;
+            let y = self.y_of(ms);
+            let _ = writeln!(
+                s,
+                r##"<line x1="{LEFT}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="#ddd"/><text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"##,
+                LEFT + PW,
+                LEFT - 6.0,
+                y + 4.0,
+                fmt_ms(ms)
+            );
+        }
+        let _ = writeln!(
+            s,
+            r##"<rect x="{LEFT}" y="{TOP}" width="{PW}" height="{PH}" fill="none" stroke="#333"/>"##
+        );
+        let _ = writeln!(
+            s,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">percentile</text>"#,
+            LEFT + PW / 2.0,
+            H - 20.0
+        );
+        let _ = writeln!(
+            s,
+            r#"<text x="18" y="{:.1}" text-anchor="middle" transform="rotate(-90 18 {:.1})">latency (ms)</text>"#,
+            TOP + PH / 2.0,
+            TOP + PH / 2.0
         );
     }
-    let _ = writeln!(
-        s,
-        r##"<rect x="{LEFT}" y="{TOP}" width="{pw}" height="{ph}" fill="none" stroke="#333"/>"##
-    );
-    let _ = writeln!(
-        s,
-        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">percentile</text>"#,
-        LEFT + pw / 2.0,
-        H - 20.0
-    );
-    let _ = writeln!(
-        s,
-        r#"<text x="18" y="{:.1}" text-anchor="middle" transform="rotate(-90 18 {:.1})">latency (ms)</text>"#,
-        TOP + ph / 2.0,
-        TOP + ph / 2.0
-    );
-    for (i, ser) in series.iter().enumerate() {
+
+    /// Series `i`: its line and its legend entry.
+    fn series(&self, s: &mut String, i: usize, ser: &Series<'_>) {
         let color = COLORS[i % COLORS.len()];
         if !ser.hist.is_empty() {
             let mut pts = String::new();
             for v in ser.hist.iter_quantiles(5) {
                 let q = v.quantile_iterated_to();
                 let ms = ser.hist.highest_equivalent(v.value_iterated_to()) as f64 / 1e6;
-                let _ = write!(pts, "{:.1},{:.1} ", x_of(q), y_of(ms));
+                let _ = write!(pts, "{:.1},{:.1} ", self.x_of(q), self.y_of(ms));
             }
             let _ = writeln!(
                 s,
@@ -242,8 +267,6 @@ pub fn svg_plot(title: &str, series: &[Series<'_>]) -> String {
             xml_escape(ser.label)
         );
     }
-    s.push_str("</svg>\n");
-    s
 }
 
 /// Sub-buckets per bucket for `sigfig` significant digits, as HdrHistogram computes it:
@@ -283,7 +306,7 @@ fn xml_escape(s: &str) -> String {
 }
 
 /// Nanoseconds as milliseconds with three decimals, for tables.
-pub fn ms(ns: u64) -> String {
+pub(crate) fn ms(ns: u64) -> String {
     format!("{:.3}", ns as f64 / 1e6)
 }
 

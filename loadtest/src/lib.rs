@@ -3,35 +3,54 @@
 //! | module | does |
 //! |---|---|
 //! | [`cli`] | the command line, one subcommand per scenario |
-//! | [`scenario`] | orchestration: workers, publisher, measurement window, checks |
-//! | [`client`] | receive workers: one mio loop per thread over many WebSocket connections |
-//! | [`publisher`] | the open-loop (or windowed max-rate) publisher over REST or WebSocket |
-//! | [`ws`] | sans-IO client framing: masked frames out, server frames in, the upgrade |
-//! | [`extract`] | the few JSON fields the receive path needs, by byte search |
-//! | [`checker`] | loss / duplicate / reorder detection over `seq` and `offset` |
-//! | [`schedule`] | the open-loop schedule (coordinated-omission correction) and the clock |
-//! | [`hist`] | HdrHistogram percentiles, `.hgrm` output, SVG plot |
-//! | [`procstat`] | /proc sampling of the server, own CPU, rlimits, pinning |
-//! | [`net`] | non-blocking connects from 127.0.0.x source addresses |
-//! | [`floor`] | the kernel floor: plain send() cost per frame |
-//! | [`soak`] | the soak scenario: churning connections, recovery across reconnects, leak checks |
-//! | [`metrics`] | the server's `/metrics` gauges |
-//! | [`report`] | the table, the JSON summary |
-//! | [`token`] | HS256 client tokens |
+//! | [`scenario`] | the scenarios over the subscribers' receive workers, one per file: fanout, chat, recovery, idle, storm, floor |
+//! | [`soak`] | the soak scenario: churning connections, recovery across reconnects, leak checks (run phases, worker, plan, verdict, figures) |
+//! | [`report`] | the table, the JSON summary; scenarios add their rows as (label, value) pairs |
+//! | `harness` | what every scenario shares: servers, token, threads, source addresses, channel names, the measurement window |
+//! | `client` | receive workers: one mio loop per thread over many WebSocket connections |
+//! | `recv` | the one receive path of the workers: read loop, partial frames, pings |
+//! | `publisher` | the open-loop (or windowed max-rate) publisher over REST or WebSocket |
+//! | `http` | the HTTP/1.1 answer reader (REST publishing, `/metrics`) |
+//! | `ws` | sans-IO client framing: masked frames out, server frames in, the upgrade |
+//! | `extract` | the few JSON fields the receive path needs, by byte search |
+//! | `checker` | loss / duplicate / reorder detection over `seq` and `offset` |
+//! | `schedule` | the open-loop schedule (coordinated-omission correction) and the clock |
+//! | `hist` | HdrHistogram percentiles, `.hgrm` output, SVG plot |
+//! | `procstat` | /proc sampling of the server, own CPU, rlimits, pinning |
+//! | `net` | non-blocking connects from 127.0.0.x source addresses |
+//! | `floor` | the kernel floor: plain send() cost per frame |
+//! | `metrics` | the server's `/metrics` gauges |
+//! | `token` | HS256 client tokens |
+//!
+//! Each module imports only modules of earlier lines, so there is no import circle:
+//!
+//! 1. `checker`, `hist`, `net`, `procstat`, `schedule`, `token`, `ws`
+//! 2. `extract`, `http`
+//! 3. `recv`, `metrics`, `floor`
+//! 4. `client`
+//! 5. `publisher`
+//! 6. `cli`
+//! 7. `report`
+//! 8. `harness`
+//! 9. `scenario`, `soak`
 
-pub mod checker;
 pub mod cli;
-pub mod client;
-pub mod extract;
-pub mod floor;
-pub mod hist;
-pub mod metrics;
-pub mod net;
-pub mod procstat;
-pub mod publisher;
 pub mod report;
 pub mod scenario;
-pub mod schedule;
 pub mod soak;
-pub mod token;
-pub mod ws;
+
+mod checker;
+mod client;
+mod extract;
+mod floor;
+mod harness;
+mod hist;
+mod http;
+mod metrics;
+mod net;
+mod procstat;
+mod publisher;
+mod recv;
+mod schedule;
+mod token;
+mod ws;

@@ -1,22 +1,26 @@
 //! `broadcaster-loadtest SCENARIO [options]`: see `--help`, and `loadtest/README.md`.
 
 use clap::Parser;
-use loadtest::cli::{Cli, Scenario};
-use loadtest::scenario;
+use loadtest::cli::{Cli, Common, Scenario};
+use loadtest::report::Report;
+use loadtest::{scenario, soak};
 
 fn main() {
     let cli = Cli::parse();
-    let (report, common) = match &cli.scenario {
-        Scenario::Fanout(a) => (scenario::fanout(a), &a.common),
-        Scenario::Chat(a) => (scenario::chat(a), &a.common),
-        Scenario::Idle(a) => (scenario::idle(a), &a.common),
-        Scenario::Storm(a) => (scenario::storm(a), &a.common),
-        Scenario::Recovery(a) => (scenario::recovery(a), &a.common),
-        Scenario::Soak(a) => (scenario::soak(a), &a.common),
-        Scenario::Floor(a) => {
-            std::process::exit(run_floor(a));
-        }
-    };
+    match &cli.scenario {
+        Scenario::Fanout(a) => conclude(scenario::fanout(a), &a.common),
+        Scenario::Chat(a) => conclude(scenario::chat(a), &a.common),
+        Scenario::Idle(a) => conclude(scenario::idle(a), &a.common),
+        Scenario::Storm(a) => conclude(scenario::storm(a), &a.common),
+        Scenario::Recovery(a) => conclude(scenario::recovery(a), &a.common),
+        Scenario::Soak(a) => conclude(soak::run(a), &a.common),
+        Scenario::Floor(a) => std::process::exit(run_floor(a)),
+    }
+}
+
+/// Prints the table, writes the files asked for, and exits 1 loudly when the run failed (2 when
+/// it could not run).
+fn conclude<F: serde::Serialize>(report: Result<Report<F>, String>, common: &Common) {
     let report = match report {
         Ok(r) => r,
         Err(e) => {

@@ -4,22 +4,22 @@
 use std::io::Write;
 use std::time::Duration;
 
+use crate::http::read_http_response;
 use crate::net::Node;
-use crate::publisher::read_http_response;
 
 /// The two gauges the soak checks (summed over every shard).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
-pub struct Gauges {
+pub(crate) struct Gauges {
     /// Open WebSocket connections.
-    pub connections_active: i64,
+    pub(crate) connections_active: i64,
     /// Active subscriptions.
-    pub subscriptions_total: i64,
+    pub(crate) subscriptions_total: i64,
 }
 
 /// The sum of every sample of `name` in a Prometheus text exposition (`name VALUE` and
 /// `name{shard="0"} VALUE` alike: the server labels per-shard figures and writes no total
 /// beside them); None when there is none. Other metrics sharing the prefix are not it.
-pub fn sample(text: &str, name: &str) -> Option<f64> {
+pub(crate) fn sample(text: &str, name: &str) -> Option<f64> {
     text.lines()
         .filter_map(|line| {
             let rest = line.strip_prefix(name)?;
@@ -53,7 +53,7 @@ fn labels_end(labels: &str) -> Option<usize> {
 }
 
 /// The soak's gauges from a metrics text.
-pub fn parse_gauges(text: &str) -> Result<Gauges, String> {
+fn parse_gauges(text: &str) -> Result<Gauges, String> {
     let get = |name: &str| {
         sample(text, name)
             .map(|v| v as i64)
@@ -66,7 +66,7 @@ pub fn parse_gauges(text: &str) -> Result<Gauges, String> {
 }
 
 /// Fetches `GET /metrics` from `node` (a fresh connection, closed after the answer).
-pub fn scrape_text(node: &Node) -> Result<String, String> {
+pub(crate) fn scrape_text(node: &Node) -> Result<String, String> {
     let mut s = crate::net::connect_blocking(node.addr, None)
         .map_err(|e| format!("connect to {} for /metrics failed: {e}", node.addr))?;
     let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
@@ -88,7 +88,7 @@ pub fn scrape_text(node: &Node) -> Result<String, String> {
 }
 
 /// Fetches and parses the gauges.
-pub fn scrape(node: &Node) -> Result<Gauges, String> {
+pub(crate) fn scrape(node: &Node) -> Result<Gauges, String> {
     parse_gauges(&scrape_text(node)?)
 }
 

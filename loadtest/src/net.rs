@@ -6,15 +6,15 @@ use std::os::fd::FromRawFd;
 
 /// A server node: its address and the Host header its requests carry.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Node {
+pub(crate) struct Node {
     /// Where to connect.
-    pub addr: SocketAddr,
+    pub(crate) addr: SocketAddr,
     /// The Host header (the address as given on the command line).
-    pub host: String,
+    pub(crate) host: String,
 }
 
 /// The ephemeral port range size from /proc (28,232 with Linux's default 32768-60999).
-pub fn ephemeral_ports() -> u32 {
+pub(crate) fn ephemeral_ports() -> u32 {
     std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|s| {
@@ -28,19 +28,19 @@ pub fn ephemeral_ports() -> u32 {
 
 /// Which local address each connection binds before connecting.
 #[derive(Debug, Clone)]
-pub struct SourcePlan {
+pub(crate) struct SourcePlan {
     addrs: Vec<Ipv4Addr>,
 }
 
 impl SourcePlan {
     /// No binding: the kernel picks the source (for non-loopback targets).
-    pub fn none() -> Self {
+    pub(crate) fn none() -> Self {
         SourcePlan { addrs: Vec::new() }
     }
 
     /// Enough loopback addresses from 127.0.0.2 up for `connections` to the same target, keeping
     /// each address under `per_addr_max` connections; at least `min_addrs`.
-    pub fn loopback(connections: usize, per_addr_max: usize, min_addrs: usize) -> Self {
+    pub(crate) fn loopback(connections: usize, per_addr_max: usize, min_addrs: usize) -> Self {
         let per = per_addr_max.max(1);
         let n = connections.div_ceil(per).max(min_addrs).clamp(1, 250);
         SourcePlan {
@@ -50,13 +50,8 @@ impl SourcePlan {
         }
     }
 
-    /// An explicit list.
-    pub fn list(addrs: Vec<Ipv4Addr>) -> Self {
-        SourcePlan { addrs }
-    }
-
     /// The source address of connection `i` (round robin), if any.
-    pub fn for_conn(&self, i: usize) -> Option<Ipv4Addr> {
+    pub(crate) fn for_conn(&self, i: usize) -> Option<Ipv4Addr> {
         if self.addrs.is_empty() {
             None
         } else {
@@ -65,14 +60,14 @@ impl SourcePlan {
     }
 
     /// The addresses in use.
-    pub fn addrs(&self) -> &[Ipv4Addr] {
+    pub(crate) fn addrs(&self) -> &[Ipv4Addr] {
         &self.addrs
     }
 }
 
 /// Starts a non-blocking connect to `target` from `source` (port chosen at connect time, so ports
 /// are only unique per 4-tuple: IP_BIND_ADDRESS_NO_PORT). Completion shows up as writability.
-pub fn connect_nonblocking(
+pub(crate) fn connect_nonblocking(
     target: SocketAddr,
     source: Option<Ipv4Addr>,
 ) -> std::io::Result<mio::net::TcpStream> {
@@ -145,7 +140,7 @@ fn sockaddr_in(a: SocketAddrV4) -> libc::sockaddr_in {
 }
 
 /// A blocking connect from `source` (used by the publisher and the floor scenario).
-pub fn connect_blocking(
+pub(crate) fn connect_blocking(
     target: SocketAddr,
     source: Option<Ipv4Addr>,
 ) -> std::io::Result<std::net::TcpStream> {

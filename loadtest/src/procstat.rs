@@ -5,21 +5,21 @@ use std::time::Duration;
 
 /// One sample of a process's resource use.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct ProcSample {
+pub(crate) struct ProcSample {
     /// utime + stime from /proc/PID/stat (clock-tick resolution, includes exited threads).
-    pub cpu_ticks_ns: u64,
+    pub(crate) cpu_ticks_ns: u64,
     /// The system-time part of `cpu_ticks_ns` (stime): the kernel's share, mostly TCP.
-    pub sys_ticks_ns: u64,
+    pub(crate) sys_ticks_ns: u64,
     /// Sum of the threads' run time from /proc/PID/task/*/schedstat (nanosecond resolution, live
     /// threads only); 0 when schedstat is unavailable.
-    pub cpu_sched_ns: u64,
+    cpu_sched_ns: u64,
     /// VmRSS in bytes.
-    pub rss_bytes: u64,
+    pub(crate) rss_bytes: u64,
 }
 
 impl ProcSample {
     /// The best CPU figure: schedstat when present (precise), otherwise the tick count.
-    pub fn cpu_ns(&self) -> u64 {
+    pub(crate) fn cpu_ns(&self) -> u64 {
         if self.cpu_sched_ns > 0 {
             self.cpu_sched_ns
         } else {
@@ -39,13 +39,8 @@ fn clk_tck() -> u64 {
     }
 }
 
-/// utime + stime in ticks from the contents of /proc/PID/stat.
-pub fn parse_stat_cpu_ticks(stat: &str) -> Option<u64> {
-    parse_stat_user_sys_ticks(stat).map(|(u, s)| u + s)
-}
-
 /// (utime, stime) in ticks from the contents of /proc/PID/stat.
-pub fn parse_stat_user_sys_ticks(stat: &str) -> Option<(u64, u64)> {
+fn parse_stat_user_sys_ticks(stat: &str) -> Option<(u64, u64)> {
     // The command name is in parentheses and may contain spaces: fields count from after ')'.
     let rest = &stat[stat.rfind(')')? + 1..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
@@ -56,14 +51,14 @@ pub fn parse_stat_user_sys_ticks(stat: &str) -> Option<(u64, u64)> {
 }
 
 /// VmRSS in bytes from the contents of /proc/PID/status.
-pub fn parse_status_rss(status: &str) -> Option<u64> {
+fn parse_status_rss(status: &str) -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
 }
 
 /// Reads a sample of process `pid`.
-pub fn sample(pid: u32) -> std::io::Result<ProcSample> {
+pub(crate) fn sample(pid: u32) -> std::io::Result<ProcSample> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let (user, sys) = parse_stat_user_sys_ticks(&stat).ok_or_else(|| {
@@ -93,7 +88,7 @@ pub fn sample(pid: u32) -> std::io::Result<ProcSample> {
 /// The sum of samples of every process in `pids` (several cluster nodes, or a node and its Redis):
 /// `None` when `pids` is empty or any of them cannot be read. The schedstat figure is kept only when
 /// every process has one, so `cpu_ns` never mixes the two sources.
-pub fn sample_all(pids: &[u32]) -> Option<ProcSample> {
+pub(crate) fn sample_all(pids: &[u32]) -> Option<ProcSample> {
     if pids.is_empty() {
         return None;
     }
@@ -105,7 +100,7 @@ pub fn sample_all(pids: &[u32]) -> Option<ProcSample> {
 }
 
 /// Adds samples up (see [`sample_all`]).
-pub fn sum_samples(samples: &[ProcSample]) -> ProcSample {
+fn sum_samples(samples: &[ProcSample]) -> ProcSample {
     let mut t = ProcSample::default();
     let all_sched = samples.iter().all(|s| s.cpu_sched_ns > 0);
     for s in samples {
@@ -121,12 +116,12 @@ pub fn sum_samples(samples: &[ProcSample]) -> ProcSample {
 }
 
 /// Open file descriptors of process `pid` (entries of /proc/PID/fd).
-pub fn fd_count(pid: u32) -> std::io::Result<u64> {
+pub(crate) fn fd_count(pid: u32) -> std::io::Result<u64> {
     Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count() as u64)
 }
 
 /// The server's RSS alone (VmRSS of /proc/PID/status), bytes.
-pub fn rss(pid: u32) -> std::io::Result<u64> {
+pub(crate) fn rss(pid: u32) -> std::io::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     parse_status_rss(&status).ok_or_else(|| {
         std::io::Error::new(
@@ -137,13 +132,13 @@ pub fn rss(pid: u32) -> std::io::Result<u64> {
 }
 
 /// This process's user + system CPU time (getrusage, microsecond resolution, all threads).
-pub fn self_cpu() -> Duration {
+pub(crate) fn self_cpu() -> Duration {
     let (u, s) = self_cpu_user_sys();
     u + s
 }
 
 /// This process's (user, system) CPU time.
-pub fn self_cpu_user_sys() -> (Duration, Duration) {
+pub(crate) fn self_cpu_user_sys() -> (Duration, Duration) {
     // SAFETY: getrusage fills a rusage struct we own.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
     unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
@@ -152,7 +147,7 @@ pub fn self_cpu_user_sys() -> (Duration, Duration) {
 }
 
 /// This process's RSS in bytes.
-pub fn self_rss() -> u64 {
+pub(crate) fn self_rss() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| parse_status_rss(&s))
@@ -160,7 +155,7 @@ pub fn self_rss() -> u64 {
 }
 
 /// CPU time of the calling thread (CLOCK_THREAD_CPUTIME_ID), nanoseconds.
-pub fn thread_cpu_ns() -> u64 {
+pub(crate) fn thread_cpu_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -171,7 +166,7 @@ pub fn thread_cpu_ns() -> u64 {
 }
 
 /// Raises the soft RLIMIT_NOFILE to the hard limit; returns the resulting soft limit.
-pub fn raise_nofile() -> u64 {
+pub(crate) fn raise_nofile() -> u64 {
     // SAFETY: get/setrlimit read and write one rlimit struct we own.
     unsafe {
         let mut rl = libc::rlimit {
@@ -195,7 +190,7 @@ pub fn raise_nofile() -> u64 {
 }
 
 /// Pins the calling thread to `cpu`; a failure (CPU absent, not allowed) is reported, not fatal.
-pub fn pin_current_thread(cpu: usize) -> std::io::Result<()> {
+pub(crate) fn pin_current_thread(cpu: usize) -> std::io::Result<()> {
     // SAFETY: cpu_set_t is plain data; sched_setaffinity reads it.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
@@ -208,7 +203,7 @@ pub fn pin_current_thread(cpu: usize) -> std::io::Result<()> {
 }
 
 /// Number of CPUs this process may run on.
-pub fn available_cpus() -> usize {
+pub(crate) fn available_cpus() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
@@ -221,9 +216,8 @@ mod tests {
     #[test]
     fn stat_parsing_handles_spaces_in_comm() {
         let stat = "1234 (my (weird) prog) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 75 0 0 20 0 3 0 100 1000 50";
-        assert_eq!(parse_stat_cpu_ticks(stat), Some(325));
         assert_eq!(parse_stat_user_sys_ticks(stat), Some((250, 75)));
-        assert_eq!(parse_stat_cpu_ticks("garbage"), None);
+        assert_eq!(parse_stat_user_sys_ticks("garbage"), None);
     }
 
     #[test]

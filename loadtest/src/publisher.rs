@@ -2,6 +2,7 @@
 //! publish scope), publications spread round robin over the run's channels on an open-loop schedule,
 //! or, in max-rate mode, as fast as a bounded window of undelivered publications allows.
 
+use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::net::Ipv4Addr;
 use std::sync::atomic::Ordering;
@@ -10,13 +11,14 @@ use std::time::{Duration, Instant};
 
 use crate::client::Shared;
 use crate::extract;
+use crate::http::read_http_response;
 use crate::net::Node;
 use crate::schedule::{self, Schedule};
 use crate::ws;
 
 /// How publications reach the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
-pub enum Via {
+pub(crate) enum Via {
     /// `POST /publish` with the API key, HTTP/1.1 keep-alive.
     Rest,
     /// `publish` requests over a WebSocket authenticated with a publish-scope token.
@@ -25,59 +27,59 @@ pub enum Via {
 
 /// What to publish.
 #[derive(Clone)]
-pub struct PublisherConfig {
+pub(crate) struct PublisherConfig {
     /// Where REST requests go (the admin listeners when the servers have one), one per node.
-    pub rest_nodes: Vec<Node>,
+    pub(crate) rest_nodes: Vec<Node>,
     /// Where the WebSocket publisher connects, one per node.
-    pub ws_nodes: Vec<Node>,
+    pub(crate) ws_nodes: Vec<Node>,
     /// Publish round robin over every node; otherwise to the first only.
-    pub publish_all: bool,
+    pub(crate) publish_all: bool,
     /// REST or WebSocket.
-    pub via: Via,
+    pub(crate) via: Via,
     /// API key (REST).
-    pub api_key: String,
+    pub(crate) api_key: String,
     /// Token (WebSocket).
-    pub token: String,
+    pub(crate) token: String,
     /// Channels, published to round robin.
-    pub channels: Arc<Vec<String>>,
+    pub(crate) channels: Arc<Vec<String>>,
     /// Publications per second; 0: max-rate mode.
-    pub rate: f64,
+    pub(crate) rate: f64,
     /// Stop after this many publications.
-    pub count: Option<u64>,
+    pub(crate) count: Option<u64>,
     /// Stop after this long.
-    pub duration: Option<Duration>,
+    pub(crate) duration: Option<Duration>,
     /// Max-rate mode: publications not yet delivered to every subscriber, at most.
-    pub window: u64,
+    pub(crate) window: u64,
     /// Max-rate mode: requests sent before their answers are read, at most (1: one at a time).
-    pub pipeline: u64,
+    pub(crate) pipeline: u64,
     /// Deliveries each publication should cause (subscribers per channel), for the window.
-    pub deliveries_per_publication: u64,
+    pub(crate) deliveries_per_publication: u64,
     /// Payload size in bytes.
-    pub payload_bytes: usize,
+    pub(crate) payload_bytes: usize,
     /// Source address to bind.
-    pub source: Option<Ipv4Addr>,
+    pub(crate) source: Option<Ipv4Addr>,
 }
 
 /// What the publisher did.
 #[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct PublishResult {
+pub(crate) struct PublishResult {
     /// Publications the server accepted.
-    pub published: u64,
+    pub(crate) published: u64,
     /// Publications refused or failed.
-    pub errors: u64,
+    pub(crate) errors: u64,
     /// Per channel: the highest offset the server returned (0: none published).
-    pub last_offsets: Vec<u64>,
+    pub(crate) last_offsets: Vec<u64>,
     /// Per channel: publications accepted.
-    pub counts: Vec<u64>,
+    pub(crate) counts: Vec<u64>,
     /// Seconds from the first scheduled publication to the last answer.
-    pub elapsed_s: f64,
+    pub(crate) elapsed_s: f64,
     /// How far the publisher fell behind its schedule at worst (a sign it, or the server, was the
     /// bottleneck), ms.
-    pub max_behind_ms: f64,
+    pub(crate) max_behind_ms: f64,
     /// Round-trip time of publish requests: p50 and max, µs.
-    pub rtt_p50_us: f64,
+    pub(crate) rtt_p50_us: f64,
     /// Largest publish round trip, µs.
-    pub rtt_max_us: f64,
+    pub(crate) rtt_max_us: f64,
 }
 
 /// A keep-alive connection that publishes; answers come back in the order requests were sent.
@@ -96,12 +98,78 @@ struct Sent {
 }
 
 /// Runs the publisher until its count or duration is reached, or `shared.stop`.
-pub fn run(cfg: &PublisherConfig, shared: &Shared) -> PublishResult {
+pub(crate) fn run(cfg: &PublisherConfig, shared: &Shared) -> PublishResult {
     let mut res = PublishResult {
         last_offsets: vec![0; cfg.channels.len()],
         counts: vec![0; cfg.channels.len()],
         ..Default::default()
     };
+    let mut conns = match connect_all(cfg) {
+        Ok(c) => c,
+        Err(e) => {
+            shared.error(e);
+            res.errors += 1;
+            return res;
+        }
+    };
+    schedule::precise_timers();
+    let sched = Schedule::new(cfg.rate);
+    let deadline = cfg.duration.map(|d| sched.start() + d);
+    let mut payload = Vec::with_capacity(cfg.payload_bytes + 64);
+    let mut flight = InFlight::new(shared);
+    let mut k: u64 = 0;
+    let mut max_behind = Duration::ZERO;
+    // On a schedule each publication waits for its answer; at max rate up to `pipeline` go out
+    // before the first answer is read, so the server can take several in one read.
+    let depth = if sched.paced() {
+        1
+    } else {
+        cfg.pipeline.max(1) as usize
+    };
+    loop {
+        if cfg.count.is_some_and(|c| k >= c)
+            || shared.stop.load(Ordering::Relaxed)
+            || (res.errors >= 10 && res.published == 0)
+        {
+            break;
+        }
+        let Some(sent_ns) = pace(cfg, shared, &sched, deadline, k, &mut max_behind) else {
+            break;
+        };
+        payload.clear();
+        extract::build_payload(&mut payload, sent_ns, k, cfg.payload_bytes);
+        let ch = (k % cfg.channels.len() as u64) as usize;
+        let at = Instant::now();
+        let ci = (k % conns.len() as u64) as usize;
+        match conns[ci].send(&cfg.channels[ch], &payload) {
+            Ok(()) => flight.sent.push_back(Sent {
+                channel: ch,
+                conn: ci,
+                at,
+            }),
+            Err(e) => {
+                res.errors += 1;
+                shared.error(format!("publish {k} failed: {e}"));
+            }
+        }
+        while flight.sent.len() >= depth {
+            flight.complete_oldest(&mut conns, &mut res);
+        }
+        k += 1;
+    }
+    while !flight.sent.is_empty() {
+        flight.complete_oldest(&mut conns, &mut res);
+    }
+    res.elapsed_s = sched.start().elapsed().as_secs_f64();
+    res.max_behind_ms = max_behind.as_secs_f64() * 1e3;
+    res.rtt_p50_us = flight.rtt.value_at_quantile(0.5) as f64;
+    res.rtt_max_us = flight.rtt.max() as f64;
+    res
+}
+
+/// One keep-alive connection per node published to (every node with `publish_all`, else the
+/// first).
+fn connect_all(cfg: &PublisherConfig) -> Result<Vec<Box<dyn Conn>>, String> {
     let nodes = match cfg.via {
         Via::Rest => &cfg.rest_nodes,
         Via::Ws => &cfg.ws_nodes,
@@ -113,103 +181,76 @@ pub fn run(cfg: &PublisherConfig, shared: &Shared) -> PublishResult {
             Via::Rest => RestConn::connect(cfg, node).map(|c| Box::new(c) as Box<dyn Conn>),
             Via::Ws => WsConn::connect(cfg, node).map(|c| Box::new(c) as Box<dyn Conn>),
         };
-        match conn {
-            Ok(c) => conns.push(c),
-            Err(e) => {
-                shared.error(format!("publisher: {e}"));
-                res.errors += 1;
-                return res;
-            }
-        }
+        conns.push(conn.map_err(|e| format!("publisher: {e}"))?);
     }
     if conns.is_empty() {
-        shared.error("publisher: no server to publish to".into());
-        res.errors += 1;
-        return res;
+        return Err("publisher: no server to publish to".into());
     }
-    schedule::precise_timers();
-    let sched = Schedule::new(cfg.rate);
-    let deadline = cfg.duration.map(|d| sched.start() + d);
-    let mut payload = Vec::with_capacity(cfg.payload_bytes + 64);
-    let mut rtt = hdrhistogram::Histogram::<u64>::new(3).expect("constant sigfig");
-    let mut k: u64 = 0;
-    let mut max_behind = Duration::ZERO;
-    // On a schedule each publication waits for its answer; at max rate up to `pipeline` go out
-    // before the first answer is read, so the server can take several in one read.
-    let depth = if sched.paced() {
-        1
+    Ok(conns)
+}
+
+/// Waits until publication `k` may go: its scheduled time, or (max rate) room in the window.
+/// Returns the send time it carries, or None when the run's duration is over.
+fn pace(
+    cfg: &PublisherConfig,
+    shared: &Shared,
+    sched: &Schedule,
+    deadline: Option<Instant>,
+    k: u64,
+    max_behind: &mut Duration,
+) -> Option<u64> {
+    if sched.paced() {
+        let due = sched.due(k);
+        if deadline.is_some_and(|d| due >= d) {
+            return None;
+        }
+        schedule::sleep_until(due);
+        *max_behind = (*max_behind).max(Instant::now().saturating_duration_since(due));
+        Some(sched.due_unix_ns(k))
     } else {
-        cfg.pipeline.max(1) as usize
-    };
-    let mut sent: std::collections::VecDeque<Sent> = std::collections::VecDeque::new();
-    let mut complete = |s: Sent, conns: &mut Vec<Box<dyn Conn>>, res: &mut PublishResult| {
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return None;
+        }
+        wait_for_window(cfg, shared, k);
+        Some(schedule::now_unix_ns())
+    }
+}
+
+/// Publications sent and not answered yet, oldest first, and their round trips.
+struct InFlight<'a> {
+    sent: VecDeque<Sent>,
+    rtt: hdrhistogram::Histogram<u64>,
+    shared: &'a Shared,
+}
+
+impl<'a> InFlight<'a> {
+    fn new(shared: &'a Shared) -> Self {
+        InFlight {
+            sent: VecDeque::new(),
+            rtt: hdrhistogram::Histogram::<u64>::new(3).expect("constant sigfig"),
+            shared,
+        }
+    }
+
+    /// Reads the answer to the oldest publication in flight.
+    fn complete_oldest(&mut self, conns: &mut [Box<dyn Conn>], res: &mut PublishResult) {
+        let Some(s) = self.sent.pop_front() else {
+            return;
+        };
         match conns[s.conn].recv() {
             Ok(offset) => {
                 res.published += 1;
-                shared.published.fetch_add(1, Ordering::Relaxed);
+                self.shared.published.fetch_add(1, Ordering::Relaxed);
                 res.counts[s.channel] += 1;
                 res.last_offsets[s.channel] = res.last_offsets[s.channel].max(offset);
             }
             Err(e) => {
                 res.errors += 1;
-                shared.error(format!("publish failed: {e}"));
+                self.shared.error(format!("publish failed: {e}"));
             }
         }
-        let _ = rtt.record(s.at.elapsed().as_micros() as u64);
-    };
-    loop {
-        if cfg.count.is_some_and(|c| k >= c)
-            || shared.stop.load(Ordering::Relaxed)
-            || (res.errors >= 10 && res.published == 0)
-        {
-            break;
-        }
-        let sent_ns = if sched.paced() {
-            let due = sched.due(k);
-            if deadline.is_some_and(|d| due >= d) {
-                break;
-            }
-            schedule::sleep_until(due);
-            max_behind = max_behind.max(Instant::now().saturating_duration_since(due));
-            sched.due_unix_ns(k)
-        } else {
-            if deadline.is_some_and(|d| Instant::now() >= d) {
-                break;
-            }
-            wait_for_window(cfg, shared, k);
-            schedule::now_unix_ns()
-        };
-        payload.clear();
-        extract::build_payload(&mut payload, sent_ns, k, cfg.payload_bytes);
-        let ch = (k % cfg.channels.len() as u64) as usize;
-        let at = Instant::now();
-        let ci = (k % conns.len() as u64) as usize;
-        match conns[ci].send(&cfg.channels[ch], &payload) {
-            Ok(()) => sent.push_back(Sent {
-                channel: ch,
-                conn: ci,
-                at,
-            }),
-            Err(e) => {
-                res.errors += 1;
-                shared.error(format!("publish {k} failed: {e}"));
-            }
-        }
-        while sent.len() >= depth {
-            if let Some(s) = sent.pop_front() {
-                complete(s, &mut conns, &mut res);
-            }
-        }
-        k += 1;
+        let _ = self.rtt.record(s.at.elapsed().as_micros() as u64);
     }
-    while let Some(s) = sent.pop_front() {
-        complete(s, &mut conns, &mut res);
-    }
-    res.elapsed_s = sched.start().elapsed().as_secs_f64();
-    res.max_behind_ms = max_behind.as_secs_f64() * 1e3;
-    res.rtt_p50_us = rtt.value_at_quantile(0.5) as f64;
-    res.rtt_max_us = rtt.max() as f64;
-    res
 }
 
 /// Max-rate mode: publication `k` may go once at most `window` earlier publications are still
@@ -296,56 +337,6 @@ impl Conn for RestConn {
     }
 }
 
-/// Reads one HTTP/1.1 response with a Content-Length body; `buf` keeps bytes of the next one.
-pub fn read_http_response<R: Read>(r: &mut R, buf: &mut Vec<u8>) -> Result<(u16, Vec<u8>), String> {
-    let mut chunk = [0u8; 4096];
-    let head_end = loop {
-        if let Some(p) = ws::find(buf, b"\r\n\r\n") {
-            break p;
-        }
-        if buf.len() > 64 * 1024 {
-            return Err("response head over 64 KiB".into());
-        }
-        let n = r.read(&mut chunk).map_err(|e| format!("read: {e}"))?;
-        if n == 0 {
-            return Err("server closed the publish connection".into());
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-    let mut lines = head.split("\r\n");
-    let status: u16 = lines
-        .next()
-        .and_then(|l| l.split(' ').nth(1))
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("bad status line in {head:?}"))?;
-    let mut len = 0usize;
-    for l in lines {
-        if let Some((k, v)) = l.split_once(':') {
-            if k.trim().eq_ignore_ascii_case("content-length") {
-                len = v
-                    .trim()
-                    .parse()
-                    .map_err(|_| format!("bad content-length {v:?}"))?;
-            }
-        }
-    }
-    if len > 16 << 20 {
-        return Err(format!("response body of {len} bytes"));
-    }
-    let start = head_end + 4;
-    while buf.len() < start + len {
-        let n = r.read(&mut chunk).map_err(|e| format!("read: {e}"))?;
-        if n == 0 {
-            return Err("server closed the publish connection mid-body".into());
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    let body = buf[start..start + len].to_vec();
-    buf.drain(..start + len);
-    Ok((status, body))
-}
-
 struct WsConn {
     stream: std::net::TcpStream,
     buf: Vec<u8>,
@@ -353,7 +344,7 @@ struct WsConn {
     rng: ws::MaskRng,
     next_id: u64,
     /// Ids of publications sent and not answered yet, oldest first.
-    pending: std::collections::VecDeque<u64>,
+    pending: VecDeque<u64>,
 }
 
 impl WsConn {
@@ -388,7 +379,7 @@ impl WsConn {
             out: Vec::with_capacity(1024),
             rng: ws::MaskRng::new(0x5EED),
             next_id: 1,
-            pending: std::collections::VecDeque::new(),
+            pending: VecDeque::new(),
         };
         let mut req = b"{\"id\":1,\"method\":\"auth\",\"params\":{\"token\":".to_vec();
         extract::push_json_str(&mut req, &cfg.token);
@@ -619,21 +610,5 @@ mod tests {
         let r = run(&c, &Shared::default());
         assert_eq!(r.published, 4);
         assert_eq!(ha.join().unwrap(), 4);
-    }
-
-    #[test]
-    fn http_responses_are_read_back_to_back() {
-        let data = b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n{\"offset\":1}HTTP/1.1 413 Payload Too Large\r\ncontent-length: 2\r\n\r\n{}";
-        // {"offset":1} is 12 bytes: the first body is cut at 11 on purpose to prove the length rules.
-        let mut r = &data[..];
-        let mut buf = Vec::new();
-        let (s, b) = read_http_response(&mut r, &mut buf).unwrap();
-        assert_eq!(s, 200);
-        assert_eq!(b, b"{\"offset\":1");
-        assert_eq!(buf.first(), Some(&b'}'));
-        buf.remove(0);
-        let (s, b) = read_http_response(&mut r, &mut buf).unwrap();
-        assert_eq!((s, &b[..]), (413, &b"{}"[..]));
-        assert!(read_http_response(&mut r, &mut buf).is_err());
     }
 }

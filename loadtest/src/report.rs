@@ -1,4 +1,8 @@
 //! The run summary: a human table on stdout, a JSON file, the `.hgrm` distribution and an SVG plot.
+//! A scenario hands in its own rows of the table as (label, value) pairs ([`ScenarioRows`]), and
+//! its own figures, if any, as a serializable value; so this module knows no scenario.
+
+use std::fmt::Write as _;
 
 use hdrhistogram::Histogram;
 
@@ -9,123 +13,146 @@ use crate::hist::{self, Percentiles};
 use crate::net::Node;
 use crate::publisher::{PublishResult, Via};
 
-/// Everything a run measured. Serialized as the JSON summary (`--json`).
+/// One row of the table: label, value.
+pub(crate) type Row = (String, String);
+
+/// A row from a label and a value.
+pub(crate) fn row(label: &str, value: String) -> Row {
+    (label.to_string(), value)
+}
+
+/// The rows a scenario adds to the common table, in the three places where what is worth saying
+/// differs by scenario.
+#[derive(Debug, Default)]
+pub(crate) struct ScenarioRows {
+    /// After `published`: what arrived (deliveries, or the connections a storm set up).
+    pub(crate) delivered: Vec<Row>,
+    /// After the loss counts: the scenario's own checks (reconnects, the soak's churn and leaks).
+    pub(crate) checks: Vec<Row>,
+    /// Before the CPU totals: the CPU per unit of work (a delivered message, a connection).
+    pub(crate) cost: Vec<Row>,
+}
+
+/// Everything a run measured. Serialized as the JSON summary (`--json`). `F` is the scenario's own
+/// figures (the soak's), `()` for the scenarios without any.
 #[derive(Debug, Default, serde::Serialize)]
-pub struct Report {
+pub struct Report<F = ()> {
     /// Scenario name.
-    pub scenario: &'static str,
+    pub(crate) scenario: &'static str,
     /// `--label`, or the scenario name.
-    pub label: String,
+    pub(crate) label: String,
     /// The server's public address (several nodes: comma separated).
-    pub server: String,
+    pub(crate) server: String,
     /// Server nodes the subscribers were spread over.
-    pub nodes: u64,
+    pub(crate) nodes: u64,
     /// Publications went round robin to every node (otherwise to the first).
-    pub publish_all: bool,
+    pub(crate) publish_all: bool,
     /// Subscriber connections.
-    pub connections: u64,
+    pub(crate) connections: u64,
     /// Channels.
-    pub channels: u64,
+    pub(crate) channels: u64,
     /// Subscribers per channel.
-    pub subscribers_per_channel: u64,
+    pub(crate) subscribers_per_channel: u64,
     /// Publication rate asked for (0: max rate).
-    pub rate: f64,
+    pub(crate) rate: f64,
     /// How publications were made.
-    pub via: Option<Via>,
+    pub(crate) via: Option<Via>,
     /// Max-rate mode window.
-    pub window: Option<u64>,
+    pub(crate) window: Option<u64>,
     /// Max-rate mode: publish requests in flight at most.
-    pub pipeline: Option<u64>,
+    pub(crate) pipeline: Option<u64>,
     /// Payload bytes.
-    pub payload_bytes: usize,
+    pub(crate) payload_bytes: usize,
     /// The publisher's results.
-    pub publish: Option<PublishResult>,
+    pub(crate) publish: Option<PublishResult>,
     /// Broadcasts received.
-    pub deliveries: u64,
+    pub(crate) deliveries: u64,
     /// Broadcasts that should have been received.
-    pub expected_deliveries: u64,
+    pub(crate) expected_deliveries: u64,
     /// Seconds of the measurement window (publish start to last delivery; the hold for idle; the
     /// storm itself).
-    pub measured_s: f64,
+    pub(crate) measured_s: f64,
     /// Deliveries per second of publishing.
-    pub deliveries_per_s: f64,
+    pub(crate) deliveries_per_s: f64,
     /// What `latency` measures: `end_to_end` (scheduled send to receipt) or `connect_to_subscribed`.
-    pub latency_kind: &'static str,
+    pub(crate) latency_kind: &'static str,
     /// Latency percentiles, nanoseconds.
-    pub latency: Percentiles,
+    pub(crate) latency: Percentiles,
     /// Anomalies by `seq` (per subscription).
-    pub seq: Anomalies,
+    pub(crate) seq: Anomalies,
     /// Anomalies by `offset` (per channel, across a subscriber's reconnects).
-    pub offsets: Anomalies,
+    pub(crate) offsets: Anomalies,
     /// Broadcasts whose offset was not the subscription's base + seq.
-    pub seq_offset_mismatch: u64,
+    pub(crate) seq_offset_mismatch: u64,
     /// Broadcasts without a send time in the payload.
-    pub untimed: u64,
+    pub(crate) untimed: u64,
     /// Recovery: subscribes with `since` answered `recovered: false`.
-    pub unrecovered: u64,
+    pub(crate) unrecovered: u64,
     /// Recovery: reconnects made.
-    pub reconnects: u64,
+    pub(crate) reconnects: u64,
     /// Connections that failed or were dropped.
-    pub connection_failures: u64,
+    pub(crate) connection_failures: u64,
     /// Storm: connections that subscribed.
-    pub subscribed: Option<u64>,
+    pub(crate) subscribed: Option<u64>,
     /// Storm: connect + auth + subscribe per second.
-    pub connections_per_s: Option<f64>,
+    pub(crate) connections_per_s: Option<f64>,
     /// Mean size of a broadcast frame, header included.
-    pub frame_bytes_mean: Option<f64>,
+    pub(crate) frame_bytes_mean: Option<f64>,
     /// Server CPU (user + system) over the window, seconds.
-    pub server_cpu_s: Option<f64>,
+    pub(crate) server_cpu_s: Option<f64>,
     /// Server CPU per delivered message, µs.
-    pub server_cpu_us_per_delivery: Option<f64>,
+    pub(crate) server_cpu_us_per_delivery: Option<f64>,
     /// Storm: server CPU per connection, µs.
-    pub server_cpu_us_per_connection: Option<f64>,
+    pub(crate) server_cpu_us_per_connection: Option<f64>,
     /// Server RSS before (idle: before connecting), bytes.
-    pub server_rss_before_bytes: Option<u64>,
+    pub(crate) server_rss_before_bytes: Option<u64>,
     /// Server RSS after, bytes.
-    pub server_rss_after_bytes: Option<u64>,
+    pub(crate) server_rss_after_bytes: Option<u64>,
     /// Idle: server RSS growth per connection, bytes.
-    pub server_rss_bytes_per_connection: Option<f64>,
+    pub(crate) server_rss_bytes_per_connection: Option<f64>,
     /// Share of the server's CPU spent in the kernel (system time).
-    pub server_cpu_sys_fraction: Option<f64>,
+    pub(crate) server_cpu_sys_fraction: Option<f64>,
     /// Load generator CPU over the window, seconds.
-    pub loadgen_cpu_s: f64,
+    pub(crate) loadgen_cpu_s: f64,
     /// Share of the load generator's CPU spent in the kernel.
-    pub loadgen_cpu_sys_fraction: f64,
+    pub(crate) loadgen_cpu_sys_fraction: f64,
     /// Load generator CPU per delivered message, µs.
-    pub loadgen_cpu_us_per_delivery: f64,
+    pub(crate) loadgen_cpu_us_per_delivery: f64,
     /// Storm: load generator CPU per connection, µs.
-    pub loadgen_cpu_us_per_connection: Option<f64>,
+    pub(crate) loadgen_cpu_us_per_connection: Option<f64>,
     /// Load generator RSS, bytes.
-    pub loadgen_rss_bytes: u64,
+    pub(crate) loadgen_rss_bytes: u64,
     /// Idle: load generator RSS growth per connection.
-    pub loadgen_rss_bytes_per_connection: Option<f64>,
+    pub(crate) loadgen_rss_bytes_per_connection: Option<f64>,
     /// Receive threads.
-    pub loadgen_threads: u64,
+    pub(crate) loadgen_threads: u64,
     /// The open-files limit the load generator ran with.
-    pub open_files_limit: u64,
+    pub(crate) open_files_limit: u64,
     /// Source addresses used.
-    pub source_addresses: u64,
-    /// Soak: the churn, recovery, RSS, descriptor and gauge figures.
-    pub soak: Option<crate::soak::SoakFigures>,
+    pub(crate) source_addresses: u64,
+    /// The scenario's own figures (the soak's churn, recovery, RSS, descriptor and gauge
+    /// figures), under `soak` in the JSON summary; `null` for the scenarios without any.
+    #[serde(rename = "soak")]
+    pub(crate) figures: Option<F>,
     /// The kernel floor, when measured (`--floor`).
-    pub floor: Option<FloorResult>,
+    pub(crate) floor: Option<FloorResult>,
     /// Server CPU per delivery divided by the one-frame-per-send floor.
-    pub server_ratio_to_floor_1: Option<f64>,
+    server_ratio_to_floor_1: Option<f64>,
     /// Server CPU per delivery divided by the k-frames-per-send floor.
-    pub server_ratio_to_floor_k: Option<f64>,
+    server_ratio_to_floor_k: Option<f64>,
     /// Fixed-rate scenarios: the one-frame-per-send floor with the sender pacing its passes
     /// like the scenario (each socket gets `passes_per_s` frames a second), so the reader sleeps
     /// between passes as the subscribers do; the back-to-back floor keeps the reader busy and
     /// saves the sender the wake-ups.
-    pub paced_floor: Option<PacedFloor>,
+    paced_floor: Option<PacedFloor>,
     /// Broadcast frames per socket write on the server (from its `/metrics`: frames queued over
     /// writes that carried them, during the run).
-    pub frames_per_write: Option<f64>,
+    pub(crate) frames_per_write: Option<f64>,
     /// The floor per frame at that coalescing, from the 1- and k-frame floors with a fixed cost
     /// per `send()` plus a cost per frame: `f(c) = a + b / c`.
-    pub floor_at_coalescing_us: Option<f64>,
+    floor_at_coalescing_us: Option<f64>,
     /// Server CPU per delivery over `floor_at_coalescing_us` (issue 4, target 3).
-    pub server_ratio_to_floor_coalesced: Option<f64>,
+    server_ratio_to_floor_coalesced: Option<f64>,
     /// First error messages.
     pub errors: Vec<String>,
     /// Why the run failed; empty when it passed.
@@ -134,12 +161,26 @@ pub struct Report {
     pub passed: bool,
     /// The merged latency histogram (not serialized).
     #[serde(skip)]
-    pub histogram: Option<Histogram<u64>>,
+    pub(crate) histogram: Option<Histogram<u64>>,
+    /// The scenario's rows of the table (not serialized: their figures are fields above).
+    #[serde(skip)]
+    pub(crate) rows: ScenarioRows,
+    /// How publications were paced when neither a rate nor a window says (idle: one per channel
+    /// after the hold).
+    #[serde(skip)]
+    pub(crate) publish_pace: Option<&'static str>,
+    /// The run expects no particular number of deliveries (a storm publishes nothing; what the
+    /// soak's connections receive depends on the churn).
+    #[serde(skip)]
+    pub(crate) deliveries_unchecked: bool,
 }
 
-impl Report {
+impl<F> Report<F> {
     /// An empty report for `scenario`.
-    pub fn new(scenario: &'static str, common: &Common, nodes: &[Node]) -> Self {
+    pub(crate) fn new(scenario: &'static str, common: &Common, nodes: &[Node]) -> Self
+    where
+        F: Default,
+    {
         Report {
             scenario,
             label: common.label.clone().unwrap_or_else(|| scenario.to_string()),
@@ -156,12 +197,17 @@ impl Report {
     }
 
     /// Records a reason the run failed.
-    pub fn fail(&mut self, why: String) {
+    pub(crate) fn fail(&mut self, why: String) {
         self.failures.push(why);
     }
 
     /// Adds the paced floor and the ratio to it.
-    pub fn set_paced_floor(&mut self, passes_per_s: f64, sockets_per_pass: usize, f: &FloorResult) {
+    pub(crate) fn set_paced_floor(
+        &mut self,
+        passes_per_s: f64,
+        sockets_per_pass: usize,
+        f: &FloorResult,
+    ) {
         let us = f.us_per_frame(1);
         self.paced_floor = Some(PacedFloor {
             passes_per_s,
@@ -175,7 +221,7 @@ impl Report {
     }
 
     /// Adds the floor and the ratios to it.
-    pub fn set_floor(&mut self, f: FloorResult) {
+    pub(crate) fn set_floor(&mut self, f: FloorResult) {
         if let Some(s) = self.server_cpu_us_per_delivery {
             let f1 = f.us_per_frame(1);
             let k = f
@@ -199,7 +245,7 @@ impl Report {
     }
 
     /// Checks the counts and sets `passed`.
-    pub fn finish(&mut self) {
+    pub(crate) fn finish(&mut self) {
         let mut why = Vec::new();
         for (name, a) in [("seq", self.seq), ("offset", self.offsets)] {
             if a.lost > 0 {
@@ -230,10 +276,7 @@ impl Report {
                 self.connection_failures
             ));
         }
-        if self.deliveries != self.expected_deliveries
-            && self.scenario != "storm"
-            && self.scenario != "soak"
-        {
+        if self.deliveries != self.expected_deliveries && !self.deliveries_unchecked {
             why.push(format!(
                 "{} deliveries, expected {}",
                 self.deliveries, self.expected_deliveries
@@ -245,14 +288,46 @@ impl Report {
 
     /// The human-readable table.
     pub fn table(&self) -> String {
-        use std::fmt::Write;
         let mut s = String::new();
-        let mut row = |k: &str, v: String| {
+        for (k, v) in self.table_rows() {
             let _ = writeln!(s, "  {k:<34} {v}");
+        }
+        s
+    }
+
+    /// Every row of the table: the common ones, and the scenario's in their places.
+    fn table_rows(&self) -> Vec<Row> {
+        let mut rows = self.setup_rows();
+        rows.extend(self.rows.delivered.iter().cloned());
+        rows.extend(self.quality_rows());
+        rows.extend(self.rows.checks.iter().cloned());
+        if let Some(f) = self.frame_bytes_mean {
+            rows.push(row("broadcast frame bytes (mean)", format!("{f:.0}")));
+        }
+        rows.extend(self.rows.cost.iter().cloned());
+        rows.extend(self.cpu_rows());
+        rows.extend(self.memory_rows());
+        rows.extend(self.floor_rows());
+        for e in self.errors.iter().take(5) {
+            rows.push(row("error", e.clone()));
+        }
+        let result = if self.passed {
+            "PASS".to_string()
+        } else {
+            format!("FAIL: {}", self.failures.join("; "))
         };
-        row("scenario", format!("{} ({})", self.scenario, self.label));
+        rows.push(row("result", result));
+        rows
+    }
+
+    /// What ran against what: the scenario, the servers, the connections, the publishing.
+    fn setup_rows(&self) -> Vec<Row> {
+        let mut rows = vec![row(
+            "scenario",
+            format!("{} ({})", self.scenario, self.label),
+        )];
         if self.nodes > 1 {
-            row(
+            rows.push(row(
                 "servers",
                 format!(
                     "{} nodes: {} (subscribers round robin, publishing to {})",
@@ -260,11 +335,11 @@ impl Report {
                     self.server,
                     if self.publish_all { "all" } else { "the first" }
                 ),
-            );
+            ));
         } else {
-            row("server", self.server.clone());
+            rows.push(row("server", self.server.clone()));
         }
-        row(
+        rows.push(row(
             "connections",
             format!(
                 "{} ({} channels x {} subscribers), {} source addresses",
@@ -273,17 +348,17 @@ impl Report {
                 self.subscribers_per_channel,
                 self.source_addresses
             ),
-        );
+        ));
         if let Some(p) = &self.publish {
-            let mode = match self.window {
-                _ if self.scenario == "idle" => "one per channel after the hold".to_string(),
-                Some(w) => format!(
+            let mode = match (self.publish_pace, self.window) {
+                (Some(pace), _) => pace.to_string(),
+                (None, Some(w)) => format!(
                     "max rate, window {w}, {} request(s) in flight",
                     self.pipeline.unwrap_or(1)
                 ),
-                None => format!("{} msg/s", self.rate),
+                (None, None) => format!("{} msg/s", self.rate),
             };
-            row(
+            rows.push(row(
                 "published",
                 format!(
                     "{} ({mode}, via {:?}, {} B payload), {} errors, behind schedule max {:.2} ms, rtt p50 {} µs",
@@ -294,184 +369,170 @@ impl Report {
                     p.max_behind_ms,
                     p.rtt_p50_us
                 ),
-            );
+            ));
         }
-        if self.scenario == "soak" {
-            row(
-                "deliveries",
-                format!(
-                    "{} ({} live, the rest replayed by recoveries)",
-                    self.deliveries, self.latency.count
-                ),
-            );
-            row("deliveries/s", format!("{:.0}", self.deliveries_per_s));
-        } else if self.scenario != "storm" {
-            row(
-                "deliveries",
-                format!(
-                    "{} of {} expected",
-                    self.deliveries, self.expected_deliveries
-                ),
-            );
-            if self.scenario != "idle" {
-                row("deliveries/s", format!("{:.0}", self.deliveries_per_s));
-            }
-        }
-        if let Some(c) = self.connections_per_s {
-            row(
-                "connections/s",
-                format!("{c:.0} ({} subscribed)", self.subscribed.unwrap_or(0)),
-            );
-        }
+        rows
+    }
+
+    /// How fast and how faithfully messages arrived.
+    fn quality_rows(&self) -> Vec<Row> {
         let l = &self.latency;
-        row(
-            &format!("latency ms ({})", self.latency_kind),
-            format!(
-                "p50 {}  p90 {}  p99 {}  p99.9 {}  max {}  (n={})",
-                hist::ms(l.p50_ns),
-                hist::ms(l.p90_ns),
-                hist::ms(l.p99_ns),
-                hist::ms(l.p999_ns),
-                hist::ms(l.max_ns),
-                l.count
-            ),
-        );
-        row(
-            "lost / duplicated / reordered",
-            format!(
-                "{} / {} / {} (seq)   {} / {} / {} (offset)",
-                self.seq.lost,
-                self.seq.duplicated,
-                self.seq.reordered,
-                self.offsets.lost,
-                self.offsets.duplicated,
-                self.offsets.reordered
-            ),
-        );
-        if self.scenario == "recovery" {
+        vec![
             row(
-                "reconnects / unrecovered",
-                format!("{} / {}", self.reconnects, self.unrecovered),
-            );
-        }
-        if let Some(k) = &self.soak {
-            soak_rows(&mut row, k);
-        }
-        if let Some(f) = self.frame_bytes_mean {
-            row("broadcast frame bytes (mean)", format!("{f:.0}"));
-        }
-        let opt = |v: Option<f64>, unit: &str| {
-            v.map(|v| format!("{v:.3} {unit}"))
-                .unwrap_or_else(|| "- (no --server-pid)".into())
-        };
-        if self.scenario != "storm" && self.scenario != "idle" {
-            row(
-                "CPU per delivered message",
+                &format!("latency ms ({})", self.latency_kind),
                 format!(
-                    "server {}   load generator {:.3} µs",
-                    opt(self.server_cpu_us_per_delivery, "µs"),
-                    self.loadgen_cpu_us_per_delivery
+                    "p50 {}  p90 {}  p99 {}  p99.9 {}  max {}  (n={})",
+                    hist::ms(l.p50_ns),
+                    hist::ms(l.p90_ns),
+                    hist::ms(l.p99_ns),
+                    hist::ms(l.p999_ns),
+                    hist::ms(l.max_ns),
+                    l.count
                 ),
-            );
-        }
-        if self.scenario == "storm" {
+            ),
             row(
-                "CPU per connection",
+                "lost / duplicated / reordered",
                 format!(
-                    "server {}   load generator {:.3} µs",
-                    opt(self.server_cpu_us_per_connection, "µs"),
-                    self.loadgen_cpu_us_per_connection.unwrap_or(0.0)
+                    "{} / {} / {} (seq)   {} / {} / {} (offset)",
+                    self.seq.lost,
+                    self.seq.duplicated,
+                    self.seq.reordered,
+                    self.offsets.lost,
+                    self.offsets.duplicated,
+                    self.offsets.reordered
                 ),
-            );
-        }
-        row(
-            "CPU over the window",
-            format!(
-                "server {}   load generator {:.3} s over {:.2} s",
-                opt(self.server_cpu_s, "s"),
-                self.loadgen_cpu_s,
-                self.measured_s
             ),
-        );
-        row(
-            "kernel (system) share of CPU",
-            format!(
-                "server {}   load generator {:.0}%",
-                self.server_cpu_sys_fraction
-                    .map(|f| format!("{:.0}%", f * 100.0))
-                    .unwrap_or_else(|| "-".into()),
-                self.loadgen_cpu_sys_fraction * 100.0
+        ]
+    }
+
+    /// CPU over the measurement window, and the kernel's share of it.
+    fn cpu_rows(&self) -> Vec<Row> {
+        vec![
+            row(
+                "CPU over the window",
+                format!(
+                    "server {}   load generator {:.3} s over {:.2} s",
+                    with_pid(self.server_cpu_s, "s"),
+                    self.loadgen_cpu_s,
+                    self.measured_s
+                ),
             ),
-        );
+            row(
+                "kernel (system) share of CPU",
+                format!(
+                    "server {}   load generator {:.0}%",
+                    self.server_cpu_sys_fraction
+                        .map(|f| format!("{:.0}%", f * 100.0))
+                        .unwrap_or_else(|| "-".into()),
+                    self.loadgen_cpu_sys_fraction * 100.0
+                ),
+            ),
+        ]
+    }
+
+    /// Server and load-generator RSS, where measured.
+    fn memory_rows(&self) -> Vec<Row> {
+        let mut rows = Vec::new();
         if let Some(b) = self.server_rss_bytes_per_connection {
-            row("server RSS per connection", format!("{b:.0} B"));
+            rows.push(row("server RSS per connection", format!("{b:.0} B")));
         }
         if let (Some(a), Some(b)) = (self.server_rss_before_bytes, self.server_rss_after_bytes) {
-            row(
+            rows.push(row(
                 "server RSS before / after",
                 format!(
                     "{:.1} / {:.1} MiB",
                     a as f64 / 1048576.0,
                     b as f64 / 1048576.0
                 ),
-            );
+            ));
         }
         if let Some(b) = self.loadgen_rss_bytes_per_connection {
-            row("load generator RSS per connection", format!("{b:.0} B"));
+            rows.push(row(
+                "load generator RSS per connection",
+                format!("{b:.0} B"),
+            ));
         }
+        rows
+    }
+
+    /// The kernel floor and the server's ratios to it, where measured.
+    fn floor_rows(&self) -> Vec<Row> {
+        let mut rows = Vec::new();
         if let Some(f) = &self.floor {
             for p in &f.points {
-                row(
+                rows.push(row(
                     &format!("kernel floor, {} frame(s)/send", p.frames_per_send),
                     format!(
                         "{:.3} µs per frame ({} sockets, {} B frames)",
                         p.sender_cpu_us_per_frame, f.sockets, f.frame_bytes
                     ),
-                );
+                ));
             }
             if let Some(r) = self.server_ratio_to_floor_1 {
-                row("server / floor (1 per send)", format!("{r:.2}x"));
+                rows.push(row("server / floor (1 per send)", format!("{r:.2}x")));
             }
             if let Some(r) = self.server_ratio_to_floor_k {
-                row("server / floor (k per send)", format!("{r:.2}x"));
+                rows.push(row("server / floor (k per send)", format!("{r:.2}x")));
             }
         }
         if let Some(c) = self.frames_per_write {
-            row("frames per write (server)", format!("{c:.2}"));
+            rows.push(row("frames per write (server)", format!("{c:.2}")));
         }
         if let (Some(f), Some(r)) = (
             self.floor_at_coalescing_us,
             self.server_ratio_to_floor_coalesced,
         ) {
-            row("floor at that coalescing", format!("{f:.3} µs per frame"));
-            row("server / floor at coalescing", format!("{r:.2}x"));
+            rows.push(row(
+                "floor at that coalescing",
+                format!("{f:.3} µs per frame"),
+            ));
+            rows.push(row("server / floor at coalescing", format!("{r:.2}x")));
         }
         if let Some(p) = &self.paced_floor {
-            row(
+            rows.push(row(
                 "kernel floor, 1/send, paced",
                 format!(
                     "{:.3} µs per frame ({:.0} passes/s of {} sockets, as the scenario)",
                     p.us_per_frame, p.passes_per_s, p.sockets_per_pass
                 ),
-            );
+            ));
             if let Some(r) = p.server_ratio {
-                row("server / paced floor", format!("{r:.2}x"));
+                rows.push(row("server / paced floor", format!("{r:.2}x")));
             }
         }
-        for e in self.errors.iter().take(5) {
-            row("error", e.clone());
-        }
-        row(
-            "result",
-            if self.passed {
-                "PASS".to_string()
-            } else {
-                format!("FAIL: {}", self.failures.join("; "))
-            },
-        );
-        s
+        rows
     }
 
+    /// `deliveries`: how many of those expected arrived.
+    pub(crate) fn deliveries_row(&self) -> Row {
+        row(
+            "deliveries",
+            format!(
+                "{} of {} expected",
+                self.deliveries, self.expected_deliveries
+            ),
+        )
+    }
+
+    /// `deliveries/s`.
+    pub(crate) fn delivery_rate_row(&self) -> Row {
+        row("deliveries/s", format!("{:.0}", self.deliveries_per_s))
+    }
+
+    /// `CPU per delivered message`, server and load generator.
+    pub(crate) fn cpu_per_delivery_row(&self) -> Row {
+        row(
+            "CPU per delivered message",
+            format!(
+                "server {}   load generator {:.3} µs",
+                with_pid(self.server_cpu_us_per_delivery, "µs"),
+                self.loadgen_cpu_us_per_delivery
+            ),
+        )
+    }
+}
+
+impl<F: serde::Serialize> Report<F> {
     /// Writes the files asked for.
     pub fn write_outputs(&self, common: &Common) -> std::io::Result<()> {
         if let Some(p) = &common.json {
@@ -503,131 +564,17 @@ impl Report {
     }
 }
 
-fn mib(b: Option<u64>) -> String {
-    b.map(|b| format!("{:.1}", b as f64 / 1048576.0))
-        .unwrap_or_else(|| "-".into())
-}
-
-fn num(v: Option<u64>) -> String {
-    v.map(|v| v.to_string()).unwrap_or_else(|| "-".into())
-}
-
-fn gauges(g: Option<crate::metrics::Gauges>) -> String {
-    g.map(|g| format!("{} / {}", g.connections_active, g.subscriptions_total))
-        .unwrap_or_else(|| "?".into())
-}
-
-/// The soak's rows of the table.
-fn soak_rows(row: &mut impl FnMut(&str, String), k: &crate::soak::SoakFigures) {
-    row(
-        "soak duration",
-        format!(
-            "{:.0} s churning (RSS reference after {:.0} s), {:.1} s to settle",
-            k.duration_s, k.warmup_s, k.settle_s
-        ),
-    );
-    row(
-        "connections cycled",
-        format!(
-            "{} sessions ended and reconnected ({} by TCP drop), {} sessions in all, {} unsubscribe/resubscribe",
-            k.cycled, k.abrupt_closes, k.sessions, k.resubscribes
-        ),
-    );
-    row(
-        "subscriptions checked",
-        format!(
-            "{} (connection, channel) pairs, 1-{} channels per connection; {} caught up at the end of {}",
-            k.subscriptions, k.channels_per_conn_max, k.settled, k.connections
-        ),
-    );
-    row(
-        "recovery (since)",
-        format!(
-            "{} recovered, {} NOT recovered, {} gaps over --history-size {} ({} offsets), {} replayed deliveries",
-            k.recovered,
-            k.unrecovered,
-            k.history_gaps,
-            k.history_size,
-            k.history_gap_offsets,
-            k.replayed
-        ),
-    );
-    if k.unexpected_broadcasts > 0 || k.never_subscribed > 0 {
-        row(
-            "unexpected",
-            format!(
-                "{} broadcasts while not subscribed, {} pairs never subscribed",
-                k.unexpected_broadcasts, k.never_subscribed
-            ),
-        );
-    }
-    if k.publishers_behind_max_s > 1.0 {
-        row(
-            "WARNING",
-            format!(
-                "the publishers fell {:.1} s behind their schedule: the server or this host could not \
-                 keep up, so latencies, and the RSS of queues under overload, are not steady-state \
-                 figures (lower --rate or --connections, or raise --session)",
-                k.publishers_behind_max_s
-            ),
-        );
-    }
-    let change = k
-        .rss_change_pct
-        .map(|c| {
-            format!(
-                "{c:+.2}% (limit ±{}% or ±{} MiB)",
-                k.rss_tolerance_pct, k.rss_slack_mib
-            )
-        })
-        .unwrap_or_else(|| "- (no --server-pid)".into());
-    row(
-        "server RSS MiB",
-        format!(
-            "start {} / after warm-up {} / end {} (medians over {:.0} s): {change}",
-            mib(k.rss_before_bytes),
-            mib(k.rss_warm_bytes),
-            mib(k.rss_end_bytes),
-            k.rss_window_s
-        ),
-    );
-    row(
-        "server RSS MiB, single samples",
-        format!(
-            "end of warm-up {} / end of churn {} / peak {} / after close {}",
-            mib(k.rss_warm_instant_bytes),
-            mib(k.rss_end_instant_bytes),
-            mib(k.rss_peak_bytes),
-            mib(k.rss_after_close_bytes)
-        ),
-    );
-    row(
-        "server file descriptors",
-        format!(
-            "start {} / peak {} / all open at the end {} / after close {}",
-            num(k.fd_before),
-            num(k.fd_peak),
-            num(k.fd_open_end),
-            num(k.fd_after)
-        ),
-    );
-    row(
-        "gauges conns / subs",
-        format!(
-            "before {}; at the end {} (expected {}); after close {}",
-            gauges(Some(k.gauges_before)),
-            gauges(k.gauges_open),
-            gauges(Some(k.gauges_open_expected)),
-            gauges(k.gauges_after_close)
-        ),
-    );
+/// A server figure, or why there is none.
+pub(crate) fn with_pid(v: Option<f64>, unit: &str) -> String {
+    v.map(|v| format!("{v:.3} {unit}"))
+        .unwrap_or_else(|| "- (no --server-pid)".into())
 }
 
 /// The one-frame-per-send floor measured at the scenario's pace.
 #[derive(Debug, Clone, serde::Serialize)]
-pub struct PacedFloor {
-    pub passes_per_s: f64,
-    pub sockets_per_pass: usize,
-    pub us_per_frame: f64,
-    pub server_ratio: Option<f64>,
+struct PacedFloor {
+    passes_per_s: f64,
+    sockets_per_pass: usize,
+    us_per_frame: f64,
+    server_ratio: Option<f64>,
 }

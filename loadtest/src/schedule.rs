@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 /// Wall-clock time in unix nanoseconds (CLOCK_REALTIME through the vDSO, ~20 ns).
-pub fn now_unix_ns() -> u64 {
+pub(crate) fn now_unix_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -21,7 +21,7 @@ pub fn now_unix_ns() -> u64 {
 
 /// An open-loop schedule at a fixed rate.
 #[derive(Debug, Clone, Copy)]
-pub struct Schedule {
+pub(crate) struct Schedule {
     start: Instant,
     start_unix_ns: u64,
     /// Nanoseconds between publications; 0 means "as fast as allowed" (max-rate mode).
@@ -30,12 +30,12 @@ pub struct Schedule {
 
 impl Schedule {
     /// A schedule of `rate` publications per second starting now (`rate == 0.0`: unscheduled).
-    pub fn new(rate: f64) -> Self {
+    pub(crate) fn new(rate: f64) -> Self {
         Self::starting_at(Instant::now(), now_unix_ns(), rate)
     }
 
     /// A schedule starting at a given instant; `start_unix_ns` is the same moment on the wall clock.
-    pub fn starting_at(start: Instant, start_unix_ns: u64, rate: f64) -> Self {
+    fn starting_at(start: Instant, start_unix_ns: u64, rate: f64) -> Self {
         let interval_ns = if rate > 0.0 { 1e9 / rate } else { 0.0 };
         Schedule {
             start,
@@ -45,36 +45,27 @@ impl Schedule {
     }
 
     /// True when publications follow a rate.
-    pub fn paced(&self) -> bool {
+    pub(crate) fn paced(&self) -> bool {
         self.interval_ns > 0.0
     }
 
     /// Offset of publication `k` from the start.
-    pub fn offset(&self, k: u64) -> Duration {
+    pub(crate) fn offset(&self, k: u64) -> Duration {
         Duration::from_nanos((k as f64 * self.interval_ns) as u64)
     }
 
     /// When publication `k` is due (monotonic).
-    pub fn due(&self, k: u64) -> Instant {
+    pub(crate) fn due(&self, k: u64) -> Instant {
         self.start + self.offset(k)
     }
 
     /// When publication `k` is due, in unix nanoseconds: the time its payload carries.
-    pub fn due_unix_ns(&self, k: u64) -> u64 {
+    pub(crate) fn due_unix_ns(&self, k: u64) -> u64 {
         self.start_unix_ns + self.offset(k).as_nanos() as u64
     }
 
-    /// How many publications are due by `now` (publications `0..n`).
-    pub fn due_count(&self, now: Instant) -> u64 {
-        if !self.paced() {
-            return u64::MAX;
-        }
-        let elapsed = now.saturating_duration_since(self.start).as_nanos() as f64;
-        (elapsed / self.interval_ns).floor() as u64 + 1
-    }
-
     /// The start instant.
-    pub fn start(&self) -> Instant {
+    pub(crate) fn start(&self) -> Instant {
         self.start
     }
 }
@@ -82,7 +73,7 @@ impl Schedule {
 /// Sleeps until `deadline`: a plain sleep to within 20 µs, then a short spin. Call
 /// [`precise_timers`] once on the sleeping thread first, or the kernel's default 50 µs timer slack
 /// adds that much (recorded as latency) to every publication.
-pub fn sleep_until(deadline: Instant) {
+pub(crate) fn sleep_until(deadline: Instant) {
     loop {
         let now = Instant::now();
         if now >= deadline {
@@ -99,7 +90,7 @@ pub fn sleep_until(deadline: Instant) {
 
 /// Sets the calling thread's timer slack to 1 ns, so sleeps end when asked (the publisher's schedule is
 /// only as accurate as its wake-ups).
-pub fn precise_timers() {
+pub(crate) fn precise_timers() {
     // SAFETY: PR_SET_TIMERSLACK takes one integer argument and affects only the calling thread.
     unsafe {
         libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong, 0, 0, 0);
@@ -122,15 +113,12 @@ mod tests {
     }
 
     #[test]
-    fn due_count_counts_the_backlog() {
+    fn due_times_ignore_stalls() {
         let t0 = Instant::now();
         let s = Schedule::starting_at(t0, 0, 100.0);
-        assert_eq!(s.due_count(t0), 1);
-        assert_eq!(s.due_count(t0 + Duration::from_millis(9)), 1);
-        assert_eq!(s.due_count(t0 + Duration::from_millis(10)), 2);
         // A publisher that stalled for a second owes 100 publications, each stamped with its own
         // scheduled time, so the stall is charged to all of them.
-        assert_eq!(s.due_count(t0 + Duration::from_millis(1000)), 101);
+        assert_eq!(s.due(100) - t0, Duration::from_millis(1000));
         assert_eq!(s.due_unix_ns(50), 500_000_000);
     }
 
@@ -141,7 +129,6 @@ mod tests {
         assert_eq!(s.due(3) - t0, Duration::from_secs(1));
         let s = Schedule::starting_at(t0, 0, 0.0);
         assert!(!s.paced());
-        assert_eq!(s.due_count(t0), u64::MAX);
     }
 
     #[test]

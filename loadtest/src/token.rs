@@ -16,7 +16,7 @@ struct Claims<'a> {
 
 /// An HS256 token for `sub`, audience `broadcaster`, every channel (`*`), scopes subscribe and
 /// publish, valid for `ttl_s` seconds.
-pub fn mint(secret: &str, sub: &str, ttl_s: u64) -> Result<String, String> {
+pub(crate) fn mint(secret: &str, sub: &str, ttl_s: u64) -> Result<String, String> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_err(|e| e.to_string())?

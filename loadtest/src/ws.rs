@@ -3,28 +3,28 @@
 //! keeps the receive path to one header decode and a few byte searches per broadcast.
 
 /// Text frame opcode.
-pub const OP_TEXT: u8 = 0x1;
+pub(crate) const OP_TEXT: u8 = 0x1;
 /// Binary frame opcode.
-pub const OP_BINARY: u8 = 0x2;
+pub(crate) const OP_BINARY: u8 = 0x2;
 /// Continuation frame opcode.
-pub const OP_CONTINUATION: u8 = 0x0;
+pub(crate) const OP_CONTINUATION: u8 = 0x0;
 /// Close frame opcode.
-pub const OP_CLOSE: u8 = 0x8;
+pub(crate) const OP_CLOSE: u8 = 0x8;
 /// Ping frame opcode.
-pub const OP_PING: u8 = 0x9;
+pub(crate) const OP_PING: u8 = 0x9;
 /// Pong frame opcode.
-pub const OP_PONG: u8 = 0xA;
+pub(crate) const OP_PONG: u8 = 0xA;
 
 /// The largest server frame accepted; the server's own `max_frame_bytes` default is 64 KiB, recovery
 /// replays are single frames, so 16 MiB only guards against a corrupt length.
-pub const SERVER_FRAME_BYTES_MAX: u64 = 16 << 20;
+const SERVER_FRAME_BYTES_MAX: u64 = 16 << 20;
 
 /// The `Sec-WebSocket-Key` sent by every connection. The load generator does not verify the accept
 /// hash (the server is under test for throughput here, not for handshake conformance).
 const WS_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
 
 /// The HTTP upgrade request for `GET /ws`.
-pub fn upgrade_request(host: &str) -> Vec<u8> {
+pub(crate) fn upgrade_request(host: &str) -> Vec<u8> {
     format!(
         "GET /ws HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
@@ -34,7 +34,7 @@ pub fn upgrade_request(host: &str) -> Vec<u8> {
 
 /// Result of looking at the bytes received after sending the upgrade request.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Upgrade {
+pub(crate) enum Upgrade {
     /// The head is not complete yet: read more.
     Incomplete,
     /// `101 Switching Protocols`; the head took this many bytes, frames may follow.
@@ -44,7 +44,7 @@ pub enum Upgrade {
 }
 
 /// Checks the server's answer to the upgrade request.
-pub fn parse_upgrade_response(buf: &[u8]) -> Upgrade {
+pub(crate) fn parse_upgrade_response(buf: &[u8]) -> Upgrade {
     let Some(end) = find(buf, b"\r\n\r\n") else {
         if buf.len() > 16 * 1024 {
             return Upgrade::Refused("response head over 16 KiB".into());
@@ -66,16 +66,16 @@ pub fn parse_upgrade_response(buf: &[u8]) -> Upgrade {
 /// A tiny xorshift generator for mask keys. Masking exists to defeat proxy cache poisoning, which
 /// is no concern on loopback; the keys still vary so the server's unmasking is exercised honestly.
 #[derive(Debug, Clone)]
-pub struct MaskRng(u64);
+pub(crate) struct MaskRng(u64);
 
 impl MaskRng {
     /// A generator seeded from `seed` (zero is replaced, xorshift must not start at zero).
-    pub fn new(seed: u64) -> Self {
+    pub(crate) fn new(seed: u64) -> Self {
         MaskRng(seed | 1)
     }
 
     /// The next mask key.
-    pub fn next_key(&mut self) -> [u8; 4] {
+    pub(crate) fn next_key(&mut self) -> [u8; 4] {
         let mut x = self.0;
         x ^= x << 13;
         x ^= x >> 7;
@@ -86,7 +86,7 @@ impl MaskRng {
 }
 
 /// Appends one complete, masked client frame (FIN set) to `out`.
-pub fn encode_client_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8], mask: [u8; 4]) {
+pub(crate) fn encode_client_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8], mask: [u8; 4]) {
     out.push(0x80 | (opcode & 0x0F));
     let len = payload.len();
     if len < 126 {
@@ -107,26 +107,26 @@ pub fn encode_client_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8], mask: 
 }
 
 /// Appends a masked close frame with `code` and no reason.
-pub fn encode_close(out: &mut Vec<u8>, code: u16, mask: [u8; 4]) {
+pub(crate) fn encode_close(out: &mut Vec<u8>, code: u16, mask: [u8; 4]) {
     encode_client_frame(out, OP_CLOSE, &code.to_be_bytes(), mask);
 }
 
 /// One server frame located inside a receive buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FrameRef {
+pub(crate) struct FrameRef {
     /// FIN bit.
-    pub fin: bool,
+    pub(crate) fin: bool,
     /// Opcode (low four bits of the first byte).
-    pub opcode: u8,
+    pub(crate) opcode: u8,
     /// Start of the payload in the buffer.
-    pub payload_start: usize,
+    pub(crate) payload_start: usize,
     /// End of the payload (exclusive); also the bytes the whole frame took.
-    pub end: usize,
+    pub(crate) end: usize,
 }
 
 /// A server frame that breaks the protocol; the connection is dropped and counted.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum FrameError {
+pub(crate) enum FrameError {
     /// Servers must not mask (RFC 6455 section 5.1).
     Masked,
     /// Reserved bits set without a negotiated extension.
@@ -148,7 +148,7 @@ impl std::fmt::Display for FrameError {
 }
 
 /// Decodes the frame at the start of `buf`: `Ok(None)` when more bytes are needed.
-pub fn decode_server_frame(buf: &[u8]) -> Result<Option<FrameRef>, FrameError> {
+pub(crate) fn decode_server_frame(buf: &[u8]) -> Result<Option<FrameRef>, FrameError> {
     if buf.len() < 2 {
         return Ok(None);
     }
@@ -194,7 +194,7 @@ pub fn decode_server_frame(buf: &[u8]) -> Result<Option<FrameRef>, FrameError> {
 
 /// Appends one unmasked (server-style) frame; used by tests and by the `floor` scenario, which sends
 /// frames shaped exactly like the server's broadcasts.
-pub fn encode_server_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
+pub(crate) fn encode_server_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
     out.push(0x80 | (opcode & 0x0F));
     let len = payload.len();
     if len < 126 {
@@ -210,7 +210,7 @@ pub fn encode_server_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
 }
 
 /// Byte-string search (naive; the haystacks here are a few hundred bytes).
-pub fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+pub(crate) fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     if needle.is_empty() {
         return Some(0);
     }

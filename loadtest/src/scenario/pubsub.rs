@@ -1,0 +1,239 @@
+//! The publish-and-receive run that `fanout`, `chat` and `recovery` share: subscribers on C
+//! channels, one publisher, the measurement window from the first publication to the last
+//! delivery, then the checks.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::floor::measure_floor;
+use super::workers::{
+    fill_common, merge, progress_line, spawn_workers, specs, with_errors, Workers,
+};
+use crate::cli::{Common, PublishArgs};
+use crate::client::ClientConfig;
+use crate::harness::{
+    channel_names, prepare, source_plan, window_end, window_start, Env, SetupError, WindowEnd,
+};
+use crate::net::{Node, SourcePlan};
+use crate::procstat;
+use crate::publisher::{self, PublishResult, PublisherConfig, Via};
+use crate::report::Report;
+
+/// What differs between the scenarios of this shape.
+pub(super) struct PubSub<'a> {
+    pub(super) name: &'static str,
+    pub(super) common: &'a Common,
+    pub(super) publish: &'a PublishArgs,
+    pub(super) channels: usize,
+    pub(super) per_channel: usize,
+    /// Recovery: mean time between a subscriber's reconnects.
+    pub(super) reconnect_every: Option<Duration>,
+}
+
+impl PubSub<'_> {
+    fn subscribers(&self) -> usize {
+        self.channels * self.per_channel
+    }
+}
+
+/// A run whose subscribers are all subscribed.
+struct Subscribed {
+    env: Env,
+    plan: SourcePlan,
+    channels: Arc<Vec<String>>,
+    workers: Workers,
+    report: Report,
+}
+
+/// What publishing left for the verdict.
+struct Published {
+    pres: PublishResult,
+    /// Deliveries the publications accepted should cause.
+    expected: u64,
+    end: WindowEnd,
+}
+
+/// Runs the scenario `p` describes.
+pub(super) fn run_pubsub(p: PubSub<'_>) -> Result<Report, SetupError> {
+    let mut run = subscribe(&p)?;
+    let published = publish(&p, &mut run)?;
+    Ok(conclude(&p, run, published))
+}
+
+/// Starts the subscribers and waits until every one subscribed.
+fn subscribe(p: &PubSub<'_>) -> Result<Subscribed, SetupError> {
+    let common = p.common;
+    let total = p.subscribers();
+    let env = prepare(common, total + 1, p.publish.via == Via::Rest)?;
+    let plan = source_plan(common, &env, total + 1);
+    let channels = channel_names(&env.prefix, p.name, p.channels);
+    let cfg = ClientConfig {
+        nodes: env.nodes.clone(),
+        token: env.token.clone(),
+        channels: channels.clone(),
+        concurrency: common.concurrency.max(1),
+        reconnect_every: p.reconnect_every,
+        record_setup_latency: false,
+        coalesce: Duration::from_micros(common.coalesce_us),
+    };
+    let workers = spawn_workers(
+        &env,
+        common,
+        cfg,
+        specs(&plan, total, p.channels, env.nodes.len()),
+    );
+    let mut report = Report::new(p.name, common, &env.nodes);
+    report.publish_all = p.publish.publish_all && env.nodes.len() > 1;
+    report.connections = total as u64;
+    report.channels = p.channels as u64;
+    report.subscribers_per_channel = p.per_channel as u64;
+    report.loadgen_threads = env.threads as u64;
+    report.open_files_limit = env.nofile;
+    report.source_addresses = plan.addrs().len() as u64;
+    report.rate = p.publish.rate;
+    report.via = Some(p.publish.via);
+    report.window = (p.publish.rate <= 0.0).then_some(p.publish.window);
+    report.pipeline = (p.publish.rate <= 0.0).then_some(p.publish.pipeline.max(1));
+
+    if let Err(e) = workers.wait_subscribed(common, "subscribe") {
+        let (shared, _) = workers.join();
+        return Err(with_errors(e, &shared));
+    }
+    Ok(Subscribed {
+        env,
+        plan,
+        channels,
+        workers,
+        report,
+    })
+}
+
+fn publisher_config(p: &PubSub<'_>, run: &Subscribed) -> PublisherConfig {
+    let duration = match (p.publish.messages, p.publish.duration) {
+        (None, None) => Some(Duration::from_secs(10)),
+        (_, d) => d.map(Duration::from_secs_f64),
+    };
+    PublisherConfig {
+        rest_nodes: run.env.rest_nodes.clone(),
+        ws_nodes: run.env.nodes.to_vec(),
+        publish_all: p.publish.publish_all,
+        via: p.publish.via,
+        api_key: run.env.api_key.clone(),
+        token: run.env.token.clone(),
+        channels: run.channels.clone(),
+        rate: p.publish.rate.max(0.0),
+        count: p.publish.messages,
+        duration,
+        window: p.publish.window.max(1),
+        pipeline: p.publish.pipeline.max(1),
+        deliveries_per_publication: p.per_channel as u64,
+        payload_bytes: p.common.payload_bytes,
+        source: run.plan.for_conn(p.subscribers()),
+    }
+}
+
+/// Publishes, then waits for the deliveries: the measurement window.
+fn publish(p: &PubSub<'_>, run: &mut Subscribed) -> Result<Published, SetupError> {
+    let common = p.common;
+    let total = p.subscribers();
+    let pcfg = publisher_config(p, run);
+    let writes0 = write_counts(&run.env.rest_nodes);
+    let window = window_start(&common.server_pid);
+    let shared = run.workers.shared.clone();
+    let pub_cpu = common.cpus.last().copied();
+    let publisher = {
+        let shared = shared.clone();
+        std::thread::Builder::new()
+            .name("lt-publish".into())
+            .spawn(move || {
+                if let Some(c) = pub_cpu {
+                    let _ = procstat::pin_current_thread(c);
+                }
+                publisher::run(&pcfg, &shared)
+            })
+            .map_err(|e| e.to_string())?
+    };
+    let mut last = (Instant::now(), 0u64);
+    let mut next_line = window.t0 + Duration::from_secs(1);
+    while !publisher.is_finished() {
+        std::thread::sleep(Duration::from_millis(5));
+        if Instant::now() >= next_line {
+            if !common.quiet {
+                eprintln!("{}", progress_line(&shared, window.t0, &mut last, total));
+            }
+            next_line += Duration::from_secs(1);
+        }
+    }
+    let pres: PublishResult = publisher
+        .join()
+        .map_err(|_| "publisher thread panicked".to_string())?;
+    let expected: u64 = pres.counts.iter().map(|c| c * p.per_channel as u64).sum();
+    let drain_deadline = Instant::now() + Duration::from_secs_f64(common.drain_timeout);
+    while shared.deliveries.load(Ordering::Relaxed) < expected && Instant::now() < drain_deadline {
+        std::thread::sleep(Duration::from_micros(200));
+        if shared.failed.load(Ordering::Relaxed) > 0 && p.reconnect_every.is_none() {
+            break;
+        }
+    }
+    let end = window_end(&window, &common.server_pid);
+    if let (Some(a), Some(b)) = (writes0, write_counts(&run.env.rest_nodes)) {
+        let (frames, writes) = (b.0 - a.0, b.1 - a.1);
+        run.report.frames_per_write = (writes > 0.0).then(|| frames / writes);
+    }
+    if !common.quiet {
+        eprintln!("{}", progress_line(&shared, window.t0, &mut last, total));
+    }
+    Ok(Published {
+        pres,
+        expected,
+        end,
+    })
+}
+
+/// Stops the subscribers, checks what they received and fills the report.
+fn conclude(p: &PubSub<'_>, run: Subscribed, published: Published) -> Report {
+    let Subscribed {
+        workers,
+        mut report,
+        ..
+    } = run;
+    let Published {
+        pres,
+        expected,
+        end,
+    } = published;
+    let (shared, results) = workers.join();
+    let merged = merge(results, &pres.last_offsets);
+    report.expected_deliveries = expected;
+    fill_common(&mut report, &shared, merged, &end);
+    report.deliveries_per_s = report.deliveries as f64 / pres.elapsed_s.max(1e-9);
+    if pres.errors > 0 {
+        report.fail(format!("{} publications failed", pres.errors));
+    }
+    report.publish = Some(pres);
+    if let (Some(cpu), d) = (end.server_cpu_ns, report.deliveries) {
+        report.server_cpu_us_per_delivery = Some(cpu as f64 / 1e3 / d.max(1) as f64);
+    }
+    report.loadgen_cpu_us_per_delivery =
+        end.self_cpu.as_secs_f64() * 1e6 / report.deliveries.max(1) as f64;
+    if p.common.floor {
+        measure_floor(&mut report, p.common, p.subscribers());
+    }
+    report.rows.delivered = vec![report.deliveries_row(), report.delivery_rate_row()];
+    report.rows.cost = vec![report.cpu_per_delivery_row()];
+    report.finish();
+    report
+}
+
+/// The servers' broadcasts queued and socket writes that carried broadcasts (each such write is
+/// one `publish_to_write_seconds` observation), summed over the nodes; None if a scrape failed.
+fn write_counts(nodes: &[Node]) -> Option<(f64, f64)> {
+    let mut sum = (0.0, 0.0);
+    for node in nodes {
+        let text = crate::metrics::scrape_text(node).ok()?;
+        sum.0 += crate::metrics::sample(&text, "messages_sent_total")?;
+        sum.1 += crate::metrics::sample(&text, "publish_to_write_seconds_count")?;
+    }
+    Some(sum)
+}
