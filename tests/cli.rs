@@ -207,6 +207,24 @@ async fn publish_command_prints_the_json_result() {
 /// Issue 14: `broadcaster publish --payload` sends the payload exactly as given: a re-encoder
 /// would change `1.0e10`, key order, spacing and escapes. Invalid JSON is refused before
 /// anything is sent.
+/// `broadcaster publish` of `payload` to `channel`, event `e`.
+async fn cli_publish(url: &str, channel: &str, payload: &str) -> std::process::Output {
+    let args = [
+        "publish",
+        "--url",
+        url,
+        "--api-key",
+        API_KEY,
+        "--channel",
+        channel,
+        "--event",
+        "e",
+        "--payload",
+        payload,
+    ];
+    run_cli(&args, &[], Duration::from_secs(10)).await
+}
+
 #[tokio::test]
 async fn publish_command_sends_the_payload_exactly_as_given() {
     let s = Server::start(ServerOpts::default());
@@ -216,38 +234,12 @@ async fn publish_command_sends_the_payload_exactly_as_given() {
     let mut payloads = vec![r#"{"from":"cli","n":1.0e10}"#.to_string()];
     payloads.extend(hard_payloads());
     for payload in &payloads {
-        let args = [
-            "publish",
-            "--url",
-            &url,
-            "--api-key",
-            API_KEY,
-            "--channel",
-            "exact",
-            "--event",
-            "e",
-            "--payload",
-            payload,
-        ];
-        let out = run_cli(&args, &[], Duration::from_secs(10)).await;
+        let out = cli_publish(&url, "exact", payload).await;
         assert!(out.status.success(), "{payload:.60}: {}", stderr_of(&out));
         assert_eq!(raw_payload(&ws.recv_broadcast_raw().await), payload);
     }
     for (payload, says) in [("{\"a\":1", "EOF while parsing"), ("1 2", "trailing")] {
-        let args = [
-            "publish",
-            "--url",
-            &url,
-            "--api-key",
-            API_KEY,
-            "--channel",
-            "exact",
-            "--event",
-            "e",
-            "--payload",
-            payload,
-        ];
-        let out = run_cli(&args, &[], Duration::from_secs(10)).await;
+        let out = cli_publish(&url, "exact", payload).await;
         assert!(!out.status.success(), "{payload} was accepted");
         let err = stderr_of(&out);
         assert!(err.contains("--payload") && err.contains(says), "{err}");

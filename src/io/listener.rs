@@ -99,25 +99,21 @@ mod tests {
     /// copying it to accepted sockets, small frames wait for ACKs (Nagle) and this fails.
     #[test]
     fn accepted_sockets_inherit_nodelay_and_stay_blocking() {
-        glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
-            .io_memory(64 * 1024)
-            .make()
-            .unwrap()
-            .run(async {
-                let listener = Listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
-                let addr = listener.local_addr().unwrap();
-                assert_ne!(addr.port(), 0);
-                let _client = std::net::TcpStream::connect(addr).unwrap();
-                let fd = listener.accept().await.unwrap();
-                let sock = socket2::SockRef::from(&fd);
-                assert!(sock.tcp_nodelay().unwrap());
-                // glommio's streams (TLS) expect blocking mode; plain sockets use MSG_DONTWAIT.
-                assert!(!sock.nonblocking().unwrap());
-                // Nothing more queued: the next accept waits instead of failing.
-                assert!(futures_lite::future::poll_once(listener.accept())
-                    .await
-                    .is_none());
-                assert!(!listener.ready.get());
-            });
+        crate::io::test_executor().run(async {
+            let listener = Listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+            let addr = listener.local_addr().unwrap();
+            assert_ne!(addr.port(), 0);
+            let _client = std::net::TcpStream::connect(addr).unwrap();
+            let fd = listener.accept().await.unwrap();
+            let sock = socket2::SockRef::from(&fd);
+            assert!(sock.tcp_nodelay().unwrap());
+            // glommio's streams (TLS) expect blocking mode; plain sockets use MSG_DONTWAIT.
+            assert!(!sock.nonblocking().unwrap());
+            // Nothing more queued: the next accept waits instead of failing.
+            assert!(futures_lite::future::poll_once(listener.accept())
+                .await
+                .is_none());
+            assert!(!listener.ready.get());
+        });
     }
 }

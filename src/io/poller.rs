@@ -108,18 +108,11 @@ mod tests {
     use std::rc::Rc;
     use std::time::Instant;
 
-    fn executor() -> glommio::LocalExecutor {
-        glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
-            .io_memory(64 * 1024)
-            .make()
-            .unwrap()
-    }
-
     /// The wait on the epoll set relies on how glommio 0.9 builds a stream: if that changes,
     /// readiness never arrives and this fails.
     #[test]
     fn readiness_reaches_the_callback_each_time() {
-        executor().run(async {
+        crate::io::test_executor().run(async {
             let poller = Rc::new(Poller::new());
             let (mut ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
             theirs.set_nonblocking(true).unwrap();

@@ -98,16 +98,9 @@ mod tests {
     use std::rc::Rc;
     use std::time::Duration;
 
-    fn executor() -> glommio::LocalExecutor {
-        glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
-            .io_memory(64 * 1024)
-            .make()
-            .unwrap()
-    }
-
     #[test]
     fn timers_fire_in_due_order_and_only_earlier_wakes_are_pushed() {
-        executor().run(async {
+        crate::io::test_executor().run(async {
             let timers = Rc::new(Timers::default());
             let fired: Rc<RefCell<Vec<(u64, Instant)>>> = Rc::default();
             let task = {

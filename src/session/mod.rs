@@ -289,11 +289,7 @@ mod tests {
     /// The per-connection futures live as long as the connection: their size is idle memory.
     #[test]
     fn connection_futures_stay_small() {
-        let ex = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
-            .io_memory(64 * 1024)
-            .make()
-            .unwrap();
-        ex.run(async {
+        crate::io::test_executor().run(async {
             let mut config = Config::default();
             config.auth.jwt_secret = Some("s".into());
             let shard = Shard::new(0, Arc::new(Node::new(config, 1).unwrap()));

@@ -34,13 +34,13 @@ impl Shard {
                 self.send(from, ShardMsg::Subscribed { token, position });
             }
             ShardMsg::Subscribed { token, position } => {
-                if let Some(pending) = self.answer_for(token) {
-                    self.subscribed(pending, position);
+                if let Some(Pending::Subscribe(request)) = self.answer_for(token) {
+                    self.subscribed(request, position);
                 }
             }
             ShardMsg::SubscribeFailed { token, error } => {
-                if let Some(pending) = self.answer_for(token) {
-                    self.subscribe_failed(pending, &error);
+                if let Some(Pending::Subscribe(request)) = self.answer_for(token) {
+                    self.subscribe_failed(request, &error);
                 }
             }
             ShardMsg::Unwatch { from, channel } => self.owned.borrow_mut().unwatch(from, &channel),

@@ -36,15 +36,19 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
+/// A subscribe waiting for its owner's (or Redis's) answer.
+struct SubscribeRequest {
+    conn: Rc<Conn>,
+    request_id: Option<Vec<u8>>,
+    channel: Arc<str>,
+    /// Completed once the response is queued.
+    done: oneshot::Sender<()>,
+}
+
 /// A request waiting for another shard's answer.
 enum Pending {
     Publish(oneshot::Sender<Ack>),
-    Subscribe {
-        conn: Rc<Conn>,
-        request_id: Option<Vec<u8>>,
-        channel: Arc<str>,
-        done: oneshot::Sender<()>,
-    },
+    Subscribe(SubscribeRequest),
     History(oneshot::Sender<HistoryPage>),
     Channels {
         waiting: usize,

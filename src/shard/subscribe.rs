@@ -1,7 +1,7 @@
 //! Subscribing without gaps: a subscription starts at the moment its owner's answer arrives in
 //! ring order; unsubscribing; and letting the owner know when no subscriber is left here.
 
-use super::{Pending, Shard};
+use super::{Pending, Shard, SubscribeRequest};
 use crate::channel::{Position, Publication};
 use crate::connection::{Conn, Subscription};
 use crate::error::Error;
@@ -28,7 +28,7 @@ impl Shard {
     ) -> oneshot::Receiver<()> {
         let (done, rx) = oneshot::channel();
         let channel = self.subscriptions.begin(channel);
-        let pending = Pending::Subscribe {
+        let request = SubscribeRequest {
             conn: conn.clone(),
             request_id: request_id.map(<[u8]>::to_vec),
             channel: channel.clone(),
@@ -40,10 +40,10 @@ impl Shard {
                     .owned
                     .borrow_mut()
                     .subscribe(self.id, &channel, since.as_ref());
-                self.subscribed(pending, position);
+                self.subscribed(request, position);
             }
             Route::Peer(owner) => {
-                let token = self.await_answer(pending);
+                let token = self.await_answer(Pending::Subscribe(request));
                 let from = self.id;
                 let msg = ShardMsg::Subscribe {
                     token,
@@ -54,7 +54,7 @@ impl Shard {
                 self.send(owner, msg);
             }
             Route::Redis(bridge) => {
-                let token = self.await_answer(pending);
+                let token = self.await_answer(Pending::Subscribe(request));
                 let shard = self.id;
                 let request = crate::cluster::Request::Watch {
                     shard,
@@ -71,16 +71,13 @@ impl Shard {
     /// The owner answered a subscribe with the channel's position: the subscription starts
     /// here. The response is queued first, then what was missed, then (later) live
     /// publications.
-    pub(super) fn subscribed(&self, pending: Pending, position: Position) {
-        let Pending::Subscribe {
+    pub(super) fn subscribed(&self, request: SubscribeRequest, position: Position) {
+        let SubscribeRequest {
             conn,
             request_id,
             channel,
             done,
-        } = pending
-        else {
-            return;
-        };
+        } = request;
         let held = self.subscriptions.answered(&channel);
         if conn.is_closing() {
             self.release(&channel);
@@ -114,20 +111,12 @@ impl Shard {
 
     /// A subscribe could not be set up (cluster mode: Redis unreachable): its request gets the
     /// error.
-    pub(super) fn subscribe_failed(&self, pending: Pending, error: &Error) {
-        let Pending::Subscribe {
-            conn,
-            request_id,
-            channel,
-            done,
-        } = pending
-        else {
-            return;
-        };
-        self.subscriptions.failed(&channel);
+    pub(super) fn subscribe_failed(&self, request: SubscribeRequest, error: &Error) {
+        self.subscriptions.failed(&request.channel);
         self.metrics().rejected(error.code);
-        conn.respond(request_id.as_deref(), Err(error));
-        let _ = done.send(());
+        let id = request.request_id.as_deref();
+        request.conn.respond(id, Err(error));
+        let _ = request.done.send(());
     }
 
     /// Removes one subscription of a connection (unsubscribe, re-auth narrowing, or close).

@@ -326,19 +326,30 @@ pub fn parse_publish_body(body: &[u8], payload_bytes_max: usize) -> Result<Publi
     let mut scratch = json::Scratch::default();
     let (value, inner) = parse_body(body, &mut scratch)?;
     let channel = channel_param(Some(&value))?;
+    let (event, payload) = body_event_and_payload(body, &value, &inner, payload_bytes_max)?;
+    Ok(PublishParams {
+        channel,
+        event,
+        payload,
+    })
+}
+
+/// A REST body's `event` and `payload` (the payload's bytes as written), checked.
+fn body_event_and_payload(
+    body: &[u8],
+    value: &BorrowedValue,
+    members: &[(Span, Span)],
+    payload_bytes_max: usize,
+) -> Result<(String, Vec<u8>), Error> {
     let event = value
         .get("event")
         .and_then(|e| e.as_str())
         .ok_or_else(|| err(Code::InvalidArgument, "event, a string, is required"))?;
     check_event(event)?;
-    let payload = span_of(body, &inner, "payload")
+    let payload = span_of(body, members, "payload")
         .ok_or_else(|| err(Code::InvalidArgument, "payload is required"))?;
     check_payload(payload.len(), payload_bytes_max)?;
-    Ok(PublishParams {
-        channel,
-        event: event.to_string(),
-        payload: payload.to_vec(),
-    })
+    Ok((event.to_string(), payload.to_vec()))
 }
 
 /// Parses a REST body: a JSON object that repeats none of the members the server reads and
@@ -388,15 +399,8 @@ pub fn parse_broadcast_body(
         check_channel(name)?;
         channels.push(name.to_string());
     }
-    let event = value
-        .get("event")
-        .and_then(|e| e.as_str())
-        .ok_or_else(|| err(Code::InvalidArgument, "event, a string, is required"))?;
-    check_event(event)?;
-    let payload = span_of(body, &inner, "payload")
-        .ok_or_else(|| err(Code::InvalidArgument, "payload is required"))?;
-    check_payload(payload.len(), payload_bytes_max)?;
-    Ok((channels, event.to_string(), payload.to_vec()))
+    let (event, payload) = body_event_and_payload(body, &value, &inner, payload_bytes_max)?;
+    Ok((channels, event, payload))
 }
 
 #[cfg(test)]
