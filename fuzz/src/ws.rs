@@ -1,6 +1,6 @@
 //! WebSocket frames: a structured generator of client frame sequences, a plain reference
-//! decoder written from RFC 6455 (no tungstenite), and a driver that feeds `frame::Decoder` the
-//! way `connection.rs` does, in chunks, so the two can be compared.
+//! decoder written from RFC 6455 (no tungstenite), and a driver that feeds `wire::frame::Decoder`
+//! the way the session does, in chunks, so the two can be compared.
 
 use arbitrary::Arbitrary;
 use broadcaster::wire::frame::{Decoder, Message};
