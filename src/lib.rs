@@ -2,25 +2,76 @@
 //!
 //! One glommio executor per core (a *shard*) owns its connections and its channel-subscription
 //! table. A publication goes to the channel's *owner shard* (`hash(channel) % shards`), which
-//! assigns its offset, keeps history, encodes the broadcast frame once, and hands one
-//! `Arc<Publication>` to every shard with subscribers through lock-free rings. Each shard splices
-//! each subscription's `seq` into the shared frame parts and queues the bytes on the connection;
-//! the connection's writer sends everything queued in one write.
+//! assigns its offset, keeps its history and encodes its broadcast once; every shard with
+//! subscribers gets one `Arc` of it through a lock-free ring, splices each subscription's `seq`
+//! into the shared bytes, and its flush pass writes every socket with one io_uring submission.
+//! `ARCHITECTURE.md` gives the reasons.
 //!
-//! | module | role |
+//! # One publication's path
+//!
+//! ```text
+//! POST /publish ── web::serve ── web::routes ── wire::request::parse_publish_body ──┐
+//! WS publish ─── session (read loop) ── session::requests ── wire::request ──────────┤
+//!                                                                                    ▼
+//!                      shard::publish: route::route ──► Local │ Peer(shard) │ Redis
+//!        ┌─────────────────────────────────────────────────┘       │            │
+//!        ▼  (the owner shard; a Peer gets it through ring)          ▼            ▼
+//!  channel::Channels::publish: offset, history,            ring::ShardMsg   cluster::publish
+//!  wire::broadcast parts, the watching shards                   │         (Lua script; Redis
+//!        │ ring::ShardMsg::Deliver(Arc<Publication>)            │          pub/sub back to every
+//!        ▼                                                      ▼          node's cluster::bridge)
+//!  shard::deliver ── subscriptions (this shard's subscribers) ── fanout::deliver
+//!        per subscriber: Subscription::takes, next_seq ── connection::send_queue::enqueue_broadcast
+//!        (a frame staged in the pass's arena, or the connection's own queue)
+//!        ▼
+//!  connection::flush (once per executor turn) ── io::send_batch (one io_uring submission)
+//!        what a socket does not take ── connection::writer (waits under write_timeout)
+//! ```
+//!
+//! # Where to find it
+//!
+//! | behaviour | file |
 //! |---|---|
-//! | `config` | every tunable, file/env/flag layering, `assert_valid` |
-//! | `http`, `frame`, `protocol` | sans-IO parsing and encoding (fuzzable, benchable) |
-//! | `auth` | JWT verification into `Permissions`, API keys, minting |
-//! | `channel` | owner-shard state of a channel: offset, epoch, history, watchers |
-//! | `shard` | per-core state, the ring messages, publish/subscribe routing, fan-out |
-//! | `connection` | one WebSocket: send queue, writer, read loop, timers, close codes |
-//! | `transport` | listeners, plain sockets (epoll) or rustls over TCP, one read buffer per shard |
-//! | `poller` | per-shard epoll set (listeners, every plain socket) and timer heap |
-//! | `web` | accept loops, REST endpoints, the WebSocket upgrade |
-//! | `metrics` | per-shard counters merged on scrape |
-//! | `server` | start shards, wire rings, signals, shutdown |
-//! | `client` | the `publish` and `connect` subcommands |
+//! | the slow-consumer close (4003) | `connection/send_queue.rs` (`enqueue_broadcast`); the write timeout in `connection/writer.rs` |
+//! | JWT verification, API keys | `auth.rs` |
+//! | the request rate limit and the 4004 rule | `session/rate_limit.rs` |
+//! | the decision: this shard, a peer shard, or Redis | `route.rs` |
+//! | recovery's no-gap rule | `shard/subscribe.rs` (a subscription starts when its owner's answer arrives in ring order); `connection/subscription.rs` (`takes`); `channel.rs` (`Channels::subscribe`: what history still holds) |
+//! | history trimming and expiry | `channel.rs` (`Channels::publish`, `sweep`); in Redis, the capped stream of `cluster/scripts.rs` |
+//! | the flush pass | `connection/flush.rs`, `io/send_batch.rs` |
+//! | what is read on a connection, and when it is closed for time | `session/mod.rs` |
+//! | one method of the protocol | `session/requests.rs` |
+//! | every JSON text the server writes | `wire/reply.rs` (answers), `wire/broadcast.rs` (notifications) |
+//! | parsing requests, bodies, heads, frames | `wire/request.rs`, `wire/json.rs`, `wire/http.rs`, `wire/frame.rs` |
+//! | the WebSocket handshake | `wire/handshake.rs`, `web/serve.rs` (`upgrade`) |
+//! | the REST endpoints | `web/routes.rs` (the route table) |
+//! | a shard's sockets and timers | `io/poller.rs`, `io/timers.rs` |
+//! | cluster mode | `cluster/` (its `mod.rs` lists its files) |
+//! | limits built into the data structures | `constants.rs`; tunables in `config.rs` |
+//! | every libc call | `sys.rs` |
+//! | `/metrics` | `metrics.rs` |
+//! | start, signals, panics | `server.rs`; the checks before start in `preflight.rs`; drain in `shutdown.rs` |
+//!
+//! # Modules
+//!
+//! Each module imports only modules of earlier lines (no import circle):
+//!
+//! 1. `clock`, `constants`, `error`, `sys`: leaves.
+//! 2. `auth` (tokens, keys), `config` (tunables), `wire/` (sans-IO parsing and encoding),
+//!    `preflight` (io_uring), `io/` (sockets, epoll, timers, TLS, the io_uring batch),
+//!    `metrics` (per-shard counters, the exposition).
+//! 3. `channel` (owner-shard channel state and `Publication`), `cli` (the `publish` and
+//!    `connect` subcommands), `dev` (dev mode).
+//! 4. `ring` (messages between shards, the rings, outboxes).
+//! 5. `cluster/` (the Redis bridge).
+//! 6. `node` (what all shards share).
+//! 7. `connection/` (one connection's send side: queue, flush pass, writer, subscriptions).
+//! 8. `subscriptions` (a shard's table of local subscribers), `fanout` (the per-subscriber
+//!    loop), `route` (local, peer or Redis).
+//! 9. `shard/` (the per-core owner of everything above).
+//! 10. `session/` (one WebSocket session over a connection), `shutdown` (drain).
+//! 11. `web/` (accept loops, HTTP, REST, the upgrade, the playground).
+//! 12. `server` (start the shards, signals).
 
 #![deny(unsafe_code)]
 #![warn(unreachable_pub, missing_docs)]
