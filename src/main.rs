@@ -1,3 +1,5 @@
+//! The `broadcaster` binary: `serve` (the default), `token`, `publish` and `connect`, each a thin
+//! layer over the library (see `lib.rs` for the map of the code).
 use broadcaster::config::{Config, Overrides};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
