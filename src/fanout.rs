@@ -24,8 +24,8 @@ pub(crate) fn deliver(
     for (i, sub) in subs.iter().enumerate() {
         // Subscriptions and their connections are spread over the heap and cold by the next
         // publication (the kernel's sends in between evict them): start loading the ones a few
-        // steps ahead so their misses overlap instead of coming one by one (3.5% of the chat
-        // profile before, 1.3% after).
+        // steps ahead so their misses overlap instead of coming one by one (in the chat profile the
+        // misses cost 3.5% without prefetching, 1.3% with).
         if let Some(ahead) = subs.get(i + PREFETCH_AHEAD) {
             crate::sys::prefetch(Rc::as_ptr(ahead), 2);
         }

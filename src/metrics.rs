@@ -310,10 +310,14 @@ impl ProcessFigures {
         // proc(5) numbers fields from 1 (pid); fields[0] here is field 3 (state).
         let field = |n: usize| fields.get(n - 3)?.parse::<u64>().ok();
         let ticks = crate::sys::clock_ticks_per_second() as f64;
-        let boot_time: u64 = std::fs::read_to_string("/proc/stat")
-            .ok()?
-            .lines()
-            .find_map(|l| l.strip_prefix("btime ")?.trim().parse().ok())?;
+        // The boot time does not change: /proc/stat is read at the first scrape only.
+        static BOOT_TIME: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+        let boot_time = (*BOOT_TIME.get_or_init(|| {
+            std::fs::read_to_string("/proc/stat")
+                .ok()?
+                .lines()
+                .find_map(|l| l.strip_prefix("btime ")?.trim().parse().ok())
+        }))?;
         let open_fds = std::fs::read_dir("/proc/self/fd").ok()?.count() as u64;
         Some(ProcessFigures {
             cpu_seconds: (field(14)? + field(15)?) as f64 / ticks,

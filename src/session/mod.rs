@@ -308,8 +308,8 @@ mod tests {
             );
             assert!(r <= 640, "{r}");
             // Idle memory is mostly the connection's task: this future plus glommio's header
-            // (~48 B). At most 592 keeps the task in mimalloc's 640-byte class (it was 704 and
-            // 768 while a glommio sleep was raced against each read), and a request's boxed
+            // (~48 B). At most 592 keeps the task in mimalloc's 640-byte class (racing a glommio
+            // sleep against each read would make it 704-768), and a request's boxed
             // future must stay in a smaller class: sharing the task's class, transient request
             // boxes fragmented the pages of long-lived tasks (+150-500 B per idle connection,
             // measured at 19,000).

@@ -2,7 +2,7 @@
 //! halves around the per-subscription `seq`, then spliced per subscriber with no allocation.
 
 use crate::wire::frame;
-use crate::wire::reply::write_json_string;
+use crate::wire::reply::{write_json_string, write_u64};
 
 /// The two halves of a broadcast message around the per-subscription `seq`, built once per
 /// publication and shared by every subscriber on every shard.
@@ -20,7 +20,7 @@ pub(crate) fn broadcast_parts(
     prefix.extend_from_slice(b",\"seq\":");
     let mut suffix = Vec::with_capacity(80 + channel.len() + event.len() + payload.len());
     suffix.extend_from_slice(b",\"offset\":");
-    suffix.extend_from_slice(itoa::Buffer::new().format(offset).as_bytes());
+    write_u64(&mut suffix, offset);
     suffix.extend_from_slice(b",\"createTime\":");
     write_json_string(&mut suffix, create_time);
     suffix.extend_from_slice(b",\"channel\":");

@@ -10,7 +10,8 @@ pub(crate) fn write_json_string(out: &mut Vec<u8>, s: &str) {
     let _ = serde_json::to_writer(&mut *out, s);
 }
 
-fn write_u64(out: &mut Vec<u8>, n: u64) {
+/// Appends `n` in decimal.
+pub(crate) fn write_u64(out: &mut Vec<u8>, n: u64) {
     out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
 }
 
