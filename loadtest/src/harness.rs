@@ -29,6 +29,27 @@ pub(crate) struct Env {
 }
 
 impl Env {
+    /// A scenario's report, with what ran: `connections` over `channels` (`per_channel` each)
+    /// from this load generator's threads, open-file limit and source addresses.
+    pub(crate) fn report(
+        &self,
+        scenario: &'static str,
+        common: &Common,
+        plan: &SourcePlan,
+        connections: usize,
+        channels: usize,
+        per_channel: usize,
+    ) -> Report {
+        let mut report = Report::new(scenario, common, &self.nodes);
+        report.connections = connections as u64;
+        report.channels = channels as u64;
+        report.subscribers_per_channel = per_channel as u64;
+        report.loadgen_threads = self.threads as u64;
+        report.open_files_limit = self.nofile;
+        report.source_addresses = plan.addrs().len() as u64;
+        report
+    }
+
     /// True when every node is on loopback (source addresses can be bound).
     fn all_loopback(&self) -> bool {
         self.nodes.iter().all(|n| n.addr.ip().is_loopback())

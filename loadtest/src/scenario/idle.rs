@@ -34,13 +34,7 @@ pub fn idle(a: &IdleArgs) -> Result<Report, SetupError> {
         record_setup_latency: false,
         coalesce: Duration::from_micros(common.coalesce_us),
     };
-    let mut report = Report::new("idle", common, &env.nodes);
-    report.connections = n as u64;
-    report.channels = channels.len() as u64;
-    report.subscribers_per_channel = (n / channels.len()) as u64;
-    report.loadgen_threads = env.threads as u64;
-    report.open_files_limit = env.nofile;
-    report.source_addresses = plan.addrs().len() as u64;
+    let mut report = env.report("idle", common, &plan, n, channels.len(), n / channels.len());
     report.publish_pace = Some("one per channel after the hold");
     let self_rss0 = procstat::self_rss();
     let workers = spawn_workers(

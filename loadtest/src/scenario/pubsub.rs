@@ -83,14 +83,8 @@ fn subscribe(p: &PubSub<'_>) -> Result<Subscribed, SetupError> {
         cfg,
         specs(&plan, total, p.channels, env.nodes.len()),
     );
-    let mut report = Report::new(p.name, common, &env.nodes);
+    let mut report = env.report(p.name, common, &plan, total, p.channels, p.per_channel);
     report.publish_all = p.publish.publish_all && env.nodes.len() > 1;
-    report.connections = total as u64;
-    report.channels = p.channels as u64;
-    report.subscribers_per_channel = p.per_channel as u64;
-    report.loadgen_threads = env.threads as u64;
-    report.open_files_limit = env.nofile;
-    report.source_addresses = plan.addrs().len() as u64;
     report.rate = p.publish.rate;
     report.via = Some(p.publish.via);
     report.window = (p.publish.rate <= 0.0).then_some(p.publish.window);

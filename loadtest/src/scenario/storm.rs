@@ -25,13 +25,14 @@ pub fn storm(a: &StormArgs) -> Result<Report, SetupError> {
         record_setup_latency: true,
         coalesce: Duration::ZERO,
     };
-    let mut report = Report::new("storm", common, &env.nodes);
-    report.connections = n as u64;
-    report.channels = channels.len() as u64;
-    report.subscribers_per_channel = (n / channels.len()) as u64;
-    report.loadgen_threads = env.threads as u64;
-    report.open_files_limit = env.nofile;
-    report.source_addresses = plan.addrs().len() as u64;
+    let mut report = env.report(
+        "storm",
+        common,
+        &plan,
+        n,
+        channels.len(),
+        n / channels.len(),
+    );
     report.latency_kind = "connect_to_subscribed";
     report.deliveries_unchecked = true;
     let window = window_start(&common.server_pid);
