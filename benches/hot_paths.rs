@@ -6,6 +6,7 @@ use broadcaster::config::Config;
 use broadcaster::connection::Conn;
 use broadcaster::node::Node;
 use broadcaster::shard::Shard;
+use broadcaster::wire::request::Start;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use std::hint::black_box;
 use std::sync::Arc;
@@ -15,7 +16,8 @@ use std::time::{Duration, Instant};
 const PAYLOAD: &[u8] = br#"{"t":1732222222000000000,"n":12345,"pad":"xxxxxxxxxxxxxxxx"}"#;
 
 fn publication() -> Arc<broadcaster::channel::Publication> {
-    let mut c = Channels::new(0, Duration::from_secs(1));
+    let rules = broadcaster::rules::Rules::new(&[], 0, Duration::from_secs(1));
+    let mut c = Channels::new(std::sync::Arc::new(rules));
     c.publish(
         "contest/annual-2024",
         "run_update",
@@ -84,7 +86,7 @@ fn fanout(c: &mut Criterion) {
         .map(|i| Conn::new(i as u64, 1 << 20))
         .collect();
     for conn in &conns {
-        drop(shard.subscribe(conn, None, "contest/annual-2024", None));
+        drop(shard.subscribe(conn, None, "contest/annual-2024", Start::Live));
         conn.discard_queued();
     }
     shard.flusher().discard();

@@ -20,13 +20,23 @@ pub struct Permissions {
 }
 
 impl Permissions {
+    /// Permissions as a token's claims give them (the connect proxy's answer has the same).
+    pub fn new(sub: String, exp: u64, authorized_channels: Vec<String>, scope: &[String]) -> Self {
+        Permissions {
+            sub,
+            exp,
+            can_subscribe: scope.iter().any(|s| s == "subscribe"),
+            can_publish: scope.iter().any(|s| s == "publish"),
+            patterns: authorized_channels,
+        }
+    }
+
     /// A pattern is an exact channel name, or ends in `*` and matches every channel with that
     /// prefix (SPEC 13.6: `contest/a/*` matches `contest/a/x`, not `contest/a`).
     pub fn allows_channel(&self, channel: &str) -> bool {
-        self.patterns.iter().any(|p| match p.strip_suffix('*') {
-            Some(prefix) => channel.starts_with(prefix),
-            None => p == channel,
-        })
+        self.patterns
+            .iter()
+            .any(|p| crate::rules::matches(p, channel))
     }
 }
 
@@ -88,13 +98,12 @@ impl Verifier {
         if c.sub.is_empty() {
             return Err(TokenError("token sub is empty".into()));
         }
-        Ok(Permissions {
-            sub: c.sub,
-            exp: c.exp,
-            can_subscribe: c.scope.iter().any(|s| s == "subscribe"),
-            can_publish: c.scope.iter().any(|s| s == "publish"),
-            patterns: c.authorized_channels,
-        })
+        Ok(Permissions::new(
+            c.sub,
+            c.exp,
+            c.authorized_channels,
+            &c.scope,
+        ))
     }
 }
 

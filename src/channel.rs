@@ -2,8 +2,9 @@
 //! Only the owner shard (`hash(channel) % shards`) ever touches a `ChannelState`.
 
 use crate::constants::{SHARDS_MAX, WATCH_WORDS};
+use crate::rules::Rules;
 use crate::wire::broadcast;
-use crate::wire::request::Since;
+use crate::wire::request::Start;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -69,19 +70,39 @@ impl Publication {
 /// Publications oldest first, with the channel's offset and epoch (`GET /history`).
 pub(crate) type HistoryPage = (Vec<Arc<Publication>>, u64, String);
 
-/// What a subscriber needs to start: the channel's position and, on recovery, what it missed.
+/// What a subscriber needs to start: the channel's position and, on recovery or rewind, what
+/// it is given first.
 #[derive(Debug)]
 pub(crate) struct Position {
     pub(crate) offset: u64,
     pub(crate) epoch: Arc<str>,
+    /// Asked with `since`: whether every publication after it was held.
     pub(crate) recovered: Option<bool>,
+    /// Asked with `rewind`: how many publications are replayed.
+    pub(crate) rewound: Option<usize>,
+    /// Publications up to `offset`, oldest first, delivered before any newer one.
     pub(crate) replay: Vec<Arc<Publication>>,
+}
+
+impl Position {
+    pub(crate) fn new(offset: u64, epoch: Arc<str>) -> Position {
+        Position {
+            offset,
+            epoch,
+            recovered: None,
+            rewound: None,
+            replay: Vec::new(),
+        }
+    }
 }
 
 pub(crate) struct ChannelState {
     name: Arc<str>,
     offset: u64,
     epoch: Arc<str>,
+    /// The channel's rule's history size and TTL, looked up once when the state is created.
+    history_size: usize,
+    history_ttl: Duration,
     history: VecDeque<Arc<Publication>>,
     /// Bit per shard that has (or is about to have) subscribers: they get every publication.
     watchers: [u64; WATCH_WORDS],
@@ -90,8 +111,7 @@ pub(crate) struct ChannelState {
 /// Every channel an owner shard sequences.
 pub struct Channels {
     states: HashMap<Arc<str>, ChannelState>,
-    history_size: usize,
-    history_ttl: Duration,
+    rules: Arc<Rules>,
 }
 
 fn bit(shard: usize) -> (usize, u64) {
@@ -99,8 +119,11 @@ fn bit(shard: usize) -> (usize, u64) {
 }
 
 impl ChannelState {
-    fn new(name: Arc<str>) -> ChannelState {
+    fn new(name: Arc<str>, rules: &Rules) -> ChannelState {
+        let policy = rules.policy(&name);
         ChannelState {
+            history_size: policy.history_size,
+            history_ttl: policy.history_ttl,
             name,
             offset: 0,
             // A fresh epoch whenever the state is created: offsets restart, old ones mean nothing.
@@ -114,9 +137,9 @@ impl ChannelState {
         self.watchers.iter().all(|w| *w == 0)
     }
 
-    fn expire(&mut self, now: Instant, ttl: Duration) {
+    fn expire(&mut self, now: Instant) {
         while let Some(front) = self.history.front() {
-            if now.duration_since(front.accepted) < ttl {
+            if now.duration_since(front.accepted) < self.history_ttl {
                 break;
             }
             self.history.pop_front();
@@ -125,13 +148,11 @@ impl ChannelState {
 }
 
 impl Channels {
-    /// The channels of one owner shard, each keeping `history_size` publications for
-    /// `history_ttl`.
-    pub fn new(history_size: usize, history_ttl: Duration) -> Channels {
+    /// The channels of one owner shard, each keeping the history its rule says.
+    pub fn new(rules: Arc<Rules>) -> Channels {
         Channels {
             states: HashMap::new(),
-            history_size,
-            history_ttl,
+            rules,
         }
     }
 
@@ -147,7 +168,8 @@ impl Channels {
     fn state(&mut self, channel: &str) -> &mut ChannelState {
         if !self.states.contains_key(channel) {
             let name: Arc<str> = Arc::from(channel);
-            self.states.insert(name.clone(), ChannelState::new(name));
+            let state = ChannelState::new(name.clone(), &self.rules);
+            self.states.insert(name, state);
         }
         self.states
             .get_mut(channel)
@@ -165,9 +187,8 @@ impl Channels {
         create_time: String,
         accepted: Instant,
     ) -> (Arc<Publication>, [u64; WATCH_WORDS]) {
-        let size = self.history_size;
-        let ttl = self.history_ttl;
         let state = self.state(channel);
+        let size = state.history_size;
         let name = state.name.clone();
         state.offset += 1;
         let publication = Arc::new(Publication::new(
@@ -185,7 +206,7 @@ impl Channels {
             }
             state.history.push_back(publication.clone());
         }
-        state.expire(accepted, ttl);
+        state.expire(accepted);
         let watchers = state.watchers;
         if watchers == [0; WATCH_WORDS] && state.history.is_empty() {
             self.states.remove(channel);
@@ -194,25 +215,20 @@ impl Channels {
     }
 
     /// Registers `shard` as a watcher and answers with the channel's position; with `since`,
-    /// also the publications after it when history still holds every one of them.
-    pub(crate) fn subscribe(
-        &mut self,
-        shard: usize,
-        channel: &str,
-        since: Option<&Since>,
-    ) -> Position {
-        let ttl = self.history_ttl;
+    /// also the publications after it when history still holds every one of them; with
+    /// `rewind`, the last ones held.
+    pub(crate) fn subscribe(&mut self, shard: usize, channel: &str, start: &Start) -> Position {
         let state = self.state(channel);
         let (w, b) = bit(shard);
         state.watchers[w] |= b;
-        state.expire(Instant::now(), ttl);
-        let mut position = Position {
-            offset: state.offset,
-            epoch: state.epoch.clone(),
-            recovered: None,
-            replay: Vec::new(),
-        };
-        if let Some(since) = since {
+        state.expire(Instant::now());
+        let mut position = Position::new(state.offset, state.epoch.clone());
+        if let Start::Rewind(n) = *start {
+            let skip = state.history.len().saturating_sub(n);
+            position.replay = state.history.iter().skip(skip).cloned().collect();
+            position.rewound = Some(position.replay.len());
+        }
+        if let Start::Since(since) = start {
             let first_held = state
                 .history
                 .front()
@@ -247,11 +263,10 @@ impl Channels {
 
     /// The newest `limit` publications, oldest first, with the channel's offset and epoch.
     pub(crate) fn history(&mut self, channel: &str, limit: usize) -> HistoryPage {
-        let ttl = self.history_ttl;
         match self.states.get_mut(channel) {
             None => (Vec::new(), 0, String::new()),
             Some(state) => {
-                state.expire(Instant::now(), ttl);
+                state.expire(Instant::now());
                 let skip = state.history.len().saturating_sub(limit);
                 let items = state.history.iter().skip(skip).cloned().collect();
                 (items, state.offset, state.epoch.to_string())
@@ -262,9 +277,8 @@ impl Channels {
     /// Drops expired history and forgets channels with neither watchers nor history, so memory
     /// does not grow with the number of channels ever used.
     pub(crate) fn sweep(&mut self, now: Instant) {
-        let ttl = self.history_ttl;
         self.states.retain(|_, s| {
-            s.expire(now, ttl);
+            s.expire(now);
             !(s.unwatched() && s.history.is_empty())
         });
     }
@@ -281,6 +295,10 @@ pub(crate) fn shards_in(mask: &[u64; WATCH_WORDS]) -> impl Iterator<Item = usize
 mod tests {
     use super::*;
 
+    fn channels(size: usize, ttl: Duration) -> Channels {
+        Channels::new(Arc::new(Rules::new(&[], size, ttl)))
+    }
+
     fn publish(c: &mut Channels, name: &str, n: usize) {
         for i in 0..n {
             c.publish(
@@ -296,7 +314,7 @@ mod tests {
 
     #[test]
     fn offsets_count_and_history_is_bounded() {
-        let mut c = Channels::new(3, Duration::from_secs(60));
+        let mut c = channels(3, Duration::from_secs(60));
         publish(&mut c, "a", 5);
         let (items, offset, epoch) = c.history("a", 10);
         assert_eq!(offset, 5);
@@ -311,39 +329,32 @@ mod tests {
 
     #[test]
     fn recovery_needs_same_epoch_and_held_offsets() {
-        let mut c = Channels::new(3, Duration::from_secs(60));
+        let mut c = channels(3, Duration::from_secs(60));
         publish(&mut c, "a", 5);
-        let p = c.subscribe(0, "a", None);
-        let since = |offset, epoch: &str| Since {
-            offset,
-            epoch: epoch.to_string(),
+        let p = c.subscribe(0, "a", &Start::Live);
+        let since = |offset, epoch: &str| {
+            Start::Since(crate::wire::request::Since {
+                offset,
+                epoch: epoch.to_string(),
+            })
         };
         let e = p.epoch.to_string();
-        let r = c.subscribe(0, "a", Some(&since(2, &e)));
+        let r = c.subscribe(0, "a", &since(2, &e));
         assert_eq!(r.recovered, Some(true));
         assert_eq!(
             r.replay.iter().map(|p| p.offset).collect::<Vec<_>>(),
             vec![3, 4, 5]
         );
-        assert_eq!(
-            c.subscribe(0, "a", Some(&since(1, &e))).recovered,
-            Some(false)
-        );
-        assert_eq!(c.subscribe(0, "a", Some(&since(5, &e))).replay.len(), 0);
-        assert_eq!(
-            c.subscribe(0, "a", Some(&since(6, &e))).recovered,
-            Some(false)
-        );
-        assert_eq!(
-            c.subscribe(0, "a", Some(&since(4, "x"))).recovered,
-            Some(false)
-        );
+        assert_eq!(c.subscribe(0, "a", &since(1, &e)).recovered, Some(false));
+        assert_eq!(c.subscribe(0, "a", &since(5, &e)).replay.len(), 0);
+        assert_eq!(c.subscribe(0, "a", &since(6, &e)).recovered, Some(false));
+        assert_eq!(c.subscribe(0, "a", &since(4, "x")).recovered, Some(false));
     }
 
     #[test]
     fn idle_channels_are_forgotten() {
-        let mut c = Channels::new(3, Duration::from_millis(1));
-        c.subscribe(2, "w", None);
+        let mut c = channels(3, Duration::from_millis(1));
+        c.subscribe(2, "w", &Start::Live);
         publish(&mut c, "h", 1);
         for i in 0..100 {
             publish(&mut c, &format!("x{i}"), 1);
@@ -353,7 +364,7 @@ mod tests {
         assert_eq!(c.len(), 1, "only the watched channel stays");
         c.unwatch(2, "w");
         assert!(c.is_empty());
-        let mut c = Channels::new(0, Duration::from_secs(1));
+        let mut c = channels(0, Duration::from_secs(1));
         publish(&mut c, "n", 1);
         assert!(c.is_empty(), "no history and no watcher: nothing kept");
     }

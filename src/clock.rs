@@ -1,5 +1,5 @@
-//! Wall-clock time as the protocol writes it. Durations and deadlines use `Instant`; these are
-//! for timestamps clients and Redis read.
+//! Wall-clock time as the protocol writes it, and durations as the configuration writes them.
+//! Deadlines use `Instant`; these are for timestamps clients and Redis read.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -23,4 +23,31 @@ pub(crate) fn unix_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// An optional duration, written as `duration` writes one.
+pub(crate) mod duration_opt {
+    use serde::Deserializer;
+    use std::time::Duration;
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Duration>, D::Error> {
+        super::duration::deserialize(d).map(Some)
+    }
+}
+
+/// Durations are written as `"10s"`, `"500ms"`, `"1h"`.
+pub(crate) mod duration {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "invalid duration {text:?} ({e}); write it like \"10s\" or \"500ms\""
+            ))
+        })
+    }
 }

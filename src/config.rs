@@ -5,7 +5,9 @@
 //! merged table is deserialized, so a bad value is reported once, with the key's dotted path, no
 //! matter which layer it came from.
 
+use crate::clock::duration;
 use crate::constants::SHARDS_MAX;
+use crate::rules::{self, RuleConfig};
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -53,6 +55,10 @@ pub struct Config {
     pub tls: TlsConfig,
     /// `[log]`.
     pub log: LogConfig,
+    /// `[[channels]]`: per-channel access, history and rewind (SPEC 14); file only.
+    pub channels: Vec<RuleConfig>,
+    /// `[proxy]`: the backend asked over HTTP (SPEC 15).
+    pub proxy: ProxyConfig,
     /// Set when no JWT secret was configured and one was generated (SPEC section 2).
     #[serde(skip)]
     pub dev_mode: bool,
@@ -108,6 +114,114 @@ pub struct Limits {
     /// Server ping period; a client silent for twice this is closed 4005. Default 30 s.
     #[serde(with = "duration")]
     pub ping_interval: Duration,
+    /// Connections not (yet) authenticated per node; more are answered 503 at the handshake.
+    /// Default 500,000.
+    pub anonymous_connections_max: usize,
+    /// Connections not (yet) authenticated per client address; more are answered 503 at the
+    /// handshake. Default 64: a NAT of viewers, not one script holding thousands.
+    pub anonymous_connections_per_ip_max: usize,
+    /// Most publications one `rewind` may ask for. Default 100.
+    pub rewind_max: usize,
+    /// Peers (CIDRs, or single addresses) whose `X-Forwarded-For` names the client; from any
+    /// other peer the header is ignored. Default none.
+    pub trusted_proxies: Vec<String>,
+}
+
+/// `[proxy]`: the backend's word on access (SPEC 15).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    /// Sent as `Authorization: Bearer`; required when a proxy URL is set. Never logged.
+    pub secret: Option<String>,
+    /// A call without an answer by then is `Unavailable` to the client. Default 1 s.
+    #[serde(with = "duration")]
+    pub timeout: Duration,
+    /// Calls in flight per node; more are `Unavailable` at once. Default 256.
+    pub concurrency_max: usize,
+    /// Handshake headers passed on to the backend (omegaUp's session cookie: `["Cookie"]`).
+    /// Default none.
+    pub forward_headers: Vec<String>,
+    /// Asked at each subscribe to an `access = "proxy"` channel. Default: none.
+    pub subscribe_url: Option<String>,
+    /// How long an allow is reused for the same (user, channel); 0 turns the cache off.
+    /// Anonymous subscribes are never cached. Default 30 s.
+    #[serde(with = "duration")]
+    pub subscribe_cache_ttl: Duration,
+    /// Asked by `auth` with `{"proxy":true}`: the connection's permissions without a JWT.
+    /// Default: none.
+    pub connect_url: Option<String>,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            secret: None,
+            timeout: Duration::from_secs(1),
+            concurrency_max: 256,
+            forward_headers: Vec::new(),
+            subscribe_url: None,
+            subscribe_cache_ttl: Duration::from_secs(30),
+            connect_url: None,
+        }
+    }
+}
+
+impl ProxyConfig {
+    fn assert_valid(&self, rules: &[RuleConfig]) -> Result<(), ConfigError> {
+        let bad = |key: &str, why: String| Err(ConfigError(format!("proxy.{key}: {why}")));
+        for (key, url) in [
+            ("subscribe_url", &self.subscribe_url),
+            ("connect_url", &self.connect_url),
+        ] {
+            if let Some(url) = url {
+                if let Err(why) = crate::wire::proxy::parse_url(url) {
+                    return bad(key, why);
+                }
+            }
+        }
+        let urls = self.subscribe_url.is_some() || self.connect_url.is_some();
+        if urls && self.secret.as_deref().is_none_or(str::is_empty) {
+            let why = "required when a proxy URL is set (the backend must know the call is ours)";
+            return bad("secret", why.into());
+        }
+        if let Some(n) = rules.iter().position(|r| r.access == rules::Access::Proxy) {
+            if self.subscribe_url.is_none() {
+                let why = format!("required: channels[{n}] has access = \"proxy\"");
+                return bad("subscribe_url", why);
+            }
+        }
+        if self.timeout.is_zero() || self.timeout > Duration::from_secs(60) {
+            return bad("timeout", "must be between 1ms and 60s".into());
+        }
+        if self.concurrency_max == 0 {
+            return bad("concurrency_max", "must be at least 1".into());
+        }
+        if let Some(h) = self.forward_headers.iter().find(|h| !is_header_name(h)) {
+            return bad("forward_headers", format!("{h:?} is not a header name"));
+        }
+        Ok(())
+    }
+}
+
+fn is_header_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// A `trusted_proxies` entry: `10.0.0.0/8`, `::1/128`, or one address.
+pub fn parse_cidr(text: &str) -> Result<ipnet::IpNet, String> {
+    let text = text.trim();
+    if let Ok(net) = text.parse::<ipnet::IpNet>() {
+        return Ok(net.trunc());
+    }
+    match text.parse::<std::net::IpAddr>() {
+        Ok(ip) => Ok(ipnet::IpNet::from(ip)),
+        Err(_) => Err(format!(
+            "{text:?} is not an address or CIDR (like \"10.0.0.0/8\" or \"::1\")"
+        )),
+    }
 }
 
 /// `[history]`: what each channel keeps for recovery and `GET /history`.
@@ -162,6 +276,8 @@ impl Default for Config {
             redis: RedisConfig::default(),
             tls: TlsConfig::default(),
             log: LogConfig::default(),
+            channels: Vec::new(),
+            proxy: ProxyConfig::default(),
             dev_mode: false,
             dev_token: None,
         }
@@ -197,6 +313,14 @@ impl Limits {
         }
         if self.max_connections == 0 {
             return bad("max_connections", "must be at least 1");
+        }
+        if let Some(Err(why)) = self
+            .trusted_proxies
+            .iter()
+            .map(|t| parse_cidr(t))
+            .find(Result::is_err)
+        {
+            return Err(ConfigError(format!("limits.trusted_proxies: {why}")));
         }
         for (key, d) in [
             ("auth_timeout", self.auth_timeout),
@@ -245,6 +369,10 @@ impl Default for Limits {
             outbound_buffer_bytes: 1 << 20,
             write_timeout: Duration::from_secs(10),
             ping_interval: Duration::from_secs(30),
+            anonymous_connections_max: 500_000,
+            anonymous_connections_per_ip_max: 64,
+            rewind_max: 100,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -303,12 +431,23 @@ const KEYS: &[(&str, Kind)] = &[
     ("limits.outbound_buffer_bytes", Kind::Int),
     ("limits.write_timeout", Kind::Str),
     ("limits.ping_interval", Kind::Str),
+    ("limits.anonymous_connections_max", Kind::Int),
+    ("limits.anonymous_connections_per_ip_max", Kind::Int),
+    ("limits.rewind_max", Kind::Int),
+    ("limits.trusted_proxies", Kind::List),
     ("history.size", Kind::Int),
     ("history.ttl", Kind::Str),
     ("redis.url", Kind::Str),
     ("tls.cert_file", Kind::Str),
     ("tls.key_file", Kind::Str),
     ("log.level", Kind::Str),
+    ("proxy.secret", Kind::Str),
+    ("proxy.timeout", Kind::Str),
+    ("proxy.concurrency_max", Kind::Int),
+    ("proxy.forward_headers", Kind::List),
+    ("proxy.subscribe_url", Kind::Str),
+    ("proxy.subscribe_cache_ttl", Kind::Str),
+    ("proxy.connect_url", Kind::Str),
 ];
 
 /// The environment variable that sets `key`: `auth.jwt_secret` is `BROADCASTER_AUTH_JWT_SECRET`.
@@ -401,7 +540,24 @@ impl Config {
             return bad("tls", "set both tls.cert_file and tls.key_file, or neither");
         }
         self.assert_dev_mode()?;
+        rules::check(&self.channels, self.history.size, 100_000).map_err(ConfigError)?;
+        let rewind_max = self.limits.rewind_max;
+        if let Some(n) = self
+            .channels
+            .iter()
+            .position(|r| r.rewind_default > rewind_max)
+        {
+            let why =
+                format!("channels[{n}].rewind_default: at most limits.rewind_max ({rewind_max})");
+            return Err(ConfigError(why));
+        }
+        self.proxy.assert_valid(&self.channels)?;
         self.log.assert_valid()
+    }
+
+    /// The channel rules resolved against `[history]`.
+    pub fn rules(&self) -> rules::Rules {
+        rules::Rules::new(&self.channels, self.history.size, self.history.ttl)
     }
 
     /// Bounds that keep `Instant + duration` and jsonwebtoken's `now - leeway` from
@@ -415,10 +571,17 @@ impl Config {
             ("limits.write_timeout", l.write_timeout),
             ("limits.ping_interval", l.ping_interval),
             ("history.ttl", self.history.ttl),
+            ("proxy.subscribe_cache_ttl", self.proxy.subscribe_cache_ttl),
         ];
         for (key, d) in durations {
             if d > DURATION_MAX {
                 return Err(ConfigError(format!("{key}: at most 365 days")));
+            }
+        }
+        for (n, rule) in self.channels.iter().enumerate() {
+            if rule.history_ttl.is_some_and(|d| d > DURATION_MAX) {
+                let why = format!("channels[{n}].history_ttl: at most 365 days");
+                return Err(ConfigError(why));
             }
         }
         if self.auth.leeway > LEEWAY_MAX {
@@ -499,21 +662,6 @@ fn set_path(table: &mut toml::Table, key: &str, value: toml::Value) {
                 set_path(inner, rest, value);
             }
         }
-    }
-}
-
-/// Durations are written as `"10s"`, `"500ms"`, `"1h"`.
-mod duration {
-    use serde::{Deserialize, Deserializer};
-    use std::time::Duration;
-
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let text = String::deserialize(d)?;
-        humantime::parse_duration(&text).map_err(|e| {
-            serde::de::Error::custom(format!(
-                "invalid duration {text:?} ({e}); write it like \"10s\" or \"500ms\""
-            ))
-        })
     }
 }
 
@@ -615,6 +763,97 @@ mod tests {
                 "tuning/broadcaster.toml does not document {key}"
             );
         }
+    }
+
+    /// The commented omegaUp example of tuning/broadcaster.toml, uncommented, is a valid
+    /// configuration with the rules it describes.
+    #[test]
+    fn the_example_channel_rules_load() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tuning/broadcaster.toml");
+        let text = std::fs::read_to_string(path).unwrap();
+        let (_, rest) = text.split_once("# BEGIN EXAMPLE channels\n").unwrap();
+        let (example, _) = rest.split_once("# END EXAMPLE channels").unwrap();
+        let example: String = example
+            .lines()
+            .map(|l| l.strip_prefix("# ").unwrap_or(l.trim_start_matches('#')))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let c = load(
+            Some(&example),
+            &[("BROADCASTER_AUTH_JWT_SECRET", "s")],
+            Overrides::default(),
+        )
+        .unwrap();
+        let rules = c.rules();
+        assert_eq!(rules.policy("scoreboard/c1").access, rules::Access::Public);
+        assert_eq!(rules.policy("scoreboard/c1").rewind_default, 1);
+        assert_eq!(rules.policy("contest/c1").access, rules::Access::Proxy);
+        assert_eq!(c.proxy.forward_headers, vec!["Cookie"]);
+        for key in [
+            "pattern",
+            "access",
+            "history_size",
+            "history_ttl",
+            "rewind_default",
+        ] {
+            assert!(
+                text.contains(key),
+                "tuning/broadcaster.toml does not document {key}"
+            );
+        }
+    }
+
+    #[test]
+    fn rules_and_proxy_keys_are_checked() {
+        let secret = [("BROADCASTER_AUTH_JWT_SECRET", "s")];
+        let cases = [
+            ("[[channels]]\npattern = \"a*b\"\n", "channels[0].pattern"),
+            (
+                "[[channels]]\npattern = \"a\"\naccess = \"open\"\n",
+                "channels[0].access",
+            ),
+            (
+                "[[channels]]\npattern = \"a/*\"\n[[channels]]\npattern = \"a/b\"\n",
+                "channels[1].pattern",
+            ),
+            (
+                "[[channels]]\npattern = \"a\"\nrewind_default = 200\nhistory_size = 300\n",
+                "channels[0].rewind_default",
+            ),
+            (
+                "[[channels]]\npattern = \"a\"\naccess = \"proxy\"\n",
+                "proxy.subscribe_url",
+            ),
+            (
+                "[proxy]\nsubscribe_url = \"http://127.0.0.1:1/x\"\n",
+                "proxy.secret",
+            ),
+            (
+                "[proxy]\nsecret = \"k\"\nsubscribe_url = \"https://a.example/x\"\n",
+                "proxy.subscribe_url",
+            ),
+            (
+                "[proxy]\nforward_headers = [\"Bad Header\"]\n",
+                "proxy.forward_headers",
+            ),
+            (
+                "[limits]\ntrusted_proxies = [\"10.0.0.0/33\"]\n",
+                "limits.trusted_proxies",
+            ),
+        ];
+        for (file, key) in cases {
+            let e = load(Some(file), &secret, Overrides::default()).unwrap_err();
+            assert!(e.starts_with(key), "{file:?}: {e}");
+        }
+        let env = [
+            ("BROADCASTER_AUTH_JWT_SECRET", "s"),
+            ("BROADCASTER_LIMITS_TRUSTED_PROXIES", "10.0.0.0/8, ::1"),
+            ("BROADCASTER_PROXY_SECRET", "k"),
+            ("BROADCASTER_PROXY_CONNECT_URL", "http://127.0.0.1:9/c"),
+        ];
+        let c = load(None, &env, Overrides::default()).unwrap();
+        assert_eq!(c.limits.trusted_proxies.len(), 2);
+        assert!(c.proxy.connect_url.is_some());
     }
 
     #[test]

@@ -41,6 +41,12 @@ impl Code {
         }
     }
 
+    /// The code `as_str` names `name`, if it is one of ours (exact spelling): how an access
+    /// backend's error code is read (SPEC 15).
+    pub fn from_name(name: &str) -> Option<Code> {
+        Code::ALL.into_iter().find(|c| c.as_str() == name)
+    }
+
     /// The HTTP status REST answers with (SPEC section 3).
     pub fn http_status(self) -> u16 {
         match self {

@@ -48,6 +48,9 @@
 //! | a shard's sockets and timers | `io/poller.rs`, `io/timers.rs` |
 //! | cluster mode | `cluster/` (its `mod.rs` lists its files) |
 //! | limits built into the data structures | `constants.rs`; tunables in `config.rs` |
+//! | who may subscribe where: token, public, proxy; where a subscription starts (`since`, `rewind`) | `rules.rs` (the `[[channels]]` rules), `session/access.rs` (the decision), `channel.rs` and `cluster/recovery.rs` (what rewind replays) |
+//! | the anonymous caps and the client address (`X-Forwarded-For`) | `admission.rs`; counted at the handshake in `web/serve.rs` (`upgrade`) |
+//! | the access proxy (the backend decides subscribes and connects) | `proxy/mod.rs` (calls, cache, metrics), `proxy/client.rs` (HTTP client, keep-alive pool, in-flight bound), `wire/proxy.rs` (URL, request, answer) |
 //! | every libc call | `sys.rs` |
 //! | `/metrics` | `metrics.rs` |
 //! | start, signals, panics | `server.rs`; the checks before start in `preflight.rs`; drain in `shutdown.rs` |
@@ -57,25 +60,28 @@
 //! Each module imports only modules of earlier lines (no import circle):
 //!
 //! 1. `clock`, `constants`, `error`, `sys`: leaves.
-//! 2. `auth` (tokens, keys), `config` (tunables), `wire/` (sans-IO parsing and encoding),
+//! 2. `rules` (channel rules: access, history, rewind), `admission` (the anonymous caps).
+//! 3. `auth` (tokens, keys), `config` (tunables), `wire/` (sans-IO parsing and encoding),
 //!    `preflight` (io_uring), `io/` (sockets, epoll, timers, TLS, the io_uring batch),
 //!    `metrics` (per-shard counters, the exposition).
-//! 3. `channel` (owner-shard channel state and `Publication`), `cli` (the `publish` and
+//! 4. `channel` (owner-shard channel state and `Publication`), `cli` (the `publish` and
 //!    `connect` subcommands), `dev` (dev mode).
-//! 4. `ring` (messages between shards, the rings, outboxes).
-//! 5. `cluster/` (the Redis bridge).
-//! 6. `node` (what all shards share).
-//! 7. `connection/` (one connection's send side: queue, flush pass, writer, subscriptions).
-//! 8. `subscriptions` (a shard's table of local subscribers), `fanout` (the per-subscriber
+//! 5. `ring` (messages between shards, the rings, outboxes).
+//! 6. `cluster/` (the Redis bridge).
+//! 7. `node` (what all shards share).
+//! 8. `proxy/` (the access backend: its HTTP client, the cache of its answers),
+//!    `connection/` (one connection's send side: queue, flush pass, writer, subscriptions).
+//! 9. `subscriptions` (a shard's table of local subscribers), `fanout` (the per-subscriber
 //!    loop), `route` (local, peer or Redis).
-//! 9. `shard/` (the per-core owner of everything above).
-//! 10. `session/` (one WebSocket session over a connection), `shutdown` (drain).
-//! 11. `web/` (accept loops, HTTP, REST, the upgrade, the playground).
-//! 12. `server` (start the shards, signals).
+//! 10. `shard/` (the per-core owner of everything above).
+//! 11. `session/` (one WebSocket session over a connection), `shutdown` (drain).
+//! 12. `web/` (accept loops, HTTP, REST, the upgrade, the playground).
+//! 13. `server` (start the shards, signals).
 
 #![deny(unsafe_code)]
 #![warn(unreachable_pub, missing_docs)]
 
+mod admission;
 pub mod auth;
 pub mod channel;
 pub mod cli;
@@ -91,8 +97,10 @@ mod io;
 mod metrics;
 pub mod node;
 mod preflight;
+pub mod proxy;
 mod ring;
 mod route;
+pub mod rules;
 pub mod server;
 mod session;
 pub mod shard;

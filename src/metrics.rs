@@ -42,7 +42,23 @@ pub(crate) struct ShardMetrics {
     pub channels_subscribed: AtomicI64,
     latency_buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
     latency_sum_ns: AtomicU64,
+    /// Handshakes refused by an anonymous cap: `[node, address]`.
+    anonymous_refused_total: [AtomicU64; 2],
+    /// Access-proxy calls by kind (`PROXY_KINDS`) and result (`PROXY_RESULTS`).
+    proxy_requests_total: [[AtomicU64; PROXY_RESULTS.len()]; PROXY_KINDS.len()],
+    proxy_buckets: [[AtomicU64; PROXY_BUCKETS.len() + 1]; PROXY_KINDS.len()],
+    proxy_sum_ns: [AtomicU64; PROXY_KINDS.len()],
 }
+
+/// `kind` label values of the access-proxy series.
+pub(crate) const PROXY_KINDS: [&str; 2] = ["subscribe", "connect"];
+/// `result` label values of `proxy_requests_total`.
+pub(crate) const PROXY_RESULTS: [&str; 4] = ["allow", "deny", "error", "timeout"];
+/// Upper bounds (seconds) of `proxy_request_seconds`: a backend on the same host answers in
+/// well under a millisecond, one across a region in tens.
+const PROXY_BUCKETS: [f64; 12] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+];
 
 impl ShardMetrics {
     pub(crate) fn add(counter: &AtomicU64, n: u64) {
@@ -56,6 +72,28 @@ impl ShardMetrics {
     pub(crate) fn rejected(&self, code: Code) {
         let i = Code::ALL.iter().position(|c| *c == code).unwrap_or(0);
         Self::add(&self.rejected_requests_total[i], 1);
+    }
+
+    pub(crate) fn anonymous_refused(&self, refused: &crate::admission::Refused) {
+        let i = match refused {
+            crate::admission::Refused::Node => 0,
+            crate::admission::Refused::Address => 1,
+        };
+        Self::add(&self.anonymous_refused_total[i], 1);
+    }
+
+    /// One access-proxy call of `kind` (index in `PROXY_KINDS`) with `result` (one of
+    /// `PROXY_RESULTS`), which took `d`.
+    pub(crate) fn proxy_call(&self, kind: usize, result: &str, d: Duration) {
+        let r = PROXY_RESULTS.iter().position(|x| *x == result).unwrap_or(2);
+        Self::add(&self.proxy_requests_total[kind][r], 1);
+        let secs = d.as_secs_f64();
+        let i = PROXY_BUCKETS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(PROXY_BUCKETS.len());
+        Self::add(&self.proxy_buckets[kind][i], 1);
+        Self::add(&self.proxy_sum_ns[kind], d.as_nanos() as u64);
     }
 
     pub(crate) fn observe_publish_to_write(&self, d: Duration) {
@@ -93,6 +131,12 @@ impl Exposition {
         registry.register_collector(Box::new(Process));
         registry.register_collector(Box::new(BuildInfo));
         Exposition { registry }
+    }
+
+    /// Adds the node's anonymous-connection count.
+    pub(crate) fn add_anonymous(&mut self, anonymous: Arc<crate::admission::Anonymous>) {
+        self.registry
+            .register_collector(Box::new(AnonymousOpen(anonymous)));
     }
 
     /// Adds the Redis bridge's series (cluster mode).
@@ -216,7 +260,96 @@ impl Collector for Shards {
                 .encode_family(&[("shard", shard)])?
                 .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
         }
-        Ok(())
+        encode_anonymous(&self.0, &mut encoder)?;
+        encode_proxy(&self.0, &mut encoder)
+    }
+}
+
+fn encode_anonymous(
+    shards: &[ShardMetrics],
+    encoder: &mut DescriptorEncoder,
+) -> Result<(), std::fmt::Error> {
+    let mut metric = encoder.encode_descriptor(
+        "anonymous_refused",
+        "WebSocket handshakes answered 503 by an anonymous cap (reason: node, address).",
+        None,
+        MetricType::Counter,
+    )?;
+    for (shard, m) in shards.iter().enumerate() {
+        for (reason, n) in ["node", "address"].iter().zip(&m.anonymous_refused_total) {
+            let labels = [("shard", shard.to_string()), ("reason", reason.to_string())];
+            metric
+                .encode_family(&labels)?
+                .encode_counter::<NoLabelSet, _, f64>(&n.load(Relaxed), None)?;
+        }
+    }
+    Ok(())
+}
+
+fn encode_proxy(
+    shards: &[ShardMetrics],
+    encoder: &mut DescriptorEncoder,
+) -> Result<(), std::fmt::Error> {
+    let mut metric = encoder.encode_descriptor(
+        "proxy_requests",
+        "Access-proxy calls to the backend, by kind and result.",
+        None,
+        MetricType::Counter,
+    )?;
+    for (shard, m) in shards.iter().enumerate() {
+        for (kind, row) in PROXY_KINDS.iter().zip(&m.proxy_requests_total) {
+            for (result, n) in PROXY_RESULTS.iter().zip(row) {
+                let labels = [
+                    ("shard", shard.to_string()),
+                    ("kind", kind.to_string()),
+                    ("result", result.to_string()),
+                ];
+                metric
+                    .encode_family(&labels)?
+                    .encode_counter::<NoLabelSet, _, f64>(&n.load(Relaxed), None)?;
+            }
+        }
+    }
+    let mut metric = encoder.encode_descriptor(
+        "proxy_request_seconds",
+        "Time from an access-proxy call's start to the backend's answer (or its failure).",
+        None,
+        MetricType::Histogram,
+    )?;
+    for (shard, m) in shards.iter().enumerate() {
+        for (k, kind) in PROXY_KINDS.iter().enumerate() {
+            let buckets: Vec<(f64, u64)> = PROXY_BUCKETS
+                .iter()
+                .chain([f64::INFINITY].iter())
+                .zip(&m.proxy_buckets[k])
+                .map(|(bound, n)| (*bound, n.load(Relaxed)))
+                .collect();
+            let count = buckets.iter().map(|(_, n)| n).sum();
+            let sum = m.proxy_sum_ns[k].load(Relaxed) as f64 / 1e9;
+            let labels = [("shard", shard.to_string()), ("kind", kind.to_string())];
+            metric
+                .encode_family(&labels)?
+                .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
+        }
+    }
+    Ok(())
+}
+
+/// `anonymous_connections`: the node's connections not (yet) authenticated, against
+/// `limits.anonymous_connections_max` (a node-wide count, so no `shard` label).
+#[derive(Debug)]
+struct AnonymousOpen(Arc<crate::admission::Anonymous>);
+
+impl Collector for AnonymousOpen {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let gauge = ConstGauge::new(self.0.open() as i64);
+        let metric = encoder.encode_descriptor(
+            "anonymous_connections",
+            "WebSocket connections of this node not (yet) authenticated.",
+            None,
+            gauge.metric_type(),
+        )?;
+        gauge.encode(metric)
     }
 }
 

@@ -27,6 +27,14 @@ pub struct Node {
     pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
     /// Cluster mode: offsets, history and delivery between nodes go through Redis.
     pub(crate) bridge: Option<crate::cluster::Bridge>,
+    /// `[[channels]]` resolved: each channel's access, history and rewind.
+    pub(crate) rules: Arc<crate::rules::Rules>,
+    /// Connections not yet authenticated, against the anonymous caps.
+    pub(crate) anonymous: Arc<crate::admission::Anonymous>,
+    /// `limits.trusted_proxies`, parsed.
+    pub(crate) trusted_proxies: Vec<ipnet::IpNet>,
+    /// Access-proxy calls in flight on every shard, against `proxy.concurrency_max`.
+    pub(crate) proxy_in_flight: Arc<AtomicUsize>,
 }
 
 impl Node {
@@ -38,11 +46,27 @@ impl Node {
             _ => None,
         };
         let metrics: Arc<[ShardMetrics]> = (0..shards).map(|_| ShardMetrics::default()).collect();
+        let limits = &config.limits;
+        let anonymous = Arc::new(crate::admission::Anonymous::new(
+            limits.anonymous_connections_max,
+            limits.anonymous_connections_per_ip_max,
+        ));
+        let mut exposition = crate::metrics::Exposition::new(metrics.clone());
+        exposition.add_anonymous(anonymous.clone());
         Ok(Node {
             tls,
-            exposition: crate::metrics::Exposition::new(metrics.clone()),
+            exposition,
+            anonymous,
             metrics,
             bridge: None,
+            rules: Arc::new(config.rules()),
+            proxy_in_flight: Arc::new(AtomicUsize::new(0)),
+            trusted_proxies: config
+                .limits
+                .trusted_proxies
+                .iter()
+                .filter_map(|t| crate::config::parse_cidr(t).ok())
+                .collect(),
             verifier: Verifier::new(&secret, config.auth.leeway),
             node_id: format!("{:08x}", rand::random::<u32>()),
             shards,
@@ -67,6 +91,13 @@ impl Node {
     /// A connection counted by `admit_connection` has ended.
     pub(crate) fn connection_ended(&self) {
         self.connections.fetch_sub(1, Relaxed);
+    }
+
+    /// True when a proxy URL is set: handshake headers are then kept for the backend.
+    pub(crate) fn proxy_configured(&self) -> bool {
+        let proxy = &self.config.proxy;
+        (proxy.subscribe_url.is_some() || proxy.connect_url.is_some())
+            && !proxy.forward_headers.is_empty()
     }
 
     pub(crate) fn is_shutting_down(&self) -> bool {

@@ -10,7 +10,7 @@
 use crate::channel::{Position, Publication};
 use crate::constants::RING_CAPACITY;
 use crate::error::{Code, Error};
-use crate::wire::request::{PublishParams, Since};
+use crate::wire::request::{PublishParams, Start};
 use futures_channel::{mpsc, oneshot};
 use glommio::channels::local_channel::{self, LocalSender};
 use glommio::channels::shared_channel::{self, SharedReceiver, SharedSender};
@@ -65,7 +65,7 @@ pub(crate) enum ShardMsg {
         token: u64,
         from: usize,
         channel: Arc<str>,
-        since: Option<Since>,
+        start: Start,
     },
     Subscribed {
         token: u64,

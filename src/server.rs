@@ -68,14 +68,8 @@ fn node(config: Config, shards: usize) -> Result<(Arc<Node>, Vec<Ends>), String>
     let mut node = Node::new(config, shards)?;
     let (ends, to_shards) = crate::ring::mesh(shards, node.config.redis.url.is_some());
     if let Some(url) = node.config.redis.url.clone() {
-        let history = &node.config.history;
-        let bridge = crate::cluster::start(
-            &url,
-            node.node_id.clone(),
-            to_shards,
-            history.size,
-            history.ttl,
-        )?;
+        let rules = node.rules.clone();
+        let bridge = crate::cluster::start(&url, node.node_id.clone(), to_shards, rules)?;
         node.exposition.add_bridge(bridge.metrics.clone());
         node.bridge = Some(bridge);
     }

@@ -7,6 +7,7 @@ use broadcaster::config::Config;
 use broadcaster::connection::Conn;
 use broadcaster::node::Node;
 use broadcaster::shard::Shard;
+use broadcaster::wire::request::Start;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::sync::Arc;
@@ -49,11 +50,12 @@ fn fan_out_allocations(subscribers: usize) -> u64 {
         .map(|i| Conn::new(i as u64, 1 << 20))
         .collect();
     for conn in &conns {
-        drop(shard.subscribe(conn, None, "alloc/fanout", None));
+        drop(shard.subscribe(conn, None, "alloc/fanout", Start::Live));
         conn.discard_queued();
     }
     shard.flusher().discard();
-    let mut channels = Channels::new(0, Duration::from_secs(1));
+    let rules = broadcaster::rules::Rules::new(&[], 0, Duration::from_secs(1));
+    let mut channels = Channels::new(Arc::new(rules));
     let p = channels
         .publish(
             "alloc/fanout",

@@ -1,4 +1,5 @@
-//! Runs a short `fanout` and `idle` against the real server and checks the JSON summaries.
+//! Runs a short `fanout`, `idle`, `chat` and `scoreboard` against the real server and checks the
+//! JSON summaries.
 //!
 //! The server binary is `$BROADCASTER_BIN`, else the `broadcaster` next to this crate's own binary
 //! (same target directory and profile: `cargo build --workspace --bins` builds both), else
@@ -48,6 +49,11 @@ fn server_bin() -> PathBuf {
 }
 
 fn start_server(name: &str) -> Server {
+    start_server_with(name, &[], &[])
+}
+
+/// A server started with `args` after `serve ...` and `env` besides the secret and API key.
+fn start_server_with(name: &str, args: &[&str], env: &[(&str, &str)]) -> Server {
     let bin = server_bin();
     assert!(
         bin.exists(),
@@ -59,9 +65,16 @@ fn start_server(name: &str) -> Server {
     let log_file = std::fs::File::create(&log).expect("creating the server log file");
     let mut child = Command::new(&bin)
         .args(["serve", "--listen", "127.0.0.1:0", "--shards", "1"])
+        .args(args)
         .env("BROADCASTER_AUTH_JWT_SECRET", SECRET)
         .env("BROADCASTER_AUTH_API_KEYS", API_KEY)
+        // The load generator connects from one address, thousands at once before their auth.
+        .env(
+            "BROADCASTER_LIMITS_ANONYMOUS_CONNECTIONS_PER_IP_MAX",
+            "1000000",
+        )
         .env_remove("BROADCASTER_ADMIN_LISTEN")
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log_file))
@@ -92,8 +105,23 @@ fn start_server(name: &str) -> Server {
 }
 
 fn run_loadtest(server: &Server, args: &[&str], json: &PathBuf) -> serde_json::Value {
+    let out = loadtest_output(server, args, json);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "broadcaster-loadtest {args:?} failed ({}):\n{stdout}\n{stderr}\nserver log tail:\n{}",
+        out.status,
+        server.log_tail()
+    );
+    let text = std::fs::read_to_string(json).expect("the JSON summary was written");
+    serde_json::from_str(&text).expect("the JSON summary parses")
+}
+
+/// Runs the load generator against `server`, whatever comes of it.
+fn loadtest_output(server: &Server, args: &[&str], json: &PathBuf) -> std::process::Output {
     let pid = server.child.id().to_string();
-    let out = Command::new(env!("CARGO_BIN_EXE_broadcaster-loadtest"))
+    Command::new(env!("CARGO_BIN_EXE_broadcaster-loadtest"))
         .args(args)
         .args([
             "--server",
@@ -109,17 +137,7 @@ fn run_loadtest(server: &Server, args: &[&str], json: &PathBuf) -> serde_json::V
         ])
         .arg(json)
         .output()
-        .expect("running broadcaster-loadtest");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "broadcaster-loadtest {args:?} failed ({}):\n{stdout}\n{stderr}\nserver log tail:\n{}",
-        out.status,
-        server.log_tail()
-    );
-    let text = std::fs::read_to_string(json).expect("the JSON summary was written");
-    serde_json::from_str(&text).expect("the JSON summary parses")
+        .expect("running broadcaster-loadtest")
 }
 
 fn assert_clean(s: &serde_json::Value) {
@@ -214,4 +232,92 @@ fn pipelined_max_rate_publishing_loses_and_reorders_nothing() {
         .unwrap_or_default();
     assert_eq!(counts.len(), 3, "{s:#}");
     assert_eq!(counts, offsets, "{s:#}");
+}
+
+/// The public rule `scoreboard` needs (SPEC 14), in a config file of its own.
+fn scoreboard_config(name: &str) -> PathBuf {
+    let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}.toml"));
+    std::fs::write(
+        &path,
+        "[[channels]]\npattern = \"scoreboard/*\"\naccess = \"public\"\nhistory_size = 1\nrewind_default = 1\n",
+    )
+    .expect("writing the config file");
+    path
+}
+
+#[test]
+fn scoreboard_viewers_get_the_rewound_publication_then_every_one() {
+    let config = scoreboard_config("smoke-scoreboard");
+    let server = start_server_with(
+        "scoreboard",
+        &["--config", config.to_str().expect("a UTF-8 path")],
+        &[(
+            "BROADCASTER_LIMITS_ANONYMOUS_CONNECTIONS_PER_IP_MAX",
+            "1000000",
+        )],
+    );
+    let json = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("smoke-scoreboard.json");
+    let s = run_loadtest(
+        &server,
+        &[
+            "scoreboard",
+            "--viewers",
+            "40",
+            "--rate",
+            "20",
+            "--duration",
+            "1",
+            "--rounds",
+            "2",
+        ],
+        &json,
+    );
+    assert_clean(&s);
+    let b = &s["scoreboard"];
+    assert_eq!(b["phases"].as_array().map(Vec::len), Some(4), "{s:#}");
+    for kind in ["anonymous", "authenticated"] {
+        let k = &b[kind];
+        assert_eq!(k["connections"], 80, "{kind} {s:#}");
+        assert_eq!(k["rewound"], 80, "{kind}: one rewound per viewer {s:#}");
+        assert_eq!(k["replayed"], 80, "{kind} {s:#}");
+        assert_eq!(k["deliveries"], k["expected_deliveries"], "{kind} {s:#}");
+        assert!(
+            k["deliveries"].as_u64().unwrap_or(0) >= 2 * 40 * 15,
+            "{kind} {s:#}"
+        );
+        assert!(k["server_cpu_us_per_connect"].as_f64().is_some(), "{s:#}");
+        assert!(k["server_cpu_us_per_delivery"].as_f64().is_some(), "{s:#}");
+    }
+    assert!(
+        b["ratio"]["server_cpu_per_connect"].as_f64().is_some(),
+        "{s:#}"
+    );
+}
+
+#[test]
+fn scoreboard_fails_loudly_without_a_public_rule() {
+    // No [[channels]] rule: an anonymous subscribe is refused, and nothing is rewound.
+    let server = start_server("scoreboard-no-rule");
+    let json = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("smoke-scoreboard-no-rule.json");
+    let out = loadtest_output(
+        &server,
+        &[
+            "scoreboard",
+            "--viewers",
+            "10",
+            "--rate",
+            "20",
+            "--duration",
+            "0.5",
+        ],
+        &json,
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("LOAD TEST FAILED"), "{stderr}");
+    assert!(stderr.contains("anonymous viewers, round 1"), "{stderr}");
+    assert!(stderr.contains("rewind_default"), "{stderr}");
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("the JSON summary")).unwrap();
+    assert_eq!(s["passed"], false);
 }

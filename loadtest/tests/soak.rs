@@ -54,6 +54,11 @@ fn start_server() -> Server {
         .args(["serve", "--listen", "127.0.0.1:0", "--shards", "1"])
         .env("BROADCASTER_AUTH_JWT_SECRET", SECRET)
         .env("BROADCASTER_AUTH_API_KEYS", API_KEY)
+        // The load generator connects from one address, thousands at once before their auth.
+        .env(
+            "BROADCASTER_LIMITS_ANONYMOUS_CONNECTIONS_PER_IP_MAX",
+            "1000000",
+        )
         // History large enough for every gap, and short-lived enough to reach its steady size
         // within the warm-up (so its growth does not count as a leak).
         .env("BROADCASTER_HISTORY_SIZE", "10000")

@@ -30,8 +30,8 @@ pub(super) async fn run(state: Rc<State>, mut rx: tokio::sync::mpsc::UnboundedRe
                     shard,
                     token,
                     channel,
-                    since,
-                } => watch::watch(&s, shard, token, channel, since).await,
+                    start,
+                } => watch::watch(&s, shard, token, channel, start).await,
                 Request::Unwatch { shard, channel } => watch::unwatch(&s, shard, channel).await,
                 _ => {}
             }

@@ -31,7 +31,8 @@ use crate::channel::HistoryPage;
 use crate::error::{Code, Error};
 use crate::metrics::BridgeMetrics;
 use crate::ring::{Ack, ShardMsg};
-use crate::wire::request::{PublishParams, Since};
+use crate::rules::Rules;
+use crate::wire::request::{PublishParams, Start};
 use futures_channel::{mpsc, oneshot};
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -55,7 +56,7 @@ pub(crate) enum Request {
         shard: usize,
         token: u64,
         channel: Arc<str>,
-        since: Option<Since>,
+        start: Start,
     },
     Unwatch {
         shard: usize,
@@ -97,8 +98,7 @@ pub(crate) fn start(
     url: &str,
     node_id: String,
     shards: Vec<mpsc::UnboundedSender<ShardMsg>>,
-    history_size: usize,
-    history_ttl: Duration,
+    rules: Arc<Rules>,
 ) -> Result<Bridge, String> {
     // The URL may hold a password: name the key, not the value.
     let client = redis::Client::open(url).map_err(|e| format!("redis.url: {e}"))?;
@@ -122,8 +122,7 @@ pub(crate) fn start(
                 client,
                 node_id,
                 shards,
-                history_size,
-                history_ttl,
+                rules,
                 metrics: m,
                 conn: RefCell::new(None),
                 sink: RefCell::new(None),
@@ -144,8 +143,8 @@ struct State {
     client: redis::Client,
     node_id: String,
     shards: Vec<mpsc::UnboundedSender<ShardMsg>>,
-    history_size: usize,
-    history_ttl: Duration,
+    /// Each channel's history size and TTL.
+    rules: Arc<Rules>,
     metrics: Arc<BridgeMetrics>,
     conn: RefCell<Option<redis::aio::MultiplexedConnection>>,
     sink: RefCell<Option<redis::aio::PubSubSink>>,

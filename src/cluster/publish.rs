@@ -23,6 +23,7 @@ pub(super) async fn publish(
     let id = format!("{}-{n}", state.node_id);
     let create_time = now_rfc3339();
     let k = keys(&params.channel);
+    let policy = state.rules.policy(&params.channel);
     let epoch = format!("{:016x}", rand::random::<u64>());
     let script = redis::Script::new(PUBLISH_LUA);
     let mut invocation = script.key(&k[0]);
@@ -35,8 +36,8 @@ pub(super) async fn publish(
         .arg(&params.event)
         .arg(&params.payload[..])
         .arg(&epoch)
-        .arg(state.history_size)
-        .arg(state.history_ttl.as_millis().max(1) as u64)
+        .arg(policy.history_size)
+        .arg(policy.history_ttl.as_millis().max(1) as u64)
         .arg(unix_ms());
     let started = Instant::now();
     let result =

@@ -6,7 +6,7 @@ use super::{unavailable, State, REDIS_TIMEOUT};
 use crate::channel::{HistoryPage, Position, Publication};
 use crate::clock::unix_ms;
 use crate::error::Error;
-use crate::wire::request::Since;
+use crate::wire::request::{Since, Start};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,11 +16,12 @@ type StreamEntries = Vec<(String, HashMap<String, redis::Value>)>;
 pub(super) async fn position(
     state: &State,
     channel: &str,
-    since: Option<&Since>,
+    start: &Start,
 ) -> Result<Position, Error> {
     let Some(mut conn) = state.connection() else {
         return Err(unavailable("not connected"));
     };
+    let ttl = state.rules.policy(channel).history_ttl;
     let k = keys(channel);
     let candidate = format!("{:016x}", rand::random::<u64>());
     let script = redis::Script::new(POSITION_LUA);
@@ -29,52 +30,84 @@ pub(super) async fn position(
         .key(&k[1])
         .key(&k[2])
         .arg(&candidate)
-        .arg(state.history_ttl.as_millis().max(1) as u64);
+        .arg(ttl.as_millis().max(1) as u64);
     let (offset, epoch): (u64, String) =
         tokio::time::timeout(REDIS_TIMEOUT, invocation.invoke_async(&mut conn))
             .await
             .map_err(|_| unavailable("position timed out"))?
             .map_err(|_| unavailable("position failed"))?;
-    let mut position = Position {
-        offset,
-        epoch: Arc::from(epoch.as_str()),
-        recovered: None,
-        replay: Vec::new(),
-    };
-    let Some(since) = since else {
-        return Ok(position);
-    };
-    position.recovered = Some(false);
+    let mut position = Position::new(offset, Arc::from(epoch.as_str()));
+    match start {
+        Start::Live => {}
+        Start::Rewind(n) => {
+            // Bounded by the position's offset: anything newer reaches the shard through
+            // pub/sub, after the answer, so nothing is replayed twice.
+            let mut entries: StreamEntries = if *n == 0 || offset == 0 {
+                Vec::new()
+            } else {
+                let mut cmd = redis::cmd("XREVRANGE");
+                cmd.arg(&k[2])
+                    .arg(format!("{offset}-1"))
+                    .arg("-")
+                    .arg("COUNT")
+                    .arg(*n);
+                tokio::time::timeout(REDIS_TIMEOUT, cmd.query_async(&mut conn))
+                    .await
+                    .map_err(|_| unavailable("rewind timed out"))?
+                    .map_err(|_| unavailable("rewind failed"))?
+            };
+            entries.reverse();
+            position.replay = entries_to_publications(channel, entries, ttl);
+            position.rewound = Some(position.replay.len());
+        }
+        Start::Since(since) => {
+            let (recovered, replay) =
+                recover(&mut conn, channel, since, offset, &epoch, ttl).await?;
+            position.recovered = Some(recovered);
+            position.replay = replay;
+        }
+    }
+    Ok(position)
+}
+
+/// Whether every publication after `since` is still held, and if so those publications.
+async fn recover(
+    conn: &mut redis::aio::MultiplexedConnection,
+    channel: &str,
+    since: &Since,
+    offset: u64,
+    epoch: &str,
+    ttl: Duration,
+) -> Result<(bool, Vec<Arc<Publication>>), Error> {
     if since.epoch != epoch || since.offset > offset {
-        return Ok(position);
+        return Ok((false, Vec::new()));
     }
     if since.offset == offset {
-        position.recovered = Some(true);
-        return Ok(position);
+        return Ok((true, Vec::new()));
     }
     let entries: StreamEntries = tokio::time::timeout(
         REDIS_TIMEOUT,
         redis::cmd("XRANGE")
-            .arg(&k[2])
+            .arg(&keys(channel)[2])
             .arg(format!("{}-0", since.offset + 1))
             .arg(format!("{offset}-1"))
-            .query_async(&mut conn),
+            .query_async(conn),
     )
     .await
     .map_err(|_| unavailable("history timed out"))?
     .map_err(|_| unavailable("history failed"))?;
-    let items = entries_to_publications(channel, entries, state.history_ttl);
+    let items = entries_to_publications(channel, entries, ttl);
     // Every publication after `since` must still be held, in order, with none expired.
     let complete = items.len() as u64 == offset - since.offset
         && items
             .iter()
             .enumerate()
             .all(|(i, p)| p.offset == since.offset + 1 + i as u64);
-    if complete {
-        position.recovered = Some(true);
-        position.replay = items;
-    }
-    Ok(position)
+    Ok(if complete {
+        (true, items)
+    } else {
+        (false, Vec::new())
+    })
 }
 
 fn entries_to_publications(
@@ -166,6 +199,7 @@ pub(super) async fn history(
         entries.clear();
     }
     entries.reverse();
-    let items = entries_to_publications(channel, entries, state.history_ttl);
+    let ttl = state.rules.policy(channel).history_ttl;
+    let items = entries_to_publications(channel, entries, ttl);
     Ok((items, offset.unwrap_or(0), epoch.unwrap_or_default()))
 }

@@ -7,7 +7,7 @@ use super::recovery::position;
 use super::scripts::keys;
 use super::{unavailable, State, REDIS_TIMEOUT};
 use crate::ring::ShardMsg;
-use crate::wire::request::Since;
+use crate::wire::request::Start;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
@@ -16,7 +16,7 @@ pub(super) async fn watch(
     shard: usize,
     token: u64,
     channel: Arc<str>,
-    since: Option<Since>,
+    start: Start,
 ) {
     let reply = |msg: ShardMsg| {
         let _ = state.shards[shard].unbounded_send(msg);
@@ -47,7 +47,7 @@ pub(super) async fn watch(
         state.metrics.up.load(Relaxed)
     };
     let position = if subscribed {
-        position(state, &channel, since.as_ref()).await
+        position(state, &channel, &start).await
     } else {
         Err(unavailable("subscribe failed"))
     };

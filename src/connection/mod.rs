@@ -308,6 +308,30 @@ impl Conn {
         Some(self.subs.borrow_mut().swap_remove(at))
     }
 
+    /// The subscription to `channel`, if any.
+    pub(crate) fn subscription(&self, channel: &str) -> Option<Rc<Subscription>> {
+        let at = self.subscribed(channel)?;
+        Some(self.subs.borrow()[at].clone())
+    }
+
+    /// Removes `sub` if it is still this connection's (not ended, not replaced by a later
+    /// subscribe to the same channel).
+    pub(crate) fn remove_this_subscription(&self, sub: &Rc<Subscription>) -> bool {
+        let mut subs = self.subs.borrow_mut();
+        match subs.iter().position(|s| Rc::ptr_eq(s, sub)) {
+            Some(at) => {
+                subs.swap_remove(at);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Queues a notification (a JSON text without `requestId`).
+    pub(crate) fn notify(self: &Rc<Self>, text: &[u8]) {
+        self.push_frame(|out| frame::write_text(out, text));
+    }
+
     /// Removes and returns the subscriptions whose channel `keep` refuses.
     pub(crate) fn remove_subscriptions_unless(
         &self,

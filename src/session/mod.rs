@@ -1,6 +1,7 @@
 //! One WebSocket session over a connection: the read loop, the due times (auth timeout, token
 //! expiry, pings, ping timeout, close linger), the requests, and the teardown.
 
+mod access;
 mod rate_limit;
 mod requests;
 
@@ -22,10 +23,21 @@ use std::time::{Duration, Instant};
 /// After our close frame, how long we wait for the peer's close before dropping the socket.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
+/// Who is at the other end, as the handshake told.
+pub(crate) struct Client {
+    /// The handshake headers `[proxy] forward_headers` names, for the backend.
+    pub(crate) headers: Vec<(String, String)>,
+    /// Held until the first successful `auth`: the connection counts as anonymous.
+    pub(crate) anonymous: Option<crate::admission::Permit>,
+}
+
 /// What a session knows of its client.
-struct Session {
+struct Session<'a> {
     perms: Option<Permissions>,
     rate: RateLimit,
+    /// On the heap with the read buffer, behind one pointer: the connection's future stays
+    /// in its allocator size class (see `connection_futures_stay_small`).
+    client: &'a mut Client,
 }
 
 /// The session's own times.
@@ -46,6 +58,7 @@ pub(crate) fn run(
     shard: Rc<Shard>,
     id: u64,
     stream: Transport,
+    client: Client,
     input: Vec<u8>,
 ) -> impl std::future::Future<Output = ()> {
     let conn = Conn::new(id, shard.config().limits.outbound_buffer_bytes);
@@ -54,16 +67,17 @@ pub(crate) fn run(
     tracing::debug!(conn = conn.id, shard = shard.id, "websocket open");
     let stream = Rc::new(RefCell::new(stream));
     conn.attach(shard.send.clone(), stream.clone());
-    run_session(shard, conn, stream, input)
+    run_session(shard, conn, stream, Box::new((client, input)))
 }
 
 async fn run_session(
     shard: Rc<Shard>,
     conn: Rc<Conn>,
     stream: Rc<RefCell<Transport>>,
-    mut input: Vec<u8>,
+    mut client: Box<(Client, Vec<u8>)>,
 ) {
-    reader(&shard, &conn, &stream, &mut input).await;
+    let (client, input) = &mut *client;
+    reader(&shard, &conn, &stream, client, input).await;
     // Whatever ended the reader ends the writer too, and the flush pass stops writing to the
     // socket (it may still hold this connection in its list).
     for sub in conn.end().await {
@@ -90,6 +104,7 @@ async fn reader(
     shard: &Rc<Shard>,
     conn: &Rc<Conn>,
     stream: &RefCell<Transport>,
+    client: &mut Client,
     input: &mut Vec<u8>,
 ) {
     // Borrowed, not cloned: the reader lives as long as the connection.
@@ -99,6 +114,7 @@ async fn reader(
     let mut session = Session {
         perms: None,
         rate: RateLimit::new(limits.requests_per_second, limits.request_burst, opened),
+        client,
     };
     let mut times = Times {
         opened,
@@ -170,7 +186,7 @@ fn lingered(conn: &Conn, times: &mut Times, now: Instant) -> bool {
 async fn handle_buffered(
     shard: &Rc<Shard>,
     conn: &Rc<Conn>,
-    session: &mut Session,
+    session: &mut Session<'_>,
     decoder: &mut Decoder,
     input: &mut Vec<u8>,
 ) {
@@ -210,7 +226,7 @@ async fn handle_buffered(
 /// due time in the past would spin the read loop and starve the writer).
 fn next_due(
     conn: &Conn,
-    session: &Session,
+    session: &Session<'_>,
     times: &Times,
     token_expiry: Option<Instant>,
     limits: &Limits,
@@ -225,7 +241,7 @@ fn next_due(
             let mut due = times
                 .next_ping
                 .min(times.last_heard + limits.ping_interval * 2);
-            if session.perms.is_none() {
+            if must_auth(conn, session) {
                 due = due.min(times.opened + limits.auth_timeout);
             }
             if let Some(t) = token_expiry {
@@ -240,13 +256,13 @@ fn next_due(
 /// pings.
 fn on_time(
     conn: &Rc<Conn>,
-    session: &Session,
+    session: &Session<'_>,
     times: &mut Times,
     token_expiry: Option<Instant>,
     limits: &Limits,
     now: Instant,
 ) {
-    if session.perms.is_none() && now >= times.opened + limits.auth_timeout {
+    if must_auth(conn, session) && now >= times.opened + limits.auth_timeout {
         conn.close(close::AUTH_TIMEOUT, "not authenticated in time", false);
     } else if token_expiry.is_some_and(|t| now >= t) {
         conn.close(close::TOKEN_EXPIRED, "token expired", false);
@@ -257,6 +273,12 @@ fn on_time(
         conn.ping();
         times.next_ping = now + limits.ping_interval;
     }
+}
+
+/// A connection is closed 4001 at `auth_timeout` only when it has neither authenticated nor
+/// holds a subscription: an anonymous viewer of a public (or proxy-allowed) channel stays.
+fn must_auth(conn: &Conn, session: &Session<'_>) -> bool {
+    session.perms.is_none() && conn.subscription_count() == 0
 }
 
 /// The instant a token of expiry `exp` (Unix seconds) stops being valid.
@@ -301,7 +323,12 @@ mod tests {
             let conn = Conn::new(1, 1 << 20);
             let stream = Rc::new(RefCell::new(connect()));
             let mut input = Vec::new();
-            let r = std::mem::size_of_val(&reader(&shard, &conn, &stream, &mut input));
+            let client = || Client {
+                headers: Vec::new(),
+                anonymous: None,
+            };
+            let mut c = client();
+            let r = std::mem::size_of_val(&reader(&shard, &conn, &stream, &mut c, &mut input));
             eprintln!(
                 "reader future {r} B, conn {} B",
                 std::mem::size_of::<Conn>()
@@ -313,10 +340,12 @@ mod tests {
             // future must stay in a smaller class: sharing the task's class, transient request
             // boxes fragmented the pages of long-lived tasks (+150-500 B per idle connection,
             // measured at 19,000).
-            let task = run(shard.clone(), 2, connect(), Vec::new());
+            let task = run(shard.clone(), 2, connect(), client(), Vec::new());
+            let mut c = client();
             let mut session = Session {
                 perms: None,
                 rate: RateLimit::new(1, 1, Instant::now()),
+                client: &mut c,
             };
             let request = requests::handle(
                 &shard,

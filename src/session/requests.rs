@@ -1,6 +1,7 @@
 //! One small function per request method behind one dispatch, the way mini-redis's `cmd/`
 //! applies its commands. Each answers on the connection; an `Err` closes it.
 
+use super::access;
 use super::rate_limit::Verdict;
 use super::Session;
 use crate::auth::Permissions;
@@ -8,10 +9,11 @@ use crate::clock::now_rfc3339;
 use crate::connection::Conn;
 use crate::error::{close, err, Close, Code, Error};
 use crate::metrics::ShardMetrics;
+use crate::rules::Access;
 use crate::shard::Shard;
 use crate::wire::frame::Message;
 use crate::wire::reply;
-use crate::wire::request::{self, Method, PublishParams, Since};
+use crate::wire::request::{self, Method, PublishParams, Start};
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::Instant;
@@ -23,7 +25,7 @@ pub(super) type Outcome = Result<(), Close>;
 pub(super) async fn handle(
     shard: &Rc<Shard>,
     conn: &Rc<Conn>,
-    session: &mut Session,
+    session: &mut Session<'_>,
     message: Message<'_>,
 ) -> Outcome {
     match message {
@@ -58,7 +60,7 @@ pub(super) async fn handle(
 async fn request(
     shard: &Rc<Shard>,
     conn: &Rc<Conn>,
-    session: &mut Session,
+    session: &mut Session<'_>,
     text: &[u8],
 ) -> Outcome {
     thread_local! {
@@ -93,23 +95,32 @@ async fn request(
             return Ok(());
         }
     };
-    let perms = session.perms.as_ref();
-    match (method, perms) {
-        (Method::Heartbeat, _) => heartbeat(conn, id),
-        (Method::Auth { token }, _) => auth(shard, conn, session, id, &token),
-        (Method::Subscribe { channel, since }, Some(perms)) => {
-            Box::pin(subscribe(shard, conn, perms, id, &channel, since)).await
+    match method {
+        Method::Heartbeat => heartbeat(conn, id),
+        Method::Auth { token } => match shard.node.verifier.verify(&token) {
+            Ok(perms) => authenticated(shard, conn, session, id, perms),
+            Err(e) => {
+                ShardMetrics::add(&shard.metrics().auth_failures_total, 1);
+                fail(shard, conn, id, &err(Code::Unauthenticated, e.0));
+            }
+        },
+        Method::AuthProxy => match Box::pin(access::connect(shard, conn, session)).await {
+            Ok(perms) => authenticated(shard, conn, session, id, perms),
+            Err(e) => fail(shard, conn, id, &e),
+        },
+        Method::Subscribe { channel, start } => {
+            Box::pin(subscribe(shard, conn, session, id, &channel, start)).await
         }
-        (Method::Unsubscribe { channel }, Some(_)) => unsubscribe(shard, conn, id, &channel),
-        (Method::Publish(params), Some(perms)) => {
-            Box::pin(publish(shard, conn, perms, id, params)).await
-        }
-        (_, None) => fail(shard, conn, id, &unauthenticated()),
+        Method::Unsubscribe { channel } => unsubscribe(shard, conn, session, id, &channel),
+        Method::Publish(params) => match session.perms.as_ref() {
+            Some(perms) => Box::pin(publish(shard, conn, perms, id, params)).await,
+            None => fail(shard, conn, id, &unauthenticated()),
+        },
     }
     Ok(())
 }
 
-fn unauthenticated() -> Error {
+pub(super) fn unauthenticated() -> Error {
     err(Code::Unauthenticated, "send auth with a valid token first")
 }
 
@@ -128,7 +139,7 @@ fn rate_limited(shard: &Shard, conn: &Rc<Conn>, id: Option<&[u8]>, verdict: Verd
 }
 
 /// Answers an error, counted in `rejected_requests_total`.
-fn fail(shard: &Shard, conn: &Rc<Conn>, id: Option<&[u8]>, e: &Error) {
+pub(super) fn fail(shard: &Shard, conn: &Rc<Conn>, id: Option<&[u8]>, e: &Error) {
     shard.metrics().rejected(e.code);
     conn.respond(id, Err(e));
 }
@@ -137,16 +148,16 @@ fn heartbeat(conn: &Rc<Conn>, id: Option<&[u8]>) {
     conn.respond(id, Ok(&reply::heartbeat(&now_rfc3339())));
 }
 
-/// `auth`, first or again: a fresher token of the same `sub` refreshes the permissions, and the
-/// subscriptions a narrower token no longer allows are dropped.
-fn auth(shard: &Shard, conn: &Rc<Conn>, session: &mut Session, id: Option<&[u8]>, token: &str) {
-    let perms = match shard.node.verifier.verify(token) {
-        Ok(perms) => perms,
-        Err(e) => {
-            ShardMetrics::add(&shard.metrics().auth_failures_total, 1);
-            return fail(shard, conn, id, &err(Code::Unauthenticated, e.0));
-        }
-    };
+/// `auth` succeeded, first or again (with a JWT or through the connect proxy): a fresher token
+/// of the same `sub` refreshes the permissions, and the subscriptions a narrower token no
+/// longer allows are dropped. The connection stops counting as anonymous.
+fn authenticated(
+    shard: &Shard,
+    conn: &Rc<Conn>,
+    session: &mut Session<'_>,
+    id: Option<&[u8]>,
+    perms: Permissions,
+) {
     if let Some(old) = &session.perms {
         if old.sub != perms.sub {
             let e = err(
@@ -155,55 +166,75 @@ fn auth(shard: &Shard, conn: &Rc<Conn>, session: &mut Session, id: Option<&[u8]>
             );
             return fail(shard, conn, id, &e);
         }
-        let allowed = |c: &str| perms.can_subscribe && perms.allows_channel(c);
+        let rules = &shard.node.rules;
+        let allowed = |c: &str| access::token_may_keep(rules.policy(c).access, &perms, c);
         for sub in conn.remove_subscriptions_unless(allowed) {
             shard.unsubscribe(&sub);
         }
     }
     tracing::debug!(conn = conn.id, sub = %perms.sub, "authenticated");
     session.perms = Some(perms);
+    session.client.anonymous = None;
     conn.respond(id, Ok(reply::SUCCESS));
 }
 
+/// `subscribe`: who may (the channel's rule: its token, anyone, or the backend), then the
+/// start (`since`, `rewind`, or the rule's `rewind_default`), then the subscription; with the
+/// backend's `expireAt`, a re-check at that time.
 async fn subscribe(
     shard: &Rc<Shard>,
     conn: &Rc<Conn>,
-    perms: &Permissions,
+    session: &mut Session<'_>,
     id: Option<&[u8]>,
     channel: &str,
-    since: Option<Since>,
+    start: Option<Start>,
 ) {
-    let refused = if !perms.can_subscribe || !perms.allows_channel(channel) {
-        Some(err(
-            Code::PermissionDenied,
-            "token does not allow subscribing to this channel",
-        ))
-    } else if conn.is_subscribed(channel) {
-        Some(err(
-            Code::AlreadyExists,
-            "already subscribed to this channel",
-        ))
-    } else if conn.subscription_count() >= shard.config().limits.max_subscriptions_per_connection {
-        Some(err(
-            Code::ResourceExhausted,
-            "max_subscriptions_per_connection reached; unsubscribe first",
-        ))
+    let policy = shard.node.rules.policy(channel);
+    let limits = &shard.config().limits;
+    let refused = access::refusal(policy.access, session.perms.as_ref(), channel)
+        .or_else(|| {
+            conn.is_subscribed(channel)
+                .then(|| err(Code::AlreadyExists, "already subscribed to this channel"))
+        })
+        .or_else(|| {
+            let full = conn.subscription_count() >= limits.max_subscriptions_per_connection;
+            let why = "max_subscriptions_per_connection reached; unsubscribe first";
+            full.then(|| err(Code::ResourceExhausted, why))
+        });
+    let start = match refused.map_or_else(|| access::start(policy, start, limits.rewind_max), Err) {
+        Ok(start) => start,
+        Err(e) => return fail(shard, conn, id, &e),
+    };
+    let expire_at = if policy.access == Access::Proxy {
+        match access::ask(shard, conn, session, channel).await {
+            Ok(expire_at) => expire_at,
+            Err(e) => return fail(shard, conn, id, &e),
+        }
     } else {
         None
     };
-    match refused {
-        Some(e) => fail(shard, conn, id, &e),
-        None => {
-            let _ = shard.subscribe(conn, id, channel, since).await;
-        }
+    let _ = shard.subscribe(conn, id, channel, start).await;
+    if let Some(at) = expire_at {
+        access::recheck_at(shard, conn, session, channel, at);
     }
 }
 
-fn unsubscribe(shard: &Shard, conn: &Rc<Conn>, id: Option<&[u8]>, channel: &str) {
+/// `unsubscribe`: before `auth` too, for what an anonymous connection may hold.
+fn unsubscribe(
+    shard: &Shard,
+    conn: &Rc<Conn>,
+    session: &Session<'_>,
+    id: Option<&[u8]>,
+    channel: &str,
+) {
+    let anonymous = session.perms.is_none();
     match conn.remove_subscription(channel) {
         Some(sub) => {
             shard.unsubscribe(&sub);
             conn.respond(id, Ok(reply::SUCCESS));
+        }
+        None if anonymous && shard.node.rules.policy(channel).access == Access::Token => {
+            fail(shard, conn, id, &unauthenticated())
         }
         None => fail(
             shard,

@@ -25,12 +25,9 @@ impl Shard {
                 token,
                 from,
                 channel,
-                since,
+                start,
             } => {
-                let position = self
-                    .owned
-                    .borrow_mut()
-                    .subscribe(from, &channel, since.as_ref());
+                let position = self.owned.borrow_mut().subscribe(from, &channel, &start);
                 self.send(from, ShardMsg::Subscribed { token, position });
             }
             ShardMsg::Subscribed { token, position } => {

@@ -81,6 +81,8 @@ pub struct Shard {
     /// (`server` runs their tasks).
     pub(crate) poller: Poller,
     pub(crate) timers: Timers,
+    /// The access proxy, when a proxy URL is configured.
+    pub(crate) proxy: Option<crate::proxy::Proxy>,
     /// Sockets in the epoll set that are not WebSocket connections (yet), by poller id.
     watched: RefCell<HashMap<u64, Watched>>,
 }
@@ -94,11 +96,10 @@ pub(crate) enum Watched {
 impl Shard {
     /// Shard `id` of `node`, with nothing open yet.
     pub fn new(id: usize, node: Arc<Node>) -> Rc<Shard> {
-        let history = node.config.history.clone();
         Rc::new(Shard {
             id,
             outboxes: Outboxes::new(node.shards),
-            owned: RefCell::new(Channels::new(history.size, history.ttl)),
+            owned: RefCell::new(Channels::new(node.rules.clone())),
             subscriptions: Subscriptions::default(),
             pending: RefCell::new(HashMap::new()),
             next_token: Cell::new(1),
@@ -110,6 +111,7 @@ impl Shard {
             poller: Poller::new(),
             timers: Timers::default(),
             watched: RefCell::new(HashMap::new()),
+            proxy: crate::proxy::Proxy::new(&node, node.proxy_in_flight.clone()),
             node,
         })
     }

@@ -9,7 +9,7 @@ use crate::metrics::ShardMetrics;
 use crate::ring::ShardMsg;
 use crate::route::{route, Route};
 use crate::wire::reply;
-use crate::wire::request::Since;
+use crate::wire::request::Start;
 use futures_channel::oneshot;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -24,7 +24,7 @@ impl Shard {
         conn: &Rc<Conn>,
         request_id: Option<&[u8]>,
         channel: &str,
-        since: Option<Since>,
+        start: Start,
     ) -> oneshot::Receiver<()> {
         let (done, rx) = oneshot::channel();
         let channel = self.subscriptions.begin(channel);
@@ -36,10 +36,7 @@ impl Shard {
         };
         match route(&self.node, self.id, &channel) {
             Route::Local => {
-                let position = self
-                    .owned
-                    .borrow_mut()
-                    .subscribe(self.id, &channel, since.as_ref());
+                let position = self.owned.borrow_mut().subscribe(self.id, &channel, &start);
                 self.subscribed(request, position);
             }
             Route::Peer(owner) => {
@@ -49,7 +46,7 @@ impl Shard {
                     token,
                     from,
                     channel,
-                    since,
+                    start,
                 };
                 self.send(owner, msg);
             }
@@ -60,7 +57,7 @@ impl Shard {
                     shard,
                     token,
                     channel,
-                    since,
+                    start,
                 };
                 bridge.send(request);
             }
@@ -97,6 +94,7 @@ impl Shard {
             position.offset,
             &position.epoch,
             position.recovered,
+            position.rewound,
         );
         conn.respond(request_id.as_deref(), Ok(&body));
         let newer = |p: &&Arc<Publication>| {

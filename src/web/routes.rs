@@ -150,7 +150,8 @@ async fn handle(
 }
 
 /// 200 ok; 200 degraded while Redis is unreachable in cluster mode (existing connections
-/// still work, so a load balancer must keep the node); 503 while shutting down.
+/// still work, so a load balancer must keep the node); 503 while shutting down. With channel
+/// rules, their hash, so a rolling deploy can check that nodes agree.
 fn health(shard: &Shard) -> Answer {
     let (status, body) = if shard.node.is_shutting_down() {
         (503, reply::health::SHUTTING_DOWN)
@@ -159,7 +160,8 @@ fn health(shard: &Shard) -> Answer {
     } else {
         (200, reply::health::OK)
     };
-    (status, JSON, body.to_vec())
+    let body = reply::health::with_rules(body, shard.node.rules.hash());
+    (status, JSON, body)
 }
 
 async fn publish(shard: &Rc<Shard>, body: &[u8]) -> Result<Vec<u8>, Error> {
@@ -202,7 +204,7 @@ async fn history(shard: &Rc<Shard>, query: &str) -> Result<Vec<u8>, Error> {
         .ok_or_else(|| err(Code::InvalidArgument, "channel is required"))?;
     request::check_channel(&channel)?;
     let limit = match http::query_param(query, "limit") {
-        None => shard.config().history.size,
+        None => shard.node.rules.policy(&channel).history_size,
         Some(l) => l
             .parse::<usize>()
             .map_err(|_| err(Code::InvalidArgument, "limit must be a whole number"))?,

@@ -4,13 +4,16 @@
 
 use super::routes::route;
 use super::Role;
+use crate::admission;
 use crate::error::{err, Code};
 use crate::io::socket::{write_all, HttpSock, RawSock, Transport};
 use crate::io::tls;
+use crate::session::Client;
 use crate::shard::{Shard, Watched};
 use crate::wire::handshake;
 use crate::wire::http::{self, Head};
 use futures_lite::future;
+use std::net::IpAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::rc::Rc;
 use std::time::Instant;
@@ -23,6 +26,12 @@ pub(super) async fn serve(shard: Rc<Shard>, fd: OwnedFd, role: Role) {
     // The poller knows the socket by this id from now on, and so does the WebSocket connection
     // it may become.
     let id = shard.new_conn_id();
+    // The anonymous caps count per client address (SPEC 14); one getpeername per connection.
+    let peer = socket2::SockRef::from(&fd)
+        .peer_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .map_or(IpAddr::from([0, 0, 0, 0]), |a| a.ip());
     let Some(stream) = open(&shard, fd, id).await else {
         return;
     };
@@ -32,9 +41,10 @@ pub(super) async fn serve(shard: Rc<Shard>, fd: OwnedFd, role: Role) {
     let mut buf: Vec<u8> = Vec::new();
     loop {
         let (head, body) = match next_request(&shard, &sock, &mut buf, role).await {
-            Ok(Some(Next::Upgrade(head))) => {
+            Ok(Some(Next::Upgrade(head, forwarded))) => {
                 let input = std::mem::take(&mut buf);
-                return upgrade(shard.clone(), sock, id, head, input).await;
+                let client = (peer, forwarded);
+                return upgrade(shard.clone(), sock, id, head, client, input).await;
             }
             Ok(Some(Next::Request(head, body))) => (head, body),
             Ok(None) => return,
@@ -80,7 +90,8 @@ async fn open(shard: &Shard, fd: OwnedFd, id: u64) -> Option<Transport> {
 
 /// What a connection asks next.
 enum Next {
-    Upgrade(Head),
+    /// With the handshake headers `[proxy] forward_headers` names.
+    Upgrade(Head, Vec<(String, String)>),
     Request(Head, Vec<u8>),
 }
 
@@ -104,6 +115,11 @@ async fn next_request(
             return Ok(None);
         }
     };
+    let forwarded = if head.path == "/ws" && shard.node.proxy_configured() {
+        http::headers_named(&buf[..head.len], &shard.config().proxy.forward_headers)
+    } else {
+        Vec::new()
+    };
     buf.drain(..head.len);
     let dev = shard.config().dev_mode;
     if dev
@@ -116,7 +132,7 @@ async fn next_request(
         return Err(closing_error(403, Code::PermissionDenied, message));
     }
     if head.path == "/ws" && role.public() {
-        return Ok(Some(Next::Upgrade(head)));
+        return Ok(Some(Next::Upgrade(head, forwarded)));
     }
     if head.chunked {
         let message = "chunked bodies are not supported; send Content-Length";
@@ -170,9 +186,16 @@ async fn read_until(sock: &HttpSock, buf: &mut Vec<u8>, deadline: Instant) -> bo
     .await
 }
 
-/// The WebSocket upgrade: checked (`wire::handshake`), counted against `max_connections`,
-/// answered 101, and the socket handed to a session task of its own.
-async fn upgrade(shard: Rc<Shard>, sock: Rc<HttpSock>, id: u64, head: Head, input: Vec<u8>) {
+/// The WebSocket upgrade: checked (`wire::handshake`), counted against `max_connections` and
+/// the anonymous caps, answered 101, and the socket handed to a session task of its own.
+async fn upgrade(
+    shard: Rc<Shard>,
+    sock: Rc<HttpSock>,
+    id: u64,
+    head: Head,
+    (peer, headers): (IpAddr, Vec<(String, String)>),
+    input: Vec<u8>,
+) {
     let config = shard.config();
     let origins: &[String] = if config.dev_mode {
         &[]
@@ -192,13 +215,39 @@ async fn upgrade(shard: Rc<Shard>, sock: Rc<HttpSock>, id: u64, head: Head, inpu
         let message = "max_connections reached; try another node";
         out = closing_error(503, Code::Unavailable, message);
     } else {
-        return accept(shard, sock, id, &head, input).await;
+        let forwarded_for = head.forwarded_for.as_deref();
+        let ip = admission::client_addr(peer, forwarded_for, &shard.node.trusted_proxies);
+        match shard.node.anonymous.admit(ip) {
+            Ok(permit) => {
+                let client = Client {
+                    headers,
+                    anonymous: Some(permit),
+                };
+                return accept(shard, sock, id, &head, client, input).await;
+            }
+            Err(refused) => {
+                shard.node.connection_ended();
+                shard.metrics().anonymous_refused(&refused);
+                let message = match refused {
+                    admission::Refused::Node => "anonymous_connections_max reached on this node; authenticate promptly or try another node",
+                    admission::Refused::Address => "too many connections from this address are not authenticated (anonymous_connections_per_ip_max)",
+                };
+                out = closing_error(503, Code::Unavailable, message);
+            }
+        }
     }
     let _ = write_all(&sock.stream, &out).await;
 }
 
 /// Answers 101 and starts the session on the socket.
-async fn accept(shard: Rc<Shard>, sock: Rc<HttpSock>, id: u64, head: &Head, input: Vec<u8>) {
+async fn accept(
+    shard: Rc<Shard>,
+    sock: Rc<HttpSock>,
+    id: u64,
+    head: &Head,
+    client: Client,
+    input: Vec<u8>,
+) {
     let mut out = Vec::new();
     handshake::write_accept(&mut out, head.ws_key.as_deref().unwrap_or_default());
     if write_all(&sock.stream, &out).await.is_err() {
@@ -215,6 +264,6 @@ async fn accept(shard: Rc<Shard>, sock: Rc<HttpSock>, id: u64, head: &Head, inpu
     };
     // A task of its own, so this HTTP task (its head, its buffers) ends here and an idle
     // WebSocket holds only what the session needs.
-    let session = crate::session::run(shard, id, sock.stream.into_inner(), input);
+    let session = crate::session::run(shard, id, sock.stream.into_inner(), client, input);
     glommio::spawn_local(session).detach();
 }

@@ -34,6 +34,8 @@ pub struct Head {
     pub host: Option<String>,
     /// The token of `Authorization: Bearer TOKEN`.
     pub bearer: Option<Vec<u8>>,
+    /// `X-Forwarded-For`, several headers joined with `,` in order (RFC 9110 5.3).
+    pub forwarded_for: Option<String>,
 }
 
 /// A head that cannot be served. The status and message go back before the connection closes.
@@ -46,6 +48,25 @@ pub struct HeadError {
 }
 
 const MAX_HEADERS: usize = 64;
+
+/// The values of the headers named in `names` (case-insensitive), in the order they came, from
+/// a complete request head; the names as `names` writes them. For the access proxy, which
+/// passes chosen handshake headers on to the backend.
+pub fn headers_named(head: &[u8], names: &[String]) -> Vec<(String, String)> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    if req.parse(head).is_err() {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    for h in req.headers.iter() {
+        if let Some(name) = names.iter().find(|n| n.eq_ignore_ascii_case(h.name)) {
+            let value = String::from_utf8_lossy(h.value).trim().to_string();
+            out.push((name.clone(), value));
+        }
+    }
+    out
+}
 
 /// Parses a request head from the start of `buf`. `Ok(None)`: incomplete, read more (unless
 /// `buf` already holds `max_bytes`, which the caller turns into 431).
@@ -125,6 +146,12 @@ impl Head {
             self.origin = Some(text());
         } else if is("host") {
             self.host = Some(text());
+        } else if is("x-forwarded-for") {
+            let value = text();
+            self.forwarded_for = Some(match self.forwarded_for.take() {
+                Some(earlier) => format!("{earlier},{value}"),
+                None => value,
+            });
         } else if is("authorization") {
             let v = value.trim_ascii();
             if v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer ") {

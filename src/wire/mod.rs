@@ -6,5 +6,6 @@ pub mod frame;
 pub(crate) mod handshake;
 pub mod http;
 pub mod json;
+pub mod proxy;
 pub(crate) mod reply;
 pub mod request;

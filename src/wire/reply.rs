@@ -81,6 +81,7 @@ pub(crate) fn subscribed(
     offset: u64,
     epoch: &str,
     recovered: Option<bool>,
+    rewound: Option<usize>,
 ) -> Vec<u8> {
     let mut body = Vec::with_capacity(160);
     body.extend_from_slice(b"{\"subscriptionId\":");
@@ -91,12 +92,30 @@ pub(crate) fn subscribed(
     write_u64(&mut body, offset);
     body.extend_from_slice(b",\"epoch\":");
     write_json_string(&mut body, epoch);
+    // SPEC 22.3: a subscribe asks with `since` or with `rewind`, never both, so at most one
+    // of these is set.
     match recovered {
-        Some(true) => body.extend_from_slice(b",\"recovered\":true}"),
-        Some(false) => body.extend_from_slice(b",\"recovered\":false}"),
-        None => body.push(b'}'),
+        Some(true) => body.extend_from_slice(b",\"recovered\":true"),
+        Some(false) => body.extend_from_slice(b",\"recovered\":false"),
+        None => {}
     }
+    if let Some(k) = rewound {
+        body.extend_from_slice(b",\"rewound\":");
+        write_u64(&mut body, k as u64);
+    }
+    body.push(b'}');
     body
+}
+
+/// `{"method":"unsubscribed","params":{"channel","reason"}}`: the server ended a subscription
+/// (SPEC 17); no broadcast of that channel follows it.
+pub(crate) fn unsubscribed(channel: &str, reason: &str) -> Vec<u8> {
+    let mut out = b"{\"method\":\"unsubscribed\",\"params\":{\"channel\":".to_vec();
+    write_json_string(&mut out, channel);
+    out.extend_from_slice(b",\"reason\":");
+    write_json_string(&mut out, reason);
+    out.extend_from_slice(b"}}");
+    out
 }
 
 /// One publication of a `GET /history` page.
@@ -184,6 +203,18 @@ pub(crate) mod health {
     /// Redis unreachable in cluster mode: still 200, existing connections work.
     pub(crate) const DEGRADED: &[u8] = b"{\"status\":\"degraded\"}";
     pub(crate) const SHUTTING_DOWN: &[u8] = b"{\"status\":\"shutting_down\"}";
+
+    /// One of the bodies above with `"rules":"<hash>"` added (SPEC 14), when rules are set.
+    pub(crate) fn with_rules(body: &[u8], rules: Option<&str>) -> Vec<u8> {
+        let Some(hash) = rules else {
+            return body.to_vec();
+        };
+        let mut out = body[..body.len() - 1].to_vec();
+        out.extend_from_slice(b",\"rules\":");
+        super::write_json_string(&mut out, hash);
+        out.push(b'}');
+        out
+    }
 }
 
 #[cfg(test)]
@@ -221,10 +252,10 @@ mod tests {
             json!({"id":"n-1","createTime":"t","offset":3})
         );
         assert_eq!(
-            parse(&subscribed("0-1", "t", 5, "e", Some(false))),
+            parse(&subscribed("0-1", "t", 5, "e", Some(false), None)),
             json!({"subscriptionId":"0-1","timestamp":"t","offset":5,"epoch":"e","recovered":false})
         );
-        assert!(parse(&subscribed("0-1", "t", 5, "e", None))
+        assert!(parse(&subscribed("0-1", "t", 5, "e", None, Some(3)))
             .get("recovered")
             .is_none());
         let item = HistoryItem {

@@ -20,6 +20,17 @@ pub struct Since {
     pub epoch: String,
 }
 
+/// Where a subscription starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Start {
+    /// At the next publication.
+    Live,
+    /// After the client's last position, with what it missed (SPEC 5).
+    Since(Since),
+    /// With the last N publications held, replayed first (SPEC 14).
+    Rewind(usize),
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 /// A request's method and parameters (SPEC 4).
 pub enum Method {
@@ -28,12 +39,15 @@ pub enum Method {
         /// The JWT.
         token: String,
     },
-    /// `subscribe`, with `since` to recover what was missed.
+    /// `auth` with `{"proxy":true}`: the backend's connect proxy decides (SPEC 15).
+    AuthProxy,
+    /// `subscribe`, with `since` to recover what was missed or `rewind` to replay the last
+    /// publications; `None` when the client named neither (the channel's rule decides).
     Subscribe {
         /// The channel.
         channel: String,
-        /// The last position seen.
-        since: Option<Since>,
+        /// Where it starts, as asked.
+        start: Option<Start>,
     },
     /// `unsubscribe`.
     Unsubscribe {
@@ -88,7 +102,9 @@ pub const CHANNEL_BYTES_MAX: usize = 255;
 /// repeated member could be validated in one place and used from another, so it is refused
 /// (found by the `protocol_request` fuzz target).
 const TOP_MEMBERS: [&str; 3] = ["id", "method", "params"];
-const PARAMS_MEMBERS: [&str; 5] = ["channel", "event", "payload", "token", "since"];
+const PARAMS_MEMBERS: [&str; 7] = [
+    "channel", "event", "payload", "token", "since", "rewind", "proxy",
+];
 const BODY_MEMBERS: [&str; 4] = ["channel", "channels", "event", "payload"];
 
 fn refuse_repeated(body: &[u8], spans: &[(Span, Span)]) -> Result<(), Error> {
@@ -138,7 +154,9 @@ pub fn parse_request<'a>(
     };
     let params = obj.get("params");
     // An unknown method is NotFound whether or not the connection is authenticated.
-    let method_needs_auth = matches!(method, "subscribe" | "unsubscribe" | "publish");
+    // subscribe and unsubscribe work before auth on public channels (SPEC 14): the session
+    // decides per channel.
+    let method_needs_auth = method == "publish";
     let inner = find(text, &spans, "params").map_or_else(Vec::new, |(at, _)| members(text, at));
     let params_repeat = repeated(text, &inner, &PARAMS_MEMBERS);
     let unpaired = unpaired_in(&parsed, text, &spans, &["method"])
@@ -203,13 +221,19 @@ fn reject<'a>(id: Option<&'a [u8]>, message: &str) -> Rejected<'a> {
 }
 
 fn parse_auth(params: Option<&BorrowedValue>) -> Result<Method, Error> {
-    match params.and_then(|p| p.get("token")).and_then(|t| t.as_str()) {
-        Some(token) => Ok(Method::Auth {
+    let token = params.and_then(|p| p.get("token"));
+    let proxy = params.and_then(|p| p.get("proxy"));
+    match (
+        token.and_then(|t| t.as_str()),
+        proxy.and_then(|p| p.as_bool()),
+    ) {
+        (Some(token), None) => Ok(Method::Auth {
             token: token.to_string(),
         }),
-        None => Err(err(
+        (None, Some(true)) if token.is_none() => Ok(Method::AuthProxy),
+        _ => Err(err(
             Code::InvalidArgument,
-            "auth needs params.token, a string",
+            "auth needs params.token, a string, or params.proxy: true",
         )),
     }
 }
@@ -251,7 +275,33 @@ pub fn check_channel(channel: &str) -> Result<(), Error> {
 
 fn parse_subscribe(params: Option<&BorrowedValue>) -> Result<Method, Error> {
     let channel = channel_param(params)?;
-    let since = match params.and_then(|p| p.get("since")) {
+    let since = parse_since(params)?;
+    let rewind = match params.and_then(|p| p.get("rewind")) {
+        None => None,
+        Some(r) if r.is_null() => None,
+        Some(r) => match r.as_u64() {
+            Some(n) => Some(usize::try_from(n).unwrap_or(usize::MAX)),
+            None => {
+                let why = "rewind must be a whole number of publications (0 or more)";
+                return Err(err(Code::InvalidArgument, why));
+            }
+        },
+    };
+    let start = match (since, rewind) {
+        (Some(_), Some(_)) => {
+            let why =
+                "since and rewind exclude each other: recover with since, or replay with rewind";
+            return Err(err(Code::InvalidArgument, why));
+        }
+        (Some(since), None) => Some(Start::Since(since)),
+        (None, Some(n)) => Some(Start::Rewind(n)),
+        (None, None) => None,
+    };
+    Ok(Method::Subscribe { channel, start })
+}
+
+fn parse_since(params: Option<&BorrowedValue>) -> Result<Option<Since>, Error> {
+    Ok(match params.and_then(|p| p.get("since")) {
         None => None,
         Some(s) if s.is_null() => None,
         Some(s) => {
@@ -270,8 +320,7 @@ fn parse_subscribe(params: Option<&BorrowedValue>) -> Result<Method, Error> {
                 }
             }
         }
-    };
-    Ok(Method::Subscribe { channel, since })
+    })
 }
 
 fn parse_publish(

@@ -208,6 +208,12 @@ impl Server {
         if !opts.api_keys.is_empty() {
             cmd.env("BROADCASTER_AUTH_API_KEYS", opts.api_keys.join(","));
         }
+        // Every test client connects from 127.0.0.1, many at once and each anonymous until its
+        // auth: the per-address cap (tested on its own, with its default) would refuse them.
+        cmd.env(
+            "BROADCASTER_LIMITS_ANONYMOUS_CONNECTIONS_PER_IP_MAX",
+            "1000000",
+        );
         for (k, v) in &opts.env {
             cmd.env(k, v);
         }
@@ -738,12 +744,17 @@ impl Ws {
             tokio_tungstenite::connect_async(req).await
         })
         .await?;
-        Ok(Ws {
+        Ok(Ws::from_stream(stream))
+    }
+
+    /// A client over a stream already past its handshake.
+    pub fn from_stream(stream: WsStream) -> Ws {
+        Ws {
             stream,
             pending: VecDeque::new(),
             next_id: 1,
             pings: 0,
-        })
+        }
     }
 
     pub async fn send_text(&mut self, text: &str) {

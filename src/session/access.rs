@@ -1,0 +1,169 @@
+//! Who may subscribe where (SPEC 14, 15): the channel's rule says token, public or proxy; a
+//! token's `authorizedChannels` decide the first, nobody is refused the second, and the backend
+//! decides the third, again at the `expireAt` it gave. Also where a subscription starts, and the
+//! connect proxy (`auth` with `{"proxy":true}`).
+
+use super::Session;
+use crate::auth::Permissions;
+use crate::clock::unix_now;
+use crate::connection::Conn;
+use crate::error::{err, Code, Error};
+use crate::rules::{Access, Policy};
+use crate::shard::Shard;
+use crate::wire::reply;
+use crate::wire::request::Start;
+use std::rc::Rc;
+use std::time::Duration;
+
+/// After a re-check the backend could not answer (timeout, 5xx, garbage), the subscription is
+/// kept and asked about again this much later: an outage of the backend must not end every
+/// subscription at once.
+const RECHECK_RETRY: Duration = Duration::from_secs(10);
+
+/// Why `subscribe` is refused before anything is asked, if it is.
+pub(super) fn refusal(access: Access, perms: Option<&Permissions>, channel: &str) -> Option<Error> {
+    match (access, perms) {
+        (Access::Public | Access::Proxy, _) => None,
+        // SPEC 22.4: Unauthenticated, not PermissionDenied: a token would change the answer.
+        (Access::Token, None) => Some(err(
+            Code::Unauthenticated,
+            "this channel needs auth first (it is not public)",
+        )),
+        (Access::Token, Some(p)) if p.can_subscribe && p.allows_channel(channel) => None,
+        (Access::Token, Some(_)) => Some(err(
+            Code::PermissionDenied,
+            "token does not allow subscribing to this channel",
+        )),
+    }
+}
+
+/// Whether a subscription survives a re-auth with `perms`: public and proxy-decided ones do
+/// (the token never decided them); token ones only if the new token still allows them.
+pub(super) fn token_may_keep(access: Access, perms: &Permissions, channel: &str) -> bool {
+    access != Access::Token || (perms.can_subscribe && perms.allows_channel(channel))
+}
+
+/// Where a subscription starts: as asked, or the rule's `rewind_default`; a `rewind` beyond
+/// what the channel keeps or `limits.rewind_max` is InvalidArgument.
+pub(super) fn start(
+    policy: &Policy,
+    asked: Option<Start>,
+    rewind_max: usize,
+) -> Result<Start, Error> {
+    let most = policy.history_size.min(rewind_max);
+    match asked {
+        Some(Start::Rewind(n)) if n > most => Err(err(
+            Code::InvalidArgument,
+            format!("rewind must be between 0 and {most} on this channel (its history_size and limits.rewind_max)"),
+        )),
+        Some(start) => Ok(start),
+        None if policy.rewind_default > 0 => Ok(Start::Rewind(policy.rewind_default.min(most))),
+        None => Ok(Start::Live),
+    }
+}
+
+/// Asks the backend whether this connection may subscribe to `channel` (a proxy channel):
+/// `Ok(expire_at)` when allowed, with the Unix second to ask again at, if any.
+pub(super) async fn ask(
+    shard: &Rc<Shard>,
+    conn: &Conn,
+    session: &Session<'_>,
+    channel: &str,
+) -> Result<Option<u64>, Error> {
+    let Some(proxy) = shard.proxy.as_ref() else {
+        return Err(err(Code::Internal, "no access proxy configured"));
+    };
+    let user = session.perms.as_ref().map(|p| p.sub.as_str());
+    let call = crate::proxy::SubscribeCall {
+        channel,
+        user,
+        connection: conn.id,
+        headers: &session.client.headers,
+        cached: true,
+    };
+    proxy.subscribe(shard.metrics(), call).await
+}
+
+/// At `at` (Unix seconds) asks the backend again about `conn`'s subscription to `channel`; a
+/// denial ends it with `unsubscribed`, reason `expired`; another `expireAt` schedules the next
+/// check. The task holds the connection and the subscription weakly, so a closed connection
+/// is not kept alive until then.
+pub(super) fn recheck_at(
+    shard: &Rc<Shard>,
+    conn: &Rc<Conn>,
+    session: &Session<'_>,
+    channel: &str,
+    at: u64,
+) {
+    let Some(sub) = conn.subscription(channel) else {
+        return;
+    };
+    let (sub, weak_conn) = (Rc::downgrade(&sub), Rc::downgrade(conn));
+    let user = session.perms.as_ref().map(|p| p.sub.clone());
+    let headers = session.client.headers.clone();
+    let (shard, channel) = (shard.clone(), channel.to_string());
+    let id = conn.id;
+    glommio::spawn_local(async move {
+        let mut at = at;
+        loop {
+            let wait = Duration::from_secs(at.saturating_sub(unix_now()));
+            glommio::timer::sleep(wait).await;
+            let (Some(conn), Some(sub)) = (weak_conn.upgrade(), sub.upgrade()) else {
+                return;
+            };
+            if conn.is_closing() {
+                return;
+            }
+            let Some(proxy) = shard.proxy.as_ref() else {
+                return;
+            };
+            let call = crate::proxy::SubscribeCall {
+                channel: &channel,
+                user: user.as_deref(),
+                connection: id,
+                headers: &headers,
+                cached: false,
+            };
+            at = match proxy.subscribe(shard.metrics(), call).await {
+                Ok(Some(next)) => next,
+                Ok(None) => return,
+                Err(e) if matches!(e.code, Code::Unavailable | Code::Internal) => {
+                    unix_now() + RECHECK_RETRY.as_secs()
+                }
+                Err(_) => {
+                    if conn.remove_this_subscription(&sub) {
+                        shard.unsubscribe(&sub);
+                        conn.notify(&reply::unsubscribed(&channel, "expired"));
+                    }
+                    return;
+                }
+            };
+        }
+    })
+    .detach();
+}
+
+/// `auth` with `{"proxy":true}`: the backend's connect answer becomes the connection's
+/// permissions, as a JWT's claims would.
+pub(super) async fn connect(
+    shard: &Rc<Shard>,
+    conn: &Rc<Conn>,
+    session: &Session<'_>,
+) -> Result<Permissions, Error> {
+    let Some(proxy) = shard.proxy.as_ref() else {
+        return Err(err(
+            Code::FailedPrecondition,
+            "no connect proxy is configured (proxy.connect_url); auth with a token",
+        ));
+    };
+    let perms = proxy
+        .connect(shard.metrics(), conn.id, &session.client.headers)
+        .await?;
+    if perms.exp <= unix_now() {
+        return Err(err(
+            Code::Unauthenticated,
+            "the backend's answer has expired",
+        ));
+    }
+    Ok(perms)
+}
