@@ -30,6 +30,17 @@ pub const KEYS: &[&str] = &[
     "tls.cert_file",
     "tls.key_file",
     "log.level",
+    "limits.anonymous_connections_max",
+    "limits.anonymous_connections_per_ip_max",
+    "limits.rewind_max",
+    "limits.trusted_proxies",
+    "proxy.secret",
+    "proxy.timeout",
+    "proxy.concurrency_max",
+    "proxy.forward_headers",
+    "proxy.subscribe_url",
+    "proxy.subscribe_cache_ttl",
+    "proxy.connect_url",
     "unknown",
     "limits.unknown",
 ];
@@ -73,6 +84,30 @@ pub const VALUES: &[&str] = &[
     "\"[\"",
     "{}",
     "{ a = 1 }",
+    "\"http://127.0.0.1:8000/broadcaster/subscribe\"",
+    "\"http://localhost/x\"",
+    "\"https://a.example/x\"",
+    "\"http://[::1]:99999/\"",
+    "[\"10.0.0.0/8\", \"::1\"]",
+    "[\"10.0.0.0/33\"]",
+    "[\"Cookie\"]",
+    "[\"Bad Header\"]",
+    "\"scoreboard/*\"",
+    "\"*\"",
+    "\"a*b\"",
+    "\"public\"",
+    "\"proxy\"",
+    "\"token\"",
+];
+
+/// Keys of one `[[channels]]` table.
+pub const RULE_KEYS: &[&str] = &[
+    "pattern",
+    "access",
+    "history_size",
+    "history_ttl",
+    "rewind_default",
+    "presence",
 ];
 
 #[derive(Debug, Arbitrary)]
@@ -86,6 +121,8 @@ pub enum Value {
 #[derive(Debug, Arbitrary)]
 pub struct ConfigSpec {
     pub entries: Vec<(u8, Value)>,
+    /// `[[channels]]` tables, each a list of (key, value).
+    pub rules: Vec<Vec<(u8, Value)>>,
     /// Write dotted keys (`limits.x = 1`) instead of `[limits]` tables.
     pub dotted: bool,
 }
@@ -96,12 +133,7 @@ impl ConfigSpec {
         let mut tables: Vec<(String, String)> = Vec::new();
         for (k, v) in &self.entries {
             let key = KEYS[*k as usize % KEYS.len()];
-            let value = match v {
-                Value::Known(i) => VALUES[*i as usize % VALUES.len()].to_string(),
-                Value::Str(s) => toml_string(s),
-                Value::Int(i) => i.to_string(),
-                Value::Raw(r) => r.replace('\n', " "),
-            };
+            let value = value_text(v);
             match key.split_once('.') {
                 Some((table, leaf)) if !self.dotted => {
                     let line = format!("{leaf} = {value}\n");
@@ -116,7 +148,23 @@ impl ConfigSpec {
         for (table, body) in tables {
             top.push_str(&format!("[{table}]\n{body}"));
         }
+        for rule in &self.rules {
+            top.push_str("[[channels]]\n");
+            for (k, v) in rule {
+                let key = RULE_KEYS[*k as usize % RULE_KEYS.len()];
+                top.push_str(&format!("{key} = {}\n", value_text(v)));
+            }
+        }
         top
+    }
+}
+
+fn value_text(v: &Value) -> String {
+    match v {
+        Value::Known(i) => VALUES[*i as usize % VALUES.len()].to_string(),
+        Value::Str(s) => toml_string(s),
+        Value::Int(i) => i.to_string(),
+        Value::Raw(r) => r.replace('\n', " "),
     }
 }
 

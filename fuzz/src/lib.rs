@@ -6,6 +6,7 @@ pub mod config;
 pub mod http;
 pub mod json;
 pub mod jwt;
+pub mod proxy;
 pub mod replay;
 pub mod targets;
 pub mod ws;

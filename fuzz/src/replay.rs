@@ -13,6 +13,7 @@ pub const TARGETS: &[Target] = &[
     ("rest_bodies", crate::targets::rest_bodies),
     ("jwt", crate::targets::jwt),
     ("config", crate::targets::config),
+    ("proxy_response", crate::proxy::proxy_response),
 ];
 
 pub fn fuzz_dir() -> PathBuf {

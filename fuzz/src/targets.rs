@@ -388,11 +388,21 @@ pub fn check_request(text: &[u8], max: usize) {
                     );
                     check_payload("publish", text, &p.payload, max, expected);
                 }
-                Ok(Method::Subscribe { channel, .. }) | Ok(Method::Unsubscribe { channel }) => {
-                    assert!(req.method_needs_auth);
+                Ok(Method::Subscribe { channel, start }) => {
+                    // Before auth on public channels: the session decides per channel.
+                    assert!(!req.method_needs_auth);
+                    assert!(check_channel(&channel).is_ok(), "channel {channel:?}");
+                    let both = inner.as_ref().is_some_and(|m| {
+                        m.unique("since").is_some_and(|v| v != "null")
+                            && m.unique("rewind").is_some_and(|v| v != "null")
+                    });
+                    assert!(!both, "since and rewind together accepted: {start:?}");
+                }
+                Ok(Method::Unsubscribe { channel }) => {
+                    assert!(!req.method_needs_auth);
                     assert!(check_channel(&channel).is_ok(), "channel {channel:?}");
                 }
-                Ok(Method::Auth { .. }) | Ok(Method::Heartbeat) => {
+                Ok(Method::Auth { .. }) | Ok(Method::AuthProxy) | Ok(Method::Heartbeat) => {
                     assert!(!req.method_needs_auth);
                 }
             }
@@ -698,5 +708,41 @@ pub fn check_config(text: &[u8]) {
     );
     // And a token verifies with it.
     let token = auth::mint("s", "a", &[], &[], Duration::from_secs(60)).expect("mint");
-    assert!(Verifier::new("s", c.auth.leeway).verify(&token).is_ok());
+    assert!(Verifier::new("s", c.auth.leeway).verify(&token).is_ok());    check_rules(&c, now);
+}
+
+/// What an accepted `[[channels]]` and `[proxy]` promise the server: every duration can be
+/// added to now, every rewind_default can be served, the proxy URLs parse, and a policy is
+/// found for any channel without a panic.
+fn check_rules(c: &Config, now: Instant) {
+    let rules = c.rules();
+    assert_eq!(rules.hash().is_some(), !c.channels.is_empty());
+    for (n, r) in c.channels.iter().enumerate() {
+        let size = r.history_size.unwrap_or(c.history.size);
+        assert!(size <= 100_000, "channels[{n}].history_size {size}");
+        assert!(r.rewind_default <= size.min(c.limits.rewind_max), "channels[{n}].rewind_default");
+        let ttl = r.history_ttl.unwrap_or(c.history.ttl);
+        assert!(now.checked_add(ttl).is_some(), "channels[{n}].history_ttl overflows");
+        assert!(!r.pattern.is_empty() && !r.pattern.trim_end_matches('*').contains('*'));
+        // Its own pattern's channels reach it unless an earlier rule takes them: never one
+        // wholly shadowed.
+        let probe = r.pattern.trim_end_matches('*');
+        if !probe.is_empty() {
+            let _ = rules.policy(probe);
+        }
+    }
+    for url in [&c.proxy.subscribe_url, &c.proxy.connect_url].into_iter().flatten() {
+        assert!(broadcaster::wire::proxy::parse_url(url).is_ok(), "{url}");
+        assert!(c.proxy.secret.as_deref().is_some_and(|s| !s.is_empty()));
+    }
+    for d in [c.proxy.timeout, c.proxy.subscribe_cache_ttl] {
+        assert!(now.checked_add(d).is_some(), "a proxy duration overflows");
+    }
+    for t in &c.limits.trusted_proxies {
+        assert!(broadcaster::config::parse_cidr(t).is_ok(), "{t}");
+    }
+    for channel in ["a", "scoreboard/x", "contest/1/2", "*"] {
+        let p = rules.policy(channel);
+        assert!(p.history_size <= 100_000);
+    }
 }

@@ -27,6 +27,11 @@ pub enum Scenario {
     Storm(StormArgs),
     /// Subscribers disconnect and resubscribe with `since` while publishing goes on: nothing lost.
     Recovery(RecoveryArgs),
+    /// N viewers of one public channel, anonymous and then authenticated (two phases against the
+    /// same server): server CPU per connect and per delivery, latency, rewind and order checks,
+    /// side by side.
+    #[command(after_help = SCOREBOARD_HELP)]
+    Scoreboard(ScoreboardArgs),
     /// Thousands of connections cycle connect/auth/subscribe/receive/unsubscribe/disconnect for a
     /// long while: nothing lost, and no RSS, gauge or file-descriptor leak in the server.
     #[command(after_help = SOAK_HELP)]
@@ -213,6 +218,65 @@ pub struct RecoveryArgs {
     pub(crate) reconnect_every: f64,
     #[command(flatten)]
     pub(crate) publish: PublishArgs,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+/// How to run the server for `scoreboard` (shown under `scoreboard --help`).
+const SCOREBOARD_HELP: &str = "\
+The channels must be public, with rewind: give the server a config file with the rule
+
+    [[channels]]
+    pattern = \"scoreboard/*\"
+    access = \"public\"
+    history_size = 1
+    rewind_default = 1
+
+(--public-prefix names the prefix the pattern matches, --rewind-default the rule's rewind_default)
+and lift the per-address cap on anonymous connections, which every connection counts against
+from its handshake until its `auth`, and which a load generator on loopback reaches at once:
+
+    BROADCASTER_LIMITS_ANONYMOUS_CONNECTIONS_PER_IP_MAX=1000000 \\
+        broadcaster serve --config scoreboard.toml --shards 1 ...
+
+Each phase, on a channel of its own: publish --rewind-default publications; connect and
+subscribe the viewers (anonymous: `subscribe` alone; authenticated: `auth` then `subscribe`,
+in one write), every one of which must get `rewound` = --rewind-default and those publications
+first, seq 1.. (server CPU per connect is measured from the first connect to the last rewound
+publication received); publish at --rate for --duration over REST (server CPU per delivery,
+latency); close the viewers and wait for the server to count them gone. --rounds 2 runs
+anonymous, authenticated, authenticated, anonymous.
+
+Exit status: 0 passed, 1 a check failed, 2 could not run.";
+
+/// `scoreboard` options.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ScoreboardArgs {
+    /// Viewers of the channel in each phase.
+    #[arg(long, short = 'n', default_value_t = 2000)]
+    pub(crate) viewers: usize,
+    /// Publications per second (open loop, over REST) in each phase.
+    #[arg(long, default_value_t = 10.0)]
+    pub(crate) rate: f64,
+    /// Seconds of publishing in each phase.
+    #[arg(long, default_value_t = 20.0)]
+    pub(crate) duration: f64,
+    /// Rounds of an anonymous and an authenticated phase, the order alternating (anonymous
+    /// first in odd rounds), so what drifts over a run weighs on both kinds alike; each kind's
+    /// figures add up over its phases.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) rounds: usize,
+    /// What the server's public rule matches (`pattern = "scoreboard/*"`): the phases' channels
+    /// are this followed by the run's channel prefix, the kind and the round.
+    #[arg(long, default_value = "scoreboard/")]
+    pub(crate) public_prefix: String,
+    /// The rule's `rewind_default`: each phase publishes this many before its viewers come, and
+    /// every subscribe must answer `rewound` with it and replay them first.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) rewind_default: u64,
+    /// Seconds to wait after a phase for the server to count its viewers gone (`/metrics`).
+    #[arg(long, default_value_t = 10.0)]
+    pub(crate) settle_timeout: f64,
     #[command(flatten)]
     pub common: Common,
 }
@@ -413,5 +477,14 @@ mod tests {
         assert_eq!(s.connections, 2000);
         assert_eq!(s.common.server, ["127.0.0.1:8080"]);
         assert!(s.common.server_pid.is_empty());
+        let cli = Cli::parse_from(["lt", "scoreboard", "-n", "50", "--rounds", "2"]);
+        let Scenario::Scoreboard(b) = cli.scenario else {
+            panic!("not scoreboard")
+        };
+        assert_eq!(
+            (b.viewers, b.rounds, b.rate, b.rewind_default),
+            (50, 2, 10.0, 1)
+        );
+        assert_eq!(b.public_prefix, "scoreboard/");
     }
 }

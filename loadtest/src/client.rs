@@ -1,6 +1,9 @@
 //! The subscriber side: worker threads, each running one mio (epoll, edge-triggered) loop over many
-//! connections. A connection goes connect → upgrade → `auth` + `subscribe` (pipelined in one write) →
-//! live, where every broadcast is checked (`seq`, `offset`) and timed (the payload's send time).
+//! connections. A connection goes connect → upgrade → `auth` + `subscribe` (pipelined in one write;
+//! `subscribe` alone for an anonymous viewer of a public channel) → live, where every broadcast is
+//! checked (`seq`, `offset`) and timed (the payload's send time). Publications a subscribe rewinds
+//! (`rewound` in its result) are checked like the others but counted apart, untimed: they were
+//! published before the subscriber came.
 //!
 //! Cost per delivered message is one short `read()` that usually carries several frames, one frame
 //! header decode and a few byte searches; receive buffers are per worker, not per connection, so an
@@ -38,8 +41,12 @@ pub(crate) struct Shared {
     pub(crate) subscribed: AtomicU64,
     /// Connections that failed during setup or were dropped by the server.
     pub(crate) failed: AtomicU64,
-    /// Broadcasts received, all connections.
+    /// Broadcasts received, all connections (the rewound ones apart: [`Shared::replayed`]).
     pub(crate) deliveries: AtomicU64,
+    /// Publications the subscribe results said were rewound (`rewound`), all connections.
+    pub(crate) rewound: AtomicU64,
+    /// Rewound publications received (replayed right after the subscribe result).
+    pub(crate) replayed: AtomicU64,
     /// Publications accepted by the server so far (the publisher's count).
     pub(crate) published: AtomicU64,
     /// Broadcasts whose seq was not the expected one (progress line only).
@@ -76,6 +83,8 @@ pub(crate) struct ClientConfig {
     pub(crate) nodes: Arc<Vec<Node>>,
     /// The client token (one for all connections; subscriptions are per connection).
     pub(crate) token: String,
+    /// Anonymous viewers: no `auth`, the `subscribe` alone (a public channel, SPEC 14).
+    pub(crate) anonymous: bool,
     /// Channel names; subscriber `i` subscribes to `channels[channel_of[i]]`.
     pub(crate) channels: Arc<Vec<String>>,
     /// Setups in progress per worker, at most.
@@ -176,12 +185,16 @@ struct Conn {
     epoch: Option<String>,
     /// The `since` offset sent with the current subscribe, if any.
     since: Option<u64>,
+    /// Broadcasts at or below this offset are the current subscribe's rewound publications (0:
+    /// none rewound).
+    rewound_upto: u64,
     setup_started: Instant,
     ever_subscribed: bool,
 }
 
 struct Counters {
     deliveries: u64,
+    replayed: u64,
     anomalies: u64,
     interval_max_ns: u64,
     seq_offset_mismatch: u64,
@@ -234,6 +247,7 @@ impl Worker {
                 offsets: None,
                 epoch: None,
                 since: None,
+                rewound_upto: 0,
                 setup_started: now,
                 ever_subscribed: false,
             })
@@ -256,6 +270,7 @@ impl Worker {
             rng: ws::MaskRng::new(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xDEAD_BEEF),
             counters: Counters {
                 deliveries: 0,
+                replayed: 0,
                 anomalies: 0,
                 interval_max_ns: 0,
                 seq_offset_mismatch: 0,
@@ -331,6 +346,12 @@ impl Worker {
                 let _g = self.shared.window_mutex.lock();
                 self.shared.window_cv.notify_all();
             }
+        }
+        if c.replayed > 0 {
+            self.shared
+                .replayed
+                .fetch_add(c.replayed, Ordering::Relaxed);
+            c.replayed = 0;
         }
         if c.anomalies > 0 {
             self.shared
@@ -530,10 +551,23 @@ impl Worker {
             }
             Some(SUBSCRIBE_ID) => {
                 if let Some(code) = r.error_code {
-                    return Err(format!("subscribe failed: {code}"));
+                    let hint = if self.cfg.anonymous {
+                        " (an anonymous subscribe needs a public channel: a [[channels]] rule with \
+                         access = \"public\" matching it in the server's config file)"
+                    } else {
+                        ""
+                    };
+                    return Err(format!("subscribe failed: {code}{hint}"));
                 }
                 let top = r.offset.ok_or("subscribe result without offset")?;
                 let recovered = r.recovered == Some(true);
+                // The last `rewound` publications, up to `top`, follow the result with seq 1..;
+                // the live ones carry on from there.
+                let rewound = r.rewound.unwrap_or(0).min(top);
+                if rewound > 0 {
+                    self.shared.rewound.fetch_add(rewound, Ordering::Relaxed);
+                }
+                c.rewound_upto = if rewound > 0 { top } else { 0 };
                 if c.since.is_some() && !recovered {
                     self.shared.unrecovered.fetch_add(1, Ordering::Relaxed);
                     self.shared.error(format!(
@@ -543,11 +577,11 @@ impl Worker {
                 }
                 c.seq_base = match c.since {
                     Some(since) if recovered => since,
-                    _ => top,
+                    _ => top - rewound,
                 };
                 c.seq = SeqChecker::new(1);
                 if c.offsets.is_none() {
-                    c.offsets = Some(SeqChecker::new(top + 1));
+                    c.offsets = Some(SeqChecker::new(top - rewound + 1));
                 }
                 if r.epoch.is_some() {
                     c.epoch = r.epoch;
@@ -630,11 +664,13 @@ impl Receiver for Worker {
             self.shared.upgraded.fetch_add(1, Ordering::Relaxed);
         }
         let mut req = Vec::with_capacity(512);
-        req.extend_from_slice(b"{\"id\":1,\"method\":\"auth\",\"params\":{\"token\":");
-        extract::push_json_str(&mut req, &self.cfg.token);
-        req.extend_from_slice(b"}}");
-        ws::encode_client_frame(&mut c.pending, ws::OP_TEXT, &req, k1);
-        req.clear();
+        if !self.cfg.anonymous {
+            req.extend_from_slice(b"{\"id\":1,\"method\":\"auth\",\"params\":{\"token\":");
+            extract::push_json_str(&mut req, &self.cfg.token);
+            req.extend_from_slice(b"}}");
+            ws::encode_client_frame(&mut c.pending, ws::OP_TEXT, &req, k1);
+            req.clear();
+        }
         req.extend_from_slice(b"{\"id\":2,\"method\":\"subscribe\",\"params\":{\"channel\":");
         extract::push_json_str(&mut req, &self.cfg.channels[c.spec.channel as usize]);
         if let (Some(since), Some(epoch)) = (c.since, c.epoch.as_ref()) {
@@ -668,7 +704,14 @@ impl Receiver for Worker {
                     ));
                 }
                 let k = &mut self.counters;
-                k.deliveries += 1;
+                // A rewound publication was published before this subscriber came: checked like
+                // the live ones, but neither a delivery of the run nor timed.
+                let rewound = b.offset <= c.rewound_upto;
+                if rewound {
+                    k.replayed += 1;
+                } else {
+                    k.deliveries += 1;
+                }
                 k.frames += 1;
                 k.frame_bytes += frame_bytes;
                 if b.seq != c.seq.next_expected() {
@@ -680,6 +723,9 @@ impl Receiver for Worker {
                 }
                 if b.offset != c.seq_base + b.seq {
                     k.seq_offset_mismatch += 1;
+                }
+                if rewound {
+                    return Ok(());
                 }
                 if b.sent_unix_ns > 0 {
                     let lat = now_ns.saturating_sub(b.sent_unix_ns);

@@ -1,7 +1,8 @@
 //! Just enough JSON for the receive path: the fields of a broadcast the load generator checks
 //! (`seq`, `offset`, and the send time `t` and number `n` inside our own payload), and the few fields of
-//! a response (`requestId`, `error`, `offset`, `epoch`, `recovered`). A full JSON parse per delivered
-//! message would cost more than the server's own work per message; these byte searches cost ~100 ns.
+//! a response (`requestId`, `error`, `offset`, `epoch`, `recovered`, `rewound`). A full JSON parse
+//! per delivered message would cost more than the server's own work per message; these byte
+//! searches cost ~100 ns.
 //!
 //! The payload is ours, `{"t":<unix nanos>,"n":<k>,"pad":"xxxx"}`, so none of its keys or values can be
 //! mistaken for an envelope key; `t` and `n` are looked up after `"payload":` only.
@@ -45,6 +46,9 @@ pub(crate) struct Response {
     pub(crate) epoch: Option<String>,
     /// `result.recovered` (subscribe with `since`).
     pub(crate) recovered: Option<bool>,
+    /// `result.rewound` (subscribe with `rewind`, or on a channel whose rule has
+    /// `rewind_default`): the publications replayed right after the result.
+    pub(crate) rewound: Option<u64>,
 }
 
 /// Classifies and extracts one server text frame.
@@ -134,6 +138,7 @@ fn parse_response(text: &[u8]) -> Response {
         offset: u64_field(text, b"\"offset\":"),
         epoch: string_field(text, b"\"epoch\":").map(|s| String::from_utf8_lossy(s).into_owned()),
         recovered: bool_field(text, b"\"recovered\":"),
+        rewound: u64_field(text, b"\"rewound\":"),
     }
 }
 
@@ -285,6 +290,11 @@ mod tests {
         assert_eq!(r.offset, Some(7));
         assert_eq!(r.epoch.as_deref(), Some("ab12"));
         assert_eq!(r.recovered, Some(true));
+        assert_eq!(r.rewound, None);
+
+        let rewound = br#"{"requestId":2,"result":{"subscriptionId":"s1","timestamp":"x","offset":9,"epoch":"ab12","rewound":1}}"#;
+        let r = parse_response(rewound);
+        assert_eq!((r.offset, r.recovered, r.rewound), (Some(9), None, Some(1)));
 
         let err = br#"{"requestId":1,"error":{"code":"Unauthenticated","message":"bad"}}"#;
         let r = parse_response(err);

@@ -31,7 +31,7 @@ pub(crate) struct Env {
 impl Env {
     /// A scenario's report, with what ran: `connections` over `channels` (`per_channel` each)
     /// from this load generator's threads, open-file limit and source addresses.
-    pub(crate) fn report(
+    pub(crate) fn report<F: Default>(
         &self,
         scenario: &'static str,
         common: &Common,
@@ -39,7 +39,7 @@ impl Env {
         connections: usize,
         channels: usize,
         per_channel: usize,
-    ) -> Report {
+    ) -> Report<F> {
         let mut report = Report::new(scenario, common, &self.nodes);
         report.connections = connections as u64;
         report.channels = channels as u64;

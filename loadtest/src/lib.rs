@@ -3,7 +3,7 @@
 //! | module | does |
 //! |---|---|
 //! | [`cli`] | the command line, one subcommand per scenario |
-//! | [`scenario`] | the scenarios over the subscribers' receive workers, one per file: fanout, chat, recovery, idle, storm, floor |
+//! | [`scenario`] | the scenarios over the subscribers' receive workers, one per file: fanout, chat, recovery, idle, storm, scoreboard, floor |
 //! | [`soak`] | the soak scenario: churning connections, recovery across reconnects, leak checks (run phases, worker, plan, verdict, figures) |
 //! | [`report`] | the table, the JSON summary; scenarios add their rows as (label, value) pairs |
 //! | `harness` | what every scenario shares: servers, token, threads, source addresses, channel names, the measurement window |

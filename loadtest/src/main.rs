@@ -13,6 +13,7 @@ fn main() {
         Scenario::Idle(a) => conclude(scenario::idle(a), &a.common),
         Scenario::Storm(a) => conclude(scenario::storm(a), &a.common),
         Scenario::Recovery(a) => conclude(scenario::recovery(a), &a.common),
+        Scenario::Scoreboard(a) => conclude(scenario::scoreboard(a), &a.common),
         Scenario::Soak(a) => conclude(soak::run(a), &a.common),
         Scenario::Floor(a) => std::process::exit(run_floor(a)),
     }

@@ -34,7 +34,7 @@ pub(crate) struct ScenarioRows {
 }
 
 /// Everything a run measured. Serialized as the JSON summary (`--json`). `F` is the scenario's own
-/// figures (the soak's), `()` for the scenarios without any.
+/// figures (the soak's, the scoreboard's), `()` for the scenarios without any.
 #[derive(Debug, Default, serde::Serialize)]
 pub struct Report<F = ()> {
     /// Scenario name.
@@ -131,9 +131,11 @@ pub struct Report<F = ()> {
     /// Source addresses used.
     pub(crate) source_addresses: u64,
     /// The scenario's own figures (the soak's churn, recovery, RSS, descriptor and gauge
-    /// figures), under `soak` in the JSON summary; `null` for the scenarios without any.
-    #[serde(rename = "soak")]
-    pub(crate) figures: Option<F>,
+    /// figures; the scoreboard's two kinds of viewers), set with [`Report::set_figures`]: under
+    /// the scenario's name in the JSON summary (`soak`, `scoreboard`); absent for the scenarios
+    /// without any.
+    #[serde(flatten)]
+    figures: Option<Named<F>>,
     /// The kernel floor, when measured (`--floor`).
     pub(crate) floor: Option<FloorResult>,
     /// Server CPU per delivery divided by the one-frame-per-send floor.
@@ -194,6 +196,14 @@ impl<F> Report<F> {
             payload_bytes: common.payload_bytes,
             ..Default::default()
         }
+    }
+
+    /// Sets the scenario's own figures (the JSON summary's object named after the scenario).
+    pub(crate) fn set_figures(&mut self, figures: F) {
+        self.figures = Some(Named {
+            name: self.scenario,
+            figures,
+        });
     }
 
     /// Records a reason the run failed.
@@ -561,6 +571,23 @@ impl<F: serde::Serialize> Report<F> {
             )?;
         }
         Ok(())
+    }
+}
+
+/// A scenario's own figures under its name: one entry, `{"<name>": {...}}`, flattened into the
+/// JSON summary.
+#[derive(Debug)]
+struct Named<F> {
+    name: &'static str,
+    figures: F,
+}
+
+impl<F: serde::Serialize> serde::Serialize for Named<F> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(Some(1))?;
+        m.serialize_entry(self.name, &self.figures)?;
+        m.end()
     }
 }
 

@@ -28,6 +28,7 @@ pub fn idle(a: &IdleArgs) -> Result<Report, SetupError> {
     let cfg = ClientConfig {
         nodes: env.nodes.clone(),
         token: env.token.clone(),
+        anonymous: false,
         channels: channels.clone(),
         concurrency: common.concurrency.max(1),
         reconnect_every: None,

@@ -1,6 +1,6 @@
 //! The publish-and-receive run that `fanout`, `chat` and `recovery` share: subscribers on C
 //! channels, one publisher, the measurement window from the first publication to the last
-//! delivery, then the checks.
+//! delivery ([`publish_window`], which `scoreboard` uses too), then the checks.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -47,11 +47,13 @@ struct Subscribed {
 }
 
 /// What publishing left for the verdict.
-struct Published {
-    pres: PublishResult,
+pub(super) struct Published {
+    pub(super) pres: PublishResult,
     /// Deliveries the publications accepted should cause.
-    expected: u64,
-    end: WindowEnd,
+    pub(super) expected: u64,
+    pub(super) end: WindowEnd,
+    /// Broadcast frames per server socket write over the window (from `/metrics`), when scraped.
+    pub(super) frames_per_write: Option<f64>,
 }
 
 /// Runs the scenario `p` describes.
@@ -71,6 +73,7 @@ fn subscribe(p: &PubSub<'_>) -> Result<Subscribed, SetupError> {
     let cfg = ClientConfig {
         nodes: env.nodes.clone(),
         token: env.token.clone(),
+        anonymous: false,
         channels: channels.clone(),
         concurrency: common.concurrency.max(1),
         reconnect_every: p.reconnect_every,
@@ -129,12 +132,29 @@ fn publisher_config(p: &PubSub<'_>, run: &Subscribed) -> PublisherConfig {
 
 /// Publishes, then waits for the deliveries: the measurement window.
 fn publish(p: &PubSub<'_>, run: &mut Subscribed) -> Result<Published, SetupError> {
-    let common = p.common;
-    let total = p.subscribers();
     let pcfg = publisher_config(p, run);
-    let writes0 = write_counts(&run.env.rest_nodes);
+    let reconnecting = p.reconnect_every.is_some();
+    let published = publish_window(p.common, pcfg, &run.workers, p.per_channel, reconnecting)?;
+    run.report.frames_per_write = published.frames_per_write;
+    Ok(published)
+}
+
+/// Publishes with `pcfg` (the publisher's thread on the last `--cpus` entry) while `workers`
+/// receive, then waits up to `--drain-timeout` for every delivery, `per_channel` per publication:
+/// the measurement window, from the first publication to the last delivery. A failed connection
+/// cuts the wait short unless the subscribers are `reconnecting`.
+pub(super) fn publish_window(
+    common: &Common,
+    pcfg: PublisherConfig,
+    workers: &Workers,
+    per_channel: usize,
+    reconnecting: bool,
+) -> Result<Published, SetupError> {
+    let total = workers.total();
+    let rest_nodes = pcfg.rest_nodes.clone();
+    let writes0 = write_counts(&rest_nodes);
     let window = window_start(&common.server_pid);
-    let shared = run.workers.shared.clone();
+    let shared = workers.shared.clone();
     let pub_cpu = common.cpus.last().copied();
     let publisher = {
         let shared = shared.clone();
@@ -162,19 +182,22 @@ fn publish(p: &PubSub<'_>, run: &mut Subscribed) -> Result<Published, SetupError
     let pres: PublishResult = publisher
         .join()
         .map_err(|_| "publisher thread panicked".to_string())?;
-    let expected: u64 = pres.counts.iter().map(|c| c * p.per_channel as u64).sum();
+    let expected: u64 = pres.counts.iter().map(|c| c * per_channel as u64).sum();
     let drain_deadline = Instant::now() + Duration::from_secs_f64(common.drain_timeout);
     while shared.deliveries.load(Ordering::Relaxed) < expected && Instant::now() < drain_deadline {
         std::thread::sleep(Duration::from_micros(200));
-        if shared.failed.load(Ordering::Relaxed) > 0 && p.reconnect_every.is_none() {
+        if shared.failed.load(Ordering::Relaxed) > 0 && !reconnecting {
             break;
         }
     }
     let end = window_end(&window, &common.server_pid);
-    if let (Some(a), Some(b)) = (writes0, write_counts(&run.env.rest_nodes)) {
-        let (frames, writes) = (b.0 - a.0, b.1 - a.1);
-        run.report.frames_per_write = (writes > 0.0).then(|| frames / writes);
-    }
+    let frames_per_write = match (writes0, write_counts(&rest_nodes)) {
+        (Some(a), Some(b)) => {
+            let (frames, writes) = (b.0 - a.0, b.1 - a.1);
+            (writes > 0.0).then(|| frames / writes)
+        }
+        _ => None,
+    };
     if !common.quiet {
         eprintln!("{}", progress_line(&shared, window.t0, &mut last, total));
     }
@@ -182,6 +205,7 @@ fn publish(p: &PubSub<'_>, run: &mut Subscribed) -> Result<Published, SetupError
         pres,
         expected,
         end,
+        frames_per_write,
     })
 }
 
@@ -196,6 +220,7 @@ fn conclude(p: &PubSub<'_>, run: Subscribed, published: Published) -> Report {
         pres,
         expected,
         end,
+        ..
     } = published;
     let (shared, results) = workers.join();
     let merged = merge(results, &pres.last_offsets);

@@ -19,6 +19,7 @@ pub fn storm(a: &StormArgs) -> Result<Report, SetupError> {
     let cfg = ClientConfig {
         nodes: env.nodes.clone(),
         token: env.token.clone(),
+        anonymous: false,
         channels: channels.clone(),
         concurrency: common.concurrency.max(1),
         reconnect_every: None,

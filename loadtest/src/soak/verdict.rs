@@ -70,7 +70,7 @@ pub(super) fn verdict(
     ];
     report.rows.checks = figures.rows();
     report.rows.cost = vec![report.cpu_per_delivery_row()];
-    report.figures = Some(figures);
+    report.set_figures(figures);
     report.finish();
     report
 }
