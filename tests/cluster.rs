@@ -1474,3 +1474,84 @@ async fn hung_redis_is_unavailable_and_degraded() {
     let n = take(&mut sub, 1, T).await;
     assert_eq!(n[0].id, next.id, "{}", n[0].raw);
 }
+
+/// SPEC 14 in cluster mode: rules agree across nodes (same hash), a rule's history size is the
+/// Redis stream's cap, anonymous viewers and rewind work on a node other than the publisher's,
+/// rewind is ordered under concurrent publishing, and after a node is killed and Redis restarts
+/// empty, rewind answers what Redis holds (nothing) and the channel goes on from offset 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn public_channels_and_rewind_across_nodes_through_redis() {
+    const RULES: &str = "[[channels]]\npattern = \"scoreboard/*\"\naccess = \"public\"\nhistory_size = 2\nrewind_default = 1\n";
+    let mut redis = Redis::start().await;
+    let rules_node = || {
+        Server::start(ServerOpts {
+            shards: 2,
+            args: vec!["--redis".into(), redis.url()],
+            config_toml: Some(RULES.into()),
+            ..Default::default()
+        })
+    };
+    let (a, b) = (rules_node(), rules_node());
+    for s in [&a, &b] {
+        wait_health(s, "ok", Duration::from_secs(10)).await;
+    }
+    let hash = |s: &Server| {
+        let s = s.public;
+        async move { http_get(s, "/health").await.json()["rules"].clone() }
+    };
+    assert!(hash(&a).await.is_string());
+    assert_eq!(hash(&a).await, hash(&b).await);
+
+    let board = unique("scoreboard/c");
+    for i in 1..=5 {
+        rest_publish_ok(a.backend(), &board, "board", &i.to_string()).await;
+    }
+    let stream = format!("bc:{{{board}}}:h");
+    assert_eq!(
+        redis.cmd(&["XLEN", &stream]).await,
+        Resp::Int(2),
+        "history_size 2 caps the stream"
+    );
+    let mut viewer = Ws::connect(b.public).await;
+    let r = viewer.subscribe(&board).await;
+    assert_eq!(r["rewound"], json!(1), "{r}");
+    let first = take(&mut viewer, 1, T).await;
+    assert_eq!((offsets(&first), seqs(&first)), (vec![5], vec![1]));
+
+    // rewind on B while A publishes: the replayed ones, then every newer one, once each.
+    let news = unique("news");
+    for i in 1..=6 {
+        rest_publish_ok(a.backend(), &news, "e", &i.to_string()).await;
+    }
+    let publisher = {
+        let addr = a.backend();
+        let news = news.clone();
+        tokio::spawn(async move {
+            for i in 7..=30 {
+                rest_publish_ok(addr, &news, "e", &i.to_string()).await;
+            }
+        })
+    };
+    let mut sub = b.ws_authed("u").await;
+    let r = sub
+        .call("subscribe", json!({"channel": news, "rewind": 4}))
+        .await;
+    assert_eq!(r["rewound"], json!(4), "{r}");
+    let at = r["offset"].as_u64().unwrap();
+    publisher.await.unwrap();
+    let got = take(&mut sub, (30 - at + 4) as usize, T).await;
+    assert_eq!(offsets(&got), (at - 3..=30).collect::<Vec<u64>>());
+    assert_eq!(seqs(&got), (1..=(30 - at + 4)).collect::<Vec<u64>>());
+
+    // A killed, Redis restarted empty: B reconnects; rewind finds nothing, offsets restart.
+    a.signal(libc::SIGKILL);
+    redis.restart().await;
+    wait_reconnected(&b, 1.0, Duration::from_secs(15)).await;
+    let mut late = Ws::connect(b.public).await;
+    let r = late.subscribe(&board).await;
+    assert_eq!(r["rewound"], json!(0), "{r}");
+    let ack = rest_publish_ok(b.backend(), &board, "board", "6").await;
+    assert_eq!(ack.offset, 1);
+    let n = take(&mut late, 1, T).await;
+    assert_eq!((offsets(&n), seqs(&n)), (vec![1], vec![1]));
+}

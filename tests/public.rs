@@ -6,10 +6,7 @@ mod common;
 
 use common::*;
 use serde_json::{json, Value};
-use std::net::SocketAddr;
 use std::time::Duration;
-use tokio::net::TcpSocket;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 const RULES: &str = r#"
 [[channels]]
@@ -35,27 +32,6 @@ fn server(shards: usize, env: &[(&str, &str)]) -> Server {
         o = o.env(k, v);
     }
     Server::start(o)
-}
-
-/// A WebSocket from `source` (an address of 127.0.0.0/8) with extra handshake headers; the
-/// handshake's status when it is refused.
-async fn ws_from(addr: SocketAddr, source: &str, headers: &[(&str, &str)]) -> Result<Ws, u16> {
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
-    let tcp = within(T, "connect", socket.connect(addr)).await.unwrap();
-    let mut req = format!("ws://{addr}/ws").into_client_request().unwrap();
-    for (k, v) in headers {
-        let name =
-            tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(k.as_bytes()).unwrap();
-        req.headers_mut()
-            .insert(name, v.parse().expect("header value"));
-    }
-    let tcp = tokio_tungstenite::MaybeTlsStream::Plain(tcp);
-    match within(T, "handshake", tokio_tungstenite::client_async(req, tcp)).await {
-        Ok((stream, _)) => Ok(Ws::from_stream(stream)),
-        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err(resp.status().as_u16()),
-        Err(e) => panic!("handshake failed: {e}"),
-    }
 }
 
 /// Offsets of the next `n` broadcasts, checking that their `seq` counts from `first_seq`.
