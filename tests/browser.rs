@@ -578,6 +578,10 @@ async fn scenario() {
     let server = Server::start(ServerOpts {
         secret: None,
         api_keys: Vec::new(),
+        config_toml: Some(
+            "[[channels]]\npattern = \"e2e-board/*\"\naccess = \"public\"\nhistory_size = 1\nrewind_default = 1\n"
+                .into(),
+        ),
         ..ServerOpts::shards(2)
     });
     let (key, dev_token) = dev_credentials(&server);
@@ -884,6 +888,8 @@ async fn scenario() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(page.rows().await.len(), n, "a message after unsubscribe");
 
+    anonymous_viewer(&page, &server, &key).await;
+
     // No script errors on the page.
     let errors: Vec<String> = page
         .cdp
@@ -899,4 +905,44 @@ async fn scenario() {
     drop(page);
     drop(browser);
     drop(server);
+}
+
+/// SPEC 14 in the browser: with the token field empty the page connects without `auth`, and a
+/// public channel shows its current board at once (rewind_default), then what follows.
+async fn anonymous_viewer(page: &Page, server: &Server, key: &str) {
+    let board = "e2e-board/1";
+    let first = rest_publish(server, key, board, "board", json!({"v": 1})).await;
+    page.click("disconnect").await;
+    page.wait_for(
+        "document.getElementById('status').dataset.state === 'closed'",
+        "the page to disconnect",
+    )
+    .await;
+    page.set_value("token", "").await;
+    page.click("connect").await;
+    page.wait_for(
+        "document.getElementById('status').dataset.state === 'connected'",
+        "the page to connect without a token",
+    )
+    .await;
+    page.wait_for(
+        "Array.from(document.querySelectorAll('#log li'))\
+         .some(l => l.textContent.includes('connected (anonymous)'))",
+        "the log to say the connection is anonymous",
+    )
+    .await;
+    page.set_value("channel", board).await;
+    page.click("subscribe").await;
+    page.wait_for(
+        &format!("!!document.querySelector('#messages li.msg[data-channel=\"{board}\"][data-offset=\"{first}\"]')"),
+        "the rewound publication: the current board",
+    )
+    .await;
+    let next = rest_publish(server, key, board, "board", json!({"v": 2})).await;
+    page.wait_for(
+        &format!("!!document.querySelector('#messages li.msg[data-channel=\"{board}\"][data-offset=\"{next}\"]')"),
+        "the next publication on the public channel",
+    )
+    .await;
+    assert_eq!(rows_on(&page.rows().await, board).len(), 2);
 }

@@ -13,7 +13,9 @@
  * Constructor options (all optional):
  *   url               WebSocket URL; default ws(s)://<page host>/ws
  *   token             a JWT string, or a function returning one (or a promise of one); a function
- *                     is called before every (re)connect, so it can fetch a fresh token
+ *                     is called before every (re)connect, so it can fetch a fresh token. Empty: no
+ *                     auth (an anonymous viewer: public channels only, SPEC 14); "proxy": auth with
+ *                     {"proxy": true}, the backend decides from the page's cookies (SPEC 15)
  *   reconnect         reconnect automatically after the connection drops (default true)
  *   minDelay          first reconnect delay in ms (default 500)
  *   maxDelay          cap of the reconnect delay in ms (default 15000)
@@ -27,9 +29,11 @@
  *                              once authenticated the first time
  *   disconnect()               closes with 1000 and stops reconnecting; subscriptions (and their
  *                              positions) are kept, so a later connect() resumes them with `since`
- *   subscribe(channel, {since}?)  resolves with {subscriptionId, timestamp, offset, epoch, recovered?};
- *                              if not connected it resolves once the subscription is made after connecting.
- *                              `since: {offset, epoch}` resumes from a position the app saved itself.
+ *   subscribe(channel, {since, rewind}?)  resolves with {subscriptionId, timestamp, offset, epoch,
+ *                              recovered?, rewound?}; if not connected it resolves once the subscription is
+ *                              made after connecting. `since: {offset, epoch}` resumes from a position the
+ *                              app saved itself; `rewind: N` replays the last N publications first (a
+ *                              resubscribe after a reconnect uses `since` instead).
  *   unsubscribe(channel)       forgets the channel (and its position) and unsubscribes on the server
  *   publish(channel, event, payload)  resolves with {id, createTime, offset}
  *   request(method, params)    any request; resolves with `result`, rejects with an Error whose
@@ -56,7 +60,8 @@
  *   recoveryFailed  {channel, result} — the server could not replay what was missed
  *                   (`recovered: false`): reload the channel's state (e.g. GET /history)
  *   gap             {channel, expected, got} — a `seq` skipped (a message was missed)
- *   unsubscribed    {channel, reason} — also when the server refused a resubscribe
+ *   unsubscribed    {channel, reason} — also when the server refused a resubscribe, or ended the
+ *                   subscription itself (reason "expired": the backend's access check said no)
  *
  * Recovery: the client remembers, per channel, the last `offset` it saw and the `epoch` from
  * the subscribe result; after a reconnect it authenticates again, then resubscribes every channel
@@ -149,7 +154,8 @@
 
     connect(url, token) {
       if (url) this.url = url;
-      if (token !== undefined && token !== null && token !== "") this.token = token;
+      // An empty string is a choice too: connect anonymously.
+      if (token !== undefined && token !== null) this.token = token;
       const done = new Promise((resolve, reject) => this._connectWaiters.push({ resolve, reject }));
       if (this.state === "connected") {
         this._settleConnect(null);
@@ -260,7 +266,9 @@
       }
       if (this._ws !== ws) return;
       try {
-        await this.request("auth", { token: token || "" });
+        // No token: an anonymous viewer of public channels; nothing to send.
+        if (token === "proxy") await this.request("auth", { proxy: true });
+        else if (token) await this.request("auth", { token });
       } catch (e) {
         if (this._ws !== ws) return;
         this._emit("error", e);
@@ -395,7 +403,8 @@
       if (sub && sub.active && sub.result) return Promise.resolve(sub.result);
       const since = opts && opts.since;
       if (!sub) {
-        sub = { offset: null, epoch: null, seq: 0, active: false, result: null, waiters: [] };
+        const rewind = opts && opts.rewind != null ? Number(opts.rewind) : null;
+        sub = { offset: null, epoch: null, seq: 0, active: false, result: null, waiters: [], rewind };
         if (since && since.epoch != null && since.offset != null) {
           sub.offset = Number(since.offset);
           sub.epoch = String(since.epoch);
@@ -411,6 +420,7 @@
       const params = { channel };
       const resumed = sub.offset != null && sub.epoch != null;
       if (resumed) params.since = { offset: sub.offset, epoch: sub.epoch };
+      else if (sub.rewind != null) params.rewind = sub.rewind;
       sub.sending = true;
       sub.result = null;
       this.request("subscribe", params).then(
@@ -423,7 +433,8 @@
           sub.epoch = result.epoch;
           // Recovered: the missed publications follow and advance the offset themselves.
           // Otherwise delivery starts after the channel's current offset.
-          if (!(resumed && result.recovered === true)) sub.offset = result.offset;
+          // Rewound: the last `rewound` publications up to the offset follow.
+          if (!(resumed && result.recovered === true)) sub.offset = result.offset - (result.rewound || 0);
           const waiters = sub.waiters;
           sub.waiters = [];
           for (const w of waiters) w.resolve(result);
@@ -483,6 +494,16 @@
       }
       if (msg && msg.method === "broadcast") {
         this._onBroadcast(msg.params || {});
+        return;
+      }
+      if (msg && msg.method === "unsubscribed") {
+        const { channel, reason } = msg.params || {};
+        const sub = this._subs.get(channel);
+        if (sub) {
+          this._subs.delete(channel);
+          for (const w of sub.waiters) w.reject(makeError("Cancelled", "unsubscribed by the server", "subscribe"));
+          this._emit("unsubscribed", { channel, reason });
+        }
         return;
       }
       const id = msg ? msg.requestId : null;
