@@ -21,7 +21,8 @@ struct Cli {
 enum Command {
     /// Run the server (the default). Every config key can also be set as BROADCASTER_<KEY_PATH>,
     /// e.g. BROADCASTER_AUTH_JWT_SECRET, BROADCASTER_LIMITS_PING_INTERVAL=30s; flags beat the
-    /// environment, which beats the file. With no auth.jwt_secret it runs in dev mode.
+    /// environment, which beats the file. Channel rules ([[channels]]) are set in the file only:
+    /// arrays of tables have no environment form. With no auth.jwt_secret it runs in dev mode.
     Serve(ServeArgs),
     /// Print a signed client JWT (alone on the last line).
     Token {

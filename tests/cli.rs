@@ -346,6 +346,11 @@ async fn serve_help_documents_the_flags() {
     for flag in ["--config", "--listen", "--admin-listen", "--shards"] {
         assert!(text.contains(flag), "serve --help lacks {flag}:\n{text}");
     }
+    // SPEC 14: the rules have no environment form, and --help says so.
+    assert!(
+        text.contains("[[channels]]") && text.contains("file only"),
+        "{text}"
+    );
 }
 
 #[tokio::test]

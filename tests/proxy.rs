@@ -32,6 +32,8 @@ struct Backend {
     connections: Arc<AtomicUsize>,
     /// Calls on `contest/expire…` so far: the first allows for a second, the next deny.
     expire_calls: Arc<AtomicUsize>,
+    /// Connect calls with the `refresh` cookie so far.
+    refresh_calls: Arc<AtomicUsize>,
     /// `contest/hold…` answers only once this is notified.
     hold: Arc<tokio::sync::Notify>,
 }
@@ -77,7 +79,13 @@ impl Backend {
                 body: body.clone(),
             });
             let answer = if path == "/connect" {
-                connect_answer(&body)
+                let cookie = body["headers"]["Cookie"].as_str().unwrap_or_default();
+                let calls = if cookie.contains("refresh") {
+                    self.refresh_calls.fetch_add(1, SeqCst)
+                } else {
+                    0
+                };
+                connect_answer(&body, calls)
             } else {
                 self.subscribe_answer(&body).await
             };
@@ -131,9 +139,11 @@ impl Backend {
     }
 }
 
-fn connect_answer(body: &Value) -> String {
+fn connect_answer(body: &Value, calls: usize) -> String {
     let cookie = body["headers"]["Cookie"].as_str().unwrap_or_default();
-    let exp = now_secs() + if cookie.contains("expiring") { 2 } else { 3600 };
+    // "expiring": 2 s; "refresh": 2 s on the first call, an hour after (a refreshed session).
+    let short = cookie.contains("expiring") || (cookie.contains("refresh") && calls == 0);
+    let exp = now_secs() + if short { 2 } else { 3600 };
     if cookie.contains("ouat=") && !cookie.contains("bad") {
         json_answer(json!({"result": {
             "sub": "alice", "exp": exp, "authorizedChannels": ["room/*"],
@@ -498,6 +508,15 @@ async fn the_connect_proxy_turns_the_cookie_into_permissions() {
         .unwrap();
     short.call("auth", json!({"proxy": true})).await;
     short.expect_close(4002, Duration::from_secs(5)).await;
+    // Re-auth through the proxy refreshes: the second answer's exp is an hour away.
+    let mut refreshed = ws_from(s.public, "127.0.0.1", &[("Cookie", "ouat=refresh")])
+        .await
+        .unwrap();
+    refreshed.call("auth", json!({"proxy": true})).await;
+    refreshed.call("auth", json!({"proxy": true})).await;
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    refreshed.heartbeat_ok().await;
+    assert_eq!(backend.refresh_calls.load(SeqCst), 2);
 }
 
 #[tokio::test]
