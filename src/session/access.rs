@@ -19,6 +19,10 @@ use std::time::Duration;
 /// kept and asked about again this much later: an outage of the backend must not end every
 /// subscription at once.
 const RECHECK_RETRY: Duration = Duration::from_secs(10);
+/// The shortest time between two checks of one subscription.
+const RECHECK_MIN: Duration = Duration::from_secs(1);
+/// The longest a re-check task sleeps before it looks whether its subscription still exists.
+const RECHECK_STEP: Duration = Duration::from_secs(30);
 
 /// Why `subscribe` is refused before anything is asked, if it is.
 pub(super) fn refusal(access: Access, perms: Option<&Permissions>, channel: &str) -> Option<Error> {
@@ -104,15 +108,21 @@ pub(super) fn recheck_at(
     let (shard, channel) = (shard.clone(), channel.to_string());
     let id = conn.id;
     glommio::spawn_local(async move {
-        let mut at = at;
+        // At least RECHECK_MIN apart: an expireAt already past must not make a busy loop.
+        let mut at = at.max(unix_now() + RECHECK_MIN.as_secs());
         loop {
-            let wait = Duration::from_secs(at.saturating_sub(unix_now()));
-            glommio::timer::sleep(wait).await;
+            // In steps of at most RECHECK_STEP, so the task of a subscription that ended
+            // meanwhile ends soon too, not at a far expireAt.
+            let left = Duration::from_secs(at.saturating_sub(unix_now()));
+            glommio::timer::sleep(left.min(RECHECK_STEP)).await;
             let (Some(conn), Some(sub)) = (weak_conn.upgrade(), sub.upgrade()) else {
                 return;
             };
             if conn.is_closing() {
                 return;
+            }
+            if unix_now() < at {
+                continue;
             }
             let Some(proxy) = shard.proxy.as_ref() else {
                 return;
@@ -125,7 +135,7 @@ pub(super) fn recheck_at(
                 cached: false,
             };
             at = match proxy.subscribe(shard.metrics(), call).await {
-                Ok(Some(next)) => next,
+                Ok(Some(next)) => next.max(unix_now() + RECHECK_MIN.as_secs()),
                 Ok(None) => return,
                 Err(e) if matches!(e.code, Code::Unavailable | Code::Internal) => {
                     unix_now() + RECHECK_RETRY.as_secs()

@@ -132,13 +132,7 @@ pub fn parse_request<'a>(
     };
     let spans = members(text, skip_ws(text, 0));
     if let Some(name) = repeated(text, &spans, &TOP_MEMBERS) {
-        return Err(Rejected {
-            id: None,
-            error: err(
-                Code::InvalidArgument,
-                format!("request repeats member {name:?}"),
-            ),
-        });
+        return Err(reject(None, &format!("request repeats member {name:?}")));
     }
     let id = match obj.get("id") {
         None => None,
@@ -153,9 +147,8 @@ pub fn parse_request<'a>(
         },
     };
     let params = obj.get("params");
-    // An unknown method is NotFound whether or not the connection is authenticated.
-    // subscribe and unsubscribe work before auth on public channels (SPEC 14): the session
-    // decides per channel.
+    // Only publish always needs auth: subscribe and unsubscribe work before it on public
+    // channels (SPEC 14), so the session decides those per channel.
     let method_needs_auth = method == "publish";
     let inner = find(text, &spans, "params").map_or_else(Vec::new, |(at, _)| members(text, at));
     let params_repeat = repeated(text, &inner, &PARAMS_MEMBERS);
