@@ -708,7 +708,8 @@ pub fn check_config(text: &[u8]) {
     );
     // And a token verifies with it.
     let token = auth::mint("s", "a", &[], &[], Duration::from_secs(60)).expect("mint");
-    assert!(Verifier::new("s", c.auth.leeway).verify(&token).is_ok());    check_rules(&c, now);
+    assert!(Verifier::new("s", c.auth.leeway).verify(&token).is_ok());
+    check_rules(&c, now);
 }
 
 /// What an accepted `[[channels]]` and `[proxy]` promise the server: every duration can be
@@ -720,9 +721,15 @@ fn check_rules(c: &Config, now: Instant) {
     for (n, r) in c.channels.iter().enumerate() {
         let size = r.history_size.unwrap_or(c.history.size);
         assert!(size <= 100_000, "channels[{n}].history_size {size}");
-        assert!(r.rewind_default <= size.min(c.limits.rewind_max), "channels[{n}].rewind_default");
+        assert!(
+            r.rewind_default <= size.min(c.limits.rewind_max),
+            "channels[{n}].rewind_default"
+        );
         let ttl = r.history_ttl.unwrap_or(c.history.ttl);
-        assert!(now.checked_add(ttl).is_some(), "channels[{n}].history_ttl overflows");
+        assert!(
+            now.checked_add(ttl).is_some(),
+            "channels[{n}].history_ttl overflows"
+        );
         assert!(!r.pattern.is_empty() && !r.pattern.trim_end_matches('*').contains('*'));
         // Its own pattern's channels reach it unless an earlier rule takes them: never one
         // wholly shadowed.
@@ -731,7 +738,10 @@ fn check_rules(c: &Config, now: Instant) {
             let _ = rules.policy(probe);
         }
     }
-    for url in [&c.proxy.subscribe_url, &c.proxy.connect_url].into_iter().flatten() {
+    for url in [&c.proxy.subscribe_url, &c.proxy.connect_url]
+        .into_iter()
+        .flatten()
+    {
         assert!(broadcaster::wire::proxy::parse_url(url).is_ok(), "{url}");
         assert!(c.proxy.secret.as_deref().is_some_and(|s| !s.is_empty()));
     }
