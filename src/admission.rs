@@ -33,6 +33,15 @@ pub(crate) enum Refused {
     Address,
 }
 
+/// Who is at the other end of a WebSocket, as its handshake told; kept by its connection until
+/// it holds nothing more.
+pub(crate) struct Client {
+    /// The handshake headers `[proxy] forward_headers` names, for the backend.
+    pub(crate) headers: Vec<(String, String)>,
+    /// Held until the first successful `auth`: the connection counts as anonymous.
+    pub(crate) anonymous: Option<Permit>,
+}
+
 /// One anonymous connection counted; dropping it (at `auth` or at the end) uncounts it.
 pub(crate) struct Permit {
     counts: Arc<Anonymous>,

@@ -17,6 +17,7 @@ mod writer;
 pub use flush::Flusher;
 pub(crate) use subscription::Subscription;
 
+use crate::admission::Client;
 use crate::error::Error;
 use crate::io::socket::{self as transport, Transport};
 use crate::io::timers::Timers;
@@ -105,6 +106,9 @@ pub struct Conn {
     /// A connection's subscriptions, few for most: a vector costs 32 bytes for up to four where
     /// a hash map cost 128; the scan is bounded by `max_subscriptions_per_connection`.
     subs: RefCell<Vec<Rc<Subscription>>>,
+    /// What the handshake told, while it matters (anonymous, or headers for the access
+    /// proxy). 8 bytes, which `Rc<Conn>` still fits in its allocator size class.
+    client: Cell<Option<Box<Client>>>,
 }
 
 impl Conn {
@@ -128,6 +132,7 @@ impl Conn {
             staged: Cell::new((0, 0)),
             phase: Cell::new(Phase::Open),
             subs: RefCell::new(Vec::new()),
+            client: Cell::new(None),
         })
     }
 
@@ -306,6 +311,35 @@ impl Conn {
     pub(crate) fn remove_subscription(&self, channel: &str) -> Option<Rc<Subscription>> {
         let at = self.subscribed(channel)?;
         Some(self.subs.borrow_mut().swap_remove(at))
+    }
+
+    pub(crate) fn set_client(&self, client: Box<Client>) {
+        self.client.set(Some(client));
+    }
+
+    pub(crate) fn take_client(&self) -> Option<Box<Client>> {
+        self.client.take()
+    }
+
+    /// The handshake headers kept for the access proxy.
+    pub(crate) fn client_headers(&self) -> Vec<(String, String)> {
+        let client = self.client.take();
+        let headers = client
+            .as_ref()
+            .map(|c| c.headers.clone())
+            .unwrap_or_default();
+        self.client.set(client);
+        headers
+    }
+
+    /// After a successful `auth`: no longer anonymous; nothing kept when no header is.
+    pub(crate) fn authenticated(&self) {
+        if let Some(mut client) = self.client.take() {
+            client.anonymous = None;
+            if !client.headers.is_empty() {
+                self.client.set(Some(client));
+            }
+        }
     }
 
     /// The subscription to `channel`, if any.

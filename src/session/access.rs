@@ -71,7 +71,7 @@ pub(super) fn start(
 pub(super) async fn ask(
     shard: &Rc<Shard>,
     conn: &Conn,
-    session: &Session<'_>,
+    session: &Session,
     channel: &str,
 ) -> Result<Option<u64>, Error> {
     let Some(proxy) = shard.proxy.as_ref() else {
@@ -82,7 +82,7 @@ pub(super) async fn ask(
         channel,
         user,
         connection: conn.id,
-        headers: &session.client.headers,
+        headers: &conn.client_headers(),
         cached: true,
     };
     proxy.subscribe(shard.metrics(), call).await
@@ -95,7 +95,7 @@ pub(super) async fn ask(
 pub(super) fn recheck_at(
     shard: &Rc<Shard>,
     conn: &Rc<Conn>,
-    session: &Session<'_>,
+    session: &Session,
     channel: &str,
     at: u64,
 ) {
@@ -104,7 +104,7 @@ pub(super) fn recheck_at(
     };
     let (sub, weak_conn) = (Rc::downgrade(&sub), Rc::downgrade(conn));
     let user = session.perms.as_ref().map(|p| p.sub.clone());
-    let headers = session.client.headers.clone();
+    let headers = conn.client_headers();
     let (shard, channel) = (shard.clone(), channel.to_string());
     let id = conn.id;
     glommio::spawn_local(async move {
@@ -155,11 +155,7 @@ pub(super) fn recheck_at(
 
 /// `auth` with `{"proxy":true}`: the backend's connect answer becomes the connection's
 /// permissions, as a JWT's claims would.
-pub(super) async fn connect(
-    shard: &Rc<Shard>,
-    conn: &Rc<Conn>,
-    session: &Session<'_>,
-) -> Result<Permissions, Error> {
+pub(super) async fn connect(shard: &Rc<Shard>, conn: &Rc<Conn>) -> Result<Permissions, Error> {
     let Some(proxy) = shard.proxy.as_ref() else {
         return Err(err(
             Code::FailedPrecondition,
@@ -167,7 +163,7 @@ pub(super) async fn connect(
         ));
     };
     let perms = proxy
-        .connect(shard.metrics(), conn.id, &session.client.headers)
+        .connect(shard.metrics(), conn.id, &conn.client_headers())
         .await?;
     if perms.exp <= unix_now() {
         return Err(err(

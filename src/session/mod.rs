@@ -5,6 +5,7 @@ mod access;
 mod rate_limit;
 mod requests;
 
+use crate::admission::Client;
 use crate::auth::Permissions;
 use crate::clock::unix_now;
 use crate::config::Limits;
@@ -23,21 +24,10 @@ use std::time::{Duration, Instant};
 /// After our close frame, how long we wait for the peer's close before dropping the socket.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
-/// Who is at the other end, as the handshake told.
-pub(crate) struct Client {
-    /// The handshake headers `[proxy] forward_headers` names, for the backend.
-    pub(crate) headers: Vec<(String, String)>,
-    /// Held until the first successful `auth`: the connection counts as anonymous.
-    pub(crate) anonymous: Option<crate::admission::Permit>,
-}
-
 /// What a session knows of its client.
-struct Session<'a> {
+struct Session {
     perms: Option<Permissions>,
     rate: RateLimit,
-    /// On the heap with the read buffer, behind one pointer: the connection's future stays
-    /// in its allocator size class (see `connection_futures_stay_small`).
-    client: &'a mut Client,
 }
 
 /// The session's own times.
@@ -67,17 +57,19 @@ pub(crate) fn run(
     tracing::debug!(conn = conn.id, shard = shard.id, "websocket open");
     let stream = Rc::new(RefCell::new(stream));
     conn.attach(shard.send.clone(), stream.clone());
-    run_session(shard, conn, stream, Box::new((client, input)))
+    conn.set_client(Box::new(client));
+    run_session(shard, conn, stream, input)
 }
 
 async fn run_session(
     shard: Rc<Shard>,
     conn: Rc<Conn>,
     stream: Rc<RefCell<Transport>>,
-    mut client: Box<(Client, Vec<u8>)>,
+    mut input: Vec<u8>,
 ) {
-    let (client, input) = &mut *client;
-    reader(&shard, &conn, &stream, client, input).await;
+    reader(&shard, &conn, &stream, &mut input).await;
+    // Uncounted now, whoever may still hold the connection.
+    drop(conn.take_client());
     // Whatever ended the reader ends the writer too, and the flush pass stops writing to the
     // socket (it may still hold this connection in its list).
     for sub in conn.end().await {
@@ -104,7 +96,6 @@ async fn reader(
     shard: &Rc<Shard>,
     conn: &Rc<Conn>,
     stream: &RefCell<Transport>,
-    client: &mut Client,
     input: &mut Vec<u8>,
 ) {
     // Borrowed, not cloned: the reader lives as long as the connection.
@@ -114,7 +105,6 @@ async fn reader(
     let mut session = Session {
         perms: None,
         rate: RateLimit::new(limits.requests_per_second, limits.request_burst, opened),
-        client,
     };
     let mut times = Times {
         opened,
@@ -186,7 +176,7 @@ fn lingered(conn: &Conn, times: &mut Times, now: Instant) -> bool {
 async fn handle_buffered(
     shard: &Rc<Shard>,
     conn: &Rc<Conn>,
-    session: &mut Session<'_>,
+    session: &mut Session,
     decoder: &mut Decoder,
     input: &mut Vec<u8>,
 ) {
@@ -226,7 +216,7 @@ async fn handle_buffered(
 /// due time in the past would spin the read loop and starve the writer).
 fn next_due(
     conn: &Conn,
-    session: &Session<'_>,
+    session: &Session,
     times: &Times,
     token_expiry: Option<Instant>,
     limits: &Limits,
@@ -256,7 +246,7 @@ fn next_due(
 /// pings.
 fn on_time(
     conn: &Rc<Conn>,
-    session: &Session<'_>,
+    session: &Session,
     times: &mut Times,
     token_expiry: Option<Instant>,
     limits: &Limits,
@@ -277,7 +267,7 @@ fn on_time(
 
 /// A connection is closed 4001 at `auth_timeout` only when it has neither authenticated nor
 /// holds a subscription: an anonymous viewer of a public (or proxy-allowed) channel stays.
-fn must_auth(conn: &Conn, session: &Session<'_>) -> bool {
+fn must_auth(conn: &Conn, session: &Session) -> bool {
     session.perms.is_none() && conn.subscription_count() == 0
 }
 
@@ -327,13 +317,15 @@ mod tests {
                 headers: Vec::new(),
                 anonymous: None,
             };
-            let mut c = client();
-            let r = std::mem::size_of_val(&reader(&shard, &conn, &stream, &mut c, &mut input));
+            let r = std::mem::size_of_val(&reader(&shard, &conn, &stream, &mut input));
             eprintln!(
                 "reader future {r} B, conn {} B",
                 std::mem::size_of::<Conn>()
             );
             assert!(r <= 640, "{r}");
+            // Rc<Conn> (the connection plus two counts) stays in mimalloc's 224-byte class.
+            let conn_bytes = std::mem::size_of::<Conn>() + 16;
+            assert!(conn_bytes <= 224, "Rc<Conn> of {conn_bytes} B");
             // Idle memory is mostly the connection's task: this future plus glommio's header
             // (~48 B). At most 592 keeps the task in mimalloc's 640-byte class (racing a glommio
             // sleep against each read would make it 704-768), and a request's boxed
@@ -341,11 +333,9 @@ mod tests {
             // boxes fragmented the pages of long-lived tasks (+150-500 B per idle connection,
             // measured at 19,000).
             let task = run(shard.clone(), 2, connect(), client(), Vec::new());
-            let mut c = client();
             let mut session = Session {
                 perms: None,
                 rate: RateLimit::new(1, 1, Instant::now()),
-                client: &mut c,
             };
             let request = requests::handle(
                 &shard,

@@ -25,7 +25,7 @@ pub(super) type Outcome = Result<(), Close>;
 pub(super) async fn handle(
     shard: &Rc<Shard>,
     conn: &Rc<Conn>,
-    session: &mut Session<'_>,
+    session: &mut Session,
     message: Message<'_>,
 ) -> Outcome {
     match message {
@@ -60,7 +60,7 @@ pub(super) async fn handle(
 async fn request(
     shard: &Rc<Shard>,
     conn: &Rc<Conn>,
-    session: &mut Session<'_>,
+    session: &mut Session,
     text: &[u8],
 ) -> Outcome {
     thread_local! {
@@ -104,7 +104,7 @@ async fn request(
                 fail(shard, conn, id, &err(Code::Unauthenticated, e.0));
             }
         },
-        Method::AuthProxy => match Box::pin(access::connect(shard, conn, session)).await {
+        Method::AuthProxy => match Box::pin(access::connect(shard, conn)).await {
             Ok(perms) => authenticated(shard, conn, session, id, perms),
             Err(e) => fail(shard, conn, id, &e),
         },
@@ -154,7 +154,7 @@ fn heartbeat(conn: &Rc<Conn>, id: Option<&[u8]>) {
 fn authenticated(
     shard: &Shard,
     conn: &Rc<Conn>,
-    session: &mut Session<'_>,
+    session: &mut Session,
     id: Option<&[u8]>,
     perms: Permissions,
 ) {
@@ -174,7 +174,7 @@ fn authenticated(
     }
     tracing::debug!(conn = conn.id, sub = %perms.sub, "authenticated");
     session.perms = Some(perms);
-    session.client.anonymous = None;
+    conn.authenticated();
     conn.respond(id, Ok(reply::SUCCESS));
 }
 
@@ -184,7 +184,7 @@ fn authenticated(
 async fn subscribe(
     shard: &Rc<Shard>,
     conn: &Rc<Conn>,
-    session: &mut Session<'_>,
+    session: &mut Session,
     id: Option<&[u8]>,
     channel: &str,
     start: Option<Start>,
@@ -223,7 +223,7 @@ async fn subscribe(
 fn unsubscribe(
     shard: &Shard,
     conn: &Rc<Conn>,
-    session: &Session<'_>,
+    session: &Session,
     id: Option<&[u8]>,
     channel: &str,
 ) {

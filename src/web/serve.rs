@@ -4,11 +4,10 @@
 
 use super::routes::route;
 use super::Role;
-use crate::admission;
+use crate::admission::{self, Client};
 use crate::error::{err, Code};
 use crate::io::socket::{write_all, HttpSock, RawSock, Transport};
 use crate::io::tls;
-use crate::session::Client;
 use crate::shard::{Shard, Watched};
 use crate::wire::handshake;
 use crate::wire::http::{self, Head};
