@@ -32,6 +32,11 @@ pub enum Scenario {
     /// side by side.
     #[command(after_help = SCOREBOARD_HELP)]
     Scoreboard(ScoreboardArgs),
+    /// The latency the access proxy adds to one subscribe (SPEC 15): subscribes to a public
+    /// channel, to a proxy channel never asked about (cache miss) and to one already allowed
+    /// (cache hit), interleaved on the same connections, against an access backend run here.
+    #[command(after_help = PROXY_HELP)]
+    Proxy(ProxyArgs),
     /// Thousands of connections cycle connect/auth/subscribe/receive/unsubscribe/disconnect for a
     /// long while: nothing lost, and no RSS, gauge or file-descriptor leak in the server.
     #[command(after_help = SOAK_HELP)]
@@ -281,6 +286,86 @@ pub struct ScoreboardArgs {
     pub common: Common,
 }
 
+/// How to run the server for `proxy` (shown under `proxy --help`).
+const PROXY_HELP: &str = "\
+The load generator runs the access backend itself, on --backend-listen (127.0.0.1:8000): it
+answers every call {\"result\":{\"allow\":true}} (after --backend-delay-us) and counts them. Give
+the server a config file whose proxy rule and URL match it, e.g.
+
+    [[channels]]
+    pattern = \"public/*\"
+    access = \"public\"
+    [[channels]]
+    pattern = \"contest/*\"
+    access = \"proxy\"
+    [proxy]
+    secret = \"lt-proxy-secret\"
+    subscribe_url = \"http://127.0.0.1:8000/subscribe\"
+
+and lift the per-connection request rate limit (100/s by default), which every connection
+exceeds at once, and the per-address cap on anonymous connections:
+
+    BROADCASTER_LIMITS_REQUESTS_PER_SECOND=1000000 BROADCASTER_LIMITS_REQUEST_BURST=1000000 \\
+    BROADCASTER_LIMITS_ANONYMOUS_CONNECTIONS_PER_IP_MAX=1000000 \\
+        broadcaster serve --config proxy.toml --shards 1 ...
+
+--connections connections (each with a token of its own user) make their requests one at a
+time, rounds of: subscribe + unsubscribe on --public-prefix (baseline, no call); on a fresh
+--proxy-prefix channel (miss: one call); on the connection's hit channel, allowed before
+(hit: answered from the server's cache, no call). Only the subscribe's request-to-result round
+trip is timed. Each connection warms its hit channel with one call first, and moves to a fresh
+one every --rewarm, well inside the server's proxy.subscribe_cache_ttl (30 s by default).
+
+The run fails unless every request succeeded, the backend's calls equal the misses plus the
+warm-ups (so no hit was asked), none came for a public channel, and (where /metrics can be
+read) the server counted as many allowed subscribe calls.
+
+Exit status: 0 passed, 1 a check failed, 2 could not run.";
+
+/// `proxy` options.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ProxyArgs {
+    /// Client connections, each authenticated as a user of its own, each making its requests one
+    /// at a time.
+    #[arg(long, short = 'c', default_value_t = 8)]
+    pub(crate) connections: usize,
+    /// Measured subscribes of each kind (baseline, miss, hit), all connections together.
+    #[arg(long, short = 'n', default_value_t = 20_000)]
+    pub(crate) count: u64,
+    /// Run this long instead of --count (seconds, or with a unit: `90s`, `5m`); every
+    /// connection finishes its round, so each kind gets as many subscribes.
+    #[arg(long, value_parser = parse_duration)]
+    pub(crate) duration: Option<Duration>,
+    /// Untimed rounds per connection before measuring (they open the server's connections to the
+    /// backend, and warm both processes up).
+    #[arg(long, default_value_t = 20)]
+    pub(crate) warmup: u64,
+    /// Where the access backend listens: the server's proxy.subscribe_url must point here.
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    pub(crate) backend_listen: String,
+    /// Microseconds the backend waits before each answer (0: answers at once).
+    #[arg(long, default_value_t = 0)]
+    pub(crate) backend_delay_us: u64,
+    /// The server's proxy.secret: when given, the backend checks that every call carries it
+    /// (`Authorization: Bearer`).
+    #[arg(long, env = "BROADCASTER_PROXY_SECRET", hide_env_values = true)]
+    pub(crate) proxy_secret: Option<String>,
+    /// What the server's public rule matches: baseline channels are this followed by the run's
+    /// channel prefix.
+    #[arg(long, default_value = "public/")]
+    pub(crate) public_prefix: String,
+    /// What the server's proxy rule matches: miss and hit channels are this followed by the
+    /// run's channel prefix.
+    #[arg(long, default_value = "contest/")]
+    pub(crate) proxy_prefix: String,
+    /// How long a connection uses one hit channel before warming a fresh one; keep it under the
+    /// server's proxy.subscribe_cache_ttl.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub(crate) rewarm: Duration,
+    #[command(flatten)]
+    pub common: Common,
+}
+
 /// How to run the server for `soak` (shown under `soak --help`).
 const SOAK_HELP: &str = "\
 The server must keep enough history for what a client misses while it is away or unsubscribed
@@ -486,5 +571,26 @@ mod tests {
             (50, 2, 10.0, 1)
         );
         assert_eq!(b.public_prefix, "scoreboard/");
+        let cli = Cli::parse_from([
+            "lt",
+            "proxy",
+            "--duration",
+            "5s",
+            "--backend-delay-us",
+            "50",
+        ]);
+        let Scenario::Proxy(p) = cli.scenario else {
+            panic!("not proxy")
+        };
+        assert_eq!(
+            (p.connections, p.count, p.duration, p.backend_delay_us),
+            (8, 20_000, Some(Duration::from_secs(5)), 50)
+        );
+        assert_eq!(p.backend_listen, "127.0.0.1:8000");
+        assert_eq!(
+            (p.public_prefix.as_str(), p.proxy_prefix.as_str()),
+            ("public/", "contest/")
+        );
+        assert_eq!(p.rewarm, Duration::from_secs(10));
     }
 }

@@ -3,7 +3,7 @@
 //! | module | does |
 //! |---|---|
 //! | [`cli`] | the command line, one subcommand per scenario |
-//! | [`scenario`] | the scenarios over the subscribers' receive workers, one per file: fanout, chat, recovery, idle, storm, scoreboard, floor |
+//! | [`scenario`] | the scenarios, one per file: fanout, chat, recovery, idle, storm, scoreboard (over the subscribers' receive workers), proxy (sequential subscribes against its own access backend), floor |
 //! | [`soak`] | the soak scenario: churning connections, recovery across reconnects, leak checks (run phases, worker, plan, verdict, figures) |
 //! | [`report`] | the table, the JSON summary; scenarios add their rows as (label, value) pairs |
 //! | `harness` | what every scenario shares: servers, token, threads, source addresses, channel names, the measurement window |
@@ -11,6 +11,7 @@
 //! | `recv` | the one receive path of the workers: read loop, partial frames, pings |
 //! | `publisher` | the open-loop (or windowed max-rate) publisher over REST or WebSocket |
 //! | `http` | the HTTP/1.1 answer reader (REST publishing, `/metrics`) |
+//! | `backend` | the `proxy` scenario's access backend: a tokio HTTP/1.1 keep-alive server that allows every call and counts them |
 //! | `ws` | sans-IO client framing: masked frames out, server frames in, the upgrade |
 //! | `extract` | the few JSON fields the receive path needs, by byte search |
 //! | `checker` | loss / duplicate / reorder detection over `seq` and `offset` |
@@ -19,13 +20,13 @@
 //! | `procstat` | /proc sampling of the server, own CPU, rlimits, pinning |
 //! | `net` | non-blocking connects from 127.0.0.x source addresses |
 //! | `floor` | the kernel floor: plain send() cost per frame |
-//! | `metrics` | the server's `/metrics` gauges |
+//! | `metrics` | the server's `/metrics` gauges and labelled samples |
 //! | `token` | HS256 client tokens |
 //!
 //! Each module imports only modules of earlier lines, so there is no import circle:
 //!
 //! 1. `checker`, `hist`, `net`, `procstat`, `schedule`, `token`, `ws`
-//! 2. `extract`, `http`
+//! 2. `extract`, `http`, `backend`
 //! 3. `recv`, `metrics`, `floor`
 //! 4. `client`
 //! 5. `publisher`
@@ -39,6 +40,7 @@ pub mod report;
 pub mod scenario;
 pub mod soak;
 
+mod backend;
 mod checker;
 mod client;
 mod extract;

@@ -1,5 +1,6 @@
 //! The server's own gauges, read from `GET /metrics` (Prometheus text): `connections_active` and
-//! `subscriptions_total`, which the soak scenario checks against what the load generator holds.
+//! `subscriptions_total`, which the soak scenario checks against what the load generator holds;
+//! and single labelled samples (the `proxy` scenario's `proxy_requests_total`).
 
 use std::io::Write;
 use std::time::Duration;
@@ -33,6 +34,37 @@ pub(crate) fn sample(text: &str, name: &str) -> Option<f64> {
             rest.split_whitespace().next()?.parse::<f64>().ok()
         })
         .reduce(|a, b| a + b)
+}
+
+/// The sum of the samples of `name` whose labels include every pair of `want` (other labels,
+/// such as `shard`, are summed over); None when none matches.
+pub(crate) fn sample_where(text: &str, name: &str, want: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter_map(|line| {
+            let labelled = line.strip_prefix(name)?.strip_prefix('{')?;
+            let end = labels_end(labelled)?;
+            let labels = &labelled[..end];
+            if !want.iter().all(|(k, v)| has_label(labels, k, v)) {
+                return None;
+            }
+            let rest = &labelled[end + 1..];
+            if !rest.starts_with([' ', '\t']) {
+                return None;
+            }
+            rest.split_whitespace().next()?.parse::<f64>().ok()
+        })
+        .reduce(|a, b| a + b)
+}
+
+/// Whether the label set `labels` (between the braces) has `k="v"` (a value without quotes or
+/// backslashes).
+fn has_label(labels: &str, k: &str, v: &str) -> bool {
+    let pair = format!("{k}=\"{v}\"");
+    labels.match_indices(&pair).any(|(i, _)| {
+        let before = i == 0 || labels[..i].ends_with(',');
+        let after = labels[i + pair.len()..].trim_start();
+        before && (after.is_empty() || after.starts_with(','))
+    })
 }
 
 /// Where the label set that `labels` starts ends: its `}`, outside quoted values (which may
@@ -120,6 +152,37 @@ mod tests {
             })
         );
         assert!(parse_gauges("connections_active 1\n").is_err());
+    }
+
+    #[test]
+    fn labelled_samples_are_picked_and_summed_over_shards() {
+        let text = "proxy_requests_total{shard=\"0\",kind=\"subscribe\",result=\"allow\"} 3\n\
+            proxy_requests_total{shard=\"1\",kind=\"subscribe\",result=\"allow\"} 4\n\
+            proxy_requests_total{shard=\"0\",kind=\"subscribe\",result=\"deny\"} 9\n\
+            proxy_requests_total{shard=\"0\",kind=\"connect\",result=\"allow\"} 5\n\
+            proxy_request_seconds_sum{shard=\"0\",kind=\"subscribe\"} 0.5\n\
+            proxy_request_seconds_count{shard=\"0\",kind=\"subscribe\"} 10\n";
+        let allow = [("kind", "subscribe"), ("result", "allow")];
+        assert_eq!(
+            sample_where(text, "proxy_requests_total", &allow),
+            Some(7.0)
+        );
+        assert_eq!(
+            sample_where(text, "proxy_request_seconds_sum", &[("kind", "subscribe")]),
+            Some(0.5)
+        );
+        assert_eq!(
+            sample_where(text, "proxy_request_seconds", &[("kind", "subscribe")]),
+            None,
+            "a prefix is not a name"
+        );
+        assert_eq!(
+            sample_where(text, "proxy_requests_total", &[("kind", "nope")]),
+            None
+        );
+        assert!(!has_label("xkind=\"a\"", "kind", "a"));
+        assert!(!has_label("kind=\"ab\"", "kind", "a"));
+        assert!(has_label("shard=\"0\",kind=\"a\"", "kind", "a"));
     }
 
     #[test]

@@ -337,7 +337,9 @@ impl Conn for RestConn {
     }
 }
 
-struct WsConn {
+/// A blocking WebSocket connection that makes requests one at a time (or pipelined by id) and
+/// reads their answers: the WebSocket publisher's, and the `proxy` scenario's subscribers'.
+pub(crate) struct WsConn {
     stream: std::net::TcpStream,
     buf: Vec<u8>,
     out: Vec<u8>,
@@ -349,7 +351,19 @@ struct WsConn {
 
 impl WsConn {
     fn connect(cfg: &PublisherConfig, node: &Node) -> Result<Self, String> {
-        let mut stream = crate::net::connect_blocking(node.addr, cfg.source)
+        WsConn::open(node, cfg.source, &cfg.token, 0x5EED)?
+            .map_err(|code| format!("publisher auth failed: {code}"))
+    }
+
+    /// Connects to `node` (from `source`, if any), upgrades, and sends `auth` with `token` as
+    /// request 1; `Ok(Err(code))` when the server refused the token. `seed` varies the mask keys.
+    pub(crate) fn open(
+        node: &Node,
+        source: Option<Ipv4Addr>,
+        token: &str,
+        seed: u64,
+    ) -> Result<Result<Self, String>, String> {
+        let mut stream = crate::net::connect_blocking(node.addr, source)
             .map_err(|e| format!("connect to {} failed: {e}", node.addr))?;
         let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
         stream
@@ -377,22 +391,31 @@ impl WsConn {
             stream,
             buf,
             out: Vec::with_capacity(1024),
-            rng: ws::MaskRng::new(0x5EED),
+            rng: ws::MaskRng::new(seed),
             next_id: 1,
             pending: VecDeque::new(),
         };
         let mut req = b"{\"id\":1,\"method\":\"auth\",\"params\":{\"token\":".to_vec();
-        extract::push_json_str(&mut req, &cfg.token);
+        extract::push_json_str(&mut req, token);
         req.extend_from_slice(b"}}");
         let r = c.request(&req, 1)?;
-        if let Some(code) = r.error_code {
-            return Err(format!("publisher auth failed: {code}"));
-        }
         c.next_id = 2;
-        Ok(c)
+        Ok(match r.error_code {
+            Some(code) => Err(code),
+            None => Ok(c),
+        })
     }
 
-    fn request(&mut self, text: &[u8], id: u64) -> Result<extract::Response, String> {
+    /// The id for the next request (from 2; `auth` was 1).
+    pub(crate) fn next_id(&mut self) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
+    /// Sends `text` and reads frames (answering pings, skipping others) until the response to
+    /// request `id`.
+    pub(crate) fn request(&mut self, text: &[u8], id: u64) -> Result<extract::Response, String> {
         self.write_text(text)?;
         self.response(id)
     }
@@ -429,7 +452,14 @@ impl WsConn {
                             .write_all(&self.out)
                             .map_err(|e| format!("write: {e}"))?;
                     }
-                    ws::OP_CLOSE => return Err("server closed the publisher WebSocket".into()),
+                    ws::OP_CLOSE => {
+                        let code = (payload.len() >= 2)
+                            .then(|| u16::from_be_bytes([payload[0], payload[1]]));
+                        return Err(match code {
+                            Some(code) => format!("server closed the WebSocket with code {code}"),
+                            None => "server closed the WebSocket".into(),
+                        });
+                    }
                     _ => {}
                 }
             }
@@ -438,7 +468,7 @@ impl WsConn {
                 .read(&mut chunk)
                 .map_err(|e| format!("read: {e}"))?;
             if n == 0 {
-                return Err("server closed the publisher WebSocket".into());
+                return Err("server closed the WebSocket connection".into());
             }
             self.buf.extend_from_slice(&chunk[..n]);
         }

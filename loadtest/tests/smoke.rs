@@ -1,5 +1,5 @@
-//! Runs a short `fanout`, `idle`, `chat` and `scoreboard` against the real server and checks the
-//! JSON summaries.
+//! Runs a short `fanout`, `idle`, `chat`, `scoreboard` and `proxy` against the real server and
+//! checks the JSON summaries.
 //!
 //! The server binary is `$BROADCASTER_BIN`, else the `broadcaster` next to this crate's own binary
 //! (same target directory and profile: `cargo build --workspace --bins` builds both), else
@@ -320,4 +320,105 @@ fn scoreboard_fails_loudly_without_a_public_rule() {
     let s: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).expect("the JSON summary")).unwrap();
     assert_eq!(s["passed"], false);
+}
+
+const PROXY_SECRET: &str = "smoke-proxy-secret";
+
+/// A free loopback port for the `proxy` scenario's backend (the server's config names it before
+/// the load generator listens on it).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// A server whose `contest/*` channels are asked of a backend on `port` (cache TTL `ttl`) and
+/// whose `public/*` are public, with the request rate limit lifted.
+fn start_proxy_server(name: &str, port: u16, ttl: &str) -> Server {
+    let config = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            "[[channels]]\npattern = \"public/*\"\naccess = \"public\"\n\
+             [[channels]]\npattern = \"contest/*\"\naccess = \"proxy\"\n\
+             [proxy]\nsecret = \"{PROXY_SECRET}\"\nsubscribe_cache_ttl = \"{ttl}\"\n\
+             subscribe_url = \"http://127.0.0.1:{port}/subscribe\"\n"
+        ),
+    )
+    .expect("writing the config file");
+    start_server_with(
+        name,
+        &["--config", config.to_str().expect("a UTF-8 path")],
+        &[
+            ("BROADCASTER_LIMITS_REQUESTS_PER_SECOND", "1000000"),
+            ("BROADCASTER_LIMITS_REQUEST_BURST", "1000000"),
+        ],
+    )
+}
+
+fn proxy_args(port: &str) -> Vec<&str> {
+    vec![
+        "proxy",
+        "--connections",
+        "3",
+        "--count",
+        "100",
+        "--warmup",
+        "2",
+        "--backend-listen",
+        port,
+        "--proxy-secret",
+        PROXY_SECRET,
+    ]
+}
+
+#[test]
+fn proxy_times_baseline_miss_and_hit_and_the_backend_is_asked_for_misses_only() {
+    let port = free_port();
+    let server = start_proxy_server("smoke-proxy", port, "30s");
+    let json = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("smoke-proxy.json");
+    let listen = format!("127.0.0.1:{port}");
+    let s = run_loadtest(&server, &proxy_args(&listen), &json);
+    assert_eq!(s["passed"], true, "{s:#}");
+    assert_eq!(s["connection_failures"], 0, "{s:#}");
+    let p = &s["proxy"];
+    for kind in ["baseline", "miss", "hit"] {
+        assert_eq!(p[kind]["count"], 100, "{kind} {s:#}");
+        assert!(p[kind]["p50_ns"].as_u64().unwrap_or(0) > 0, "{kind} {s:#}");
+    }
+    // 100 misses, 3 connections x 2 warm-up misses, one hit warm per connection.
+    assert_eq!(p["warmup_misses"], 6, "{s:#}");
+    assert_eq!(p["hit_warms"], 3, "{s:#}");
+    assert_eq!(p["expected_backend_calls"], 109, "{s:#}");
+    assert_eq!(p["backend"]["calls"], 109, "{s:#}");
+    assert_eq!(p["backend"]["miss_channels"], 106, "{s:#}");
+    assert_eq!(p["backend"]["hit_channels"], 3, "{s:#}");
+    assert_eq!(p["backend"]["other_channels"], 0, "{s:#}");
+    assert_eq!(p["backend"]["unauthorized"], 0, "{s:#}");
+    assert_eq!(p["server_allow_calls"], 109.0, "{s:#}");
+    assert!(
+        p["server_call_mean_us"].as_f64().unwrap_or(0.0) > 0.0,
+        "{s:#}"
+    );
+    assert!(p["added_miss"]["p50_us"].as_f64().is_some(), "{s:#}");
+}
+
+#[test]
+fn proxy_fails_loudly_when_hits_are_asked() {
+    // No cache: every hit is asked, which the backend's count must catch.
+    let port = free_port();
+    let server = start_proxy_server("smoke-proxy-no-cache", port, "0s");
+    let json = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("smoke-proxy-no-cache.json");
+    let listen = format!("127.0.0.1:{port}");
+    let out = loadtest_output(&server, &proxy_args(&listen), &json);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("LOAD TEST FAILED"), "{stderr}");
+    // 100 measured hits and 3 x 2 warm-up ones.
+    assert!(stderr.contains("106 HITS WERE ASKED"), "{stderr}");
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("the JSON summary")).unwrap();
+    assert_eq!(s["passed"], false);
+    assert_eq!(s["proxy"]["backend"]["calls"], 109 + 106, "{s:#}");
 }
