@@ -16,9 +16,10 @@
 //! baseline's. The backend's count of calls proves which subscribes were asked: it must equal the
 //! misses plus the warm-ups, and the calls on hit channels must equal the warming subscribes.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -26,10 +27,10 @@ use hdrhistogram::Histogram;
 use crate::backend::{Backend, BackendConfig, BackendCounts};
 use crate::cli::ProxyArgs;
 use crate::extract;
-use crate::harness::{prepare, source_plan, window_end, window_start, SetupError};
+use crate::harness::{prepare, source_plan, window_end, window_start, Env, SetupError, WindowEnd};
 use crate::hist::{self, Percentiles};
 use crate::metrics;
-use crate::net::Node;
+use crate::net::{Node, SourcePlan};
 use crate::publisher::WsConn;
 use crate::report::{row, with_pid, Report, Row};
 
@@ -163,22 +164,9 @@ struct Outcome {
 pub fn proxy(a: &ProxyArgs) -> Result<Report<ProxyFigures>, SetupError> {
     let common = &a.common;
     let c = a.connections;
-    if c == 0 {
-        return Err("--connections must be at least 1".into());
-    }
-    if a.duration.is_none() && a.count == 0 {
-        return Err("--count must be at least 1 (or give --duration)".into());
-    }
-    if a.rewarm.is_zero() {
-        return Err("--rewarm must be above 0".into());
-    }
-    let listen = a
-        .backend_listen
-        .parse()
-        .map_err(|_| format!("--backend-listen {:?} is not IP:PORT", a.backend_listen))?;
+    let listen = check_args(a)?;
     let env = prepare(common, c, false)?;
     let plan = source_plan(common, &env, c);
-    let secret = common.secret.clone().unwrap_or_default();
     let run = &env.prefix;
     let miss_class = format!("{}{run}/m", a.proxy_prefix);
     let hit_class = format!("{}{run}/h", a.proxy_prefix);
@@ -189,7 +177,58 @@ pub fn proxy(a: &ProxyArgs) -> Result<Report<ProxyFigures>, SetupError> {
         classes: vec![miss_class.clone(), hit_class.clone()],
         cpu: common.cpus.first().copied(),
     })?;
-    let plans = (0..c)
+    let plans = plans(a, &env, &plan, &miss_class, &hit_class)?;
+    let metrics_node = env.rest_nodes[0].clone();
+    let before = metrics::scrape_text(&metrics_node);
+    let (outcomes, end) = run_connections(a, plans)?;
+    let after = metrics::scrape_text(&metrics_node);
+    let counts = backend.counts();
+    let backend_addr = backend.addr().to_string();
+    drop(backend);
+    let mut report = env.report("proxy", common, &plan, c, 0, 0);
+    end.record(&mut report);
+    report.measured_s = end.elapsed.as_secs_f64();
+    report.latency_kind = "subscribe_to_result";
+    report.deliveries_unchecked = true;
+    let figures = conclude(
+        a,
+        &mut report,
+        outcomes,
+        (backend_addr, counts),
+        before,
+        after,
+    );
+    report.set_figures(figures);
+    Ok(report)
+}
+
+/// The arguments no run could go with; where the backend listens.
+fn check_args(a: &ProxyArgs) -> Result<SocketAddr, SetupError> {
+    if a.connections == 0 {
+        return Err("--connections must be at least 1".into());
+    }
+    if a.duration.is_none() && a.count == 0 {
+        return Err("--count must be at least 1 (or give --duration)".into());
+    }
+    if a.rewarm.is_zero() {
+        return Err("--rewarm must be above 0".into());
+    }
+    a.backend_listen
+        .parse()
+        .map_err(|_| format!("--backend-listen {:?} is not IP:PORT", a.backend_listen))
+}
+
+/// What each connection does: its user, node, source address, channels and share of `--count`.
+fn plans(
+    a: &ProxyArgs,
+    env: &Env,
+    plan: &SourcePlan,
+    miss_class: &str,
+    hit_class: &str,
+) -> Result<Vec<Plan>, SetupError> {
+    let (common, c, run) = (&a.common, a.connections, &env.prefix);
+    let secret = common.secret.clone().unwrap_or_default();
+    (0..c)
         .map(|i| {
             let token = crate::token::mint(&secret, &format!("{run}-u{i}"), 24 * 3600)?;
             let rounds = a.duration.is_none().then(|| {
@@ -211,28 +250,21 @@ pub fn proxy(a: &ProxyArgs) -> Result<Report<ProxyFigures>, SetupError> {
                 cpu: (!common.cpus.is_empty()).then(|| common.cpus[i % common.cpus.len()]),
             })
         })
-        .collect::<Result<Vec<_>, SetupError>>()?;
-    let metrics_node = env.rest_nodes[0].clone();
-    let before = metrics::scrape_text(&metrics_node);
+        .collect()
+}
+
+/// Runs every connection on a thread of its own; their outcomes, and the measuring window.
+fn run_connections(
+    a: &ProxyArgs,
+    plans: Vec<Plan>,
+) -> Result<(Vec<Outcome>, WindowEnd), SetupError> {
+    let c = a.connections;
     let progress = Arc::new(Progress::default());
     // Every connection, and this thread: measuring starts once all are set up and warm.
     let start = Arc::new(Barrier::new(c + 1));
-    let threads: Vec<_> = plans
-        .into_iter()
-        .map(|p| {
-            let (progress, start) = (progress.clone(), start.clone());
-            std::thread::Builder::new()
-                .name(format!("proxy-{}", p.index))
-                .spawn(move || {
-                    let out = connection(&p, &progress, &start);
-                    progress.finished.fetch_add(1, Ordering::Relaxed);
-                    out
-                })
-                .map_err(|e| format!("spawning a connection thread: {e}"))
-        })
-        .collect::<Result<_, _>>()?;
+    let threads = spawn_connections(plans, &progress, &start)?;
     start.wait();
-    let window = window_start(&common.server_pid);
+    let window = window_start(&a.common.server_pid);
     watch(a, &progress, c);
     let outcomes: Vec<Outcome> = threads
         .into_iter()
@@ -246,26 +278,29 @@ pub fn proxy(a: &ProxyArgs) -> Result<Report<ProxyFigures>, SetupError> {
             })
         })
         .collect();
-    let end = window_end(&window, &common.server_pid);
-    let after = metrics::scrape_text(&metrics_node);
-    let counts = backend.counts();
-    let backend_addr = backend.addr().to_string();
-    drop(backend);
-    let mut report = env.report("proxy", common, &plan, c, 0, 0);
-    end.record(&mut report);
-    report.measured_s = end.elapsed.as_secs_f64();
-    report.latency_kind = "subscribe_to_result";
-    report.deliveries_unchecked = true;
-    let figures = conclude(
-        a,
-        &mut report,
-        outcomes,
-        (backend_addr, counts),
-        before,
-        after,
-    );
-    report.set_figures(figures);
-    Ok(report)
+    let end = window_end(&window, &a.common.server_pid);
+    Ok((outcomes, end))
+}
+
+fn spawn_connections(
+    plans: Vec<Plan>,
+    progress: &Arc<Progress>,
+    start: &Arc<Barrier>,
+) -> Result<Vec<JoinHandle<Outcome>>, SetupError> {
+    plans
+        .into_iter()
+        .map(|p| {
+            let (progress, start) = (progress.clone(), start.clone());
+            std::thread::Builder::new()
+                .name(format!("proxy-{}", p.index))
+                .spawn(move || {
+                    let out = connection(&p, &progress, &start);
+                    progress.finished.fetch_add(1, Ordering::Relaxed);
+                    out
+                })
+                .map_err(|e| format!("spawning a connection thread: {e}"))
+        })
+        .collect()
 }
 
 /// Prints the progress line once a second until every connection is done.

@@ -11,12 +11,13 @@
 //! server's memory warming up, other jobs on the machine) weighs on both kinds alike.
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
-use super::pubsub::publish_window;
-use super::workers::{fill_common, merge, spawn_workers, specs};
+use super::pubsub::{publish_window, Published};
+use super::workers::{fill_common, merge, spawn_workers, specs, Merged};
 use crate::cli::ScoreboardArgs;
 use crate::client::{ClientConfig, Shared};
 use crate::harness::{
@@ -265,27 +266,46 @@ pub fn scoreboard(a: &ScoreboardArgs) -> Result<Report<ScoreboardFigures>, Setup
 
 /// One phase: rewind publications, viewers, publishing, checks, then the viewers closed.
 fn phase(s: &Setup<'_>, round: usize, kind: Kind) -> Result<Phase, SetupError> {
-    let (a, common, env) = (s.a, &s.a.common, &s.env);
-    let n = a.viewers;
+    let (a, env) = (s.a, &s.env);
     let prefix = format!("{}{}", a.public_prefix, env.prefix);
     let channels = channel_names(&prefix, &format!("{}-{round}", kind.name()), 1);
     let baseline = open_connections(env);
     publish_rewound(s, &channels)?;
-    let cfg = ClientConfig {
-        nodes: env.nodes.clone(),
-        token: env.token.clone(),
-        anonymous: kind == Kind::Anonymous,
-        channels: channels.clone(),
-        concurrency: common.concurrency.max(1),
-        reconnect_every: None,
-        record_setup_latency: false,
-        coalesce: Duration::from_micros(common.coalesce_us),
-    };
-    let mut tally = Tally::default();
+    let viewing = view(s, kind, &channels)?;
+    let (mut report, tally, publish) = judge(s, viewing);
+    if let Some(note) = settle(env, baseline, a.settle_timeout) {
+        report.errors.push(note);
+    }
+    Ok(Phase {
+        round,
+        kind,
+        channel: channels[0].clone(),
+        report,
+        tally,
+        publish,
+    })
+}
+
+/// What a phase's viewers saw, before any check.
+struct Viewing {
+    /// Whether every viewer subscribed.
+    setup: Result<Duration, String>,
+    connect: WindowEnd,
+    /// The publishing window; None when the viewers could not all subscribe.
+    published: Option<Published>,
+    shared: Arc<Shared>,
+    merged: Merged,
+}
+
+/// A phase's two windows: the viewers connect, then the publications they must all receive.
+fn view(s: &Setup<'_>, kind: Kind, channels: &Arc<Vec<String>>) -> Result<Viewing, SetupError> {
+    let (common, env) = (&s.a.common, &s.env);
+    let n = s.a.viewers;
     let what = match kind {
         Kind::Anonymous => "connect and subscribe (anonymous)",
         Kind::Authenticated => "connect, auth and subscribe",
     };
+    let cfg = client_config(s, kind, channels);
     // The connect window: from the first connect to the last rewound publication received.
     let window = window_start(&common.server_pid);
     let workers = spawn_workers(env, common, cfg, specs(&s.plan, n, 1, env.nodes.len()));
@@ -294,12 +314,11 @@ fn phase(s: &Setup<'_>, round: usize, kind: Kind) -> Result<Phase, SetupError> {
         wait_replayed(&workers.shared, common.drain_timeout);
     }
     let connect = window_end(&window, &common.server_pid);
-    tally.connect(&connect);
     // The publishing window, unless the viewers could not all subscribe.
     let published = match &setup {
         Ok(_) => Some(publish_window(
             common,
-            publisher_config(s, &channels, PublishPace::Rate),
+            publisher_config(s, channels, PublishPace::Rate),
             &workers,
             n,
             false,
@@ -312,14 +331,48 @@ fn phase(s: &Setup<'_>, round: usize, kind: Kind) -> Result<Phase, SetupError> {
         .map(|p| p.pres.last_offsets.clone())
         .unwrap_or_else(|| vec![0]);
     let merged = merge(results, &last_offsets);
-    let mut report: Report = env.report("scoreboard", common, &s.plan, n, 1, n);
+    Ok(Viewing {
+        setup,
+        connect,
+        published,
+        shared,
+        merged,
+    })
+}
+
+fn client_config(s: &Setup<'_>, kind: Kind, channels: &Arc<Vec<String>>) -> ClientConfig {
+    ClientConfig {
+        nodes: s.env.nodes.clone(),
+        token: s.env.token.clone(),
+        anonymous: kind == Kind::Anonymous,
+        channels: channels.clone(),
+        concurrency: s.a.common.concurrency.max(1),
+        reconnect_every: None,
+        record_setup_latency: false,
+        coalesce: Duration::from_micros(s.a.common.coalesce_us),
+    }
+}
+
+/// A phase's report, checked and finished, and its sums.
+fn judge(s: &Setup<'_>, v: Viewing) -> (Report, Tally, PublishResult) {
+    let (common, n) = (&s.a.common, s.a.viewers);
+    let Viewing {
+        setup,
+        connect,
+        published,
+        shared,
+        merged,
+    } = v;
+    let mut tally = Tally::default();
+    tally.connect(&connect);
+    let mut report: Report = s.env.report("scoreboard", common, &s.plan, n, 1, n);
     let end = published.as_ref().map(|p| &p.end).unwrap_or(&connect);
     fill_common(&mut report, &shared, merged, end);
     if let Err(e) = setup {
         report.fail(format!("{e}{}", setup_hint(&report.errors)));
     }
     tally.connections = shared.subscribed.load(Ordering::Relaxed);
-    check_rewind(&mut report, &mut tally, &shared, a.rewind_default);
+    check_rewind(&mut report, &mut tally, &shared, s.a.rewind_default);
     let mut publish = PublishResult::default();
     if let Some(p) = published {
         tally.publish(&p.end);
@@ -334,17 +387,7 @@ fn phase(s: &Setup<'_>, round: usize, kind: Kind) -> Result<Phase, SetupError> {
     tally.deliveries = report.deliveries;
     tally.hist = report.histogram.clone();
     report.finish();
-    if let Some(note) = settle(env, baseline, a.settle_timeout) {
-        report.errors.push(note);
-    }
-    Ok(Phase {
-        round,
-        kind,
-        channel: channels[0].clone(),
-        report,
-        tally,
-        publish,
-    })
+    (report, tally, publish)
 }
 
 /// How a publisher of the run publishes.
@@ -492,67 +535,13 @@ fn conclude(s: &Setup<'_>, phases: Vec<Phase>, whole: &WindowEnd) -> Report<Scor
     report.rate = a.rate;
     report.via = Some(Via::Rest);
     report.latency_kind = "end_to_end";
-    let mut all = Tally::default();
-    let (mut anon, mut auth) = (Tally::default(), Tally::default());
-    let mut publish = PublishResult::default();
-    let mut figures = ScoreboardFigures {
-        viewers: n as u64,
-        rate: a.rate,
-        rewind_default: a.rewind_default,
-        ..Default::default()
-    };
-    let mut frames = (0u64, 0.0);
-    for p in &phases {
-        let r = &p.report;
-        match p.kind {
-            Kind::Anonymous => anon.add(&p.tally),
-            Kind::Authenticated => auth.add(&p.tally),
-        }
-        all.add(&p.tally);
-        let at = format!("{} viewers, round {}", p.kind.name(), p.round);
-        report.seq.add(&r.seq);
-        report.offsets.add(&r.offsets);
-        report.seq_offset_mismatch += r.seq_offset_mismatch;
-        report.untimed += r.untimed;
-        report.connection_failures += r.connection_failures;
-        for e in &r.errors {
-            if report.errors.len() < 20 {
-                report.errors.push(format!("{at}: {e}"));
-            }
-        }
-        report
-            .failures
-            .extend(r.failures.iter().map(|f| format!("{at}: {f}")));
-        if let Some(b) = r.frame_bytes_mean {
-            frames = (frames.0 + r.deliveries, frames.1 + b * r.deliveries as f64);
-        }
-        merge_publish(&mut publish, &p.publish);
-        figures.phases.push(PhaseFigures {
-            kind: p.kind.name(),
-            round: p.round as u64,
-            channel: p.channel.clone(),
-            costs: p.tally.costs(),
-            frames_per_write: r.frames_per_write,
-            publish: p.publish.clone(),
-            passed: r.passed,
-        });
-    }
-    report.deliveries = all.deliveries;
-    report.expected_deliveries = all.expected;
-    report.deliveries_per_s = all.deliveries as f64 / all.publish_s.max(1e-9);
-    report.frame_bytes_mean = (frames.0 > 0).then(|| frames.1 / frames.0 as f64);
-    let h = all.hist.take().unwrap_or_else(hist::new_histogram);
-    report.latency = hist::percentiles(&h);
-    report.histogram = Some(h);
-    report.publish = Some(publish);
+    let all = add_phases(&mut report, &phases);
     // CPU, RSS: over the whole run (every phase, and the pauses between them).
     whole.record(&mut report);
     report.measured_s = whole.elapsed.as_secs_f64();
     report.server_rss_before_bytes = whole.server_before.map(|s| s.rss_bytes);
     report.server_rss_after_bytes = whole.server_after.map(|s| s.rss_bytes);
-    figures.anonymous = anon.costs();
-    figures.authenticated = auth.costs();
-    figures.ratio = ratios(&figures.anonymous, &figures.authenticated);
+    let figures = figures(a, &phases);
     report.rows.delivered = vec![
         row(
             "deliveries",
@@ -569,6 +558,80 @@ fn conclude(s: &Setup<'_>, phases: Vec<Phase>, whole: &WindowEnd) -> Report<Scor
     // Every phase judged its own counts (Report::finish): their failures, named, are the run's.
     report.passed = report.failures.is_empty();
     report
+}
+
+/// The phases' counts, latency and publisher figures added up into the run's report; the sums.
+fn add_phases(report: &mut Report<ScoreboardFigures>, phases: &[Phase]) -> Tally {
+    let mut all = Tally::default();
+    let mut publish = PublishResult::default();
+    let mut frames = (0u64, 0.0);
+    for p in phases {
+        let r = &p.report;
+        all.add(&p.tally);
+        add_phase_report(report, p);
+        if let Some(b) = r.frame_bytes_mean {
+            frames = (frames.0 + r.deliveries, frames.1 + b * r.deliveries as f64);
+        }
+        merge_publish(&mut publish, &p.publish);
+    }
+    report.deliveries = all.deliveries;
+    report.expected_deliveries = all.expected;
+    report.deliveries_per_s = all.deliveries as f64 / all.publish_s.max(1e-9);
+    report.frame_bytes_mean = (frames.0 > 0).then(|| frames.1 / frames.0 as f64);
+    let h = all.hist.take().unwrap_or_else(hist::new_histogram);
+    report.latency = hist::percentiles(&h);
+    report.histogram = Some(h);
+    report.publish = Some(publish);
+    all
+}
+
+/// A phase's checks into the run's report, its errors and failures named by the phase.
+fn add_phase_report(report: &mut Report<ScoreboardFigures>, p: &Phase) {
+    let r = &p.report;
+    let at = format!("{} viewers, round {}", p.kind.name(), p.round);
+    report.seq.add(&r.seq);
+    report.offsets.add(&r.offsets);
+    report.seq_offset_mismatch += r.seq_offset_mismatch;
+    report.untimed += r.untimed;
+    report.connection_failures += r.connection_failures;
+    for e in &r.errors {
+        if report.errors.len() < 20 {
+            report.errors.push(format!("{at}: {e}"));
+        }
+    }
+    report
+        .failures
+        .extend(r.failures.iter().map(|f| format!("{at}: {f}")));
+}
+
+/// Each phase's costs, each kind's over its phases, and the ratio of the two kinds.
+fn figures(a: &ScoreboardArgs, phases: &[Phase]) -> ScoreboardFigures {
+    let (mut anon, mut auth) = (Tally::default(), Tally::default());
+    let mut figures = ScoreboardFigures {
+        viewers: a.viewers as u64,
+        rate: a.rate,
+        rewind_default: a.rewind_default,
+        ..Default::default()
+    };
+    for p in phases {
+        match p.kind {
+            Kind::Anonymous => anon.add(&p.tally),
+            Kind::Authenticated => auth.add(&p.tally),
+        }
+        figures.phases.push(PhaseFigures {
+            kind: p.kind.name(),
+            round: p.round as u64,
+            channel: p.channel.clone(),
+            costs: p.tally.costs(),
+            frames_per_write: p.report.frames_per_write,
+            publish: p.publish.clone(),
+            passed: p.report.passed,
+        });
+    }
+    figures.anonymous = anon.costs();
+    figures.authenticated = auth.costs();
+    figures.ratio = ratios(&figures.anonymous, &figures.authenticated);
+    figures
 }
 
 /// Adds a phase's publisher figures to the run's.
