@@ -395,3 +395,107 @@ async fn a_bad_rule_stops_the_server_naming_it() {
         .expect("an unknown access is refused");
     assert!(e.contains("channels[0].access"), "{e}");
 }
+
+/// nginx (the binary; NGINX to use another), in front of `upstream` with the shipped
+/// `tuning/nginx-location.conf`, on a free loopback port.
+struct Nginx {
+    child: std::process::Child,
+    addr: std::net::SocketAddr,
+    dir: std::path::PathBuf,
+}
+
+impl Nginx {
+    fn start(upstream: std::net::SocketAddr) -> Nginx {
+        let shipped = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tuning/nginx-location.conf"),
+        )
+        .unwrap()
+        .replace("127.0.0.1:8080", &upstream.to_string());
+        // The file's upstream block belongs in http { }, its locations in server { }.
+        let start = shipped.find("upstream broadcaster {").unwrap();
+        let end = start + shipped[start..].find('}').unwrap() + 1;
+        let (upstream_block, locations) = (
+            &shipped[start..end],
+            [&shipped[..start], &shipped[end..]].concat(),
+        );
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = temp_path("-nginx");
+        std::fs::create_dir_all(&dir).unwrap();
+        let d = dir.display();
+        let conf = format!(
+            "daemon off;\nmaster_process off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{}}\n\
+             http {{\n access_log off;\n client_body_temp_path {d}/b;\n proxy_temp_path {d}/p;\n\
+             fastcgi_temp_path {d}/f;\n uwsgi_temp_path {d}/u;\n scgi_temp_path {d}/s;\n\
+             map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}\n{upstream_block}\n\
+             server {{\n listen 127.0.0.1:{port};\n{locations}\n}}\n}}\n"
+        );
+        std::fs::write(dir.join("nginx.conf"), conf).unwrap();
+        // /usr/sbin is not on every user's PATH.
+        let bin = std::env::var("NGINX").unwrap_or_else(|_| {
+            let sbin = std::path::Path::new("/usr/sbin/nginx");
+            if sbin.exists() {
+                sbin.display().to_string()
+            } else {
+                "nginx".into()
+            }
+        });
+        let mut cmd = std::process::Command::new(&bin);
+        cmd.arg("-p")
+            .arg(&dir)
+            .arg("-c")
+            .arg(dir.join("nginx.conf"));
+        kill_with_parent(&mut cmd);
+        let child = cmd.spawn().unwrap_or_else(|e| {
+            panic!("cannot run {bin} ({e}): this test needs nginx (Debian package nginx)")
+        });
+        let addr = format!("127.0.0.1:{port}").parse().unwrap();
+        let deadline = std::time::Instant::now() + T;
+        while std::net::TcpStream::connect(addr).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nginx did not listen: {}",
+                std::fs::read_to_string(dir.join("error.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Nginx { child, addr, dir }
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The deployment of tuning/: nginx on loopback in front, `trusted_proxies` naming it. Every
+/// connection reaches the server from 127.0.0.1, yet the per-address cap counts the clients.
+#[tokio::test]
+async fn behind_the_shipped_nginx_config_the_cap_counts_clients_not_nginx() {
+    let s = server(
+        1,
+        &[
+            ("BROADCASTER_LIMITS_ANONYMOUS_CONNECTIONS_PER_IP_MAX", "1"),
+            ("BROADCASTER_LIMITS_TRUSTED_PROXIES", "127.0.0.1"),
+        ],
+    );
+    let nginx = Nginx::start(s.public);
+    let mut a = ws_from(nginx.addr, "127.0.0.2", &[]).await.unwrap();
+    let _b = ws_from(nginx.addr, "127.0.0.3", &[]).await.unwrap();
+    assert_eq!(ws_from(nginx.addr, "127.0.0.2", &[]).await.err(), Some(503));
+    // A client's own X-Forwarded-For does not move it to another address.
+    let spoof = [("X-Forwarded-For", "10.9.9.9")];
+    assert_eq!(
+        ws_from(nginx.addr, "127.0.0.2", &spoof).await.err(),
+        Some(503)
+    );
+    a.subscribe("board/n").await;
+    s.publish("board/n", "e", "1").await;
+    assert_eq!(a.recv_broadcast().await["payload"], json!(1));
+}
