@@ -1,6 +1,6 @@
 //! Sans-IO side of the access proxy (SPEC 15): the backend's URL, the HTTP/1.1 POST a node
-//! sends it, the response read back, and the JSON of the requests and answers. `crate::proxy`
-//! does the I/O.
+//! sends it, the response read back, and the JSON of the requests and answers. The I/O is
+//! the `proxy` module's, above this one.
 //!
 //! Only `http://` URLs that name an IP address or `localhost` are taken. Resolving a host name
 //! would mean a blocking DNS lookup on a shard (every connection of that core waits), and the
