@@ -87,24 +87,47 @@ impl ShardMetrics {
     pub(crate) fn proxy_call(&self, kind: usize, result: &str, d: Duration) {
         let r = PROXY_RESULTS.iter().position(|x| *x == result).unwrap_or(2);
         Self::add(&self.proxy_requests_total[kind][r], 1);
-        let secs = d.as_secs_f64();
-        let i = PROXY_BUCKETS
-            .iter()
-            .position(|b| secs <= *b)
-            .unwrap_or(PROXY_BUCKETS.len());
-        Self::add(&self.proxy_buckets[kind][i], 1);
-        Self::add(&self.proxy_sum_ns[kind], d.as_nanos() as u64);
+        let (buckets, sum) = (&self.proxy_buckets[kind], &self.proxy_sum_ns[kind]);
+        observe(&PROXY_BUCKETS, buckets, sum, d);
     }
 
     pub(crate) fn observe_publish_to_write(&self, d: Duration) {
-        let secs = d.as_secs_f64();
-        let i = LATENCY_BUCKETS
-            .iter()
-            .position(|b| secs <= *b)
-            .unwrap_or(LATENCY_BUCKETS.len());
-        Self::add(&self.latency_buckets[i], 1);
-        Self::add(&self.latency_sum_ns, d.as_nanos() as u64);
+        observe(
+            &LATENCY_BUCKETS,
+            &self.latency_buckets,
+            &self.latency_sum_ns,
+            d,
+        );
     }
+}
+
+/// Counts `d` in the bucket of the first upper bound in `bounds` it is within (the last of
+/// `buckets`, one more than the bounds, is +Inf) and adds it to the sum.
+fn observe(bounds: &[f64], buckets: &[AtomicU64], sum_ns: &AtomicU64, d: Duration) {
+    let secs = d.as_secs_f64();
+    let i = bounds
+        .iter()
+        .position(|b| secs <= *b)
+        .unwrap_or(bounds.len());
+    ShardMetrics::add(&buckets[i], 1);
+    ShardMetrics::add(sum_ns, d.as_nanos() as u64);
+}
+
+/// A histogram as the encoder takes it: each bucket's own count with its bound (the encoder
+/// adds them up into the `le` series), the total count and the sum in seconds.
+fn histogram(
+    bounds: &[f64],
+    buckets: &[AtomicU64],
+    sum_ns: &AtomicU64,
+) -> (Vec<(f64, u64)>, u64, f64) {
+    let counts: Vec<(f64, u64)> = bounds
+        .iter()
+        .chain([f64::INFINITY].iter())
+        .zip(buckets)
+        .map(|(bound, n)| (*bound, n.load(Relaxed)))
+        .collect();
+    let count = counts.iter().map(|(_, n)| n).sum();
+    (counts, count, sum_ns.load(Relaxed) as f64 / 1e9)
 }
 
 /// The Redis bridge's counters (cluster mode), one set per node.
@@ -247,15 +270,8 @@ impl Collector for Shards {
             MetricType::Histogram,
         )?;
         for (shard, m) in self.0.iter().enumerate() {
-            // Each bucket's own count: the encoder adds them up into the `le` series.
-            let buckets: Vec<(f64, u64)> = LATENCY_BUCKETS
-                .iter()
-                .chain([f64::INFINITY].iter())
-                .zip(&m.latency_buckets)
-                .map(|(bound, n)| (*bound, n.load(Relaxed)))
-                .collect();
-            let count = buckets.iter().map(|(_, n)| n).sum();
-            let sum = m.latency_sum_ns.load(Relaxed) as f64 / 1e9;
+            let (buckets, count, sum) =
+                histogram(&LATENCY_BUCKETS, &m.latency_buckets, &m.latency_sum_ns);
             metric
                 .encode_family(&[("shard", shard)])?
                 .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
@@ -318,14 +334,8 @@ fn encode_proxy(
     )?;
     for (shard, m) in shards.iter().enumerate() {
         for (k, kind) in PROXY_KINDS.iter().enumerate() {
-            let buckets: Vec<(f64, u64)> = PROXY_BUCKETS
-                .iter()
-                .chain([f64::INFINITY].iter())
-                .zip(&m.proxy_buckets[k])
-                .map(|(bound, n)| (*bound, n.load(Relaxed)))
-                .collect();
-            let count = buckets.iter().map(|(_, n)| n).sum();
-            let sum = m.proxy_sum_ns[k].load(Relaxed) as f64 / 1e9;
+            let (buckets, count, sum) =
+                histogram(&PROXY_BUCKETS, &m.proxy_buckets[k], &m.proxy_sum_ns[k]);
             let labels = [("shard", shard.to_string()), ("kind", kind.to_string())];
             metric
                 .encode_family(&labels)?
