@@ -93,8 +93,9 @@ impl Node {
         self.connections.fetch_sub(1, Relaxed);
     }
 
-    /// True when a proxy URL is set: handshake headers are then kept for the backend.
-    pub(crate) fn proxy_configured(&self) -> bool {
+    /// True when handshake headers are kept for the backend: a proxy URL is set and
+    /// `proxy.forward_headers` names some.
+    pub(crate) fn keeps_handshake_headers(&self) -> bool {
         let proxy = &self.config.proxy;
         (proxy.subscribe_url.is_some() || proxy.connect_url.is_some())
             && !proxy.forward_headers.is_empty()

@@ -99,7 +99,7 @@ impl Proxy {
                 return Ok(hit);
             }
         }
-        let connection = format!("{}-{}", self.node_id, call.connection);
+        let connection = self.connection_name(call.connection);
         let body = wire::subscribe_request_body(
             call.channel,
             call.user,
@@ -123,6 +123,11 @@ impl Proxy {
             self.remember(key, expire_at);
         }
         Ok(expire_at)
+    }
+
+    /// A connection as the backend sees it: unique across the cluster.
+    fn connection_name(&self, id: u64) -> String {
+        format!("{}-{id}", self.node_id)
     }
 
     fn cached(&self, key: &CacheKey) -> Option<Option<u64>> {
@@ -166,7 +171,7 @@ impl Proxy {
             let why = "no connect proxy is configured (proxy.connect_url); auth with a token";
             return Err(err(Code::FailedPrecondition, why));
         };
-        let connection = format!("{}-{connection}", self.node_id);
+        let connection = self.connection_name(connection);
         let body = wire::connect_request_body(&connection, &self.node_id, headers);
         let started = Instant::now();
         let answer = self.client.post(target, &self.secret, &body).await;

@@ -114,7 +114,7 @@ async fn next_request(
             return Ok(None);
         }
     };
-    let forwarded = if head.path == "/ws" && shard.node.proxy_configured() {
+    let forwarded = if head.path == "/ws" && shard.node.keeps_handshake_headers() {
         http::headers_named(&buf[..head.len], &shard.config().proxy.forward_headers)
     } else {
         Vec::new()
