@@ -78,16 +78,13 @@ impl Anonymous {
         }
         // A poisoned stripe only means another thread panicked, and a panic ends the process.
         let mut map = self.stripe(&ip).lock().unwrap_or_else(|p| p.into_inner());
-        let n = map.entry(ip).or_insert(0);
-        if *n as usize >= self.per_ip_max {
-            if *n == 0 {
-                map.remove(&ip);
-            }
+        let n = map.get(&ip).copied().unwrap_or(0);
+        if n as usize >= self.per_ip_max {
             drop(map);
             self.total.fetch_sub(1, Relaxed);
             return Err(Refused::Address);
         }
-        *n += 1;
+        map.insert(ip, n + 1);
         Ok(Permit {
             counts: self.clone(),
             ip,
