@@ -26,6 +26,10 @@ use std::time::{Duration, Instant};
 /// store: a miss only costs a call).
 const CACHE_ENTRIES_MAX: usize = 100_000;
 
+/// The `kind` of a call: its index in `metrics::PROXY_KINDS`.
+const SUBSCRIBE: usize = 0;
+const CONNECT: usize = 1;
+
 /// One subscribe the backend is asked about.
 pub(crate) struct SubscribeCall<'a> {
     pub(crate) channel: &'a str,
@@ -107,18 +111,13 @@ impl Proxy {
             &self.node_id,
             call.headers,
         );
-        let started = Instant::now();
-        let answer = self.client.post(target, &self.secret, &body).await;
-        let answer = answer.map_err(|e| (e.metric_result(), call_error(&e)));
-        let decision = answer.and_then(|body| match wire::parse_subscribe_answer(&body) {
+        let read = |body: &[u8]| match wire::parse_subscribe_answer(body) {
             Ok(SubscribeAnswer::Allow { expire_at }) => Ok(expire_at),
             Ok(SubscribeAnswer::Deny) => Err(("deny", denied())),
             Ok(SubscribeAnswer::Error(e)) => Err(("error", e)),
             Err(why) => Err(("error", malformed(&why))),
-        });
-        let result = decision.as_ref().map_or_else(|(r, _)| *r, |_| "allow");
-        metrics.proxy_call(0, result, started.elapsed());
-        let expire_at = decision.map_err(|(_, e)| e)?;
+        };
+        let expire_at = self.call(metrics, SUBSCRIBE, target, &body, read).await?;
         if let Some(key) = key {
             self.remember(key, expire_at);
         }
@@ -168,15 +167,11 @@ impl Proxy {
         headers: &[(String, String)],
     ) -> Result<Permissions, Error> {
         let Some(target) = &self.connect else {
-            let why = "no connect proxy is configured (proxy.connect_url); auth with a token";
-            return Err(err(Code::FailedPrecondition, why));
+            return Err(no_connect_url());
         };
         let connection = self.connection_name(connection);
         let body = wire::connect_request_body(&connection, &self.node_id, headers);
-        let started = Instant::now();
-        let answer = self.client.post(target, &self.secret, &body).await;
-        let answer = answer.map_err(|e| (e.metric_result(), call_error(&e)));
-        let perms = answer.and_then(|body| match wire::parse_connect_answer(&body) {
+        let read = |body: &[u8]| match wire::parse_connect_answer(body) {
             Ok(Ok(a)) => Ok(Permissions::new(
                 a.sub,
                 a.exp,
@@ -186,11 +181,34 @@ impl Proxy {
             // The backend's refusal of who the headers say this is.
             Ok(Err(e)) => Err(("deny", e)),
             Err(why) => Err(("error", malformed(&why))),
-        });
-        let result = perms.as_ref().map_or_else(|(r, _)| *r, |_| "allow");
-        metrics.proxy_call(1, result, started.elapsed());
-        perms.map_err(|(_, e)| e)
+        };
+        self.call(metrics, CONNECT, target, &body, read).await
     }
+
+    /// One call of `kind` (`SUBSCRIBE`, `CONNECT`): the POST, its answer read by `read` (which
+    /// gives the `result` label of a refusal with it), and the call counted and timed.
+    async fn call<T>(
+        &self,
+        metrics: &ShardMetrics,
+        kind: usize,
+        target: &Target,
+        body: &[u8],
+        read: impl FnOnce(&[u8]) -> Result<T, (&'static str, Error)>,
+    ) -> Result<T, Error> {
+        let started = Instant::now();
+        let answer = self.client.post(target, &self.secret, body).await;
+        let answer = answer.map_err(|e| (e.metric_result(), call_error(&e)));
+        let outcome = answer.and_then(|body| read(&body));
+        let result = outcome.as_ref().map_or_else(|(r, _)| *r, |_| "allow");
+        metrics.proxy_call(kind, result, started.elapsed());
+        outcome.map_err(|(_, e)| e)
+    }
+}
+
+/// `auth` with `{"proxy":true}` on a node without `proxy.connect_url`.
+pub(crate) fn no_connect_url() -> Error {
+    let why = "no connect proxy is configured (proxy.connect_url); auth with a token";
+    err(Code::FailedPrecondition, why)
 }
 
 fn denied() -> Error {

@@ -41,12 +41,6 @@ pub(super) fn refusal(access: Access, perms: Option<&Permissions>, channel: &str
     }
 }
 
-/// Whether a subscription survives a re-auth with `perms`: public and proxy-decided ones do
-/// (the token never decided them); token ones only if the new token still allows them.
-pub(super) fn token_may_keep(access: Access, perms: &Permissions, channel: &str) -> bool {
-    access != Access::Token || (perms.can_subscribe && perms.allows_channel(channel))
-}
-
 /// Where a subscription starts: as asked, or the rule's `rewind_default`; a `rewind` beyond
 /// what the channel keeps or `limits.rewind_max` is InvalidArgument.
 pub(super) fn start(
@@ -157,10 +151,7 @@ pub(super) fn recheck_at(
 /// permissions, as a JWT's claims would.
 pub(super) async fn connect(shard: &Rc<Shard>, conn: &Rc<Conn>) -> Result<Permissions, Error> {
     let Some(proxy) = shard.proxy.as_ref() else {
-        return Err(err(
-            Code::FailedPrecondition,
-            "no connect proxy is configured (proxy.connect_url); auth with a token",
-        ));
+        return Err(crate::proxy::no_connect_url());
     };
     let perms = proxy
         .connect(shard.metrics(), conn.id, &conn.client_headers())

@@ -120,7 +120,7 @@ async fn request(
     Ok(())
 }
 
-pub(super) fn unauthenticated() -> Error {
+fn unauthenticated() -> Error {
     err(Code::Unauthenticated, "send auth with a valid token first")
 }
 
@@ -139,7 +139,7 @@ fn rate_limited(shard: &Shard, conn: &Rc<Conn>, id: Option<&[u8]>, verdict: Verd
 }
 
 /// Answers an error, counted in `rejected_requests_total`.
-pub(super) fn fail(shard: &Shard, conn: &Rc<Conn>, id: Option<&[u8]>, e: &Error) {
+fn fail(shard: &Shard, conn: &Rc<Conn>, id: Option<&[u8]>, e: &Error) {
     shard.metrics().rejected(e.code);
     conn.respond(id, Err(e));
 }
@@ -167,7 +167,8 @@ fn authenticated(
             return fail(shard, conn, id, &e);
         }
         let rules = &shard.node.rules;
-        let allowed = |c: &str| access::token_may_keep(rules.policy(c).access, &perms, c);
+        // Public and proxy subscriptions stay: the token never decided them.
+        let allowed = |c: &str| access::refusal(rules.policy(c).access, Some(&perms), c).is_none();
         for sub in conn.remove_subscriptions_unless(allowed) {
             shard.unsubscribe(&sub);
         }
@@ -184,7 +185,7 @@ fn authenticated(
 async fn subscribe(
     shard: &Rc<Shard>,
     conn: &Rc<Conn>,
-    session: &mut Session,
+    session: &Session,
     id: Option<&[u8]>,
     channel: &str,
     start: Option<Start>,
@@ -201,7 +202,10 @@ async fn subscribe(
             let why = "max_subscriptions_per_connection reached; unsubscribe first";
             full.then(|| err(Code::ResourceExhausted, why))
         });
-    let start = match refused.map_or_else(|| access::start(policy, start, limits.rewind_max), Err) {
+    if let Some(e) = refused {
+        return fail(shard, conn, id, &e);
+    }
+    let start = match access::start(policy, start, limits.rewind_max) {
         Ok(start) => start,
         Err(e) => return fail(shard, conn, id, &e),
     };
