@@ -394,6 +394,8 @@ impl Default for LogConfig {
     }
 }
 
+/// Most publications a channel may keep (`history.size`, a rule's `history_size`).
+const HISTORY_SIZE_MAX: usize = 100_000;
 /// Longest duration any key accepts.
 const DURATION_MAX: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Most clock skew `auth.leeway` may allow.
@@ -527,7 +529,7 @@ impl Config {
         self.limits.assert_valid()?;
         self.assert_durations()?;
         let bad = |key: &str, why: &str| Err(ConfigError(format!("{key}: {why}")));
-        if self.history.size > 100_000 {
+        if self.history.size > HISTORY_SIZE_MAX {
             return bad("history.size", "at most 100000 publications per channel");
         }
         if self.shards > SHARDS_MAX {
@@ -540,7 +542,7 @@ impl Config {
             return bad("tls", "set both tls.cert_file and tls.key_file, or neither");
         }
         self.assert_dev_mode()?;
-        rules::check(&self.channels, self.history.size, 100_000).map_err(ConfigError)?;
+        rules::check(&self.channels, self.history.size, HISTORY_SIZE_MAX).map_err(ConfigError)?;
         let rewind_max = self.limits.rewind_max;
         if let Some(n) = self
             .channels
