@@ -322,11 +322,12 @@ async fn the_backend_allows_denies_and_its_errors_reach_the_client() {
     assert_eq!(backend.seen().last().unwrap().body["user"], json!("alice"));
     let text = http_get(s.backend(), "/metrics").await.text();
     let count = |result: &str| -> f64 {
-        text.lines()
-            .filter(|l| l.starts_with("proxy_requests_total{") && l.contains("kind=\"subscribe\""))
-            .filter(|l| l.contains(&format!("result=\"{result}\"")))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+        let result = format!("result=\"{result}\"");
+        metric_labelled(
+            &text,
+            "proxy_requests_total",
+            &["kind=\"subscribe\"", &result],
+        )
     };
     assert_eq!(count("allow"), 3.0, "{text}");
     assert_eq!(count("deny"), 1.0);

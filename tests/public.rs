@@ -45,13 +45,6 @@ async fn offsets(ws: &mut Ws, n: usize, first_seq: u64) -> Vec<u64> {
     out
 }
 
-fn metric_with(text: &str, name: &str, label: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 #[tokio::test]
 async fn public_channels_work_before_auth_and_nothing_else_does() {
     let s = server(2, &[]);
@@ -308,11 +301,11 @@ async fn anonymous_caps_answer_503_per_address_and_per_node() {
     let _a3 = ws_from(s.public, "127.0.0.1", &[]).await.unwrap();
     let text = http_get(s.backend(), "/metrics").await.text();
     assert_eq!(
-        metric_with(&text, "anonymous_refused_total", "reason=\"address\""),
+        metric_labelled(&text, "anonymous_refused_total", &["reason=\"address\""]),
         1.0
     );
     assert_eq!(
-        metric_with(&text, "anonymous_refused_total", "reason=\"node\""),
+        metric_labelled(&text, "anonymous_refused_total", &["reason=\"node\""]),
         1.0
     );
     assert_eq!(metric_sum(&text, "anonymous_connections"), Some(3.0));

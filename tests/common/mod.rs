@@ -1468,6 +1468,15 @@ pub fn metric_sum(text: &str, name: &str) -> Option<f64> {
         .reduce(|a, b| a + b)
 }
 
+/// The sum of the samples of `name` whose labels hold every one of `labels` (`kind="x"`).
+pub fn metric_labelled(text: &str, name: &str, labels: &[&str]) -> f64 {
+    let prefix = format!("{name}{{");
+    text.lines()
+        .filter(|l| l.starts_with(&prefix) && labels.iter().all(|label| l.contains(label)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// Reads everything a std reader has (used for child pipes in the CLI tests).
 pub fn read_all(mut r: impl Read) -> String {
     let mut s = String::new();
