@@ -3,7 +3,11 @@
 use crate::clock::unix_now;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 use std::time::Duration;
+
+/// The default bound on a token's `info` claim as compact JSON (`presence.info_bytes_max`).
+pub const INFO_BYTES_MAX: usize = 1024;
 
 /// What a verified token allows. Built once per `auth`, read on every subscribe and publish.
 #[derive(Debug, Clone)]
@@ -16,6 +20,12 @@ pub struct Permissions {
     pub can_subscribe: bool,
     /// The `publish` scope.
     pub can_publish: bool,
+    /// The `presence` scope: may read who is in the channels it may subscribe to.
+    pub can_presence: bool,
+    /// The `info` claim as compact JSON (an object), shown with the user in presence.
+    pub info: Option<Arc<str>>,
+    /// `{"user":<sub>,"info":<info>}`, encoded once: the `from` of this user's publications.
+    pub(crate) from: Arc<str>,
     patterns: Vec<String>,
 }
 
@@ -23,12 +33,22 @@ impl Permissions {
     /// Permissions as a token's claims give them (the connect proxy's answer has the same).
     pub fn new(sub: String, exp: u64, authorized_channels: Vec<String>, scope: &[String]) -> Self {
         Permissions {
+            from: from_json(&sub, None),
             sub,
             exp,
             can_subscribe: scope.iter().any(|s| s == "subscribe"),
             can_publish: scope.iter().any(|s| s == "publish"),
+            can_presence: scope.iter().any(|s| s == "presence"),
+            info: None,
             patterns: authorized_channels,
         }
+    }
+
+    /// The same permissions with the `info` claim (compact JSON of an object).
+    pub fn with_info(mut self, info: Option<Arc<str>>) -> Self {
+        self.from = from_json(&self.sub, info.as_deref());
+        self.info = info;
+        self
     }
 
     /// A pattern is an exact channel name, or ends in `*` and matches every channel with that
@@ -37,6 +57,16 @@ impl Permissions {
         self.patterns
             .iter()
             .any(|p| crate::rules::matches(p, channel))
+    }
+}
+
+/// `{"user":<sub>}` or `{"user":<sub>,"info":<info>}`, as a broadcast's `from` carries it.
+fn from_json(sub: &str, info: Option<&str>) -> Arc<str> {
+    // A string always serializes.
+    let user = serde_json::to_string(sub).unwrap_or_default();
+    match info {
+        Some(info) => format!("{{\"user\":{user},\"info\":{info}}}").into(),
+        None => format!("{{\"user\":{user}}}").into(),
     }
 }
 
@@ -52,12 +82,33 @@ struct Claims {
     authorized_channels: Vec<String>,
     #[serde(default)]
     scope: Vec<String>,
+    #[serde(default)]
+    info: Option<serde_json::Value>,
+}
+
+/// The `info` claim checked (an object, at most `max` bytes as compact JSON) and encoded.
+pub fn check_info(info: Option<serde_json::Value>, max: usize) -> Result<Option<Arc<str>>, String> {
+    match info {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(v @ serde_json::Value::Object(_)) => {
+            let text = v.to_string();
+            if text.len() > max {
+                return Err(format!(
+                    "token info claim is {} bytes as JSON, over presence.info_bytes_max ({max})",
+                    text.len()
+                ));
+            }
+            Ok(Some(Arc::from(text)))
+        }
+        Some(_) => Err("token info claim must be a JSON object".into()),
+    }
 }
 
 /// Verifies HS256 tokens against one secret. Built once at start and shared by every shard.
 pub struct Verifier {
     key: DecodingKey,
     validation: Validation,
+    info_bytes_max: usize,
 }
 
 impl Verifier {
@@ -72,7 +123,14 @@ impl Verifier {
         Verifier {
             key: DecodingKey::from_secret(secret.as_bytes()),
             validation,
+            info_bytes_max: INFO_BYTES_MAX,
         }
+    }
+
+    /// The same verifier, refusing tokens whose `info` claim is larger than `max` bytes.
+    pub fn info_bytes_max(mut self, max: usize) -> Verifier {
+        self.info_bytes_max = max;
+        self
     }
 
     /// The permissions `token` grants, or why it is refused.
@@ -98,12 +156,8 @@ impl Verifier {
         if c.sub.is_empty() {
             return Err(TokenError("token sub is empty".into()));
         }
-        Ok(Permissions::new(
-            c.sub,
-            c.exp,
-            c.authorized_channels,
-            &c.scope,
-        ))
+        let info = check_info(c.info, self.info_bytes_max).map_err(TokenError)?;
+        Ok(Permissions::new(c.sub, c.exp, c.authorized_channels, &c.scope).with_info(info))
     }
 }
 
@@ -116,6 +170,8 @@ struct MintClaims<'a> {
     #[serde(rename = "authorizedChannels")]
     authorized_channels: &'a [String],
     scope: &'a [String],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    info: Option<&'a serde_json::Value>,
 }
 
 /// Signs a client token (for `broadcaster token`, dev mode and tests).
@@ -126,6 +182,18 @@ pub fn mint(
     scopes: &[String],
     ttl: Duration,
 ) -> Result<String, String> {
+    mint_with_info(secret, sub, channels, scopes, ttl, None)
+}
+
+/// `mint` with an `info` claim (shown with the user in presence and in `from`).
+pub fn mint_with_info(
+    secret: &str,
+    sub: &str,
+    channels: &[String],
+    scopes: &[String],
+    ttl: Duration,
+    info: Option<&serde_json::Value>,
+) -> Result<String, String> {
     let now = unix_now();
     let claims = MintClaims {
         sub,
@@ -134,6 +202,7 @@ pub fn mint(
         iat: now,
         authorized_channels: channels,
         scope: scopes,
+        info,
     };
     jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
@@ -186,6 +255,35 @@ mod tests {
         assert!(p.allows_channel("news"));
         assert!(!p.allows_channel("news2"));
         assert!(Verifier::new("other", Duration::ZERO).verify(&t).is_err());
+    }
+
+    #[test]
+    fn info_claims_are_objects_within_the_bound() {
+        let mint_info = |info: serde_json::Value| {
+            let t = mint_with_info(
+                "s",
+                "al\"ice",
+                &[],
+                &[],
+                Duration::from_secs(60),
+                Some(&info),
+            );
+            Verifier::new("s", Duration::ZERO)
+                .info_bytes_max(40)
+                .verify(&t.unwrap())
+        };
+        let p = mint_info(serde_json::json!({"username": "alice"})).unwrap();
+        assert_eq!(p.info.as_deref(), Some(r#"{"username":"alice"}"#));
+        assert_eq!(
+            &*p.from,
+            r#"{"user":"al\"ice","info":{"username":"alice"}}"#
+        );
+        assert!(mint_info(serde_json::json!({"n": "x".repeat(40)})).is_err());
+        assert!(mint_info(serde_json::json!(["a"])).is_err());
+        assert!(mint_info(serde_json::json!(null)).unwrap().info.is_none());
+        let p = Permissions::new("bob".into(), 1, vec![], &["presence".into()]);
+        assert!(p.can_presence && !p.can_subscribe);
+        assert_eq!(&*p.from, r#"{"user":"bob"}"#);
     }
 
     #[test]

@@ -33,9 +33,13 @@ enum Command {
         /// Channel pattern the token authorizes (exact name, or prefix ending in `*`); repeatable.
         #[arg(long = "channel", required = true)]
         channels: Vec<String>,
-        /// Comma list of scopes: subscribe, publish.
+        /// Comma list of scopes: subscribe, publish, presence.
         #[arg(long, default_value = "subscribe", value_delimiter = ',')]
         scope: Vec<String>,
+        /// The `info` claim: a JSON object shown with the user in presence and in the `from`
+        /// of their publications, e.g. '{"username":"alice"}'.
+        #[arg(long, value_parser = parse_info)]
+        info: Option<serde_json::Value>,
         /// Lifetime, like 1h or 30m.
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         ttl: Duration,
@@ -98,7 +102,15 @@ fn main() -> ExitCode {
             channels,
             scope,
             ttl,
-        } => match broadcaster::auth::mint(&secret, &sub, &channels, &scope, ttl) {
+            info,
+        } => match broadcaster::auth::mint_with_info(
+            &secret,
+            &sub,
+            &channels,
+            &scope,
+            ttl,
+            info.as_ref(),
+        ) {
             Ok(token) => {
                 println!("{token}");
                 ExitCode::SUCCESS
@@ -126,6 +138,15 @@ fn main() -> ExitCode {
             }
             Err(e) => fail(&e),
         },
+    }
+}
+
+/// `--info`: one JSON object.
+fn parse_info(text: &str) -> Result<serde_json::Value, String> {
+    match serde_json::from_str(text) {
+        Ok(v @ serde_json::Value::Object(_)) => Ok(v),
+        Ok(_) => Err("must be a JSON object, like '{\"username\":\"alice\"}'".into()),
+        Err(e) => Err(format!("not JSON: {e}")),
     }
 }
 
