@@ -1,9 +1,29 @@
-//! The one HTTP/1.1 answer reader, for the REST publisher's keep-alive connection and the
-//! `/metrics` scrapes.
+//! The one HTTP/1.1 answer reader, for the REST publisher's keep-alive connection, and one-shot
+//! `GET`s (the `/metrics` scrapes, `GET /presence`).
 
-use std::io::Read;
+use std::io::{Read, Write};
+use std::time::Duration;
 
+use crate::net::Node;
 use crate::ws;
+
+/// `GET path` on `node` over a fresh connection (closed after the answer), with `Authorization:
+/// Bearer` when a key is given: the status and the body.
+pub(crate) fn get(node: &Node, path: &str, bearer: Option<&str>) -> Result<(u16, Vec<u8>), String> {
+    let mut s = crate::net::connect_blocking(node.addr, None)
+        .map_err(|e| format!("connect to {} for {path} failed: {e}", node.addr))?;
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let auth = bearer
+        .map(|k| format!("Authorization: Bearer {k}\r\n"))
+        .unwrap_or_default();
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {}\r\n{auth}Connection: close\r\n\r\n",
+        node.host
+    );
+    s.write_all(req.as_bytes())
+        .map_err(|e| format!("{path} request: {e}"))?;
+    read_http_response(&mut s, &mut Vec::new())
+}
 
 /// Reads one HTTP/1.1 response with a Content-Length body; `buf` keeps bytes of the next one.
 pub(crate) fn read_http_response<R: Read>(

@@ -2,10 +2,6 @@
 //! `subscriptions_total`, which the soak scenario checks against what the load generator holds;
 //! and single labelled samples (the `proxy` scenario's `proxy_requests_total`).
 
-use std::io::Write;
-use std::time::Duration;
-
-use crate::http::read_http_response;
 use crate::net::Node;
 
 /// The two gauges the soak checks (summed over every shard).
@@ -99,17 +95,7 @@ fn parse_gauges(text: &str) -> Result<Gauges, String> {
 
 /// Fetches `GET /metrics` from `node` (a fresh connection, closed after the answer).
 pub(crate) fn scrape_text(node: &Node) -> Result<String, String> {
-    let mut s = crate::net::connect_blocking(node.addr, None)
-        .map_err(|e| format!("connect to {} for /metrics failed: {e}", node.addr))?;
-    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
-    let req = format!(
-        "GET /metrics HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
-        node.host
-    );
-    s.write_all(req.as_bytes())
-        .map_err(|e| format!("/metrics request: {e}"))?;
-    let mut buf = Vec::new();
-    let (status, body) = read_http_response(&mut s, &mut buf)?;
+    let (status, body) = crate::http::get(node, "/metrics", None)?;
     if status != 200 {
         return Err(format!(
             "GET /metrics on {} answered HTTP {status} (with an admin listener, give it as --rest)",
@@ -193,7 +179,7 @@ mod tests {
             host: "x".into(),
         };
         let t = std::thread::spawn(move || {
-            use std::io::Read;
+            use std::io::{Read, Write};
             let (mut c, _) = l.accept().unwrap();
             let mut head = [0u8; 1024];
             let n = c.read(&mut head).unwrap();

@@ -3,7 +3,7 @@
 //! or, in max-rate mode, as fast as a bounded window of undelivered publications allows.
 
 use std::collections::VecDeque;
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::Ipv4Addr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -363,6 +363,25 @@ impl WsConn {
         token: &str,
         seed: u64,
     ) -> Result<Result<Self, String>, String> {
+        let mut c = WsConn::upgrade(node, source, seed)?;
+        let mut req = b"{\"id\":1,\"method\":\"auth\",\"params\":{\"token\":".to_vec();
+        extract::push_json_str(&mut req, token);
+        req.extend_from_slice(b"}}");
+        let r = c.request(&req, 1)?;
+        c.next_id = 2;
+        Ok(match r.error_code {
+            Some(code) => Err(code),
+            None => Ok(c),
+        })
+    }
+
+    /// Connects to `node` (from `source`, if any) and upgrades, nothing sent yet; requests are
+    /// numbered from 1.
+    pub(crate) fn upgrade(
+        node: &Node,
+        source: Option<Ipv4Addr>,
+        seed: u64,
+    ) -> Result<Self, String> {
         let mut stream = crate::net::connect_blocking(node.addr, source)
             .map_err(|e| format!("connect to {} failed: {e}", node.addr))?;
         let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
@@ -387,26 +406,17 @@ impl WsConn {
                 }
             }
         }
-        let mut c = WsConn {
+        Ok(WsConn {
             stream,
             buf,
             out: Vec::with_capacity(1024),
             rng: ws::MaskRng::new(seed),
             next_id: 1,
             pending: VecDeque::new(),
-        };
-        let mut req = b"{\"id\":1,\"method\":\"auth\",\"params\":{\"token\":".to_vec();
-        extract::push_json_str(&mut req, token);
-        req.extend_from_slice(b"}}");
-        let r = c.request(&req, 1)?;
-        c.next_id = 2;
-        Ok(match r.error_code {
-            Some(code) => Err(code),
-            None => Ok(c),
         })
     }
 
-    /// The id for the next request (from 2; `auth` was 1).
+    /// The id for the next request (from 2 after [`WsConn::open`]'s `auth`).
     pub(crate) fn next_id(&mut self) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
@@ -416,62 +426,120 @@ impl WsConn {
     /// Sends `text` and reads frames (answering pings, skipping others) until the response to
     /// request `id`.
     pub(crate) fn request(&mut self, text: &[u8], id: u64) -> Result<extract::Response, String> {
-        self.write_text(text)?;
+        self.send_text(text)?;
         self.response(id)
     }
 
-    fn write_text(&mut self, text: &[u8]) -> Result<(), String> {
+    /// Sends one text frame (several requests go out in one write when the caller joins them:
+    /// see [`WsConn::send_texts`]).
+    pub(crate) fn send_text(&mut self, text: &[u8]) -> Result<(), String> {
+        self.send_texts(&[text])
+    }
+
+    /// Sends one text frame per item, all in one write.
+    pub(crate) fn send_texts(&mut self, texts: &[&[u8]]) -> Result<(), String> {
         self.out.clear();
-        let key = self.rng.next_key();
-        ws::encode_client_frame(&mut self.out, ws::OP_TEXT, text, key);
+        for text in texts {
+            let key = self.rng.next_key();
+            ws::encode_client_frame(&mut self.out, ws::OP_TEXT, text, key);
+        }
         self.stream
             .write_all(&self.out)
             .map_err(|e| format!("write: {e}"))
     }
 
+    /// How long a read may wait (None: forever); [`WsConn::next_text`] gives `Ok(None)` past it.
+    pub(crate) fn set_read_timeout(&mut self, t: Option<Duration>) {
+        let _ = self.stream.set_read_timeout(t);
+    }
+
+    /// Non-blocking reads: [`WsConn::next_text`] gives `Ok(None)` at once when nothing is there.
+    pub(crate) fn set_nonblocking(&mut self, on: bool) -> Result<(), String> {
+        self.stream
+            .set_nonblocking(on)
+            .map_err(|e| format!("set_nonblocking: {e}"))
+    }
+
     /// Reads frames (answering pings) until the response to request `id`.
     fn response(&mut self, id: u64) -> Result<extract::Response, String> {
+        loop {
+            let Some(text) = self.next_text()? else {
+                return Err("read: timed out".into());
+            };
+            if let extract::Message::Response(r) = extract::parse_message(&text) {
+                if r.request_id == Some(id) {
+                    return Ok(r);
+                }
+            }
+        }
+    }
+
+    /// The next text frame (pings answered, other frames skipped); `Ok(None)` when the read
+    /// timeout passed first (a frame cut short stays buffered for the next call); an error when
+    /// the server closed the WebSocket or the connection.
+    pub(crate) fn next_text(&mut self) -> Result<Option<Vec<u8>>, String> {
         let mut chunk = [0u8; 8192];
         loop {
             while let Some(f) = ws::decode_server_frame(&self.buf).map_err(|e| e.to_string())? {
                 let payload = self.buf[f.payload_start..f.end].to_vec();
                 self.buf.drain(..f.end);
                 match f.opcode {
-                    ws::OP_TEXT => {
-                        if let extract::Message::Response(r) = extract::parse_message(&payload) {
-                            if r.request_id == Some(id) {
-                                return Ok(r);
-                            }
-                        }
-                    }
-                    ws::OP_PING => {
-                        self.out.clear();
-                        let key = self.rng.next_key();
-                        ws::encode_client_frame(&mut self.out, ws::OP_PONG, &payload, key);
-                        self.stream
-                            .write_all(&self.out)
-                            .map_err(|e| format!("write: {e}"))?;
-                    }
-                    ws::OP_CLOSE => {
-                        let code = (payload.len() >= 2)
-                            .then(|| u16::from_be_bytes([payload[0], payload[1]]));
-                        return Err(match code {
-                            Some(code) => format!("server closed the WebSocket with code {code}"),
-                            None => "server closed the WebSocket".into(),
-                        });
-                    }
+                    ws::OP_TEXT => return Ok(Some(payload)),
+                    ws::OP_PING => self.pong(&payload)?,
+                    ws::OP_CLOSE => return Err(close_error(&payload)),
                     _ => {}
                 }
             }
-            let n = self
-                .stream
-                .read(&mut chunk)
-                .map_err(|e| format!("read: {e}"))?;
-            if n == 0 {
-                return Err("server closed the WebSocket connection".into());
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return Err("server closed the WebSocket connection".into()),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    return Ok(None)
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(format!("read: {e}")),
             }
-            self.buf.extend_from_slice(&chunk[..n]);
         }
+    }
+
+    fn pong(&mut self, payload: &[u8]) -> Result<(), String> {
+        self.out.clear();
+        let key = self.rng.next_key();
+        ws::encode_client_frame(&mut self.out, ws::OP_PONG, payload, key);
+        self.stream
+            .write_all(&self.out)
+            .map_err(|e| format!("write: {e}"))
+    }
+
+    /// The WebSocket closing handshake: sends close 1000 and reads (discarding text) until the
+    /// server's close frame or the end of the connection, at most `timeout`; then the socket is
+    /// dropped.
+    pub(crate) fn close(mut self, timeout: Duration) -> Result<(), String> {
+        self.out.clear();
+        let key = self.rng.next_key();
+        ws::encode_close(&mut self.out, 1000, key);
+        self.stream
+            .write_all(&self.out)
+            .map_err(|e| format!("write close: {e}"))?;
+        self.set_read_timeout(Some(timeout));
+        loop {
+            match self.next_text() {
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    return Err(format!("no close frame from the server within {timeout:?}"))
+                }
+                // The server's close frame, or the connection's end: the handshake is over.
+                Err(_) => return Ok(()),
+            }
+        }
+    }
+}
+
+/// What a close frame from the server says.
+fn close_error(payload: &[u8]) -> String {
+    match (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]])) {
+        Some(code) => format!("server closed the WebSocket with code {code}"),
+        None => "server closed the WebSocket".into(),
     }
 }
 
@@ -487,7 +555,7 @@ impl Conn for WsConn {
         req.extend_from_slice(b",\"event\":\"m\",\"payload\":");
         req.extend_from_slice(payload);
         req.extend_from_slice(b"}}");
-        self.write_text(&req)?;
+        self.send_text(&req)?;
         self.pending.push_back(id);
         Ok(())
     }
