@@ -37,6 +37,11 @@ pub enum Scenario {
     /// (cache hit), interleaved on the same connections, against an access backend run here.
     #[command(after_help = PROXY_HELP)]
     Proxy(ProxyArgs),
+    /// A join/leave storm (SPEC 16): users connect, subscribe to presence channels and close again
+    /// while observers check every join and leave; joins/s, server CPU per join, Redis commands
+    /// per join; `--keep-one` makes it a reconnect storm that must change nobody's presence.
+    #[command(after_help = PRESENCE_HELP)]
+    Presence(PresenceArgs),
     /// Thousands of connections cycle connect/auth/subscribe/receive/unsubscribe/disconnect for a
     /// long while: nothing lost, and no RSS, gauge or file-descriptor leak in the server.
     #[command(after_help = SOAK_HELP)]
@@ -366,6 +371,85 @@ pub struct ProxyArgs {
     pub common: Common,
 }
 
+/// How to run the server for `presence` (shown under `presence --help`).
+const PRESENCE_HELP: &str = "\
+The channels must have presence and join/leave: give the server a config file with the rule
+
+    [[channels]]
+    pattern = \"room/*\"
+    presence = true
+    join_leave = true
+
+(--presence-prefix names the prefix the pattern matches), lift the per-address cap on anonymous
+connections (every connection counts against it until its auth), and give the load generator the
+API key (GET /presence):
+
+    BROADCASTER_LIMITS_ANONYMOUS_CONNECTIONS_PER_IP_MAX=1000000 \\
+        broadcaster serve --config presence.toml --shards 1 ...
+
+--users users (each a token of its own: sub, an info claim, the presence scope) are cycled by
+--workers threads, one connection each at a time: connect, auth and one subscribe per channel in
+one write, then the closing handshake. A user's cycles never overlap, so each is one join and one
+leave per channel. --observers connections (one per --server node by default), members
+themselves, follow every join and leave and fail the run on a second join without a leave
+between, a leave of someone absent, or a version not above the last; after the churn presence
+must come back to the observers alone (their tracking and GET /presence on every node agree,
+and the presence method answers the same), and to nobody once they close.
+
+--keep-one: every user first opens a connection of its own on the same node, held through the
+churn, so a cycle changes nobody's presence: no join or leave may come, and with --redis-addr
+the cluster's Redis commands per cycle should be about 0. --baseline runs the same churn first
+on channels no rule matches: the difference is what presence costs the server per join.
+
+Exit status: 0 passed, 1 a check failed, 2 could not run.";
+
+/// `presence` options.
+#[derive(clap::Args, Debug, Clone)]
+pub struct PresenceArgs {
+    /// Distinct users (token subs, each with an `info` claim) whose connections churn.
+    #[arg(long, short = 'u', default_value_t = 200)]
+    pub(crate) users: usize,
+    /// Connections churning at once, each on a thread of its own going through its share of the
+    /// users (at most --users).
+    #[arg(long, short = 'w', default_value_t = 8)]
+    pub(crate) workers: usize,
+    /// Presence channels every connection subscribes to (a cycle joins and leaves each).
+    #[arg(long, short = 'c', default_value_t = 1)]
+    pub(crate) channels: usize,
+    /// Cycles, all workers together (default: run for --duration).
+    #[arg(long, short = 'n')]
+    pub(crate) count: Option<u64>,
+    /// How long to churn without --count (seconds, or with a unit: `90s`, `5m`).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub(crate) duration: Duration,
+    /// Observer connections, spread round robin over the nodes (default: one per --server node;
+    /// 0: none, and the joins are counted from the servers' /metrics).
+    #[arg(long)]
+    pub(crate) observers: Option<usize>,
+    /// A reconnect storm: every user also holds a connection subscribed on the same node, so
+    /// closing and reopening the churning one must change nobody's presence.
+    #[arg(long)]
+    pub(crate) keep_one: bool,
+    /// Run the same churn first on channels without presence: the server's CPU per cycle
+    /// without it, and so what presence adds per join.
+    #[arg(long)]
+    pub(crate) baseline: bool,
+    /// What the server's presence rule matches (`pattern = "room/*"`): the channels are this
+    /// followed by the run's channel prefix and a number.
+    #[arg(long, default_value = "room/")]
+    pub(crate) presence_prefix: String,
+    /// The cluster's Redis (HOST:PORT or redis://[:password@]HOST:PORT): its commands over the
+    /// churn by `INFO commandstats`, per join and per cycle, by command.
+    #[arg(long)]
+    pub(crate) redis_addr: Option<String>,
+    /// Seconds allowed for presence to come back after the churn (to the observers), and after
+    /// the observers close (to nobody).
+    #[arg(long, default_value_t = 15.0)]
+    pub(crate) settle_timeout: f64,
+    #[command(flatten)]
+    pub common: Common,
+}
+
 /// How to run the server for `soak` (shown under `soak --help`).
 const SOAK_HELP: &str = "\
 The server must keep enough history for what a client misses while it is away or unsubscribed
@@ -592,5 +676,23 @@ mod tests {
             ("public/", "contest/")
         );
         assert_eq!(p.rewarm, Duration::from_secs(10));
+        let cli = Cli::parse_from([
+            "lt",
+            "presence",
+            "--users",
+            "50",
+            "--keep-one",
+            "--redis-addr",
+            "127.0.0.1:16379",
+        ]);
+        let Scenario::Presence(q) = cli.scenario else {
+            panic!("not presence")
+        };
+        assert_eq!((q.users, q.workers, q.channels, q.count), (50, 8, 1, None));
+        assert_eq!(q.duration, Duration::from_secs(10));
+        assert!(q.keep_one && !q.baseline);
+        assert_eq!(q.observers, None);
+        assert_eq!(q.presence_prefix, "room/");
+        assert_eq!(q.redis_addr.as_deref(), Some("127.0.0.1:16379"));
     }
 }

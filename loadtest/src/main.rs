@@ -15,6 +15,7 @@ fn main() {
         Scenario::Recovery(a) => conclude(scenario::recovery(a), &a.common),
         Scenario::Scoreboard(a) => conclude(scenario::scoreboard(a), &a.common),
         Scenario::Proxy(a) => conclude(scenario::proxy(a), &a.common),
+        Scenario::Presence(a) => conclude(scenario::presence(a), &a.common),
         Scenario::Soak(a) => conclude(soak::run(a), &a.common),
         Scenario::Floor(a) => std::process::exit(run_floor(a)),
     }
