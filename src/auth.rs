@@ -12,8 +12,8 @@ pub const INFO_BYTES_MAX: usize = 1024;
 /// What a verified token allows. Built once per `auth`, read on every subscribe and publish.
 #[derive(Debug, Clone)]
 pub struct Permissions {
-    /// The token's subject: the user.
-    pub sub: String,
+    /// The token's subject: the user (shared with the presence entries it makes).
+    pub sub: Arc<str>,
     /// Unix seconds; the connection is closed with 4002 at this time unless re-authenticated.
     pub exp: u64,
     /// The `subscribe` scope.
@@ -24,31 +24,36 @@ pub struct Permissions {
     pub can_presence: bool,
     /// The `info` claim as compact JSON (an object), shown with the user in presence.
     pub info: Option<Arc<str>>,
-    /// `{"user":<sub>,"info":<info>}`, encoded once: the `from` of this user's publications.
-    pub(crate) from: Arc<str>,
-    patterns: Vec<String>,
+    /// Boxed, not a `Vec`: a session keeps its permissions as long as it lives, and their
+    /// size is idle memory.
+    patterns: Box<[String]>,
 }
 
 impl Permissions {
     /// Permissions as a token's claims give them (the connect proxy's answer has the same).
     pub fn new(sub: String, exp: u64, authorized_channels: Vec<String>, scope: &[String]) -> Self {
         Permissions {
-            from: from_json(&sub, None),
-            sub,
+            sub: Arc::from(sub),
             exp,
             can_subscribe: scope.iter().any(|s| s == "subscribe"),
             can_publish: scope.iter().any(|s| s == "publish"),
             can_presence: scope.iter().any(|s| s == "presence"),
             info: None,
-            patterns: authorized_channels,
+            patterns: authorized_channels.into_boxed_slice(),
         }
     }
 
     /// The same permissions with the `info` claim (compact JSON of an object).
     pub fn with_info(mut self, info: Option<Arc<str>>) -> Self {
-        self.from = from_json(&self.sub, info.as_deref());
         self.info = info;
         self
+    }
+
+    /// `{"user":<sub>,"info":<info>}`: the `from` of this user's publications. Made per
+    /// publication rather than kept: a session holds its permissions for as long as it lives,
+    /// and its size is idle memory.
+    pub(crate) fn from(&self) -> Arc<str> {
+        from_json(&self.sub, self.info.as_deref())
     }
 
     /// A pattern is an exact channel name, or ends in `*` and matches every channel with that
@@ -246,7 +251,7 @@ mod tests {
         )
         .unwrap();
         let p = Verifier::new("s3", Duration::ZERO).verify(&t).unwrap();
-        assert_eq!(p.sub, "alice");
+        assert_eq!(&*p.sub, "alice");
         assert!(p.can_subscribe && !p.can_publish);
         assert!(p.allows_channel("contest/a/x"));
         assert!(p.allows_channel("contest/a/x/y"));
@@ -275,7 +280,7 @@ mod tests {
         let p = mint_info(serde_json::json!({"username": "alice"})).unwrap();
         assert_eq!(p.info.as_deref(), Some(r#"{"username":"alice"}"#));
         assert_eq!(
-            &*p.from,
+            &*p.from(),
             r#"{"user":"al\"ice","info":{"username":"alice"}}"#
         );
         assert!(mint_info(serde_json::json!({"n": "x".repeat(40)})).is_err());
@@ -283,7 +288,7 @@ mod tests {
         assert!(mint_info(serde_json::json!(null)).unwrap().info.is_none());
         let p = Permissions::new("bob".into(), 1, vec![], &["presence".into()]);
         assert!(p.can_presence && !p.can_subscribe);
-        assert_eq!(&*p.from, r#"{"user":"bob"}"#);
+        assert_eq!(&*p.from(), r#"{"user":"bob"}"#);
     }
 
     #[test]

@@ -1,16 +1,21 @@
-//! Owner-shard state of a channel: its offset, epoch, history, and which shards watch it.
-//! Only the owner shard (`hash(channel) % shards`) ever touches a `ChannelState`.
+//! Owner-shard state of a channel: its offset, epoch, history, members, and which shards watch
+//! it. Only the owner shard (`hash(channel) % shards`) ever touches a `ChannelState`.
 
 use crate::constants::{SHARDS_MAX, WATCH_WORDS};
+use crate::error::Error;
+use crate::presence::{self, Kind, Member, Members};
 use crate::rules::Rules;
-use crate::wire::broadcast;
 use crate::wire::request::Start;
+use crate::wire::{broadcast, reply};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// One publication, immutable once built, shared by every shard through `Arc`. Its broadcast
 /// frame is encoded once here; each subscriber only splices in its own `seq`.
+///
+/// A `join` or `leave` notification travels the same way, in order with the channel's
+/// publications: then `presence` holds its version and `prefix` its whole text (no `seq`).
 #[derive(Debug)]
 pub struct Publication {
     pub(crate) channel: Arc<str>,
@@ -18,6 +23,10 @@ pub struct Publication {
     pub(crate) id: Box<str>,
     pub(crate) create_time: Box<str>,
     pub(crate) event: Box<str>,
+    /// `{"user","info"}` of a WebSocket publisher; none for REST.
+    pub(crate) from: Option<Arc<str>>,
+    /// A join or leave notification, with its version.
+    pub(crate) presence: Option<u64>,
     /// The broadcast notification up to its `seq` value (`wire::broadcast`).
     pub prefix: Box<[u8]>,
     /// Ends with `"payload":PAYLOAD}}`: the payload is kept once, inside the frame.
@@ -37,11 +46,19 @@ impl Publication {
         id: &str,
         create_time: &str,
         event: &str,
+        from: Option<Arc<str>>,
         payload: &[u8],
         accepted: Instant,
     ) -> Publication {
-        let (prefix, suffix) =
-            broadcast::broadcast_parts(id, offset, create_time, &channel, event, payload);
+        let (prefix, suffix) = broadcast::broadcast_parts(
+            id,
+            offset,
+            create_time,
+            &channel,
+            event,
+            from.as_deref(),
+            payload,
+        );
         // Payloads are bounded by max_payload_bytes, far below u32::MAX.
         let payload_at = (suffix.len() - 2 - payload.len()) as u32;
         Publication {
@@ -50,11 +67,43 @@ impl Publication {
             id: id.into(),
             create_time: create_time.into(),
             event: event.into(),
+            from,
+            presence: None,
             prefix,
             suffix,
             payload_at,
             epoch: None,
             accepted,
+        }
+    }
+
+    /// A `join` or `leave` of `member` at `version`, as every subscriber of `channel` gets it.
+    pub(crate) fn presence_event(
+        channel: Arc<str>,
+        kind: Kind,
+        member: &Member,
+        version: u64,
+    ) -> Publication {
+        let text = reply::presence_event(
+            kind.as_str(),
+            &channel,
+            &member.user,
+            member.info.as_deref(),
+            version,
+        );
+        Publication {
+            channel,
+            offset: 0,
+            id: Box::default(),
+            create_time: Box::default(),
+            event: kind.as_str().into(),
+            from: None,
+            presence: Some(version),
+            prefix: text.into_boxed_slice(),
+            suffix: Box::default(),
+            payload_at: 0,
+            epoch: None,
+            accepted: Instant::now(),
         }
     }
 
@@ -82,6 +131,11 @@ pub(crate) struct Position {
     pub(crate) rewound: Option<usize>,
     /// Publications up to `offset`, oldest first, delivered before any newer one.
     pub(crate) replay: Vec<Arc<Publication>>,
+    /// For a channel that counts members: the presence version when the answer was made
+    /// (join/leave notifications at or below it are older than the subscription).
+    pub(crate) presence_version: Option<u64>,
+    /// Asked for: the members (`reply::presence`), for the subscribe result.
+    pub(crate) presence: Option<Vec<u8>>,
 }
 
 impl Position {
@@ -92,9 +146,15 @@ impl Position {
             recovered: None,
             rewound: None,
             replay: Vec::new(),
+            presence_version: None,
+            presence: None,
         }
     }
 }
+
+/// A member joined or left: the notification (when the rule announces them) and the shards
+/// it goes to.
+pub(crate) type PresenceChange = (Option<Arc<Publication>>, [u64; WATCH_WORDS]);
 
 pub(crate) struct ChannelState {
     name: Arc<str>,
@@ -106,6 +166,10 @@ pub(crate) struct ChannelState {
     history: VecDeque<Arc<Publication>>,
     /// Bit per shard that has (or is about to have) subscribers: they get every publication.
     watchers: [u64; WATCH_WORDS],
+    /// Subscribed members, when the rule counts them (empty, allocating nothing, otherwise).
+    members: Members,
+    /// Bumped by every join and leave (`presence::next_version`).
+    version: u64,
 }
 
 /// Every channel an owner shard sequences.
@@ -130,11 +194,18 @@ impl ChannelState {
             epoch: format!("{:016x}", rand::random::<u64>()).into(),
             history: VecDeque::new(),
             watchers: [0; WATCH_WORDS],
+            members: Members::default(),
+            version: 0,
         }
     }
 
     fn unwatched(&self) -> bool {
         self.watchers.iter().all(|w| *w == 0)
+    }
+
+    /// Nothing to keep: no watcher, no history, no member.
+    fn idle(&self) -> bool {
+        self.unwatched() && self.history.is_empty() && self.members.is_empty()
     }
 
     fn expire(&mut self, now: Instant) {
@@ -182,6 +253,7 @@ impl Channels {
         &mut self,
         channel: &str,
         event: &str,
+        from: Option<Arc<str>>,
         payload: &[u8],
         id: String,
         create_time: String,
@@ -197,6 +269,7 @@ impl Channels {
             &id,
             &create_time,
             event,
+            from,
             payload,
             accepted,
         ));
@@ -208,10 +281,80 @@ impl Channels {
         }
         state.expire(accepted);
         let watchers = state.watchers;
-        if watchers == [0; WATCH_WORDS] && state.history.is_empty() {
+        if state.idle() {
             self.states.remove(channel);
         }
         (publication, watchers)
+    }
+
+    /// One more subscription of `member` (the rule counts members): the join when it is new,
+    /// or ResourceExhausted beyond the rule's `presence_members_max`.
+    pub(crate) fn join(
+        &mut self,
+        channel: &str,
+        member: &Member,
+    ) -> Result<Option<PresenceChange>, Error> {
+        let policy = self.rules.policy(channel);
+        let (max, announce) = (policy.presence_members_max, policy.join_leave);
+        let state = self.state(channel);
+        if !state.members.add(member, max)? {
+            return Ok(None);
+        }
+        Ok(Some(self.changed(channel, Kind::Join, member, announce)))
+    }
+
+    /// One subscription of `user` fewer: the leave when it was its last.
+    pub(crate) fn leave(&mut self, channel: &str, user: &Arc<str>) -> Option<PresenceChange> {
+        let announce = self.rules.policy(channel).join_leave;
+        let state = self.states.get_mut(channel)?;
+        let info = state.members.remove(user)?;
+        let member = Member {
+            user: user.clone(),
+            info,
+        };
+        let change = self.changed(channel, Kind::Leave, &member, announce);
+        if self.states.get(channel).is_some_and(ChannelState::idle) {
+            self.states.remove(channel);
+        }
+        Some(change)
+    }
+
+    /// A new version for a join or leave, with its notification when the rule announces.
+    fn changed(
+        &mut self,
+        channel: &str,
+        kind: Kind,
+        member: &Member,
+        announce: bool,
+    ) -> PresenceChange {
+        let state = self.state(channel);
+        state.version = presence::next_version(state.version);
+        let event = announce.then(|| {
+            let name = state.name.clone();
+            Arc::new(Publication::presence_event(
+                name,
+                kind,
+                member,
+                state.version,
+            ))
+        });
+        (event, state.watchers)
+    }
+
+    /// The channel's presence version, with its members encoded when `list`.
+    pub(crate) fn presence(&self, channel: &str, list: bool) -> (u64, Option<Vec<u8>>) {
+        match self.states.get(channel) {
+            Some(s) => (s.version, list.then(|| s.members.encode(s.version))),
+            None => (0, list.then(|| Members::default().encode(0))),
+        }
+    }
+
+    /// Members per channel, for the channels here that have some.
+    pub(crate) fn member_counts(&self) -> Vec<(Arc<str>, usize)> {
+        let with_members = self.states.values().filter(|s| !s.members.is_empty());
+        with_members
+            .map(|s| (s.name.clone(), s.members.len()))
+            .collect()
     }
 
     /// Registers `shard` as a watcher and answers with the channel's position; with `since`,
@@ -255,7 +398,7 @@ impl Channels {
         if let Some(state) = self.states.get_mut(channel) {
             let (w, b) = bit(shard);
             state.watchers[w] &= !b;
-            if state.unwatched() && state.history.is_empty() {
+            if state.idle() {
                 self.states.remove(channel);
             }
         }
@@ -279,7 +422,7 @@ impl Channels {
     pub(crate) fn sweep(&mut self, now: Instant) {
         self.states.retain(|_, s| {
             s.expire(now);
-            !(s.unwatched() && s.history.is_empty())
+            !s.idle()
         });
     }
 }
@@ -304,6 +447,7 @@ mod tests {
             c.publish(
                 name,
                 "e",
+                None,
                 b"1",
                 format!("id{i}"),
                 "t".into(),

@@ -59,6 +59,8 @@ pub struct Config {
     pub channels: Vec<RuleConfig>,
     /// `[proxy]`: the backend asked over HTTP (SPEC 15).
     pub proxy: ProxyConfig,
+    /// `[presence]`: members and join/leave (SPEC 16).
+    pub presence: PresenceConfig,
     /// Set when no JWT secret was configured and one was generated (SPEC section 2).
     #[serde(skip)]
     pub dev_mode: bool,
@@ -224,6 +226,42 @@ pub fn parse_cidr(text: &str) -> Result<ipnet::IpNet, String> {
     }
 }
 
+/// `[presence]`: who is in a channel (the rules say which channels list members).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PresenceConfig {
+    /// Largest `info` claim a token may carry, as compact JSON. Default 1024 bytes.
+    pub info_bytes_max: usize,
+    /// Cluster mode: a node silent in Redis this long has its members removed by the others,
+    /// one `leave` each. Nodes heartbeat every fifth of it. Default 15 s.
+    #[serde(with = "duration")]
+    pub node_timeout: Duration,
+}
+
+impl Default for PresenceConfig {
+    fn default() -> Self {
+        PresenceConfig {
+            info_bytes_max: crate::auth::INFO_BYTES_MAX,
+            node_timeout: Duration::from_secs(15),
+        }
+    }
+}
+
+impl PresenceConfig {
+    fn assert_valid(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, why: &str| Err(ConfigError(format!("presence.{key}: {why}")));
+        if self.info_bytes_max == 0 || self.info_bytes_max > 65_536 {
+            return bad("info_bytes_max", "must be between 1 and 65536");
+        }
+        if self.node_timeout < Duration::from_millis(500)
+            || self.node_timeout > Duration::from_secs(3600)
+        {
+            return bad("node_timeout", "must be between 500ms and 1h");
+        }
+        Ok(())
+    }
+}
+
 /// `[history]`: what each channel keeps for recovery and `GET /history`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -278,6 +316,7 @@ impl Default for Config {
             log: LogConfig::default(),
             channels: Vec::new(),
             proxy: ProxyConfig::default(),
+            presence: PresenceConfig::default(),
             dev_mode: false,
             dev_token: None,
         }
@@ -450,6 +489,8 @@ const KEYS: &[(&str, Kind)] = &[
     ("proxy.subscribe_url", Kind::Str),
     ("proxy.subscribe_cache_ttl", Kind::Str),
     ("proxy.connect_url", Kind::Str),
+    ("presence.info_bytes_max", Kind::Int),
+    ("presence.node_timeout", Kind::Str),
 ];
 
 /// The environment variable that sets `key`: `auth.jwt_secret` is `BROADCASTER_AUTH_JWT_SECRET`.
@@ -554,6 +595,7 @@ impl Config {
             return Err(ConfigError(why));
         }
         self.proxy.assert_valid(&self.channels)?;
+        self.presence.assert_valid()?;
         self.log.assert_valid()
     }
 
@@ -790,6 +832,9 @@ mod tests {
         assert_eq!(rules.policy("scoreboard/c1").access, rules::Access::Public);
         assert_eq!(rules.policy("scoreboard/c1").rewind_default, 1);
         assert_eq!(rules.policy("contest/c1").access, rules::Access::Proxy);
+        let chat = rules.policy("chat/c1");
+        assert!(chat.presence && chat.join_leave && chat.presence_members_max == 5000);
+        assert!(!rules.policy("contest/c1").tracks_members());
         assert_eq!(c.proxy.forward_headers, vec!["Cookie"]);
         for key in [
             "pattern",
@@ -797,6 +842,9 @@ mod tests {
             "history_size",
             "history_ttl",
             "rewind_default",
+            "presence",
+            "join_leave",
+            "presence_members_max",
         ] {
             assert!(
                 text.contains(key),

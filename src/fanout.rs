@@ -43,3 +43,18 @@ pub(crate) fn deliver(
     }
     sent
 }
+
+/// Queues a join or leave notification for every subscription in `subs`; returns how many
+/// took it. It has no `seq`, and no subscription's start skips it: the version tells clients
+/// what their presence snapshot already holds.
+pub(crate) fn notify(
+    subs: &[Rc<Subscription>],
+    p: &Publication,
+    metrics: &ShardMetrics,
+    flusher: &Flusher,
+) -> u64 {
+    let queued = subs
+        .iter()
+        .filter(|sub| sub.conn.enqueue_notification(p, metrics, flusher));
+    queued.count() as u64
+}

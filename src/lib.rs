@@ -64,8 +64,8 @@
 //! 3. `auth` (tokens, keys), `config` (tunables), `wire/` (sans-IO parsing and encoding),
 //!    `preflight` (io_uring), `io/` (sockets, epoll, timers, TLS, the io_uring batch),
 //!    `metrics` (per-shard counters, the exposition).
-//! 4. `channel` (owner-shard channel state and `Publication`), `cli` (the `publish` and
-//!    `connect` subcommands), `dev` (dev mode).
+//! 4. `presence` (members, counted once each), then `channel` (owner-shard channel state and
+//!    `Publication`), `cli` (the `publish` and `connect` subcommands), `dev` (dev mode).
 //! 5. `ring` (messages between shards, the rings, outboxes).
 //! 6. `cluster/` (the Redis bridge).
 //! 7. `node` (what all shards share).
@@ -97,6 +97,7 @@ mod io;
 mod metrics;
 pub mod node;
 mod preflight;
+mod presence;
 pub mod proxy;
 mod ring;
 mod route;

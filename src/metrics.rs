@@ -142,6 +142,64 @@ pub(crate) struct BridgeMetrics {
     pub publish_errors_total: AtomicU64,
 }
 
+/// Presence on this node (SPEC 16), written by the owner shards (one node) or the Redis bridge
+/// (cluster mode) at each join and leave, never per message.
+#[derive(Default, Debug)]
+pub(crate) struct PresenceMetrics {
+    /// One node: members of its channels. Cluster mode: the members this node holds (a
+    /// member of one channel with connections on two nodes counts on both).
+    pub members: AtomicI64,
+    /// Joins and leaves this node made, `[join, leave]`.
+    pub events_total: [AtomicU64; 2],
+    /// Members of dead nodes this node removed (each also one leave).
+    pub reaped_total: AtomicU64,
+}
+
+impl PresenceMetrics {
+    /// A member joined (`true`) or left.
+    pub(crate) fn changed(&self, joined: bool) {
+        self.events_total[usize::from(!joined)].fetch_add(1, Relaxed);
+        let delta = if joined { 1 } else { -1 };
+        self.members.fetch_add(delta, Relaxed);
+    }
+}
+
+#[derive(Debug)]
+struct Presence(Arc<PresenceMetrics>);
+
+impl Collector for Presence {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let m = &self.0;
+        let members = ConstGauge::new(m.members.load(Relaxed));
+        let metric = encoder.encode_descriptor(
+            "presence_members",
+            "Members present in channels that count them (cluster mode: held by this node).",
+            None,
+            members.metric_type(),
+        )?;
+        members.encode(metric)?;
+        let mut metric = encoder.encode_descriptor(
+            "presence_events",
+            "Joins and leaves this node made, by kind.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (kind, n) in ["join", "leave"].iter().zip(&m.events_total) {
+            metric
+                .encode_family(&[("kind", *kind)])?
+                .encode_counter::<NoLabelSet, _, f64>(&n.load(Relaxed), None)?;
+        }
+        let reaped = ConstCounter::new(m.reaped_total.load(Relaxed));
+        let metric = encoder.encode_descriptor(
+            "presence_reaped",
+            "Members of nodes that stopped heartbeating, removed by this node.",
+            None,
+            reaped.metric_type(),
+        )?;
+        reaped.encode(metric)
+    }
+}
+
 /// Everything `/metrics` shows, built once at start; `render` reads the atomics at each scrape.
 pub(crate) struct Exposition {
     registry: Registry,
@@ -160,6 +218,12 @@ impl Exposition {
     pub(crate) fn add_anonymous(&mut self, anonymous: Arc<crate::admission::Anonymous>) {
         self.registry
             .register_collector(Box::new(AnonymousOpen(anonymous)));
+    }
+
+    /// Adds the presence series.
+    pub(crate) fn add_presence(&mut self, presence: Arc<PresenceMetrics>) {
+        self.registry
+            .register_collector(Box::new(Presence(presence)));
     }
 
     /// Adds the Redis bridge's series (cluster mode).

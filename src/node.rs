@@ -35,6 +35,8 @@ pub struct Node {
     pub(crate) trusted_proxies: Vec<ipnet::IpNet>,
     /// Access-proxy calls in flight on every shard, against `proxy.concurrency_max`.
     pub(crate) proxy_in_flight: Arc<AtomicUsize>,
+    /// Members, joins, leaves and reaps (`presence_*`).
+    pub(crate) presence: Arc<crate::metrics::PresenceMetrics>,
 }
 
 impl Node {
@@ -53,10 +55,13 @@ impl Node {
         ));
         let mut exposition = crate::metrics::Exposition::new(metrics.clone());
         exposition.add_anonymous(anonymous.clone());
+        let presence = Arc::new(crate::metrics::PresenceMetrics::default());
+        exposition.add_presence(presence.clone());
         Ok(Node {
             tls,
             exposition,
             anonymous,
+            presence,
             metrics,
             bridge: None,
             rules: Arc::new(config.rules()),
@@ -67,7 +72,8 @@ impl Node {
                 .iter()
                 .filter_map(|t| crate::config::parse_cidr(t).ok())
                 .collect(),
-            verifier: Verifier::new(&secret, config.auth.leeway),
+            verifier: Verifier::new(&secret, config.auth.leeway)
+                .info_bytes_max(config.presence.info_bytes_max),
             node_id: format!("{:08x}", rand::random::<u32>()),
             shards,
             connections: AtomicUsize::new(0),

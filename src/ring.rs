@@ -10,6 +10,7 @@
 use crate::channel::{Position, Publication};
 use crate::constants::RING_CAPACITY;
 use crate::error::{Code, Error};
+use crate::presence::Member;
 use crate::wire::request::{PublishParams, Start};
 use futures_channel::{mpsc, oneshot};
 use glommio::channels::local_channel::{self, LocalSender};
@@ -66,6 +67,15 @@ pub(crate) enum ShardMsg {
         from: usize,
         channel: Arc<str>,
         start: Start,
+        /// The subscriber, when the channel counts members.
+        member: Option<Member>,
+        /// Whether the answer lists the members.
+        list: bool,
+    },
+    /// A member's subscription ended.
+    Leave {
+        channel: Arc<str>,
+        user: Arc<str>,
     },
     Subscribed {
         token: u64,
@@ -93,6 +103,15 @@ pub(crate) enum ShardMsg {
         offset: u64,
         epoch: String,
     },
+    Presence {
+        token: u64,
+        from: usize,
+        channel: String,
+    },
+    PresenceIs {
+        token: u64,
+        body: Vec<u8>,
+    },
     Channels {
         token: u64,
         from: usize,
@@ -100,6 +119,8 @@ pub(crate) enum ShardMsg {
     ChannelsAre {
         token: u64,
         counts: Vec<(Arc<str>, usize)>,
+        /// Members of the channels the peer owns that count them.
+        users: Vec<(Arc<str>, usize)>,
     },
 }
 

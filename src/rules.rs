@@ -48,7 +48,19 @@ pub struct RuleConfig {
     /// Publications replayed on a subscribe without `since` or `rewind`. Default 0.
     #[serde(default)]
     pub rewind_default: usize,
+    /// Members (token `sub`s) can be listed. Default false.
+    #[serde(default)]
+    pub presence: bool,
+    /// Subscribers get `join` and `leave` notifications. Default false.
+    #[serde(default)]
+    pub join_leave: bool,
+    /// Most members at once; a subscribe that would add one more is ResourceExhausted.
+    /// Default 1000.
+    pub presence_members_max: Option<usize>,
 }
+
+/// The default of a rule's `presence_members_max`.
+pub const PRESENCE_MEMBERS_MAX: usize = 1000;
 
 /// What applies to one channel: its rule's values, or the defaults.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,6 +73,19 @@ pub struct Policy {
     pub history_ttl: Duration,
     /// Replayed on a plain subscribe.
     pub rewind_default: usize,
+    /// Members can be listed.
+    pub presence: bool,
+    /// Subscribers hear joins and leaves.
+    pub join_leave: bool,
+    /// Most members at once.
+    pub presence_members_max: usize,
+}
+
+impl Policy {
+    /// Whether the channel counts its members: it lists them or announces them.
+    pub fn tracks_members(&self) -> bool {
+        self.presence || self.join_leave
+    }
 }
 
 /// The rules in order, resolved against the defaults.
@@ -80,6 +105,9 @@ impl Rules {
             history_size,
             history_ttl,
             rewind_default: 0,
+            presence: false,
+            join_leave: false,
+            presence_members_max: PRESENCE_MEMBERS_MAX,
         };
         let rules: Vec<(String, Policy)> = list
             .iter()
@@ -89,6 +117,9 @@ impl Rules {
                     history_size: r.history_size.unwrap_or(history_size),
                     history_ttl: r.history_ttl.unwrap_or(history_ttl),
                     rewind_default: r.rewind_default,
+                    presence: r.presence,
+                    join_leave: r.join_leave,
+                    presence_members_max: r.presence_members_max.unwrap_or(PRESENCE_MEMBERS_MAX),
                 };
                 (r.pattern.clone(), policy)
             })
@@ -167,6 +198,12 @@ pub fn check(list: &[RuleConfig], default_size: usize, size_max: usize) -> Resul
         if rule.history_size.is_some_and(|s| s > size_max) {
             return bad("history_size", format!("at most {size_max}"));
         }
+        if rule.presence_members_max == Some(0) || rule.presence_members_max > Some(1_000_000) {
+            return bad(
+                "presence_members_max",
+                "must be between 1 and 1000000".into(),
+            );
+        }
         if rule.rewind_default > rule.history_size.unwrap_or(default_size) {
             let why =
                 "may not exceed this rule's history_size (what is not kept cannot be replayed)";
@@ -183,11 +220,19 @@ fn hash_of(rules: &[(String, Policy)]) -> String {
     for (pattern, p) in rules {
         let ttl = p.history_ttl.as_millis();
         text.push_str(&format!(
-            "{pattern}\u{0}{}\u{0}{}\u{0}{ttl}\u{0}{}\n",
+            "{pattern}\u{0}{}\u{0}{}\u{0}{ttl}\u{0}{}",
             p.access.as_str(),
             p.history_size,
             p.rewind_default
         ));
+        // Rules without presence hash as they did before presence existed.
+        if p.tracks_members() {
+            text.push_str(&format!(
+                "\u{0}{}\u{0}{}\u{0}{}",
+                p.presence, p.join_leave, p.presence_members_max
+            ));
+        }
+        text.push('\n');
     }
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in text.bytes() {

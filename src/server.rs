@@ -68,8 +68,14 @@ fn node(config: Config, shards: usize) -> Result<(Arc<Node>, Vec<Ends>), String>
     let mut node = Node::new(config, shards)?;
     let (ends, to_shards) = crate::ring::mesh(shards, node.config.redis.url.is_some());
     if let Some(url) = node.config.redis.url.clone() {
-        let rules = node.rules.clone();
-        let bridge = crate::cluster::start(&url, node.node_id.clone(), to_shards, rules)?;
+        let setup = crate::cluster::Setup {
+            url,
+            node_id: node.node_id.clone(),
+            rules: node.rules.clone(),
+            presence: node.presence.clone(),
+            node_timeout: node.config.presence.node_timeout,
+        };
+        let bridge = crate::cluster::start(setup, to_shards)?;
         node.exposition.add_bridge(bridge.metrics.clone());
         node.bridge = Some(bridge);
     }

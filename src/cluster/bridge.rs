@@ -3,7 +3,7 @@
 //! pub/sub messages handed to the shards that watch their channel.
 
 use super::scripts::keys;
-use super::{bump, publish, recovery, watch, Request, State, REDIS_TIMEOUT};
+use super::{bump, presence, publish, recovery, watch, Request, State, REDIS_TIMEOUT};
 use crate::channel::Publication;
 use crate::ring::ShardMsg;
 use futures_util::StreamExt;
@@ -20,8 +20,10 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 pub(super) async fn run(state: Rc<State>, mut rx: tokio::sync::mpsc::UnboundedReceiver<Request>) {
     tokio::task::spawn_local(supervise(state.clone()));
     // Watch requests run one at a time, in order, so a shard's subscribes and unsubscribes of a
-    // channel take effect in the order it sent them.
+    // channel take effect in the order it sent them, and a member's joins, leaves and the
+    // reconcile never interleave.
     let (watch_tx, mut watch_rx) = tokio::sync::mpsc::unbounded_channel::<Request>();
+    tokio::task::spawn_local(presence::heartbeat(state.clone(), watch_tx.clone()));
     let s = state.clone();
     tokio::task::spawn_local(async move {
         while let Some(r) = watch_rx.recv().await {
@@ -31,8 +33,21 @@ pub(super) async fn run(state: Rc<State>, mut rx: tokio::sync::mpsc::UnboundedRe
                     token,
                     channel,
                     start,
-                } => watch::watch(&s, shard, token, channel, start).await,
+                    member,
+                    list,
+                } => {
+                    let asked = watch::Asked {
+                        start,
+                        member,
+                        list,
+                    };
+                    watch::watch(&s, shard, token, channel, asked).await
+                }
                 Request::Unwatch { shard, channel } => watch::unwatch(&s, shard, channel).await,
+                Request::Leave { channel, user, .. } => {
+                    presence::unsubscribed(&s, &channel, &user).await
+                }
+                Request::Reconcile => presence::reconcile(&s).await,
                 _ => {}
             }
         }
@@ -57,6 +72,19 @@ pub(super) async fn run(state: Rc<State>, mut rx: tokio::sync::mpsc::UnboundedRe
                 let s = state.clone();
                 tokio::task::spawn_local(async move {
                     let _ = reply.send(recovery::history(&s, &channel, limit).await);
+                });
+            }
+            Request::Presence { channel, reply } => {
+                let s = state.clone();
+                tokio::task::spawn_local(async move {
+                    let members = presence::snapshot(&s, &channel, true).await;
+                    let _ = reply.send(members.map(|(_, body)| body.unwrap_or_default()));
+                });
+            }
+            Request::MemberCounts { channels, reply } => {
+                let s = state.clone();
+                tokio::task::spawn_local(async move {
+                    let _ = reply.send(presence::member_counts(&s, channels).await);
                 });
             }
             r => {
@@ -99,6 +127,8 @@ async fn supervise(state: Rc<State>) {
                     state.metrics.up.store(true, Relaxed);
                     if !first {
                         bump(&state.metrics.reconnects_total);
+                        // Redis may have restarted without its data, or missed leaves.
+                        state.dirty.set(true);
                     }
                     tracing::info!("redis bridge connected");
                     first = false;
@@ -136,7 +166,8 @@ async fn supervise(state: Rc<State>) {
     }
 }
 
-/// Decodes `offset epoch id createTime eventlen event+payload` and hands it to every watching shard.
+/// Decodes a publication (`offset epoch id createTime eventlen fromlen event+from+payload`) or
+/// a join or leave (`J|L version userlen user+info`) and hands it to every watching shard.
 fn on_message(state: &State, msg: &redis::Msg) {
     let Some(channel) = msg
         .get_channel_name()
@@ -146,11 +177,17 @@ fn on_message(state: &State, msg: &redis::Msg) {
         return;
     };
     let data = msg.get_payload_bytes();
-    let Some(p) = decode(channel, data) else {
-        tracing::warn!(channel, "undecodable publication from redis dropped");
+    let decoded = match data.first() {
+        Some(b'J' | b'L') => super::presence::decode(channel, data),
+        _ => decode(channel, data),
+    };
+    let Some(p) = decoded else {
+        tracing::warn!(channel, "undecodable message from redis dropped");
         return;
     };
-    bump(&state.metrics.publications_in_total);
+    if p.presence.is_none() {
+        bump(&state.metrics.publications_in_total);
+    }
     let watchers = state.watchers.borrow();
     let Some(counts) = watchers.get(channel) else {
         return;
@@ -164,21 +201,24 @@ fn on_message(state: &State, msg: &redis::Msg) {
 }
 
 fn decode(channel: &str, data: &[u8]) -> Option<Publication> {
-    let mut fields = data.splitn(6, |b| *b == b' ');
+    let mut fields = data.splitn(7, |b| *b == b' ');
     let offset: u64 = std::str::from_utf8(fields.next()?).ok()?.parse().ok()?;
     let epoch = std::str::from_utf8(fields.next()?).ok()?;
     let id = std::str::from_utf8(fields.next()?).ok()?;
     let create_time = std::str::from_utf8(fields.next()?).ok()?;
     let event_len: usize = std::str::from_utf8(fields.next()?).ok()?.parse().ok()?;
+    let from_len: usize = std::str::from_utf8(fields.next()?).ok()?.parse().ok()?;
     let rest = fields.next()?;
     let event = std::str::from_utf8(rest.get(..event_len)?).ok()?;
-    let payload = rest.get(event_len..)?;
+    let from = std::str::from_utf8(rest.get(event_len..event_len.checked_add(from_len)?)?).ok()?;
+    let payload = rest.get(event_len + from_len..)?;
     let mut p = Publication::new(
         Arc::from(channel),
         offset,
         id,
         create_time,
         event,
+        (!from.is_empty()).then(|| Arc::from(from)),
         payload,
         Instant::now(),
     );
@@ -192,13 +232,22 @@ mod tests {
 
     #[test]
     fn pubsub_messages_decode() {
-        let p = decode("c", b"7 e1 n1-3 2026-01-01T00:00:00.000Z 5 a b c{\"x\": 1}").unwrap();
+        let p = decode(
+            "c",
+            b"7 e1 n1-3 2026-01-01T00:00:00.000Z 5 0 a b c{\"x\": 1}",
+        )
+        .unwrap();
         assert_eq!(p.epoch.as_deref(), Some("e1"));
         assert_eq!(p.offset, 7);
         assert_eq!(&*p.id, "n1-3");
         assert_eq!(&*p.event, "a b c");
         assert_eq!(p.payload(), b"{\"x\": 1}");
-        assert!(decode("c", b"x e n1 t 1 e1").is_none());
-        assert!(decode("c", b"1 e n1 t 9 e1").is_none());
+        assert!(p.from.is_none());
+        let p = decode("c", b"1 e n1 t 1 12 e{\"user\":\"a\"}[1]").unwrap();
+        assert_eq!(p.from.as_deref(), Some("{\"user\":\"a\"}"));
+        assert_eq!(p.payload(), b"[1]");
+        assert!(decode("c", b"x e n1 t 1 0 e1").is_none());
+        assert!(decode("c", b"1 e n1 t 9 0 e1").is_none());
+        assert!(decode("c", b"1 e n1 t 1 99 e1").is_none());
     }
 }

@@ -19,9 +19,11 @@
 //! | `publish.rs` | one publication through the publish script |
 //! | `watch.rs` | which channels the node subscribes to in Redis, and the subscribe answer |
 //! | `recovery.rs` | a channel's position, recovery from the stream, history pages |
+//! | `presence.rs` | members in Redis: joins, leaves, heartbeats, reaping dead nodes |
 //! | `scripts.rs` | the Lua scripts and the key scheme |
 
 mod bridge;
+mod presence;
 mod publish;
 mod recovery;
 mod scripts;
@@ -29,7 +31,8 @@ mod watch;
 
 use crate::channel::HistoryPage;
 use crate::error::{Code, Error};
-use crate::metrics::BridgeMetrics;
+use crate::metrics::{BridgeMetrics, PresenceMetrics};
+use crate::presence::{Member, Members};
 use crate::ring::{Ack, ShardMsg};
 use crate::rules::Rules;
 use crate::wire::request::{PublishParams, Start};
@@ -57,11 +60,32 @@ pub(crate) enum Request {
         token: u64,
         channel: Arc<str>,
         start: Start,
+        /// The subscriber, when the channel counts members.
+        member: Option<Member>,
+        /// Whether the answer lists the members.
+        list: bool,
     },
     Unwatch {
         shard: usize,
         channel: Arc<str>,
     },
+    /// A member's subscription on some shard ended.
+    Leave {
+        channel: Arc<str>,
+        user: Arc<str>,
+    },
+    /// Who is in a channel (`reply::presence`).
+    Presence {
+        channel: String,
+        reply: oneshot::Sender<Result<Vec<u8>, Error>>,
+    },
+    /// Members of each channel, for `GET /channels`.
+    MemberCounts {
+        channels: Vec<Arc<str>>,
+        reply: oneshot::Sender<Result<Vec<(Arc<str>, usize)>, Error>>,
+    },
+    /// The bridge's own: make Redis hold exactly this node's members.
+    Reconcile,
     History {
         channel: String,
         limit: usize,
@@ -93,15 +117,30 @@ fn unavailable(what: &str) -> Error {
     )
 }
 
+/// What the bridge is started with, besides the shards' channels.
+pub(crate) struct Setup {
+    pub url: String,
+    pub node_id: String,
+    pub rules: Arc<Rules>,
+    pub presence: Arc<PresenceMetrics>,
+    /// `presence.node_timeout`.
+    pub node_timeout: Duration,
+}
+
 /// Starts the bridge thread. `shards` are the per-shard delivery channels.
 pub(crate) fn start(
-    url: &str,
-    node_id: String,
+    setup: Setup,
     shards: Vec<mpsc::UnboundedSender<ShardMsg>>,
-    rules: Arc<Rules>,
 ) -> Result<Bridge, String> {
+    let Setup {
+        url,
+        node_id,
+        rules,
+        presence,
+        node_timeout,
+    } = setup;
     // The URL may hold a password: name the key, not the value.
-    let client = redis::Client::open(url).map_err(|e| format!("redis.url: {e}"))?;
+    let client = redis::Client::open(url.as_str()).map_err(|e| format!("redis.url: {e}"))?;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let metrics = Arc::new(BridgeMetrics::default());
     let m = metrics.clone();
@@ -128,6 +167,11 @@ pub(crate) fn start(
                 sink: RefCell::new(None),
                 watchers: RefCell::new(HashMap::new()),
                 next_publication: std::cell::Cell::new(0),
+                members: RefCell::new(HashMap::new()),
+                presence,
+                scripts: presence::Scripts::new(),
+                dirty: std::cell::Cell::new(false),
+                node_timeout,
             });
             let local = tokio::task::LocalSet::new();
             local.block_on(&runtime, bridge::run(state, rx));
@@ -151,6 +195,13 @@ struct State {
     /// Per channel, how many subscriptions (pending ones included) each shard holds.
     watchers: RefCell<HashMap<Arc<str>, Vec<usize>>>,
     next_publication: std::cell::Cell<u64>,
+    /// Per channel, this node's members with how many subscriptions hold each.
+    members: RefCell<HashMap<Arc<str>, Members>>,
+    presence: Arc<PresenceMetrics>,
+    scripts: presence::Scripts,
+    /// Redis may not hold exactly this node's members: reconcile at the next heartbeat.
+    dirty: std::cell::Cell<bool>,
+    node_timeout: Duration,
 }
 
 fn bump(c: &AtomicU64) {

@@ -38,7 +38,8 @@ pub(super) async fn publish(
         .arg(&epoch)
         .arg(policy.history_size)
         .arg(policy.history_ttl.as_millis().max(1) as u64)
-        .arg(unix_ms());
+        .arg(unix_ms())
+        .arg(params.from.as_deref().unwrap_or(""));
     let started = Instant::now();
     let result =
         tokio::time::timeout(REDIS_TIMEOUT, invocation.invoke_async::<u64>(&mut conn)).await;

@@ -153,12 +153,17 @@ fn entries_to_publications(
         ) else {
             continue;
         };
+        let from = text(&fields, "f")
+            .and_then(|f| String::from_utf8(f).ok())
+            .filter(|f| !f.is_empty())
+            .map(Arc::from);
         out.push(Arc::new(Publication::new(
             Arc::from(channel),
             offset,
             &id,
             &t,
             &e,
+            from,
             &p,
             Instant::now(),
         )));

@@ -16,12 +16,12 @@ if not epoch then
   end
 end
 if tonumber(ARGV[6]) > 0 then
-  redis.call('XADD', KEYS[3], 'MAXLEN', ARGV[6], off .. '-1', 'i', ARGV[1], 't', ARGV[2], 'e', ARGV[3], 'p', ARGV[4], 'm', ARGV[8])
+  redis.call('XADD', KEYS[3], 'MAXLEN', ARGV[6], off .. '-1', 'i', ARGV[1], 't', ARGV[2], 'e', ARGV[3], 'p', ARGV[4], 'm', ARGV[8], 'f', ARGV[9])
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[7])
 redis.call('PEXPIRE', KEYS[2], ARGV[7])
 redis.call('PEXPIRE', KEYS[3], ARGV[7])
-redis.call('PUBLISH', KEYS[4], off .. ' ' .. epoch .. ' ' .. ARGV[1] .. ' ' .. ARGV[2] .. ' ' .. string.len(ARGV[3]) .. ' ' .. ARGV[3] .. ARGV[4])
+redis.call('PUBLISH', KEYS[4], off .. ' ' .. epoch .. ' ' .. ARGV[1] .. ' ' .. ARGV[2] .. ' ' .. string.len(ARGV[3]) .. ' ' .. string.len(ARGV[9]) .. ' ' .. ARGV[3] .. ARGV[9] .. ARGV[4])
 return off
 "#;
 
@@ -40,6 +40,102 @@ if not epoch then
 end
 return {off, epoch}
 "#;
+
+/// The next presence version (`presence::next_version` in Lua, on Redis's clock), stored in
+/// KEYS[4] for a day past the last change; a version lost with its key still comes out larger
+/// than every one before it, which clients compare with their snapshot's.
+const NEXT_VERSION: &str = r#"
+local function next_version(key)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  local v = math.max(tonumber(redis.call('GET', key) or '0') + 1, now)
+  local text = string.format('%.0f', v)
+  redis.call('SET', key, text, 'PX', 86400000)
+  return text
+end
+"#;
+
+/// A node's first subscription of a member: KEYS are the channel's members (user -> info),
+/// node-member pairs, member -> node count, version, pub/sub channel; ARGV node, user, info,
+/// cap (0: none), announce (1: publish the join), silent (1: a re-assert after Redis lost its
+/// data, whose join clients already saw). Returns 1 for a new member, 0 when it was one
+/// already (or this node had it counted), -1 when the channel is full.
+pub(super) fn join_lua() -> String {
+    format!(
+        "{NEXT_VERSION}{}",
+        r#"
+local pair = ARGV[1] .. '|' .. ARGV[2]
+if redis.call('SADD', KEYS[2], pair) == 0 then return 0 end
+if redis.call('HINCRBY', KEYS[3], ARGV[2], 1) > 1 then return 0 end
+local cap = tonumber(ARGV[4])
+if cap > 0 and redis.call('HLEN', KEYS[1]) >= cap then
+  redis.call('SREM', KEYS[2], pair)
+  redis.call('HDEL', KEYS[3], ARGV[2])
+  return -1
+end
+redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
+local v = next_version(KEYS[4])
+if ARGV[5] == '1' and ARGV[6] == '0' then
+  redis.call('PUBLISH', KEYS[5], 'J ' .. v .. ' ' .. string.len(ARGV[2]) .. ' ' .. ARGV[2] .. ARGV[3])
+end
+return 1
+"#
+    )
+}
+
+/// A node's last subscription of a member ended (or the node died): KEYS and ARGV node, user
+/// as `join_lua`, ARGV[3] announce. Returns 1 when the member left the channel.
+pub(super) fn leave_lua() -> String {
+    format!(
+        "{NEXT_VERSION}{}",
+        r#"
+if redis.call('SREM', KEYS[2], ARGV[1] .. '|' .. ARGV[2]) == 0 then return 0 end
+if redis.call('HINCRBY', KEYS[3], ARGV[2], -1) > 0 then return 0 end
+redis.call('HDEL', KEYS[3], ARGV[2])
+local info = redis.call('HGET', KEYS[1], ARGV[2]) or ''
+redis.call('HDEL', KEYS[1], ARGV[2])
+local v = next_version(KEYS[4])
+if ARGV[3] == '1' then
+  redis.call('PUBLISH', KEYS[5], 'L ' .. v .. ' ' .. string.len(ARGV[2]) .. ' ' .. ARGV[2] .. info)
+end
+return 1
+"#
+    )
+}
+
+/// Stamps this node's heartbeat (ARGV[1]) with Redis's clock in the nodes' sorted set and
+/// returns {1 if it was not there, nodes silent for ARGV[2] ms}.
+pub(super) const HEARTBEAT_LUA: &str = r#"
+local t = redis.call('TIME')
+local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local new = redis.call('ZADD', KEYS[1], ms, ARGV[1])
+local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. string.format('%.0f', ms - tonumber(ARGV[2])))
+return {new, dead}
+"#;
+
+/// The nodes' heartbeats: node id -> Redis time (ms) of its last.
+pub(super) const NODES: &str = "bc:nodes";
+
+/// The set of `channel user` pairs node `node` holds members for (so that the survivors of
+/// its death know whom to remove), and the mark that they did.
+pub(super) fn node_keys(node: &str) -> [String; 2] {
+    [
+        format!("bc:node:{{{node}}}"),
+        format!("bc:node:{{{node}}}:reaped"),
+    ]
+}
+
+/// A channel's presence keys: members (user -> info), node-member pairs, member -> node
+/// count, version, and the pub/sub channel the joins and leaves go out on.
+pub(super) fn presence_keys(channel: &str) -> [String; 5] {
+    [
+        format!("bc:{{{channel}}}:m"),
+        format!("bc:{{{channel}}}:n"),
+        format!("bc:{{{channel}}}:c"),
+        format!("bc:{{{channel}}}:v"),
+        format!("bc:{{{channel}}}"),
+    ]
+}
 
 /// The channel's keys: offset counter, epoch, history stream, pub/sub channel.
 pub(super) fn keys(channel: &str) -> [String; 4] {

@@ -1,22 +1,36 @@
 //! Which channels this node subscribes to in Redis: one SUBSCRIBE while any shard of the node
 //! has subscribers (pending ones included), one UNSUBSCRIBE after the last leaves. A subscribe's
 //! answer (the channel's position) is read only after Redis confirmed the SUBSCRIBE, so no
-//! publication after the answer can be missed.
+//! publication after the answer can be missed; a member is counted in (`presence.rs`) before
+//! it, so the presence it lists holds the member.
 
+use super::presence;
 use super::recovery::position;
 use super::scripts::keys;
 use super::{unavailable, State, REDIS_TIMEOUT};
+use crate::channel::Position;
+use crate::error::Error;
+use crate::presence::Member;
 use crate::ring::ShardMsg;
 use crate::wire::request::Start;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
+
+/// What a subscribe asks besides its channel.
+pub(super) struct Asked {
+    pub(super) start: Start,
+    /// The subscriber, when the channel counts members.
+    pub(super) member: Option<Member>,
+    /// The answer lists the members.
+    pub(super) list: bool,
+}
 
 pub(super) async fn watch(
     state: &State,
     shard: usize,
     token: u64,
     channel: Arc<str>,
-    start: Start,
+    asked: Asked,
 ) {
     let reply = |msg: ShardMsg| {
         let _ = state.shards[shard].unbounded_send(msg);
@@ -47,7 +61,7 @@ pub(super) async fn watch(
         state.metrics.up.load(Relaxed)
     };
     let position = if subscribed {
-        position(state, &channel, &start).await
+        answer(state, &channel, &asked).await
     } else {
         Err(unavailable("subscribe failed"))
     };
@@ -58,6 +72,37 @@ pub(super) async fn watch(
             reply(ShardMsg::SubscribeFailed { token, error });
         }
     }
+}
+
+/// The member counted in, then the position with the presence version (and members).
+async fn answer(state: &State, channel: &Arc<str>, asked: &Asked) -> Result<Position, Error> {
+    if let Some(member) = &asked.member {
+        presence::subscribed(state, channel, member).await?;
+    }
+    let mut position = match position(state, channel, &asked.start).await {
+        Ok(position) => position,
+        Err(e) => {
+            if let Some(member) = &asked.member {
+                presence::unsubscribed(state, channel, &member.user).await;
+            }
+            return Err(e);
+        }
+    };
+    if asked.member.is_some() || state.rules.policy(channel).tracks_members() {
+        match presence::snapshot(state, channel, asked.list).await {
+            Ok((version, members)) => {
+                position.presence_version = Some(version);
+                position.presence = members;
+            }
+            Err(e) => {
+                if let Some(member) = &asked.member {
+                    presence::unsubscribed(state, channel, &member.user).await;
+                }
+                return Err(e);
+            }
+        }
+    }
+    Ok(position)
 }
 
 /// The shard has no subscriber (and no pending subscribe) left for `channel`: it sent one Watch

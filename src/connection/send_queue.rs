@@ -8,7 +8,7 @@ use crate::connection::{Conn, Flusher};
 use crate::constants::ARENA_MAX;
 use crate::error::close;
 use crate::metrics::ShardMetrics;
-use crate::wire::broadcast;
+use crate::wire::{broadcast, frame};
 use std::rc::Rc;
 
 impl Conn {
@@ -22,11 +22,39 @@ impl Conn {
         metrics: &ShardMetrics,
         flusher: &Flusher,
     ) -> bool {
+        // Frame length is bounded by prefix + suffix + 20 digits + 10 header bytes.
+        let frame_max = p.prefix.len() + p.suffix.len() + 30;
+        self.enqueue(p, frame_max, metrics, flusher, |out| {
+            broadcast::write_broadcast_frame(out, &p.prefix, seq, &p.suffix)
+        })
+    }
+
+    /// Queues a join or leave notification (its whole text is `p.prefix`), like a broadcast.
+    pub(crate) fn enqueue_notification(
+        self: &Rc<Self>,
+        p: &Publication,
+        metrics: &ShardMetrics,
+        flusher: &Flusher,
+    ) -> bool {
+        let frame_max = p.prefix.len() + 10;
+        self.enqueue(p, frame_max, metrics, flusher, |out| {
+            frame::write_text(out, &p.prefix)
+        })
+    }
+
+    /// Queues the frame `write` appends (at most `frame_max` bytes) for `p`.
+    #[inline(always)]
+    fn enqueue(
+        self: &Rc<Self>,
+        p: &Publication,
+        frame_max: usize,
+        metrics: &ShardMetrics,
+        flusher: &Flusher,
+        write: impl Fn(&mut Vec<u8>),
+    ) -> bool {
         if self.is_closing() {
             return false;
         }
-        // Frame length is bounded by prefix + suffix + 20 digits + 10 header bytes.
-        let frame_max = p.prefix.len() + p.suffix.len() + 30;
         // An empty queue always takes one frame, so a payload at max_payload_bytes (whose frame
         // is larger by its envelope) never cuts off a subscriber that keeps up.
         let queued = self.queued_bytes() + self.inflight.get();
@@ -43,7 +71,7 @@ impl Conn {
             let mut arena = flusher.arena.borrow_mut();
             let start = arena.len();
             if start < ARENA_MAX {
-                broadcast::write_broadcast_frame(&mut arena, &p.prefix, seq, &p.suffix);
+                write(&mut arena);
                 self.staged
                     .set((start as u32, (arena.len() - start) as u32));
                 drop(arena);
@@ -54,7 +82,7 @@ impl Conn {
         }
         self.unstage(&flusher.arena.borrow());
         let mut out = self.out_buf();
-        broadcast::write_broadcast_frame(&mut out, &p.prefix, seq, &p.suffix);
+        write(&mut out);
         if queued == 0 {
             self.oldest.set(Some(p.accepted));
             drop(out);

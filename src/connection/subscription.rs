@@ -21,12 +21,21 @@ pub(crate) struct Subscription {
     /// The epoch `start_offset` belongs to.
     start_epoch: Arc<str>,
     /// Index in the channel's subscriber list, kept so removal is a swap_remove.
-    slot: Cell<usize>,
+    slot: Cell<u32>,
+    /// It made its connection's user a member of the channel: its end is a leave.
+    member: bool,
 }
 
 impl Subscription {
     /// A subscription starting at `offset` of `epoch`: publications up to it are not its.
-    pub(crate) fn new(conn: Rc<Conn>, channel: Arc<str>, offset: u64, epoch: Arc<str>) -> Self {
+    /// `member`: it counts its connection's user as a member of the channel.
+    pub(crate) fn new(
+        conn: Rc<Conn>,
+        channel: Arc<str>,
+        offset: u64,
+        epoch: Arc<str>,
+        member: bool,
+    ) -> Self {
         Subscription {
             conn,
             channel,
@@ -34,7 +43,13 @@ impl Subscription {
             start_offset: Cell::new(offset),
             start_epoch: epoch,
             slot: Cell::new(0),
+            member,
         }
+    }
+
+    /// It counts its connection's user as a member of the channel.
+    pub(crate) fn is_member(&self) -> bool {
+        self.member
     }
 
     #[inline]
@@ -61,10 +76,11 @@ impl Subscription {
 
     #[inline]
     pub(crate) fn slot(&self) -> usize {
-        self.slot.get()
+        self.slot.get() as usize
     }
 
     pub(crate) fn set_slot(&self, slot: usize) {
-        self.slot.set(slot);
+        // A channel's subscribers on one shard are bounded by its connections, far below 2^32.
+        self.slot.set(slot as u32);
     }
 }

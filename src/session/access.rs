@@ -71,7 +71,7 @@ pub(super) async fn ask(
     let Some(proxy) = shard.proxy.as_ref() else {
         return Err(err(Code::Internal, "no access proxy configured"));
     };
-    let user = session.perms.as_ref().map(|p| p.sub.as_str());
+    let user = session.perms.as_ref().map(|p| &*p.sub);
     let call = crate::proxy::SubscribeCall {
         channel,
         user,
@@ -136,7 +136,7 @@ pub(super) fn recheck_at(
                 }
                 Err(_) => {
                     if conn.remove_this_subscription(&sub) {
-                        shard.unsubscribe(&sub);
+                        shard.unsubscribe(&sub, user.as_deref());
                         conn.notify(&reply::unsubscribed(&channel, "expired"));
                     }
                     return;

@@ -67,18 +67,24 @@ async fn run_session(
     stream: Rc<RefCell<Transport>>,
     mut input: Vec<u8>,
 ) {
-    reader(&shard, &conn, &stream, &mut input).await;
+    let user = reader(&shard, &conn, &stream, &mut input).await;
     // Uncounted now, whoever may still hold the connection.
     drop(conn.take_client());
-    // Whatever ended the reader ends the writer too, and the flush pass stops writing to the
-    // socket (it may still hold this connection in its list).
-    for sub in conn.end().await {
-        shard.unsubscribe(&sub);
-    }
+    // Boxed: only a closing connection needs room for the user next to the wait.
+    Box::pin(end(&shard, &conn, user)).await;
     shard.conns.borrow_mut().remove(&conn.id);
     ShardMetrics::gauge(&shard.metrics().connections_active, -1);
     shard.node.connection_ended();
     tracing::debug!(conn = conn.id, shard = shard.id, "websocket closed");
+}
+
+/// Whatever ended the reader ends the writer too, and the flush pass stops writing to the
+/// socket (it may still hold this connection in its list); then the subscriptions go, each
+/// member's with a leave.
+async fn end(shard: &Shard, conn: &Conn, user: Option<std::sync::Arc<str>>) {
+    for sub in conn.end().await {
+        shard.unsubscribe(&sub, user.as_deref());
+    }
 }
 
 /// What ended a wait of the session.
@@ -88,7 +94,8 @@ enum Wake {
 }
 
 /// Reads and handles the client's frames until the connection ends; closes it when something
-/// is due (auth timeout, token expiry, ping timeout) and pings. The wait is written out here,
+/// is due (auth timeout, token expiry, ping timeout) and pings. Returns the connection's user
+/// (its token's `sub`), if it authenticated, whose memberships its subscriptions end. The wait is written out here,
 /// not in a function of its own: as a nested future it made the connection's task 16 bytes
 /// larger than the limit that keeps it in mimalloc's 640-byte class
 /// (`connection_futures_stay_small`).
@@ -97,7 +104,7 @@ async fn reader(
     conn: &Rc<Conn>,
     stream: &RefCell<Transport>,
     input: &mut Vec<u8>,
-) {
+) -> Option<std::sync::Arc<str>> {
     // Borrowed, not cloned: the reader lives as long as the connection.
     let limits = &shard.config().limits;
     let opened = Instant::now();
@@ -115,13 +122,13 @@ async fn reader(
     loop {
         handle_buffered(shard, conn, &mut session, &mut decoder, input).await;
         if conn.is_dead() {
-            return;
+            return session.perms.map(|p| p.sub);
         }
         let now = Instant::now();
         if conn.is_closing() {
             input.clear();
             if lingered(conn, &mut times, now) {
-                return;
+                return session.perms.map(|p| p.sub);
             }
         }
         let token_expiry = session
@@ -150,7 +157,7 @@ async fn reader(
         match wake {
             Wake::Data(0) => {
                 conn.mark_dead();
-                return;
+                return session.perms.map(|p| p.sub);
             }
             Wake::Data(_) => times.last_heard = now,
             Wake::Timer => {}

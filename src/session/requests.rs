@@ -9,6 +9,7 @@ use crate::clock::now_rfc3339;
 use crate::connection::Conn;
 use crate::error::{close, err, Close, Code, Error};
 use crate::metrics::ShardMetrics;
+use crate::presence::Member;
 use crate::rules::Access;
 use crate::shard::Shard;
 use crate::wire::frame::Message;
@@ -116,6 +117,7 @@ async fn request(
             Some(perms) => Box::pin(publish(shard, conn, perms, id, params)).await,
             None => fail(shard, conn, id, &unauthenticated()),
         },
+        Method::Presence { channel } => Box::pin(presence(shard, conn, session, id, channel)).await,
     }
     Ok(())
 }
@@ -170,7 +172,7 @@ fn authenticated(
         // Public and proxy subscriptions stay: the token never decided them.
         let allowed = |c: &str| access::refusal(rules.policy(c).access, Some(&perms), c).is_none();
         for sub in conn.remove_subscriptions_unless(allowed) {
-            shard.unsubscribe(&sub);
+            shard.unsubscribe(&sub, Some(&perms.sub));
         }
     }
     tracing::debug!(conn = conn.id, sub = %perms.sub, "authenticated");
@@ -217,7 +219,16 @@ async fn subscribe(
     } else {
         None
     };
-    let _ = shard.subscribe(conn, id, channel, start).await;
+    // Anonymous connections are never members (SPEC 16).
+    let member = session.perms.as_ref().filter(|_| policy.tracks_members());
+    let member = member.map(|p| Member {
+        user: p.sub.clone(),
+        info: p.info.clone(),
+    });
+    let list = policy.presence && session.perms.as_ref().is_some_and(|p| p.can_presence);
+    let _ = shard
+        .subscribe(conn, id, channel, start, member, list)
+        .await;
     if let Some(at) = expire_at {
         access::recheck_at(shard, conn, session, channel, at);
     }
@@ -234,7 +245,7 @@ fn unsubscribe(
     let anonymous = session.perms.is_none();
     match conn.remove_subscription(channel) {
         Some(sub) => {
-            shard.unsubscribe(&sub);
+            shard.unsubscribe(&sub, session.perms.as_ref().map(|p| &*p.sub));
             conn.respond(id, Ok(reply::SUCCESS));
         }
         None if anonymous && shard.node.rules.policy(channel).access == Access::Token => {
@@ -263,8 +274,44 @@ async fn publish(
         );
         return fail(shard, conn, id, &e);
     }
+    // Who said it: from the token, whatever the request held (SPEC 16).
+    let params = PublishParams {
+        from: Some(perms.from()),
+        ..params
+    };
     match shard.publish(params).await {
         Ok(a) => conn.respond(id, Ok(&reply::ack(&a.id, &a.create_time, a.offset))),
+        Err(e) => fail(shard, conn, id, &e),
+    }
+}
+
+/// `presence`: who is in a channel, for a connection with the `presence` scope that may
+/// subscribe to it (a proxy channel: that is subscribed to it, the backend having allowed it).
+async fn presence(
+    shard: &Rc<Shard>,
+    conn: &Rc<Conn>,
+    session: &Session,
+    id: Option<&[u8]>,
+    channel: String,
+) {
+    let Some(perms) = session.perms.as_ref() else {
+        return fail(shard, conn, id, &unauthenticated());
+    };
+    let policy = shard.node.rules.policy(&channel);
+    let may = match policy.access {
+        Access::Proxy => conn.is_subscribed(&channel),
+        access => access::refusal(access, Some(perms), &channel).is_none(),
+    };
+    if !perms.can_presence || !may {
+        let why =
+            "reading presence needs the presence scope and a channel the token may subscribe to";
+        return fail(shard, conn, id, &err(Code::PermissionDenied, why));
+    }
+    if !policy.presence {
+        return fail(shard, conn, id, &crate::presence::off());
+    }
+    match shard.presence(channel).await {
+        Ok(body) => conn.respond(id, Ok(&body)),
         Err(e) => fail(shard, conn, id, &e),
     }
 }

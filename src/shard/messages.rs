@@ -4,7 +4,6 @@
 use super::{Pending, Shard};
 use crate::channel::Publication;
 use crate::ring::{Ack, ShardMsg};
-use std::collections::HashMap;
 use std::sync::Arc;
 
 impl Shard {
@@ -26,9 +25,29 @@ impl Shard {
                 from,
                 channel,
                 start,
+                member,
+                list,
             } => {
-                let position = self.owned.borrow_mut().subscribe(from, &channel, &start);
-                self.send(from, ShardMsg::Subscribed { token, position });
+                let msg = match self.owner_subscribe(from, &channel, &start, member.as_ref(), list)
+                {
+                    Ok(position) => ShardMsg::Subscribed { token, position },
+                    Err(error) => ShardMsg::SubscribeFailed { token, error },
+                };
+                self.send(from, msg);
+            }
+            ShardMsg::Leave { channel, user } => self.owner_leave(&channel, &user),
+            ShardMsg::Presence {
+                token,
+                from,
+                channel,
+            } => {
+                let body = self.owner_presence(&channel);
+                self.send(from, ShardMsg::PresenceIs { token, body });
+            }
+            ShardMsg::PresenceIs { token, body } => {
+                if let Some(Pending::Presence(tx)) = self.answer_for(token) {
+                    let _ = tx.send(body);
+                }
             }
             ShardMsg::Subscribed { token, position } => {
                 if let Some(Pending::Subscribe(request)) = self.answer_for(token) {
@@ -65,9 +84,19 @@ impl Shard {
             } => self.history_is(token, items, offset, epoch),
             ShardMsg::Channels { token, from } => {
                 let counts = self.subscriptions.counts();
-                self.send(from, ShardMsg::ChannelsAre { token, counts });
+                let users = self.owned.borrow().member_counts();
+                let msg = ShardMsg::ChannelsAre {
+                    token,
+                    counts,
+                    users,
+                };
+                self.send(from, msg);
             }
-            ShardMsg::ChannelsAre { token, counts } => self.channels_are(token, counts),
+            ShardMsg::ChannelsAre {
+                token,
+                counts,
+                users,
+            } => self.channels_are(token, counts, users),
         }
     }
 
@@ -83,8 +112,13 @@ impl Shard {
         }
     }
 
-    /// One peer's subscriber counts; the request completes with the last.
-    fn channels_are(&self, token: u64, counts: Vec<(Arc<str>, usize)>) {
+    /// One peer's subscriber and member counts; the request completes with the last.
+    fn channels_are(
+        &self,
+        token: u64,
+        counts: Vec<(Arc<str>, usize)>,
+        users: Vec<(Arc<str>, usize)>,
+    ) {
         let mut pending = self.pending.borrow_mut();
         let Some(Pending::Channels {
             waiting,
@@ -95,13 +129,16 @@ impl Shard {
             return;
         };
         for (c, n) in counts {
-            *sum.entry(c).or_insert(0) += n;
+            *sum.subscribers.entry(c).or_insert(0) += n;
+        }
+        for (c, n) in users {
+            *sum.users.entry(c).or_insert(0) += n;
         }
         *waiting -= 1;
         if *waiting > 0 {
             return;
         }
-        let sum: HashMap<Arc<str>, usize> = std::mem::take(sum);
+        let sum = std::mem::take(sum);
         if let Some(tx) = done.take() {
             let _ = tx.send(sum);
         }

@@ -6,6 +6,7 @@
 //! | `publish.rs` | the one publish entry (REST and WebSocket) and sequencing as the owner |
 //! | `subscribe.rs` | subscribe without gaps, unsubscribe, letting the owner go |
 //! | `queries.rs` | history and subscriber counts |
+//! | `presence.rs` | members in and out, joins and leaves, who is in a channel |
 //! | `messages.rs` | what another shard or the Redis bridge says, one fn per message |
 //!
 //! Everything here is `Rc`/`RefCell` and never leaves its thread. `RefCell` borrows are taken
@@ -13,13 +14,15 @@
 //! never be observed by another task of the same shard.
 
 mod messages;
+mod presence;
 mod publish;
 mod queries;
 mod subscribe;
 
-use crate::channel::{Channels, HistoryPage, Publication};
+use crate::channel::{self, Channels, HistoryPage, Publication};
 use crate::config::Config;
 use crate::connection::{Conn, Flusher, SendSide};
+use crate::constants::WATCH_WORDS;
 use crate::fanout;
 use crate::io::listener::Listener;
 use crate::io::poller::Poller;
@@ -41,6 +44,8 @@ struct SubscribeRequest {
     conn: Rc<Conn>,
     request_id: Option<Vec<u8>>,
     channel: Arc<str>,
+    /// The member it brings, when the channel counts members.
+    member: Option<Arc<str>>,
     /// Completed once the response is queued.
     done: oneshot::Sender<()>,
 }
@@ -50,11 +55,19 @@ enum Pending {
     Publish(oneshot::Sender<Ack>),
     Subscribe(SubscribeRequest),
     History(oneshot::Sender<HistoryPage>),
+    Presence(oneshot::Sender<Vec<u8>>),
     Channels {
         waiting: usize,
-        counts: HashMap<Arc<str>, usize>,
-        done: Option<oneshot::Sender<HashMap<Arc<str>, usize>>>,
+        counts: ChannelCounts,
+        done: Option<oneshot::Sender<ChannelCounts>>,
     },
+}
+
+/// Subscribers per channel, and members per channel that counts them, over every shard.
+#[derive(Default)]
+pub(crate) struct ChannelCounts {
+    pub(crate) subscribers: HashMap<Arc<str>, usize>,
+    pub(crate) users: HashMap<Arc<str>, usize>,
 }
 
 /// One shard: an executor's connections, subscriptions, owned channels and ring ends.
@@ -194,13 +207,28 @@ impl Shard {
         (n << crate::constants::SHARD_ID_BITS) | self.id as u64
     }
 
-    /// Shard-local fan-out of a publication to this shard's subscribers (`fanout.rs`).
+    /// Shard-local fan-out of a publication (or a join or leave) to this shard's subscribers
+    /// (`fanout.rs`).
     pub fn deliver(&self, publication: &Arc<Publication>) {
         let (metrics, flusher) = (self.metrics(), &self.send.flusher);
-        let sent = self.subscriptions.deliver_to(publication, |subs| {
-            fanout::deliver(subs, publication, metrics, flusher)
-        });
+        let sent = self
+            .subscriptions
+            .deliver_to(publication, |subs| match publication.presence {
+                None => fanout::deliver(subs, publication, metrics, flusher),
+                Some(_) => fanout::notify(subs, publication, metrics, flusher),
+            });
         ShardMetrics::add(&metrics.messages_sent_total, sent.unwrap_or(0));
+    }
+
+    /// As a channel's owner: `p` to every shard watching the channel (this one directly).
+    fn send_to_watchers(&self, p: &Arc<Publication>, watchers: &[u64; WATCH_WORDS]) {
+        for shard in channel::shards_in(watchers) {
+            if shard == self.id {
+                self.deliver(p);
+            } else {
+                self.send(shard, ShardMsg::Deliver(p.clone()));
+            }
+        }
     }
 
     /// Periodic upkeep: history expiry and forgetting idle channels.

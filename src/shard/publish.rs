@@ -1,7 +1,6 @@
 //! The one publish entry for REST and WebSocket, and sequencing a publication as its owner.
 
 use super::{Pending, Shard};
-use crate::channel;
 use crate::error::{err, Code, Error};
 use crate::metrics::ShardMetrics;
 use crate::ring::{Ack, ShardMsg, Submitted};
@@ -65,18 +64,13 @@ impl Shard {
         let (publication, watchers) = self.owned.borrow_mut().publish(
             &p.channel,
             &p.event,
+            p.from.clone(),
             &p.payload,
             id,
             crate::clock::now_rfc3339(),
             accepted,
         );
-        for shard in channel::shards_in(&watchers) {
-            if shard == self.id {
-                self.deliver(&publication);
-            } else {
-                self.send(shard, ShardMsg::Deliver(publication.clone()));
-            }
-        }
+        self.send_to_watchers(&publication, &watchers);
         Ack {
             id: publication.id.clone(),
             create_time: publication.create_time.clone(),

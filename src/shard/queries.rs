@@ -1,12 +1,11 @@
 //! Questions about channels: a channel's history, and subscriber counts over every shard.
 
-use super::{Pending, Shard};
+use super::{ChannelCounts, Pending, Shard};
 use crate::channel::HistoryPage;
 use crate::error::{err, Code, Error};
 use crate::ring::ShardMsg;
 use crate::route::{route, Route};
 use futures_channel::oneshot;
-use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -46,15 +45,53 @@ impl Shard {
             .map_err(|_| err(Code::Unavailable, "owner shard stopped"))
     }
 
-    /// Subscriber counts of every channel with subscribers, summed over all shards.
-    pub(crate) async fn channel_counts(self: &Rc<Self>) -> Result<HashMap<Arc<str>, usize>, Error> {
-        let mut counts: HashMap<Arc<str>, usize> = HashMap::new();
+    /// Subscriber counts of every channel with subscribers, summed over all shards, and the
+    /// members of the channels that count them (in cluster mode, of those with subscribers
+    /// here, from Redis).
+    pub(crate) async fn channel_counts(self: &Rc<Self>) -> Result<ChannelCounts, Error> {
+        let mut counts = ChannelCounts::default();
         for (c, n) in self.subscriptions.counts() {
-            *counts.entry(c).or_default() += n;
+            *counts.subscribers.entry(c).or_default() += n;
         }
-        if self.node.shards == 1 {
+        counts.users.extend(self.owned.borrow().member_counts());
+        let counts = if self.node.shards == 1 {
+            counts
+        } else {
+            self.peer_counts(counts).await?
+        };
+        match &self.node.bridge {
+            Some(bridge) => self.cluster_users(bridge, counts).await,
+            None => Ok(counts),
+        }
+    }
+
+    /// Members of this node's channels that count them, as Redis has them.
+    async fn cluster_users(
+        &self,
+        bridge: &crate::cluster::Bridge,
+        mut counts: ChannelCounts,
+    ) -> Result<ChannelCounts, Error> {
+        let rules = &self.node.rules;
+        let channels: Vec<Arc<str>> = counts
+            .subscribers
+            .keys()
+            .filter(|c| rules.policy(c).tracks_members())
+            .cloned()
+            .collect();
+        if channels.is_empty() {
             return Ok(counts);
         }
+        let (reply, rx) = oneshot::channel();
+        bridge.send(crate::cluster::Request::MemberCounts { channels, reply });
+        let users = rx
+            .await
+            .map_err(|_| err(Code::Unavailable, "cluster bridge stopped"))??;
+        counts.users = users.into_iter().collect();
+        Ok(counts)
+    }
+
+    /// `counts` with every peer shard's added.
+    async fn peer_counts(self: &Rc<Self>, counts: ChannelCounts) -> Result<ChannelCounts, Error> {
         let (tx, rx) = oneshot::channel();
         let token = self.await_answer(Pending::Channels {
             waiting: self.node.shards - 1,

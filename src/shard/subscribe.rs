@@ -6,6 +6,7 @@ use crate::channel::{Position, Publication};
 use crate::connection::{Conn, Subscription};
 use crate::error::Error;
 use crate::metrics::ShardMetrics;
+use crate::presence::Member;
 use crate::ring::ShardMsg;
 use crate::route::{route, Route};
 use crate::wire::reply;
@@ -18,13 +19,16 @@ impl Shard {
     /// Starts a subscription for `conn`. It becomes active, and its response is queued, at the
     /// moment the owner's answer arrives in ring order, so no publication after the answer's
     /// offset can be missed and none before it is delivered. The returned receiver completes
-    /// then.
-    pub fn subscribe(
+    /// then. With `member` (the channel counts members), the subscription counts its user in;
+    /// with `list`, the response lists the members.
+    pub(crate) fn subscribe(
         self: &Rc<Self>,
         conn: &Rc<Conn>,
         request_id: Option<&[u8]>,
         channel: &str,
         start: Start,
+        member: Option<Member>,
+        list: bool,
     ) -> oneshot::Receiver<()> {
         let (done, rx) = oneshot::channel();
         let channel = self.subscriptions.begin(channel);
@@ -32,12 +36,15 @@ impl Shard {
             conn: conn.clone(),
             request_id: request_id.map(<[u8]>::to_vec),
             channel: channel.clone(),
+            member: member.as_ref().map(|m| m.user.clone()),
             done,
         };
         match route(&self.node, self.id, &channel) {
             Route::Local => {
-                let position = self.owned.borrow_mut().subscribe(self.id, &channel, &start);
-                self.subscribed(request, position);
+                match self.owner_subscribe(self.id, &channel, &start, member.as_ref(), list) {
+                    Ok(position) => self.subscribed(request, position),
+                    Err(error) => self.subscribe_failed(request, &error),
+                }
             }
             Route::Peer(owner) => {
                 let token = self.await_answer(Pending::Subscribe(request));
@@ -47,6 +54,8 @@ impl Shard {
                     from,
                     channel,
                     start,
+                    member,
+                    list,
                 };
                 self.send(owner, msg);
             }
@@ -58,6 +67,8 @@ impl Shard {
                     token,
                     channel,
                     start,
+                    member,
+                    list,
                 };
                 bridge.send(request);
             }
@@ -73,10 +84,14 @@ impl Shard {
             conn,
             request_id,
             channel,
+            member,
             done,
         } = request;
         let held = self.subscriptions.answered(&channel);
         if conn.is_closing() {
+            if let Some(user) = &member {
+                self.leave(&channel, user);
+            }
             self.release(&channel);
             let _ = done.send(());
             return;
@@ -84,7 +99,14 @@ impl Shard {
         let n = self.next_subscription.get() + 1;
         self.next_subscription.set(n);
         let (offset, epoch) = (position.offset, position.epoch.clone());
-        let sub = Rc::new(Subscription::new(conn.clone(), channel, offset, epoch));
+        let is_member = member.is_some();
+        let sub = Rc::new(Subscription::new(
+            conn.clone(),
+            channel,
+            offset,
+            epoch,
+            is_member,
+        ));
         self.subscriptions.add(sub.clone());
         conn.add_subscription(sub.clone());
         ShardMetrics::gauge(&self.metrics().subscriptions_total, 1);
@@ -95,14 +117,24 @@ impl Shard {
             &position.epoch,
             position.recovered,
             position.rewound,
+            position.presence.as_deref(),
         );
         conn.respond(request_id.as_deref(), Ok(&body));
-        let newer = |p: &&Arc<Publication>| {
-            p.offset > position.offset || p.epoch.as_ref().is_some_and(|e| *e != position.epoch)
+        // Held joins and leaves count by version: those at or below the answer's are in the
+        // members it listed.
+        let newer = |p: &&Arc<Publication>| match p.presence {
+            Some(version) => position.presence_version.is_none_or(|v| version > v),
+            None => {
+                p.offset > position.offset || p.epoch.as_ref().is_some_and(|e| *e != position.epoch)
+            }
         };
         let (metrics, flusher) = (self.metrics(), &self.send.flusher);
         for publication in position.replay.iter().chain(held.iter().filter(newer)) {
-            conn.enqueue_broadcast(publication, sub.next_seq(), metrics, flusher);
+            if publication.presence.is_some() {
+                conn.enqueue_notification(publication, metrics, flusher);
+            } else {
+                conn.enqueue_broadcast(publication, sub.next_seq(), metrics, flusher);
+            }
         }
         let _ = done.send(());
     }
@@ -117,12 +149,19 @@ impl Shard {
         let _ = request.done.send(());
     }
 
-    /// Removes one subscription of a connection (unsubscribe, re-auth narrowing, or close).
-    pub(crate) fn unsubscribe(&self, sub: &Rc<Subscription>) {
+    /// Removes one subscription of a connection (unsubscribe, re-auth narrowing, or close);
+    /// `user` is the connection's, whose membership a member subscription ends.
+    pub(crate) fn unsubscribe(&self, sub: &Rc<Subscription>, user: Option<&str>) {
         if !self.subscriptions.remove(sub) {
             return;
         }
         ShardMetrics::gauge(&self.metrics().subscriptions_total, -1);
+        if sub.is_member() {
+            debug_assert!(user.is_some(), "a member subscription has a user");
+            if let Some(user) = user {
+                self.leave(&sub.channel, &Arc::from(user));
+            }
+        }
         self.release(&sub.channel);
     }
 

@@ -37,12 +37,13 @@ enum Handler {
     Broadcast,
     History,
     Channels,
+    Presence,
 }
 
 /// One endpoint: path, method (GET also answers HEAD), access, handler.
 struct Endpoint(&'static str, &'static str, Access, Handler);
 
-const ROUTES: [Endpoint; 8] = [
+const ROUTES: [Endpoint; 9] = [
     Endpoint("/health", "GET", Access::Anyone, Handler::Health),
     Endpoint("/", "GET", Access::Playground, Handler::Page),
     Endpoint("/client.js", "GET", Access::Playground, Handler::ClientJs),
@@ -51,6 +52,7 @@ const ROUTES: [Endpoint; 8] = [
     Endpoint("/broadcast", "POST", Access::BackendKey, Handler::Broadcast),
     Endpoint("/history", "GET", Access::BackendKey, Handler::History),
     Endpoint("/channels", "GET", Access::BackendKey, Handler::Channels),
+    Endpoint("/presence", "GET", Access::BackendKey, Handler::Presence),
 ];
 
 /// Answers one HTTP request (other than the WebSocket upgrade) into `out`.
@@ -146,6 +148,7 @@ async fn handle(
         Handler::Broadcast => (200, JSON, broadcast(shard, body).await?),
         Handler::History => (200, JSON, history(shard, &head.query).await?),
         Handler::Channels => (200, JSON, channels(shard).await?),
+        Handler::Presence => (200, JSON, presence(shard, &head.query).await?),
     })
 }
 
@@ -185,6 +188,7 @@ async fn broadcast(shard: &Rc<Shard>, body: &[u8]) -> Result<Vec<u8>, Error> {
                 channel: channel.clone(),
                 event: event.clone(),
                 payload: payload.clone(),
+                from: None,
             })
         })
         .collect();
@@ -215,6 +219,7 @@ async fn history(shard: &Rc<Shard>, query: &str) -> Result<Vec<u8>, Error> {
         offset: p.offset,
         create_time: &p.create_time,
         event: &p.event,
+        from: p.from.as_deref(),
         payload: p.payload(),
     });
     Ok(reply::history_page(items, offset, &epoch))
@@ -222,7 +227,25 @@ async fn history(shard: &Rc<Shard>, query: &str) -> Result<Vec<u8>, Error> {
 
 async fn channels(shard: &Rc<Shard>) -> Result<Vec<u8>, Error> {
     let counts = shard.channel_counts().await?;
-    let mut list: Vec<_> = counts.into_iter().collect();
+    let mut list: Vec<_> = counts.subscribers.into_iter().collect();
     list.sort();
-    Ok(reply::channel_counts(list.iter().map(|(c, n)| (&**c, *n))))
+    let rules = &shard.node.rules;
+    let users = |c: &str| {
+        let listed = rules.policy(c).presence;
+        listed.then(|| counts.users.get(c).copied().unwrap_or(0))
+    };
+    Ok(reply::channel_counts(
+        list.iter().map(|(c, n)| (&**c, *n, users(c))),
+    ))
+}
+
+/// `GET /presence?channel=C`: who is in a channel whose rule has `presence`.
+async fn presence(shard: &Rc<Shard>, query: &str) -> Result<Vec<u8>, Error> {
+    let channel = http::query_param(query, "channel")
+        .ok_or_else(|| err(Code::InvalidArgument, "channel is required"))?;
+    request::check_channel(&channel)?;
+    if !shard.node.rules.policy(&channel).presence {
+        return Err(crate::presence::off());
+    }
+    shard.presence(channel).await
 }

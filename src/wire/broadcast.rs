@@ -12,13 +12,16 @@ pub(crate) fn broadcast_parts(
     create_time: &str,
     channel: &str,
     event: &str,
+    from: Option<&str>,
     payload: &[u8],
 ) -> (Box<[u8]>, Box<[u8]>) {
     let mut prefix = Vec::with_capacity(48 + id.len());
     prefix.extend_from_slice(b"{\"method\":\"broadcast\",\"params\":{\"id\":");
     write_json_string(&mut prefix, id);
     prefix.extend_from_slice(b",\"seq\":");
-    let mut suffix = Vec::with_capacity(80 + channel.len() + event.len() + payload.len());
+    let from_len = from.map_or(0, |f| f.len() + 8);
+    let mut suffix =
+        Vec::with_capacity(80 + channel.len() + event.len() + from_len + payload.len());
     suffix.extend_from_slice(b",\"offset\":");
     write_u64(&mut suffix, offset);
     suffix.extend_from_slice(b",\"createTime\":");
@@ -27,6 +30,11 @@ pub(crate) fn broadcast_parts(
     write_json_string(&mut suffix, channel);
     suffix.extend_from_slice(b",\"event\":");
     write_json_string(&mut suffix, event);
+    // Set by the server from the publisher's token (SPEC 16), never from the request.
+    if let Some(from) = from {
+        suffix.extend_from_slice(b",\"from\":");
+        suffix.extend_from_slice(from.as_bytes());
+    }
     suffix.extend_from_slice(b",\"payload\":");
     suffix.extend_from_slice(payload);
     suffix.extend_from_slice(b"}}");
@@ -53,7 +61,16 @@ mod tests {
 
     #[test]
     fn broadcast_frames_splice_seq() {
-        let (p, s) = broadcast_parts("n-1", 7, "2026-01-01T00:00:00.000Z", "c\"", "e", b"[1]");
+        let from = Some(r#"{"user":"al"}"#);
+        let (p, s) = broadcast_parts(
+            "n-1",
+            7,
+            "2026-01-01T00:00:00.000Z",
+            "c\"",
+            "e",
+            from,
+            b"[1]",
+        );
         let mut out = Vec::new();
         write_broadcast_frame(&mut out, &p, 42, &s);
         assert_eq!(out[1], 126, "a 16-bit length follows");
@@ -64,5 +81,9 @@ mod tests {
         assert_eq!(v["params"]["offset"], 7);
         assert_eq!(v["params"]["channel"], "c\"");
         assert_eq!(v["params"]["payload"], serde_json::json!([1]));
+        assert_eq!(v["params"]["from"]["user"], "al");
+        let text = std::str::from_utf8(body).unwrap();
+        assert!(text.find("\"from\"") < text.find("\"payload\""));
+        assert!(text.find("\"event\"") < text.find("\"from\""));
     }
 }

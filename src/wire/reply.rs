@@ -82,8 +82,9 @@ pub(crate) fn subscribed(
     epoch: &str,
     recovered: Option<bool>,
     rewound: Option<usize>,
+    presence: Option<&[u8]>,
 ) -> Vec<u8> {
-    let mut body = Vec::with_capacity(160);
+    let mut body = Vec::with_capacity(160 + presence.map_or(0, <[u8]>::len));
     body.extend_from_slice(b"{\"subscriptionId\":");
     write_json_string(&mut body, subscription_id);
     body.extend_from_slice(b",\"timestamp\":");
@@ -103,8 +104,71 @@ pub(crate) fn subscribed(
         body.extend_from_slice(b",\"rewound\":");
         write_u64(&mut body, k as u64);
     }
+    if let Some(presence) = presence {
+        body.extend_from_slice(b",\"presence\":");
+        body.extend_from_slice(presence);
+    }
     body.push(b'}');
     body
+}
+
+/// `{"members":[{"user","info"}...],"count":N,"version":V}`: a channel's presence (the
+/// `presence` method, `GET /presence`, and the subscribe result). A member without `info`
+/// has none in its object.
+pub(crate) fn presence<'a>(
+    members: impl Iterator<Item = (&'a str, Option<&'a str>)>,
+    version: u64,
+) -> Vec<u8> {
+    let mut out = b"{\"members\":[".to_vec();
+    let mut count = 0u64;
+    for (user, info) in members {
+        if count > 0 {
+            out.push(b',');
+        }
+        count += 1;
+        write_member(&mut out, user, info);
+    }
+    out.extend_from_slice(b"],\"count\":");
+    write_u64(&mut out, count);
+    out.extend_from_slice(b",\"version\":");
+    write_u64(&mut out, version);
+    out.push(b'}');
+    out
+}
+
+/// `{"user":U,"info":I}` (no `info` when there is none).
+fn write_member(out: &mut Vec<u8>, user: &str, info: Option<&str>) {
+    out.extend_from_slice(b"{\"user\":");
+    write_json_string(out, user);
+    if let Some(info) = info {
+        out.extend_from_slice(b",\"info\":");
+        out.extend_from_slice(info.as_bytes());
+    }
+    out.push(b'}');
+}
+
+/// `{"method":"join"|"leave","params":{"channel","user","info","version"}}`.
+pub(crate) fn presence_event(
+    kind: &str,
+    channel: &str,
+    user: &str,
+    info: Option<&str>,
+    version: u64,
+) -> Vec<u8> {
+    let mut out = b"{\"method\":".to_vec();
+    write_json_string(&mut out, kind);
+    out.extend_from_slice(b",\"params\":{\"channel\":");
+    write_json_string(&mut out, channel);
+    out.extend_from_slice(b",\"user\":");
+    write_json_string(&mut out, user);
+    if let Some(info) = info {
+        out.extend_from_slice(b",\"info\":");
+        out.extend_from_slice(info.as_bytes());
+    }
+    out.extend_from_slice(b",\"version\":");
+    write_u64(&mut out, version);
+    out.extend_from_slice(b"}}");
+    out
 }
 
 /// `{"method":"unsubscribed","params":{"channel","reason"}}`: the server ended a subscription
@@ -124,6 +188,8 @@ pub(crate) struct HistoryItem<'a> {
     pub offset: u64,
     pub create_time: &'a str,
     pub event: &'a str,
+    /// Who published it over a WebSocket (`{"user","info"}`), as its broadcast says.
+    pub from: Option<&'a str>,
     /// As published, byte for byte.
     pub payload: &'a [u8],
 }
@@ -147,6 +213,10 @@ pub(crate) fn history_page<'a>(
         write_json_string(&mut out, p.create_time);
         out.extend_from_slice(b",\"event\":");
         write_json_string(&mut out, p.event);
+        if let Some(from) = p.from {
+            out.extend_from_slice(b",\"from\":");
+            out.extend_from_slice(from.as_bytes());
+        }
         out.extend_from_slice(b",\"payload\":");
         out.extend_from_slice(p.payload);
         out.push(b'}');
@@ -159,10 +229,13 @@ pub(crate) fn history_page<'a>(
     out
 }
 
-/// `{"channels":[{"channel","subscribers"}...]}` (`GET /channels`).
-pub(crate) fn channel_counts<'a>(counts: impl Iterator<Item = (&'a str, usize)>) -> Vec<u8> {
+/// `{"channels":[{"channel","subscribers","users"}...]}` (`GET /channels`); `users` only for
+/// channels that count their members.
+pub(crate) fn channel_counts<'a>(
+    counts: impl Iterator<Item = (&'a str, usize, Option<usize>)>,
+) -> Vec<u8> {
     let mut out = b"{\"channels\":[".to_vec();
-    for (i, (channel, n)) in counts.enumerate() {
+    for (i, (channel, n, users)) in counts.enumerate() {
         if i > 0 {
             out.push(b',');
         }
@@ -170,6 +243,10 @@ pub(crate) fn channel_counts<'a>(counts: impl Iterator<Item = (&'a str, usize)>)
         write_json_string(&mut out, channel);
         out.extend_from_slice(b",\"subscribers\":");
         write_u64(&mut out, n as u64);
+        if let Some(users) = users {
+            out.extend_from_slice(b",\"users\":");
+            write_u64(&mut out, users as u64);
+        }
         out.push(b'}');
     }
     out.extend_from_slice(b"]}");
@@ -252,10 +329,19 @@ mod tests {
             json!({"id":"n-1","createTime":"t","offset":3})
         );
         assert_eq!(
-            parse(&subscribed("0-1", "t", 5, "e", Some(false), None)),
+            parse(&subscribed("0-1", "t", 5, "e", Some(false), None, None)),
             json!({"subscriptionId":"0-1","timestamp":"t","offset":5,"epoch":"e","recovered":false})
         );
-        assert!(parse(&subscribed("0-1", "t", 5, "e", None, Some(3)))
+        let members = presence([("a", Some(r#"{"n":1}"#)), ("b", None)].into_iter(), 9);
+        assert_eq!(
+            parse(&subscribed("0-1", "t", 5, "e", None, None, Some(&members)))["presence"],
+            json!({"members":[{"user":"a","info":{"n":1}},{"user":"b"}],"count":2,"version":9})
+        );
+        assert_eq!(
+            parse(&presence_event("leave", "c", "a\"", None, 3)),
+            json!({"method":"leave","params":{"channel":"c","user":"a\"","version":3}})
+        );
+        assert!(parse(&subscribed("0-1", "t", 5, "e", None, Some(3), None))
             .get("recovered")
             .is_none());
         let item = HistoryItem {
@@ -263,6 +349,7 @@ mod tests {
             offset: 2,
             create_time: "t",
             event: "ev",
+            from: Some(r#"{"user":"u"}"#),
             payload: b"[1e400]",
         };
         let page = history_page([item].into_iter(), 2, "e");
@@ -270,10 +357,11 @@ mod tests {
             page.windows(7).any(|w| w == b"[1e400]"),
             "payload as published"
         );
-        let counts = channel_counts([("a", 2), ("b\"", 1)].into_iter());
+        assert!(page.windows(20).any(|w| w == br#","from":{"user":"u"}"#));
+        let counts = channel_counts([("a", 2, Some(1)), ("b\"", 1, None)].into_iter());
         assert_eq!(
             parse(&counts),
-            json!({"channels":[{"channel":"a","subscribers":2},{"channel":"b\"","subscribers":1}]})
+            json!({"channels":[{"channel":"a","subscribers":2,"users":1},{"channel":"b\"","subscribers":1}]})
         );
         let results = broadcast_results([("a", "i", 1)].into_iter());
         assert_eq!(

@@ -58,6 +58,11 @@ pub enum Method {
     Publish(PublishParams),
     /// `heartbeat`.
     Heartbeat,
+    /// `presence`: who is in a channel (SPEC 16).
+    Presence {
+        /// The channel.
+        channel: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,6 +74,9 @@ pub struct PublishParams {
     pub event: String,
     /// The payload exactly as the client wrote it.
     pub payload: Vec<u8>,
+    /// `{"user","info"}` of the WebSocket publisher, set by the server from its token (never
+    /// from the request); none for REST.
+    pub from: Option<std::sync::Arc<str>>,
 }
 
 /// A request whose method was recognised. Parameter errors are kept apart from the method, because
@@ -155,7 +163,7 @@ pub fn parse_request<'a>(
     let unpaired = unpaired_in(&parsed, text, &spans, &["method"])
         .or_else(|| unpaired_in(&parsed, text, &inner, &PARAMS_MEMBERS));
     let method = match (method, params_repeat, unpaired) {
-        ("auth" | "subscribe" | "unsubscribe" | "publish", Some(name), _) => Err(err(
+        ("auth" | "subscribe" | "unsubscribe" | "publish" | "presence", Some(name), _) => Err(err(
             Code::InvalidArgument,
             format!("params repeats member {name:?}"),
         )),
@@ -164,6 +172,7 @@ pub fn parse_request<'a>(
             "auth" => parse_auth(params),
             "subscribe" => parse_subscribe(params),
             "unsubscribe" => channel_param(params).map(|channel| Method::Unsubscribe { channel }),
+            "presence" => channel_param(params).map(|channel| Method::Presence { channel }),
             "publish" => {
                 parse_publish(text, &inner, params, payload_bytes_max).map(Method::Publish)
             }
@@ -343,6 +352,7 @@ fn parse_publish(
         channel,
         event: event.to_string(),
         payload: payload.to_vec(),
+        from: None,
     })
 }
 
@@ -373,6 +383,7 @@ pub fn parse_publish_body(body: &[u8], payload_bytes_max: usize) -> Result<Publi
         channel,
         event,
         payload,
+        from: None,
     })
 }
 

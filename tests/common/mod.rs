@@ -418,6 +418,12 @@ pub fn is_broadcast(frame: &str) -> bool {
     frame.starts_with(r#"{"method":"broadcast","params":{"#)
 }
 
+/// A join or leave notification (SPEC 16).
+pub fn is_presence_event(frame: &str) -> bool {
+    frame.starts_with(r#"{"method":"join","params":{"#)
+        || frame.starts_with(r#"{"method":"leave","params":{"#)
+}
+
 /// The payload's text in a broadcast frame, exactly as the server wrote it (it is the last
 /// member of the params).
 pub fn raw_payload(frame: &str) -> &str {
@@ -511,6 +517,8 @@ pub struct TokenSpec {
     pub iat: Option<i64>,
     pub channels: Option<Vec<String>>,
     pub scope: Option<Vec<String>>,
+    /// The `info` claim (SPEC 16).
+    pub info: Option<Value>,
 }
 
 impl TokenSpec {
@@ -524,7 +532,13 @@ impl TokenSpec {
             iat: Some(now_secs()),
             channels: Some(vec!["*".into()]),
             scope: Some(vec!["subscribe".into(), "publish".into()]),
+            info: None,
         }
+    }
+
+    pub fn info(mut self, info: Value) -> Self {
+        self.info = Some(info);
+        self
     }
 
     pub fn channels(mut self, c: &[&str]) -> Self {
@@ -561,6 +575,9 @@ impl TokenSpec {
         }
         if let Some(s) = &self.scope {
             m.insert("scope".into(), json!(s));
+        }
+        if let Some(i) = &self.info {
+            m.insert("info".into(), i.clone());
         }
         Value::Object(m)
     }
@@ -816,7 +833,7 @@ impl Ws {
     pub async fn next_response(&mut self) -> Value {
         loop {
             let t = self.recv_text().await;
-            if is_broadcast(&t) {
+            if is_broadcast(&t) || is_presence_event(&t) {
                 self.pending.push_back(t);
                 continue;
             }
@@ -884,6 +901,27 @@ impl Ws {
             "a notification has no requestId: {t}"
         );
         v["params"].clone()
+    }
+
+    /// The next notification (broadcast, join or leave), parsed, within `d`.
+    pub async fn recv_note(&mut self, d: Duration) -> Value {
+        let t = match self.pending.pop_front() {
+            Some(t) => t,
+            None => self.recv_text_within(d).await,
+        };
+        serde_json::from_str(&t).unwrap_or_else(|e| panic!("invalid JSON {t:?}: {e}"))
+    }
+
+    /// Asserts that no notification is queued and none arrives within `d`.
+    pub async fn expect_no_note(&mut self, d: Duration) {
+        if let Some(t) = self.pending.pop_front() {
+            panic!("unexpected notification {t}");
+        }
+        match self.try_recv_text(d).await {
+            Ok(None) => {}
+            Ok(Some(t)) => panic!("unexpected frame {t}"),
+            Err(e) => panic!("connection ended: {e:?}"),
+        }
     }
 
     /// Asserts that no broadcast arrives within `d`.
