@@ -59,8 +59,8 @@ pub(crate) struct Counts {
     pub(crate) leaves: u64,
     /// Events at or below the snapshot's version: ignored, as a client must.
     pub(crate) stale: u64,
-    /// Versions that skipped ahead by more than one (a change this subscriber saw no event for;
-    /// not a failure by the SPEC's wording, which promises increase, not steps of one).
+    /// Versions that skipped ahead by more than one: not a failure (SPEC 16 promises increase,
+    /// not steps of one, and this server's versions are microsecond clocks).
     pub(crate) version_gaps: u64,
 }
 

@@ -4,8 +4,7 @@
 use std::collections::BTreeMap;
 
 use super::settle::{MethodCheck, Settled};
-use super::{ChurnResult, Phase, Setup};
-use crate::harness::WindowEnd;
+use super::{Baseline, Phase, Setup};
 use crate::hist::{self, Percentiles};
 use crate::metrics;
 use crate::presence::tracker::{Counts, PresenceAnomalies};
@@ -85,9 +84,18 @@ struct BaselineFigures {
     cycles_per_s: f64,
     server_cpu_us_per_cycle: Option<f64>,
     setup: Percentiles,
-    /// (presence CPU per cycle - baseline CPU per cycle) / channels: what one join and its leave
-    /// add to a connection's cost, µs.
+    /// Presence CPU per cycle - baseline CPU per cycle, µs (with `--keep-one`: what a reconnect
+    /// of a member still present costs more).
+    presence_us_per_cycle: Option<f64>,
+    /// The same per join (and its leave): divided by the channels (not with `--keep-one`).
     presence_us_per_join: Option<f64>,
+    /// Redis commands per baseline cycle.
+    redis_per_cycle: Option<f64>,
+    /// Redis commands per presence cycle minus per baseline cycle: what presence asks of Redis
+    /// per cycle (with `--keep-one`, per reconnect of a member still present).
+    presence_redis_per_cycle: Option<f64>,
+    /// The same per command (those that differ by 0.005 per cycle or more).
+    redis_added: BTreeMap<String, f64>,
 }
 
 /// What the end of the run found, after the presence phase.
@@ -106,7 +114,7 @@ pub(super) struct Ends {
 pub(super) fn conclude(
     s: &Setup<'_>,
     phase: Phase,
-    baseline: Option<(ChurnResult, WindowEnd)>,
+    baseline: Option<Baseline>,
     ends: Ends,
 ) -> Report<PresenceFigures> {
     let (a, common) = (s.a, &s.a.common);
@@ -131,7 +139,13 @@ pub(super) fn conclude(
         report.errors.push(e.clone());
     }
     let mut f = figures(s, &phase, &report);
-    f.baseline = baseline.map(|(r, end)| baseline_figures(&r, &end, &f, a.channels));
+    if let Some(b) = &baseline {
+        report.errors.extend(b.keeper_errors.iter().cloned());
+        if let Some(Err(e)) = &b.redis {
+            report.errors.push(e.clone());
+        }
+    }
+    f.baseline = baseline.map(|b| baseline_figures(&b, &f, a.channels));
     f.anomalies = ends.anomalies;
     f.anomaly_examples = ends.examples;
     f.method = ends.method;
@@ -256,25 +270,44 @@ fn redis_figures(s: &Setup<'_>, phase: &Phase, joins: u64) -> Option<RedisFigure
     })
 }
 
-fn baseline_figures(
-    r: &ChurnResult,
-    end: &WindowEnd,
-    f: &PresenceFigures,
-    channels: usize,
-) -> BaselineFigures {
-    let per_cycle = end
-        .server_cpu_ns
-        .map(|ns| ns as f64 / 1e3 / r.cycles.max(1) as f64);
+fn baseline_figures(b: &Baseline, f: &PresenceFigures, channels: usize) -> BaselineFigures {
+    let cycles = b.churn.cycles.max(1) as f64;
+    let per_cycle = b.end.server_cpu_ns.map(|ns| ns as f64 / 1e3 / cycles);
+    let added = f.server_cpu_us_per_cycle.zip(per_cycle).map(|(p, b)| p - b);
+    let redis = b.redis.as_ref().and_then(|r| r.as_ref().ok());
+    let redis_per_cycle = redis.map(|r| r.values().sum::<u64>() as f64 / cycles);
+    let presence_cycles = f.cycles.max(1) as f64;
+    // Per command, what a presence cycle asked of Redis beyond a baseline cycle.
+    let redis_added = match (redis, &f.redis) {
+        (Some(base), Some(p)) => {
+            let names = base.keys().chain(p.by_command.keys());
+            names
+                .map(|k| {
+                    let per = |m: &CommandCalls, n: f64| m.get(k).copied().unwrap_or(0) as f64 / n;
+                    (
+                        k.clone(),
+                        per(&p.by_command, presence_cycles) - per(base, cycles),
+                    )
+                })
+                .filter(|(_, d)| d.abs() >= 0.005)
+                .collect()
+        }
+        _ => BTreeMap::new(),
+    };
     BaselineFigures {
-        cycles: r.cycles,
-        failed_cycles: r.failures,
-        cycles_per_s: r.cycles as f64 / end.elapsed.as_secs_f64().max(1e-9),
+        cycles: b.churn.cycles,
+        failed_cycles: b.churn.failures,
+        cycles_per_s: b.churn.cycles as f64 / b.end.elapsed.as_secs_f64().max(1e-9),
         server_cpu_us_per_cycle: per_cycle,
-        setup: hist::percentiles(&r.setup),
-        presence_us_per_join: match (f.server_cpu_us_per_cycle, per_cycle, f.keep_one) {
-            (Some(p), Some(b), false) => Some((p - b) / channels as f64),
+        setup: hist::percentiles(&b.churn.setup),
+        presence_us_per_cycle: added,
+        presence_us_per_join: added.filter(|_| !f.keep_one).map(|d| d / channels as f64),
+        redis_per_cycle,
+        presence_redis_per_cycle: match (&f.redis, redis_per_cycle) {
+            (Some(p), Some(b)) => Some(p.per_cycle - b),
             _ => None,
         },
+        redis_added,
     }
 }
 
@@ -461,13 +494,12 @@ fn check_rows(f: &PresenceFigures) -> Vec<Row> {
             "observers",
             format!(
                 "{}: {} double joins, {} leaves of absent users, {} version regressions; {} \
-                 stale events ignored, {} version gaps; {}",
+                 stale events ignored; {}",
                 f.observers,
                 x.double_joins,
                 x.orphan_leaves,
                 x.version_regressions,
                 total.stale,
-                total.version_gaps,
                 if f.observers_agree {
                     "all agree"
                 } else {
@@ -518,12 +550,22 @@ fn cost_rows(f: &PresenceFigures, report: &Report<PresenceFigures>) -> Vec<Row> 
         rows.push(row(
             "baseline server CPU per cycle",
             format!(
-                "{}; presence adds {} µs per join",
+                "{}; presence adds {} µs per cycle{}",
                 with_pid(b.server_cpu_us_per_cycle, "µs"),
-                opt(b.presence_us_per_join, 3)
+                opt(b.presence_us_per_cycle, 3),
+                b.presence_us_per_join
+                    .map(|j| format!(", {j:.3} µs per join"))
+                    .unwrap_or_default()
             ),
         ));
     }
+    rows.extend(redis_rows(f, report));
+    rows
+}
+
+/// The Redis commands over the window, by command; with `--baseline`, what presence added.
+fn redis_rows(f: &PresenceFigures, report: &Report<PresenceFigures>) -> Vec<Row> {
+    let mut rows = Vec::new();
     if let Some(r) = &f.redis {
         let by: Vec<String> = r
             .by_command
@@ -546,6 +588,26 @@ fn cost_rows(f: &PresenceFigures, report: &Report<PresenceFigures>) -> Vec<Row> 
         ));
     } else if let Some(e) = report.errors.iter().find(|e| e.contains("Redis")) {
         rows.push(row("Redis commands", format!("- ({e})")));
+    }
+    if let Some(b) = f.baseline.as_ref().filter(|b| b.redis_per_cycle.is_some()) {
+        let added: Vec<String> = b
+            .redis_added
+            .iter()
+            .map(|(k, v)| format!("{k} {v:+.3}"))
+            .collect();
+        rows.push(row(
+            "Redis commands added by presence",
+            format!(
+                "{} per cycle (baseline {} per cycle): {}",
+                opt(b.presence_redis_per_cycle, 3),
+                opt(b.redis_per_cycle, 3),
+                if added.is_empty() {
+                    "none".into()
+                } else {
+                    added.join(", ")
+                }
+            ),
+        ));
     }
     rows
 }

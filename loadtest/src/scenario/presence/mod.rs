@@ -202,14 +202,47 @@ fn churn_of(s: &Setup<'_>, channels: Arc<Vec<String>>, expect_presence: bool) ->
     }
 }
 
-/// `--baseline`: the same churn on channels no presence rule matches.
-fn baseline_phase(s: &Setup<'_>) -> Result<(ChurnResult, WindowEnd), SetupError> {
+/// `--baseline`'s measurements.
+struct Baseline {
+    churn: ChurnResult,
+    end: WindowEnd,
+    redis: Option<Result<CommandCalls, String>>,
+    keeper_errors: Vec<String>,
+}
+
+/// `--baseline`: the same churn (with `--keep-one`, the same keepers) on channels no presence
+/// rule matches.
+fn baseline_phase(s: &Setup<'_>) -> Result<Baseline, SetupError> {
     let plain = channel_names(&s.env.prefix, "plain", s.a.channels);
     let c = churn_of(s, plain, false);
+    let keepers = s.a.keep_one.then(|| Keepers::open(&c)).transpose()?;
     let pids = &s.a.common.server_pid;
+    let redis0 = redis_reading(s);
     let window = window_start(pids);
-    let r = churn::run(&c, s.a.common.quiet, "baseline")?;
-    Ok((r, window_end(&window, pids)))
+    let churn = churn::run(&c, s.a.common.quiet, "baseline")?;
+    let end = window_end(&window, pids);
+    let redis = redis_delta(s, redis0);
+    let keeper_errors = keepers.map(Keepers::close).unwrap_or_default();
+    Ok(Baseline {
+        churn,
+        end,
+        redis,
+        keeper_errors,
+    })
+}
+
+/// `INFO commandstats` now, with `--redis-addr`.
+fn redis_reading(s: &Setup<'_>) -> Option<Result<CommandCalls, String>> {
+    s.redis.as_ref().map(redis::commandstats)
+}
+
+/// The commands since `before` was read.
+fn redis_delta(
+    s: &Setup<'_>,
+    before: Option<Result<CommandCalls, String>>,
+) -> Option<Result<CommandCalls, String>> {
+    let addr = s.redis.as_ref()?;
+    Some(before?.and_then(|b| redis::commandstats(addr).map(|a| redis::delta(addr, &b, &a))))
 }
 
 /// The presence churn, measured: from the first cycle to the last leave (with `--keep-one`, to
@@ -230,18 +263,12 @@ fn presence_phase(s: &Setup<'_>, observers: &[Observer]) -> Result<Phase, SetupE
     let pids = &s.a.common.server_pid;
     let counts0 = all_counts(observers);
     let metrics0 = scrape_all(s);
-    let redis0 = s.redis.as_ref().map(redis::commandstats);
+    let redis0 = redis_reading(s);
     let window = window_start(pids);
     let churn = churn::run(&c, s.a.common.quiet, "presence")?;
     let measure = || {
         let end = window_end(&window, pids);
-        let redis = match (&s.redis, &redis0) {
-            (Some(addr), Some(Ok(b))) => {
-                Some(redis::commandstats(addr).map(|a| redis::delta(addr, b, &a)))
-            }
-            (_, Some(Err(e))) => Some(Err(e.clone())),
-            _ => None,
-        };
+        let redis = redis_delta(s, redis0);
         (end, redis, all_counts(observers), scrape_all(s))
     };
     let (measured, keeper_errors, settled) = match keepers {
