@@ -1,5 +1,5 @@
-//! Runs a short `fanout`, `idle`, `chat`, `scoreboard` and `proxy` against the real server and
-//! checks the JSON summaries.
+//! Runs a short `fanout`, `idle`, `chat`, `scoreboard`, `proxy` and `presence` against the real
+//! server and checks the JSON summaries.
 //!
 //! The server binary is `$BROADCASTER_BIN`, else the `broadcaster` next to this crate's own binary
 //! (same target directory and profile: `cargo build --workspace --bins` builds both), else
@@ -421,4 +421,133 @@ fn proxy_fails_loudly_when_hits_are_asked() {
         serde_json::from_str(&std::fs::read_to_string(&json).expect("the JSON summary")).unwrap();
     assert_eq!(s["passed"], false);
     assert_eq!(s["proxy"]["backend"]["calls"], 109 + 106, "{s:#}");
+}
+
+/// A server whose `room/*` channels have presence (and join/leave when `join_leave`).
+fn start_presence_server(name: &str, join_leave: bool) -> Server {
+    let config = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}.toml"));
+    std::fs::write(
+        &config,
+        format!("[[channels]]\npattern = \"room/*\"\npresence = true\njoin_leave = {join_leave}\n"),
+    )
+    .expect("writing the config file");
+    start_server_with(
+        name,
+        &["--config", config.to_str().expect("a UTF-8 path")],
+        &[],
+    )
+}
+
+#[test]
+fn presence_storm_joins_and_leaves_once_per_cycle_and_ends_with_nobody() {
+    let server = start_presence_server("smoke-presence", true);
+    let json = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("smoke-presence.json");
+    let s = run_loadtest(
+        &server,
+        &[
+            "presence",
+            "--users",
+            "20",
+            "--workers",
+            "4",
+            "--channels",
+            "2",
+            "--count",
+            "300",
+            "--observers",
+            "2",
+            "--baseline",
+        ],
+        &json,
+    );
+    assert_eq!(s["passed"], true, "{s:#}");
+    assert_eq!(s["connection_failures"], 0, "{s:#}");
+    let p = &s["presence"];
+    assert_eq!(p["cycles"], 300, "{s:#}");
+    // Every cycle is its user's only connection: one join and one leave per channel, seen by
+    // both observers, counted alike by the server.
+    assert_eq!(p["joins_from"], "observers", "{s:#}");
+    assert_eq!(p["joins"], 600, "{s:#}");
+    assert_eq!(p["leaves"], 600, "{s:#}");
+    assert_eq!(p["server_joins"], 600.0, "{s:#}");
+    assert_eq!(p["server_leaves"], 600.0, "{s:#}");
+    assert_eq!(p["observers_agree"], true, "{s:#}");
+    for k in ["double_joins", "orphan_leaves", "version_regressions"] {
+        assert_eq!(p["anomalies"][k], 0, "{k} {s:#}");
+    }
+    assert_eq!(p["missing_presence"], 0, "{s:#}");
+    assert_eq!(p["settled"]["ok"], true, "{s:#}");
+    assert_eq!(p["emptied"]["ok"], true, "{s:#}");
+    for c in p["emptied"]["rest_counts"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+    {
+        assert_eq!(c["count"], 0, "{s:#}");
+    }
+    assert_eq!(p["method"]["asked"], 4, "{s:#}");
+    assert_eq!(p["method"]["mismatches"], serde_json::json!([]), "{s:#}");
+    assert!(p["server_cpu_us_per_join"].as_f64().is_some(), "{s:#}");
+    assert_eq!(p["baseline"]["cycles"], 300, "{s:#}");
+    assert!(
+        p["baseline"]["presence_us_per_join"].as_f64().is_some(),
+        "{s:#}"
+    );
+
+    // A reconnect storm: every user holds a second connection, so nothing changes.
+    let json = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("smoke-presence-keep-one.json");
+    let s = run_loadtest(
+        &server,
+        &[
+            "presence",
+            "--users",
+            "20",
+            "--workers",
+            "4",
+            "--count",
+            "200",
+            "--keep-one",
+        ],
+        &json,
+    );
+    assert_eq!(s["passed"], true, "{s:#}");
+    let p = &s["presence"];
+    assert_eq!(
+        (p["cycles"].as_u64(), p["keep_one"].as_bool()),
+        (Some(200), Some(true))
+    );
+    assert_eq!(
+        (p["joins"].as_u64(), p["leaves"].as_u64()),
+        (Some(0), Some(0)),
+        "{s:#}"
+    );
+    assert_eq!(p["kept"]["ok"], true, "{s:#}");
+    assert_eq!(p["emptied"]["ok"], true, "{s:#}");
+}
+
+#[test]
+fn presence_fails_loudly_without_join_leave() {
+    let server = start_presence_server("smoke-presence-quiet", false);
+    let json = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("smoke-presence-quiet.json");
+    let out = loadtest_output(
+        &server,
+        &[
+            "presence",
+            "--users",
+            "8",
+            "--workers",
+            "2",
+            "--count",
+            "40",
+        ],
+        &json,
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("LOAD TEST FAILED"), "{stderr}");
+    assert!(stderr.contains("join_leave = true"), "{stderr}");
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("the JSON summary")).unwrap();
+    assert_eq!(s["passed"], false);
+    assert_eq!(s["presence"]["joins"], 0, "{s:#}");
 }
