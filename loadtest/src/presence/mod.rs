@@ -4,6 +4,7 @@
 //! connections that run it ([`observer`]), shared by the `presence` scenario and the soak.
 
 pub(crate) mod observer;
+pub(crate) mod settle;
 pub(crate) mod tracker;
 
 use serde_json::Value;

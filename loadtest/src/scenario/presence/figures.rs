@@ -3,10 +3,11 @@
 
 use std::collections::BTreeMap;
 
-use super::settle::{MethodCheck, Settled};
+use super::settle::MethodCheck;
 use super::{Baseline, Phase, Setup};
 use crate::hist::{self, Percentiles};
 use crate::metrics;
+use crate::presence::settle::Settled;
 use crate::presence::tracker::{Counts, PresenceAnomalies};
 use crate::redis::CommandCalls;
 use crate::report::{row, with_pid, Report, Row};

@@ -21,7 +21,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use churn::{Churn, ChurnResult, Keepers, User};
-use settle::Settled;
 
 use crate::cli::PresenceArgs;
 use crate::harness::{channel_names, prepare, source_plan, window_end, window_start, Env};
@@ -29,6 +28,7 @@ use crate::harness::{SetupError, WindowEnd};
 use crate::metrics;
 use crate::net::SourcePlan;
 use crate::presence::observer::{Observer, ObserverSpec};
+use crate::presence::settle::Settled;
 use crate::presence::tracker::{Counts, PresenceAnomalies};
 use crate::redis::{self, CommandCalls, RedisAddr};
 use crate::report::Report;
