@@ -473,6 +473,19 @@ history.ttl of them, and that growth is not a leak: the warm-up is made at least
 (at most half the run). With the server's default TTL (300 s) a short run cannot reach it,
 hence BROADCASTER_HISTORY_TTL=10s for 60 s runs; `--duration 30m` warms up for 6 minutes.
 
+--presence-users U adds presence churn (SPEC 16): connections 0..2U belong to U users, two
+each, and also subscribe to a presence channel, published to like the others; their sessions
+overlap at random. Give the server a config file with the rule
+
+    [[channels]]
+    pattern = \"room/*\"
+    presence = true
+    join_leave = true
+
+An observer follows every join and leave; the run fails on a user's second join without a leave
+between, a leave of someone absent, or a version not above the last, and unless, once every
+connection closed, GET /presence counts the observer alone, then nobody.
+
 Exit status: 0 passed, 1 a check failed, 2 could not run.";
 
 /// `soak` options.
@@ -536,6 +549,17 @@ pub struct SoakArgs {
     /// server's gauges and descriptors to come back.
     #[arg(long, default_value_t = 30.0)]
     pub(crate) settle_timeout: f64,
+    /// Presence churn (SPEC 16): this many users, each on two of the churning connections (tokens
+    /// of their own, with an info claim and the presence scope), which add a presence channel to
+    /// their channels; an observer checks every join and leave, and presence must come back to
+    /// nobody at the end. 0: none. Needs --api-key and a server rule with presence and
+    /// join_leave for --presence-prefix.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) presence_users: usize,
+    /// What the server's presence rule matches: the presence channel is this followed by the
+    /// run's channel prefix and `/soak`.
+    #[arg(long, default_value = "room/")]
+    pub(crate) presence_prefix: String,
     #[command(flatten)]
     pub common: Common,
 }

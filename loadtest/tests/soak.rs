@@ -1,7 +1,8 @@
 //! A short `soak` against the real server: a few hundred connections churn (connect, auth,
 //! subscribe, receive, unsubscribe/resubscribe, close or drop, reconnect with `since`) for 60 s while
-//! two publishers run; the summary must pass: nothing lost or reordered, the server's gauges and
-//! descriptors back where they were, its RSS steady.
+//! two publishers run, 60 of them as 30 presence users on a presence channel; the summary must
+//! pass: nothing lost or reordered, the server's gauges and descriptors back where they were, its
+//! RSS steady, no user joined twice without a leave between, and presence back to nobody.
 //!
 //! The server binary is found as in `smoke.rs`: `$BROADCASTER_BIN`, else the `broadcaster` next to
 //! the load generator's binary, else `target/debug/broadcaster`; missing is a failure.
@@ -50,8 +51,23 @@ fn start_server() -> Server {
     );
     let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("soak-server.log");
     let log_file = std::fs::File::create(&log).expect("creating the server log file");
+    // The presence churn's channel (`--presence-users`) needs presence and join/leave.
+    let config = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("soak-server.toml");
+    std::fs::write(
+        &config,
+        "[[channels]]\npattern = \"room/*\"\npresence = true\njoin_leave = true\n",
+    )
+    .expect("writing the config file");
     let mut child = Command::new(&bin)
-        .args(["serve", "--listen", "127.0.0.1:0", "--shards", "1"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--shards",
+            "1",
+            "--config",
+        ])
+        .arg(&config)
         .env("BROADCASTER_AUTH_JWT_SECRET", SECRET)
         .env("BROADCASTER_AUTH_API_KEYS", API_KEY)
         // The load generator connects from one address, thousands at once before their auth.
@@ -128,6 +144,8 @@ fn soak_churn_loses_nothing_and_leaks_nothing() {
             // step now and then in a short run; the default 2 MiB slack would make the test flaky.
             "--rss-slack-mib",
             "4",
+            "--presence-users",
+            "30",
             "--server",
             &server.addr,
             "--server-pid",
@@ -172,16 +190,39 @@ fn soak_churn_loses_nothing_and_leaks_nothing() {
     assert!(k["resubscribes"].as_u64().unwrap() > 0, "{k:#}");
     assert!(k["recovered"].as_u64().unwrap() > 0, "{k:#}");
     assert!(k["replayed"].as_u64().unwrap() > 0, "{k:#}");
-    // Gauges: all open at the end, then back to zero; descriptors back to the pre-run count.
-    assert_eq!(k["gauges_open"]["connections_active"], 300, "{k:#}");
+    // Gauges: all open at the end (and the presence observer: one connection, one
+    // subscription), then back to zero; descriptors back to the pre-run count.
+    assert_eq!(k["gauges_open"]["connections_active"], 301, "{k:#}");
     assert_eq!(
-        k["gauges_open"]["subscriptions_total"], k["subscriptions"],
+        k["gauges_open"]["subscriptions_total"].as_u64(),
+        k["subscriptions"].as_u64().map(|n| n + 1),
         "{k:#}"
     );
     assert_eq!(k["gauges_after_close"]["connections_active"], 0, "{k:#}");
     assert_eq!(k["gauges_after_close"]["subscriptions_total"], 0, "{k:#}");
     assert_eq!(k["fd_after"], k["fd_before"], "{k:#}");
     assert!(k["fd_open_end"].as_u64().unwrap() >= k["fd_before"].as_u64().unwrap() + 300);
+    // Presence: users joined and left, never twice in a row, and nobody is left.
+    let p = &k["presence"];
+    assert_eq!(
+        (p["users"].as_u64(), p["connections"].as_u64()),
+        (Some(30), Some(60))
+    );
+    assert!(p["observed"]["joins"].as_u64().unwrap() >= 30, "{p:#}");
+    assert_eq!(p["observed"]["joins"], p["observed"]["leaves"], "{p:#}");
+    for a in ["double_joins", "orphan_leaves", "version_regressions"] {
+        assert_eq!(p["anomalies"][a], 0, "{a}: {p:#}");
+    }
+    assert_eq!(p["alone"]["ok"], true, "{p:#}");
+    assert_eq!(p["emptied"]["ok"], true, "{p:#}");
+    let counts = p["emptied"]["rest_counts"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        !counts.is_empty() && counts.iter().all(|c| c["count"] == 0),
+        "{p:#}"
+    );
     // The RSS check ran (and passed, with the rest of the summary).
     assert!(k["rss_warm_bytes"].as_u64().is_some_and(|b| b > 0), "{k:#}");
     assert!(k["rss_end_bytes"].as_u64().is_some_and(|b| b > 0), "{k:#}");

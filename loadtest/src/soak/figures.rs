@@ -1,5 +1,6 @@
 //! The soak's own figures: the `soak` object of the JSON summary and its rows of the table.
 
+use super::presence::SoakPresence;
 use crate::metrics::Gauges;
 use crate::report::Row;
 
@@ -91,6 +92,8 @@ pub struct SoakFigures {
     pub(crate) gauges_open: Option<Gauges>,
     /// What they read after everything closed (must equal `gauges_before`).
     pub(crate) gauges_after_close: Option<Gauges>,
+    /// `--presence-users`: the presence churn.
+    pub(crate) presence: Option<SoakPresence>,
 }
 
 impl SoakFigures {

@@ -6,6 +6,7 @@
 
 mod figures;
 mod plan;
+mod presence;
 mod verdict;
 mod worker;
 
@@ -25,10 +26,12 @@ use crate::harness::{
 use crate::hist;
 use crate::metrics::{self, Gauges};
 use crate::net::{Node, SourcePlan};
+use crate::presence::observer::Observer;
 use crate::procstat;
 use crate::publisher::{self, PublishResult, PublisherConfig, Via};
 use crate::report::Report;
 use plan::{default_warmup, history_fill_time, plan_channels, rss_level, rss_window};
+use presence::{PresencePlan, SoakPresence};
 use worker::{run_worker, ConnSpec, SoakConfig, SoakShared, SoakWorkerResult};
 
 /// Runs the soak scenario (see the module documentation and `soak --help`).
@@ -47,7 +50,10 @@ struct Setup<'a> {
     a: &'a SoakArgs,
     env: Env,
     plan: SourcePlan,
+    /// The published channels: `--channels` of them, and the presence channel last.
     channels: Arc<Vec<String>>,
+    /// `--presence-users`: the presence churn.
+    presence: Option<PresencePlan>,
     /// The server's pid, for the RSS and descriptor checks.
     pid: Option<u32>,
     metrics_node: Node,
@@ -85,12 +91,16 @@ fn setup(a: &SoakArgs) -> Result<Setup<'_>, SetupError> {
     let common = &a.common;
     let n = a.connections;
     let publishers = a.publishers.clamp(1, a.channels);
-    let env = prepare(common, n + publishers + 8, a.via == Via::Rest)?;
-    let plan = source_plan(common, &env, n + publishers);
-    let channels = channel_names(&env.prefix, "soak", a.channels);
+    let env = prepare(common, n + publishers + 9, a.via == Via::Rest)?;
+    let plan = source_plan(common, &env, n + publishers + 1);
+    let presence = PresencePlan::new(a, &env, &plan)?;
+    let mut channels = channel_names(&env.prefix, "soak", a.channels).to_vec();
+    channels.extend(presence.as_ref().map(|p| p.channel.clone()));
+    let channels = Arc::new(channels);
     let pid = common.server_pid.first().copied();
     let metrics_node = env.rest_nodes[0].clone();
-    let fill = history_fill_time(a.history_size, a.history_ttl, a.rate / a.channels as f64);
+    let per_channel_rate = a.rate / channels.len() as f64;
+    let fill = history_fill_time(a.history_size, a.history_ttl, per_channel_rate);
     let warmup = a
         .warmup
         .unwrap_or_else(|| default_warmup(a.duration, fill))
@@ -121,6 +131,7 @@ fn setup(a: &SoakArgs) -> Result<Setup<'_>, SetupError> {
         env,
         plan,
         channels,
+        presence,
         pid,
         metrics_node,
         warmup,
@@ -157,6 +168,14 @@ fn announce(s: &Setup<'_>) {
         s.gauges_before.connections_active,
         s.gauges_before.subscriptions_total
     );
+    if let Some(p) = &s.presence {
+        eprintln!(
+            "soak: presence churn on {}: {} users on {} connections, an observer",
+            p.channel,
+            a.presence_users,
+            (2 * a.presence_users).min(a.connections)
+        );
+    }
 }
 
 /// A publisher thread: its channels (indices) and, once joined, its results.
@@ -170,6 +189,8 @@ struct Running {
     pub_shared: Arc<Shared>,
     window: Window,
     progress: Progress,
+    /// The presence churn's observer.
+    observer: Option<Observer>,
     /// (connection, channel) pairs.
     pairs: u64,
     threads: usize,
@@ -180,17 +201,30 @@ fn start(s: &Setup<'_>) -> Result<Running, SetupError> {
     let (a, common) = (s.a, &s.a.common);
     let n = a.connections;
     let seed = crate::schedule::now_unix_ns() ^ std::process::id() as u64;
+    let presence_channel = a.channels as u32;
     let specs: Vec<ConnSpec> = plan_channels(n, a.channels, a.channels_per_conn, seed)
         .into_iter()
         .enumerate()
-        .map(|(i, channels)| ConnSpec {
-            channels,
-            source: s.plan.for_conn(i),
+        .map(|(i, mut channels)| {
+            let token = s.presence.as_ref().and_then(|p| p.token_of(i));
+            if token.is_some() {
+                channels.push(presence_channel);
+            }
+            ConnSpec {
+                channels,
+                source: s.plan.for_conn(i),
+                token,
+            }
         })
         .collect();
     let pairs: u64 = specs.iter().map(|c| c.channels.len() as u64).sum();
     let threads = s.env.threads.max(1);
-    let shared = Arc::new(SoakShared::new(a.channels, threads));
+    let shared = Arc::new(SoakShared::new(s.channels.len(), threads));
+    let setup_timeout = Duration::from_secs_f64(common.setup_timeout.max(1.0));
+    let observer = match &s.presence {
+        Some(p) => Some(p.start_observer(setup_timeout)?),
+        None => None,
+    };
     let mut per: Vec<Vec<ConnSpec>> = vec![Vec::new(); threads];
     for (i, c) in specs.into_iter().enumerate() {
         per[i % threads].push(c);
@@ -206,6 +240,7 @@ fn start(s: &Setup<'_>) -> Result<Running, SetupError> {
         publishers,
         pub_shared,
         window,
+        observer,
         pairs,
         threads,
     })
@@ -251,8 +286,9 @@ fn spawn_workers(
 fn spawn_publishers(s: &Setup<'_>, pub_shared: &Arc<Shared>) -> Result<Vec<Publisher>, SetupError> {
     let (a, common) = (s.a, &s.a.common);
     let mut handles = Vec::new();
+    let channels = s.channels.len();
     for p in 0..s.publishers {
-        let idxs: Vec<usize> = (p..a.channels).step_by(s.publishers).collect();
+        let idxs: Vec<usize> = (p..channels).step_by(s.publishers).collect();
         let pcfg = PublisherConfig {
             rest_nodes: s.env.rest_nodes.clone(),
             ws_nodes: s.env.nodes.to_vec(),
@@ -261,7 +297,7 @@ fn spawn_publishers(s: &Setup<'_>, pub_shared: &Arc<Shared>) -> Result<Vec<Publi
             api_key: s.env.api_key.clone(),
             token: s.env.token.clone(),
             channels: Arc::new(idxs.iter().map(|&i| s.channels[i].clone()).collect()),
-            rate: a.rate * idxs.len() as f64 / a.channels as f64,
+            rate: a.rate * idxs.len() as f64 / channels as f64,
             count: None,
             duration: Some(a.duration),
             window: 1,
@@ -394,7 +430,7 @@ impl Samples {
 
 /// Publishing ends on its own schedule; collects the last offsets per channel.
 fn collect_publishers(s: &Setup<'_>, handles: Vec<Publisher>) -> Result<PublishResult, SetupError> {
-    let channels = s.a.channels;
+    let channels = s.channels.len();
     let mut pres = PublishResult {
         last_offsets: vec![0; channels],
         counts: vec![0; channels],
@@ -477,6 +513,7 @@ struct Closed {
     fd_after: Option<u64>,
     fd_ok: bool,
     rss_after_close: Option<u64>,
+    presence: Option<SoakPresence>,
 }
 
 /// Checks the gauges with everything open, closes everything, and checks that the gauges and the
@@ -484,18 +521,9 @@ struct Closed {
 fn close(s: &Setup<'_>, run: Running) -> Closed {
     let shared = run.shared;
     let gauges_before = s.gauges_before;
-    // With everything open: the server's gauges must count exactly what we hold.
-    let gauge_timeout = s.settle_timeout.min(Duration::from_secs(15));
-    let mut expected_open = gauges_before;
-    let (gauges_open, gauges_open_ok) = poll_until(gauge_timeout, || {
-        expected_open = Gauges {
-            connections_active: gauges_before.connections_active
-                + shared.open.load(Ordering::Relaxed),
-            subscriptions_total: gauges_before.subscriptions_total
-                + shared.live_subs.load(Ordering::Relaxed),
-        };
-        gauges_probe(s, &shared, expected_open)
-    });
+    // The presence observer is one connection and one subscription more.
+    let observer = i64::from(run.observer.is_some());
+    let (gauges_open, gauges_open_ok, expected_open) = gauges_open(s, &shared, observer);
     let fd_open_end = s.pid.and_then(|p| procstat::fd_count(p).ok());
 
     shared.stop.store(true, Ordering::Relaxed);
@@ -504,6 +532,11 @@ fn close(s: &Setup<'_>, run: Running) -> Closed {
         .into_iter()
         .filter_map(|h| h.join().ok())
         .collect();
+    // Before the gauges and descriptors are judged: the observer closes here.
+    let presence = match (&s.presence, run.observer) {
+        (Some(p), Some(o)) => Some(presence::end(s, p, o)),
+        _ => None,
+    };
     let (gauges_after, gauges_after_ok) =
         poll_until(s.settle_timeout, || gauges_probe(s, &shared, gauges_before));
     let (fd_after, fd_ok) = match (s.pid, s.fd_before) {
@@ -537,7 +570,29 @@ fn close(s: &Setup<'_>, run: Running) -> Closed {
         fd_after,
         fd_ok,
         rss_after_close,
+        presence,
     }
+}
+
+/// With everything open, the server's gauges must count exactly what we hold (and `extra`
+/// connections with a subscription each): what they read, whether they matched in time, and
+/// what they should have read.
+fn gauges_open(s: &Setup<'_>, shared: &SoakShared, extra: i64) -> (Option<Gauges>, bool, Gauges) {
+    let before = s.gauges_before;
+    let timeout = s.settle_timeout.min(Duration::from_secs(15));
+    let mut expected = before;
+    let (g, ok) = poll_until(timeout, || {
+        expected = Gauges {
+            connections_active: before.connections_active
+                + shared.open.load(Ordering::Relaxed)
+                + extra,
+            subscriptions_total: before.subscriptions_total
+                + shared.live_subs.load(Ordering::Relaxed)
+                + extra,
+        };
+        gauges_probe(s, shared, expected)
+    });
+    (g, ok, expected)
 }
 
 /// One probe for [`poll_until`]: the gauges, and whether they read `expected`.

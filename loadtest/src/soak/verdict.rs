@@ -55,6 +55,11 @@ pub(super) fn verdict(
     };
     judge(s, &mut report, &settled, &pres, &m);
     judge_leaks(s, &mut report, &closed);
+    if let Some(p) = &closed.presence {
+        for why in super::presence::failures(p, &s.a.presence_prefix) {
+            report.fail(why);
+        }
+    }
     judge_rss(s, &mut report, &trace, rss_change);
     let figures = figures(s, &closed, &trace, &settled, &pres, &m, rss_change);
     report.publish = Some(pres);
@@ -69,6 +74,9 @@ pub(super) fn verdict(
         report.delivery_rate_row(),
     ];
     report.rows.checks = figures.rows();
+    if let Some(p) = &closed.presence {
+        report.rows.checks.push(super::presence::row(p));
+    }
     report.rows.cost = vec![report.cpu_per_delivery_row()];
     report.set_figures(figures);
     report.finish();
@@ -85,8 +93,8 @@ fn fill_report(
 ) {
     let (a, shared) = (s.a, &closed.shared);
     report.connections = a.connections as u64;
-    report.channels = a.channels as u64;
-    report.subscribers_per_channel = closed.pairs / a.channels as u64;
+    report.channels = s.channels.len() as u64;
+    report.subscribers_per_channel = closed.pairs / s.channels.len() as u64;
     report.loadgen_threads = closed.threads as u64;
     report.open_files_limit = s.env.nofile;
     report.source_addresses = s.plan.addrs().len() as u64;
@@ -275,5 +283,6 @@ fn figures(
         gauges_open_expected: closed.expected_open,
         gauges_open: closed.gauges_open,
         gauges_after_close: closed.gauges_after,
+        presence: closed.presence.clone(),
     }
 }

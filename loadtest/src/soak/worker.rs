@@ -157,6 +157,8 @@ pub(crate) struct ConnSpec {
     pub(crate) channels: Vec<u32>,
     /// Source address to bind.
     pub(crate) source: Option<Ipv4Addr>,
+    /// A token of the connection's own (a presence user's); None: the run's.
+    pub(crate) token: Option<Arc<str>>,
 }
 
 /// What one worker hands back.
@@ -284,6 +286,7 @@ impl Sub {
 struct Conn {
     subs: Vec<Sub>,
     source: Option<Ipv4Addr>,
+    token: Option<Arc<str>>,
     stream: Option<mio::net::TcpStream>,
     phase: Phase,
     inbound: Inbound,
@@ -360,6 +363,7 @@ impl Worker {
                     })
                     .collect(),
                 source: s.source,
+                token: s.token,
                 stream: None,
                 phase: Phase::Idle,
                 inbound: Inbound::default(),
@@ -1021,7 +1025,8 @@ impl Receiver for Worker {
         req.extend_from_slice(b"{\"id\":");
         extract::push_u64(&mut req, id);
         req.extend_from_slice(b",\"method\":\"auth\",\"params\":{\"token\":");
-        extract::push_json_str(&mut req, &self.cfg.token);
+        let token = self.conns[idx].token.as_deref();
+        extract::push_json_str(&mut req, token.unwrap_or(&self.cfg.token));
         req.extend_from_slice(b"}}");
         let c = &mut self.conns[idx];
         ws::encode_client_frame(&mut c.pending, ws::OP_TEXT, &req, key);
