@@ -178,6 +178,16 @@ pub(crate) fn source_plan(common: &Common, env: &Env, connections: usize) -> Sou
     SourcePlan::loopback(connections, per_addr, common.source_ips.max(1))
 }
 
+/// The source addresses of a churn: every cycle is a new connection, whose 4-tuple stays in
+/// TIME_WAIT for a minute after it, so cycles are spread over at least 32 addresses (or
+/// `--source-ips`), which keeps a tuple from coming back while its last use is still remembered.
+pub(crate) fn churn_source_plan(common: &Common, env: &Env, connections: usize) -> SourcePlan {
+    if common.no_source_bind || !env.all_loopback() {
+        return SourcePlan::none();
+    }
+    SourcePlan::loopback(connections, 1000, common.source_ips.max(32))
+}
+
 /// The measurement window's start.
 pub(crate) struct Window {
     pub(crate) t0: Instant,

@@ -512,8 +512,9 @@ impl WsConn {
     }
 
     /// The WebSocket closing handshake: sends close 1000 and reads (discarding text) until the
-    /// server's close frame or the end of the connection, at most `timeout`; then the socket is
-    /// dropped.
+    /// server's close frame, then until the server ends the connection, at most `timeout`; then
+    /// the socket is dropped. The server closing TCP first (RFC 6455 7.1.1) leaves the TIME_WAIT
+    /// on its side, so a churn does not use up this side's ports.
     pub(crate) fn close(mut self, timeout: Duration) -> Result<(), String> {
         self.out.clear();
         let key = self.rng.next_key();
@@ -529,9 +530,16 @@ impl WsConn {
                     return Err(format!("no close frame from the server within {timeout:?}"))
                 }
                 // The server's close frame, or the connection's end: the handshake is over.
-                Err(_) => return Ok(()),
+                Err(_) => break,
             }
         }
+        let mut chunk = [0u8; 1024];
+        while let Ok(n) = self.stream.read(&mut chunk) {
+            if n == 0 {
+                break;
+            }
+        }
+        Ok(())
     }
 }
 

@@ -180,7 +180,7 @@ fn worker(c: &Churn, w: usize, p: &Progress) -> Histogram<u64> {
             }
             Err(e) => {
                 p.failures.fetch_add(1, Ordering::Relaxed);
-                p.error(format!("{}: {e}", user.name));
+                p.error(format!("{}: {e}{}", user.name, hint(&e)));
                 std::thread::sleep(RETRY_PAUSE);
             }
         }
@@ -250,6 +250,19 @@ pub(super) fn auth_and_subscribe(
     Ok(missing)
 }
 
+/// What an error most likely means.
+fn hint(error: &str) -> &'static str {
+    if error.contains("subscribe") && error.contains("ResourceExhausted") {
+        " (the rule's presence_members_max, 1000 by default, counts the users, the observers \
+         and with --keep-one every user at once: raise it, or use fewer --users)"
+    } else if error.contains("503") {
+        " (the server's cap on anonymous connections per address: \
+         BROADCASTER_LIMITS_ANONYMOUS_CONNECTIONS_PER_IP_MAX=1000000)"
+    } else {
+        ""
+    }
+}
+
 /// `--keep-one`: a connection per user, subscribed to every channel on the user's node, held
 /// while the churn runs; a thread answers their pings.
 pub(super) struct Keepers {
@@ -266,7 +279,7 @@ impl Keepers {
             let mut ws = WsConn::upgrade(&c.nodes[u.node], c.sources.for_conn(i), seed)
                 .map_err(|e| format!("--keep-one connection of {}: {e}", u.name))?;
             auth_and_subscribe(&mut ws, &u.token, &c.channels, false)
-                .map_err(|e| format!("--keep-one connection of {}: {e}", u.name))?;
+                .map_err(|e| format!("--keep-one connection of {}: {e}{}", u.name, hint(&e)))?;
             ws.set_nonblocking(true)?;
             conns.push(ws);
         }
@@ -304,5 +317,19 @@ impl Keepers {
                 ws.close(CLOSE_TIMEOUT).err()
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hints_name_the_setting() {
+        assert!(
+            hint("subscribe to room/x failed: ResourceExhausted").contains("presence_members_max")
+        );
+        assert!(hint("upgrade refused: HTTP/1.1 503").contains("PER_IP_MAX"));
+        assert_eq!(hint("read: timed out"), "");
     }
 }

@@ -23,7 +23,7 @@ use std::time::Duration;
 use churn::{Churn, ChurnResult, Keepers, User};
 
 use crate::cli::PresenceArgs;
-use crate::harness::{channel_names, prepare, source_plan, window_end, window_start, Env};
+use crate::harness::{channel_names, churn_source_plan, prepare, window_end, window_start, Env};
 use crate::harness::{SetupError, WindowEnd};
 use crate::metrics;
 use crate::net::SourcePlan;
@@ -125,7 +125,7 @@ fn setup(a: &PresenceArgs) -> Result<Setup<'_>, SetupError> {
     let observers = a.observers.unwrap_or(common.server.len());
     let held = a.workers + observers + if a.keep_one { a.users } else { 0 };
     let env = prepare(common, held + 16, true)?;
-    let plan = source_plan(common, &env, held.max(8 * a.workers));
+    let plan = churn_source_plan(common, &env, held);
     let secret = common.secret.clone().unwrap_or_default();
     let run = &env.prefix;
     let token = |sub: &str, info: serde_json::Value| {
