@@ -97,7 +97,7 @@ mod io;
 mod metrics;
 pub mod node;
 mod preflight;
-mod presence;
+pub mod presence;
 pub mod proxy;
 mod ring;
 mod route;

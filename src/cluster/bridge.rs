@@ -4,7 +4,7 @@
 
 use super::scripts::keys;
 use super::{bump, presence, publish, recovery, watch, Request, State, REDIS_TIMEOUT};
-use crate::channel::Publication;
+use crate::channel::{Header, Publication};
 use crate::ring::ShardMsg;
 use futures_util::StreamExt;
 use std::rc::Rc;
@@ -212,16 +212,13 @@ fn decode(channel: &str, data: &[u8]) -> Option<Publication> {
     let event = std::str::from_utf8(rest.get(..event_len)?).ok()?;
     let from = std::str::from_utf8(rest.get(event_len..event_len.checked_add(from_len)?)?).ok()?;
     let payload = rest.get(event_len + from_len..)?;
-    let mut p = Publication::new(
-        Arc::from(channel),
-        offset,
+    let header = Header {
         id,
         create_time,
         event,
-        (!from.is_empty()).then(|| Arc::from(from)),
-        payload,
-        Instant::now(),
-    );
+        from: (!from.is_empty()).then(|| Arc::from(from)),
+    };
+    let mut p = Publication::new(Arc::from(channel), offset, header, payload, Instant::now());
     p.epoch = Some(Arc::from(epoch));
     Some(p)
 }

@@ -3,7 +3,7 @@
 
 use super::scripts::{keys, POSITION_LUA};
 use super::{unavailable, State, REDIS_TIMEOUT};
-use crate::channel::{HistoryPage, Position, Publication};
+use crate::channel::{Header, HistoryPage, Position, Publication};
 use crate::clock::unix_ms;
 use crate::error::Error;
 use crate::wire::request::{Since, Start};
@@ -160,10 +160,12 @@ fn entries_to_publications(
         out.push(Arc::new(Publication::new(
             Arc::from(channel),
             offset,
-            &id,
-            &t,
-            &e,
-            from,
+            Header {
+                id: &id,
+                create_time: &t,
+                event: &e,
+                from,
+            },
             &p,
             Instant::now(),
         )));

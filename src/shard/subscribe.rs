@@ -21,7 +21,7 @@ impl Shard {
     /// offset can be missed and none before it is delivered. The returned receiver completes
     /// then. With `member` (the channel counts members), the subscription counts its user in;
     /// with `list`, the response lists the members.
-    pub(crate) fn subscribe(
+    pub fn subscribe(
         self: &Rc<Self>,
         conn: &Rc<Conn>,
         request_id: Option<&[u8]>,
