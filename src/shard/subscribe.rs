@@ -76,6 +76,39 @@ impl Shard {
         rx
     }
 
+    /// A subscribe message from another shard (`messages.rs` hands them here): as the owner,
+    /// a subscribe to answer; as the subscriber's shard, the answer.
+    pub(super) fn on_subscribe(&self, msg: ShardMsg) {
+        match msg {
+            ShardMsg::Subscribe {
+                token,
+                from,
+                channel,
+                start,
+                member,
+                list,
+            } => {
+                let msg = match self.owner_subscribe(from, &channel, &start, member.as_ref(), list)
+                {
+                    Ok(position) => ShardMsg::Subscribed { token, position },
+                    Err(error) => ShardMsg::SubscribeFailed { token, error },
+                };
+                self.send(from, msg);
+            }
+            ShardMsg::Subscribed { token, position } => {
+                if let Some(Pending::Subscribe(request)) = self.answer_for(token) {
+                    self.subscribed(request, position);
+                }
+            }
+            ShardMsg::SubscribeFailed { token, error } => {
+                if let Some(Pending::Subscribe(request)) = self.answer_for(token) {
+                    self.subscribe_failed(request, &error);
+                }
+            }
+            _ => debug_assert!(false, "not a subscribe message"),
+        }
+    }
+
     /// The owner answered a subscribe with the channel's position: the subscription starts
     /// here. The response is queued first, then what was missed, then (later) live
     /// publications.
