@@ -406,8 +406,10 @@ fn chat_token(s: &Server, name: &str) -> String {
         .mint()
 }
 
+type Lines = Arc<Mutex<Vec<String>>>;
+
 /// The lines a child prints, collected as they come.
-fn collect_lines(r: impl tokio::io::AsyncRead + Unpin + Send + 'static) -> Arc<Mutex<Vec<String>>> {
+fn collect_lines(r: impl tokio::io::AsyncRead + Unpin + Send + 'static) -> Lines {
     let lines = Arc::new(Mutex::new(Vec::new()));
     let sink = lines.clone();
     tokio::spawn(async move {
@@ -436,6 +438,24 @@ async fn wait_line(lines: &Mutex<Vec<String>>, want: &str, other: &Mutex<Vec<Str
     }
 }
 
+/// `broadcaster connect` to `channel` with `token`; its stdout and stderr lines.
+fn spawn_connect(s: &Server, token: &str, channel: &str) -> (tokio::process::Child, Lines, Lines) {
+    let mut cmd = tokio::process::Command::new(bin());
+    clean_tokio_env(&mut cmd);
+    let mut child = cmd
+        .args(["connect", "--url", &s.ws_url(), "--token", token])
+        .args(["--channel", channel])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn connect");
+    let out = collect_lines(child.stdout.take().unwrap());
+    let err = collect_lines(child.stderr.take().unwrap());
+    (child, out, err)
+}
+
 /// SPEC 16 "CLI", seed 004: `connect` says whom it connected as and who is there, shows
 /// `bob joined chat/x`, `bob: Hello everyone!` and `bob left chat/x`, and its own lines come
 /// back as `alice: ...`; a REST publication (no `from`) keeps the `channel event: payload` form.
@@ -450,20 +470,7 @@ async fn connect_command_is_a_chat_with_presence() {
     carol.auth_ok(&chat_token(&s, "carol")).await;
     carol.subscribe("chat/x").await;
 
-    let mut cmd = tokio::process::Command::new(bin());
-    clean_tokio_env(&mut cmd);
-    let alice_token = chat_token(&s, "alice");
-    let mut child = cmd
-        .args(["connect", "--url", &s.ws_url(), "--token", &alice_token])
-        .args(["--channel", "chat/x"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn connect");
-    let out = collect_lines(child.stdout.take().unwrap());
-    let err = collect_lines(child.stderr.take().unwrap());
+    let (mut child, out, err) = spawn_connect(&s, &chat_token(&s, "alice"), "chat/x");
     wait_line(&err, &format!("connected to {} as alice", s.ws_url()), &out).await;
     let at_start = [
         "in chat/x: alice, carol (2)".to_string(),
