@@ -1561,7 +1561,8 @@ async fn public_channels_and_rewind_across_nodes_through_redis() {
 // ---------------------------------------------------------------------------------------------
 
 const PRESENCE_RULES: &str =
-    "[[channels]]\npattern = \"room/*\"\naccess = \"public\"\npresence = true\njoin_leave = true\n";
+    "[[channels]]\npattern = \"room/*\"\naccess = \"public\"\npresence = true\njoin_leave = true\n\
+     [[channels]]\npattern = \"pair/*\"\npresence = true\npresence_members_max = 2\n";
 
 /// A node with the presence rule; a node silent for 3 s is reaped.
 fn presence_node(redis: &Redis) -> Server {
@@ -1780,4 +1781,52 @@ async fn after_redis_loses_its_data_members_come_back_without_joins() {
     assert_eq!((kind.as_str(), user.as_str()), ("leave", "alice"));
     watcher.expect_no_note(Duration::from_millis(500)).await;
     assert_eq!(wait_count(b, &room, 2, T).await["count"], json!(2));
+}
+
+#[tokio::test]
+async fn the_member_cap_holds_across_nodes() {
+    let redis = Redis::start().await;
+    let nodes = presence_nodes(&redis, 2).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let pair = unique("pair/x");
+    let mut ann = presence_member(a, "ann").await;
+    ann.subscribe(&pair).await;
+    let mut ben = presence_member(b, "ben").await;
+    ben.subscribe(&pair).await;
+    let mut cid = presence_member(b, "cid").await;
+    cid.call_err("subscribe", json!({"channel": pair}), "ResourceExhausted")
+        .await;
+    // A member already there, from another node, is no new member.
+    let mut ann_b = presence_member(b, "ann").await;
+    ann_b.subscribe(&pair).await;
+    let p = presence_of(a, &pair).await;
+    assert_eq!(p["count"], json!(2), "{p}");
+    assert_eq!(
+        metric(b, "presence_members").await,
+        2.0,
+        "ben and ann held on B"
+    );
+    assert_eq!(metric(a, "presence_members").await, 1.0, "ann held on A");
+    drop(ben);
+    let deadline = Instant::now() + T;
+    let _cid = loop {
+        let mut cid = presence_member(a, "cid").await;
+        if cid
+            .request("subscribe", json!({"channel": pair}))
+            .await
+            .get("result")
+            .is_some()
+        {
+            break cid;
+        }
+        assert!(Instant::now() < deadline, "ben's leave freed no room");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let users: Vec<_> = presence_of(b, &pair).await["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["user"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(users, ["ann", "cid"]);
 }
