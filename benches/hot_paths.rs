@@ -18,12 +18,16 @@ const PAYLOAD: &[u8] = br#"{"t":1732222222000000000,"n":12345,"pad":"xxxxxxxxxxx
 fn publication() -> Arc<broadcaster::channel::Publication> {
     let rules = broadcaster::rules::Rules::new(&[], 0, Duration::from_secs(1));
     let mut c = Channels::new(std::sync::Arc::new(rules));
+    let p = broadcaster::wire::request::PublishParams {
+        channel: "contest/annual-2024".into(),
+        event: "run_update".into(),
+        payload: PAYLOAD.to_vec(),
+        from: None,
+    };
     c.publish(
-        "contest/annual-2024",
-        "run_update",
-        PAYLOAD,
-        "0a1b2c3d-0-1".into(),
-        "2026-11-21T22:00:00.000Z".into(),
+        &p,
+        "0a1b2c3d-0-1",
+        "2026-11-21T22:00:00.000Z",
         Instant::now(),
     )
     .0
@@ -86,7 +90,7 @@ fn fanout(c: &mut Criterion) {
         .map(|i| Conn::new(i as u64, 1 << 20))
         .collect();
     for conn in &conns {
-        drop(shard.subscribe(conn, None, "contest/annual-2024", Start::Live));
+        drop(shard.subscribe(conn, None, "contest/annual-2024", Start::Live, None, false));
         conn.discard_queued();
     }
     shard.flusher().discard();

@@ -5,7 +5,7 @@ use crate::constants::{SHARDS_MAX, WATCH_WORDS};
 use crate::error::Error;
 use crate::presence::{self, Kind, Member, Members};
 use crate::rules::Rules;
-use crate::wire::request::Start;
+use crate::wire::request::{PublishParams, Start};
 use crate::wire::{broadcast, reply};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -39,17 +39,29 @@ pub struct Publication {
     pub(crate) accepted: Instant,
 }
 
+/// What a publication says besides its channel, offset and payload.
+pub(crate) struct Header<'a> {
+    pub(crate) id: &'a str,
+    pub(crate) create_time: &'a str,
+    pub(crate) event: &'a str,
+    /// `{"user","info"}` of a WebSocket publisher.
+    pub(crate) from: Option<Arc<str>>,
+}
+
 impl Publication {
     pub(crate) fn new(
         channel: Arc<str>,
         offset: u64,
-        id: &str,
-        create_time: &str,
-        event: &str,
-        from: Option<Arc<str>>,
+        header: Header<'_>,
         payload: &[u8],
         accepted: Instant,
     ) -> Publication {
+        let Header {
+            id,
+            create_time,
+            event,
+            from,
+        } = header;
         let (prefix, suffix) = broadcast::broadcast_parts(
             id,
             offset,
@@ -251,26 +263,27 @@ impl Channels {
     /// Returns it with the shards that must receive it.
     pub fn publish(
         &mut self,
-        channel: &str,
-        event: &str,
-        from: Option<Arc<str>>,
-        payload: &[u8],
-        id: String,
-        create_time: String,
+        p: &PublishParams,
+        id: &str,
+        create_time: &str,
         accepted: Instant,
     ) -> (Arc<Publication>, [u64; WATCH_WORDS]) {
+        let channel = p.channel.as_str();
         let state = self.state(channel);
         let size = state.history_size;
         let name = state.name.clone();
         state.offset += 1;
+        let header = Header {
+            id,
+            create_time,
+            event: &p.event,
+            from: p.from.clone(),
+        };
         let publication = Arc::new(Publication::new(
             name,
             state.offset,
-            &id,
-            &create_time,
-            event,
-            from,
-            payload,
+            header,
+            &p.payload,
             accepted,
         ));
         if size > 0 {
@@ -444,15 +457,13 @@ mod tests {
 
     fn publish(c: &mut Channels, name: &str, n: usize) {
         for i in 0..n {
-            c.publish(
-                name,
-                "e",
-                None,
-                b"1",
-                format!("id{i}"),
-                "t".into(),
-                Instant::now(),
-            );
+            let p = PublishParams {
+                channel: name.into(),
+                event: "e".into(),
+                payload: b"1".to_vec(),
+                from: None,
+            };
+            c.publish(&p, &format!("id{i}"), "t", Instant::now());
         }
     }
 

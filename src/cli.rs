@@ -58,11 +58,16 @@ struct Position {
     channel: String,
     offset: Option<u64>,
     epoch: Option<String>,
+    /// The presence version already shown (snapshot, then each join/leave printed); None when
+    /// the subscribe result had no snapshot, and then every join/leave is shown.
+    presence_version: Option<u64>,
 }
 
-/// The `connect` subcommand: the chat of seed 004. Prints every broadcast as
-/// `channel event: payload`, publishes each stdin line to the first channel as event `message`,
-/// and after a dropped connection reconnects and resubscribes with `since` so nothing is missed.
+/// The `connect` subcommand: the chat of seed 004. Says on stderr whom it connected as; prints
+/// chat messages (event `message` published over a WebSocket) as `alice: text`, other
+/// broadcasts as `channel event: payload`, who is in a presence channel when it subscribes and
+/// who joins and leaves; publishes each stdin line to the first channel as event `message`; and
+/// after a dropped connection reconnects and resubscribes with `since` so nothing is missed.
 pub fn connect(url: &str, token: &str, channels: &[String]) -> Result<(), String> {
     use std::io::BufRead;
     if channels.is_empty() {
@@ -84,11 +89,16 @@ pub fn connect(url: &str, token: &str, channels: &[String]) -> Result<(), String
             channel: c.clone(),
             offset: None,
             epoch: None,
+            presence_version: None,
         })
         .collect();
+    let greeting = match token_name(token) {
+        Some(name) => format!("connected to {url} as {}", printable(&name)),
+        None => format!("connected to {url}"),
+    };
     let mut backoff = Duration::from_millis(250);
     loop {
-        match session(&url, token, &mut positions, &lines) {
+        match session(&url, token, &greeting, &mut positions, &lines) {
             Ok(()) => return Ok(()),
             Err(SessionEnd::Fatal(e)) => return Err(e),
             Err(SessionEnd::Dropped(e)) => {
@@ -118,13 +128,96 @@ fn ws_url(url: &str) -> String {
     }
 }
 
+/// The name a token shows as: its `info.username`, else its `sub`. Read without checking the
+/// signature: the server checks it at `auth`, and this only labels the session.
+fn token_name(token: &str) -> Option<String> {
+    let claims: serde_json::Value = jsonwebtoken::dangerous::insecure_decode_claims(token).ok()?;
+    let sub = claims.get("sub").and_then(serde_json::Value::as_str)?;
+    Some(display_name(sub, claims.get("info")).to_string())
+}
+
+/// How a member or publisher is shown: `info.username` when it is a string, else the user (the
+/// token's `sub`).
+fn display_name<'a>(user: &'a str, info: Option<&'a serde_json::Value>) -> &'a str {
+    info.and_then(|i| i.get("username"))
+        .and_then(serde_json::Value::as_str)
+        .unwrap_or(user)
+}
+
+/// `text` with control characters escaped: names and chat text come from other users, and an
+/// escape sequence or newline in them must not drive the terminal or fake a line.
+fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return text.into();
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out.into()
+}
+
+/// The line printed for a broadcast: `name: text` for a chat message (event `message` with the
+/// server-set `from`), else `channel event: payload` with the payload byte for byte, as
+/// re-encoding it would change numbers (`1.0e10`), spacing and escapes.
+fn broadcast_line(b: &Broadcast) -> String {
+    match &b.from {
+        Some(from) if b.event == "message" => {
+            let name = display_name(&from.user, from.info.as_ref());
+            // A JSON string is shown as its text; anything else (or a string serde refuses,
+            // like an unpaired surrogate escape) as published.
+            let raw = b.payload.get();
+            let text: std::borrow::Cow<str> =
+                serde_json::from_str::<String>(raw).map_or_else(|_| raw.into(), Into::into);
+            format!("{}: {}", printable(name), printable(&text))
+        }
+        _ => format!("{} {}: {}", b.channel, b.event, b.payload.get()),
+    }
+}
+
+/// Whether a join/leave of `version` is news given the version already shown (`seen`), which
+/// it then advances. The server may deliver an event that the snapshot already reflects.
+fn presence_event_is_new(seen: &mut Option<u64>, version: u64) -> bool {
+    match seen {
+        Some(v) if version <= *v => false,
+        Some(v) => {
+            *v = version;
+            true
+        }
+        None => true,
+    }
+}
+
+/// `in chat/x: alice, bob (2)`.
+fn members_line(channel: &str, p: &PresenceSnapshot) -> String {
+    let names: Vec<_> = p
+        .members
+        .iter()
+        .map(|m| printable(display_name(&m.user, m.info.as_ref())))
+        .collect();
+    let names = if names.is_empty() {
+        "nobody".to_string()
+    } else {
+        names.join(", ")
+    };
+    format!(
+        "in {channel}: {names} ({})",
+        p.count.unwrap_or(p.members.len() as u64)
+    )
+}
+
 fn session(
     url: &str,
     token: &str,
+    greeting: &str,
     positions: &mut [Position],
     lines: &crossbeam_channel::Receiver<String>,
 ) -> Result<(), SessionEnd> {
-    let mut t = Terminal::open(url, token, positions)?;
+    let mut t = Terminal::open(url, token, greeting, positions)?;
     loop {
         while let Ok(line) = lines.try_recv() {
             let channel = &t.positions[0].channel;
@@ -153,6 +246,8 @@ struct Terminal<'p> {
     ws: Socket,
     next_id: u64,
     auth_id: u64,
+    /// Printed (stderr) once `auth` succeeds.
+    greeting: &'p str,
     /// Subscribe request ids and the position each is for.
     subscribe_ids: HashMap<u64, usize>,
     positions: &'p mut [Position],
@@ -161,7 +256,12 @@ struct Terminal<'p> {
 impl<'p> Terminal<'p> {
     /// Connects, authenticates and subscribes every channel (with `since` where a position is
     /// known, so a reconnect misses nothing).
-    fn open(url: &str, token: &str, positions: &'p mut [Position]) -> Result<Self, SessionEnd> {
+    fn open(
+        url: &str,
+        token: &str,
+        greeting: &'p str,
+        positions: &'p mut [Position],
+    ) -> Result<Self, SessionEnd> {
         use serde_json::json;
         let (mut ws, _) = tungstenite::connect(url).map_err(|e| dropped(&e))?;
         if let tungstenite::stream::MaybeTlsStream::Plain(s) = ws.get_mut() {
@@ -171,6 +271,7 @@ impl<'p> Terminal<'p> {
             ws,
             next_id: 1,
             auth_id: 0,
+            greeting,
             subscribe_ids: HashMap::new(),
             positions,
         };
@@ -225,33 +326,69 @@ impl<'p> Terminal<'p> {
         }
     }
 
-    /// Prints a broadcast, or takes note of a response.
+    /// Prints a broadcast or a join/leave, or takes note of a response.
     fn on_text(&mut self, text: &str) -> Result<(), SessionEnd> {
         let Ok(frame) = serde_json::from_str::<Incoming>(text) else {
             eprintln!("unreadable frame from the server: {text}");
             return Ok(());
         };
-        let broadcast = frame
-            .params
-            .filter(|_| frame.method.as_deref() == Some("broadcast"))
-            .and_then(|p| serde_json::from_str::<Broadcast>(p.get()).ok());
-        if let Some(b) = broadcast {
-            // The payload as published, byte for byte: re-encoding it would change numbers
-            // (`1.0e10`), spacing and escapes.
-            println!("{} {}: {}", b.channel, b.event, b.payload.get());
-            if let Some(pos) = self.positions.iter_mut().find(|x| x.channel == b.channel) {
-                pos.offset = b.offset;
+        match (frame.method.as_deref(), frame.params) {
+            (Some("broadcast"), Some(params)) => self.on_broadcast(params.get()),
+            (Some(kind @ ("join" | "leave")), Some(params)) => {
+                self.on_presence_event(kind, params.get())
             }
-            return Ok(());
+            // Other notifications carry nothing the terminal shows.
+            (Some(_), _) => {}
+            (None, _) => {
+                return self.on_response(frame.request_id.unwrap_or(0), frame.result, frame.error)
+            }
         }
-        let id = frame.request_id.unwrap_or(0);
-        if let Some(e) = frame.error {
+        Ok(())
+    }
+
+    fn on_broadcast(&mut self, params: &str) {
+        let Ok(b) = serde_json::from_str::<Broadcast>(params) else {
+            eprintln!("unreadable broadcast from the server: {params}");
+            return;
+        };
+        println!("{}", broadcast_line(&b));
+        if let Some(pos) = self.positions.iter_mut().find(|x| x.channel == b.channel) {
+            pos.offset = b.offset;
+        }
+    }
+
+    /// `alice joined chat/x` / `alice left chat/x`, unless the snapshot or an earlier event
+    /// already showed it.
+    fn on_presence_event(&mut self, kind: &str, params: &str) {
+        let Ok(e) = serde_json::from_str::<PresenceEvent>(params) else {
+            eprintln!("unreadable {kind} from the server: {params}");
+            return;
+        };
+        let Some(pos) = self.positions.iter_mut().find(|x| x.channel == e.channel) else {
+            return;
+        };
+        if presence_event_is_new(&mut pos.presence_version, e.version) {
+            let verb = if kind == "join" { "joined" } else { "left" };
+            let name = display_name(&e.user, e.info.as_ref());
+            println!("{} {verb} {}", printable(name), e.channel);
+        }
+    }
+
+    fn on_response(
+        &mut self,
+        id: u64,
+        result: Option<SubscribeResult>,
+        error: Option<ErrorObject>,
+    ) -> Result<(), SessionEnd> {
+        if let Some(e) = error {
             let text = format!("{}: {}", e.code, e.message);
             if id == self.auth_id || self.subscribe_ids.contains_key(&id) {
                 return Err(SessionEnd::Fatal(text));
             }
             eprintln!("error: {text}");
-        } else if let (Some(&i), Some(r)) = (self.subscribe_ids.get(&id), frame.result) {
+        } else if id == self.auth_id {
+            eprintln!("{}", self.greeting);
+        } else if let (Some(&i), Some(r)) = (self.subscribe_ids.get(&id), result) {
             let pos = &mut self.positions[i];
             if r.recovered == Some(false) {
                 eprintln!(
@@ -263,6 +400,11 @@ impl<'p> Terminal<'p> {
                 pos.offset = r.offset;
             }
             pos.epoch = r.epoch;
+            // A new snapshot after a reconnect: versions before it are in it.
+            pos.presence_version = r.presence.as_ref().map(|p| p.version);
+            if let Some(p) = &r.presence {
+                println!("{}", members_line(&pos.channel, p));
+            }
         }
         Ok(())
     }
@@ -286,8 +428,33 @@ struct Broadcast<'a> {
     channel: String,
     event: String,
     offset: Option<u64>,
+    /// The publisher, set by the server for publications made over a WebSocket.
+    from: Option<Member>,
     #[serde(borrow)]
     payload: &'a serde_json::value::RawValue,
+}
+
+/// A member of a channel, or the publisher of a broadcast: the token's `sub` and `info`.
+#[derive(serde::Deserialize)]
+struct Member {
+    user: String,
+    info: Option<serde_json::Value>,
+}
+
+#[derive(serde::Deserialize)]
+struct PresenceSnapshot {
+    members: Vec<Member>,
+    count: Option<u64>,
+    version: u64,
+}
+
+/// The params of a `join` or `leave`.
+#[derive(serde::Deserialize)]
+struct PresenceEvent {
+    channel: String,
+    user: String,
+    info: Option<serde_json::Value>,
+    version: u64,
 }
 
 #[derive(serde::Deserialize)]
@@ -295,6 +462,7 @@ struct SubscribeResult {
     offset: Option<u64>,
     epoch: Option<String>,
     recovered: Option<bool>,
+    presence: Option<PresenceSnapshot>,
 }
 
 #[derive(serde::Deserialize)]
@@ -309,4 +477,101 @@ fn is_disconnected<T>(rx: &crossbeam_channel::Receiver<T>) -> bool {
         rx.try_recv(),
         Err(crossbeam_channel::TryRecvError::Disconnected)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(params: &str) -> String {
+        broadcast_line(&serde_json::from_str(params).unwrap())
+    }
+
+    #[test]
+    fn chat_messages_show_the_sender_and_the_text() {
+        let from = r#""from":{"user":"u1","info":{"username":"alice"}}"#;
+        let b = |event: &str, from: &str, payload: &str| {
+            format!(
+                r#"{{"channel":"chat/x","event":"{event}","offset":3{from},"payload":{payload}}}"#
+            )
+        };
+        let with = format!(",{from}");
+        assert_eq!(
+            line(&b("message", &with, r#""Hello everyone!""#)),
+            "alice: Hello everyone!"
+        );
+        assert_eq!(
+            line(&b("message", &with, r#"{"a": 1.0e10}"#)),
+            r#"alice: {"a": 1.0e10}"#
+        );
+        // An unpaired surrogate is not a Rust string: shown as published.
+        assert_eq!(
+            line(&b("message", &with, r#""\ud83d""#)),
+            r#"alice: "\ud83d""#
+        );
+        assert_eq!(
+            line(&b("message", &with, r#""a\u001b[2Jb\nc""#)),
+            r"alice: a\u{1b}[2Jb\nc"
+        );
+        let no_info = r#","from":{"user":"bob"}"#;
+        assert_eq!(line(&b("message", no_info, r#""hi""#)), "bob: hi");
+        // Not a chat message: REST publications (no from) and other events.
+        assert_eq!(
+            line(&b("message", "", r#""hi""#)),
+            r#"chat/x message: "hi""#
+        );
+        assert_eq!(line(&b("score", &with, "[1]")), "chat/x score: [1]");
+    }
+
+    #[test]
+    fn join_and_leave_at_or_below_the_snapshot_are_not_news() {
+        let mut seen = Some(5);
+        assert!(!presence_event_is_new(&mut seen, 4));
+        assert!(!presence_event_is_new(&mut seen, 5));
+        assert!(presence_event_is_new(&mut seen, 6));
+        assert!(!presence_event_is_new(&mut seen, 6));
+        assert_eq!(seen, Some(6));
+        let mut none = None;
+        assert!(presence_event_is_new(&mut none, 1));
+        assert!(presence_event_is_new(&mut none, 1));
+    }
+
+    #[test]
+    fn members_line_names_everyone_present() {
+        let p: PresenceSnapshot = serde_json::from_str(
+            r#"{"members":[{"user":"u1","info":{"username":"alice"}},{"user":"bob"},
+               {"user":"c","info":{"username":7}}],"count":3,"version":9}"#,
+        )
+        .unwrap();
+        assert_eq!(members_line("chat/x", &p), "in chat/x: alice, bob, c (3)");
+        let empty: PresenceSnapshot =
+            serde_json::from_str(r#"{"members":[],"count":0,"version":1}"#).unwrap();
+        assert_eq!(members_line("c", &empty), "in c: nobody (0)");
+    }
+
+    #[test]
+    fn token_name_is_the_username_or_the_sub() {
+        let info = serde_json::json!({"username": "alice"});
+        let token = crate::auth::mint_with_info(
+            "s",
+            "u1",
+            &["*".into()],
+            &["subscribe".into()],
+            Duration::from_secs(60),
+            Some(&info),
+        )
+        .unwrap();
+        assert_eq!(token_name(&token).as_deref(), Some("alice"));
+        let token = crate::auth::mint_with_info(
+            "s",
+            "u2",
+            &["*".into()],
+            &["subscribe".into()],
+            Duration::from_secs(60),
+            None,
+        )
+        .unwrap();
+        assert_eq!(token_name(&token).as_deref(), Some("u2"));
+        assert_eq!(token_name("not a token"), None);
+    }
 }

@@ -26,7 +26,11 @@ pub(crate) fn setup(config: &mut Config) -> Dev {
         &secret,
         "dev",
         &["*".to_string()],
-        &["subscribe".to_string(), "publish".to_string()],
+        &[
+            "subscribe".to_string(),
+            "publish".to_string(),
+            "presence".to_string(),
+        ],
         Duration::from_secs(24 * 3600),
     )
     .unwrap_or_default();

@@ -51,6 +51,8 @@
 //! | who may subscribe where: token, public, proxy; where a subscription starts (`since`, `rewind`) | `rules.rs` (the `[[channels]]` rules), `session/access.rs` (the decision), `channel.rs` and `cluster/recovery.rs` (what rewind replays) |
 //! | the anonymous caps and the client address (`X-Forwarded-For`) | `admission.rs`; counted at the handshake in `web/serve.rs` (`upgrade`) |
 //! | the access proxy (the backend decides subscribes and connects) | `proxy/mod.rs` (calls, cache, metrics), `proxy/client.rs` (HTTP client, keep-alive pool, in-flight bound), `wire/proxy.rs` (URL, request, answer) |
+//! | presence: members, join/leave, the `presence` method | `presence.rs` (counting), `channel.rs` (the owner's members), `shard/presence.rs` (in, out, asked), `cluster/presence.rs` (Redis, heartbeats, reaping) |
+//! | `from` in broadcasts (who said it) | `auth.rs` (`Permissions::from`), `session/requests.rs` (`publish`), `wire/broadcast.rs` |
 //! | every libc call | `sys.rs` |
 //! | `/metrics` | `metrics.rs` |
 //! | start, signals, panics | `server.rs`; the checks before start in `preflight.rs`; drain in `shutdown.rs` |
@@ -97,7 +99,7 @@ mod io;
 mod metrics;
 pub mod node;
 mod preflight;
-mod presence;
+pub mod presence;
 pub mod proxy;
 mod ring;
 mod route;

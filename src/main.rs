@@ -59,8 +59,12 @@ enum Command {
         #[arg(long)]
         payload: String,
     },
-    /// Terminal client: print every broadcast as `channel event: payload`; each stdin line is
-    /// published to the first channel as event `message`. Reconnects and recovers with `since`.
+    /// Terminal client (a chat): says on stderr whom the token connects as; prints chat messages
+    /// (event `message` published over a WebSocket) as `alice: text`, other broadcasts as
+    /// `channel event: payload`, and for presence channels who is there on subscribing
+    /// (`in chat/x: alice, bob (2)`) and `bob joined chat/x` / `bob left chat/x`. Each stdin line
+    /// is published to the first channel as event `message`. Reconnects and recovers with
+    /// `since`. Names are the token's `info.username`, else its `sub`.
     Connect {
         /// Server URL: ws://HOST:PORT/ws (or http://HOST:PORT).
         #[arg(long)]

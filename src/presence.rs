@@ -11,10 +11,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 /// One member as a subscription brings it: the token's `sub` and `info` claim.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Member {
-    pub(crate) user: Arc<str>,
+pub struct Member {
+    /// The token's `sub`.
+    pub user: Arc<str>,
     /// Compact JSON of an object, when the token has an `info` claim.
-    pub(crate) info: Option<Arc<str>>,
+    pub info: Option<Arc<str>>,
 }
 
 /// `join` or `leave`.

@@ -50,7 +50,7 @@ fn fan_out_allocations(subscribers: usize) -> u64 {
         .map(|i| Conn::new(i as u64, 1 << 20))
         .collect();
     for conn in &conns {
-        drop(shard.subscribe(conn, None, "alloc/fanout", Start::Live));
+        drop(shard.subscribe(conn, None, "alloc/fanout", Start::Live, None, false));
         conn.discard_queued();
     }
     shard.flusher().discard();
@@ -58,11 +58,14 @@ fn fan_out_allocations(subscribers: usize) -> u64 {
     let mut channels = Channels::new(Arc::new(rules));
     let p = channels
         .publish(
-            "alloc/fanout",
-            "e",
-            br#"{"n":1}"#,
-            "id-1".into(),
-            "2026-11-22T00:00:00.000Z".into(),
+            &broadcaster::wire::request::PublishParams {
+                channel: "alloc/fanout".into(),
+                event: "e".into(),
+                payload: br#"{"n":1}"#.to_vec(),
+                from: None,
+            },
+            "id-1",
+            "2026-11-22T00:00:00.000Z",
             Instant::now(),
         )
         .0;

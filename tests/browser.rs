@@ -6,7 +6,8 @@
 //! token, subscribes, publishes over REST and from the page's form and reads the message list back
 //! from the DOM; then it drops the page's WebSocket, publishes while it is down and checks that
 //! `/client.js` reconnects, resubscribes with `since` and recovers every missed message once, in
-//! order (and that an unrecoverable position is reported as `recovered: false`).
+//! order (and that an unrecoverable position is reported as `recovered: false`). A second test
+//! shows presence (SPEC 16): the member list of a channel follows another client's join and leave.
 //!
 //! Chromium is required: a missing browser fails the test (CI installs the Debian `chromium`
 //! package). `CHROMIUM=/path` picks another binary; `PLAYGROUND_SCREENSHOT=/tmp/x.png` saves
@@ -22,7 +23,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{http_get_key, http_post_key, kill_with_parent, last_chars, Server, ServerOpts};
+use common::{
+    http_get_key, http_post_key, kill_with_parent, last_chars, Server, ServerOpts, TokenSpec, Ws,
+};
 use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
@@ -945,4 +948,127 @@ async fn anonymous_viewer(page: &Page, server: &Server, key: &str) {
     )
     .await;
     assert_eq!(rows_on(&page.rows().await, board).len(), 2);
+}
+
+/// A member of `chat/*` named `name` (`info.username`; its `sub` is `u-<name>`).
+fn chat_token(server: &Server, name: &str) -> String {
+    TokenSpec::new(&server.secret, &format!("u-{name}"))
+        .channels(&["chat/*"])
+        .scope(&["subscribe", "publish", "presence"])
+        .info(json!({ "username": name }))
+        .mint()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn playground_shows_presence_in_headless_chromium() {
+    common::within(Duration::from_secs(60), "the presence test", presence()).await;
+}
+
+/// SPEC 16 in the browser: the page, subscribed with a token that has the `presence` scope,
+/// lists who is in the channel; another client's join and leave update the list, its WebSocket
+/// publication shows its sender, and a join the snapshot already holds is not applied again.
+async fn presence() {
+    let config = "playground = true\n\
+                  [[channels]]\npattern = \"chat/*\"\npresence = true\njoin_leave = true\n";
+    let server = Server::start(ServerOpts {
+        config_toml: Some(config.into()),
+        ..ServerOpts::shards(2)
+    });
+    let browser = Chromium::launch();
+    let page = Page::open(&browser, &server).await;
+    let ch = "chat/room";
+    connect_and_subscribe(&page, &server, &chat_token(&server, "alice"), ch).await;
+    let members = members_shown(ch);
+    let shows = |want: &str| format!("{members} === {}", json!(want));
+    page.wait_for(
+        &shows("u-alice=alice"),
+        "the page's own user as the only member",
+    )
+    .await;
+
+    let mut bob = Ws::connect(server.public).await;
+    bob.auth_ok(&chat_token(&server, "bob")).await;
+    bob.subscribe(ch).await;
+    page.wait_for(&shows("u-alice=alice,u-bob=bob"), "bob in the member list")
+        .await;
+    let count = "document.querySelector('#subs .members .count').textContent";
+    assert_eq!(page.eval(count).await, json!("2 here:"));
+    let client_members = format!(
+        "window.playground.client.members({}).map(m => m.user).sort().join(',')",
+        json!(ch)
+    );
+    assert_eq!(page.eval(&client_members).await, json!("u-alice,u-bob"));
+
+    let publish = json!({"channel": ch, "event": "message", "payload": "Hello everyone!"});
+    bob.call("publish", publish).await;
+    let sender = "(document.querySelector('#messages li.msg[data-from=\"u-bob\"] .from b') || {}).textContent";
+    assert_eq!(
+        page.wait_for(sender, "bob's message with its sender").await,
+        json!("bob")
+    );
+
+    // A join at or below the snapshot's version is old news: not applied, not shown.
+    page.eval(&stale_join(ch)).await;
+    drop(bob);
+    page.wait_for(&shows("u-alice=alice"), "bob gone from the member list")
+        .await;
+    assert_eq!(page.eval(count).await, json!("1 here:"));
+    let log = page.text("log").await;
+    for line in ["bob joined chat/room", "bob left chat/room"] {
+        assert_eq!(
+            log.matches(line).count(),
+            1,
+            "{line} once in the log: {log}"
+        );
+    }
+    assert!(!log.contains("ghost"), "a stale join was shown: {log}");
+
+    // The presence method answers the same, and its answer is the snapshot.
+    let r = page
+        .eval(&format!(
+            "window.playground.client.presence({}).then(r => r.members.map(m => m.user).join(',') + '/' + r.count)",
+            json!(ch)
+        ))
+        .await;
+    assert_eq!(r, json!("u-alice/1"));
+    assert_eq!(page.eval(&client_members).await, json!("u-alice"));
+    let console = page.cdp.console.lock().unwrap().clone();
+    let errors: Vec<&String> = console
+        .iter()
+        .filter(|l| l.starts_with("exception") || l.starts_with("console.error"))
+        .collect();
+    assert!(errors.is_empty(), "page errors: {errors:?}");
+}
+
+/// JS: hands the page's client a join of `u-ghost` with version 1, as a server re-sending an
+/// event the snapshot already holds would.
+fn stale_join(channel: &str) -> String {
+    format!(
+        "window.playground.client._onMessage(JSON.stringify({{method: 'join', params: \
+         {{channel: {}, user: 'u-ghost', info: {{username: 'ghost'}}, version: 1}}}})); true",
+        json!(channel)
+    )
+}
+
+/// JS: `sub=name` of every member the page lists for `channel`, sorted, joined by commas.
+fn members_shown(channel: &str) -> String {
+    format!(
+        "Array.from(document.querySelectorAll('#subs li[data-channel={q}] .member'))\
+         .map(m => m.dataset.user + '=' + m.textContent).sort().join(',')",
+        q = json!(channel).to_string().replace('"', "\\\"")
+    )
+}
+
+/// Opens the playground, connects with `token` from the form and subscribes to `channel`.
+async fn connect_and_subscribe(page: &Page, server: &Server, token: &str, channel: &str) {
+    page.navigate(&format!("http://{}/", server.public)).await;
+    page.set_value("token", token).await;
+    page.click("connect").await;
+    page.wait_for(
+        "document.getElementById('status').dataset.state === 'connected'",
+        "the page to connect",
+    )
+    .await;
+    page.set_value("channel", channel).await;
+    page.click("subscribe").await;
 }

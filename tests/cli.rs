@@ -140,6 +140,69 @@ async fn token_prints_a_verifiable_jwt_on_the_last_line() {
     );
 }
 
+/// SPEC 16: `token --info` sets the `info` claim, which the server then shows in presence; an
+/// info that is not a JSON object is refused with a message naming the flag.
+#[tokio::test]
+async fn token_info_sets_the_claim_and_must_be_an_object() {
+    let args = |info: &'static str| {
+        [
+            "token",
+            "--secret",
+            SECRET,
+            "--sub",
+            "u-alice",
+            "--channel",
+            "chat/*",
+            "--scope",
+            "subscribe,publish,presence",
+            "--info",
+            info,
+        ]
+    };
+    let out = run_cli(
+        &args(r#"{"username":"alice"}"#),
+        &[],
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let token = last_line(&stdout_of(&out)).to_string();
+    let claims = decode_token(&token, SECRET).expect("token verifies with the secret");
+    assert_eq!(claims["info"], json!({"username": "alice"}), "{claims}");
+    assert_eq!(claims["scope"], json!(["subscribe", "publish", "presence"]));
+
+    let s = Server::start(ServerOpts {
+        config_toml: Some(PRESENCE_RULES.into()),
+        ..Default::default()
+    });
+    let mut ws = Ws::connect(s.public).await;
+    ws.auth_ok(&token).await;
+    let r = ws.subscribe("chat/x").await;
+    assert_eq!(
+        r["presence"]["members"],
+        json!([{"user": "u-alice", "info": {"username": "alice"}}]),
+        "{r}"
+    );
+
+    for (info, says) in [
+        ("[1]", "must be a JSON object"),
+        ("\"alice\"", "must be a JSON object"),
+        ("{\"username\":", "not JSON"),
+    ] {
+        let out = run_cli(&args(info), &[], Duration::from_secs(10)).await;
+        assert!(!out.status.success(), "--info {info} was accepted");
+        let err = stderr_of(&out);
+        assert!(
+            err.contains("--info") && err.contains(says),
+            "{info}: {err}"
+        );
+        assert!(
+            stdout_of(&out).trim().is_empty(),
+            "a token was printed for {info}"
+        );
+    }
+}
+
 // ----- publish and connect ------------------------------------------------------------------
 
 #[tokio::test]
@@ -327,6 +390,144 @@ async fn connect_command_prints_broadcasts_and_publishes_stdin_lines() {
     assert_eq!(v["params"]["event"], json!("message"), "{raw}");
     assert_eq!(v["params"]["channel"], json!("chat"), "{raw}");
     assert!(raw.contains("typed line"), "{raw}");
+    let _ = child.kill().await;
+}
+
+const PRESENCE_RULES: &str =
+    "[[channels]]\npattern = \"chat/*\"\npresence = true\njoin_leave = true\n";
+
+/// A member of `chat/*` with `info.username` = `name`, its `sub` another word, so what is shown
+/// can only come from the info claim.
+fn chat_token(s: &Server, name: &str) -> String {
+    TokenSpec::new(&s.secret, &format!("u-{name}"))
+        .channels(&["chat/*"])
+        .scope(&["subscribe", "publish", "presence"])
+        .info(json!({ "username": name }))
+        .mint()
+}
+
+type Lines = Arc<Mutex<Vec<String>>>;
+
+/// The lines a child prints, collected as they come.
+fn collect_lines(r: impl tokio::io::AsyncRead + Unpin + Send + 'static) -> Lines {
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let sink = lines.clone();
+    tokio::spawn(async move {
+        let mut r = tokio::io::BufReader::new(r).lines();
+        while let Ok(Some(l)) = r.next_line().await {
+            sink.lock().unwrap().push(l);
+        }
+    });
+    lines
+}
+
+/// Waits for a line equal to `want` in `lines`; returns its index.
+async fn wait_line(lines: &Mutex<Vec<String>>, want: &str, other: &Mutex<Vec<String>>) -> usize {
+    let deadline = Instant::now() + T;
+    loop {
+        if let Some(i) = lines.lock().unwrap().iter().position(|l| l == want) {
+            return i;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no line {want:?}; printed {:?}; the other stream {:?}",
+            lines.lock().unwrap(),
+            other.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `broadcaster connect` to `channel` with `token`; its stdout and stderr lines.
+fn spawn_connect(s: &Server, token: &str, channel: &str) -> (tokio::process::Child, Lines, Lines) {
+    let mut cmd = tokio::process::Command::new(bin());
+    clean_tokio_env(&mut cmd);
+    let mut child = cmd
+        .args(["connect", "--url", &s.ws_url(), "--token", token])
+        .args(["--channel", channel])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn connect");
+    let out = collect_lines(child.stdout.take().unwrap());
+    let err = collect_lines(child.stderr.take().unwrap());
+    (child, out, err)
+}
+
+/// SPEC 16 "CLI", seed 004: `connect` says whom it connected as and who is there, shows
+/// `bob joined chat/x`, `bob: Hello everyone!` and `bob left chat/x`, and its own lines come
+/// back as `alice: ...`; a REST publication (no `from`) keeps the `channel event: payload` form.
+#[tokio::test]
+async fn connect_command_is_a_chat_with_presence() {
+    let s = Server::start(ServerOpts {
+        config_toml: Some(PRESENCE_RULES.into()),
+        ..Default::default()
+    });
+    // Carol is there before alice: in the list at start, and never shown as joining.
+    let mut carol = Ws::connect(s.public).await;
+    carol.auth_ok(&chat_token(&s, "carol")).await;
+    carol.subscribe("chat/x").await;
+
+    let (mut child, out, err) = spawn_connect(&s, &chat_token(&s, "alice"), "chat/x");
+    wait_line(&err, &format!("connected to {} as alice", s.ws_url()), &out).await;
+    let at_start = [
+        "in chat/x: alice, carol (2)".to_string(),
+        "in chat/x: carol, alice (2)".to_string(),
+    ];
+    let deadline = Instant::now() + T;
+    while !out.lock().unwrap().iter().any(|l| at_start.contains(l)) {
+        assert!(
+            Instant::now() < deadline,
+            "no member list: {:?} {:?}",
+            out,
+            err
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Carol sees alice join: the CLI's subscription is made.
+    let join = carol.recv_note(T).await;
+    assert_eq!(join["params"]["user"], json!("u-alice"), "{join}");
+
+    let mut bob = Ws::connect(s.public).await;
+    bob.auth_ok(&chat_token(&s, "bob")).await;
+    bob.subscribe("chat/x").await;
+    let joined = wait_line(&out, "bob joined chat/x", &err).await;
+    let params = json!({"channel": "chat/x", "event": "message", "payload": "Hello everyone!"});
+    bob.call("publish", params).await;
+    let said = wait_line(&out, "bob: Hello everyone!", &err).await;
+    s.publish("chat/x", "message", r#""from REST""#).await;
+    let rest = wait_line(&out, r#"chat/x message: "from REST""#, &err).await;
+
+    let stdin = child.stdin.as_mut().unwrap();
+    stdin.write_all(b"Hi bob!\n").await.unwrap();
+    stdin.flush().await.unwrap();
+    let typed = wait_line(&out, "alice: Hi bob!", &err).await;
+
+    drop(bob);
+    let left = wait_line(&out, "bob left chat/x", &err).await;
+    assert!(joined < said && said < rest && rest < typed && typed < left);
+    // Nothing twice, and no join of anyone the list at start already showed.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let printed = out.lock().unwrap().clone();
+    for l in [
+        "bob joined chat/x",
+        "bob left chat/x",
+        "bob: Hello everyone!",
+    ] {
+        assert_eq!(
+            printed.iter().filter(|p| *p == l).count(),
+            1,
+            "{l}: {printed:?}"
+        );
+    }
+    assert!(
+        !printed
+            .iter()
+            .any(|l| l.contains("carol joined") || l.contains("alice joined")),
+        "{printed:?}"
+    );
     let _ = child.kill().await;
 }
 

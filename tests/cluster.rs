@@ -1555,3 +1555,278 @@ async fn public_channels_and_rewind_across_nodes_through_redis() {
     let n = take(&mut late, 1, T).await;
     assert_eq!((offsets(&n), seqs(&n)), (vec![1], vec![1]));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Presence across nodes (SPEC 16)
+// ---------------------------------------------------------------------------------------------
+
+const PRESENCE_RULES: &str =
+    "[[channels]]\npattern = \"room/*\"\naccess = \"public\"\npresence = true\njoin_leave = true\n\
+     [[channels]]\npattern = \"pair/*\"\npresence = true\npresence_members_max = 2\n";
+
+/// A node with the presence rule; a node silent for 3 s is reaped.
+fn presence_node(redis: &Redis) -> Server {
+    Server::start(
+        ServerOpts {
+            shards: 2,
+            args: vec!["--redis".into(), redis.url()],
+            config_toml: Some(PRESENCE_RULES.into()),
+            ..Default::default()
+        }
+        .env("BROADCASTER_PRESENCE_NODE_TIMEOUT", "3s"),
+    )
+}
+
+async fn presence_nodes(redis: &Redis, n: usize) -> Vec<Server> {
+    let nodes: Vec<Server> = (0..n).map(|_| presence_node(redis)).collect();
+    for s in &nodes {
+        wait_health(s, "ok", Duration::from_secs(10)).await;
+    }
+    nodes
+}
+
+/// A connection of `sub` on `s` (info `{"name": sub}`, presence scope).
+async fn presence_member(s: &Server, sub: &str) -> Ws {
+    let token = TokenSpec::new(&s.secret, sub)
+        .scope(&["subscribe", "publish", "presence"])
+        .info(json!({"name": sub}))
+        .mint();
+    let mut ws = Ws::connect(s.public).await;
+    ws.auth_ok(&token).await;
+    ws
+}
+
+/// The next join or leave, as `(method, user, version)`.
+async fn presence_event(ws: &mut Ws, d: Duration) -> (String, String, u64) {
+    let n = ws.recv_note(d).await;
+    let method = n["method"].as_str().unwrap_or_default().to_string();
+    assert!(method == "join" || method == "leave", "{n}");
+    let p = &n["params"];
+    let user = p["user"].as_str().unwrap().to_string();
+    (method, user, p["version"].as_u64().unwrap())
+}
+
+async fn presence_of(s: &Server, channel: &str) -> Value {
+    let path = format!("/presence?channel={channel}");
+    let r = http_get_key(s.backend(), &path, &s.api_key).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()
+}
+
+/// Polls `GET /presence` on `s` until its count is `n`.
+async fn wait_count(s: &Server, channel: &str, n: u64, d: Duration) -> Value {
+    let deadline = Instant::now() + d;
+    loop {
+        let p = presence_of(s, channel).await;
+        if p["count"] == json!(n) {
+            return p;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "presence count not {n} within {d:?}: {p}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_member_on_one_node_is_seen_once_from_every_node() {
+    let redis = Redis::start().await;
+    let nodes = presence_nodes(&redis, 2).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let room = unique("room/x");
+    let mut watcher = Ws::connect(b.public).await;
+    watcher.subscribe(&room).await;
+
+    let mut alice_a = presence_member(a, "alice").await;
+    alice_a.subscribe(&room).await;
+    let (kind, user, joined) = presence_event(&mut watcher, T).await;
+    assert_eq!((kind.as_str(), user.as_str()), ("join", "alice"));
+    let mut carol = presence_member(b, "carol").await;
+    let r = carol.subscribe(&room).await;
+    let snapshot = &r["presence"];
+    assert_eq!(
+        snapshot["members"],
+        json!([{"user": "alice", "info": {"name": "alice"}}, {"user": "carol", "info": {"name": "carol"}}])
+    );
+    let (_, _, carol_joined) = presence_event(&mut watcher, T).await;
+    assert!(carol_joined > joined);
+    assert_eq!(
+        snapshot["version"],
+        json!(carol_joined),
+        "B's snapshot is as of carol's join"
+    );
+    assert_eq!(&presence_of(a, &room).await, snapshot);
+    assert_eq!(&presence_of(b, &room).await, snapshot);
+
+    // alice on B too: no second join; alice gone from A: no leave; from both: one.
+    let mut alice_b = presence_member(b, "alice").await;
+    alice_b.subscribe(&room).await;
+    drop(alice_a);
+    watcher.expect_no_note(Duration::from_millis(700)).await;
+    drop(alice_b);
+    let (kind, user, left) = presence_event(&mut watcher, T).await;
+    assert_eq!((kind.as_str(), user.as_str()), ("leave", "alice"));
+    assert!(left > carol_joined);
+    watcher.expect_no_note(Duration::from_millis(500)).await;
+    let p = presence_of(a, &room).await;
+    assert_eq!(
+        (p["count"].clone(), p["version"].clone()),
+        (json!(1), json!(left))
+    );
+    let channels = http_get_key(b.backend(), "/channels", &b.api_key)
+        .await
+        .json();
+    assert!(
+        channels
+            .to_string()
+            .contains(&format!(r#""channel":"{room}","subscribers":2,"users":1"#)),
+        "{channels}"
+    );
+}
+
+#[tokio::test]
+async fn a_killed_nodes_members_leave_once_within_the_node_timeout() {
+    let redis = Redis::start().await;
+    let mut nodes = presence_nodes(&redis, 3).await;
+    let room = unique("room/k");
+    let mut watchers = Vec::new();
+    for s in &nodes[1..] {
+        let mut w = Ws::connect(s.public).await;
+        w.subscribe(&room).await;
+        watchers.push(w);
+    }
+    let mut held = Vec::new();
+    for user in ["ann", "ben"] {
+        let mut ws = presence_member(&nodes[0], user).await;
+        ws.subscribe(&room).await;
+        held.push(ws);
+    }
+    for w in &mut watchers {
+        for _ in 0..2 {
+            assert_eq!(presence_event(w, T).await.0, "join");
+        }
+    }
+    let killed = Instant::now();
+    nodes[0].signal(libc::SIGKILL);
+    for w in &mut watchers {
+        let mut left = Vec::new();
+        for _ in 0..2 {
+            let (kind, user, _) = presence_event(w, Duration::from_secs(6)).await;
+            assert_eq!(kind, "leave");
+            left.push(user);
+        }
+        left.sort();
+        assert_eq!(left, ["ann", "ben"]);
+    }
+    let took = killed.elapsed();
+    eprintln!("SIGKILL to the survivors' leaves: {took:?} (presence.node_timeout 3s)");
+    assert!(took <= Duration::from_secs(3), "leaves after {took:?}");
+    for w in &mut watchers {
+        w.expect_no_note(Duration::from_secs(2)).await;
+    }
+    let survivors = nodes.split_off(1);
+    let mut reaped = 0.0;
+    for s in &survivors {
+        reaped += metric(s, "presence_reaped_total").await;
+        assert_eq!(presence_of(s, &room).await["count"], json!(0));
+    }
+    assert_eq!(reaped, 2.0, "each member reaped once over both survivors");
+    assert_eq!(
+        redis.cmd(&["ZCARD", "bc:nodes"]).await,
+        Resp::Int(2),
+        "the dead node is gone"
+    );
+}
+
+#[tokio::test]
+async fn after_redis_loses_its_data_members_come_back_without_joins() {
+    let mut redis = Redis::start().await;
+    let nodes = presence_nodes(&redis, 2).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let room = unique("room/r");
+    let mut watcher = Ws::connect(b.public).await;
+    watcher.subscribe(&room).await;
+    let mut alice = presence_member(a, "alice").await;
+    alice.subscribe(&room).await;
+    let mut bob = presence_member(b, "bob").await;
+    bob.subscribe(&room).await;
+    let mut last = 0;
+    for _ in 0..2 {
+        let (kind, _, v) = presence_event(&mut watcher, T).await;
+        assert_eq!(kind, "join");
+        last = v;
+    }
+
+    redis.restart().await;
+    for s in [a, b] {
+        wait_reconnected(s, 1.0, Duration::from_secs(15)).await;
+    }
+    let p = wait_count(a, &room, 2, Duration::from_secs(10)).await;
+    assert_eq!(p, presence_of(b, &room).await);
+    assert!(
+        p["version"].as_u64().unwrap() > last,
+        "versions keep growing: {p}"
+    );
+    watcher.expect_no_note(Duration::from_secs(2)).await;
+
+    // Presence works on as before: one join for a newcomer, one leave for a member gone.
+    let mut dave = presence_member(a, "dave").await;
+    dave.subscribe(&room).await;
+    let (kind, user, v) = presence_event(&mut watcher, T).await;
+    assert_eq!((kind.as_str(), user.as_str()), ("join", "dave"));
+    assert!(v > p["version"].as_u64().unwrap());
+    drop(alice);
+    let (kind, user, _) = presence_event(&mut watcher, T).await;
+    assert_eq!((kind.as_str(), user.as_str()), ("leave", "alice"));
+    watcher.expect_no_note(Duration::from_millis(500)).await;
+    assert_eq!(wait_count(b, &room, 2, T).await["count"], json!(2));
+}
+
+#[tokio::test]
+async fn the_member_cap_holds_across_nodes() {
+    let redis = Redis::start().await;
+    let nodes = presence_nodes(&redis, 2).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let pair = unique("pair/x");
+    let mut ann = presence_member(a, "ann").await;
+    ann.subscribe(&pair).await;
+    let mut ben = presence_member(b, "ben").await;
+    ben.subscribe(&pair).await;
+    let mut cid = presence_member(b, "cid").await;
+    cid.call_err("subscribe", json!({"channel": pair}), "ResourceExhausted")
+        .await;
+    // A member already there, from another node, is no new member.
+    let mut ann_b = presence_member(b, "ann").await;
+    ann_b.subscribe(&pair).await;
+    let p = presence_of(a, &pair).await;
+    assert_eq!(p["count"], json!(2), "{p}");
+    assert_eq!(
+        metric(b, "presence_members").await,
+        2.0,
+        "ben and ann held on B"
+    );
+    assert_eq!(metric(a, "presence_members").await, 1.0, "ann held on A");
+    drop(ben);
+    let deadline = Instant::now() + T;
+    let _cid = loop {
+        let mut cid = presence_member(a, "cid").await;
+        if cid
+            .request("subscribe", json!({"channel": pair}))
+            .await
+            .get("result")
+            .is_some()
+        {
+            break cid;
+        }
+        assert!(Instant::now() < deadline, "ben's leave freed no room");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let users: Vec<_> = presence_of(b, &pair).await["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["user"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(users, ["ann", "cid"]);
+}

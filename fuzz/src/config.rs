@@ -41,6 +41,8 @@ pub const KEYS: &[&str] = &[
     "proxy.subscribe_url",
     "proxy.subscribe_cache_ttl",
     "proxy.connect_url",
+    "presence.info_bytes_max",
+    "presence.node_timeout",
     "unknown",
     "limits.unknown",
 ];
@@ -108,6 +110,8 @@ pub const RULE_KEYS: &[&str] = &[
     "history_ttl",
     "rewind_default",
     "presence",
+    "join_leave",
+    "presence_members_max",
 ];
 
 #[derive(Debug, Arbitrary)]

@@ -398,7 +398,7 @@ pub fn check_request(text: &[u8], max: usize) {
                     });
                     assert!(!both, "since and rewind together accepted: {start:?}");
                 }
-                Ok(Method::Unsubscribe { channel }) => {
+                Ok(Method::Unsubscribe { channel }) | Ok(Method::Presence { channel }) => {
                     assert!(!req.method_needs_auth);
                     assert!(check_channel(&channel).is_ok(), "channel {channel:?}");
                 }
@@ -536,6 +536,8 @@ enum JwtCase {
         channels: Vec<String>,
         scopes: Vec<String>,
         ttl: u16,
+        /// An `info` claim `{"name": <this>}` when set.
+        info: Option<String>,
         mutations: Vec<jwt::Mutation>,
     },
 }
@@ -564,6 +566,16 @@ pub fn jwt(data: &[u8]) {
     let check = |token: &str| {
         let r = verifier.verify(token);
         if let Ok(p) = &r {
+            // An accepted info claim is an object within presence.info_bytes_max.
+            if let Some(info) = &p.info {
+                assert!(
+                    info.len() <= broadcaster::auth::INFO_BYTES_MAX,
+                    "info of {} bytes",
+                    info.len()
+                );
+                let v: serde_json::Value = serde_json::from_str(info).expect("info is JSON");
+                assert!(v.is_object(), "info {info:?}");
+            }
             if let Some(why) =
                 jwt::acceptance_error(token, SECRET.as_bytes(), leeway, now, &p.sub, p.exp)
             {
@@ -581,22 +593,30 @@ pub fn jwt(data: &[u8]) {
             channels,
             scopes,
             ttl,
+            info,
             mutations,
         } => {
-            let Ok(token) = auth::mint(
+            let info = info.map(|name| serde_json::json!({ "name": name }));
+            let Ok(token) = auth::mint_with_info(
                 SECRET,
                 &sub,
                 &channels,
                 &scopes,
                 Duration::from_secs(ttl.into()),
+                info.as_ref(),
             ) else {
                 return;
             };
+            let info_fits = info
+                .as_ref()
+                .is_none_or(|i| i.to_string().len() <= broadcaster::auth::INFO_BYTES_MAX);
             // A freshly minted token verifies (unless its sub is empty) and grants exactly
             // what it names.
             match check(&token) {
                 Ok(p) => {
-                    assert_eq!(p.sub, sub);
+                    assert!(info_fits, "an info claim over the bound accepted");
+                    assert_eq!(p.info.as_deref(), info.map(|i| i.to_string()).as_deref());
+                    assert_eq!(&*p.sub, sub);
                     assert_eq!(p.can_subscribe, scopes.iter().any(|s| s == "subscribe"));
                     assert_eq!(p.can_publish, scopes.iter().any(|s| s == "publish"));
                     for c in &channels {
@@ -605,7 +625,7 @@ pub fn jwt(data: &[u8]) {
                         }
                     }
                 }
-                Err(e) => assert!(sub.is_empty(), "fresh token refused: {e:?}"),
+                Err(e) => assert!(sub.is_empty() || !info_fits, "fresh token refused: {e:?}"),
             }
             let mut t = token;
             for m in mutations.iter().take(8) {
@@ -754,5 +774,11 @@ fn check_rules(c: &Config, now: Instant) {
     for channel in ["a", "scoreboard/x", "contest/1/2", "*"] {
         let p = rules.policy(channel);
         assert!(p.history_size <= 100_000);
+        assert!((1..=1_000_000).contains(&p.presence_members_max));
     }
+    // Presence's durations and bounds: the heartbeat period (a fifth) is never zero.
+    let presence = &c.presence;
+    assert!(presence.node_timeout / 5 > Duration::ZERO);
+    assert!(now.checked_add(presence.node_timeout).is_some());
+    assert!((1..=65_536).contains(&presence.info_bytes_max));
 }

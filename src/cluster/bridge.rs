@@ -4,7 +4,7 @@
 
 use super::scripts::keys;
 use super::{bump, presence, publish, recovery, watch, Request, State, REDIS_TIMEOUT};
-use crate::channel::Publication;
+use crate::channel::{Header, Publication};
 use crate::ring::ShardMsg;
 use futures_util::StreamExt;
 use std::rc::Rc;
@@ -19,39 +19,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 pub(super) async fn run(state: Rc<State>, mut rx: tokio::sync::mpsc::UnboundedReceiver<Request>) {
     tokio::task::spawn_local(supervise(state.clone()));
-    // Watch requests run one at a time, in order, so a shard's subscribes and unsubscribes of a
-    // channel take effect in the order it sent them, and a member's joins, leaves and the
-    // reconcile never interleave.
-    let (watch_tx, mut watch_rx) = tokio::sync::mpsc::unbounded_channel::<Request>();
-    tokio::task::spawn_local(presence::heartbeat(state.clone(), watch_tx.clone()));
-    let s = state.clone();
-    tokio::task::spawn_local(async move {
-        while let Some(r) = watch_rx.recv().await {
-            match r {
-                Request::Watch {
-                    shard,
-                    token,
-                    channel,
-                    start,
-                    member,
-                    list,
-                } => {
-                    let asked = watch::Asked {
-                        start,
-                        member,
-                        list,
-                    };
-                    watch::watch(&s, shard, token, channel, asked).await
-                }
-                Request::Unwatch { shard, channel } => watch::unwatch(&s, shard, channel).await,
-                Request::Leave { channel, user, .. } => {
-                    presence::unsubscribed(&s, &channel, &user).await
-                }
-                Request::Reconcile => presence::reconcile(&s).await,
-                _ => {}
-            }
-        }
-    });
+    let watch_tx = spawn_watch(state.clone());
     while let Some(request) = rx.recv().await {
         match request {
             Request::Publish {
@@ -92,6 +60,42 @@ pub(super) async fn run(state: Rc<State>, mut rx: tokio::sync::mpsc::UnboundedRe
             }
         }
     }
+}
+
+/// Starts the task that runs watch requests one at a time, in order, so a shard's subscribes and
+/// unsubscribes of a channel take effect in the order it sent them, and a member's joins,
+/// leaves and the reconcile never interleave; and the heartbeat, which feeds it reconciles.
+fn spawn_watch(state: Rc<State>) -> tokio::sync::mpsc::UnboundedSender<Request> {
+    let (watch_tx, mut watch_rx) = tokio::sync::mpsc::unbounded_channel::<Request>();
+    tokio::task::spawn_local(presence::heartbeat(state.clone(), watch_tx.clone()));
+    tokio::task::spawn_local(async move {
+        while let Some(r) = watch_rx.recv().await {
+            match r {
+                Request::Watch {
+                    shard,
+                    token,
+                    channel,
+                    start,
+                    member,
+                    list,
+                } => {
+                    let asked = watch::Asked {
+                        start,
+                        member,
+                        list,
+                    };
+                    watch::watch(&state, shard, token, channel, asked).await
+                }
+                Request::Unwatch { shard, channel } => watch::unwatch(&state, shard, channel).await,
+                Request::Leave { channel, user } => {
+                    presence::unsubscribed(&state, &channel, &user).await
+                }
+                Request::Reconcile => presence::reconcile(&state).await,
+                _ => {}
+            }
+        }
+    });
+    watch_tx
 }
 
 /// Keeps a command connection and a pub/sub connection open, reconnecting with capped
@@ -212,16 +216,13 @@ fn decode(channel: &str, data: &[u8]) -> Option<Publication> {
     let event = std::str::from_utf8(rest.get(..event_len)?).ok()?;
     let from = std::str::from_utf8(rest.get(event_len..event_len.checked_add(from_len)?)?).ok()?;
     let payload = rest.get(event_len + from_len..)?;
-    let mut p = Publication::new(
-        Arc::from(channel),
-        offset,
+    let header = Header {
         id,
         create_time,
         event,
-        (!from.is_empty()).then(|| Arc::from(from)),
-        payload,
-        Instant::now(),
-    );
+        from: (!from.is_empty()).then(|| Arc::from(from)),
+    };
+    let mut p = Publication::new(Arc::from(channel), offset, header, payload, Instant::now());
     p.epoch = Some(Arc::from(epoch));
     Some(p)
 }

@@ -82,7 +82,7 @@ pub(crate) enum Request {
     /// Members of each channel, for `GET /channels`.
     MemberCounts {
         channels: Vec<Arc<str>>,
-        reply: oneshot::Sender<Result<Vec<(Arc<str>, usize)>, Error>>,
+        reply: oneshot::Sender<Result<MemberCounts, Error>>,
     },
     /// The bridge's own: make Redis hold exactly this node's members.
     Reconcile,
@@ -92,6 +92,9 @@ pub(crate) enum Request {
         reply: oneshot::Sender<Result<HistoryPage, Error>>,
     },
 }
+
+/// Members per channel.
+pub(crate) type MemberCounts = Vec<(Arc<str>, usize)>;
 
 /// What shards hold to talk to the bridge.
 pub(crate) struct Bridge {
@@ -171,6 +174,7 @@ pub(crate) fn start(
                 presence,
                 scripts: presence::Scripts::new(),
                 dirty: std::cell::Cell::new(false),
+                beating: std::cell::Cell::new(false),
                 node_timeout,
             });
             let local = tokio::task::LocalSet::new();
@@ -201,6 +205,8 @@ struct State {
     scripts: presence::Scripts,
     /// Redis may not hold exactly this node's members: reconcile at the next heartbeat.
     dirty: std::cell::Cell<bool>,
+    /// This node has heartbeat in `bc:nodes` at least once.
+    beating: std::cell::Cell<bool>,
     node_timeout: Duration,
 }
 

@@ -105,6 +105,10 @@ async fn join(
     cap: usize,
     told: Told,
 ) -> Result<(), Error> {
+    // A node must be in `bc:nodes` before it holds a member, or its death would go unseen.
+    if !state.beating.get() {
+        beat(state).await?;
+    }
     let mut conn = state
         .connection()
         .ok_or_else(|| unavailable("not connected"))?;
@@ -205,19 +209,27 @@ pub(super) async fn snapshot(
         .connection()
         .ok_or_else(|| unavailable("not connected"))?;
     let k = presence_keys(channel);
-    let mut pipe = redis::pipe();
-    pipe.atomic().get(&k[3]);
-    if list {
-        pipe.hgetall(&k[0]);
-    }
-    let read = pipe.query_async::<(Option<u64>, Option<HashMap<String, String>>)>(&mut conn);
+    let read = async {
+        if list {
+            let mut pipe = redis::pipe();
+            pipe.atomic().get(&k[3]).hgetall(&k[0]);
+            pipe.query_async::<(Option<u64>, HashMap<String, String>)>(&mut conn)
+                .await
+        } else {
+            let version = redis::cmd("GET").arg(&k[3]).query_async(&mut conn).await?;
+            Ok((version, HashMap::new()))
+        }
+    };
     let (version, members) = tokio::time::timeout(REDIS_TIMEOUT, read)
         .await
         .map_err(|_| unavailable("presence timed out"))?
-        .map_err(|_| unavailable("presence failed"))?;
+        .map_err(|e| {
+            tracing::warn!(error = %e, channel, "redis presence read failed");
+            unavailable("presence failed")
+        })?;
     let version = version.unwrap_or(0);
     let body = list.then(|| {
-        let mut members: Vec<_> = members.unwrap_or_default().into_iter().collect();
+        let mut members: Vec<_> = members.into_iter().collect();
         members.sort_unstable();
         let list = members
             .iter()
@@ -279,30 +291,19 @@ pub(super) async fn heartbeat(
     state: Rc<State>,
     watch: tokio::sync::mpsc::UnboundedSender<Request>,
 ) {
-    let period = state.node_timeout / 5;
-    let dead_after = dead_after(state.node_timeout);
-    let mut tick = tokio::time::interval(period);
+    let mut tick = tokio::time::interval(state.node_timeout / 5);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut first = true;
     loop {
-        tick.tick().await;
-        let Some(mut conn) = state.connection() else {
+        // Soon after (re)connecting, not a period later: a node not yet in `bc:nodes` cannot
+        // be seen to die.
+        if state.connection().is_none() || !state.beating.get() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        } else {
+            tick.tick().await;
+        }
+        let Ok(dead) = beat(&state).await else {
             continue;
         };
-        let mut invocation = state.scripts.heartbeat.key(NODES);
-        invocation
-            .arg(&state.node_id)
-            .arg(dead_after.as_millis() as u64);
-        let beat = tokio::time::timeout(REDIS_TIMEOUT, invocation.invoke_async(&mut conn));
-        let (new, dead): (i64, Vec<String>) = match beat.await {
-            Ok(Ok(answer)) => answer,
-            _ => continue,
-        };
-        // Not there although it beat before: Redis lost its data, or others took it for dead.
-        if new == 1 && !first {
-            state.dirty.set(true);
-        }
-        first = false;
         for node in dead.iter().filter(|n| **n != state.node_id) {
             reap(&state, node).await;
         }
@@ -310,6 +311,26 @@ pub(super) async fn heartbeat(
             let _ = watch.send(Request::Reconcile);
         }
     }
+}
+
+/// Stamps this node's heartbeat; returns the nodes silent too long. A node missing although it
+/// beat before was reaped or lost with Redis's data: Redis must be put right.
+async fn beat(state: &State) -> Result<Vec<String>, Error> {
+    let mut conn = state
+        .connection()
+        .ok_or_else(|| unavailable("not connected"))?;
+    let dead_after = dead_after(state.node_timeout).as_millis() as u64;
+    let mut invocation = state.scripts.heartbeat.key(NODES);
+    invocation.arg(&state.node_id).arg(dead_after);
+    let call = invocation.invoke_async::<(i64, Vec<String>)>(&mut conn);
+    let (new, dead) = tokio::time::timeout(REDIS_TIMEOUT, call)
+        .await
+        .map_err(|_| unavailable("heartbeat timed out"))?
+        .map_err(|_| unavailable("heartbeat failed"))?;
+    if new == 1 && state.beating.replace(true) {
+        state.dirty.set(true);
+    }
+    Ok(dead)
 }
 
 /// Removes every member dead node `node` held, one leave each, then the node.

@@ -1,9 +1,9 @@
 //! A channel's position in Redis (offset and epoch, creating the epoch the first time), the
 //! publications after a client's `since` from the stream, and history pages.
 
-use super::scripts::{keys, POSITION_LUA};
+use super::scripts::{keys, presence_keys, POSITION_LUA};
 use super::{unavailable, State, REDIS_TIMEOUT};
-use crate::channel::{HistoryPage, Position, Publication};
+use crate::channel::{Header, HistoryPage, Position, Publication};
 use crate::clock::unix_ms;
 use crate::error::Error;
 use crate::wire::request::{Since, Start};
@@ -13,30 +13,57 @@ use std::time::{Duration, Instant};
 
 type StreamEntries = Vec<(String, HashMap<String, redis::Value>)>;
 
+/// What a subscribe's answer says of presence.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Presence {
+    /// Nothing: the channel counts no members.
+    None,
+    /// The version, which held joins and leaves are compared with.
+    Version,
+    /// The version and the members.
+    Members,
+}
+
 pub(super) async fn position(
     state: &State,
     channel: &str,
     start: &Start,
+    presence: Presence,
 ) -> Result<Position, Error> {
     let Some(mut conn) = state.connection() else {
         return Err(unavailable("not connected"));
     };
     let ttl = state.rules.policy(channel).history_ttl;
     let k = keys(channel);
+    let p = presence_keys(channel);
     let candidate = format!("{:016x}", rand::random::<u64>());
     let script = redis::Script::new(POSITION_LUA);
     let mut invocation = script.key(&k[0]);
+    invocation.key(&k[1]).key(&k[2]).key(&p[3]).key(&p[0]);
     invocation
-        .key(&k[1])
-        .key(&k[2])
         .arg(&candidate)
-        .arg(ttl.as_millis().max(1) as u64);
-    let (offset, epoch): (u64, String) =
+        .arg(ttl.as_millis().max(1) as u64)
+        .arg(presence as u8);
+    let answer: Vec<redis::Value> =
         tokio::time::timeout(REDIS_TIMEOUT, invocation.invoke_async(&mut conn))
             .await
             .map_err(|_| unavailable("position timed out"))?
             .map_err(|_| unavailable("position failed"))?;
+    let (offset, epoch, version, members) =
+        read_position(answer).ok_or_else(|| unavailable("position unreadable"))?;
     let mut position = Position::new(offset, Arc::from(epoch.as_str()));
+    if presence != Presence::None {
+        position.presence_version = Some(version);
+    }
+    if presence == Presence::Members {
+        let mut members = members;
+        members.sort_unstable();
+        let list = members.iter().map(|(u, i)| {
+            let info = Some(i.as_str()).filter(|i| !i.is_empty());
+            (u.as_str(), info)
+        });
+        position.presence = Some(crate::wire::reply::presence(list, version));
+    }
     match start {
         Start::Live => {}
         Start::Rewind(n) => {
@@ -68,6 +95,25 @@ pub(super) async fn position(
         }
     }
     Ok(position)
+}
+
+/// `{offset, epoch, version?, members?}` as the position script answers.
+type PositionAnswer = (u64, String, u64, Vec<(String, String)>);
+
+fn read_position(answer: Vec<redis::Value>) -> Option<PositionAnswer> {
+    use redis::FromRedisValue;
+    let mut fields = answer.into_iter();
+    let offset = u64::from_redis_value(fields.next()?).ok()?;
+    let epoch = String::from_redis_value(fields.next()?).ok()?;
+    let version = match fields.next() {
+        Some(v) => u64::from_redis_value(v).ok()?,
+        None => 0,
+    };
+    let members = match fields.next() {
+        Some(m) => HashMap::<String, String>::from_redis_value(m).ok()?,
+        None => HashMap::new(),
+    };
+    Some((offset, epoch, version, members.into_iter().collect()))
 }
 
 /// Whether every publication after `since` is still held, and if so those publications.
@@ -160,10 +206,12 @@ fn entries_to_publications(
         out.push(Arc::new(Publication::new(
             Arc::from(channel),
             offset,
-            &id,
-            &t,
-            &e,
-            from,
+            Header {
+                id: &id,
+                create_time: &t,
+                event: &e,
+                from,
+            },
             &p,
             Instant::now(),
         )));

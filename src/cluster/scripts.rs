@@ -25,7 +25,9 @@ redis.call('PUBLISH', KEYS[4], off .. ' ' .. epoch .. ' ' .. ARGV[1] .. ' ' .. A
 return off
 "#;
 
-/// The channel's offset and epoch, creating the epoch for a channel never published to.
+/// The channel's offset and epoch, creating the epoch for a channel never published to; with
+/// ARGV[3] = 1 also its presence version (KEYS[4]), with 2 its members too (KEYS[5]): one call
+/// per subscribe, with or without presence.
 pub(super) const POSITION_LUA: &str = r#"
 local off = tonumber(redis.call('GET', KEYS[1]) or '0')
 local epoch = redis.call('GET', KEYS[2])
@@ -38,7 +40,10 @@ if not epoch then
     off = 0
   end
 end
-return {off, epoch}
+if ARGV[3] == '0' then return {off, epoch} end
+local v = redis.call('GET', KEYS[4]) or '0'
+if ARGV[3] == '1' then return {off, epoch, v} end
+return {off, epoch, v, redis.call('HGETALL', KEYS[5])}
 "#;
 
 /// The next presence version (`presence::next_version` in Lua, on Redis's clock), stored in

@@ -5,7 +5,7 @@
 //! it, so the presence it lists holds the member.
 
 use super::presence;
-use super::recovery::position;
+use super::recovery::{position, Presence};
 use super::scripts::keys;
 use super::{unavailable, State, REDIS_TIMEOUT};
 use crate::channel::Position;
@@ -79,30 +79,19 @@ async fn answer(state: &State, channel: &Arc<str>, asked: &Asked) -> Result<Posi
     if let Some(member) = &asked.member {
         presence::subscribed(state, channel, member).await?;
     }
-    let mut position = match position(state, channel, &asked.start).await {
-        Ok(position) => position,
-        Err(e) => {
-            if let Some(member) = &asked.member {
-                presence::unsubscribed(state, channel, &member.user).await;
-            }
-            return Err(e);
-        }
+    let tracked = asked.member.is_some() || state.rules.policy(channel).tracks_members();
+    let presence = match (tracked, asked.list) {
+        (false, _) => Presence::None,
+        (true, false) => Presence::Version,
+        (true, true) => Presence::Members,
     };
-    if asked.member.is_some() || state.rules.policy(channel).tracks_members() {
-        match presence::snapshot(state, channel, asked.list).await {
-            Ok((version, members)) => {
-                position.presence_version = Some(version);
-                position.presence = members;
-            }
-            Err(e) => {
-                if let Some(member) = &asked.member {
-                    presence::unsubscribed(state, channel, &member.user).await;
-                }
-                return Err(e);
-            }
+    let answer = position(state, channel, &asked.start, presence).await;
+    if answer.is_err() {
+        if let Some(member) = &asked.member {
+            presence::unsubscribed(state, channel, &member.user).await;
         }
     }
-    Ok(position)
+    answer
 }
 
 /// The shard has no subscriber (and no pending subscribe) left for `channel`: it sent one Watch

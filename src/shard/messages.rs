@@ -20,45 +20,12 @@ impl Shard {
                 self.send(from, ShardMsg::Published { token, ack });
             }
             ShardMsg::Published { token, ack } => self.published(token, ack),
-            ShardMsg::Subscribe {
-                token,
-                from,
-                channel,
-                start,
-                member,
-                list,
-            } => {
-                let msg = match self.owner_subscribe(from, &channel, &start, member.as_ref(), list)
-                {
-                    Ok(position) => ShardMsg::Subscribed { token, position },
-                    Err(error) => ShardMsg::SubscribeFailed { token, error },
-                };
-                self.send(from, msg);
-            }
-            ShardMsg::Leave { channel, user } => self.owner_leave(&channel, &user),
-            ShardMsg::Presence {
-                token,
-                from,
-                channel,
-            } => {
-                let body = self.owner_presence(&channel);
-                self.send(from, ShardMsg::PresenceIs { token, body });
-            }
-            ShardMsg::PresenceIs { token, body } => {
-                if let Some(Pending::Presence(tx)) = self.answer_for(token) {
-                    let _ = tx.send(body);
-                }
-            }
-            ShardMsg::Subscribed { token, position } => {
-                if let Some(Pending::Subscribe(request)) = self.answer_for(token) {
-                    self.subscribed(request, position);
-                }
-            }
-            ShardMsg::SubscribeFailed { token, error } => {
-                if let Some(Pending::Subscribe(request)) = self.answer_for(token) {
-                    self.subscribe_failed(request, &error);
-                }
-            }
+            msg @ (ShardMsg::Subscribe { .. }
+            | ShardMsg::Subscribed { .. }
+            | ShardMsg::SubscribeFailed { .. }) => self.on_subscribe(msg),
+            msg @ (ShardMsg::Leave { .. }
+            | ShardMsg::Presence { .. }
+            | ShardMsg::PresenceIs { .. }) => self.on_presence(msg),
             ShardMsg::Unwatch { from, channel } => self.owned.borrow_mut().unwatch(from, &channel),
             ShardMsg::Deliver(publication) => self.deliver(&publication),
             ShardMsg::History {

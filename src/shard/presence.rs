@@ -100,7 +100,28 @@ impl Shard {
             .map_err(|_| err(Code::Unavailable, "owner shard stopped"))
     }
 
-    pub(super) fn owner_presence(&self, channel: &str) -> Vec<u8> {
+    /// A presence message from another shard (`messages.rs` hands them here).
+    pub(super) fn on_presence(&self, msg: ShardMsg) {
+        match msg {
+            ShardMsg::Leave { channel, user } => self.owner_leave(&channel, &user),
+            ShardMsg::Presence {
+                token,
+                from,
+                channel,
+            } => {
+                let body = self.owner_presence(&channel);
+                self.send(from, ShardMsg::PresenceIs { token, body });
+            }
+            ShardMsg::PresenceIs { token, body } => {
+                if let Some(Pending::Presence(tx)) = self.answer_for(token) {
+                    let _ = tx.send(body);
+                }
+            }
+            _ => debug_assert!(false, "not a presence message"),
+        }
+    }
+
+    fn owner_presence(&self, channel: &str) -> Vec<u8> {
         let (_, members) = self.owned.borrow().presence(channel, true);
         members.unwrap_or_default()
     }

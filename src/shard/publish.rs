@@ -61,15 +61,8 @@ impl Shard {
         let n = self.next_publication.get() + 1;
         self.next_publication.set(n);
         let id = format!("{}-{}-{}", self.node.node_id, self.id, n);
-        let (publication, watchers) = self.owned.borrow_mut().publish(
-            &p.channel,
-            &p.event,
-            p.from.clone(),
-            &p.payload,
-            id,
-            crate::clock::now_rfc3339(),
-            accepted,
-        );
+        let now = crate::clock::now_rfc3339();
+        let (publication, watchers) = self.owned.borrow_mut().publish(p, &id, &now, accepted);
         self.send_to_watchers(&publication, &watchers);
         Ack {
             id: publication.id.clone(),

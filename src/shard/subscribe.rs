@@ -21,7 +21,7 @@ impl Shard {
     /// offset can be missed and none before it is delivered. The returned receiver completes
     /// then. With `member` (the channel counts members), the subscription counts its user in;
     /// with `list`, the response lists the members.
-    pub(crate) fn subscribe(
+    pub fn subscribe(
         self: &Rc<Self>,
         conn: &Rc<Conn>,
         request_id: Option<&[u8]>,
@@ -74,6 +74,39 @@ impl Shard {
             }
         }
         rx
+    }
+
+    /// A subscribe message from another shard (`messages.rs` hands them here): as the owner,
+    /// a subscribe to answer; as the subscriber's shard, the answer.
+    pub(super) fn on_subscribe(&self, msg: ShardMsg) {
+        match msg {
+            ShardMsg::Subscribe {
+                token,
+                from,
+                channel,
+                start,
+                member,
+                list,
+            } => {
+                let msg = match self.owner_subscribe(from, &channel, &start, member.as_ref(), list)
+                {
+                    Ok(position) => ShardMsg::Subscribed { token, position },
+                    Err(error) => ShardMsg::SubscribeFailed { token, error },
+                };
+                self.send(from, msg);
+            }
+            ShardMsg::Subscribed { token, position } => {
+                if let Some(Pending::Subscribe(request)) = self.answer_for(token) {
+                    self.subscribed(request, position);
+                }
+            }
+            ShardMsg::SubscribeFailed { token, error } => {
+                if let Some(Pending::Subscribe(request)) = self.answer_for(token) {
+                    self.subscribe_failed(request, &error);
+                }
+            }
+            _ => debug_assert!(false, "not a subscribe message"),
+        }
     }
 
     /// The owner answered a subscribe with the channel's position: the subscription starts

@@ -9,6 +9,7 @@
  *   client.connect();                       // or client.connect(url, token)
  *   await client.subscribe("news");         // resolves with the subscribe result
  *   await client.publish("news", "hello", { text: "hi" });  // needs the `publish` scope
+ *   client.on("join", ({ channel, user, info }) => show(channel, client.members(channel)));
  *
  * Constructor options (all optional):
  *   url               WebSocket URL; default ws(s)://<page host>/ws
@@ -43,6 +44,12 @@
  *   channels()                 the channels this client keeps subscribed
  *   position(channel)          {offset, epoch, active}: the last offset seen on channel and its epoch
  *                              (what a reconnect resumes from); active: subscribed right now
+ *   members(channel)           [{user, info}] present in channel (SPEC 16), kept up to date from join
+ *                              and leave events; null when there is no snapshot (the channel's rule has
+ *                              no presence, or the token no `presence` scope)
+ *   presence(channel)          asks the server (method `presence`) and resolves with {members, count,
+ *                              version}; the answer becomes the channel's snapshot unless the one held
+ *                              is newer
  *   state                      "idle" | "connecting" | "connected" | "reconnecting" | "closed"
  *   dropConnection({hold}?)    test/demo hook: drops the socket as a network failure would, so the
  *                              reconnect + recovery path runs; with hold: true the client waits to
@@ -50,8 +57,13 @@
  *   resumeReconnect()          ends a hold and reconnects now
  *
  * Events (listener arguments):
- *   broadcast       {id, seq, offset, createTime, channel, event, payload}; duplicates (offset not
- *                   newer than the last one seen on the channel) are dropped before this event
+ *   broadcast       {id, seq, offset, createTime, channel, event, from?, payload}; duplicates (offset
+ *                   not newer than the last one seen on the channel) are dropped before this event.
+ *                   from: {user, info?}, the publisher, set by the server for WebSocket publications
+ *   presence        {channel, members, count, version}: a new snapshot of who is in channel (from
+ *                   a subscribe result, also after a reconnect, or from presence())
+ *   join, leave     {channel, user, info?, version}: a member came or went; events the snapshot
+ *                   already holds (version at or below its version) are dropped before these
  *   status          (state, {code, reason, delay, attempt}) on every state change
  *   error           Error with .code (server code, or "Connection", "Timeout", "Auth") and .method:
  *                   failures no pending promise reports (auth, a refused resubscribe after a
@@ -67,6 +79,10 @@
  * the subscribe result; after a reconnect it authenticates again, then resubscribes every channel
  * with `since: {offset, epoch}`. The server replays the missed publications right after its
  * answer (`recovered: true`), in order, or says `recovered: false`.
+ *
+ * Presence: the subscribe result of a presence channel carries a snapshot {members, count,
+ * version}; join/leave events newer than it update it. A resubscribe brings a fresh snapshot, so
+ * members who came or went while the client was away are right again after a reconnect.
  */
 (function (global) {
   "use strict";
@@ -78,6 +94,13 @@
     const loc = global.location;
     if (!loc || !/^https?:$/.test(loc.protocol)) return "ws://127.0.0.1:8080/ws";
     return (loc.protocol === "https:" ? "wss://" : "ws://") + loc.host + "/ws";
+  }
+
+  // A presence answer {members: [{user, info}], version} as the client keeps it.
+  function snapshot(p) {
+    const members = new Map();
+    for (const m of p.members || []) members.set(m.user, m.info);
+    return { members, version: Number(p.version) || 0 };
   }
 
   function makeError(code, message, method) {
@@ -106,7 +129,8 @@
       this._ws = null;
       this._nextId = 1;
       this._pending = new Map(); // request id -> {resolve, reject, timer, method}
-      this._subs = new Map(); // channel -> {offset, epoch, seq, active, waiters: [{resolve, reject}]}
+      // channel -> {offset, epoch, seq, active, presence: {members, version} | null, waiters}
+      this._subs = new Map();
       this._wanted = false; // connect() called and not disconnect()
       this._attempt = 0;
       this._timer = null;
@@ -404,7 +428,7 @@
       const since = opts && opts.since;
       if (!sub) {
         const rewind = opts && opts.rewind != null ? Number(opts.rewind) : null;
-        sub = { offset: null, epoch: null, seq: 0, active: false, result: null, waiters: [], rewind };
+        sub = { offset: null, epoch: null, seq: 0, active: false, result: null, waiters: [], rewind, presence: null };
         if (since && since.epoch != null && since.offset != null) {
           sub.offset = Number(since.offset);
           sub.epoch = String(since.epoch);
@@ -435,10 +459,12 @@
           // Otherwise delivery starts after the channel's current offset.
           // Rewound: the last `rewound` publications up to the offset follow.
           if (!(resumed && result.recovered === true)) sub.offset = result.offset - (result.rewound || 0);
+          sub.presence = result.presence ? snapshot(result.presence) : null;
           const waiters = sub.waiters;
           sub.waiters = [];
           for (const w of waiters) w.resolve(result);
           this._emit("subscribed", { channel, result, resumed });
+          if (result.presence) this._emit("presence", Object.assign({ channel }, result.presence));
           if (resumed && result.recovered === false) this._emit("recoveryFailed", { channel, result });
         },
         (err) => {
@@ -481,6 +507,26 @@
       return sub ? { offset: sub.offset, epoch: sub.epoch, active: sub.active } : null;
     }
 
+    members(channel) {
+      const sub = this._subs.get(channel);
+      if (!sub || !sub.presence) return null;
+      return Array.from(sub.presence.members, ([user, info]) =>
+        info === undefined ? { user } : { user, info });
+    }
+
+    presence(channel) {
+      return this.request("presence", { channel }).then((result) => {
+        const sub = this._subs.get(channel);
+        // Events newer than the answer may already have been applied; an older answer would
+        // bring back members who left since.
+        if (sub && !(sub.presence && sub.presence.version > result.version)) {
+          sub.presence = snapshot(result);
+          this._emit("presence", Object.assign({ channel }, result));
+        }
+        return result;
+      });
+    }
+
     // ----- incoming -----------------------------------------------------------------------
 
     _onMessage(data) {
@@ -494,6 +540,10 @@
       }
       if (msg && msg.method === "broadcast") {
         this._onBroadcast(msg.params || {});
+        return;
+      }
+      if (msg && (msg.method === "join" || msg.method === "leave")) {
+        this._onPresenceEvent(msg.method, msg.params || {});
         return;
       }
       if (msg && msg.method === "unsubscribed") {
@@ -532,6 +582,20 @@
         sub.seq = b.seq;
       }
       this._emit("broadcast", b);
+    }
+
+    _onPresenceEvent(kind, e) {
+      const sub = this._subs.get(e.channel);
+      if (!sub) return; // a late event of a channel we left
+      const p = sub.presence;
+      // Without a snapshot there is nothing to compare with: every event is news.
+      if (p) {
+        if (!(e.version > p.version)) return; // the snapshot (or an earlier event) has it
+        p.version = e.version;
+        if (kind === "join") p.members.set(e.user, e.info);
+        else p.members.delete(e.user);
+      }
+      this._emit(kind, e);
     }
   }
 
