@@ -227,6 +227,12 @@ async fn reauth_that_narrows_channels_drops_subscriptions() {
     ws.subscribe("news/b").await;
     ws.auth_ok(&s.token("dave", &["news/a"], &["subscribe"]))
         .await;
+    // Told, before the auth answer.
+    let n = ws.recv_note(Duration::from_secs(5)).await;
+    assert_eq!(
+        n,
+        json!({"method": "unsubscribed", "params": {"channel": "news/b", "reason": "permission"}})
+    );
 
     // news/b is no longer delivered; news/a still is.
     s.publish("news/b", "e", "\"dropped\"").await;

@@ -171,8 +171,11 @@ fn authenticated(
         let rules = &shard.node.rules;
         // Public and proxy subscriptions stay: the token never decided them.
         let allowed = |c: &str| access::refusal(rules.policy(c).access, Some(&perms), c).is_none();
+        // Each dropped subscription is told, before the auth answer (SPEC 17: reason
+        // "permission"); no broadcast of its channel follows.
         for sub in conn.remove_subscriptions_unless(allowed) {
             shard.unsubscribe(&sub, Some(&perms.sub));
+            conn.notify(&reply::unsubscribed(&sub.channel, "permission"));
         }
     }
     tracing::debug!(conn = conn.id, sub = %perms.sub, "authenticated");

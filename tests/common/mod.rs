@@ -418,12 +418,6 @@ pub fn is_broadcast(frame: &str) -> bool {
     frame.starts_with(r#"{"method":"broadcast","params":{"#)
 }
 
-/// A join or leave notification (SPEC 16).
-pub fn is_presence_event(frame: &str) -> bool {
-    frame.starts_with(r#"{"method":"join","params":{"#)
-        || frame.starts_with(r#"{"method":"leave","params":{"#)
-}
-
 /// The payload's text in a broadcast frame, exactly as the server wrote it (it is the last
 /// member of the params).
 pub fn raw_payload(frame: &str) -> &str {
@@ -833,7 +827,9 @@ impl Ws {
     pub async fn next_response(&mut self) -> Value {
         loop {
             let t = self.recv_text().await;
-            if is_broadcast(&t) || is_presence_event(&t) {
+            // Notifications (broadcasts, joins, leaves, unsubscribed) have a method; responses
+            // do not.
+            if t.starts_with(r#"{"method":"#) {
                 self.pending.push_back(t);
                 continue;
             }
