@@ -114,6 +114,10 @@ pub mod close {
     pub const TOO_MANY_REQUESTS: u16 = 4004;
     /// Silent past twice the ping interval: reconnect with `since`.
     pub const PING_TIMEOUT: u16 = 4005;
+    /// Disconnected by the backend (`POST /disconnect`): reconnect is allowed.
+    pub const DISCONNECTED: u16 = 4006;
+    /// Token revoked: get a new token; do not retry with this one.
+    pub const REVOKED: u16 = 4007;
 }
 
 /// Why a connection is closed: the code and a short reason for the close frame.

@@ -53,6 +53,7 @@
 //! | the access proxy (the backend decides subscribes and connects) | `proxy/mod.rs` (calls, cache, metrics), `proxy/client.rs` (HTTP client, keep-alive pool, in-flight bound), `wire/proxy.rs` (URL, request, answer) |
 //! | presence: members, join/leave, the `presence` method | `presence.rs` (counting), `channel.rs` (the owner's members), `shard/presence.rs` (in, out, asked), `cluster/presence.rs` (Redis, heartbeats, reaping) |
 //! | `from` in broadcasts (who said it) | `auth.rs` (`Permissions::from`), `session/requests.rs` (`publish`), `wire/broadcast.rs` |
+//! | the backend's `/disconnect` and `/unsubscribe` | `shard/control.rs` (every shard), `shard/users.rs` (a user's connections), `cluster/control.rs` (every node) |
 //! | every libc call | `sys.rs` |
 //! | `/metrics` | `metrics.rs` |
 //! | start, signals, panics | `server.rs`; the checks before start in `preflight.rs`; drain in `shutdown.rs` |

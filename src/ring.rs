@@ -11,7 +11,7 @@ use crate::channel::{Position, Publication};
 use crate::constants::RING_CAPACITY;
 use crate::error::{Code, Error};
 use crate::presence::Member;
-use crate::wire::request::{PublishParams, Start};
+use crate::wire::request::{Control, PublishParams, Start};
 use futures_channel::{mpsc, oneshot};
 use glommio::channels::local_channel::{self, LocalSender};
 use glommio::channels::shared_channel::{self, SharedReceiver, SharedSender};
@@ -108,6 +108,19 @@ pub(crate) enum ShardMsg {
         from: usize,
         channel: String,
     },
+    /// The backend's disconnect or unsubscribe, for this shard's connections; answered with
+    /// how many ended.
+    Control {
+        token: u64,
+        from: usize,
+        op: Arc<Control>,
+    },
+    ControlDone {
+        token: u64,
+        count: usize,
+    },
+    /// Another node's disconnect or unsubscribe (from the Redis bridge): no answer.
+    Apply(Arc<Control>),
     PresenceIs {
         token: u64,
         body: Vec<u8>,

@@ -1830,3 +1830,57 @@ async fn the_member_cap_holds_across_nodes() {
         .collect();
     assert_eq!(users, ["ann", "cid"]);
 }
+
+// ---------------------------------------------------------------------------------------------
+// The backend's disconnect and unsubscribe across nodes (SPEC 17)
+// ---------------------------------------------------------------------------------------------
+
+async fn post_control(s: &Server, path: &str, body: Value) -> HttpResponse {
+    let auth = format!("Bearer {}", s.api_key);
+    let body = body.to_string();
+    let headers = [("Authorization", auth.as_str())];
+    http_request(s.backend(), "POST", path, &headers, Some(body.as_bytes())).await
+}
+
+#[tokio::test]
+async fn disconnect_and_unsubscribe_reach_every_node_and_apply_here_without_redis() {
+    let (mut redis, nodes) = cluster(2).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let channel = unique("ctl");
+    let mut alice = b.ws_authed("alice").await;
+    alice.subscribe(&channel).await;
+    let mut bob = b.ws_authed("bob").await;
+    bob.subscribe(&channel).await;
+
+    let asked = Instant::now();
+    let r = post_control(a, "/disconnect", json!({"user": "alice"})).await;
+    assert_eq!(
+        (r.status, r.json()),
+        (200, json!({"connections": 0})),
+        "A's own count"
+    );
+    alice.expect_close(4006, T).await;
+    eprintln!("/disconnect on A to the close on B: {:?}", asked.elapsed());
+    bob.heartbeat_ok().await;
+
+    let r = post_control(
+        a,
+        "/unsubscribe",
+        json!({"user": "bob", "channel": channel}),
+    )
+    .await;
+    assert_eq!(r.json(), json!({"subscriptions": 0}));
+    let n = bob.recv_note(T).await;
+    assert_eq!(n["params"], json!({"channel": channel, "reason": "server"}));
+    rest_publish_ok(a.backend(), &channel, "e", "1").await;
+    bob.expect_no_broadcast(Duration::from_millis(300)).await;
+
+    // Redis gone: the call still ends the user's connections on this node, and says 503.
+    let mut carol = a.ws_authed("carol").await;
+    redis.kill();
+    wait_health(a, "degraded", Duration::from_secs(10)).await;
+    let r = post_control(a, "/disconnect", json!({"user": "carol"})).await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], json!("Unavailable"));
+    carol.expect_close(4006, T).await;
+}

@@ -11,7 +11,9 @@ use broadcaster::error::Code;
 use broadcaster::wire::http::{is_loopback_host, parse_head, query_param};
 use broadcaster::wire::json::DEPTH_MAX;
 use broadcaster::wire::request::{
-    check_channel, parse_broadcast_body, parse_publish_body, parse_request, Method, EVENT_BYTES_MAX,
+    check_channel, parse_broadcast_body, parse_disconnect_body, parse_publish_body, parse_request,
+    parse_unsubscribe_body, Control, Method, CLOSE_REASON_BYTES_MAX, EVENT_BYTES_MAX,
+    USER_BYTES_MAX,
 };
 
 use crate::json::{self, is_valid_json, raw_members, serde_accepts};
@@ -259,7 +261,9 @@ fn check_payload(what: &str, body: &[u8], payload: &[u8], max: usize, expected: 
 /// The members the server reads, which must not repeat (`src/wire/request.rs`).
 const TOP_MEMBERS: [&str; 3] = ["id", "method", "params"];
 const PARAMS_MEMBERS: [&str; 5] = ["channel", "event", "payload", "token", "since"];
-const BODY_MEMBERS: [&str; 4] = ["channel", "channels", "event", "payload"];
+const BODY_MEMBERS: [&str; 7] = [
+    "channel", "channels", "event", "payload", "user", "code", "reason",
+];
 
 fn repeats(m: &json::Members, names: &[&str]) -> bool {
     names.iter().any(|n| m.all(n).len() > 1)
@@ -516,6 +520,50 @@ pub fn check_bodies(body: &[u8], max: usize, channels_max: usize) {
         Err(e) => {
             check_json_verdict(body, &e.message);
             assert!(rest_code(e.code), "broadcast body: {e:?} for {:?}", shown())
+        }
+    }
+    check_control_bodies(body, body_repeats);
+}
+
+/// `/disconnect` and `/unsubscribe` bodies (SPEC 17, 22.5): what is accepted is JSON that
+/// repeats no member, names a user within the bound, a close code the client can act on, a
+/// reason that fits a close frame, and a channel or a prefix pattern; anything else is
+/// InvalidArgument.
+fn check_control_bodies(body: &[u8], body_repeats: bool) {
+    let shown = || String::from_utf8_lossy(body).into_owned();
+    for parsed in [parse_disconnect_body(body), parse_unsubscribe_body(body)] {
+        let op = match parsed {
+            Ok(op) => op,
+            Err(e) => {
+                check_json_verdict(body, &e.message);
+                assert_eq!(e.code, Code::InvalidArgument, "{e:?} for {:?}", shown());
+                continue;
+            }
+        };
+        assert!(
+            is_valid_json(body),
+            "accepted body {:?} is not JSON",
+            shown()
+        );
+        assert!(
+            !body_repeats,
+            "body repeating a member accepted: {:?}",
+            shown()
+        );
+        match op {
+            Control::Disconnect { user, code, reason } => {
+                assert!((1..=USER_BYTES_MAX).contains(&user.len()));
+                assert!(code == 4006 || code == 4007, "code {code}");
+                assert!(reason.len() <= CLOSE_REASON_BYTES_MAX);
+            }
+            Control::Unsubscribe { user, pattern } => {
+                assert!((1..=USER_BYTES_MAX).contains(&user.len()));
+                let prefix = pattern.strip_suffix('*').unwrap_or(&pattern);
+                assert!(
+                    prefix.is_empty() || check_channel(prefix).is_ok(),
+                    "{pattern:?}"
+                );
+            }
         }
     }
 }

@@ -3,7 +3,7 @@
 //! pub/sub messages handed to the shards that watch their channel.
 
 use super::scripts::keys;
-use super::{bump, presence, publish, recovery, watch, Request, State, REDIS_TIMEOUT};
+use super::{bump, control, presence, publish, recovery, watch, Request, State, REDIS_TIMEOUT};
 use crate::channel::{Header, Publication};
 use crate::ring::ShardMsg;
 use futures_util::StreamExt;
@@ -47,6 +47,12 @@ pub(super) async fn run(state: Rc<State>, mut rx: tokio::sync::mpsc::UnboundedRe
                 tokio::task::spawn_local(async move {
                     let members = presence::snapshot(&s, &channel, true).await;
                     let _ = reply.send(members.map(|(_, body)| body.unwrap_or_default()));
+                });
+            }
+            Request::Control { op, reply } => {
+                let s = state.clone();
+                tokio::task::spawn_local(async move {
+                    let _ = reply.send(control::publish(&s, &op).await);
                 });
             }
             Request::MemberCounts { channels, reply } => {
@@ -112,12 +118,12 @@ async fn supervise(state: Rc<State>) {
         match tokio::time::timeout(REDIS_TIMEOUT, connected).await {
             Ok(Ok((conn, pubsub))) => {
                 let (mut sink, mut stream) = pubsub.split();
-                let channels: Vec<String> = state
-                    .watchers
-                    .borrow()
-                    .keys()
-                    .map(|c| keys(c)[3].clone())
-                    .collect();
+                // The backend's control messages, then every watched channel.
+                let watched: Vec<String> = {
+                    let watchers = state.watchers.borrow();
+                    watchers.keys().map(|c| keys(c)[3].clone()).collect()
+                };
+                let channels = std::iter::once(control::CHANNEL.to_string()).chain(watched);
                 let mut ok = true;
                 for c in channels {
                     if sink.subscribe(&c).await.is_err() {
@@ -173,6 +179,9 @@ async fn supervise(state: Rc<State>) {
 /// Decodes a publication (`offset epoch id createTime eventlen fromlen event+from+payload`) or
 /// a join or leave (`J|L version userlen user+info`) and hands it to every watching shard.
 fn on_message(state: &State, msg: &redis::Msg) {
+    if msg.get_channel_name() == control::CHANNEL {
+        return control::on_message(state, msg.get_payload_bytes());
+    }
     let Some(channel) = msg
         .get_channel_name()
         .strip_prefix("bc:{")

@@ -19,10 +19,12 @@
 //! | `publish.rs` | one publication through the publish script |
 //! | `watch.rs` | which channels the node subscribes to in Redis, and the subscribe answer |
 //! | `recovery.rs` | a channel's position, recovery from the stream, history pages |
+//! | `control.rs` | the backend's disconnect and unsubscribe, from node to node |
 //! | `presence.rs` | members in Redis: joins, leaves, heartbeats, reaping dead nodes |
 //! | `scripts.rs` | the Lua scripts and the key scheme |
 
 mod bridge;
+mod control;
 mod presence;
 mod publish;
 mod recovery;
@@ -83,6 +85,11 @@ pub(crate) enum Request {
     MemberCounts {
         channels: Vec<Arc<str>>,
         reply: oneshot::Sender<Result<MemberCounts, Error>>,
+    },
+    /// The backend's disconnect or unsubscribe, applied here already: to the other nodes.
+    Control {
+        op: Arc<crate::wire::request::Control>,
+        reply: oneshot::Sender<Result<(), Error>>,
     },
     /// The bridge's own: make Redis hold exactly this node's members.
     Reconcile,

@@ -228,14 +228,8 @@ pub(super) async fn snapshot(
             unavailable("presence failed")
         })?;
     let version = version.unwrap_or(0);
-    let body = list.then(|| {
-        let mut members: Vec<_> = members.into_iter().collect();
-        members.sort_unstable();
-        let list = members
-            .iter()
-            .map(|(u, i)| (u.as_str(), Some(i.as_str()).filter(|i| !i.is_empty())));
-        crate::wire::reply::presence(list, version)
-    });
+    let members = members.into_iter().collect();
+    let body = list.then(|| super::recovery::encode_members(members, version));
     Ok((version, body))
 }
 

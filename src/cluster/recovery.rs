@@ -56,13 +56,7 @@ pub(super) async fn position(
         position.presence_version = Some(version);
     }
     if presence == Presence::Members {
-        let mut members = members;
-        members.sort_unstable();
-        let list = members.iter().map(|(u, i)| {
-            let info = Some(i.as_str()).filter(|i| !i.is_empty());
-            (u.as_str(), info)
-        });
-        position.presence = Some(crate::wire::reply::presence(list, version));
+        position.presence = Some(encode_members(members, version));
     }
     match start {
         Start::Live => {}
@@ -95,6 +89,16 @@ pub(super) async fn position(
         }
     }
     Ok(position)
+}
+
+/// Members as Redis holds them (user -> info, "" for none), sorted, as `reply::presence`.
+pub(super) fn encode_members(mut members: Vec<(String, String)>, version: u64) -> Vec<u8> {
+    members.sort_unstable();
+    let list = members.iter().map(|(u, i)| {
+        let info = Some(i.as_str()).filter(|i| !i.is_empty());
+        (u.as_str(), info)
+    });
+    crate::wire::reply::presence(list, version)
 }
 
 /// `{offset, epoch, version?, members?}` as the position script answers.

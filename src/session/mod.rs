@@ -85,6 +85,9 @@ async fn end(shard: &Shard, conn: &Conn, user: Option<std::sync::Arc<str>>) {
     for sub in conn.end().await {
         shard.unsubscribe(&sub, user.as_deref());
     }
+    if let Some(user) = &user {
+        shard.user_ended(user, conn.id);
+    }
 }
 
 /// What ended a wait of the session.

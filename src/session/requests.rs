@@ -178,6 +178,9 @@ fn authenticated(
             conn.notify(&reply::unsubscribed(&sub.channel, "permission"));
         }
     }
+    if session.perms.is_none() {
+        shard.user_authenticated(&perms.sub, conn.id);
+    }
     tracing::debug!(conn = conn.id, sub = %perms.sub, "authenticated");
     session.perms = Some(perms);
     conn.authenticated();

@@ -23,6 +23,10 @@ impl Shard {
             msg @ (ShardMsg::Subscribe { .. }
             | ShardMsg::Subscribed { .. }
             | ShardMsg::SubscribeFailed { .. }) => self.on_subscribe(msg),
+            msg
+            @ (ShardMsg::Control { .. } | ShardMsg::ControlDone { .. } | ShardMsg::Apply(_)) => {
+                self.on_control(msg)
+            }
             msg @ (ShardMsg::Leave { .. }
             | ShardMsg::Presence { .. }
             | ShardMsg::PresenceIs { .. }) => self.on_presence(msg),

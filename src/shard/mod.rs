@@ -7,17 +7,20 @@
 //! | `subscribe.rs` | subscribe without gaps, unsubscribe, letting the owner go |
 //! | `queries.rs` | history and subscriber counts |
 //! | `presence.rs` | members in and out, joins and leaves, who is in a channel |
+//! | `control.rs`, `users.rs` | the backend's disconnect and unsubscribe; each user's connections |
 //! | `messages.rs` | what another shard or the Redis bridge says, one fn per message |
 //!
 //! Everything here is `Rc`/`RefCell` and never leaves its thread. `RefCell` borrows are taken
 //! only inside the small synchronous methods below, never across an `.await`, so a borrow can
 //! never be observed by another task of the same shard.
 
+mod control;
 mod messages;
 mod presence;
 mod publish;
 mod queries;
 mod subscribe;
+mod users;
 
 use crate::channel::{self, Channels, HistoryPage, Publication};
 use crate::config::Config;
@@ -56,6 +59,11 @@ enum Pending {
     Subscribe(SubscribeRequest),
     History(oneshot::Sender<HistoryPage>),
     Presence(oneshot::Sender<Vec<u8>>),
+    Control {
+        waiting: usize,
+        count: usize,
+        done: Option<oneshot::Sender<usize>>,
+    },
     Channels {
         waiting: usize,
         counts: ChannelCounts,
@@ -94,6 +102,9 @@ pub struct Shard {
     /// (`server` runs their tasks).
     pub(crate) poller: Poller,
     pub(crate) timers: Timers,
+    /// Each authenticated user's connections here, for the backend's disconnect and
+    /// unsubscribe.
+    users: RefCell<users::Users>,
     /// The access proxy, when a proxy URL is configured.
     pub(crate) proxy: Option<crate::proxy::Proxy>,
     /// Sockets in the epoll set that are not WebSocket connections (yet), by poller id.
@@ -124,6 +135,7 @@ impl Shard {
             poller: Poller::new(),
             timers: Timers::default(),
             watched: RefCell::new(HashMap::new()),
+            users: RefCell::new(users::Users::default()),
             proxy: crate::proxy::Proxy::new(&node, node.proxy_in_flight.clone()),
             node,
         })

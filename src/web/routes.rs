@@ -38,12 +38,14 @@ enum Handler {
     History,
     Channels,
     Presence,
+    Disconnect,
+    Unsubscribe,
 }
 
 /// One endpoint: path, method (GET also answers HEAD), access, handler.
 struct Endpoint(&'static str, &'static str, Access, Handler);
 
-const ROUTES: [Endpoint; 9] = [
+const ROUTES: [Endpoint; 11] = [
     Endpoint("/health", "GET", Access::Anyone, Handler::Health),
     Endpoint("/", "GET", Access::Playground, Handler::Page),
     Endpoint("/client.js", "GET", Access::Playground, Handler::ClientJs),
@@ -53,6 +55,18 @@ const ROUTES: [Endpoint; 9] = [
     Endpoint("/history", "GET", Access::BackendKey, Handler::History),
     Endpoint("/channels", "GET", Access::BackendKey, Handler::Channels),
     Endpoint("/presence", "GET", Access::BackendKey, Handler::Presence),
+    Endpoint(
+        "/disconnect",
+        "POST",
+        Access::BackendKey,
+        Handler::Disconnect,
+    ),
+    Endpoint(
+        "/unsubscribe",
+        "POST",
+        Access::BackendKey,
+        Handler::Unsubscribe,
+    ),
 ];
 
 /// Answers one HTTP request (other than the WebSocket upgrade) into `out`.
@@ -149,6 +163,16 @@ async fn handle(
         Handler::History => (200, JSON, history(shard, &head.query).await?),
         Handler::Channels => (200, JSON, channels(shard).await?),
         Handler::Presence => (200, JSON, presence(shard, &head.query).await?),
+        Handler::Disconnect => {
+            let op = request::parse_disconnect_body(body)?;
+            let n = shard.control(op).await?;
+            (200, JSON, format!("{{\"connections\":{n}}}").into_bytes())
+        }
+        Handler::Unsubscribe => {
+            let op = request::parse_unsubscribe_body(body)?;
+            let n = shard.control(op).await?;
+            (200, JSON, format!("{{\"subscriptions\":{n}}}").into_bytes())
+        }
     })
 }
 

@@ -113,7 +113,9 @@ const TOP_MEMBERS: [&str; 3] = ["id", "method", "params"];
 const PARAMS_MEMBERS: [&str; 7] = [
     "channel", "event", "payload", "token", "since", "rewind", "proxy",
 ];
-const BODY_MEMBERS: [&str; 4] = ["channel", "channels", "event", "payload"];
+const BODY_MEMBERS: [&str; 7] = [
+    "channel", "channels", "event", "payload", "user", "code", "reason",
+];
 
 fn refuse_repeated(body: &[u8], spans: &[(Span, Span)]) -> Result<(), Error> {
     match repeated(body, spans, &BODY_MEMBERS) {
@@ -403,6 +405,93 @@ fn body_event_and_payload(
         .ok_or_else(|| err(Code::InvalidArgument, "payload is required"))?;
     check_payload(payload.len(), payload_bytes_max)?;
     Ok((event.to_string(), payload.to_vec()))
+}
+
+/// What the backend asks of every node (SPEC 17): end a user's connections, or its
+/// subscriptions to the channels a pattern matches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Control {
+    /// `POST /disconnect`: close every connection of `user` with `code` (4006 or 4007).
+    Disconnect {
+        /// The token `sub`.
+        user: String,
+        /// 4006 (reconnect allowed) or 4007 (token revoked).
+        code: u16,
+        /// The close frame's reason, at most `CLOSE_REASON_BYTES_MAX` bytes.
+        reason: String,
+    },
+    /// `POST /unsubscribe`: end `user`'s subscriptions to the channels `pattern` matches (an
+    /// exact name, or a prefix ending in `*`).
+    Unsubscribe {
+        /// The token `sub`.
+        user: String,
+        /// The channel or pattern.
+        pattern: String,
+    },
+}
+
+/// A close frame's reason fits its 125-byte payload with the 2-byte code.
+pub const CLOSE_REASON_BYTES_MAX: usize = 123;
+/// Longest `user` a control body may name (a token `sub`).
+pub const USER_BYTES_MAX: usize = 1024;
+
+/// `POST /disconnect`: `{"user","code"?,"reason"?}`.
+pub fn parse_disconnect_body(body: &[u8]) -> Result<Control, Error> {
+    let mut scratch = json::Scratch::default();
+    let (value, _) = parse_body(body, &mut scratch)?;
+    let user = user_param(&value)?;
+    let code = match value.get("code") {
+        None => crate::error::close::DISCONNECTED,
+        Some(c) => match c.as_u64() {
+            Some(4006) => 4006,
+            Some(4007) => 4007,
+            _ => return Err(err(Code::InvalidArgument, "code must be 4006 or 4007")),
+        },
+    };
+    let reason = match value.get("reason") {
+        None => "disconnected by the backend".to_string(),
+        Some(r) => match r.as_str() {
+            Some(r) if r.len() <= CLOSE_REASON_BYTES_MAX => r.to_string(),
+            _ => {
+                let why =
+                    format!("reason must be a string of at most {CLOSE_REASON_BYTES_MAX} bytes");
+                return Err(err(Code::InvalidArgument, why));
+            }
+        },
+    };
+    Ok(Control::Disconnect { user, code, reason })
+}
+
+/// `POST /unsubscribe`: `{"user","channel"}`, the channel an exact name or a pattern.
+pub fn parse_unsubscribe_body(body: &[u8]) -> Result<Control, Error> {
+    let mut scratch = json::Scratch::default();
+    let (value, _) = parse_body(body, &mut scratch)?;
+    let user = user_param(&value)?;
+    let Some(pattern) = value.get("channel").and_then(|c| c.as_str()) else {
+        return Err(err(Code::InvalidArgument, "channel, a string, is required"));
+    };
+    match pattern.strip_suffix('*') {
+        Some("") => {}
+        Some(prefix) => check_channel(prefix).map_err(|_| {
+            err(
+                Code::InvalidArgument,
+                "channel: a channel name, or a prefix of one ending in '*'",
+            )
+        })?,
+        None => check_channel(pattern)?,
+    }
+    let pattern = pattern.to_string();
+    Ok(Control::Unsubscribe { user, pattern })
+}
+
+fn user_param(value: &BorrowedValue) -> Result<String, Error> {
+    match value.get("user").and_then(|u| u.as_str()) {
+        Some(u) if !u.is_empty() && u.len() <= USER_BYTES_MAX => Ok(u.to_string()),
+        _ => Err(err(
+            Code::InvalidArgument,
+            format!("user, a token sub of 1-{USER_BYTES_MAX} bytes, is required"),
+        )),
+    }
 }
 
 /// Parses a REST body: a JSON object that repeats none of the members the server reads and

@@ -1503,6 +1503,15 @@ pub fn metric_sum(text: &str, name: &str) -> Option<f64> {
 }
 
 /// The sum of the samples of `name` whose labels hold every one of `labels` (`kind="x"`).
+/// Whether every one of the server's `shards` holds at least `n` open connections.
+pub async fn every_shard_holds(s: &Server, shards: usize, n: f64) -> bool {
+    let text = http_get(s.backend(), "/metrics").await.text();
+    (0..shards).all(|i| {
+        let label = format!("shard=\"{i}\"");
+        metric_labelled(&text, "connections_active", &[&label]) >= n
+    })
+}
+
 pub fn metric_labelled(text: &str, name: &str, labels: &[&str]) -> f64 {
     let prefix = format!("{name}{{");
     text.lines()

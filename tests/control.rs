@@ -1,0 +1,152 @@
+//! SPEC 17 on one node: the backend's `POST /disconnect` and `POST /unsubscribe` reach every
+//! connection of a user on every shard, and nobody else; bad bodies are refused.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(5);
+
+async fn post(s: &Server, path: &str, body: &Value) -> HttpResponse {
+    let auth = format!("Bearer {}", s.api_key);
+    let body = body.to_string();
+    http_request(
+        s.backend(),
+        "POST",
+        path,
+        &[("Authorization", &auth)],
+        Some(body.as_bytes()),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn disconnect_closes_every_connection_of_the_user_and_no_other() {
+    let s = Server::start(ServerOpts::shards(2));
+    // The kernel spreads connections over the shards: open until both hold some of alice's.
+    let mut alice = Vec::new();
+    while alice.len() < 4 || !every_shard_holds(&s, 2, 1.0).await {
+        assert!(alice.len() < 40, "40 connections all on one shard");
+        let mut ws = s.ws_authed("alice").await;
+        ws.subscribe("news").await;
+        alice.push(ws);
+    }
+    let opened = alice.len();
+    let mut bob = s.ws_authed("bob").await;
+    bob.subscribe("news").await;
+    let mut anonymous = Ws::connect(s.public).await;
+
+    let r = post(&s, "/disconnect", &json!({"user": "alice"})).await;
+    assert_eq!((r.status, r.json()), (200, json!({"connections": opened})));
+    for ws in &mut alice {
+        ws.expect_close(4006, WAIT).await;
+    }
+    bob.heartbeat_ok().await;
+    anonymous.heartbeat_ok().await;
+    s.publish("news", "e", "1").await;
+    assert_eq!(bob.recv_broadcast().await["payload"], json!(1));
+    // Nothing left of alice to disconnect.
+    let r = post(&s, "/disconnect", &json!({"user": "alice"})).await;
+    assert_eq!(r.json(), json!({"connections": 0}));
+
+    // 4007 for a stolen token; a fresh connection of alice works again.
+    let mut again = s.ws_authed("alice").await;
+    let body = json!({"user": "alice", "code": 4007, "reason": "token revoked"});
+    assert_eq!(
+        post(&s, "/disconnect", &body).await.json(),
+        json!({"connections": 1})
+    );
+    again.expect_close(4007, WAIT).await;
+}
+
+#[tokio::test]
+async fn disconnect_and_unsubscribe_refuse_bad_bodies() {
+    let s = Server::start(ServerOpts::shards(1));
+    let cases = [
+        ("/disconnect", json!({})),
+        ("/disconnect", json!({"user": ""})),
+        ("/disconnect", json!({"user": 7})),
+        ("/disconnect", json!({"user": "a", "code": 4001})),
+        ("/disconnect", json!({"user": "a", "code": "4006"})),
+        (
+            "/disconnect",
+            json!({"user": "a", "reason": "x".repeat(124)}),
+        ),
+        ("/unsubscribe", json!({"user": "a"})),
+        ("/unsubscribe", json!({"user": "a", "channel": "a b"})),
+        ("/unsubscribe", json!({"user": "a", "channel": "a*b"})),
+        ("/unsubscribe", json!({"channel": "a"})),
+    ];
+    for (path, body) in cases {
+        let r = post(&s, path, &body).await;
+        assert_eq!(r.status, 400, "{path} {body}: {}", r.text());
+        assert_eq!(
+            r.json()["error"]["code"],
+            json!("InvalidArgument"),
+            "{body}"
+        );
+    }
+    let r = http_request(
+        s.backend(),
+        "POST",
+        "/disconnect",
+        &[],
+        Some(b"{\"user\":\"a\"}"),
+    )
+    .await;
+    assert_eq!(r.status, 401, "the API key is required");
+    let r = post(&s, "/disconnect", &json!({"user": "a", "user2": 1})).await;
+    assert_eq!(r.status, 200, "unknown members are ignored: {}", r.text());
+}
+
+#[tokio::test]
+async fn unsubscribe_ends_matching_subscriptions_and_says_so() {
+    let s = Server::start(ServerOpts::shards(2));
+    let mut a1 = s.ws_authed("alice").await;
+    let mut a2 = s.ws_authed("alice").await;
+    for ch in ["chat/a", "chat/b", "news"] {
+        a1.subscribe(ch).await;
+    }
+    a2.subscribe("chat/a").await;
+    let mut bob = s.ws_authed("bob").await;
+    bob.subscribe("chat/a").await;
+
+    let body = json!({"user": "alice", "channel": "chat/*"});
+    let r = post(&s, "/unsubscribe", &body).await;
+    assert_eq!((r.status, r.json()), (200, json!({"subscriptions": 3})));
+    let mut told = Vec::new();
+    for _ in 0..2 {
+        let n = a1.recv_note(WAIT).await;
+        assert_eq!(n["method"], json!("unsubscribed"), "{n}");
+        assert_eq!(n["params"]["reason"], json!("server"), "{n}");
+        told.push(n["params"]["channel"].as_str().unwrap().to_string());
+    }
+    told.sort();
+    assert_eq!(told, ["chat/a", "chat/b"]);
+    let n = a2.recv_note(WAIT).await;
+    assert_eq!(
+        n["params"],
+        json!({"channel": "chat/a", "reason": "server"})
+    );
+
+    // No broadcast of those channels follows; the others go on, and bob is untouched.
+    s.publish("chat/a", "e", "1").await;
+    s.publish("news", "e", "2").await;
+    assert_eq!(a1.recv_broadcast().await["channel"], json!("news"));
+    a2.expect_no_broadcast(Duration::from_millis(300)).await;
+    assert_eq!(bob.recv_broadcast().await["payload"], json!(1));
+    // Subscribing again is allowed.
+    a1.subscribe("chat/a").await;
+    s.publish("chat/a", "e", "3").await;
+    assert_eq!(a1.recv_broadcast().await["payload"], json!(3));
+    assert_eq!(bob.recv_broadcast().await["payload"], json!(3));
+    let r = post(
+        &s,
+        "/unsubscribe",
+        &json!({"user": "alice", "channel": "*"}),
+    )
+    .await;
+    assert_eq!(r.json(), json!({"subscriptions": 2}), "chat/a and news");
+}
