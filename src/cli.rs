@@ -67,7 +67,10 @@ struct Position {
 /// chat messages (event `message` published over a WebSocket) as `alice: text`, other
 /// broadcasts as `channel event: payload`, who is in a presence channel when it subscribes and
 /// who joins and leaves; publishes each stdin line to the first channel as event `message`; and
-/// after a dropped connection reconnects and resubscribes with `since` so nothing is missed.
+/// after a dropped connection (4006 from the backend included) reconnects and resubscribes with
+/// `since` so nothing is missed. A channel the server unsubscribes (SPEC 17) is said on stderr
+/// and not resubscribed; with none left it exits 0. A close 4007 (token revoked) is an error:
+/// the same token would only be refused again.
 pub fn connect(url: &str, token: &str, channels: &[String]) -> Result<(), String> {
     use std::io::BufRead;
     if channels.is_empty() {
@@ -96,9 +99,17 @@ pub fn connect(url: &str, token: &str, channels: &[String]) -> Result<(), String
         Some(name) => format!("connected to {url} as {}", printable(&name)),
         None => format!("connected to {url}"),
     };
+    let setup = Setup {
+        url: &url,
+        token,
+        greeting: &greeting,
+        // Kept when the server unsubscribes the first channel: typed lines must not silently
+        // go to another audience.
+        publish_to: &channels[0],
+    };
     let mut backoff = Duration::from_millis(250);
     loop {
-        match session(&url, token, &greeting, &mut positions, &lines) {
+        match session(&setup, &mut positions, &lines) {
             Ok(()) => return Ok(()),
             Err(SessionEnd::Fatal(e)) => return Err(e),
             Err(SessionEnd::Dropped(e)) => {
@@ -109,6 +120,22 @@ pub fn connect(url: &str, token: &str, channels: &[String]) -> Result<(), String
         }
     }
 }
+
+/// What every connection of one `connect` run uses.
+struct Setup<'a> {
+    url: &'a str,
+    token: &'a str,
+    /// Printed (stderr) once `auth` succeeds.
+    greeting: &'a str,
+    /// The channel stdin lines are published to: the first one named.
+    publish_to: &'a str,
+}
+
+/// Close 4006: the backend disconnected this client (`POST /disconnect`); reconnecting is
+/// allowed (SPEC 22.1). The server's own list is `crate::error::close`.
+const CLOSE_DISCONNECTED: u16 = 4006;
+/// Close 4007: the token was revoked; retrying with it cannot succeed (SPEC 22.1).
+const CLOSE_TOKEN_REVOKED: u16 = 4007;
 
 enum SessionEnd {
     /// Worth retrying: the network or the server went away.
@@ -210,19 +237,19 @@ fn members_line(channel: &str, p: &PresenceSnapshot) -> String {
     )
 }
 
+/// One connection, until stdin ends (Ok), the server leaves no channel to follow (Ok), or it
+/// ends otherwise (Err).
 fn session(
-    url: &str,
-    token: &str,
-    greeting: &str,
-    positions: &mut [Position],
+    setup: &Setup,
+    positions: &mut Vec<Position>,
     lines: &crossbeam_channel::Receiver<String>,
 ) -> Result<(), SessionEnd> {
-    let mut t = Terminal::open(url, token, greeting, positions)?;
+    let mut t = Terminal::open(setup.url, setup.token, setup.greeting, positions)?;
     loop {
         while let Ok(line) = lines.try_recv() {
-            let channel = &t.positions[0].channel;
-            let params =
-                serde_json::json!({"channel": channel, "event": "message", "payload": line});
+            let params = serde_json::json!(
+                {"channel": setup.publish_to, "event": "message", "payload": line}
+            );
             t.send("publish", params)?;
         }
         if lines.is_empty() && is_disconnected(lines) {
@@ -231,6 +258,13 @@ fn session(
         }
         if let Some(text) = t.next_text()? {
             t.on_text(&text)?;
+        }
+        if t.positions.is_empty() {
+            eprintln!("no channel left to follow; exiting");
+            let _ = t.ws.close(None);
+            // Sends the close frame; the answer is not worth waiting for.
+            let _ = t.ws.flush();
+            return Ok(());
         }
     }
 }
@@ -241,6 +275,26 @@ fn dropped(e: &dyn std::fmt::Display) -> SessionEnd {
     SessionEnd::Dropped(e.to_string())
 }
 
+/// How a close frame from the server ends the session. The reason is the backend's text
+/// (`POST /disconnect`), so it is escaped before it reaches the terminal.
+fn closed(code: u16, reason: &str) -> SessionEnd {
+    let reason = printable(reason);
+    let reason = if reason.is_empty() {
+        String::new()
+    } else {
+        format!(": {reason}")
+    };
+    match code {
+        CLOSE_TOKEN_REVOKED => SessionEnd::Fatal(format!(
+            "the token was revoked (closed {code}{reason}); get a new token and connect with it"
+        )),
+        CLOSE_DISCONNECTED => SessionEnd::Dropped(format!(
+            "disconnected by the backend, closed {code}{reason}"
+        )),
+        _ => SessionEnd::Dropped(format!("closed {code}{reason}")),
+    }
+}
+
 /// One connection of the terminal client: authenticated, subscribed, its requests' ids.
 struct Terminal<'p> {
     ws: Socket,
@@ -248,9 +302,10 @@ struct Terminal<'p> {
     auth_id: u64,
     /// Printed (stderr) once `auth` succeeds.
     greeting: &'p str,
-    /// Subscribe request ids and the position each is for.
-    subscribe_ids: HashMap<u64, usize>,
-    positions: &'p mut [Position],
+    /// Subscribe request ids and the channel each is for (by name: positions the server
+    /// unsubscribes are removed, which moves the others).
+    subscribe_ids: HashMap<u64, String>,
+    positions: &'p mut Vec<Position>,
 }
 
 impl<'p> Terminal<'p> {
@@ -260,7 +315,7 @@ impl<'p> Terminal<'p> {
         url: &str,
         token: &str,
         greeting: &'p str,
-        positions: &'p mut [Position],
+        positions: &'p mut Vec<Position>,
     ) -> Result<Self, SessionEnd> {
         use serde_json::json;
         let (mut ws, _) = tungstenite::connect(url).map_err(|e| dropped(&e))?;
@@ -282,8 +337,9 @@ impl<'p> Terminal<'p> {
             if let (Some(offset), Some(epoch)) = (p.offset, &p.epoch) {
                 params["since"] = json!({"offset": offset, "epoch": epoch});
             }
+            let channel = p.channel.clone();
             let id = t.send("subscribe", params)?;
-            t.subscribe_ids.insert(id, i);
+            t.subscribe_ids.insert(id, channel);
         }
         Ok(t)
     }
@@ -317,11 +373,7 @@ impl<'p> Terminal<'p> {
         };
         match msg {
             Message::Text(text) => Ok(Some(text.to_string())),
-            Message::Close(Some(frame)) => Err(dropped(&format!(
-                "closed {}: {}",
-                u16::from(frame.code),
-                frame.reason
-            ))),
+            Message::Close(Some(frame)) => Err(closed(u16::from(frame.code), &frame.reason)),
             _ => Ok(None),
         }
     }
@@ -337,6 +389,7 @@ impl<'p> Terminal<'p> {
             (Some(kind @ ("join" | "leave")), Some(params)) => {
                 self.on_presence_event(kind, params.get())
             }
+            (Some("unsubscribed"), Some(params)) => self.on_unsubscribed(params.get()),
             // Other notifications carry nothing the terminal shows.
             (Some(_), _) => {}
             (None, _) => {
@@ -374,6 +427,23 @@ impl<'p> Terminal<'p> {
         }
     }
 
+    /// `unsubscribed from chat/x (server)`: the server ended that subscription (SPEC 17), so
+    /// it is dropped from what a reconnect resubscribes; resubscribing would undo the backend's
+    /// decision, or be refused.
+    fn on_unsubscribed(&mut self, params: &str) {
+        let Ok(u) = serde_json::from_str::<Unsubscribed>(params) else {
+            eprintln!("unreadable unsubscribed from the server: {params}");
+            return;
+        };
+        let reason = u.reason.as_deref().unwrap_or("no reason given");
+        eprintln!(
+            "unsubscribed from {} ({})",
+            printable(&u.channel),
+            printable(reason)
+        );
+        self.positions.retain(|p| p.channel != u.channel);
+    }
+
     fn on_response(
         &mut self,
         id: u64,
@@ -388,8 +458,11 @@ impl<'p> Terminal<'p> {
             eprintln!("error: {text}");
         } else if id == self.auth_id {
             eprintln!("{}", self.greeting);
-        } else if let (Some(&i), Some(r)) = (self.subscribe_ids.get(&id), result) {
-            let pos = &mut self.positions[i];
+        } else if let (Some(channel), Some(r)) = (self.subscribe_ids.get(&id), result) {
+            // None: the server unsubscribed it meanwhile.
+            let Some(pos) = self.positions.iter_mut().find(|p| &p.channel == channel) else {
+                return Ok(());
+            };
             if r.recovered == Some(false) {
                 eprintln!(
                     "{}: could not recover missed messages (history gone); continuing live",
@@ -446,6 +519,13 @@ struct PresenceSnapshot {
     members: Vec<Member>,
     count: Option<u64>,
     version: u64,
+}
+
+/// The params of an `unsubscribed`.
+#[derive(serde::Deserialize)]
+struct Unsubscribed {
+    channel: String,
+    reason: Option<String>,
 }
 
 /// The params of a `join` or `leave`.
@@ -521,6 +601,22 @@ mod tests {
             r#"chat/x message: "hi""#
         );
         assert_eq!(line(&b("score", &with, "[1]")), "chat/x score: [1]");
+    }
+
+    #[test]
+    fn close_4007_is_final_and_4006_is_retried() {
+        let SessionEnd::Fatal(e) = closed(4007, "token revoked") else {
+            panic!("4007 must not be retried");
+        };
+        assert!(e.contains("revoked") && e.contains("new token"), "{e}");
+        let SessionEnd::Dropped(e) = closed(4006, "") else {
+            panic!("4006 allows a reconnect");
+        };
+        assert_eq!(e, "disconnected by the backend, closed 4006");
+        let SessionEnd::Dropped(e) = closed(4003, "slow\n") else {
+            panic!("4003 allows a reconnect");
+        };
+        assert_eq!(e, "closed 4003: slow\\n");
     }
 
     #[test]

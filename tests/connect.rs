@@ -1,6 +1,8 @@
 //! `broadcaster connect` recovers what it missed while its connection was down (SPEC section 2,
 //! issue 6): the test cuts its TCP connection through a proxy, publishes meanwhile, and expects
-//! every message printed once, in order, after the reconnect.
+//! every message printed once, in order, after the reconnect. Against a stand-in server: a close
+//! 4007 (token revoked) ends it with an error and no retry, a close 4006 (disconnected by the
+//! backend) is reconnected, and a channel the server unsubscribed is not resubscribed (SPEC 17).
 
 mod common;
 
@@ -8,7 +10,7 @@ use common::*;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::AsyncBufReadExt;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 /// A TCP proxy whose connections can all be cut at once.
@@ -129,4 +131,257 @@ async fn connect_reconnects_and_recovers_what_it_missed() {
     let expected: Vec<String> = (first..=n + 6).map(|i| i.to_string()).collect();
     assert_eq!(payloads, expected, "every message once, in order: {got:?}");
     assert!(got[live].starts_with("room missed: "), "{got:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Close codes 4006 and 4007, and `unsubscribed` (SPEC 17, 22.1), against a stand-in server: the
+// real one's backend endpoints are not needed to see what the client does with what it is sent.
+// ---------------------------------------------------------------------------------------------
+
+type FakeWs = tokio_tungstenite::WebSocketStream<TcpStream>;
+/// The lines a child printed so far.
+type Lines = Arc<Mutex<Vec<String>>>;
+
+/// A stand-in server: hands each WebSocket connection the CLI makes to the test.
+struct Fake {
+    addr: std::net::SocketAddr,
+    conns: tokio::sync::mpsc::UnboundedReceiver<FakeWs>,
+}
+
+async fn fake_server() -> Fake {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (tx, conns) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            if let Ok(ws) = tokio_tungstenite::accept_async(tcp).await {
+                if tx.send(ws).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    Fake { addr, conns }
+}
+
+impl Fake {
+    async fn next_conn(&mut self, what: &str) -> FakeWs {
+        within(T, what, self.conns.recv())
+            .await
+            .expect("the fake server stopped")
+    }
+}
+
+async fn send_json(ws: &mut FakeWs, v: serde_json::Value) {
+    use futures_util::SinkExt;
+    let msg = tokio_tungstenite::tungstenite::Message::text(v.to_string());
+    within(T, "send to the CLI", ws.send(msg))
+        .await
+        .expect("send to the CLI");
+}
+
+/// The next request the CLI sends; None when it sent nothing within `d`.
+async fn next_request(ws: &mut FakeWs, d: Duration) -> Option<serde_json::Value> {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let deadline = tokio::time::Instant::now() + d;
+    loop {
+        match tokio::time::timeout_at(deadline, ws.next()).await {
+            Err(_) => return None,
+            Ok(Some(Ok(Message::Text(t)))) => {
+                return Some(serde_json::from_str(t.as_str()).expect("a JSON request"))
+            }
+            Ok(Some(Ok(_))) => {}
+            Ok(other) => panic!("the CLI's connection ended: {other:?}"),
+        }
+    }
+}
+
+/// Answers the CLI's `auth` and its `subscribe`s (offset 7, epoch `e1`) until `n` channels are
+/// subscribed; returns the subscribe params in the order sent.
+async fn accept_session(ws: &mut FakeWs, n: usize) -> Vec<serde_json::Value> {
+    let mut subscribes = Vec::new();
+    while subscribes.len() < n {
+        let req = next_request(ws, T).await.expect("auth and subscribe");
+        let result = match req["method"].as_str() {
+            Some("auth") => serde_json::json!({"success": true}),
+            Some("subscribe") => {
+                subscribes.push(req["params"].clone());
+                serde_json::json!({"subscriptionId": "s", "timestamp": "2026-12-01T00:00:00Z",
+                                   "offset": 7, "epoch": "e1"})
+            }
+            _ => panic!("unexpected request before subscribing: {req}"),
+        };
+        send_json(
+            ws,
+            serde_json::json!({"requestId": req["id"], "result": result}),
+        )
+        .await;
+    }
+    subscribes
+}
+
+/// Closes with `code`, then reads until the CLI answers the close (or goes).
+async fn close_with(mut ws: FakeWs, code: u16, reason: &str) {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::protocol::{frame::coding::CloseCode, CloseFrame};
+    let frame = CloseFrame {
+        code: CloseCode::from(code),
+        reason: reason.into(),
+    };
+    let _ = ws.close(Some(frame)).await;
+    let _ = tokio::time::timeout(T, async { while let Some(Ok(_)) = ws.next().await {} }).await;
+}
+
+/// `broadcaster connect` to the fake server with stdin held open (its end would end the
+/// client); its stdout and stderr lines as they come.
+fn spawn_cli(
+    addr: std::net::SocketAddr,
+    channels: &[&str],
+) -> (tokio::process::Child, Lines, Lines) {
+    let mut cmd = tokio::process::Command::new(bin());
+    cmd.args([
+        "connect",
+        "--url",
+        &format!("ws://{addr}/ws"),
+        "--token",
+        "t",
+    ]);
+    for c in channels {
+        cmd.args(["--channel", c]);
+    }
+    let mut child = cmd
+        .env_remove("BROADCASTER_TOKEN")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn connect");
+    let out = lines_of(child.stdout.take().expect("stdout"));
+    let err = lines_of(child.stderr.take().expect("stderr"));
+    (child, out, err)
+}
+
+fn lines_of(r: impl tokio::io::AsyncRead + Unpin + Send + 'static) -> Lines {
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let sink = lines.clone();
+    tokio::spawn(async move {
+        let mut r = tokio::io::BufReader::new(r).lines();
+        while let Ok(Some(l)) = r.next_line().await {
+            sink.lock().expect("lines").push(l);
+        }
+    });
+    lines
+}
+
+/// Waits for a line containing `want`.
+async fn wait_text(lines: &Mutex<Vec<String>>, want: &str) {
+    let deadline = Instant::now() + T;
+    while !printed(lines).iter().any(|l| l.contains(want)) {
+        assert!(
+            Instant::now() < deadline,
+            "no line with {want:?}: {:?}",
+            printed(lines)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn exit_status(child: &mut tokio::process::Child) -> std::process::ExitStatus {
+    within(T, "connect to exit", child.wait())
+        .await
+        .expect("wait for connect")
+}
+
+/// 4007: the token was revoked. The CLI says so and that a new token is needed, exits non-zero,
+/// and does not try the same token again.
+#[tokio::test]
+async fn connect_exits_on_close_4007_without_retrying() {
+    let mut fake = fake_server().await;
+    let (mut child, _out, err) = spawn_cli(fake.addr, &["room"]);
+    let mut ws = fake.next_conn("the CLI's connection").await;
+    accept_session(&mut ws, 1).await;
+    close_with(ws, 4007, "token revoked").await;
+    let status = exit_status(&mut child).await;
+    assert!(!status.success(), "{status}: {:?}", printed(&err));
+    let said = printed(&err).join("\n");
+    assert!(
+        said.contains("broadcaster: the token was revoked (closed 4007: token revoked)")
+            && said.contains("get a new token"),
+        "{said}"
+    );
+    assert!(!said.contains("reconnecting"), "{said}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(fake.conns.try_recv().is_err(), "it connected again");
+}
+
+/// 4006: the backend disconnected the client, which may come back: it reconnects and
+/// resubscribes every channel with `since` from where it was.
+#[tokio::test]
+async fn connect_reconnects_after_close_4006() {
+    let mut fake = fake_server().await;
+    let (mut child, out, err) = spawn_cli(fake.addr, &["a", "b"]);
+    let mut ws = fake.next_conn("the CLI's connection").await;
+    accept_session(&mut ws, 2).await;
+    let b = serde_json::json!({"method": "broadcast", "params": {"id": "m8", "seq": 1,
+        "offset": 8, "createTime": "2026-12-01T00:00:00Z", "channel": "a", "event": "e",
+        "payload": 1}});
+    send_json(&mut ws, b).await;
+    wait_text(&out, "a e: 1").await;
+    close_with(ws, 4006, "bye\u{1b}[2J").await;
+
+    let mut ws = fake.next_conn("a reconnect after 4006").await;
+    let subscribes = accept_session(&mut ws, 2).await;
+    assert_eq!(
+        subscribes,
+        [
+            serde_json::json!({"channel": "a", "since": {"offset": 8, "epoch": "e1"}}),
+            serde_json::json!({"channel": "b", "since": {"offset": 7, "epoch": "e1"}}),
+        ]
+    );
+    // The backend's reason is shown escaped: it must not drive the terminal.
+    wait_text(
+        &err,
+        r"connection lost (disconnected by the backend, closed 4006: bye\u{1b}[2J); reconnecting",
+    )
+    .await;
+    assert!(child.try_wait().expect("try_wait").is_none());
+}
+
+/// `unsubscribed` (SPEC 17): said on stderr with its reason; that channel is not resubscribed
+/// after a reconnect; stdin lines still go to the first channel named (never to another
+/// audience); and with no channel left the CLI exits 0.
+#[tokio::test]
+async fn connect_does_not_resubscribe_what_the_server_unsubscribed() {
+    let mut fake = fake_server().await;
+    let (mut child, _out, err) = spawn_cli(fake.addr, &["a", "b"]);
+    let mut ws = fake.next_conn("the CLI's connection").await;
+    accept_session(&mut ws, 2).await;
+    let note = |channel: &str, reason: &str| {
+        serde_json::json!({"method": "unsubscribed",
+                           "params": {"channel": channel, "reason": reason}})
+    };
+    send_json(&mut ws, note("a", "server")).await;
+    wait_text(&err, "unsubscribed from a (server)").await;
+    drop(ws); // a network failure: no close frame
+
+    let mut ws = fake.next_conn("a reconnect").await;
+    let subscribes = accept_session(&mut ws, 1).await;
+    assert_eq!(subscribes[0]["channel"], "b", "{subscribes:?}");
+    let stdin = child.stdin.as_mut().expect("stdin");
+    stdin.write_all(b"hello\n").await.expect("write stdin");
+    stdin.flush().await.expect("flush stdin");
+    let req = next_request(&mut ws, T).await.expect("the publish");
+    assert_eq!(req["method"], "publish", "no other subscribe: {req}");
+    assert_eq!(req["params"]["channel"], "a", "{req}");
+
+    send_json(&mut ws, note("b", "permission")).await;
+    let status = exit_status(&mut child).await;
+    let said = printed(&err).join("\n");
+    assert!(status.success(), "{status}: {said}");
+    assert!(
+        said.contains("unsubscribed from b (permission)") && said.contains("no channel left"),
+        "{said}"
+    );
 }
