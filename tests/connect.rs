@@ -5,8 +5,10 @@
 //! backend) is reconnected, and a channel the server unsubscribed is not resubscribed (SPEC 17).
 
 mod common;
+mod fake_server;
 
 use common::*;
+use fake_server::{accept_session, close_with, next_request, send_json, unsubscribed};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -134,119 +136,28 @@ async fn connect_reconnects_and_recovers_what_it_missed() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Close codes 4006 and 4007, and `unsubscribed` (SPEC 17, 22.1), against a stand-in server: the
-// real one's backend endpoints are not needed to see what the client does with what it is sent.
+// Close codes 4006 and 4007, and `unsubscribed` (SPEC 17, 22.1), against the stand-in server of
+// tests/fake_server: what the client does with them needs no backend endpoint.
 // ---------------------------------------------------------------------------------------------
 
-type FakeWs = tokio_tungstenite::WebSocketStream<TcpStream>;
 /// The lines a child printed so far.
 type Lines = Arc<Mutex<Vec<String>>>;
 
-/// A stand-in server: hands each WebSocket connection the CLI makes to the test.
-struct Fake {
-    addr: std::net::SocketAddr,
-    conns: tokio::sync::mpsc::UnboundedReceiver<FakeWs>,
-}
-
-async fn fake_server() -> Fake {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let (tx, conns) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            if let Ok(ws) = tokio_tungstenite::accept_async(tcp).await {
-                if tx.send(ws).is_err() {
-                    return;
-                }
-            }
-        }
-    });
-    Fake { addr, conns }
-}
-
-impl Fake {
-    async fn next_conn(&mut self, what: &str) -> FakeWs {
-        within(T, what, self.conns.recv())
-            .await
-            .expect("the fake server stopped")
-    }
-}
-
-async fn send_json(ws: &mut FakeWs, v: serde_json::Value) {
-    use futures_util::SinkExt;
-    let msg = tokio_tungstenite::tungstenite::Message::text(v.to_string());
-    within(T, "send to the CLI", ws.send(msg))
-        .await
-        .expect("send to the CLI");
-}
-
-/// The next request the CLI sends; None when it sent nothing within `d`.
-async fn next_request(ws: &mut FakeWs, d: Duration) -> Option<serde_json::Value> {
-    use futures_util::StreamExt;
-    use tokio_tungstenite::tungstenite::Message;
-    let deadline = tokio::time::Instant::now() + d;
-    loop {
-        match tokio::time::timeout_at(deadline, ws.next()).await {
-            Err(_) => return None,
-            Ok(Some(Ok(Message::Text(t)))) => {
-                return Some(serde_json::from_str(t.as_str()).expect("a JSON request"))
-            }
-            Ok(Some(Ok(_))) => {}
-            Ok(other) => panic!("the CLI's connection ended: {other:?}"),
-        }
-    }
-}
-
-/// Answers the CLI's `auth` and its `subscribe`s (offset 7, epoch `e1`) until `n` channels are
-/// subscribed; returns the subscribe params in the order sent.
-async fn accept_session(ws: &mut FakeWs, n: usize) -> Vec<serde_json::Value> {
-    let mut subscribes = Vec::new();
-    while subscribes.len() < n {
-        let req = next_request(ws, T).await.expect("auth and subscribe");
-        let result = match req["method"].as_str() {
-            Some("auth") => serde_json::json!({"success": true}),
-            Some("subscribe") => {
-                subscribes.push(req["params"].clone());
-                serde_json::json!({"subscriptionId": "s", "timestamp": "2026-12-01T00:00:00Z",
-                                   "offset": 7, "epoch": "e1"})
-            }
-            _ => panic!("unexpected request before subscribing: {req}"),
-        };
-        send_json(
-            ws,
-            serde_json::json!({"requestId": req["id"], "result": result}),
-        )
-        .await;
-    }
-    subscribes
-}
-
-/// Closes with `code`, then reads until the CLI answers the close (or goes).
-async fn close_with(mut ws: FakeWs, code: u16, reason: &str) {
-    use futures_util::StreamExt;
-    use tokio_tungstenite::tungstenite::protocol::{frame::coding::CloseCode, CloseFrame};
-    let frame = CloseFrame {
-        code: CloseCode::from(code),
-        reason: reason.into(),
-    };
-    let _ = ws.close(Some(frame)).await;
-    let _ = tokio::time::timeout(T, async { while let Some(Ok(_)) = ws.next().await {} }).await;
+/// `broadcaster connect` run against the fake server.
+struct Cli {
+    child: tokio::process::Child,
+    out: Lines,
+    err: Lines,
+    /// The reader of stderr: done once the child closed it.
+    err_read: tokio::task::JoinHandle<()>,
 }
 
 /// `broadcaster connect` to the fake server with stdin held open (its end would end the
-/// client); its stdout and stderr lines as they come.
-fn spawn_cli(
-    addr: std::net::SocketAddr,
-    channels: &[&str],
-) -> (tokio::process::Child, Lines, Lines) {
+/// client); its stdout and stderr lines are collected as they come.
+fn spawn_cli(addr: std::net::SocketAddr, channels: &[&str]) -> Cli {
     let mut cmd = tokio::process::Command::new(bin());
-    cmd.args([
-        "connect",
-        "--url",
-        &format!("ws://{addr}/ws"),
-        "--token",
-        "t",
-    ]);
+    let url = format!("ws://{addr}/ws");
+    cmd.args(["connect", "--url", &url, "--token", "t"]);
     for c in channels {
         cmd.args(["--channel", c]);
     }
@@ -258,21 +169,40 @@ fn spawn_cli(
         .kill_on_drop(true)
         .spawn()
         .expect("spawn connect");
-    let out = lines_of(child.stdout.take().expect("stdout"));
-    let err = lines_of(child.stderr.take().expect("stderr"));
-    (child, out, err)
+    let (out, _) = lines_of(child.stdout.take().expect("stdout"));
+    let (err, err_read) = lines_of(child.stderr.take().expect("stderr"));
+    Cli {
+        child,
+        out,
+        err,
+        err_read,
+    }
 }
 
-fn lines_of(r: impl tokio::io::AsyncRead + Unpin + Send + 'static) -> Lines {
+impl Cli {
+    /// Waits for the exit; its status and all it said on stderr.
+    async fn finish(self) -> (std::process::ExitStatus, String) {
+        let mut child = self.child;
+        let status = within(T, "connect to exit", child.wait())
+            .await
+            .expect("wait for connect");
+        let _ = within(T, "connect's stderr to close", self.err_read).await;
+        (status, printed(&self.err).join("\n"))
+    }
+}
+
+fn lines_of(
+    r: impl tokio::io::AsyncRead + Unpin + Send + 'static,
+) -> (Lines, tokio::task::JoinHandle<()>) {
     let lines = Arc::new(Mutex::new(Vec::new()));
     let sink = lines.clone();
-    tokio::spawn(async move {
+    let reader = tokio::spawn(async move {
         let mut r = tokio::io::BufReader::new(r).lines();
         while let Ok(Some(l)) = r.next_line().await {
             sink.lock().expect("lines").push(l);
         }
     });
-    lines
+    (lines, reader)
 }
 
 /// Waits for a line containing `want`.
@@ -288,24 +218,17 @@ async fn wait_text(lines: &Mutex<Vec<String>>, want: &str) {
     }
 }
 
-async fn exit_status(child: &mut tokio::process::Child) -> std::process::ExitStatus {
-    within(T, "connect to exit", child.wait())
-        .await
-        .expect("wait for connect")
-}
-
 /// 4007: the token was revoked. The CLI says so and that a new token is needed, exits non-zero,
 /// and does not try the same token again.
 #[tokio::test]
 async fn connect_exits_on_close_4007_without_retrying() {
-    let mut fake = fake_server().await;
-    let (mut child, _out, err) = spawn_cli(fake.addr, &["room"]);
+    let mut fake = fake_server::start().await;
+    let cli = spawn_cli(fake.addr, &["room"]);
     let mut ws = fake.next_conn("the CLI's connection").await;
     accept_session(&mut ws, 1).await;
     close_with(ws, 4007, "token revoked").await;
-    let status = exit_status(&mut child).await;
-    assert!(!status.success(), "{status}: {:?}", printed(&err));
-    let said = printed(&err).join("\n");
+    let (status, said) = cli.finish().await;
+    assert!(!status.success(), "{status}: {said}");
     assert!(
         said.contains("broadcaster: the token was revoked (closed 4007: token revoked)")
             && said.contains("get a new token"),
@@ -313,26 +236,26 @@ async fn connect_exits_on_close_4007_without_retrying() {
     );
     assert!(!said.contains("reconnecting"), "{said}");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(fake.conns.try_recv().is_err(), "it connected again");
+    assert!(!fake.has_conn(), "it connected again");
 }
 
 /// 4006: the backend disconnected the client, which may come back: it reconnects and
 /// resubscribes every channel with `since` from where it was.
 #[tokio::test]
 async fn connect_reconnects_after_close_4006() {
-    let mut fake = fake_server().await;
-    let (mut child, out, err) = spawn_cli(fake.addr, &["a", "b"]);
+    let mut fake = fake_server::start().await;
+    let mut cli = spawn_cli(fake.addr, &["a", "b"]);
     let mut ws = fake.next_conn("the CLI's connection").await;
     accept_session(&mut ws, 2).await;
     let b = serde_json::json!({"method": "broadcast", "params": {"id": "m8", "seq": 1,
         "offset": 8, "createTime": "2026-12-01T00:00:00Z", "channel": "a", "event": "e",
         "payload": 1}});
     send_json(&mut ws, b).await;
-    wait_text(&out, "a e: 1").await;
+    wait_text(&cli.out, "a e: 1").await;
     close_with(ws, 4006, "bye\u{1b}[2J").await;
 
     let mut ws = fake.next_conn("a reconnect after 4006").await;
-    let subscribes = accept_session(&mut ws, 2).await;
+    let subscribes = accept_session(&mut ws, 2).await.subscribes;
     assert_eq!(
         subscribes,
         [
@@ -342,11 +265,11 @@ async fn connect_reconnects_after_close_4006() {
     );
     // The backend's reason is shown escaped: it must not drive the terminal.
     wait_text(
-        &err,
+        &cli.err,
         r"connection lost (disconnected by the backend, closed 4006: bye\u{1b}[2J); reconnecting",
     )
     .await;
-    assert!(child.try_wait().expect("try_wait").is_none());
+    assert!(cli.child.try_wait().expect("try_wait").is_none());
 }
 
 /// `unsubscribed` (SPEC 17): said on stderr with its reason; that channel is not resubscribed
@@ -354,31 +277,26 @@ async fn connect_reconnects_after_close_4006() {
 /// audience); and with no channel left the CLI exits 0.
 #[tokio::test]
 async fn connect_does_not_resubscribe_what_the_server_unsubscribed() {
-    let mut fake = fake_server().await;
-    let (mut child, _out, err) = spawn_cli(fake.addr, &["a", "b"]);
+    let mut fake = fake_server::start().await;
+    let mut cli = spawn_cli(fake.addr, &["a", "b"]);
     let mut ws = fake.next_conn("the CLI's connection").await;
     accept_session(&mut ws, 2).await;
-    let note = |channel: &str, reason: &str| {
-        serde_json::json!({"method": "unsubscribed",
-                           "params": {"channel": channel, "reason": reason}})
-    };
-    send_json(&mut ws, note("a", "server")).await;
-    wait_text(&err, "unsubscribed from a (server)").await;
+    send_json(&mut ws, unsubscribed("a", "server")).await;
+    wait_text(&cli.err, "unsubscribed from a (server)").await;
     drop(ws); // a network failure: no close frame
 
     let mut ws = fake.next_conn("a reconnect").await;
-    let subscribes = accept_session(&mut ws, 1).await;
+    let subscribes = accept_session(&mut ws, 1).await.subscribes;
     assert_eq!(subscribes[0]["channel"], "b", "{subscribes:?}");
-    let stdin = child.stdin.as_mut().expect("stdin");
+    let stdin = cli.child.stdin.as_mut().expect("stdin");
     stdin.write_all(b"hello\n").await.expect("write stdin");
     stdin.flush().await.expect("flush stdin");
     let req = next_request(&mut ws, T).await.expect("the publish");
     assert_eq!(req["method"], "publish", "no other subscribe: {req}");
     assert_eq!(req["params"]["channel"], "a", "{req}");
 
-    send_json(&mut ws, note("b", "permission")).await;
-    let status = exit_status(&mut child).await;
-    let said = printed(&err).join("\n");
+    send_json(&mut ws, unsubscribed("b", "permission")).await;
+    let (status, said) = cli.finish().await;
     assert!(status.success(), "{status}: {said}");
     assert!(
         said.contains("unsubscribed from b (permission)") && said.contains("no channel left"),
