@@ -8,12 +8,16 @@
 //! `/client.js` reconnects, resubscribes with `since` and recovers every missed message once, in
 //! order (and that an unrecoverable position is reported as `recovered: false`). A second test
 //! shows presence (SPEC 16): the member list of a channel follows another client's join and leave.
+//! A third follows what the backend decides (SPEC 17, 22.1): a channel the server unsubscribes is
+//! logged with its reason and not resubscribed, a close 4006 is reconnected and a 4007 (token
+//! revoked) is not, until the page is given a new token.
 //!
 //! Chromium is required: a missing browser fails the test (CI installs the Debian `chromium`
 //! package). `CHROMIUM=/path` picks another binary; `PLAYGROUND_SCREENSHOT=/tmp/x.png` saves
 //! screenshots of the page (desktop, and `-phone` for a phone-width viewport).
 
 mod common;
+mod fake_server;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
@@ -26,6 +30,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use common::{
     http_get_key, http_post_key, kill_with_parent, last_chars, Server, ServerOpts, TokenSpec, Ws,
 };
+use fake_server::{accept_session, close_with};
 use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
@@ -1071,4 +1076,178 @@ async fn connect_and_subscribe(page: &Page, server: &Server, token: &str, channe
     .await;
     page.set_value("channel", channel).await;
     page.click("subscribe").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn playground_follows_the_backend_in_headless_chromium() {
+    common::within(
+        Duration::from_secs(60),
+        "the backend test",
+        backend_decides(),
+    )
+    .await;
+}
+
+/// SPEC 17 and 22.1 in the browser: what `/client.js` and the page do when the server ends a
+/// subscription or closes with 4006 or 4007.
+async fn backend_decides() {
+    let server = Server::start(ServerOpts {
+        config_toml: Some("playground = true\n".into()),
+        ..ServerOpts::shards(2)
+    });
+    let browser = Chromium::launch();
+    let page = Page::open(&browser, &server).await;
+    server_unsubscribes(&page, &server).await;
+    revoked_and_disconnected(&page).await;
+    let console = page.cdp.console.lock().unwrap().clone();
+    let errors: Vec<&String> = console
+        .iter()
+        .filter(|l| l.starts_with("exception") || l.starts_with("console.error"))
+        .collect();
+    assert!(errors.is_empty(), "page errors: {errors:?}");
+}
+
+/// JS: whether the page's log holds `text`.
+fn log_has(text: &str) -> String {
+    format!(
+        "document.getElementById('log').textContent.includes({})",
+        json!(text)
+    )
+}
+
+const CONNECTED: &str = "document.getElementById('status').dataset.state === 'connected'";
+
+/// JS: records every frame the page's WebSockets send in `window.sent`.
+const RECORD_SENT: &str = "(() => { if (!window.sent) { window.sent = []; \
+    const send = WebSocket.prototype.send; \
+    WebSocket.prototype.send = function (d) { window.sent.push(d); return send.call(this, d); }; } \
+    return true; })()";
+
+/// Two subscriptions ended by the server: `cut` by a re-auth with a token that no longer
+/// allows it (the real server's `unsubscribed`, reason "permission"), `gone` by an
+/// `unsubscribed` with reason "server" handed to the client as `POST /unsubscribe` would send
+/// it. Each is logged with its reason and leaves the list, and after a reconnect only `keep` is
+/// subscribed again: `gone`'s publications no longer reach the page.
+async fn server_unsubscribes(page: &Page, server: &Server) {
+    let token = |channels: &[&str]| server.token("u-page", channels, &["subscribe"]);
+    connect_and_subscribe(page, server, &token(&["keep", "gone", "cut"]), "keep").await;
+    for ch in ["gone", "cut"] {
+        let js = format!(
+            "window.playground.client.subscribe({}).then(() => true)",
+            json!(ch)
+        );
+        page.eval(&js).await;
+    }
+    let all =
+        "['keep', 'gone', 'cut'].every(c => (window.playground.client.position(c) || {}).active)";
+    page.wait_for(all, "three subscriptions").await;
+    page.eval(RECORD_SENT).await;
+
+    let narrower = json!(token(&["keep", "gone"]));
+    let reauth = format!("window.playground.client.setToken({narrower}).then(() => true)");
+    page.eval(&reauth).await;
+    let cut = "unsubscribed from cut by the server (permission); not resubscribed";
+    page.wait_for(&log_has(cut), "the page to log cut's unsubscribed")
+        .await;
+    page.eval(
+        "window.playground.client._onMessage(JSON.stringify({method: 'unsubscribed', \
+         params: {channel: 'gone', reason: 'server'}})); true",
+    )
+    .await;
+    let gone = "unsubscribed from gone by the server (server); not resubscribed";
+    page.wait_for(&log_has(gone), "the page to log gone's unsubscribed")
+        .await;
+    let listed =
+        "Array.from(document.querySelectorAll('#subs li')).map(l => l.dataset.channel).join(',')";
+    assert_eq!(page.eval(listed).await, json!("keep"));
+    assert_eq!(
+        page.eval("window.playground.client.channels().join(',')")
+            .await,
+        json!("keep")
+    );
+
+    page.eval("window.sent.length = 0; window.playground.client.dropConnection()")
+        .await;
+    page.wait_for(
+        &log_has("resubscribed to keep"),
+        "the resubscribe after the drop",
+    )
+    .await;
+    server.publish("gone", "e", "1").await;
+    server.publish("keep", "e", "2").await;
+    page.wait_for(
+        "!!document.querySelector('#messages li.msg[data-channel=\"keep\"]')",
+        "keep's publication",
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let rows = page.rows().await;
+    assert!(rows.iter().all(|r| r.channel == "keep"), "{rows:?}");
+    let subscribed = "window.sent.map(f => JSON.parse(f)).filter(m => m.method === 'subscribe')\
+                      .map(m => m.params.channel).join(',')";
+    assert_eq!(page.eval(subscribed).await, json!("keep"));
+}
+
+/// Against the stand-in server: a close 4006 is reconnected with `since`; a 4007 is not, the
+/// page says the token was revoked, and `setToken` with a new one connects again.
+async fn revoked_and_disconnected(page: &Page) {
+    let mut fake = fake_server::start().await;
+    let js = format!(
+        "window.playground.client.disconnect(); window.playground.client.connect({}, 't1'); true",
+        json!(fake.ws_url())
+    );
+    page.eval(&js).await;
+    let mut ws = fake.next_conn("the page's connection").await;
+    let s = accept_session(&mut ws, 1).await;
+    assert_eq!(s.auth, json!({"token": "t1"}));
+    assert_eq!(s.subscribes[0]["channel"], json!("keep"));
+    page.wait_for(CONNECTED, "the page to connect to the stand-in")
+        .await;
+    let resumed = json!({"channel": "keep", "since": {"offset": 7, "epoch": "e1"}});
+
+    close_with(ws, 4006, "maintenance").await;
+    let lost = "connection lost (4006 disconnected by the backend: maintenance); reconnecting in";
+    page.wait_for(&log_has(lost), "the page to log the 4006")
+        .await;
+    let mut ws = fake.next_conn("a reconnect after 4006").await;
+    let again = accept_session(&mut ws, 1).await.subscribes;
+    assert_eq!(again, std::slice::from_ref(&resumed));
+    page.wait_for(CONNECTED, "the page to reconnect after 4006")
+        .await;
+
+    close_with(ws, 4007, "token revoked").await;
+    page.wait_for(
+        &log_has("the token was revoked"),
+        "the page to say the token was revoked",
+    )
+    .await;
+    assert!(
+        truthy(
+            &page
+                .eval(&log_has("disconnected (4007 token revoked: token revoked)"))
+                .await
+        ),
+        "{}",
+        page.diagnostics().await
+    );
+    assert_eq!(
+        page.eval("window.playground.client.state").await,
+        json!("closed")
+    );
+    assert!(page.text("token-hint").await.contains("revoked"));
+    // Well past the first backoff (at most 500 ms): the revoked token is not tried again.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!fake.has_conn(), "the client reconnected after 4007");
+
+    page.eval("window.playground.client.setToken('t2'); true")
+        .await;
+    let mut ws = fake.next_conn("a connection with the new token").await;
+    let s = accept_session(&mut ws, 1).await;
+    assert_eq!(s.auth, json!({"token": "t2"}));
+    assert_eq!(s.subscribes, [resumed]);
+    page.wait_for(CONNECTED, "the page to connect with the new token")
+        .await;
+    assert!(!page.text("token-hint").await.contains("revoked"));
+    page.eval("window.playground.client.disconnect(); true")
+        .await;
 }

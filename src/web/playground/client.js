@@ -6,6 +6,7 @@
  *   const client = new BroadcasterClient({ token: "<JWT>" });   // also window.Broadcaster
  *   client.on("broadcast", (m) => console.log(m.channel, m.event, m.payload, m.seq, m.offset));
  *   client.on("recoveryFailed", ({ channel }) => reloadStateOf(channel));
+ *   client.on("revoked", async () => client.setToken(await fetchNewToken()));  // close 4007
  *   client.connect();                       // or client.connect(url, token)
  *   await client.subscribe("news");         // resolves with the subscribe result
  *   await client.publish("news", "hello", { text: "hi" });  // needs the `publish` scope
@@ -30,6 +31,7 @@
  *                              once authenticated the first time
  *   disconnect()               closes with 1000 and stops reconnecting; subscriptions (and their
  *                              positions) are kept, so a later connect() resumes them with `since`
+ *                              (so does connect(url, newToken) after a `revoked`)
  *   subscribe(channel, {since, rewind}?)  resolves with {subscriptionId, timestamp, offset, epoch,
  *                              recovered?, rewound?}; if not connected it resolves once the subscription is
  *                              made after connecting. `since: {offset, epoch}` resumes from a position the
@@ -39,7 +41,10 @@
  *   publish(channel, event, payload)  resolves with {id, createTime, offset}
  *   request(method, params)    any request; resolves with `result`, rejects with an Error whose
  *                              `.code` is the server's error code ("PermissionDenied", ...)
- *   setToken(token)            replaces the token; when connected, re-authenticates (token refresh)
+ *   setToken(token)            replaces the token; when connected, re-authenticates (token refresh:
+ *                              channels the new token does not allow end with `unsubscribed`, reason
+ *                              "permission"); after a 4007 close (see `revoked`), connects again with it
+ *                              and resolves once authenticated
  *   on(event, fn) / off(event, fn)   on() returns a function that removes the listener
  *   channels()                 the channels this client keeps subscribed
  *   position(channel)          {offset, epoch, active}: the last offset seen on channel and its epoch
@@ -64,7 +69,14 @@
  *                   a subscribe result, also after a reconnect, or from presence())
  *   join, leave     {channel, user, info?, version}: a member came or went; events the snapshot
  *                   already holds (version at or below its version) are dropped before these
- *   status          (state, {code, reason, delay, attempt}) on every state change
+ *   status          (state, {code, reason, delay, attempt, revoked?}) on every state change; code and
+ *                   reason are the close's (README "Close codes")
+ *   revoked         {code: 4007, reason} — the server closed the connection because the token was
+ *                   revoked (SPEC 17). The client does NOT reconnect (the same token would be refused,
+ *                   and a token function is not called again on its own); state is "closed". Get a
+ *                   new token and call setToken(newToken) (or connect(url, newToken)): subscriptions
+ *                   are kept and resume with `since`. A close 4006 (disconnected by the backend) is
+ *                   not this: the client reconnects with backoff as after a network drop.
  *   error           Error with .code (server code, or "Connection", "Timeout", "Auth") and .method:
  *                   failures no pending promise reports (auth, a refused resubscribe after a
  *                   reconnect, a fatal close, an error answer without request id)
@@ -72,8 +84,13 @@
  *   recoveryFailed  {channel, result} — the server could not replay what was missed
  *                   (`recovered: false`): reload the channel's state (e.g. GET /history)
  *   gap             {channel, expected, got} — a `seq` skipped (a message was missed)
- *   unsubscribed    {channel, reason} — also when the server refused a resubscribe, or ended the
- *                   subscription itself (reason "expired": the backend's access check said no)
+ *   unsubscribed    {channel, reason, byServer?} — the channel is forgotten: not resubscribed after a
+ *                   reconnect (subscribe() again to ask anew). reason: "unsubscribe" (this client's
+ *                   own unsubscribe()), a refused (re)subscribe's error message, or, with byServer:
+ *                   true, why the server ended the subscription (SPEC 17): "server" (the backend's
+ *                   unsubscribe API), "revoked", "permission" (a re-auth with a token that no longer
+ *                   allows it), "expired" (the backend's access check said no); no broadcast of the
+ *                   channel follows
  *
  * Recovery: the client remembers, per channel, the last `offset` it saw and the `epoch` from
  * the subscribe result; after a reconnect it authenticates again, then resubscribes every channel
@@ -89,6 +106,10 @@
 
   // Close codes after which reconnecting cannot help (the client itself must change).
   const FATAL_CLOSE = new Set([1002, 1003, 1007, 1008, 1009]);
+  // Token revoked (SPEC 22.1): the server would refuse the same token again, so the client stops
+  // until the app gives it a new one. (4006, disconnected by the backend, is reconnected as a
+  // network drop is.)
+  const REVOKED = 4007;
 
   function defaultUrl() {
     const loc = global.location;
@@ -136,6 +157,7 @@
       this._timer = null;
       this._heartbeat = null;
       this._hold = false;
+      this._revoked = false; // stopped by a 4007 close; setToken() connects again
       this._connectWaiters = [];
       this._onOnline = () => {
         if (this.state === "reconnecting" && !this._hold) this._reconnectNow();
@@ -187,6 +209,7 @@
       }
       this._wanted = true;
       this._hold = false;
+      this._revoked = false;
       this._attempt = 0;
       clearTimeout(this._timer);
       if (!this._ws) this._open();
@@ -196,6 +219,7 @@
     disconnect() {
       this._wanted = false;
       this._hold = false;
+      this._revoked = false; // the app chose to stop: setToken() must not connect
       clearTimeout(this._timer);
       this._timer = null;
       const ws = this._ws;
@@ -216,6 +240,8 @@
       if (this.state === "connected") {
         return this._resolveToken().then((t) => this.request("auth", { token: t }));
       }
+      // Stopped because the old token was revoked: a new one is what the client waited for.
+      if (this._revoked) return this.connect();
       return Promise.resolve(null);
     }
 
@@ -365,10 +391,18 @@
         this._wanted = false;
         this._emit("error", makeError("Connection", "closed " + code + (reason ? ": " + reason : "")));
       }
+      const revoked = code === REVOKED;
+      if (revoked) {
+        // Even a token function is not called again on its own: it may hand back the same
+        // token, and the app decides where a new one comes from (setToken or connect).
+        this._wanted = false;
+        this._revoked = true;
+      }
       if (!this._wanted || !this.options.reconnect) {
         this._wanted = false;
         this._settleConnect(makeError("Connection", "closed " + code));
-        this._setState("closed", { code, reason });
+        this._setState("closed", revoked ? { code, reason, revoked } : { code, reason });
+        if (revoked) this._emit("revoked", { code, reason });
         return;
       }
       if (code === 4004) this._attempt = Math.max(this._attempt, 4); // told to back off
@@ -552,7 +586,9 @@
         if (sub) {
           this._subs.delete(channel);
           for (const w of sub.waiters) w.reject(makeError("Cancelled", "unsubscribed by the server", "subscribe"));
-          this._emit("unsubscribed", { channel, reason });
+          // Deleted above, so a reconnect does not subscribe it again: that would undo the
+          // backend's decision, or be refused.
+          this._emit("unsubscribed", { channel, reason, byServer: true });
         }
         return;
       }
