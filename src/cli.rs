@@ -131,12 +131,6 @@ struct Setup<'a> {
     publish_to: &'a str,
 }
 
-/// Close 4006: the backend disconnected this client (`POST /disconnect`); reconnecting is
-/// allowed (SPEC 22.1). The server's own list is `crate::error::close`.
-const CLOSE_DISCONNECTED: u16 = 4006;
-/// Close 4007: the token was revoked; retrying with it cannot succeed (SPEC 22.1).
-const CLOSE_TOKEN_REVOKED: u16 = 4007;
-
 enum SessionEnd {
     /// Worth retrying: the network or the server went away.
     Dropped(String),
@@ -278,6 +272,7 @@ fn dropped(e: &dyn std::fmt::Display) -> SessionEnd {
 /// How a close frame from the server ends the session. The reason is the backend's text
 /// (`POST /disconnect`), so it is escaped before it reaches the terminal.
 fn closed(code: u16, reason: &str) -> SessionEnd {
+    use crate::error::close;
     let reason = printable(reason);
     let reason = if reason.is_empty() {
         String::new()
@@ -285,10 +280,12 @@ fn closed(code: u16, reason: &str) -> SessionEnd {
         format!(": {reason}")
     };
     match code {
-        CLOSE_TOKEN_REVOKED => SessionEnd::Fatal(format!(
+        // Retrying with this token cannot succeed (SPEC 22.1).
+        close::REVOKED => SessionEnd::Fatal(format!(
             "the token was revoked (closed {code}{reason}); get a new token and connect with it"
         )),
-        CLOSE_DISCONNECTED => SessionEnd::Dropped(format!(
+        // The backend's `POST /disconnect`: reconnecting is allowed.
+        close::DISCONNECTED => SessionEnd::Dropped(format!(
             "disconnected by the backend, closed {code}{reason}"
         )),
         _ => SessionEnd::Dropped(format!("closed {code}{reason}")),

@@ -1,8 +1,9 @@
 //! `broadcaster connect` recovers what it missed while its connection was down (SPEC section 2,
 //! issue 6): the test cuts its TCP connection through a proxy, publishes meanwhile, and expects
-//! every message printed once, in order, after the reconnect. Against a stand-in server: a close
-//! 4007 (token revoked) ends it with an error and no retry, a close 4006 (disconnected by the
-//! backend) is reconnected, and a channel the server unsubscribed is not resubscribed (SPEC 17).
+//! every message printed once, in order, after the reconnect. Against a stand-in server, and then
+//! the real one's backend endpoints: a close 4007 (token revoked) ends it with an error and no
+//! retry, a close 4006 (disconnected by the backend) is reconnected, and a channel the server
+//! unsubscribed is not resubscribed (SPEC 17).
 
 mod common;
 mod fake_server;
@@ -136,14 +137,14 @@ async fn connect_reconnects_and_recovers_what_it_missed() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Close codes 4006 and 4007, and `unsubscribed` (SPEC 17, 22.1), against the stand-in server of
-// tests/fake_server: what the client does with them needs no backend endpoint.
+// Close codes 4006 and 4007, and `unsubscribed` (SPEC 17, 22.1): against the stand-in server of
+// tests/fake_server, which shows each request the client makes, then the backend's endpoints.
 // ---------------------------------------------------------------------------------------------
 
 /// The lines a child printed so far.
 type Lines = Arc<Mutex<Vec<String>>>;
 
-/// `broadcaster connect` run against the fake server.
+/// A running `broadcaster connect`.
 struct Cli {
     child: tokio::process::Child,
     out: Lines,
@@ -152,12 +153,11 @@ struct Cli {
     err_read: tokio::task::JoinHandle<()>,
 }
 
-/// `broadcaster connect` to the fake server with stdin held open (its end would end the
-/// client); its stdout and stderr lines are collected as they come.
-fn spawn_cli(addr: std::net::SocketAddr, channels: &[&str]) -> Cli {
+/// `broadcaster connect` with stdin held open (its end would end the client); its stdout and
+/// stderr lines are collected as they come.
+fn spawn_cli(url: &str, token: &str, channels: &[&str]) -> Cli {
     let mut cmd = tokio::process::Command::new(bin());
-    let url = format!("ws://{addr}/ws");
-    cmd.args(["connect", "--url", &url, "--token", "t"]);
+    cmd.args(["connect", "--url", url, "--token", token]);
     for c in channels {
         cmd.args(["--channel", c]);
     }
@@ -223,7 +223,7 @@ async fn wait_text(lines: &Mutex<Vec<String>>, want: &str) {
 #[tokio::test]
 async fn connect_exits_on_close_4007_without_retrying() {
     let mut fake = fake_server::start().await;
-    let cli = spawn_cli(fake.addr, &["room"]);
+    let cli = spawn_cli(&fake.ws_url(), "t", &["room"]);
     let mut ws = fake.next_conn("the CLI's connection").await;
     accept_session(&mut ws, 1).await;
     close_with(ws, 4007, "token revoked").await;
@@ -244,7 +244,7 @@ async fn connect_exits_on_close_4007_without_retrying() {
 #[tokio::test]
 async fn connect_reconnects_after_close_4006() {
     let mut fake = fake_server::start().await;
-    let mut cli = spawn_cli(fake.addr, &["a", "b"]);
+    let mut cli = spawn_cli(&fake.ws_url(), "t", &["a", "b"]);
     let mut ws = fake.next_conn("the CLI's connection").await;
     accept_session(&mut ws, 2).await;
     let b = serde_json::json!({"method": "broadcast", "params": {"id": "m8", "seq": 1,
@@ -278,7 +278,7 @@ async fn connect_reconnects_after_close_4006() {
 #[tokio::test]
 async fn connect_does_not_resubscribe_what_the_server_unsubscribed() {
     let mut fake = fake_server::start().await;
-    let mut cli = spawn_cli(fake.addr, &["a", "b"]);
+    let mut cli = spawn_cli(&fake.ws_url(), "t", &["a", "b"]);
     let mut ws = fake.next_conn("the CLI's connection").await;
     accept_session(&mut ws, 2).await;
     send_json(&mut ws, unsubscribed("a", "server")).await;
@@ -302,4 +302,76 @@ async fn connect_does_not_resubscribe_what_the_server_unsubscribed() {
         said.contains("unsubscribed from b (permission)") && said.contains("no channel left"),
         "{said}"
     );
+}
+
+/// The subscribers of `channel` on the server (0 when it has none).
+async fn subscribers(s: &Server, channel: &str) -> u64 {
+    let v = http_get_key(s.public, "/channels", API_KEY).await.json();
+    v["channels"]
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["channel"] == channel))
+        .and_then(|c| c["subscribers"].as_u64())
+        .unwrap_or(0)
+}
+
+/// Waits until the server counts `want` subscribers of `channel`.
+async fn wait_subscribers(s: &Server, channel: &str, want: u64) {
+    let deadline = Instant::now() + T;
+    while subscribers(s, channel).await != want {
+        assert!(
+            Instant::now() < deadline,
+            "{channel}: never {want} subscribers"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn backend_post(s: &Server, path: &str, body: serde_json::Value) -> serde_json::Value {
+    let r = http_post_key(s.backend(), path, API_KEY, &body.to_string()).await;
+    assert_eq!(r.status, 200, "{path}: {}", r.text());
+    r.json()
+}
+
+/// SPEC 17 end to end, the backend's endpoints against `broadcaster connect`: `POST
+/// /unsubscribe` is said and that channel stays unsubscribed across the reconnect a `POST
+/// /disconnect` (4006) brings; a `POST /disconnect` with 4007 ends it with an error.
+#[tokio::test]
+async fn connect_follows_the_backend_endpoints() {
+    let s = Server::start(ServerOpts::default());
+    let token = s.token("u-cli", &["a", "b"], &["subscribe"]);
+    let cli = spawn_cli(&s.ws_url(), &token, &["a", "b"]);
+    wait_subscribers(&s, "a", 1).await;
+    wait_subscribers(&s, "b", 1).await;
+
+    let body = serde_json::json!({"user": "u-cli", "channel": "b"});
+    let r = backend_post(&s, "/unsubscribe", body).await;
+    assert_eq!(r, serde_json::json!({"subscriptions": 1}));
+    wait_text(&cli.err, "unsubscribed from b (server)").await;
+
+    let r = backend_post(&s, "/disconnect", serde_json::json!({"user": "u-cli"})).await;
+    assert_eq!(r, serde_json::json!({"connections": 1}));
+    wait_text(&cli.err, "disconnected by the backend, closed 4006").await;
+    // Back on `a` only. Published until shown: the subscribe may still be on its way.
+    let deadline = Instant::now() + T;
+    while !printed(&cli.out).iter().any(|l| l.starts_with("a after: ")) {
+        assert!(
+            Instant::now() < deadline,
+            "no broadcast after the reconnect"
+        );
+        s.publish("a", "after", "1").await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(subscribers(&s, "a").await, 1);
+    assert_eq!(subscribers(&s, "b").await, 0);
+
+    let body = serde_json::json!({"user": "u-cli", "code": 4007, "reason": "token revoked"});
+    let r = backend_post(&s, "/disconnect", body).await;
+    assert_eq!(r, serde_json::json!({"connections": 1}));
+    let (status, said) = cli.finish().await;
+    assert!(!status.success(), "{status}: {said}");
+    assert!(
+        said.contains("the token was revoked (closed 4007: token revoked)"),
+        "{said}"
+    );
+    assert_eq!(said.matches("connected to").count(), 2, "{said}");
 }
