@@ -1124,10 +1124,9 @@ const RECORD_SENT: &str = "(() => { if (!window.sent) { window.sent = []; \
     return true; })()";
 
 /// Two subscriptions ended by the server: `cut` by a re-auth with a token that no longer
-/// allows it (the real server's `unsubscribed`, reason "permission"), `gone` by an
-/// `unsubscribed` with reason "server" handed to the client as `POST /unsubscribe` would send
-/// it. Each is logged with its reason and leaves the list, and after a reconnect only `keep` is
-/// subscribed again: `gone`'s publications no longer reach the page.
+/// allows it (`unsubscribed`, reason "permission"), `gone` by the backend's `POST /unsubscribe`
+/// (reason "server"). Each is logged with its reason and leaves the list, and after a reconnect
+/// only `keep` is subscribed again: `gone`'s publications no longer reach the page.
 async fn server_unsubscribes(page: &Page, server: &Server) {
     let token = |channels: &[&str]| server.token("u-page", channels, &["subscribe"]);
     connect_and_subscribe(page, server, &token(&["keep", "gone", "cut"]), "keep").await;
@@ -1149,11 +1148,9 @@ async fn server_unsubscribes(page: &Page, server: &Server) {
     let cut = "unsubscribed from cut by the server (permission); not resubscribed";
     page.wait_for(&log_has(cut), "the page to log cut's unsubscribed")
         .await;
-    page.eval(
-        "window.playground.client._onMessage(JSON.stringify({method: 'unsubscribed', \
-         params: {channel: 'gone', reason: 'server'}})); true",
-    )
-    .await;
+    let body = json!({"user": "u-page", "channel": "gone"}).to_string();
+    let r = http_post_key(server.backend(), "/unsubscribe", common::API_KEY, &body).await;
+    assert_eq!(r.json(), json!({"subscriptions": 1}), "{}", r.text());
     let gone = "unsubscribed from gone by the server (server); not resubscribed";
     page.wait_for(&log_has(gone), "the page to log gone's unsubscribed")
         .await;

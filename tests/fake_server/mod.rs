@@ -1,8 +1,9 @@
 //! A stand-in WebSocket server for client tests (`broadcaster connect`, `/client.js`): it
 //! accepts each connection a client makes and hands it to the test, which answers `auth` and
-//! `subscribe` and then sends what the case needs (a notification, a close code). The real
-//! server cannot yet be told to close with 4006 or 4007 or to send a given `unsubscribed`; with
-//! this, what a client does with them is tested on its own.
+//! `subscribe` and then sends what the case needs (a notification, a close code). Unlike the real
+//! server it shows the test each request the client makes, so what a client does after a close
+//! (the `since` it resumes with, the token it sends, that it does not come back) is checked
+//! exactly.
 
 // Each test file uses a different subset of these helpers.
 #![allow(dead_code)]
