@@ -64,7 +64,9 @@ enum Command {
     /// `channel event: payload`, and for presence channels who is there on subscribing
     /// (`in chat/x: alice, bob (2)`) and `bob joined chat/x` / `bob left chat/x`. Each stdin line
     /// is published to the first channel as event `message`. Reconnects and recovers with
-    /// `since`. Names are the token's `info.username`, else its `sub`.
+    /// `since` (also after 4006, disconnected by the backend); exits on 4007 (token revoked: get
+    /// a new one); a channel the server unsubscribes is not followed again. Names are the
+    /// token's `info.username`, else its `sub`.
     Connect {
         /// Server URL: ws://HOST:PORT/ws (or http://HOST:PORT).
         #[arg(long)]
