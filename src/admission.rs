@@ -106,6 +106,52 @@ impl Drop for Permit {
     }
 }
 
+/// Authenticated connections per user on this node, against `limits.connections_per_user_max`
+/// (SPEC 17). Like the per-address counts, behind striped locks taken at `auth` and at close
+/// only.
+#[derive(Debug)]
+pub(crate) struct PerUser {
+    stripes: [Mutex<HashMap<Arc<str>, u32>>; STRIPES],
+    max: usize,
+}
+
+impl PerUser {
+    pub(crate) fn new(max: usize) -> PerUser {
+        PerUser {
+            stripes: std::array::from_fn(|_| Mutex::new(HashMap::new())),
+            max,
+        }
+    }
+
+    fn stripe(&self, user: &str) -> &Mutex<HashMap<Arc<str>, u32>> {
+        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+        let h = BuildHasherDefault::<DefaultHasher>::default().hash_one(user);
+        &self.stripes[h as usize % STRIPES]
+    }
+
+    /// Counts one more connection of `user`; false, and nothing counted, at the limit.
+    pub(crate) fn admit(&self, user: &Arc<str>) -> bool {
+        let mut map = self.stripe(user).lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.get(user).copied().unwrap_or(0);
+        if n as usize >= self.max {
+            return false;
+        }
+        map.insert(user.clone(), n + 1);
+        true
+    }
+
+    /// A connection of `user` counted by `admit` ended.
+    pub(crate) fn release(&self, user: &str) {
+        let mut map = self.stripe(user).lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(user) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(user);
+            }
+        }
+    }
+}
+
 /// The client's address: the peer's, unless the peer is a trusted proxy; then the nearest
 /// address of `X-Forwarded-For` that is not itself a trusted proxy (each proxy appends the
 /// address it heard from, so entries to its left may be made up by the client).

@@ -124,6 +124,9 @@ pub struct Limits {
     pub anonymous_connections_per_ip_max: usize,
     /// Most publications one `rewind` may ask for. Default 100.
     pub rewind_max: usize,
+    /// Most connections one user (token `sub`) may hold authenticated on this node; an `auth`
+    /// beyond it is ResourceExhausted. Default 0: no limit.
+    pub connections_per_user_max: usize,
     /// Peers (CIDRs, or single addresses) whose `X-Forwarded-For` names the client; from any
     /// other peer the header is ignored. Default none.
     pub trusted_proxies: Vec<String>,
@@ -411,6 +414,7 @@ impl Default for Limits {
             anonymous_connections_max: 500_000,
             anonymous_connections_per_ip_max: 64,
             rewind_max: 100,
+            connections_per_user_max: 0,
             trusted_proxies: Vec::new(),
         }
     }
@@ -475,6 +479,7 @@ const KEYS: &[(&str, Kind)] = &[
     ("limits.anonymous_connections_max", Kind::Int),
     ("limits.anonymous_connections_per_ip_max", Kind::Int),
     ("limits.rewind_max", Kind::Int),
+    ("limits.connections_per_user_max", Kind::Int),
     ("limits.trusted_proxies", Kind::List),
     ("history.size", Kind::Int),
     ("history.ttl", Kind::Str),

@@ -35,6 +35,8 @@ pub struct Node {
     pub(crate) trusted_proxies: Vec<ipnet::IpNet>,
     /// Access-proxy calls in flight on every shard, against `proxy.concurrency_max`.
     pub(crate) proxy_in_flight: Arc<AtomicUsize>,
+    /// Authenticated connections per user, when `limits.connections_per_user_max` is set.
+    pub(crate) per_user: Option<crate::admission::PerUser>,
     /// Members, joins, leaves and reaps (`presence_*`).
     pub(crate) presence: Arc<crate::metrics::PresenceMetrics>,
 }
@@ -61,6 +63,8 @@ impl Node {
             tls,
             exposition,
             anonymous,
+            per_user: (limits.connections_per_user_max > 0)
+                .then(|| crate::admission::PerUser::new(limits.connections_per_user_max)),
             presence,
             metrics,
             bridge: None,

@@ -150,3 +150,33 @@ async fn unsubscribe_ends_matching_subscriptions_and_says_so() {
     .await;
     assert_eq!(r.json(), json!({"subscriptions": 2}), "chat/a and news");
 }
+
+#[tokio::test]
+async fn connections_per_user_max_refuses_the_extra_auth_on_any_shard() {
+    let s = Server::start(
+        ServerOpts::shards(2).env("BROADCASTER_LIMITS_CONNECTIONS_PER_USER_MAX", "2"),
+    );
+    let token = s.token_all("alice");
+    let mut first = s.ws_authed("alice").await;
+    let _second = s.ws_authed("alice").await;
+    let mut third = Ws::connect(s.public).await;
+    third
+        .call_err("auth", json!({"token": token}), "ResourceExhausted")
+        .await;
+    // Not counted twice: a refresh of an authenticated connection, and another user.
+    first.auth_ok(&token).await;
+    let _bob = s.ws_authed("bob").await;
+    drop(first);
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let r = third.request("auth", json!({"token": token})).await;
+        if r.get("result").is_some() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a closed connection freed no room: {r}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

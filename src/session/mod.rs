@@ -87,6 +87,9 @@ async fn end(shard: &Shard, conn: &Conn, user: Option<std::sync::Arc<str>>) {
     }
     if let Some(user) = &user {
         shard.user_ended(user, conn.id);
+        if let Some(counts) = &shard.node.per_user {
+            counts.release(user);
+        }
     }
 }
 

@@ -179,6 +179,11 @@ fn authenticated(
         }
     }
     if session.perms.is_none() {
+        let per_user = shard.node.per_user.as_ref();
+        if per_user.is_some_and(|counts| !counts.admit(&perms.sub)) {
+            let why = "limits.connections_per_user_max reached for this user; close another connection first";
+            return fail(shard, conn, id, &err(Code::ResourceExhausted, why));
+        }
         shard.user_authenticated(&perms.sub, conn.id);
     }
     tracing::debug!(conn = conn.id, sub = %perms.sub, "authenticated");
