@@ -33,6 +33,7 @@ pub const KEYS: &[&str] = &[
     "limits.anonymous_connections_max",
     "limits.anonymous_connections_per_ip_max",
     "limits.rewind_max",
+    "limits.connections_per_user_max",
     "limits.trusted_proxies",
     "proxy.secret",
     "proxy.timeout",
