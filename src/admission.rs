@@ -7,7 +7,9 @@
 //! once at the handshake and once when the connection authenticates or ends, never per message.
 
 use ipnet::IpNet;
+use std::borrow::Borrow;
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -19,9 +21,54 @@ const STRIPES: usize = 64;
 #[derive(Debug)]
 pub(crate) struct Anonymous {
     total: AtomicUsize,
-    per_ip: [Mutex<HashMap<IpAddr, u32>>; STRIPES],
+    per_ip: Striped<IpAddr>,
     node_max: usize,
     per_ip_max: usize,
+}
+
+/// Counts per key shared by every shard, behind `STRIPES` independent locks so shards rarely
+/// meet; a key is forgotten when its count goes back to 0.
+#[derive(Debug)]
+struct Striped<K>([Mutex<HashMap<K, u32>>; STRIPES]);
+
+impl<K: Hash + Eq> Striped<K> {
+    fn new() -> Striped<K> {
+        Striped(std::array::from_fn(|_| Mutex::new(HashMap::new())))
+    }
+
+    fn stripe<Q: Hash + ?Sized>(&self, key: &Q) -> std::sync::MutexGuard<'_, HashMap<K, u32>> {
+        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+        let h = BuildHasherDefault::<DefaultHasher>::default().hash_one(key);
+        // A poisoned stripe only means another thread panicked, and a panic ends the process.
+        self.0[h as usize % STRIPES]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// One more for `key`, unless it has `max` already; false then, and nothing counted.
+    fn admit(&self, key: K, max: usize) -> bool {
+        let mut map = self.stripe(&key);
+        let n = map.get(&key).copied().unwrap_or(0);
+        if n as usize >= max {
+            return false;
+        }
+        map.insert(key, n + 1);
+        true
+    }
+
+    /// One fewer for `key`.
+    fn release<Q: Hash + Eq + ?Sized>(&self, key: &Q)
+    where
+        K: Borrow<Q>,
+    {
+        let mut map = self.stripe(key);
+        if let Some(n) = map.get_mut(key) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(key);
+            }
+        }
+    }
 }
 
 /// Why an anonymous connection was refused at the handshake.
@@ -53,7 +100,7 @@ impl Anonymous {
     pub(crate) fn new(node_max: usize, per_ip_max: usize) -> Anonymous {
         Anonymous {
             total: AtomicUsize::new(0),
-            per_ip: std::array::from_fn(|_| Mutex::new(HashMap::new())),
+            per_ip: Striped::new(),
             node_max,
             per_ip_max,
         }
@@ -64,27 +111,16 @@ impl Anonymous {
         self.total.load(Relaxed)
     }
 
-    fn stripe(&self, ip: &IpAddr) -> &Mutex<HashMap<IpAddr, u32>> {
-        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
-        let h = BuildHasherDefault::<DefaultHasher>::default().hash_one(ip);
-        &self.per_ip[h as usize % STRIPES]
-    }
-
     /// Counts one more anonymous connection from `ip`, or says which cap refuses it.
     pub(crate) fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Permit, Refused> {
         if self.total.fetch_add(1, Relaxed) >= self.node_max {
             self.total.fetch_sub(1, Relaxed);
             return Err(Refused::Node);
         }
-        // A poisoned stripe only means another thread panicked, and a panic ends the process.
-        let mut map = self.stripe(&ip).lock().unwrap_or_else(|p| p.into_inner());
-        let n = map.get(&ip).copied().unwrap_or(0);
-        if n as usize >= self.per_ip_max {
-            drop(map);
+        if !self.per_ip.admit(ip, self.per_ip_max) {
             self.total.fetch_sub(1, Relaxed);
             return Err(Refused::Address);
         }
-        map.insert(ip, n + 1);
         Ok(Permit {
             counts: self.clone(),
             ip,
@@ -94,14 +130,7 @@ impl Anonymous {
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        let stripe = self.counts.stripe(&self.ip);
-        let mut map = stripe.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = map.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                map.remove(&self.ip);
-            }
-        }
+        self.counts.per_ip.release(&self.ip);
         self.counts.total.fetch_sub(1, Relaxed);
     }
 }
@@ -111,44 +140,26 @@ impl Drop for Permit {
 /// only.
 #[derive(Debug)]
 pub(crate) struct PerUser {
-    stripes: [Mutex<HashMap<Arc<str>, u32>>; STRIPES],
+    counts: Striped<Arc<str>>,
     max: usize,
 }
 
 impl PerUser {
     pub(crate) fn new(max: usize) -> PerUser {
         PerUser {
-            stripes: std::array::from_fn(|_| Mutex::new(HashMap::new())),
+            counts: Striped::new(),
             max,
         }
     }
 
-    fn stripe(&self, user: &str) -> &Mutex<HashMap<Arc<str>, u32>> {
-        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
-        let h = BuildHasherDefault::<DefaultHasher>::default().hash_one(user);
-        &self.stripes[h as usize % STRIPES]
-    }
-
     /// Counts one more connection of `user`; false, and nothing counted, at the limit.
     pub(crate) fn admit(&self, user: &Arc<str>) -> bool {
-        let mut map = self.stripe(user).lock().unwrap_or_else(|p| p.into_inner());
-        let n = map.get(user).copied().unwrap_or(0);
-        if n as usize >= self.max {
-            return false;
-        }
-        map.insert(user.clone(), n + 1);
-        true
+        self.counts.admit(user.clone(), self.max)
     }
 
     /// A connection of `user` counted by `admit` ended.
     pub(crate) fn release(&self, user: &str) {
-        let mut map = self.stripe(user).lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = map.get_mut(user) {
-            *n -= 1;
-            if *n == 0 {
-                map.remove(user);
-            }
-        }
+        self.counts.release(user);
     }
 }
 
