@@ -45,8 +45,7 @@ pub(super) async fn run(state: Rc<State>, mut rx: tokio::sync::mpsc::UnboundedRe
             Request::Presence { channel, reply } => {
                 let s = state.clone();
                 tokio::task::spawn_local(async move {
-                    let members = presence::snapshot(&s, &channel, true).await;
-                    let _ = reply.send(members.map(|(_, body)| body.unwrap_or_default()));
+                    let _ = reply.send(presence::members(&s, &channel).await);
                 });
             }
             Request::Control { op, reply } => {

@@ -199,27 +199,16 @@ fn pair(channel: &str, user: &str) -> String {
     format!("{channel} {user}")
 }
 
-/// The channel's presence version and, when `list`, its members (`reply::presence`).
-pub(super) async fn snapshot(
-    state: &State,
-    channel: &str,
-    list: bool,
-) -> Result<(u64, Option<Vec<u8>>), Error> {
+/// Who is in the channel (`reply::presence`): its members and version, read in one
+/// transaction.
+pub(super) async fn members(state: &State, channel: &str) -> Result<Vec<u8>, Error> {
     let mut conn = state
         .connection()
         .ok_or_else(|| unavailable("not connected"))?;
     let k = presence_keys(channel);
-    let read = async {
-        if list {
-            let mut pipe = redis::pipe();
-            pipe.atomic().get(&k[3]).hgetall(&k[0]);
-            pipe.query_async::<(Option<u64>, HashMap<String, String>)>(&mut conn)
-                .await
-        } else {
-            let version = redis::cmd("GET").arg(&k[3]).query_async(&mut conn).await?;
-            Ok((version, HashMap::new()))
-        }
-    };
+    let mut pipe = redis::pipe();
+    pipe.atomic().get(&k[3]).hgetall(&k[0]);
+    let read = pipe.query_async::<(Option<u64>, HashMap<String, String>)>(&mut conn);
     let (version, members) = tokio::time::timeout(REDIS_TIMEOUT, read)
         .await
         .map_err(|_| unavailable("presence timed out"))?
@@ -227,10 +216,11 @@ pub(super) async fn snapshot(
             tracing::warn!(error = %e, channel, "redis presence read failed");
             unavailable("presence failed")
         })?;
-    let version = version.unwrap_or(0);
     let members = members.into_iter().collect();
-    let body = list.then(|| super::recovery::encode_members(members, version));
-    Ok((version, body))
+    Ok(super::recovery::encode_members(
+        members,
+        version.unwrap_or(0),
+    ))
 }
 
 /// Members of each of `channels`, as Redis has them.
