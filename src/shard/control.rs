@@ -19,18 +19,14 @@ impl Shard {
         let op = Arc::new(op);
         let mut count = self.apply_control(&op);
         if self.node.shards > 1 {
-            let (done, rx) = oneshot::channel();
-            let waiting = self.node.shards - 1;
-            let token = self.await_answer(Pending::Control {
-                waiting,
-                count: 0,
-                done: Some(done),
-            });
-            for peer in (0..self.node.shards).filter(|p| *p != self.id) {
-                let (from, op) = (self.id, op.clone());
-                self.send(peer, ShardMsg::Control { token, from, op });
-            }
-            count += rx
+            let from = self.id;
+            let ask = |token| ShardMsg::Control {
+                token,
+                from,
+                op: op.clone(),
+            };
+            count += self
+                .ask_peers(0, Pending::Control, ask)
                 .await
                 .map_err(|_| err(Code::Unavailable, "a shard stopped"))?;
         }
@@ -88,24 +84,7 @@ impl Shard {
 
     /// One peer's count; the request completes with the last.
     fn control_done(&self, token: u64, n: usize) {
-        let mut pending = self.pending.borrow_mut();
-        let Some(Pending::Control {
-            waiting,
-            count,
-            done,
-        }) = pending.get_mut(&token)
-        else {
-            return;
-        };
-        *count += n;
-        *waiting -= 1;
-        if *waiting > 0 {
-            return;
-        }
-        if let Some(tx) = done.take() {
-            let _ = tx.send(*count);
-        }
-        pending.remove(&token);
+        self.gathered(token, Pending::control, |count| *count += n);
     }
 
     /// Connection `id` authenticated as `user` (its first `auth`).

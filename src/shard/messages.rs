@@ -90,29 +90,13 @@ impl Shard {
         counts: Vec<(Arc<str>, usize)>,
         users: Vec<(Arc<str>, usize)>,
     ) {
-        let mut pending = self.pending.borrow_mut();
-        let Some(Pending::Channels {
-            waiting,
-            counts: sum,
-            done,
-        }) = pending.get_mut(&token)
-        else {
-            return;
-        };
-        for (c, n) in counts {
-            *sum.subscribers.entry(c).or_insert(0) += n;
-        }
-        for (c, n) in users {
-            *sum.users.entry(c).or_insert(0) += n;
-        }
-        *waiting -= 1;
-        if *waiting > 0 {
-            return;
-        }
-        let sum = std::mem::take(sum);
-        if let Some(tx) = done.take() {
-            let _ = tx.send(sum);
-        }
-        pending.remove(&token);
+        self.gathered(token, Pending::channels, |sum| {
+            for (c, n) in counts {
+                *sum.subscribers.entry(c).or_insert(0) += n;
+            }
+            for (c, n) in users {
+                *sum.users.entry(c).or_insert(0) += n;
+            }
+        });
     }
 }

@@ -59,16 +59,31 @@ enum Pending {
     Subscribe(SubscribeRequest),
     History(oneshot::Sender<HistoryPage>),
     Presence(oneshot::Sender<Vec<u8>>),
-    Control {
-        waiting: usize,
-        count: usize,
-        done: Option<oneshot::Sender<usize>>,
-    },
-    Channels {
-        waiting: usize,
-        counts: ChannelCounts,
-        done: Option<oneshot::Sender<ChannelCounts>>,
-    },
+    Control(Gather<usize>),
+    Channels(Gather<ChannelCounts>),
+}
+
+impl Pending {
+    fn channels(&mut self) -> Option<&mut Gather<ChannelCounts>> {
+        match self {
+            Pending::Channels(gather) => Some(gather),
+            _ => None,
+        }
+    }
+
+    fn control(&mut self) -> Option<&mut Gather<usize>> {
+        match self {
+            Pending::Control(gather) => Some(gather),
+            _ => None,
+        }
+    }
+}
+
+/// Answers to one question asked of every peer shard, added up; complete with the last.
+struct Gather<T> {
+    waiting: usize,
+    sum: T,
+    done: Option<oneshot::Sender<T>>,
 }
 
 /// Subscribers per channel, and members per channel that counts them, over every shard.
@@ -206,6 +221,50 @@ impl Shard {
         self.next_token.set(token + 1);
         self.pending.borrow_mut().insert(token, pending);
         token
+    }
+
+    /// Asks every peer shard the question `ask` makes of a token; the receiver gets `sum` with
+    /// every answer added (by `gathered`).
+    fn ask_peers<T>(
+        &self,
+        sum: T,
+        pending: fn(Gather<T>) -> Pending,
+        ask: impl Fn(u64) -> ShardMsg,
+    ) -> oneshot::Receiver<T> {
+        let (done, rx) = oneshot::channel();
+        let waiting = self.node.shards - 1;
+        let token = self.await_answer(pending(Gather {
+            waiting,
+            sum,
+            done: Some(done),
+        }));
+        for peer in (0..self.node.shards).filter(|p| *p != self.id) {
+            self.send(peer, ask(token));
+        }
+        rx
+    }
+
+    /// One peer's answer to the question of `token`: `add` puts it into the sum (`pick` finds
+    /// the gather among the pending requests); the last answer completes it.
+    fn gathered<T: Default>(
+        &self,
+        token: u64,
+        pick: fn(&mut Pending) -> Option<&mut Gather<T>>,
+        add: impl FnOnce(&mut T),
+    ) {
+        let mut pending = self.pending.borrow_mut();
+        let Some(gather) = pending.get_mut(&token).and_then(pick) else {
+            return;
+        };
+        add(&mut gather.sum);
+        gather.waiting -= 1;
+        if gather.waiting > 0 {
+            return;
+        }
+        if let Some(done) = gather.done.take() {
+            let _ = done.send(std::mem::take(&mut gather.sum));
+        }
+        pending.remove(&token);
     }
 
     /// The request that waited for `token`'s answer.

@@ -92,24 +92,10 @@ impl Shard {
 
     /// `counts` with every peer shard's added.
     async fn peer_counts(self: &Rc<Self>, counts: ChannelCounts) -> Result<ChannelCounts, Error> {
-        let (tx, rx) = oneshot::channel();
-        let token = self.await_answer(Pending::Channels {
-            waiting: self.node.shards - 1,
-            counts,
-            done: Some(tx),
-        });
-        for peer in 0..self.node.shards {
-            if peer != self.id {
-                self.send(
-                    peer,
-                    ShardMsg::Channels {
-                        token,
-                        from: self.id,
-                    },
-                );
-            }
-        }
-        rx.await
+        let from = self.id;
+        let ask = |token| ShardMsg::Channels { token, from };
+        self.ask_peers(counts, Pending::Channels, ask)
+            .await
             .map_err(|_| err(Code::Unavailable, "a shard stopped"))
     }
 }
