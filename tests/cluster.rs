@@ -1836,10 +1836,7 @@ async fn the_member_cap_holds_across_nodes() {
 // ---------------------------------------------------------------------------------------------
 
 async fn post_control(s: &Server, path: &str, body: Value) -> HttpResponse {
-    let auth = format!("Bearer {}", s.api_key);
-    let body = body.to_string();
-    let headers = [("Authorization", auth.as_str())];
-    http_request(s.backend(), "POST", path, &headers, Some(body.as_bytes())).await
+    http_post_key(s.backend(), path, &s.api_key, &body.to_string()).await
 }
 
 #[tokio::test]

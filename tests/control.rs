@@ -10,16 +10,7 @@ use std::time::Duration;
 const WAIT: Duration = Duration::from_secs(5);
 
 async fn post(s: &Server, path: &str, body: &Value) -> HttpResponse {
-    let auth = format!("Bearer {}", s.api_key);
-    let body = body.to_string();
-    http_request(
-        s.backend(),
-        "POST",
-        path,
-        &[("Authorization", &auth)],
-        Some(body.as_bytes()),
-    )
-    .await
+    http_post_key(s.backend(), path, &s.api_key, &body.to_string()).await
 }
 
 #[tokio::test]

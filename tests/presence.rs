@@ -321,15 +321,7 @@ async fn from_is_the_publishers_token_and_cannot_be_forged() {
     );
     // REST publications have no sender, whatever the body says.
     let body = r#"{"channel":"room/from","event":"e","from":{"user":"admin"},"payload":1}"#;
-    let auth = format!("Bearer {}", s.api_key);
-    let r = http_request(
-        s.backend(),
-        "POST",
-        "/publish",
-        &[("Authorization", &auth)],
-        Some(body.as_bytes()),
-    )
-    .await;
+    let r = http_post_key(s.backend(), "/publish", &s.api_key, body).await;
     assert_eq!(r.status, 200, "{}", r.text());
     let b = watcher.recv_broadcast().await;
     assert!(b.get("from").is_none(), "{b}");
