@@ -898,17 +898,7 @@ async fn scenario() {
 
     anonymous_viewer(&page, &server, &key).await;
 
-    // No script errors on the page.
-    let errors: Vec<String> = page
-        .cdp
-        .console
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|l| l.starts_with("exception") || l.starts_with("console.error"))
-        .cloned()
-        .collect();
-    assert!(errors.is_empty(), "page errors: {errors:?}");
+    assert_no_page_errors(&page);
 
     drop(page);
     drop(browser);
@@ -1037,12 +1027,7 @@ async fn presence() {
         .await;
     assert_eq!(r, json!("u-alice/1"));
     assert_eq!(page.eval(&client_members).await, json!("u-alice"));
-    let console = page.cdp.console.lock().unwrap().clone();
-    let errors: Vec<&String> = console
-        .iter()
-        .filter(|l| l.starts_with("exception") || l.starts_with("console.error"))
-        .collect();
-    assert!(errors.is_empty(), "page errors: {errors:?}");
+    assert_no_page_errors(&page);
 }
 
 /// JS: hands the page's client a join of `u-ghost` with version 1, as a server re-sending an
@@ -1099,12 +1084,7 @@ async fn backend_decides() {
     let page = Page::open(&browser, &server).await;
     server_unsubscribes(&page, &server).await;
     revoked_and_disconnected(&page).await;
-    let console = page.cdp.console.lock().unwrap().clone();
-    let errors: Vec<&String> = console
-        .iter()
-        .filter(|l| l.starts_with("exception") || l.starts_with("console.error"))
-        .collect();
-    assert!(errors.is_empty(), "page errors: {errors:?}");
+    assert_no_page_errors(&page);
 }
 
 /// JS: whether the page's log holds `text`.
@@ -1247,4 +1227,18 @@ async fn revoked_and_disconnected(page: &Page) {
     assert!(!page.text("token-hint").await.contains("revoked"));
     page.eval("window.playground.client.disconnect(); true")
         .await;
+}
+
+/// No script error (exception or `console.error`) was logged on the page.
+fn assert_no_page_errors(page: &Page) {
+    let errors: Vec<String> = page
+        .cdp
+        .console
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.starts_with("exception") || l.starts_with("console.error"))
+        .cloned()
+        .collect();
+    assert!(errors.is_empty(), "page errors: {errors:?}");
 }
