@@ -119,6 +119,18 @@ fn run_loadtest(server: &Server, args: &[&str], json: &PathBuf) -> serde_json::V
 }
 
 /// Runs the load generator against `server`, whatever comes of it.
+/// A run that must fail: exit 1, `LOAD TEST FAILED` on stderr, `"passed": false` in its JSON
+/// summary. Returns the stderr and the summary.
+fn failed_loudly(out: &std::process::Output, json: &PathBuf) -> (String, serde_json::Value) {
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("LOAD TEST FAILED"), "{stderr}");
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(json).expect("the JSON summary")).unwrap();
+    assert_eq!(s["passed"], false);
+    (stderr, s)
+}
+
 fn loadtest_output(server: &Server, args: &[&str], json: &PathBuf) -> std::process::Output {
     let pid = server.child.id().to_string();
     Command::new(env!("CARGO_BIN_EXE_broadcaster-loadtest"))
@@ -312,14 +324,9 @@ fn scoreboard_fails_loudly_without_a_public_rule() {
         ],
         &json,
     );
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("LOAD TEST FAILED"), "{stderr}");
+    let (stderr, _) = failed_loudly(&out, &json);
     assert!(stderr.contains("anonymous viewers, round 1"), "{stderr}");
     assert!(stderr.contains("rewind_default"), "{stderr}");
-    let s: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).expect("the JSON summary")).unwrap();
-    assert_eq!(s["passed"], false);
 }
 
 const PROXY_SECRET: &str = "smoke-proxy-secret";
@@ -412,14 +419,9 @@ fn proxy_fails_loudly_when_hits_are_asked() {
     let json = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("smoke-proxy-no-cache.json");
     let listen = format!("127.0.0.1:{port}");
     let out = loadtest_output(&server, &proxy_args(&listen), &json);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("LOAD TEST FAILED"), "{stderr}");
+    let (stderr, s) = failed_loudly(&out, &json);
     // 100 measured hits and 3 x 2 warm-up ones.
     assert!(stderr.contains("106 HITS WERE ASKED"), "{stderr}");
-    let s: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).expect("the JSON summary")).unwrap();
-    assert_eq!(s["passed"], false);
     assert_eq!(s["proxy"]["backend"]["calls"], 109 + 106, "{s:#}");
 }
 
@@ -542,12 +544,7 @@ fn presence_fails_loudly_without_join_leave() {
         ],
         &json,
     );
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("LOAD TEST FAILED"), "{stderr}");
+    let (stderr, s) = failed_loudly(&out, &json);
     assert!(stderr.contains("join_leave = true"), "{stderr}");
-    let s: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).expect("the JSON summary")).unwrap();
-    assert_eq!(s["passed"], false);
     assert_eq!(s["presence"]["joins"], 0, "{s:#}");
 }
