@@ -89,6 +89,20 @@ struct Claims {
     scope: Vec<String>,
     #[serde(default)]
     info: Option<serde_json::Value>,
+    #[serde(default)]
+    iat: Option<u64>,
+    #[serde(default)]
+    jti: Option<String>,
+}
+
+/// When and as what a token was issued, for revocation (`/revoke`): read at `auth`, kept by
+/// the shard's index of users rather than by the session.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Issued {
+    /// The `iat` claim, unix seconds; 0 when the token has none (revoked by any cutoff).
+    pub iat: u64,
+    /// The `jti` claim.
+    pub jti: Option<String>,
 }
 
 /// The `info` claim checked (an object, at most `max` bytes as compact JSON) and encoded.
@@ -140,6 +154,11 @@ impl Verifier {
 
     /// The permissions `token` grants, or why it is refused.
     pub fn verify(&self, token: &str) -> Result<Permissions, TokenError> {
+        self.verify_issued(token).map(|(p, _)| p)
+    }
+
+    /// `verify`, with the claims that revocation looks at.
+    pub fn verify_issued(&self, token: &str) -> Result<(Permissions, Issued), TokenError> {
         use jsonwebtoken::errors::ErrorKind as K;
         let data =
             jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(|e| {
@@ -162,7 +181,12 @@ impl Verifier {
             return Err(TokenError("token sub is empty".into()));
         }
         let info = check_info(c.info, self.info_bytes_max).map_err(TokenError)?;
-        Ok(Permissions::new(c.sub, c.exp, c.authorized_channels, &c.scope).with_info(info))
+        let issued = Issued {
+            iat: c.iat.unwrap_or(0),
+            jti: c.jti,
+        };
+        let perms = Permissions::new(c.sub, c.exp, c.authorized_channels, &c.scope);
+        Ok((perms.with_info(info), issued))
     }
 }
 

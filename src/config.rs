@@ -70,7 +70,7 @@ pub struct Config {
 }
 
 /// `[auth]`: client tokens and backend keys.
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     /// HS256 secret of client tokens. Unset: dev mode (a generated one, loopback only).
@@ -80,6 +80,23 @@ pub struct AuthConfig {
     /// Clock skew allowed on a token's `exp`, at most 1 hour. Default 0 s.
     #[serde(with = "duration")]
     pub leeway: Duration,
+    /// How long a `/revoke` is kept: longer than the longest token lifetime. Default 24 h.
+    #[serde(with = "duration")]
+    pub revocation_ttl: Duration,
+    /// Revocations kept at once; more are ResourceExhausted. Default 100,000.
+    pub revocations_max: usize,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            jwt_secret: None,
+            api_keys: Vec::new(),
+            leeway: Duration::ZERO,
+            revocation_ttl: Duration::from_secs(24 * 3600),
+            revocations_max: 100_000,
+        }
+    }
 }
 
 /// `[limits]`: a bound on everything a client can make the server hold or do (SPEC 6).
@@ -464,6 +481,8 @@ const KEYS: &[(&str, Kind)] = &[
     ("auth.jwt_secret", Kind::Str),
     ("auth.api_keys", Kind::List),
     ("auth.leeway", Kind::Str),
+    ("auth.revocation_ttl", Kind::Str),
+    ("auth.revocations_max", Kind::Int),
     ("limits.auth_timeout", Kind::Str),
     ("limits.http_head_timeout", Kind::Str),
     ("limits.http_head_bytes_max", Kind::Int),
@@ -635,6 +654,15 @@ impl Config {
         }
         if self.auth.leeway > LEEWAY_MAX {
             let why = "auth.leeway: at most 1 hour of clock skew";
+            return Err(ConfigError(why.into()));
+        }
+        let ttl = self.auth.revocation_ttl;
+        if ttl < Duration::from_secs(1) || ttl > DURATION_MAX {
+            let why = "auth.revocation_ttl: between 1s and 365 days";
+            return Err(ConfigError(why.into()));
+        }
+        if !(1..=10_000_000).contains(&self.auth.revocations_max) {
+            let why = "auth.revocations_max: between 1 and 10000000";
             return Err(ConfigError(why.into()));
         }
         Ok(())

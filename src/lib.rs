@@ -54,6 +54,7 @@
 //! | presence: members, join/leave, the `presence` method | `presence.rs` (counting), `channel.rs` (the owner's members), `shard/presence.rs` (in, out, asked), `cluster/presence.rs` (Redis, heartbeats, reaping) |
 //! | `from` in broadcasts (who said it) | `auth.rs` (`Permissions::from`), `session/requests.rs` (`publish`), `wire/broadcast.rs` |
 //! | the backend's `/disconnect` and `/unsubscribe` | `shard/control.rs` (every shard), `shard/users.rs` (a user's connections), `cluster/control.rs` (every node) |
+//! | the backend's `/revoke`: what is revoked, and the check at `auth` | `revocation.rs`; `shard/control.rs` closes the connections; `cluster/control.rs` keeps it in Redis |
 //! | every libc call | `sys.rs` |
 //! | `/metrics` | `metrics.rs` |
 //! | start, signals, panics | `server.rs`; the checks before start in `preflight.rs`; drain in `shutdown.rs` |
@@ -63,7 +64,8 @@
 //! Each module imports only modules of earlier lines (no import circle):
 //!
 //! 1. `clock`, `constants`, `error`, `sys`: leaves.
-//! 2. `rules` (channel rules: access, history, rewind), `admission` (the anonymous caps).
+//! 2. `rules` (channel rules: access, history, rewind), `admission` (the anonymous caps),
+//!    `revocation` (revoked tokens).
 //! 3. `auth` (tokens, keys), `config` (tunables), `wire/` (sans-IO parsing and encoding),
 //!    `preflight` (io_uring), `io/` (sockets, epoll, timers, TLS, the io_uring batch),
 //!    `metrics` (per-shard counters, the exposition).
@@ -102,6 +104,7 @@ pub mod node;
 mod preflight;
 pub mod presence;
 pub mod proxy;
+pub mod revocation;
 mod ring;
 mod route;
 pub mod rules;

@@ -39,6 +39,8 @@ pub struct Node {
     pub(crate) per_user: Option<crate::admission::PerUser>,
     /// Members, joins, leaves and reaps (`presence_*`).
     pub(crate) presence: Arc<crate::metrics::PresenceMetrics>,
+    /// Revoked tokens (`/revoke`), checked at each `auth`; the bridge keeps them in Redis.
+    pub(crate) revocations: Arc<crate::revocation::Revocations>,
 }
 
 impl Node {
@@ -66,6 +68,10 @@ impl Node {
             per_user: (limits.connections_per_user_max > 0)
                 .then(|| crate::admission::PerUser::new(limits.connections_per_user_max)),
             presence,
+            revocations: Arc::new(crate::revocation::Revocations::new(
+                config.auth.revocations_max,
+                config.auth.revocation_ttl,
+            )),
             metrics,
             bridge: None,
             rules: Arc::new(config.rules()),

@@ -74,6 +74,7 @@ fn node(config: Config, shards: usize) -> Result<(Arc<Node>, Vec<Ends>), String>
             rules: node.rules.clone(),
             presence: node.presence.clone(),
             node_timeout: node.config.presence.node_timeout,
+            revocations: node.revocations.clone(),
         };
         let bridge = crate::cluster::start(setup, to_shards)?;
         node.exposition.add_bridge(bridge.metrics.clone());

@@ -171,3 +171,115 @@ async fn connections_per_user_max_refuses_the_extra_auth_on_any_shard() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// `2026-12-06T10:00:00Z` for `secs` since the epoch.
+fn rfc3339(secs: i64) -> String {
+    let t = std::time::UNIX_EPOCH + Duration::from_secs(secs as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// Every connection of `ws` gets `unsubscribed` (reason `revoked`) for `channel`, then 4007.
+async fn expect_revoked(ws: &mut Ws, channel: &str) {
+    let n = ws.recv_note(WAIT).await;
+    assert_eq!(n["method"], json!("unsubscribed"), "{n}");
+    assert_eq!(
+        n["params"],
+        json!({"channel": channel, "reason": "revoked"})
+    );
+    ws.expect_close(4007, WAIT).await;
+}
+
+#[tokio::test]
+async fn revoke_by_time_closes_older_tokens_on_every_shard_and_refuses_them() {
+    let s = Server::start(ServerOpts::shards(2));
+    let cutoff = now_secs();
+    let old = TokenSpec::new(&s.secret, "alice")
+        .issued_at(cutoff - 60)
+        .mint();
+    let mut alice = Vec::new();
+    while alice.len() < 4 || !every_shard_holds(&s, 2, 1.0).await {
+        assert!(alice.len() < 40, "40 connections all on one shard");
+        let mut ws = Ws::connect(s.public).await;
+        ws.auth_ok(&old).await;
+        ws.subscribe("news").await;
+        alice.push(ws);
+    }
+    // Issued at the cutoff's whole second: not before it.
+    let fresh = TokenSpec::new(&s.secret, "alice").issued_at(cutoff).mint();
+    let mut kept = Ws::connect(s.public).await;
+    kept.auth_ok(&fresh).await;
+    kept.subscribe("news").await;
+    let mut bob = s.ws_authed("bob").await;
+    bob.subscribe("news").await;
+
+    let body = json!({"user": "alice", "issuedBefore": rfc3339(cutoff)});
+    let r = post(&s, "/revoke", &body).await;
+    assert_eq!((r.status, r.json()), (200, json!({"revoked": true})));
+    for ws in &mut alice {
+        expect_revoked(ws, "news").await;
+    }
+    let mut again = Ws::connect(s.public).await;
+    let refused = again.request("auth", json!({"token": old})).await;
+    assert_error(&refused, &refused["requestId"], "Unauthenticated");
+    assert!(
+        refused.to_string().contains("revoked"),
+        "the error says why: {refused}"
+    );
+    again.auth_ok(&fresh).await;
+    s.publish("news", "e", "1").await;
+    assert_eq!(kept.recv_broadcast().await["payload"], json!(1));
+    assert_eq!(bob.recv_broadcast().await["payload"], json!(1));
+}
+
+#[tokio::test]
+async fn revoke_by_jti_takes_that_token_only() {
+    let s = Server::start(ServerOpts::shards(2));
+    let stolen = TokenSpec::new(&s.secret, "alice").jti("j-1").mint();
+    let other = TokenSpec::new(&s.secret, "alice").jti("j-2").mint();
+    let mut a = Ws::connect(s.public).await;
+    a.auth_ok(&stolen).await;
+    a.subscribe("news").await;
+    let mut b = Ws::connect(s.public).await;
+    b.auth_ok(&other).await;
+
+    let r = post(&s, "/revoke", &json!({"jti": "j-1"})).await;
+    assert_eq!((r.status, r.json()), (200, json!({"revoked": true})));
+    expect_revoked(&mut a, "news").await;
+    b.heartbeat_ok().await;
+    let mut again = Ws::connect(s.public).await;
+    again
+        .call_err("auth", json!({"token": stolen}), "Unauthenticated")
+        .await;
+    again.auth_ok(&other).await;
+    // A re-auth of a live connection with the revoked token is refused too.
+    b.call_err("auth", json!({"token": stolen}), "Unauthenticated")
+        .await;
+}
+
+#[tokio::test]
+async fn revocations_are_bounded_and_bad_bodies_refused() {
+    let s = Server::start(ServerOpts::shards(1).env("BROADCASTER_AUTH_REVOCATIONS_MAX", "2"));
+    for jti in ["a", "b", "a"] {
+        let r = post(&s, "/revoke", &json!({"jti": jti})).await;
+        assert_eq!(r.status, 200, "{jti}: {}", r.text());
+    }
+    let r = post(&s, "/revoke", &json!({"jti": "c"})).await;
+    assert_eq!(
+        r.json()["error"]["code"],
+        json!("ResourceExhausted"),
+        "{}",
+        r.text()
+    );
+    for bad in [
+        json!({}),
+        json!({"user": "alice"}),
+        json!({"user": "alice", "issuedBefore": "yesterday"}),
+        json!({"user": "", "issuedBefore": rfc3339(0)}),
+        json!({"jti": ""}),
+        json!({"jti": 7}),
+        json!({"jti": "x", "user": "alice"}),
+    ] {
+        let r = post(&s, "/revoke", &bad).await;
+        assert_eq!(r.status, 400, "{bad}: {}", r.text());
+    }
+}

@@ -12,6 +12,8 @@ pub const KEYS: &[&str] = &[
     "auth.jwt_secret",
     "auth.api_keys",
     "auth.leeway",
+    "auth.revocation_ttl",
+    "auth.revocations_max",
     "limits.auth_timeout",
     "limits.http_head_timeout",
     "limits.http_head_bytes_max",

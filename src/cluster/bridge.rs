@@ -140,6 +140,8 @@ async fn supervise(state: Rc<State>) {
                         state.dirty.set(true);
                     }
                     tracing::info!("redis bridge connected");
+                    let s = state.clone();
+                    tokio::task::spawn_local(async move { control::sync_revocations(&s).await });
                     first = false;
                     backoff = BACKOFF_MIN;
                     // A Redis that hangs (or a partition) ends no stream: ping to notice.

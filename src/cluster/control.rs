@@ -1,9 +1,14 @@
-//! The backend's disconnect and unsubscribe between nodes (SPEC 17): the node that got the
-//! request publishes it on `bc:control`, every node subscribes to it from its first connection
-//! to Redis, and each other node applies it on all its shards.
+//! The backend's disconnect, unsubscribe and revoke between nodes (SPEC 17): the node that got
+//! the request publishes it on `bc:control`, every node subscribes to it from its first
+//! connection to Redis, and each other node applies it on all its shards. Revocations are also
+//! kept in Redis (`scripts::REVOKED`, one script stores and publishes them), loaded by a node
+//! at each (re)connect, and put back from the node's own table when Redis lost them.
 
+use super::scripts::{REVOKED, REVOKE_LUA};
 use super::{unavailable, State, REDIS_TIMEOUT};
-use crate::error::Error;
+use crate::clock::unix_ms;
+use crate::error::{err, Code, Error};
+use crate::revocation::{Revocation, Target};
 use crate::ring::ShardMsg;
 use crate::wire::request::Control;
 use std::sync::Arc;
@@ -11,12 +16,18 @@ use std::sync::Arc;
 /// The pub/sub channel of control messages.
 pub(super) const CHANNEL: &str = "bc:control";
 
-/// Publishes `op` for the other nodes.
+/// Revocations per script call when a node puts its table back.
+const PUT_BACK_CHUNK: usize = 500;
+
+/// Publishes `op` for the other nodes (a revocation: stored, then published, in one script).
 pub(super) async fn publish(state: &State, op: &Control) -> Result<(), Error> {
     let mut conn = state
         .connection()
         .ok_or_else(|| unavailable("not connected"))?;
     let message = encode(&state.node_id, op);
+    if let Control::Revoke(r) = op {
+        return store(state, std::slice::from_ref(r), &message).await;
+    }
     let mut publish = redis::cmd("PUBLISH");
     publish.arg(CHANNEL).arg(message);
     match tokio::time::timeout(REDIS_TIMEOUT, publish.query_async::<i64>(&mut conn)).await {
@@ -29,7 +40,95 @@ pub(super) async fn publish(state: &State, op: &Control) -> Result<(), Error> {
     }
 }
 
+/// Stores `revocations` in Redis and publishes `message` (none when empty).
+async fn store(state: &State, revocations: &[Revocation], message: &[u8]) -> Result<(), Error> {
+    let mut conn = state
+        .connection()
+        .ok_or_else(|| unavailable("not connected"))?;
+    let script = redis::Script::new(REVOKE_LUA);
+    let mut call = script.key(REVOKED);
+    call.arg(unix_ms())
+        .arg(state.revocations.max())
+        .arg(CHANNEL)
+        .arg(message);
+    for r in revocations {
+        call.arg(field(&r.target))
+            .arg(r.cutoff_ms)
+            .arg(r.expires_ms);
+    }
+    match tokio::time::timeout(REDIS_TIMEOUT, call.invoke_async::<i64>(&mut conn)).await {
+        Ok(Ok(1)) => Ok(()),
+        Ok(Ok(_)) => Err(err(
+            Code::ResourceExhausted,
+            "auth.revocations_max revocations are held in Redis; retry when some expire",
+        )),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "redis revoke failed");
+            Err(unavailable("revoke failed"))
+        }
+        Err(_) => Err(unavailable("revoke timed out")),
+    }
+}
+
+/// At each (re)connect: puts this node's revocations back (Redis may have restarted without
+/// them, or missed one made during an outage), then takes every revocation Redis holds, and
+/// closes the connections here that they revoke.
+pub(super) async fn sync_revocations(state: &State) {
+    let now = unix_ms();
+    let mine = state.revocations.live(now);
+    for chunk in mine.chunks(PUT_BACK_CHUNK) {
+        if let Err(e) = store(state, chunk, b"").await {
+            tracing::warn!(error = %e.message, "revocations not put back into redis");
+            break;
+        }
+    }
+    let Some(mut conn) = state.connection() else {
+        return;
+    };
+    let mut read = redis::cmd("HGETALL");
+    read.arg(REVOKED);
+    let read = read.query_async::<Vec<(String, String)>>(&mut conn);
+    let held = match tokio::time::timeout(REDIS_TIMEOUT, read).await {
+        Ok(Ok(held)) => held,
+        _ => {
+            tracing::warn!("revocations not read from redis; the next reconnect retries");
+            return;
+        }
+    };
+    for (f, value) in held {
+        let Some(r) = parse_entry(&f, &value) else {
+            continue;
+        };
+        if state.revocations.insert(&r, now).is_ok() {
+            apply(state, Control::Revoke(r));
+        }
+    }
+}
+
+/// `u:<user>` or `j:<jti>` with `<cutoff> <expires>`.
+fn parse_entry(field: &str, value: &str) -> Option<Revocation> {
+    let target = match field.split_at_checked(2)? {
+        ("u:", user) => Target::User(user.to_string()),
+        ("j:", jti) => Target::Jti(jti.to_string()),
+        _ => return None,
+    };
+    let (cutoff, expires) = value.split_once(' ')?;
+    Some(Revocation {
+        target,
+        cutoff_ms: cutoff.parse().ok()?,
+        expires_ms: expires.parse().ok()?,
+    })
+}
+
+fn field(target: &Target) -> String {
+    match target {
+        Target::User(user) => format!("u:{user}"),
+        Target::Jti(jti) => format!("j:{jti}"),
+    }
+}
+
 /// Another node's request: to every shard of this one (this node's own are applied already).
+/// A revocation enters this node's table first, so an `auth` racing it is refused.
 pub(super) fn on_message(state: &State, data: &[u8]) {
     let Some((origin, op)) = decode(data) else {
         tracing::warn!("undecodable control message from redis dropped");
@@ -38,13 +137,23 @@ pub(super) fn on_message(state: &State, data: &[u8]) {
     if origin == state.node_id {
         return;
     }
+    if let Control::Revoke(r) = &op {
+        if state.revocations.insert(r, unix_ms()).is_err() {
+            tracing::warn!("auth.revocations_max reached here; a revocation from another node is applied to open connections only");
+        }
+    }
+    apply(state, op);
+}
+
+fn apply(state: &State, op: Control) {
     let op = Arc::new(op);
     for shard in &state.shards {
         let _ = shard.unbounded_send(ShardMsg::Apply(op.clone()));
     }
 }
 
-/// `origin D code userlen user+reason` or `origin U userlen user+pattern`.
+/// `origin D code userlen user+reason`, `origin U userlen user+pattern`, or
+/// `origin R u|j cutoff expires user|jti`.
 fn encode(origin: &str, op: &Control) -> Vec<u8> {
     let text = match op {
         Control::Disconnect { user, code, reason } => {
@@ -52,6 +161,13 @@ fn encode(origin: &str, op: &Control) -> Vec<u8> {
         }
         Control::Unsubscribe { user, pattern } => {
             format!("{origin} U {} {user}{pattern}", user.len())
+        }
+        Control::Revoke(r) => {
+            let (kind, name) = match &r.target {
+                Target::User(user) => ("u", user),
+                Target::Jti(jti) => ("j", jti),
+            };
+            format!("{origin} R {kind} {} {} {name}", r.cutoff_ms, r.expires_ms)
         }
     };
     text.into_bytes()
@@ -67,6 +183,7 @@ fn decode(data: &[u8]) -> Option<(String, Control)> {
             (Some(code.parse::<u16>().ok()?), rest)
         }
         "U" => (None, rest),
+        "R" => return Some((origin.to_string(), decode_revoke(rest)?)),
         _ => return None,
     };
     let (len, rest) = rest.split_once(' ')?;
@@ -87,6 +204,24 @@ fn decode(data: &[u8]) -> Option<(String, Control)> {
     Some((origin.to_string(), op))
 }
 
+fn decode_revoke(rest: &str) -> Option<Control> {
+    let mut fields = rest.splitn(4, ' ');
+    let kind = fields.next()?;
+    let cutoff_ms = fields.next()?.parse().ok()?;
+    let expires_ms = fields.next()?.parse().ok()?;
+    let name = fields.next().filter(|n| !n.is_empty())?.to_string();
+    let target = match kind {
+        "u" => Target::User(name),
+        "j" => Target::Jti(name),
+        _ => return None,
+    };
+    Some(Control::Revoke(Revocation {
+        target,
+        cutoff_ms,
+        expires_ms,
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -103,6 +238,16 @@ mod tests {
                 user: "ü".into(),
                 pattern: "chat/*".into(),
             },
+            Control::Revoke(Revocation {
+                target: Target::User("a b".into()),
+                cutoff_ms: 12,
+                expires_ms: 34,
+            }),
+            Control::Revoke(Revocation {
+                target: Target::Jti("j 1".into()),
+                cutoff_ms: 0,
+                expires_ms: 34,
+            }),
         ] {
             let (origin, back) = decode(&encode("n1", &op)).unwrap();
             assert_eq!((origin.as_str(), back), ("n1", op));
@@ -110,5 +255,20 @@ mod tests {
         assert!(decode(b"n1 X 1 a").is_none());
         assert!(decode(b"n1 U 9 a").is_none());
         assert!(decode(b"n1 D x 1 a").is_none());
+        assert!(decode(b"n1 R x 1 2 a").is_none());
+        assert!(decode(b"n1 R u 1 2 ").is_none());
+        assert!(decode(b"n1 R u 1 a b").is_none());
+    }
+
+    #[test]
+    fn stored_revocations_parse() {
+        let r = parse_entry("u:al:ice", "5 9").unwrap();
+        assert_eq!(r.target, Target::User("al:ice".into()));
+        assert_eq!((r.cutoff_ms, r.expires_ms), (5, 9));
+        assert_eq!(field(&r.target), "u:al:ice");
+        assert!(parse_entry("j:x", "0 9").is_some());
+        for (f, v) in [("x:a", "1 2"), ("u:a", "1"), ("u:a", "a 2"), ("", "1 2")] {
+            assert!(parse_entry(f, v).is_none(), "{f} {v}");
+        }
     }
 }

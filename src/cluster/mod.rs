@@ -19,7 +19,7 @@
 //! | `publish.rs` | one publication through the publish script |
 //! | `watch.rs` | which channels the node subscribes to in Redis, and the subscribe answer |
 //! | `recovery.rs` | a channel's position, recovery from the stream, history pages |
-//! | `control.rs` | the backend's disconnect and unsubscribe, from node to node |
+//! | `control.rs` | the backend's disconnect, unsubscribe and revoke, from node to node; revocations kept in Redis |
 //! | `presence.rs` | members in Redis: joins, leaves, heartbeats, reaping dead nodes |
 //! | `scripts.rs` | the Lua scripts and the key scheme |
 
@@ -35,6 +35,7 @@ use crate::channel::HistoryPage;
 use crate::error::{Code, Error};
 use crate::metrics::{BridgeMetrics, PresenceMetrics};
 use crate::presence::{Member, Members};
+use crate::revocation::Revocations;
 use crate::ring::{Ack, ShardMsg};
 use crate::rules::Rules;
 use crate::wire::request::{PublishParams, Start};
@@ -135,6 +136,8 @@ pub(crate) struct Setup {
     pub presence: Arc<PresenceMetrics>,
     /// `presence.node_timeout`.
     pub node_timeout: Duration,
+    /// The node's revoked tokens, kept in Redis too.
+    pub revocations: Arc<Revocations>,
 }
 
 /// Starts the bridge thread. `shards` are the per-shard delivery channels.
@@ -148,6 +151,7 @@ pub(crate) fn start(
         rules,
         presence,
         node_timeout,
+        revocations,
     } = setup;
     // The URL may hold a password: name the key, not the value.
     let client = redis::Client::open(url.as_str()).map_err(|e| format!("redis.url: {e}"))?;
@@ -183,6 +187,7 @@ pub(crate) fn start(
                 dirty: std::cell::Cell::new(false),
                 beating: std::cell::Cell::new(false),
                 node_timeout,
+                revocations,
             });
             let local = tokio::task::LocalSet::new();
             local.block_on(&runtime, bridge::run(state, rx));
@@ -215,6 +220,7 @@ struct State {
     /// This node has heartbeat in `bc:nodes` at least once.
     beating: std::cell::Cell<bool>,
     node_timeout: Duration,
+    revocations: Arc<Revocations>,
 }
 
 fn bump(c: &AtomicU64) {

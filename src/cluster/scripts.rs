@@ -118,6 +118,43 @@ local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. string.format('
 return {new, dead}
 "#;
 
+/// Revocations (SPEC 17): field `u:<user>` or `j:<jti>` -> `<cutoff ms> <expires ms>`; the
+/// key lives until its latest entry expires.
+pub(super) const REVOKED: &str = "bc:revoked";
+
+/// Stores revocations (ARGV from 5: field, cutoff ms, expires ms; a held field keeps the later
+/// cutoff and expiry) in KEYS[1] while it holds fewer than ARGV[2] live ones (ARGV[1]: now,
+/// ms), then PUBLISHes ARGV[4] (unless empty) on ARGV[3]. Returns 0 when full, else 1.
+pub(super) const REVOKE_LUA: &str = r#"
+local now, max, latest = tonumber(ARGV[1]), tonumber(ARGV[2]), 0
+for i = 5, #ARGV, 3 do
+  local field, cutoff, expires = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+  local held = redis.call('HGET', KEYS[1], field)
+  if held then
+    local c, e = string.match(held, '^(%d+) (%d+)$')
+    cutoff = math.max(cutoff, tonumber(c) or 0)
+    expires = math.max(expires, tonumber(e) or 0)
+  elseif redis.call('HLEN', KEYS[1]) >= max then
+    local all = redis.call('HGETALL', KEYS[1])
+    for j = 1, #all, 2 do
+      local e = tonumber(string.match(all[j + 1], ' (%d+)$')) or 0
+      if e <= now then redis.call('HDEL', KEYS[1], all[j]) end
+    end
+    if redis.call('HLEN', KEYS[1]) >= max then return 0 end
+  end
+  redis.call('HSET', KEYS[1], field, string.format('%.0f %.0f', cutoff, expires))
+  latest = math.max(latest, expires)
+end
+if latest > now then
+  local ttl = redis.call('PTTL', KEYS[1])
+  if ttl < 0 or now + ttl < latest then
+    redis.call('PEXPIREAT', KEYS[1], string.format('%.0f', latest))
+  end
+end
+if ARGV[4] ~= '' then redis.call('PUBLISH', ARGV[3], ARGV[4]) end
+return 1
+"#;
+
 /// The nodes' heartbeats: node id -> Redis time (ms) of its last.
 pub(super) const NODES: &str = "bc:nodes";
 

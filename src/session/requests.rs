@@ -4,7 +4,7 @@
 use super::access;
 use super::rate_limit::Verdict;
 use super::Session;
-use crate::auth::Permissions;
+use crate::auth::{Issued, Permissions};
 use crate::clock::now_rfc3339;
 use crate::connection::Conn;
 use crate::error::{close, err, Close, Code, Error};
@@ -98,15 +98,23 @@ async fn request(
     };
     match method {
         Method::Heartbeat => heartbeat(conn, id),
-        Method::Auth { token } => match shard.node.verifier.verify(&token) {
-            Ok(perms) => authenticated(shard, conn, session, id, perms),
+        Method::Auth { token } => match verify(shard, &token) {
+            Ok((perms, issued)) => authenticated(shard, conn, session, id, perms, &issued),
             Err(e) => {
                 ShardMetrics::add(&shard.metrics().auth_failures_total, 1);
-                fail(shard, conn, id, &err(Code::Unauthenticated, e.0));
+                fail(shard, conn, id, &e);
             }
         },
         Method::AuthProxy => match Box::pin(access::connect(shard, conn)).await {
-            Ok(perms) => authenticated(shard, conn, session, id, perms),
+            Ok(perms) => {
+                // The backend's answer stands for a token issued now (a `/revoke` by time
+                // before this does not take it).
+                let issued = Issued {
+                    iat: crate::clock::unix_now(),
+                    jti: None,
+                };
+                authenticated(shard, conn, session, id, perms, &issued)
+            }
             Err(e) => fail(shard, conn, id, &e),
         },
         Method::Subscribe { channel, start } => {
@@ -120,6 +128,24 @@ async fn request(
         Method::Presence { channel } => Box::pin(presence(shard, conn, session, id, channel)).await,
     }
     Ok(())
+}
+
+/// A token's permissions, unless it is invalid or revoked (Unauthenticated).
+fn verify(shard: &Shard, token: &str) -> Result<(Permissions, Issued), Error> {
+    let node = &shard.node;
+    let (perms, issued) = node
+        .verifier
+        .verify_issued(token)
+        .map_err(|e| err(Code::Unauthenticated, e.0))?;
+    let jti = issued.jti.as_deref();
+    if node
+        .revocations
+        .revoked(&perms.sub, issued.iat, jti, crate::clock::unix_ms())
+    {
+        let why = "token revoked; get a new token from the backend";
+        return Err(err(Code::Unauthenticated, why));
+    }
+    Ok((perms, issued))
 }
 
 fn unauthenticated() -> Error {
@@ -159,6 +185,7 @@ fn authenticated(
     session: &mut Session,
     id: Option<&[u8]>,
     perms: Permissions,
+    issued: &Issued,
 ) {
     if let Some(old) = &session.perms {
         if old.sub != perms.sub {
@@ -184,8 +211,8 @@ fn authenticated(
             let why = "limits.connections_per_user_max reached for this user; close another connection first";
             return fail(shard, conn, id, &err(Code::ResourceExhausted, why));
         }
-        shard.user_authenticated(&perms.sub, conn.id);
     }
+    shard.user_authenticated(&perms.sub, conn.id, issued);
     tracing::debug!(conn = conn.id, sub = %perms.sub, "authenticated");
     session.perms = Some(perms);
     conn.authenticated();

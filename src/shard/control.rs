@@ -1,7 +1,8 @@
-//! The backend's `/disconnect` and `/unsubscribe` (SPEC 17): on this shard's connections, on
+//! The backend's `/disconnect`, `/unsubscribe` and `/revoke` (SPEC 17): on this shard's connections, on
 //! every shard of the node through the rings, and in cluster mode on every node through Redis.
 
 use super::{Pending, Shard};
+use crate::auth::Issued;
 use crate::error::{err, Code, Error};
 use crate::ring::ShardMsg;
 use crate::wire::reply;
@@ -16,6 +17,19 @@ impl Shard {
     /// With Redis unreachable it still applies here, and answers Unavailable so that the
     /// backend retries.
     pub(crate) async fn control(self: &Rc<Self>, op: Control) -> Result<usize, Error> {
+        if let Control::Revoke(r) = &op {
+            // In the node's table before any shard looks: an `auth` after this point refuses
+            // the token, one before it is in a shard's index when the close reaches it.
+            let full = self
+                .node
+                .revocations
+                .insert(r, crate::clock::unix_ms())
+                .is_err();
+            if full {
+                let why = "auth.revocations_max revocations are held; retry when some expire";
+                return Err(err(Code::ResourceExhausted, why));
+            }
+        }
         let op = Arc::new(op);
         let mut count = self.apply_control(&op);
         if self.node.shards > 1 {
@@ -64,6 +78,22 @@ impl Shard {
                 }
                 ended
             }
+            Control::Revoke(r) => {
+                let taken = self.users.borrow().revoked(r);
+                let mut closed = 0;
+                for (user, id) in taken {
+                    let Some(conn) = self.conn(id).filter(|c| !c.is_closing()) else {
+                        continue;
+                    };
+                    for sub in conn.remove_subscriptions_unless(|_| false) {
+                        self.unsubscribe(&sub, Some(&user));
+                        conn.notify(&reply::unsubscribed(&sub.channel, "revoked"));
+                    }
+                    conn.close(crate::error::close::REVOKED, "token revoked", false);
+                    closed += 1;
+                }
+                closed
+            }
         }
     }
 
@@ -87,9 +117,9 @@ impl Shard {
         self.gathered(token, Pending::control, |count| *count += n);
     }
 
-    /// Connection `id` authenticated as `user` (its first `auth`).
-    pub(crate) fn user_authenticated(&self, user: &Arc<str>, id: u64) {
-        self.users.borrow_mut().add(user, id);
+    /// Connection `id` authenticated as `user` with a token `issued` so (each `auth`).
+    pub(crate) fn user_authenticated(&self, user: &Arc<str>, id: u64, issued: &Issued) {
+        self.users.borrow_mut().add(user, id, issued);
     }
 
     /// Connection `id` of `user` ended.

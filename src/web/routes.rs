@@ -40,12 +40,13 @@ enum Handler {
     Presence,
     Disconnect,
     Unsubscribe,
+    Revoke,
 }
 
 /// One endpoint: path, method (GET also answers HEAD), access, handler.
 struct Endpoint(&'static str, &'static str, Access, Handler);
 
-const ROUTES: [Endpoint; 11] = [
+const ROUTES: [Endpoint; 12] = [
     Endpoint("/health", "GET", Access::Anyone, Handler::Health),
     Endpoint("/", "GET", Access::Playground, Handler::Page),
     Endpoint("/client.js", "GET", Access::Playground, Handler::ClientJs),
@@ -67,6 +68,7 @@ const ROUTES: [Endpoint; 11] = [
         Access::BackendKey,
         Handler::Unsubscribe,
     ),
+    Endpoint("/revoke", "POST", Access::BackendKey, Handler::Revoke),
 ];
 
 /// Answers one HTTP request (other than the WebSocket upgrade) into `out`.
@@ -172,6 +174,13 @@ async fn handle(
             let op = request::parse_unsubscribe_body(body)?;
             let n = shard.control(op).await?;
             (200, JSON, format!("{{\"subscriptions\":{n}}}").into_bytes())
+        }
+        Handler::Revoke => {
+            let (target, cutoff_ms) = request::parse_revoke_body(body)?;
+            let revocations = &shard.node.revocations;
+            let r = revocations.revocation(target, cutoff_ms, crate::clock::unix_ms());
+            shard.control(request::Control::Revoke(r)).await?;
+            (200, JSON, b"{\"revoked\":true}".to_vec())
         }
     })
 }

@@ -7,6 +7,7 @@
 //! valid JSON.
 
 use crate::error::{err, Code, Error};
+use crate::revocation::Target;
 use crate::wire::json::{self, find, members, repeated, skip_ws, span_of, Span};
 use simd_json::prelude::*;
 use simd_json::BorrowedValue;
@@ -428,6 +429,9 @@ pub enum Control {
         /// The channel or pattern.
         pattern: String,
     },
+    /// `POST /revoke`: refuse the tokens it names from now on and close the connections using
+    /// them with 4007.
+    Revoke(crate::revocation::Revocation),
 }
 
 /// A close frame's reason fits its 125-byte payload with the 2-byte code.
@@ -482,6 +486,42 @@ pub fn parse_unsubscribe_body(body: &[u8]) -> Result<Control, Error> {
     }
     let pattern = pattern.to_string();
     Ok(Control::Unsubscribe { user, pattern })
+}
+
+/// `POST /revoke`: `{"user","issuedBefore":RFC3339}` or `{"jti"}`; the target and its cutoff
+/// in unix ms (0 for a `jti`).
+pub fn parse_revoke_body(body: &[u8]) -> Result<(Target, u64), Error> {
+    let mut scratch = json::Scratch::default();
+    let (value, _) = parse_body(body, &mut scratch)?;
+    let jti = value.get("jti");
+    let user = value.get("user");
+    let before = value.get("issuedBefore");
+    match (jti, user, before) {
+        (Some(jti), None, None) => match jti.as_str() {
+            Some(j) if !j.is_empty() && j.len() <= USER_BYTES_MAX => {
+                Ok((Target::Jti(j.to_string()), 0))
+            }
+            _ => Err(err(
+                Code::InvalidArgument,
+                format!("jti must be a string of 1-{USER_BYTES_MAX} bytes"),
+            )),
+        },
+        (None, Some(_), Some(before)) => {
+            let user = user_param(&value)?;
+            let cutoff = before
+                .as_str()
+                .and_then(crate::revocation::parse_rfc3339_ms)
+                .ok_or_else(|| {
+                    let why = "issuedBefore must be an RFC 3339 time, like 2026-12-06T10:00:00Z";
+                    err(Code::InvalidArgument, why)
+                })?;
+            Ok((Target::User(user), cutoff))
+        }
+        _ => Err(err(
+            Code::InvalidArgument,
+            "give either user and issuedBefore, or jti",
+        )),
+    }
 }
 
 fn user_param(value: &BorrowedValue) -> Result<String, Error> {

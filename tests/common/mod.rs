@@ -513,6 +513,8 @@ pub struct TokenSpec {
     pub scope: Option<Vec<String>>,
     /// The `info` claim (SPEC 16).
     pub info: Option<Value>,
+    /// The `jti` claim (SPEC 17: revocable by it).
+    pub jti: Option<String>,
 }
 
 impl TokenSpec {
@@ -527,7 +529,19 @@ impl TokenSpec {
             channels: Some(vec!["*".into()]),
             scope: Some(vec!["subscribe".into(), "publish".into()]),
             info: None,
+            jti: None,
         }
+    }
+
+    pub fn jti(mut self, jti: &str) -> Self {
+        self.jti = Some(jti.into());
+        self
+    }
+
+    /// Issued at `iat` (seconds since the epoch).
+    pub fn issued_at(mut self, iat: i64) -> Self {
+        self.iat = Some(iat);
+        self
     }
 
     pub fn info(mut self, info: Value) -> Self {
@@ -572,6 +586,9 @@ impl TokenSpec {
         }
         if let Some(i) = &self.info {
             m.insert("info".into(), i.clone());
+        }
+        if let Some(j) = &self.jti {
+            m.insert("jti".into(), json!(j));
         }
         Value::Object(m)
     }

@@ -1,0 +1,226 @@
+//! Revoked tokens (SPEC 17): a user's tokens issued before a cutoff, or one token by its `jti`.
+//! One table per node, read at each `auth` (never per message) and written by `/revoke`, by
+//! other nodes' revocations and, in cluster mode, by what Redis holds when the bridge connects.
+//! Entries live `auth.revocation_ttl` from their revocation; at most `auth.revocations_max`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::RwLock;
+use std::time::Duration;
+
+/// What one revocation names.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Target {
+    /// Every token of this `sub` whose `iat` is before the cutoff.
+    User(String),
+    /// The token with this `jti`.
+    Jti(String),
+}
+
+/// One revocation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revocation {
+    /// Whose tokens.
+    pub target: Target,
+    /// Unix ms: a `User` revocation takes tokens issued before it (0 for `Jti`).
+    pub cutoff_ms: u64,
+    /// Unix ms when the entry is forgotten.
+    pub expires_ms: u64,
+}
+
+impl Revocation {
+    /// Whether a token of `sub` issued at `iat` (unix seconds, 0 when the token has none)
+    /// with `jti` is revoked by this entry. `iat` has whole seconds: a token issued within the
+    /// cutoff's second counts as issued before it unless the cutoff is a whole second.
+    pub fn takes(&self, sub: &str, iat: u64, jti: Option<&str>) -> bool {
+        match &self.target {
+            Target::User(user) => user == sub && iat.saturating_mul(1000) < self.cutoff_ms,
+            Target::Jti(id) => jti == Some(id.as_str()),
+        }
+    }
+}
+
+/// The table is full: `auth.revocations_max` entries that have not expired.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Full;
+
+/// A node's revocations.
+pub struct Revocations {
+    entries: RwLock<HashMap<Target, Revocation>>,
+    /// Nothing revoked yet: `auth` skips the lock.
+    empty: AtomicBool,
+    max: usize,
+    ttl: Duration,
+}
+
+impl Revocations {
+    /// A table of at most `max` entries, each kept `ttl`.
+    pub fn new(max: usize, ttl: Duration) -> Revocations {
+        Revocations {
+            entries: RwLock::new(HashMap::new()),
+            empty: AtomicBool::new(true),
+            max,
+            ttl,
+        }
+    }
+
+    /// A revocation of `target` made at `now_ms`, kept for the table's TTL.
+    pub fn revocation(&self, target: Target, cutoff_ms: u64, now_ms: u64) -> Revocation {
+        let ttl_ms = u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX);
+        Revocation {
+            target,
+            cutoff_ms,
+            expires_ms: now_ms.saturating_add(ttl_ms),
+        }
+    }
+
+    /// The most entries held at once.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    /// Adds `r`, or widens the entry for the same target (the later cutoff and expiry win).
+    /// Expired entries are dropped first when the table is full.
+    pub fn insert(&self, r: &Revocation, now_ms: u64) -> Result<(), Full> {
+        if r.expires_ms <= now_ms {
+            return Ok(());
+        }
+        let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(held) = entries.get_mut(&r.target) {
+            held.cutoff_ms = held.cutoff_ms.max(r.cutoff_ms);
+            held.expires_ms = held.expires_ms.max(r.expires_ms);
+            return Ok(());
+        }
+        if entries.len() >= self.max {
+            entries.retain(|_, e| e.expires_ms > now_ms);
+            if entries.len() >= self.max {
+                return Err(Full);
+            }
+        }
+        entries.insert(r.target.clone(), r.clone());
+        self.empty.store(false, Relaxed);
+        Ok(())
+    }
+
+    /// Whether a token of `sub` issued at `iat` with `jti` is revoked at `now_ms`.
+    pub fn revoked(&self, sub: &str, iat: u64, jti: Option<&str>, now_ms: u64) -> bool {
+        if self.empty.load(Relaxed) {
+            return false;
+        }
+        let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
+        let by_user = entries.get(&Target::User(sub.to_string()));
+        let by_jti = jti.and_then(|j| entries.get(&Target::Jti(j.to_string())));
+        let taken = [by_user, by_jti].into_iter().flatten();
+        let revoked = taken
+            .filter(|r| r.expires_ms > now_ms)
+            .any(|r| r.takes(sub, iat, jti));
+        revoked
+    }
+
+    /// Every entry still live at `now_ms` (to put back into a Redis that lost them).
+    pub fn live(&self, now_ms: u64) -> Vec<Revocation> {
+        let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
+        let live = entries.values().filter(|r| r.expires_ms > now_ms);
+        live.cloned().collect()
+    }
+}
+
+/// Parses an RFC 3339 time (`2026-12-06T10:00:00Z`, `...00.5+02:00`) into unix ms.
+pub fn parse_rfc3339_ms(text: &str) -> Option<u64> {
+    let text = text.trim();
+    // humantime reads only UTC (`Z`): apply a numeric offset by hand.
+    let (utc, offset_s) = match text.len().checked_sub(6).and_then(|i| text.get(i..)) {
+        Some(tail) if matches!(tail.as_bytes(), [b'+' | b'-', _, _, b':', _, _]) => {
+            let sign: i64 = if tail.starts_with('-') { -1 } else { 1 };
+            let h: i64 = tail.get(1..3)?.parse().ok()?;
+            let m: i64 = tail.get(4..6)?.parse().ok()?;
+            if h > 23 || m > 59 {
+                return None;
+            }
+            let head = text.get(..text.len() - 6)?;
+            (format!("{head}Z"), sign * (h * 3600 + m * 60))
+        }
+        _ => (text.replace('z', "Z"), 0),
+    };
+    let t = humantime::parse_rfc3339(&utc.replacen('t', "T", 1)).ok()?;
+    let ms = t.duration_since(std::time::UNIX_EPOCH).ok()?.as_millis();
+    let ms = i64::try_from(ms).ok()?.checked_sub(offset_s * 1000)?;
+    u64::try_from(ms).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_revocations_take_tokens_issued_before_the_cutoff() {
+        let t = Revocations::new(10, Duration::from_secs(60));
+        assert!(!t.revoked("alice", 0, None, 0));
+        let r = t.revocation(Target::User("alice".into()), 1_000_000, 5_000);
+        t.insert(&r, 5_000).unwrap();
+        assert!(t.revoked("alice", 999, None, 5_000));
+        assert!(t.revoked("alice", 0, None, 5_000), "no iat: revoked");
+        assert!(
+            !t.revoked("alice", 1_000, None, 5_000),
+            "issued at the cutoff"
+        );
+        assert!(!t.revoked("bob", 999, None, 5_000));
+        assert!(!t.revoked("alice", 999, None, 65_000), "expired");
+        // A later cutoff widens the entry; an earlier one does not narrow it.
+        let later = t.revocation(Target::User("alice".into()), 2_000_000, 6_000);
+        t.insert(&later, 6_000).unwrap();
+        let earlier = t.revocation(Target::User("alice".into()), 10, 7_000);
+        t.insert(&earlier, 7_000).unwrap();
+        assert!(t.revoked("alice", 1_999, None, 7_000));
+        assert_eq!(t.live(7_000).len(), 1);
+    }
+
+    #[test]
+    fn jti_revocations_take_one_token() {
+        let t = Revocations::new(10, Duration::from_secs(60));
+        t.insert(&t.revocation(Target::Jti("j1".into()), 0, 0), 0)
+            .unwrap();
+        assert!(t.revoked("anyone", 5, Some("j1"), 1));
+        assert!(!t.revoked("anyone", 5, Some("j2"), 1));
+        assert!(!t.revoked("anyone", 5, None, 1));
+    }
+
+    #[test]
+    fn the_table_is_bounded_and_expired_entries_make_room() {
+        let t = Revocations::new(2, Duration::from_secs(1));
+        for j in ["a", "b"] {
+            t.insert(&t.revocation(Target::Jti(j.into()), 0, 0), 0)
+                .unwrap();
+        }
+        let c = t.revocation(Target::Jti("c".into()), 0, 500);
+        assert_eq!(t.insert(&c, 500), Err(Full));
+        // The same target again is not a new entry.
+        let a = t.revocation(Target::Jti("a".into()), 0, 500);
+        assert_eq!(t.insert(&a, 500), Ok(()));
+        // At 1 s "b" has expired ("a" was renewed): room for "c".
+        let c = t.revocation(Target::Jti("c".into()), 0, 1_000);
+        assert_eq!(t.insert(&c, 1_000), Ok(()));
+        assert_eq!(t.live(1_000).len(), 2);
+    }
+
+    #[test]
+    fn rfc3339_times_parse_with_offsets_and_fractions() {
+        assert_eq!(parse_rfc3339_ms("1970-01-01T00:00:01Z"), Some(1_000));
+        assert_eq!(parse_rfc3339_ms("1970-01-01T00:00:01.5Z"), Some(1_500));
+        assert_eq!(parse_rfc3339_ms("1970-01-01T01:00:00+01:00"), Some(0));
+        assert_eq!(parse_rfc3339_ms("1970-01-01T00:00:00-00:01"), Some(60_000));
+        assert_eq!(
+            parse_rfc3339_ms("2026-12-06T10:00:00z"),
+            Some(1_796_551_200_000)
+        );
+        for bad in [
+            "",
+            "yesterday",
+            "2026-13-01T00:00:00Z",
+            "2026-12-06T10:00:00+25:00",
+        ] {
+            assert_eq!(parse_rfc3339_ms(bad), None, "{bad}");
+        }
+        assert_eq!(parse_rfc3339_ms("1969-12-31T23:59:59Z"), None);
+    }
+}
