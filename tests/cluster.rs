@@ -1881,3 +1881,84 @@ async fn disconnect_and_unsubscribe_reach_every_node_and_apply_here_without_redi
     assert_eq!(r.json()["error"]["code"], json!("Unavailable"));
     carol.expect_close(4006, T).await;
 }
+
+/// Polls `auth` with `token` on a fresh connection to `s` until it is refused (a node learns
+/// the revocations Redis holds just after it connects).
+async fn wait_refused(s: &Server, token: &str) {
+    let deadline = Instant::now() + T;
+    loop {
+        let mut ws = Ws::connect(s.public).await;
+        let r = ws.request("auth", json!({"token": token})).await;
+        if r["error"]["code"] == json!("Unauthenticated") {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the revoked token still works: {r}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `unsubscribed` (reason `revoked`) for `channel`, then close 4007.
+async fn expect_revoked(ws: &mut Ws, channel: &str) {
+    let n = ws.recv_note(T).await;
+    assert_eq!(
+        n["params"],
+        json!({"channel": channel, "reason": "revoked"}),
+        "{n}"
+    );
+    ws.expect_close(4007, T).await;
+}
+
+#[tokio::test]
+async fn revocations_reach_every_node_outlive_restarts_and_apply_here_without_redis() {
+    let (mut redis, nodes) = cluster(2).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let channel = unique("rev");
+    let stolen = TokenSpec::new(&a.secret, "mallory")
+        .jti(&unique("jti"))
+        .mint();
+    let mut on_b = Ws::connect(b.public).await;
+    on_b.auth_ok(&stolen).await;
+    on_b.subscribe(&channel).await;
+    let jti = decode_token(&stolen, &a.secret).unwrap()["jti"].clone();
+
+    let asked = Instant::now();
+    let r = post_control(a, "/revoke", json!({ "jti": jti })).await;
+    assert_eq!((r.status, r.json()), (200, json!({"revoked": true})));
+    expect_revoked(&mut on_b, &channel).await;
+    eprintln!("/revoke on A to the close on B: {:?}", asked.elapsed());
+    wait_refused(b, &stolen).await;
+
+    // A node started after the revocation refuses the token.
+    let late = node(&redis);
+    wait_health(&late, "ok", T).await;
+    wait_refused(&late, &stolen).await;
+    drop(late);
+
+    // Redis restarted empty: the nodes put their revocations back.
+    redis.restart().await;
+    wait_reconnected(a, 1.0, Duration::from_secs(15)).await;
+    let deadline = Instant::now() + T;
+    while !matches!(redis.cmd(&["HLEN", "bc:revoked"]).await, Resp::Int(1)) {
+        assert!(Instant::now() < deadline, "the revocation was not put back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let later = node(&redis);
+    wait_health(&later, "ok", T).await;
+    wait_refused(&later, &stolen).await;
+
+    // Redis gone: a revocation still applies on this node, which answers 503.
+    let old = TokenSpec::new(&a.secret, "carol")
+        .issued_at(now_secs() - 60)
+        .mint();
+    let mut carol = Ws::connect(a.public).await;
+    carol.auth_ok(&old).await;
+    carol.subscribe(&channel).await;
+    redis.kill();
+    wait_health(a, "degraded", Duration::from_secs(10)).await;
+    let cutoff = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    let body = json!({"user": "carol", "issuedBefore": cutoff});
+    let r = post_control(a, "/revoke", body).await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    expect_revoked(&mut carol, &channel).await;
+    wait_refused(a, &old).await;
+}
