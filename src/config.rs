@@ -61,6 +61,8 @@ pub struct Config {
     pub proxy: ProxyConfig,
     /// `[presence]`: members and join/leave (SPEC 16).
     pub presence: PresenceConfig,
+    /// `[[webhooks]]`: backends told of channel and member changes (SPEC 18); file only.
+    pub webhooks: Vec<WebhookConfig>,
     /// Set when no JWT secret was configured and one was generated (SPEC section 2).
     #[serde(skip)]
     pub dev_mode: bool,
@@ -282,6 +284,151 @@ impl PresenceConfig {
     }
 }
 
+/// The names of the events a webhook may be sent, as `events` and the body write them.
+pub const WEBHOOK_EVENTS: [&str; 4] = [
+    "channel_occupied",
+    "channel_vacated",
+    "member_added",
+    "member_removed",
+];
+
+/// One `[[webhooks]]` table: a backend told of channel and member changes (SPEC 18).
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhookConfig {
+    /// Where the batches are POSTed: `http://` or `https://` with a host. Required.
+    pub url: String,
+    /// Key of the HMAC-SHA256 of each body, sent hex in `X-Broadcaster-Signature`. Required;
+    /// never logged.
+    pub secret: String,
+    /// Which events (`WEBHOOK_EVENTS`) this backend gets. Default all four.
+    pub events: Vec<String>,
+    /// Channels this backend hears about: exact names or prefixes ending in `*`. Default
+    /// `["*"]`, every channel.
+    pub patterns: Vec<String>,
+    /// A `channel_vacated` waits this long; a `channel_occupied` of the same channel within it
+    /// drops both, so a reconnecting last subscriber is not reported. Default 3 s.
+    #[serde(with = "duration")]
+    pub vacated_delay: Duration,
+    /// Most events in one POST. Default 50.
+    pub batch_max: usize,
+    /// How long a batch waits for more events after its first. Default 50 ms.
+    #[serde(with = "duration")]
+    pub batch_delay: Duration,
+    /// Events waiting per node for this backend (and channels held by `vacated_delay`); more:
+    /// the oldest is dropped and counted in `webhook_dropped_total`. Default 10,000.
+    pub queue_max: usize,
+    /// One POST's limit: no answer by then is a failure, retried. Default 5 s.
+    #[serde(with = "duration")]
+    pub timeout: Duration,
+    /// Failed batches are retried after 100 ms, doubling up to this. Default 30 s.
+    #[serde(with = "duration")]
+    pub retry_max_delay: Duration,
+}
+
+impl Default for WebhookConfig {
+    fn default() -> Self {
+        WebhookConfig {
+            url: String::new(),
+            secret: String::new(),
+            events: WEBHOOK_EVENTS.iter().map(|e| e.to_string()).collect(),
+            patterns: vec!["*".to_string()],
+            vacated_delay: Duration::from_secs(3),
+            batch_max: 50,
+            batch_delay: Duration::from_millis(50),
+            queue_max: 10_000,
+            timeout: Duration::from_secs(5),
+            retry_max_delay: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The secret stays out of logs and panic messages.
+impl std::fmt::Debug for WebhookConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookConfig")
+            .field("url", &self.url)
+            .field("secret", &"<hidden>")
+            .field("events", &self.events)
+            .field("patterns", &self.patterns)
+            .field("vacated_delay", &self.vacated_delay)
+            .field("batch_max", &self.batch_max)
+            .field("batch_delay", &self.batch_delay)
+            .field("queue_max", &self.queue_max)
+            .field("timeout", &self.timeout)
+            .field("retry_max_delay", &self.retry_max_delay)
+            .finish()
+    }
+}
+
+impl WebhookConfig {
+    /// The first bad key and why; the caller adds `webhooks[N].`.
+    fn assert_valid(&self) -> Result<(), (&'static str, String)> {
+        let bad = |key: &'static str, why: &str| Err((key, why.to_string()));
+        if let Err(why) = webhook_url(&self.url) {
+            return Err(("url", why));
+        }
+        if self.secret.is_empty() {
+            return bad("secret", "required (the backend checks each body's signature with it)");
+        }
+        if self.events.is_empty() {
+            return bad("events", "name at least one event");
+        }
+        if let Some(e) = self.events.iter().find(|e| !WEBHOOK_EVENTS.contains(&e.as_str())) {
+            let why = format!("{e:?} is not one of {}", WEBHOOK_EVENTS.join(", "));
+            return Err(("events", why));
+        }
+        if self.patterns.is_empty() {
+            return bad("patterns", "name at least one pattern (\"*\" is every channel)");
+        }
+        if let Some(p) = self.patterns.iter().find(|p| {
+            p.is_empty() || p.strip_suffix('*').unwrap_or(p).contains('*')
+        }) {
+            let why = format!("{p:?}: a channel name, or a prefix ending in '*'");
+            return Err(("patterns", why));
+        }
+        if self.batch_max == 0 || self.batch_max > 1000 {
+            return bad("batch_max", "must be between 1 and 1000");
+        }
+        if self.batch_delay > Duration::from_secs(10) {
+            return bad("batch_delay", "at most 10s");
+        }
+        if self.vacated_delay > Duration::from_secs(3600) {
+            return bad("vacated_delay", "at most 1h");
+        }
+        if self.queue_max == 0 || self.queue_max > 10_000_000 {
+            return bad("queue_max", "must be between 1 and 10000000");
+        }
+        if self.timeout.is_zero() || self.timeout > Duration::from_secs(60) {
+            return bad("timeout", "must be between 1ms and 60s");
+        }
+        if self.retry_max_delay < Duration::from_millis(100)
+            || self.retry_max_delay > Duration::from_secs(3600)
+        {
+            return bad("retry_max_delay", "must be between 100ms and 1h");
+        }
+        Ok(())
+    }
+}
+
+/// A webhook URL: `http://` or `https://`, a host, and nothing a request line could not carry.
+fn webhook_url(url: &str) -> Result<(), String> {
+    let example = "like \"https://backend.example/hooks/broadcaster\"";
+    if url.is_empty() {
+        return Err(format!("required, {example}"));
+    }
+    let uri: ureq::http::Uri = url
+        .parse()
+        .map_err(|e| format!("{url:?} is not a URL ({e}); write it {example}"))?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) {
+        return Err(format!("{url:?}: must start with http:// or https://"));
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(format!("{url:?}: names no host; write it {example}"));
+    }
+    Ok(())
+}
+
 /// `[history]`: what each channel keeps for recovery and `GET /history`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -337,6 +484,7 @@ impl Default for Config {
             channels: Vec::new(),
             proxy: ProxyConfig::default(),
             presence: PresenceConfig::default(),
+            webhooks: Vec::new(),
             dev_mode: false,
             dev_token: None,
         }
@@ -620,6 +768,10 @@ impl Config {
         }
         self.proxy.assert_valid(&self.channels)?;
         self.presence.assert_valid()?;
+        for (n, hook) in self.webhooks.iter().enumerate() {
+            hook.assert_valid()
+                .map_err(|(key, why)| ConfigError(format!("webhooks[{n}].{key}: {why}")))?;
+        }
         self.log.assert_valid()
     }
 
@@ -937,6 +1089,76 @@ mod tests {
         let c = load(None, &env, Overrides::default()).unwrap();
         assert_eq!(c.limits.trusted_proxies.len(), 2);
         assert!(c.proxy.connect_url.is_some());
+    }
+
+    #[test]
+    fn webhooks_load_with_their_defaults() {
+        let secret = [("BROADCASTER_AUTH_JWT_SECRET", "s")];
+        let file = "[[webhooks]]\nurl = \"https://b.example/h\"\nsecret = \"k\"\n\
+                    [[webhooks]]\nurl = \"http://127.0.0.1:9/h\"\nsecret = \"k\"\n\
+                    events = [\"member_added\"]\npatterns = [\"contest/*\"]\n\
+                    vacated_delay = \"0s\"\nbatch_max = 1000\nbatch_delay = \"10s\"\n\
+                    queue_max = 1\ntimeout = \"1ms\"\nretry_max_delay = \"100ms\"\n";
+        let c = load(Some(file), &secret, Overrides::default()).unwrap();
+        let (a, b) = (&c.webhooks[0], &c.webhooks[1]);
+        assert_eq!(a.events, WEBHOOK_EVENTS);
+        assert_eq!(a.patterns, vec!["*"]);
+        assert_eq!(a.vacated_delay, Duration::from_secs(3));
+        assert_eq!((a.batch_max, a.queue_max), (50, 10_000));
+        assert_eq!(a.batch_delay, Duration::from_millis(50));
+        assert_eq!(a.timeout, Duration::from_secs(5));
+        assert_eq!(a.retry_max_delay, Duration::from_secs(30));
+        assert_eq!(b.events, vec!["member_added"]);
+        assert_eq!((b.batch_max, b.queue_max), (1000, 1));
+        assert!(!format!("{a:?}").contains("\"k\""), "the secret is never printed");
+        assert!(load(None, &secret, Overrides::default())
+            .unwrap()
+            .webhooks
+            .is_empty());
+    }
+
+    #[test]
+    fn webhook_keys_are_checked() {
+        let secret = [("BROADCASTER_AUTH_JWT_SECRET", "s")];
+        let hook = "[[webhooks]]\nurl = \"http://127.0.0.1:9/h\"\nsecret = \"k\"\n";
+        let cases = [
+            ("url = \"\"", "webhooks[1].url"),
+            ("url = \"ftp://a.example/h\"", "webhooks[1].url"),
+            ("url = \"http:///h\"", "webhooks[1].url"),
+            ("url = \"http://a b/h\"", "webhooks[1].url"),
+            ("secret = \"\"", "webhooks[1].secret"),
+            ("events = []", "webhooks[1].events"),
+            ("events = [\"channel_closed\"]", "webhooks[1].events"),
+            ("patterns = []", "webhooks[1].patterns"),
+            ("patterns = [\"\"]", "webhooks[1].patterns"),
+            ("patterns = [\"a*b\"]", "webhooks[1].patterns"),
+            ("batch_max = 0", "webhooks[1].batch_max"),
+            ("batch_max = 1001", "webhooks[1].batch_max"),
+            ("batch_delay = \"11s\"", "webhooks[1].batch_delay"),
+            ("vacated_delay = \"2h\"", "webhooks[1].vacated_delay"),
+            ("queue_max = 0", "webhooks[1].queue_max"),
+            ("queue_max = 10000001", "webhooks[1].queue_max"),
+            ("timeout = \"0s\"", "webhooks[1].timeout"),
+            ("timeout = \"61s\"", "webhooks[1].timeout"),
+            ("retry_max_delay = \"99ms\"", "webhooks[1].retry_max_delay"),
+            ("retry_max_delay = \"2h\"", "webhooks[1].retry_max_delay"),
+            ("retries = 3", "webhooks[1]"),
+        ];
+        for (line, key) in cases {
+            // The second table: the index in the message must be the failing table's.
+            let (name, _) = line.split_once(" = ").unwrap();
+            let second: String = hook
+                .lines()
+                .filter(|l| !l.starts_with(&format!("{name} =")))
+                .map(|l| format!("{l}\n"))
+                .collect();
+            let file = format!("{hook}{second}{line}\n");
+            let e = load(Some(&file), &secret, Overrides::default()).unwrap_err();
+            assert!(e.starts_with(key), "{line:?}: {e}");
+        }
+        let e = load(Some("[[webhooks]]\nsecret = \"k\"\n"), &secret, Overrides::default())
+            .unwrap_err();
+        assert!(e.starts_with("webhooks[0].url: required"), "{e}");
     }
 
     #[test]
