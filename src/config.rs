@@ -369,21 +369,33 @@ impl WebhookConfig {
             return Err(("url", why));
         }
         if self.secret.is_empty() {
-            return bad("secret", "required (the backend checks each body's signature with it)");
+            return bad(
+                "secret",
+                "required (the backend checks each body's signature with it)",
+            );
         }
         if self.events.is_empty() {
             return bad("events", "name at least one event");
         }
-        if let Some(e) = self.events.iter().find(|e| !WEBHOOK_EVENTS.contains(&e.as_str())) {
+        if let Some(e) = self
+            .events
+            .iter()
+            .find(|e| !WEBHOOK_EVENTS.contains(&e.as_str()))
+        {
             let why = format!("{e:?} is not one of {}", WEBHOOK_EVENTS.join(", "));
             return Err(("events", why));
         }
         if self.patterns.is_empty() {
-            return bad("patterns", "name at least one pattern (\"*\" is every channel)");
+            return bad(
+                "patterns",
+                "name at least one pattern (\"*\" is every channel)",
+            );
         }
-        if let Some(p) = self.patterns.iter().find(|p| {
-            p.is_empty() || p.strip_suffix('*').unwrap_or(p).contains('*')
-        }) {
+        if let Some(p) = self
+            .patterns
+            .iter()
+            .find(|p| p.is_empty() || p.strip_suffix('*').unwrap_or(p).contains('*'))
+        {
             let why = format!("{p:?}: a channel name, or a prefix ending in '*'");
             return Err(("patterns", why));
         }
@@ -1110,7 +1122,10 @@ mod tests {
         assert_eq!(a.retry_max_delay, Duration::from_secs(30));
         assert_eq!(b.events, vec!["member_added"]);
         assert_eq!((b.batch_max, b.queue_max), (1000, 1));
-        assert!(!format!("{a:?}").contains("\"k\""), "the secret is never printed");
+        assert!(
+            !format!("{a:?}").contains("\"k\""),
+            "the secret is never printed"
+        );
         assert!(load(None, &secret, Overrides::default())
             .unwrap()
             .webhooks
@@ -1156,8 +1171,12 @@ mod tests {
             let e = load(Some(&file), &secret, Overrides::default()).unwrap_err();
             assert!(e.starts_with(key), "{line:?}: {e}");
         }
-        let e = load(Some("[[webhooks]]\nsecret = \"k\"\n"), &secret, Overrides::default())
-            .unwrap_err();
+        let e = load(
+            Some("[[webhooks]]\nsecret = \"k\"\n"),
+            &secret,
+            Overrides::default(),
+        )
+        .unwrap_err();
         assert!(e.starts_with("webhooks[0].url: required"), "{e}");
     }
 

@@ -55,6 +55,7 @@
 //! | `from` in broadcasts (who said it) | `auth.rs` (`Permissions::from`), `session/requests.rs` (`publish`), `wire/broadcast.rs` |
 //! | the backend's `/disconnect` and `/unsubscribe` | `shard/control.rs` (every shard), `shard/users.rs` (a user's connections), `cluster/control.rs` (every node) |
 //! | the backend's `/revoke`: what is revoked, and the check at `auth` | `revocation.rs`; `shard/control.rs` closes the connections; `cluster/control.rs` keeps it in Redis |
+//! | webhooks: which events, batches, signatures, retries, the vacated delay | `webhook/mod.rs` (`Webhooks`: what is wanted, the queues), `webhook/sender.rs` (one hook's thread); `config.rs` (`WebhookConfig`) |
 //! | every libc call | `sys.rs` |
 //! | `/metrics` | `metrics.rs` |
 //! | start, signals, panics | `server.rs`; the checks before start in `preflight.rs`; drain in `shutdown.rs` |
@@ -70,7 +71,8 @@
 //!    `preflight` (io_uring), `io/` (sockets, epoll, timers, TLS, the io_uring batch),
 //!    `metrics` (per-shard counters, the exposition).
 //! 4. `presence` (members, counted once each), then `channel` (owner-shard channel state and
-//!    `Publication`), `cli` (the `publish` and `connect` subcommands), `dev` (dev mode).
+//!    `Publication`), `cli` (the `publish` and `connect` subcommands), `dev` (dev mode),
+//!    `webhook/` (the webhook queues and sender threads).
 //! 5. `ring` (messages between shards, the rings, outboxes).
 //! 6. `cluster/` (the Redis bridge).
 //! 7. `node` (what all shards share).
@@ -115,4 +117,5 @@ mod shutdown;
 mod subscriptions;
 mod sys;
 mod web;
+mod webhook;
 pub mod wire;

@@ -200,6 +200,55 @@ impl Collector for Presence {
     }
 }
 
+/// The webhook senders' counters (SPEC 18), one set per node, summed over its `[[webhooks]]`.
+/// Written by the shards (queueing) and the sender threads (delivery), never per message.
+#[derive(Default, Debug)]
+pub(crate) struct WebhookMetrics {
+    /// Events in acknowledged batches, `[delivered, failed]`; a batch that fails is counted
+    /// failed at each attempt.
+    pub events_total: [AtomicU64; 2],
+    /// Events dropped, oldest first, from a full queue.
+    pub dropped_total: AtomicU64,
+    /// Events queued and not yet taken by a sender.
+    pub queue_depth: AtomicI64,
+}
+
+#[derive(Debug)]
+struct Webhooks(Arc<WebhookMetrics>);
+
+impl Collector for Webhooks {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let m = &self.0;
+        let mut metric = encoder.encode_descriptor(
+            "webhook_events",
+            "Webhook events sent: in acknowledged batches (delivered), in each failed attempt (failed).",
+            None,
+            MetricType::Counter,
+        )?;
+        for (result, n) in ["delivered", "failed"].iter().zip(&m.events_total) {
+            metric
+                .encode_family(&[("result", *result)])?
+                .encode_counter::<NoLabelSet, _, f64>(&n.load(Relaxed), None)?;
+        }
+        let dropped = ConstCounter::new(m.dropped_total.load(Relaxed));
+        let metric = encoder.encode_descriptor(
+            "webhook_dropped",
+            "Webhook events dropped, oldest first, from a full queue (queue_max).",
+            None,
+            dropped.metric_type(),
+        )?;
+        dropped.encode(metric)?;
+        let depth = ConstGauge::new(m.queue_depth.load(Relaxed));
+        let metric = encoder.encode_descriptor(
+            "webhook_queue_depth",
+            "Webhook events queued and not yet taken by a sender.",
+            None,
+            depth.metric_type(),
+        )?;
+        depth.encode(metric)
+    }
+}
+
 /// Everything `/metrics` shows, built once at start; `render` reads the atomics at each scrape.
 pub(crate) struct Exposition {
     registry: Registry,
@@ -224,6 +273,12 @@ impl Exposition {
     pub(crate) fn add_presence(&mut self, presence: Arc<PresenceMetrics>) {
         self.registry
             .register_collector(Box::new(Presence(presence)));
+    }
+
+    /// Adds the webhook series.
+    pub(crate) fn add_webhooks(&mut self, webhooks: Arc<WebhookMetrics>) {
+        self.registry
+            .register_collector(Box::new(Webhooks(webhooks)));
     }
 
     /// Adds the Redis bridge's series (cluster mode).
@@ -636,6 +691,27 @@ mod tests {
         assert!(text.contains("rejected_requests_total{shard=\"1\",code=\"ResourceExhausted\"} 1"));
         assert!(text.contains("broadcaster_build_info{version=\""), "{text}");
         assert!(text.contains("\nprocess_open_fds "), "{text}");
+    }
+
+    #[test]
+    fn renders_the_webhook_series() {
+        let shards: Arc<[ShardMetrics]> = (0..1).map(|_| ShardMetrics::default()).collect();
+        let mut exposition = Exposition::new(shards);
+        let webhooks = Arc::new(WebhookMetrics::default());
+        exposition.add_webhooks(webhooks.clone());
+        webhooks.events_total[0].fetch_add(3, Relaxed);
+        webhooks.events_total[1].fetch_add(2, Relaxed);
+        webhooks.dropped_total.fetch_add(1, Relaxed);
+        webhooks.queue_depth.fetch_add(4, Relaxed);
+        let text = exposition.render();
+        for line in [
+            "\nwebhook_events_total{result=\"delivered\"} 3\n",
+            "\nwebhook_events_total{result=\"failed\"} 2\n",
+            "\nwebhook_dropped_total 1\n",
+            "\nwebhook_queue_depth 4\n",
+        ] {
+            assert!(text.contains(line), "{line:?} in {text}");
+        }
     }
 
     #[test]

@@ -41,6 +41,8 @@ pub struct Node {
     pub(crate) presence: Arc<crate::metrics::PresenceMetrics>,
     /// Revoked tokens (`/revoke`), checked at each `auth`; the bridge keeps them in Redis.
     pub(crate) revocations: Arc<crate::revocation::Revocations>,
+    /// `[[webhooks]]` (SPEC 18): their queues and sender threads; None when none is configured.
+    pub(crate) webhooks: Option<crate::webhook::Webhooks>,
 }
 
 impl Node {
@@ -61,6 +63,9 @@ impl Node {
         exposition.add_anonymous(anonymous.clone());
         let presence = Arc::new(crate::metrics::PresenceMetrics::default());
         exposition.add_presence(presence.clone());
+        let webhook_metrics = Arc::new(crate::metrics::WebhookMetrics::default());
+        exposition.add_webhooks(webhook_metrics.clone());
+        let webhooks = crate::webhook::Webhooks::start(&config.webhooks, webhook_metrics);
         Ok(Node {
             tls,
             exposition,
@@ -72,6 +77,7 @@ impl Node {
                 config.auth.revocations_max,
                 config.auth.revocation_ttl,
             )),
+            webhooks,
             metrics,
             bridge: None,
             rules: Arc::new(config.rules()),

@@ -59,6 +59,10 @@ pub fn run(mut config: Config) -> Result<(), String> {
     for h in handles {
         let _ = h.join();
     }
+    // After the shards, so the vacateds and leaves of their drain are queued too.
+    if let Some(webhooks) = &node.webhooks {
+        webhooks.stop(node.config.shutdown_grace);
+    }
     tracing::info!("stopped");
     Ok(())
 }
