@@ -1132,6 +1132,46 @@ mod tests {
             .is_empty());
     }
 
+    /// The commented `[[webhooks]]` example of tuning/broadcaster.toml, uncommented, loads.
+    #[test]
+    fn the_example_webhook_loads() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tuning/broadcaster.toml");
+        let text = std::fs::read_to_string(path).unwrap();
+        let (_, rest) = text.split_once("# BEGIN EXAMPLE webhooks\n").unwrap();
+        let (example, _) = rest.split_once("# END EXAMPLE webhooks").unwrap();
+        let example: String = example
+            .lines()
+            .map(|l| l.strip_prefix("# ").unwrap_or(l.trim_start_matches('#')))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let c = load(
+            Some(&example),
+            &[("BROADCASTER_AUTH_JWT_SECRET", "s")],
+            Overrides::default(),
+        )
+        .unwrap();
+        let hook = &c.webhooks[0];
+        assert_eq!(hook.patterns, vec!["contest/*"]);
+        assert_eq!(hook.events, WEBHOOK_EVENTS);
+        for key in [
+            "url",
+            "secret",
+            "events",
+            "patterns",
+            "vacated_delay",
+            "batch_max",
+            "batch_delay",
+            "queue_max",
+            "timeout",
+            "retry_max_delay",
+        ] {
+            assert!(
+                example.contains(&format!("\n{key} = ")),
+                "the example lacks {key}"
+            );
+        }
+    }
+
     #[test]
     fn webhook_keys_are_checked() {
         let secret = [("BROADCASTER_AUTH_JWT_SECRET", "s")];

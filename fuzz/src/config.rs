@@ -103,6 +103,13 @@ pub const VALUES: &[&str] = &[
     "\"public\"",
     "\"proxy\"",
     "\"token\"",
+    "[\"channel_occupied\", \"member_added\"]",
+    "[\"channel_closed\"]",
+    "\"ftp://a.example/x\"",
+    "\"http:///x\"",
+    "1000",
+    "1001",
+    "10000001",
 ];
 
 /// Keys of one `[[channels]]` table.
@@ -115,6 +122,20 @@ pub const RULE_KEYS: &[&str] = &[
     "presence",
     "join_leave",
     "presence_members_max",
+];
+
+/// Keys of one `[[webhooks]]` table.
+pub const WEBHOOK_KEYS: &[&str] = &[
+    "url",
+    "secret",
+    "events",
+    "patterns",
+    "vacated_delay",
+    "batch_max",
+    "batch_delay",
+    "queue_max",
+    "timeout",
+    "retry_max_delay",
 ];
 
 #[derive(Debug, Arbitrary)]
@@ -132,6 +153,8 @@ pub struct ConfigSpec {
     pub rules: Vec<Vec<(u8, Value)>>,
     /// Write dotted keys (`limits.x = 1`) instead of `[limits]` tables.
     pub dotted: bool,
+    /// `[[webhooks]]` tables, each a list of (key, value).
+    pub webhooks: Vec<Vec<(u8, Value)>>,
 }
 
 impl ConfigSpec {
@@ -159,6 +182,13 @@ impl ConfigSpec {
             top.push_str("[[channels]]\n");
             for (k, v) in rule {
                 let key = RULE_KEYS[*k as usize % RULE_KEYS.len()];
+                top.push_str(&format!("{key} = {}\n", value_text(v)));
+            }
+        }
+        for hook in &self.webhooks {
+            top.push_str("[[webhooks]]\n");
+            for (k, v) in hook {
+                let key = WEBHOOK_KEYS[*k as usize % WEBHOOK_KEYS.len()];
                 top.push_str(&format!("{key} = {}\n", value_text(v)));
             }
         }

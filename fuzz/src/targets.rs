@@ -736,6 +736,24 @@ pub fn check_config(text: &[u8]) {
         assert!(c.admin_listen.is_none_or(|a| a.ip().is_loopback()));
     }
     assert!(c.auth.api_keys.iter().all(|k| !k.is_empty()));
+    for hook in &c.webhooks {
+        assert!(hook.url.starts_with("http://") || hook.url.starts_with("https://"));
+        assert!(!hook.secret.is_empty() && !hook.events.is_empty() && !hook.patterns.is_empty());
+        assert!((1..=1000).contains(&hook.batch_max));
+        assert!((1..=10_000_000).contains(&hook.queue_max));
+        assert!(!hook.timeout.is_zero());
+        for d in [
+            hook.vacated_delay,
+            hook.batch_delay,
+            hook.timeout,
+            hook.retry_max_delay,
+        ] {
+            assert!(
+                d <= Duration::from_secs(3600),
+                "a webhook duration of {d:?}"
+            );
+        }
+    }
     // An accepted configuration never makes the server panic later (SPEC 2: "a clear error
     // naming the key, never a panic"). Every duration is added to `Instant::now()` somewhere
     // (timers, deadlines), the ping interval is doubled for the ping timeout, the write timeout
