@@ -406,15 +406,25 @@ impl Channels {
         position
     }
 
-    /// `shard` has no subscriber left for `channel`.
-    pub(crate) fn unwatch(&mut self, shard: usize, channel: &str) {
-        if let Some(state) = self.states.get_mut(channel) {
-            let (w, b) = bit(shard);
-            state.watchers[w] &= !b;
-            if state.idle() {
-                self.states.remove(channel);
-            }
+    /// Whether some shard watches `channel`.
+    pub(crate) fn watched(&self, channel: &str) -> bool {
+        self.states.get(channel).is_some_and(|s| !s.unwatched())
+    }
+
+    /// `shard` has no subscriber left for `channel`; true when no shard watches it any more
+    /// (it had watchers before).
+    pub(crate) fn unwatch(&mut self, shard: usize, channel: &str) -> bool {
+        let Some(state) = self.states.get_mut(channel) else {
+            return false;
+        };
+        let was_watched = !state.unwatched();
+        let (w, b) = bit(shard);
+        state.watchers[w] &= !b;
+        let vacated = was_watched && state.unwatched();
+        if state.idle() {
+            self.states.remove(channel);
         }
+        vacated
     }
 
     /// The newest `limit` publications, oldest first, with the channel's offset and epoch.

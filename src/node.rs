@@ -42,7 +42,7 @@ pub struct Node {
     /// Revoked tokens (`/revoke`), checked at each `auth`; the bridge keeps them in Redis.
     pub(crate) revocations: Arc<crate::revocation::Revocations>,
     /// `[[webhooks]]` (SPEC 18): their queues and sender threads; None when none is configured.
-    pub(crate) webhooks: Option<crate::webhook::Webhooks>,
+    pub(crate) webhooks: Option<Arc<crate::webhook::Webhooks>>,
 }
 
 impl Node {
@@ -65,7 +65,8 @@ impl Node {
         exposition.add_presence(presence.clone());
         let webhook_metrics = Arc::new(crate::metrics::WebhookMetrics::default());
         exposition.add_webhooks(webhook_metrics.clone());
-        let webhooks = crate::webhook::Webhooks::start(&config.webhooks, webhook_metrics);
+        let webhooks =
+            crate::webhook::Webhooks::start(&config.webhooks, webhook_metrics).map(Arc::new);
         Ok(Node {
             tls,
             exposition,

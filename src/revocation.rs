@@ -111,6 +111,8 @@ impl Revocations {
         let by_user = entries.get(&Target::User(sub.to_string()));
         let by_jti = jti.and_then(|j| entries.get(&Target::Jti(j.to_string())));
         let taken = [by_user, by_jti].into_iter().flatten();
+        // Bound before the guard drops: the iterator borrows the entries.
+        #[allow(clippy::let_and_return)]
         let revoked = taken
             .filter(|r| r.expires_ms > now_ms)
             .any(|r| r.takes(sub, iat, jti));

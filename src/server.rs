@@ -79,6 +79,7 @@ fn node(config: Config, shards: usize) -> Result<(Arc<Node>, Vec<Ends>), String>
             presence: node.presence.clone(),
             node_timeout: node.config.presence.node_timeout,
             revocations: node.revocations.clone(),
+            webhooks: node.webhooks.clone(),
         };
         let bridge = crate::cluster::start(setup, to_shards)?;
         node.exposition.add_bridge(bridge.metrics.clone());

@@ -7,6 +7,7 @@
 //! Every wait is bounded, so a broken bridge fails a test instead of hanging it.
 
 mod common;
+mod hook_receiver;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -1892,7 +1893,10 @@ async fn wait_refused(s: &Server, token: &str) {
         if r["error"]["code"] == json!("Unauthenticated") {
             return;
         }
-        assert!(Instant::now() < deadline, "the revoked token still works: {r}");
+        assert!(
+            Instant::now() < deadline,
+            "the revoked token still works: {r}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -1961,4 +1965,90 @@ async fn revocations_reach_every_node_outlive_restarts_and_apply_here_without_re
     assert_eq!(r.status, 503, "{}", r.text());
     expect_revoked(&mut carol, &channel).await;
     wait_refused(a, &old).await;
+}
+
+/// A node of `redis` whose one hook posts to `receiver`; `room/*` lists members.
+fn hooked_node(redis: &Redis, receiver: &hook_receiver::Receiver) -> Server {
+    let mut opts = ServerOpts::shards(2).env("BROADCASTER_REDIS_URL", &redis.url());
+    opts.config_toml = Some(format!(
+        r#"
+[presence]
+node_timeout = "3s"
+
+[[channels]]
+pattern = "room/*"
+presence = true
+
+[[webhooks]]
+url = "{}"
+secret = "s"
+batch_delay = "10ms"
+vacated_delay = "200ms"
+"#,
+        receiver.url()
+    ));
+    Server::start(opts)
+}
+
+/// `name channel user` of each event.
+fn hook_names(events: &[Value]) -> Vec<String> {
+    let name = |e: &Value| {
+        let user = e.get("user").and_then(Value::as_str).unwrap_or("-");
+        format!("{} {user}", e["name"].as_str().unwrap())
+    };
+    events.iter().map(name).collect()
+}
+
+#[tokio::test]
+async fn webhook_events_are_sent_once_across_nodes_and_for_a_dead_node() {
+    let receiver = hook_receiver::Receiver::start().await;
+    let redis = Redis::start().await;
+    let mut a = hooked_node(&redis, &receiver);
+    let b = hooked_node(&redis, &receiver);
+    for s in [&a, &b] {
+        wait_health(s, "ok", T).await;
+    }
+    let channel = unique("room/");
+    // alice on both nodes, bob on B: one occupied, one added each.
+    let mut alice_a = a.ws_authed("alice").await;
+    alice_a.subscribe(&channel).await;
+    let mut alice_b = b.ws_authed("alice").await;
+    alice_b.subscribe(&channel).await;
+    let mut bob = b.ws_authed("bob").await;
+    bob.subscribe(&channel).await;
+    receiver.wait_events(3, T).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut seen = hook_names(&receiver.events());
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            "channel_occupied -",
+            "member_added alice",
+            "member_added bob"
+        ]
+    );
+    assert!(receiver
+        .events()
+        .iter()
+        .all(|e| e["channel"] == json!(channel)));
+
+    // alice leaves A but stays on B: nothing. bob leaves: removed once.
+    drop(alice_a);
+    bob.call("unsubscribe", json!({"channel": channel})).await;
+    let events = receiver.wait_events(4, T).await;
+    assert_eq!(hook_names(&events[3..]), ["member_removed bob"]);
+
+    // Node B dies holding alice and the last subscriber: A reaps it, removed and vacated once.
+    let killed = Instant::now();
+    b.signal(libc::SIGKILL);
+    let events = receiver.wait_events(6, Duration::from_secs(15)).await;
+    let mut last = hook_names(&events[4..]);
+    last.sort();
+    assert_eq!(last, ["channel_vacated -", "member_removed alice"]);
+    eprintln!("node killed to its events sent: {:?}", killed.elapsed());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(receiver.events().len(), 6, "each event once");
+    a.signal(libc::SIGTERM);
+    let _ = a.wait_exit(T).await;
 }

@@ -8,12 +8,13 @@ use arbitrary::Unstructured;
 use broadcaster::auth::{self, Verifier};
 use broadcaster::config::{Config, Overrides};
 use broadcaster::error::Code;
+use broadcaster::revocation::Target;
 use broadcaster::wire::http::{is_loopback_host, parse_head, query_param};
 use broadcaster::wire::json::DEPTH_MAX;
 use broadcaster::wire::request::{
     check_channel, parse_broadcast_body, parse_disconnect_body, parse_publish_body, parse_request,
-    parse_unsubscribe_body, Control, Method, CLOSE_REASON_BYTES_MAX, EVENT_BYTES_MAX,
-    USER_BYTES_MAX,
+    parse_revoke_body, parse_unsubscribe_body, Control, Method, CLOSE_REASON_BYTES_MAX,
+    EVENT_BYTES_MAX, USER_BYTES_MAX,
 };
 
 use crate::json::{self, is_valid_json, raw_members, serde_accepts};
@@ -261,8 +262,16 @@ fn check_payload(what: &str, body: &[u8], payload: &[u8], max: usize, expected: 
 /// The members the server reads, which must not repeat (`src/wire/request.rs`).
 const TOP_MEMBERS: [&str; 3] = ["id", "method", "params"];
 const PARAMS_MEMBERS: [&str; 5] = ["channel", "event", "payload", "token", "since"];
-const BODY_MEMBERS: [&str; 7] = [
-    "channel", "channels", "event", "payload", "user", "code", "reason",
+const BODY_MEMBERS: [&str; 9] = [
+    "channel",
+    "channels",
+    "event",
+    "payload",
+    "user",
+    "code",
+    "reason",
+    "jti",
+    "issuedBefore",
 ];
 
 fn repeats(m: &json::Members, names: &[&str]) -> bool {
@@ -564,6 +573,49 @@ fn check_control_bodies(body: &[u8], body_repeats: bool) {
                     "{pattern:?}"
                 );
             }
+            Control::Revoke(_) => unreachable!("not parsed here"),
+        }
+    }
+    check_revoke_body(body, body_repeats);
+}
+
+/// `/revoke`: a user with an RFC 3339 cutoff, or a jti, never both; the cutoff is the time
+/// the text says (checked against an independent reading for the `Z` form).
+fn check_revoke_body(body: &[u8], body_repeats: bool) {
+    let shown = || String::from_utf8_lossy(body).into_owned();
+    let (target, cutoff_ms) = match parse_revoke_body(body) {
+        Ok(parsed) => parsed,
+        Err(e) => {
+            check_json_verdict(body, &e.message);
+            assert_eq!(e.code, Code::InvalidArgument, "{e:?} for {:?}", shown());
+            return;
+        }
+    };
+    assert!(is_valid_json(body), "accepted {:?} is not JSON", shown());
+    assert!(
+        !body_repeats,
+        "body repeating a member accepted: {:?}",
+        shown()
+    );
+    let value: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    match target {
+        Target::User(user) => {
+            assert!((1..=USER_BYTES_MAX).contains(&user.len()));
+            assert_eq!(value["user"].as_str(), Some(user.as_str()));
+            assert!(value.get("jti").is_none(), "{:?}", shown());
+            let text = value["issuedBefore"].as_str().unwrap_or_default();
+            if let Ok(t) = humantime::parse_rfc3339(text) {
+                let ms = t
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis());
+                assert_eq!(ms.ok(), Some(u128::from(cutoff_ms)), "{text:?}");
+            }
+        }
+        Target::Jti(jti) => {
+            assert!((1..=USER_BYTES_MAX).contains(&jti.len()));
+            assert_eq!(value["jti"].as_str(), Some(jti.as_str()));
+            assert_eq!(cutoff_ms, 0);
+            assert!(value.get("user").is_none(), "{:?}", shown());
         }
     }
 }

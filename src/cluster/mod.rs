@@ -21,10 +21,12 @@
 //! | `recovery.rs` | a channel's position, recovery from the stream, history pages |
 //! | `control.rs` | the backend's disconnect, unsubscribe and revoke, from node to node; revocations kept in Redis |
 //! | `presence.rs` | members in Redis: joins, leaves, heartbeats, reaping dead nodes |
+//! | `occupancy.rs` | which nodes have subscribers of a channel, for the occupied and vacated webhooks |
 //! | `scripts.rs` | the Lua scripts and the key scheme |
 
 mod bridge;
 mod control;
+mod occupancy;
 mod presence;
 mod publish;
 mod recovery;
@@ -38,6 +40,7 @@ use crate::presence::{Member, Members};
 use crate::revocation::Revocations;
 use crate::ring::{Ack, ShardMsg};
 use crate::rules::Rules;
+use crate::webhook::{Event, Webhooks};
 use crate::wire::request::{PublishParams, Start};
 use futures_channel::{mpsc, oneshot};
 use std::cell::RefCell;
@@ -138,6 +141,8 @@ pub(crate) struct Setup {
     pub node_timeout: Duration,
     /// The node's revoked tokens, kept in Redis too.
     pub revocations: Arc<Revocations>,
+    /// Where occupancy and member events go (`[[webhooks]]`).
+    pub webhooks: Option<Arc<Webhooks>>,
 }
 
 /// Starts the bridge thread. `shards` are the per-shard delivery channels.
@@ -152,6 +157,7 @@ pub(crate) fn start(
         presence,
         node_timeout,
         revocations,
+        webhooks,
     } = setup;
     // The URL may hold a password: name the key, not the value.
     let client = redis::Client::open(url.as_str()).map_err(|e| format!("redis.url: {e}"))?;
@@ -188,6 +194,7 @@ pub(crate) fn start(
                 beating: std::cell::Cell::new(false),
                 node_timeout,
                 revocations,
+                webhooks,
             });
             let local = tokio::task::LocalSet::new();
             local.block_on(&runtime, bridge::run(state, rx));
@@ -221,6 +228,7 @@ struct State {
     beating: std::cell::Cell<bool>,
     node_timeout: Duration,
     revocations: Arc<Revocations>,
+    webhooks: Option<Arc<Webhooks>>,
 }
 
 fn bump(c: &AtomicU64) {
@@ -231,5 +239,12 @@ impl State {
     /// The command connection, while Redis is connected.
     fn connection(&self) -> Option<redis::aio::MultiplexedConnection> {
         self.conn.borrow().clone()
+    }
+
+    /// A transition this node made, to the webhooks that want it.
+    fn hook(&self, event: Event, channel: &str, user: Option<&str>) {
+        if let Some(hooks) = &self.webhooks {
+            hooks.emit(event, channel, user);
+        }
     }
 }

@@ -17,6 +17,7 @@ use super::{unavailable, Request, State, REDIS_TIMEOUT};
 use crate::channel::Publication;
 use crate::error::Error;
 use crate::presence::{Kind, Member};
+use crate::webhook::Event;
 use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -147,6 +148,9 @@ async fn join(
         Ok(Ok(joined)) => {
             if joined == 1 {
                 state.presence.events_total[0].fetch_add(1, Relaxed);
+                if told == Told::Announced {
+                    state.hook(Event::MemberAdded, channel, Some(&member.user));
+                }
             }
             Ok(())
         }
@@ -183,6 +187,7 @@ async fn leave(state: &State, node: &str, channel: &str, user: &str) -> Result<b
         Ok(Ok(left)) => {
             if left {
                 state.presence.events_total[1].fetch_add(1, Relaxed);
+                state.hook(Event::MemberRemoved, channel, Some(user));
             }
             Ok(left)
         }
@@ -341,6 +346,9 @@ async fn reap(state: &State, node: &str) {
             Err(_) => return,
         }
     }
+    if super::occupancy::reap(state, node).await.is_err() {
+        return;
+    }
     state.presence.reaped_total.fetch_add(removed, Relaxed);
     tracing::warn!(
         node,
@@ -401,6 +409,12 @@ pub(super) async fn reconcile(state: &State) {
         if join(state, channel, member, 0, told).await.is_err() {
             state.dirty.set(true);
         }
+    }
+    if super::occupancy::reconcile(state, was_reaped)
+        .await
+        .is_err()
+    {
+        state.dirty.set(true);
     }
     if !state.dirty.get() {
         let _ = redis::cmd("DEL").arg(&reaped).exec_async(&mut conn).await;

@@ -60,6 +60,10 @@ pub(super) async fn watch(
     } else {
         state.metrics.up.load(Relaxed)
     };
+    if subscribed && first_on_node {
+        // Occupied before the member that made it so.
+        super::occupancy::occupied(state, &channel).await;
+    }
     let position = if subscribed {
         answer(state, &channel, &asked).await
     } else {
@@ -122,5 +126,6 @@ async fn release(state: &State, shard: usize, channel: &Arc<str>) {
             let _ = tokio::time::timeout(REDIS_TIMEOUT, sink.unsubscribe(&keys(channel)[3])).await;
             *state.sink.borrow_mut() = Some(sink);
         }
+        super::occupancy::vacated(state, channel).await;
     }
 }

@@ -30,7 +30,7 @@ impl Shard {
             msg @ (ShardMsg::Leave { .. }
             | ShardMsg::Presence { .. }
             | ShardMsg::PresenceIs { .. }) => self.on_presence(msg),
-            ShardMsg::Unwatch { from, channel } => self.owned.borrow_mut().unwatch(from, &channel),
+            ShardMsg::Unwatch { from, channel } => self.owner_unwatch(from, &channel),
             ShardMsg::Deliver(publication) => self.deliver(&publication),
             ShardMsg::History {
                 token,

@@ -9,6 +9,7 @@ use crate::error::{err, Code, Error};
 use crate::presence::{Kind, Member};
 use crate::ring::ShardMsg;
 use crate::route::{route, Route};
+use crate::webhook::Event;
 use crate::wire::request::Start;
 use futures_channel::oneshot;
 use std::rc::Rc;
@@ -26,11 +27,17 @@ impl Shard {
         member: Option<&Member>,
         list: bool,
     ) -> Result<Position, Error> {
-        if let Some(member) = member {
-            let change = self.owned.borrow_mut().join(channel, member)?;
-            if let Some(change) = change {
-                self.presence_changed(Kind::Join, change);
-            }
+        let was_watched = self.owned.borrow().watched(channel);
+        let joined = match member {
+            Some(member) => self.owned.borrow_mut().join(channel, member)?,
+            None => None,
+        };
+        // Occupied before the member that made it so.
+        if !was_watched {
+            self.hook(Event::Occupied, channel, None);
+        }
+        if let (Some(member), Some(change)) = (member, joined) {
+            self.presence_changed(Kind::Join, channel, &member.user, change);
         }
         let mut owned = self.owned.borrow_mut();
         let mut position = owned.subscribe(from, channel, start);
@@ -46,12 +53,30 @@ impl Shard {
     pub(super) fn owner_leave(&self, channel: &str, user: &Arc<str>) {
         let change = self.owned.borrow_mut().leave(channel, user);
         if let Some(change) = change {
-            self.presence_changed(Kind::Leave, change);
+            self.presence_changed(Kind::Leave, channel, user, change);
         }
     }
 
-    fn presence_changed(&self, kind: Kind, (event, watchers): PresenceChange) {
+    /// As the channel's owner: shard `from` has no subscriber of `channel` left.
+    pub(super) fn owner_unwatch(&self, from: usize, channel: &str) {
+        if self.owned.borrow_mut().unwatch(from, channel) {
+            self.hook(Event::Vacated, channel, None);
+        }
+    }
+
+    fn presence_changed(
+        &self,
+        kind: Kind,
+        channel: &str,
+        user: &str,
+        (event, watchers): PresenceChange,
+    ) {
         self.node.presence.changed(kind == Kind::Join);
+        let hooked = match kind {
+            Kind::Join => Event::MemberAdded,
+            Kind::Leave => Event::MemberRemoved,
+        };
+        self.hook(hooked, channel, Some(user));
         if let Some(event) = event {
             self.send_to_watchers(&event, &watchers);
         }
@@ -118,6 +143,13 @@ impl Shard {
                 }
             }
             _ => debug_assert!(false, "not a presence message"),
+        }
+    }
+
+    /// A transition this node made (this shard owns the channel), to the webhooks that want it.
+    fn hook(&self, event: Event, channel: &str, user: Option<&str>) {
+        if let Some(hooks) = &self.node.webhooks {
+            hooks.emit(event, channel, user);
         }
     }
 

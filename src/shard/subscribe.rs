@@ -205,7 +205,7 @@ impl Shard {
             return;
         }
         match route(&self.node, self.id, channel) {
-            Route::Local => self.owned.borrow_mut().unwatch(self.id, channel),
+            Route::Local => self.owner_unwatch(self.id, channel),
             Route::Peer(owner) => {
                 let (from, channel) = (self.id, channel.clone());
                 self.send(owner, ShardMsg::Unwatch { from, channel });

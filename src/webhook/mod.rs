@@ -147,26 +147,12 @@ impl Webhooks {
     }
 
     /// Cheap: does any hook want this event for this channel? (callers skip work when not)
-    #[cfg_attr(
-        not(test),
-        expect(
-            dead_code,
-            reason = "the shards and the Redis bridge call it once wired"
-        )
-    )]
     pub(crate) fn wants(&self, event: Event, channel: &str) -> bool {
         self.hooks.iter().any(|h| h.wants(event, channel))
     }
 
     /// Never blocks: queues the event for every hook that wants it; a full queue drops its
     /// oldest event (counted).
-    #[cfg_attr(
-        not(test),
-        expect(
-            dead_code,
-            reason = "the shards and the Redis bridge call it once wired"
-        )
-    )]
     pub(crate) fn emit(&self, event: Event, channel: &str, user: Option<&str>) {
         let at = Instant::now();
         for hook in self.hooks.iter().filter(|h| h.wants(event, channel)) {

@@ -1519,7 +1519,6 @@ pub fn metric_sum(text: &str, name: &str) -> Option<f64> {
         .reduce(|a, b| a + b)
 }
 
-/// The sum of the samples of `name` whose labels hold every one of `labels` (`kind="x"`).
 /// Whether every one of the server's `shards` holds at least `n` open connections.
 pub async fn every_shard_holds(s: &Server, shards: usize, n: f64) -> bool {
     let text = http_get(s.backend(), "/metrics").await.text();
@@ -1529,6 +1528,7 @@ pub async fn every_shard_holds(s: &Server, shards: usize, n: f64) -> bool {
     })
 }
 
+/// The sum of the samples of `name` whose labels hold every one of `labels` (`kind="x"`).
 pub fn metric_labelled(text: &str, name: &str, labels: &[&str]) -> f64 {
     let prefix = format!("{name}{{");
     text.lines()
