@@ -1006,14 +1006,15 @@ mod tests {
         }
     }
 
-    /// The commented omegaUp example of tuning/broadcaster.toml, uncommented, is a valid
-    /// configuration with the rules it describes.
-    #[test]
-    fn the_example_channel_rules_load() {
+    /// The commented example `name` of tuning/broadcaster.toml (between its BEGIN and END
+    /// lines), uncommented, and the configuration it loads into.
+    fn tuning_example(name: &str) -> (String, Config) {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tuning/broadcaster.toml");
         let text = std::fs::read_to_string(path).unwrap();
-        let (_, rest) = text.split_once("# BEGIN EXAMPLE channels\n").unwrap();
-        let (example, _) = rest.split_once("# END EXAMPLE channels").unwrap();
+        let (_, rest) = text
+            .split_once(&format!("# BEGIN EXAMPLE {name}\n"))
+            .unwrap();
+        let (example, _) = rest.split_once(&format!("# END EXAMPLE {name}")).unwrap();
         let example: String = example
             .lines()
             .map(|l| l.strip_prefix("# ").unwrap_or(l.trim_start_matches('#')))
@@ -1025,6 +1026,14 @@ mod tests {
             Overrides::default(),
         )
         .unwrap();
+        (example, c)
+    }
+
+    /// The commented omegaUp example of tuning/broadcaster.toml, uncommented, is a valid
+    /// configuration with the rules it describes.
+    #[test]
+    fn the_example_channel_rules_load() {
+        let (example, c) = tuning_example("channels");
         let rules = c.rules();
         assert_eq!(rules.policy("scoreboard/c1").access, rules::Access::Public);
         assert_eq!(rules.policy("scoreboard/c1").rewind_default, 1);
@@ -1044,7 +1053,7 @@ mod tests {
             "presence_members_max",
         ] {
             assert!(
-                text.contains(key),
+                example.contains(key),
                 "tuning/broadcaster.toml does not document {key}"
             );
         }
@@ -1135,21 +1144,7 @@ mod tests {
     /// The commented `[[webhooks]]` example of tuning/broadcaster.toml, uncommented, loads.
     #[test]
     fn the_example_webhook_loads() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tuning/broadcaster.toml");
-        let text = std::fs::read_to_string(path).unwrap();
-        let (_, rest) = text.split_once("# BEGIN EXAMPLE webhooks\n").unwrap();
-        let (example, _) = rest.split_once("# END EXAMPLE webhooks").unwrap();
-        let example: String = example
-            .lines()
-            .map(|l| l.strip_prefix("# ").unwrap_or(l.trim_start_matches('#')))
-            .map(|l| format!("{l}\n"))
-            .collect();
-        let c = load(
-            Some(&example),
-            &[("BROADCASTER_AUTH_JWT_SECRET", "s")],
-            Overrides::default(),
-        )
-        .unwrap();
+        let (example, c) = tuning_example("webhooks");
         let hook = &c.webhooks[0];
         assert_eq!(hook.patterns, vec!["contest/*"]);
         assert_eq!(hook.events, WEBHOOK_EVENTS);
