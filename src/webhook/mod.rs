@@ -12,7 +12,8 @@ mod sender;
 use crate::config::{WebhookConfig, WEBHOOK_EVENTS};
 use crate::metrics::WebhookMetrics;
 use std::collections::VecDeque;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant};
@@ -88,6 +89,9 @@ struct Shared {
     /// Set by `stop` (or the drop of `Webhooks`): the sender sends what it can until then and
     /// ends.
     stop_by: Mutex<Option<Instant>>,
+    /// The sender is parked waiting for events (or a batch's or a vacated's time), not busy
+    /// with a POST or a backoff: `emit` unparks it only then.
+    idle: AtomicBool,
     metrics: Arc<WebhookMetrics>,
 }
 
@@ -162,8 +166,11 @@ impl Webhooks {
                 user: user.filter(|_| event.has_user()).map(Into::into),
                 at,
             });
-            // Costs a system call only when the sender is parked.
-            hook.thread.unpark();
+            // Only a sender waiting for events is woken: one in a POST or a retry's backoff
+            // takes the queue when it is done, so a dead backend costs an event no system call.
+            if hook.shared.idle.load(SeqCst) {
+                hook.thread.unpark();
+            }
         }
     }
 
@@ -208,6 +215,7 @@ impl Hook {
             queue: Mutex::new(VecDeque::new()),
             queue_max: config.queue_max.max(1),
             stop_by: Mutex::new(None),
+            idle: AtomicBool::new(false),
             metrics,
         });
         let sender = sender::Sender::new(config, shared.clone());

@@ -5,7 +5,7 @@ use super::{Event, Item, Shared};
 use crate::config::WebhookConfig;
 use hmac::{Hmac, Mac};
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -94,11 +94,17 @@ impl Sender {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
-            // `emit` and `stop` unpark; a wake-up already given returns at once.
-            match wake {
-                Some(at) => std::thread::park_timeout(at.saturating_duration_since(now)),
-                None => std::thread::park(),
+            // `emit` unparks only after seeing `idle`, set before the queue is looked at again:
+            // an event pushed before that look is taken now, one after it unparks (a wake-up
+            // already given makes the park return at once). `stop` always unparks.
+            self.shared.idle.store(true, SeqCst);
+            if self.shared.is_empty() {
+                match wake {
+                    Some(at) => std::thread::park_timeout(at.saturating_duration_since(now)),
+                    None => std::thread::park(),
+                }
             }
+            self.shared.idle.store(false, SeqCst);
         }
     }
 
@@ -226,8 +232,8 @@ impl Sender {
         }
     }
 
-    /// Waits `d`, or less when a stop's deadline comes first. Emits unpark the thread; they
-    /// wait for the batch being retried.
+    /// Waits `d`, or less when a stop's deadline comes first (`stop` unparks). Emits wait for
+    /// the batch being retried.
     fn sleep(&self, d: Duration) {
         let mut until = Instant::now() + d;
         loop {
