@@ -597,10 +597,18 @@ fn check_revoke_body(body: &[u8], body_repeats: bool) {
         "body repeating a member accepted: {:?}",
         shown()
     );
-    let value: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    match &target {
+        Target::User(user) | Target::Jti(user) => {
+            assert!((1..=USER_BYTES_MAX).contains(&user.len()))
+        }
+    }
+    // serde_json refuses some valid JSON the server reads (an unpaired surrogate escape in
+    // another member): the members are compared only where it reads the body.
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return;
+    };
     match target {
         Target::User(user) => {
-            assert!((1..=USER_BYTES_MAX).contains(&user.len()));
             assert_eq!(value["user"].as_str(), Some(user.as_str()));
             assert!(value.get("jti").is_none(), "{:?}", shown());
             let text = value["issuedBefore"].as_str().unwrap_or_default();
@@ -612,7 +620,6 @@ fn check_revoke_body(body: &[u8], body_repeats: bool) {
             }
         }
         Target::Jti(jti) => {
-            assert!((1..=USER_BYTES_MAX).contains(&jti.len()));
             assert_eq!(value["jti"].as_str(), Some(jti.as_str()));
             assert_eq!(cutoff_ms, 0);
             assert!(value.get("user").is_none(), "{:?}", shown());
