@@ -453,11 +453,81 @@ pub struct HistoryConfig {
 }
 
 /// `[redis]`: cluster mode.
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
     /// Set: nodes share channels, offsets and history through this Redis. Default: none.
     pub url: Option<String>,
+    /// `standalone` (one Redis) or `sentinel` (the master the sentinels name, followed across
+    /// failovers). Default standalone.
+    pub mode: RedisMode,
+    /// Standalone: one URL, as `url`. Sentinel: the sentinels' URLs. Default none.
+    pub urls: Vec<String>,
+    /// Sentinel: the name the sentinels monitor the master under. Default `mymaster`.
+    pub master_name: String,
+}
+
+/// How the node reaches Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RedisMode {
+    /// One Redis at `url`.
+    Standalone,
+    /// The master that the sentinels at `urls` name `master_name`.
+    Sentinel,
+    /// Redis Cluster: refused by the checks, not built yet.
+    Cluster,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: None,
+            mode: RedisMode::Standalone,
+            urls: Vec::new(),
+            master_name: "mymaster".into(),
+        }
+    }
+}
+
+impl RedisConfig {
+    /// Whether the node runs in cluster mode (a Redis, or sentinels, are named).
+    pub fn enabled(&self) -> bool {
+        self.url.is_some() || !self.urls.is_empty()
+    }
+
+    /// Every URL named: `url`, then `urls`.
+    pub fn all_urls(&self) -> Vec<String> {
+        self.url.iter().chain(&self.urls).cloned().collect()
+    }
+
+    fn assert_valid(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, why: &str| Err(ConfigError(format!("redis.{key}: {why}")));
+        let urls = self.all_urls();
+        if let Some(u) = urls.iter().find(|u| redis::parse_redis_url(u).is_none()) {
+            // The URL may hold a password: say which entry, not what it holds.
+            let n = urls.iter().position(|x| x == u).unwrap_or(0);
+            return bad("urls", &format!("entry {n} is not a redis:// URL"));
+        }
+        match self.mode {
+            RedisMode::Standalone if urls.len() > 1 => bad(
+                "urls",
+                "standalone mode takes one URL (set mode = \"sentinel\" to list sentinels)",
+            ),
+            RedisMode::Sentinel if urls.is_empty() => {
+                bad("urls", "sentinel mode needs the sentinels' URLs")
+            }
+            RedisMode::Sentinel if self.master_name.is_empty() => bad(
+                "master_name",
+                "the sentinels' name of the master is required",
+            ),
+            RedisMode::Cluster => bad(
+                "mode",
+                "\"cluster\" (Redis Cluster) is not supported yet; use standalone or sentinel",
+            ),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// `[tls]`: both set turn every listener into wss:// and https://.
@@ -663,6 +733,9 @@ const KEYS: &[(&str, Kind)] = &[
     ("history.size", Kind::Int),
     ("history.ttl", Kind::Str),
     ("redis.url", Kind::Str),
+    ("redis.mode", Kind::Str),
+    ("redis.urls", Kind::List),
+    ("redis.master_name", Kind::Str),
     ("tls.cert_file", Kind::Str),
     ("tls.key_file", Kind::Str),
     ("log.level", Kind::Str),
@@ -780,6 +853,7 @@ impl Config {
         }
         self.proxy.assert_valid(&self.channels)?;
         self.presence.assert_valid()?;
+        self.redis.assert_valid()?;
         for (n, hook) in self.webhooks.iter().enumerate() {
             hook.assert_valid()
                 .map_err(|(key, why)| ConfigError(format!("webhooks[{n}].{key}: {why}")))?;
@@ -1164,6 +1238,51 @@ mod tests {
                 example.contains(&format!("\n{key} = ")),
                 "the example lacks {key}"
             );
+        }
+    }
+
+    #[test]
+    fn redis_modes_are_checked() {
+        let secret = ("BROADCASTER_AUTH_JWT_SECRET", "s");
+        let sentinels = (
+            "BROADCASTER_REDIS_URLS",
+            "redis://127.0.0.1:1,redis://127.0.0.1:2",
+        );
+        let c = load(
+            None,
+            &[secret, ("BROADCASTER_REDIS_MODE", "sentinel"), sentinels],
+            Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.redis.mode, RedisMode::Sentinel);
+        assert!(c.redis.enabled() && c.redis.all_urls().len() == 2);
+        assert_eq!(c.redis.master_name, "mymaster");
+        assert!(!Config::default().redis.enabled());
+        let cases: [(&[(&str, &str)], &str); 5] = [
+            (&[("BROADCASTER_REDIS_MODE", "sentinel")], "redis.urls"),
+            (&[sentinels], "standalone mode takes one URL"),
+            (
+                &[("BROADCASTER_REDIS_MODE", "cluster"), sentinels],
+                "redis.mode",
+            ),
+            (
+                &[("BROADCASTER_REDIS_URL", "http://a:1")],
+                "redis.urls: entry 0",
+            ),
+            (
+                &[
+                    ("BROADCASTER_REDIS_MODE", "sentinel"),
+                    sentinels,
+                    ("BROADCASTER_REDIS_MASTER_NAME", ""),
+                ],
+                "redis.master_name",
+            ),
+        ];
+        for (env, want) in cases {
+            let mut env = env.to_vec();
+            env.push(secret);
+            let e = load(None, &env, Overrides::default()).unwrap_err();
+            assert!(e.contains(want), "{env:?}: {e}");
         }
     }
 

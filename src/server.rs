@@ -70,10 +70,10 @@ pub fn run(mut config: Config) -> Result<(), String> {
 /// The node, with the Redis bridge started in cluster mode, and each shard's ends of the rings.
 fn node(config: Config, shards: usize) -> Result<(Arc<Node>, Vec<Ends>), String> {
     let mut node = Node::new(config, shards)?;
-    let (ends, to_shards) = crate::ring::mesh(shards, node.config.redis.url.is_some());
-    if let Some(url) = node.config.redis.url.clone() {
+    let (ends, to_shards) = crate::ring::mesh(shards, node.config.redis.enabled());
+    if node.config.redis.enabled() {
         let setup = crate::cluster::Setup {
-            url,
+            upstream: crate::cluster::Upstream::of(&node.config.redis),
             node_id: node.node_id.clone(),
             rules: node.rules.clone(),
             presence: node.presence.clone(),

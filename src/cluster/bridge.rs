@@ -3,7 +3,9 @@
 //! pub/sub messages handed to the shards that watch their channel.
 
 use super::scripts::keys;
-use super::{bump, control, presence, publish, recovery, watch, Request, State, REDIS_TIMEOUT};
+use super::{
+    bump, control, presence, publish, recovery, watch, Request, State, Upstream, REDIS_TIMEOUT,
+};
 use crate::channel::{Header, Publication};
 use crate::ring::ShardMsg;
 use futures_util::StreamExt;
@@ -17,8 +19,12 @@ const LIVENESS_INTERVAL: Duration = Duration::from_millis(500);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
-pub(super) async fn run(state: Rc<State>, mut rx: tokio::sync::mpsc::UnboundedReceiver<Request>) {
-    tokio::task::spawn_local(supervise(state.clone()));
+pub(super) async fn run(
+    state: Rc<State>,
+    finder: Finder,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Request>,
+) {
+    tokio::task::spawn_local(supervise(state.clone(), finder));
     let watch_tx = spawn_watch(state.clone());
     while let Some(request) = rx.recv().await {
         match request {
@@ -103,19 +109,68 @@ fn spawn_watch(state: Rc<State>) -> tokio::sync::mpsc::UnboundedSender<Request> 
     watch_tx
 }
 
+/// How the bridge finds the Redis to connect to.
+pub(super) enum Finder {
+    Standalone(redis::Client),
+    /// Asked at every (re)connect, so a failover is followed.
+    Sentinel {
+        sentinel: redis::sentinel::Sentinel,
+        master: String,
+    },
+}
+
+impl Finder {
+    pub(super) fn new(upstream: Upstream) -> Result<Finder, String> {
+        // A URL may hold a password: errors name the key, not the value.
+        match upstream {
+            Upstream::Standalone(url) => redis::Client::open(url.as_str())
+                .map(Finder::Standalone)
+                .map_err(|e| format!("redis.url: {e}")),
+            Upstream::Sentinel { urls, master } => redis::sentinel::Sentinel::build(urls)
+                .map(|sentinel| Finder::Sentinel { sentinel, master })
+                .map_err(|e| format!("redis.urls: {e}")),
+        }
+    }
+
+    /// The Redis to connect to now: the one URL, or the master the sentinels name.
+    async fn client(&mut self) -> redis::RedisResult<redis::Client> {
+        match self {
+            Finder::Standalone(client) => Ok(client.clone()),
+            Finder::Sentinel { sentinel, master } => sentinel.async_master_for(master, None).await,
+        }
+    }
+
+    /// Sentinel mode: the master's run id (`State::generation`); standalone: none.
+    async fn generation(
+        &self,
+        conn: &mut redis::aio::MultiplexedConnection,
+    ) -> redis::RedisResult<String> {
+        if matches!(self, Finder::Standalone(_)) {
+            return Ok(String::new());
+        }
+        let info: String = redis::cmd("INFO").arg("server").query_async(conn).await?;
+        let run_id = info.lines().find_map(|l| l.strip_prefix("run_id:"));
+        Ok(run_id.map(str::trim).unwrap_or_default().to_string())
+    }
+}
+
 /// Keeps a command connection and a pub/sub connection open, reconnecting with capped
 /// exponential backoff; after a reconnect it resubscribes every watched channel.
-async fn supervise(state: Rc<State>) {
+async fn supervise(state: Rc<State>, mut finder: Finder) {
     let mut backoff = BACKOFF_MIN;
     let mut first = true;
     loop {
         let connected = async {
-            let conn = state.client.get_multiplexed_async_connection().await?;
-            let pubsub = state.client.get_async_pubsub().await?;
-            redis::RedisResult::Ok((conn, pubsub))
+            let client = finder.client().await?;
+            let mut conn = client.get_multiplexed_async_connection().await?;
+            let pubsub = client.get_async_pubsub().await?;
+            let generation = finder.generation(&mut conn).await?;
+            let addr = client.get_connection_info().addr().to_string();
+            redis::RedisResult::Ok((conn, pubsub, generation, addr))
         };
         match tokio::time::timeout(REDIS_TIMEOUT, connected).await {
-            Ok(Ok((conn, pubsub))) => {
+            Ok(Ok((conn, pubsub, generation, addr))) => {
+                *state.generation.borrow_mut() = generation;
                 let (mut sink, mut stream) = pubsub.split();
                 // The backend's control messages, then every watched channel.
                 let watched: Vec<String> = {
@@ -139,7 +194,7 @@ async fn supervise(state: Rc<State>) {
                         // Redis may have restarted without its data, or missed leaves.
                         state.dirty.set(true);
                     }
-                    tracing::info!("redis bridge connected");
+                    tracing::info!(redis = %addr, "redis bridge connected");
                     let s = state.clone();
                     tokio::task::spawn_local(async move { control::sync_revocations(&s).await });
                     first = false;

@@ -131,9 +131,31 @@ fn unavailable(what: &str) -> Error {
     )
 }
 
+/// Where Redis is.
+pub(crate) enum Upstream {
+    /// One Redis at this URL.
+    Standalone(String),
+    /// The master the sentinels at `urls` name `master`, asked again at every (re)connect.
+    Sentinel { urls: Vec<String>, master: String },
+}
+
+impl Upstream {
+    /// From `[redis]` (cluster mode must be on).
+    pub(crate) fn of(config: &crate::config::RedisConfig) -> Upstream {
+        let urls = config.all_urls();
+        match config.mode {
+            crate::config::RedisMode::Sentinel => Upstream::Sentinel {
+                urls,
+                master: config.master_name.clone(),
+            },
+            _ => Upstream::Standalone(urls.into_iter().next().unwrap_or_default()),
+        }
+    }
+}
+
 /// What the bridge is started with, besides the shards' channels.
 pub(crate) struct Setup {
-    pub url: String,
+    pub upstream: Upstream,
     pub node_id: String,
     pub rules: Arc<Rules>,
     pub presence: Arc<PresenceMetrics>,
@@ -151,7 +173,7 @@ pub(crate) fn start(
     shards: Vec<mpsc::UnboundedSender<ShardMsg>>,
 ) -> Result<Bridge, String> {
     let Setup {
-        url,
+        upstream,
         node_id,
         rules,
         presence,
@@ -159,8 +181,7 @@ pub(crate) fn start(
         revocations,
         webhooks,
     } = setup;
-    // The URL may hold a password: name the key, not the value.
-    let client = redis::Client::open(url.as_str()).map_err(|e| format!("redis.url: {e}"))?;
+    let finder = bridge::Finder::new(upstream)?;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let metrics = Arc::new(BridgeMetrics::default());
     let m = metrics.clone();
@@ -178,7 +199,7 @@ pub(crate) fn start(
                 }
             };
             let state = Rc::new(State {
-                client,
+                generation: RefCell::new(String::new()),
                 node_id,
                 shards,
                 rules,
@@ -197,7 +218,7 @@ pub(crate) fn start(
                 webhooks,
             });
             let local = tokio::task::LocalSet::new();
-            local.block_on(&runtime, bridge::run(state, rx));
+            local.block_on(&runtime, bridge::run(state, finder, rx));
         })
         .map_err(|e| format!("cannot start the redis bridge thread: {e}"))?;
     Ok(Bridge {
@@ -207,7 +228,11 @@ pub(crate) fn start(
 }
 
 struct State {
-    client: redis::Client,
+    /// Sentinel mode: the run id of the master connected to. The scripts give a channel a new
+    /// epoch when it differs from the one its state was written under, since a promoted
+    /// replica may lack the last writes of the master it replaced (offsets would repeat).
+    /// Empty in standalone mode.
+    generation: RefCell<String>,
     node_id: String,
     shards: Vec<mpsc::UnboundedSender<ShardMsg>>,
     /// Each channel's history size and TTL.

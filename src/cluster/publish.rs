@@ -31,6 +31,7 @@ pub(super) async fn publish(
         .key(&k[1])
         .key(&k[2])
         .key(&k[3])
+        .key(&k[4])
         .arg(&id)
         .arg(&create_time)
         .arg(&params.event)
@@ -39,7 +40,8 @@ pub(super) async fn publish(
         .arg(policy.history_size)
         .arg(policy.history_ttl.as_millis().max(1) as u64)
         .arg(unix_ms())
-        .arg(params.from.as_deref().unwrap_or(""));
+        .arg(params.from.as_deref().unwrap_or(""))
+        .arg(&*state.generation.borrow());
     let started = Instant::now();
     let result =
         tokio::time::timeout(REDIS_TIMEOUT, invocation.invoke_async::<u64>(&mut conn)).await;

@@ -39,11 +39,17 @@ pub(super) async fn position(
     let candidate = format!("{:016x}", rand::random::<u64>());
     let script = redis::Script::new(POSITION_LUA);
     let mut invocation = script.key(&k[0]);
-    invocation.key(&k[1]).key(&k[2]).key(&p[3]).key(&p[0]);
+    invocation
+        .key(&k[1])
+        .key(&k[2])
+        .key(&p[3])
+        .key(&p[0])
+        .key(&k[4]);
     invocation
         .arg(&candidate)
         .arg(ttl.as_millis().max(1) as u64)
-        .arg(presence as u8);
+        .arg(presence as u8)
+        .arg(&*state.generation.borrow());
     let answer: Vec<redis::Value> =
         tokio::time::timeout(REDIS_TIMEOUT, invocation.invoke_async(&mut conn))
             .await

@@ -1,9 +1,14 @@
 //! The Redis side of a channel: its keys (all under one `{channel}` hash tag, so one slot) and
 //! the Lua scripts that change them atomically.
 
-/// Assigns the next offset (creating the epoch when the channel's history is new or was lost),
+/// Assigns the next offset (creating the epoch when the channel's history is new or was lost,
+/// or was written under another master: ARGV[10], see `State::generation`, against KEYS[5]),
 /// appends to the capped stream, refreshes the TTLs and publishes, in one atomic step.
 pub(super) const PUBLISH_LUA: &str = r#"
+if ARGV[10] ~= '' and redis.call('GET', KEYS[5]) ~= ARGV[10] then
+  redis.call('DEL', KEYS[2])
+  redis.call('SET', KEYS[5], ARGV[10], 'PX', ARGV[7])
+end
 local off = redis.call('INCR', KEYS[1])
 local epoch = redis.call('GET', KEYS[2])
 if not epoch then
@@ -21,14 +26,20 @@ end
 redis.call('PEXPIRE', KEYS[1], ARGV[7])
 redis.call('PEXPIRE', KEYS[2], ARGV[7])
 redis.call('PEXPIRE', KEYS[3], ARGV[7])
+if ARGV[10] ~= '' then redis.call('PEXPIRE', KEYS[5], ARGV[7]) end
 redis.call('PUBLISH', KEYS[4], off .. ' ' .. epoch .. ' ' .. ARGV[1] .. ' ' .. ARGV[2] .. ' ' .. string.len(ARGV[3]) .. ' ' .. string.len(ARGV[9]) .. ' ' .. ARGV[3] .. ARGV[9] .. ARGV[4])
 return off
 "#;
 
-/// The channel's offset and epoch, creating the epoch for a channel never published to; with
-/// ARGV[3] = 1 also its presence version (KEYS[4]), with 2 its members too (KEYS[5]): one call
-/// per subscribe, with or without presence.
+/// The channel's offset and epoch, creating the epoch for a channel never published to (or
+/// written under another master, as `PUBLISH_LUA`: ARGV[4] against KEYS[6]); with ARGV[3] = 1
+/// also its presence version (KEYS[4]), with 2 its members too (KEYS[5]): one call per
+/// subscribe, with or without presence.
 pub(super) const POSITION_LUA: &str = r#"
+if ARGV[4] ~= '' and redis.call('GET', KEYS[6]) ~= ARGV[4] then
+  redis.call('DEL', KEYS[2])
+  redis.call('SET', KEYS[6], ARGV[4], 'PX', ARGV[2])
+end
 local off = tonumber(redis.call('GET', KEYS[1]) or '0')
 local epoch = redis.call('GET', KEYS[2])
 if not epoch then
@@ -179,12 +190,14 @@ pub(super) fn presence_keys(channel: &str) -> [String; 5] {
     ]
 }
 
-/// The channel's keys: offset counter, epoch, history stream, pub/sub channel.
-pub(super) fn keys(channel: &str) -> [String; 4] {
+/// The channel's keys: offset counter, epoch, history stream, pub/sub channel, and the
+/// generation (sentinel mode: the run id of the master its state was written under).
+pub(super) fn keys(channel: &str) -> [String; 5] {
     [
         format!("bc:{{{channel}}}:o"),
         format!("bc:{{{channel}}}:e"),
         format!("bc:{{{channel}}}:h"),
         format!("bc:{{{channel}}}"),
+        format!("bc:{{{channel}}}:g"),
     ]
 }
