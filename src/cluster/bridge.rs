@@ -199,24 +199,7 @@ async fn supervise(state: Rc<State>, mut finder: Finder) {
                     tokio::task::spawn_local(async move { control::sync_revocations(&s).await });
                     first = false;
                     backoff = BACKOFF_MIN;
-                    // A Redis that hangs (or a partition) ends no stream: ping to notice.
-                    let mut liveness = tokio::time::interval(LIVENESS_INTERVAL);
-                    loop {
-                        tokio::select! {
-                            msg = stream.next() => match msg {
-                                Some(msg) => on_message(&state, &msg),
-                                None => break,
-                            },
-                            _ = liveness.tick() => {
-                                let Some(mut conn) = state.connection() else { break };
-                                let ping = redis::cmd("PING");
-                                let answer = ping.query_async::<String>(&mut conn);
-                                if !matches!(tokio::time::timeout(REDIS_TIMEOUT, answer).await, Ok(Ok(_))) {
-                                    break;
-                                }
-                            }
-                        }
-                    }
+                    serve(&state, &mut stream).await;
                     tracing::warn!("redis connection lost or unresponsive; reconnecting");
                 }
                 state.metrics.up.store(false, Relaxed);
@@ -229,6 +212,29 @@ async fn supervise(state: Rc<State>, mut finder: Finder) {
         state.metrics.up.store(false, Relaxed);
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// Hands pub/sub messages to the shards until the connection ends or Redis stops answering
+/// (a Redis that hangs, or a partition, ends no stream: a PING every `LIVENESS_INTERVAL`
+/// notices).
+async fn serve(state: &State, stream: &mut (impl futures_util::Stream<Item = redis::Msg> + Unpin)) {
+    let mut liveness = tokio::time::interval(LIVENESS_INTERVAL);
+    loop {
+        tokio::select! {
+            msg = stream.next() => match msg {
+                Some(msg) => on_message(state, &msg),
+                None => return,
+            },
+            _ = liveness.tick() => {
+                let Some(mut conn) = state.connection() else { return };
+                let ping = redis::cmd("PING");
+                let answer = ping.query_async::<String>(&mut conn);
+                if !matches!(tokio::time::timeout(REDIS_TIMEOUT, answer).await, Ok(Ok(_))) {
+                    return;
+                }
+            }
+        }
     }
 }
 

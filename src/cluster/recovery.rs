@@ -35,28 +35,8 @@ pub(super) async fn position(
     };
     let ttl = state.rules.policy(channel).history_ttl;
     let k = keys(channel);
-    let p = presence_keys(channel);
-    let candidate = format!("{:016x}", rand::random::<u64>());
-    let script = redis::Script::new(POSITION_LUA);
-    let mut invocation = script.key(&k[0]);
-    invocation
-        .key(&k[1])
-        .key(&k[2])
-        .key(&p[3])
-        .key(&p[0])
-        .key(&k[4]);
-    invocation
-        .arg(&candidate)
-        .arg(ttl.as_millis().max(1) as u64)
-        .arg(presence as u8)
-        .arg(&*state.generation.borrow());
-    let answer: Vec<redis::Value> =
-        tokio::time::timeout(REDIS_TIMEOUT, invocation.invoke_async(&mut conn))
-            .await
-            .map_err(|_| unavailable("position timed out"))?
-            .map_err(|_| unavailable("position failed"))?;
     let (offset, epoch, version, members) =
-        read_position(answer).ok_or_else(|| unavailable("position unreadable"))?;
+        ask_position(state, &mut conn, channel, presence).await?;
     let mut position = Position::new(offset, Arc::from(epoch.as_str()));
     if presence != Presence::None {
         position.presence_version = Some(version);
@@ -95,6 +75,38 @@ pub(super) async fn position(
         }
     }
     Ok(position)
+}
+
+/// The position script's answer: offset, epoch, presence version, members.
+async fn ask_position(
+    state: &State,
+    conn: &mut redis::aio::MultiplexedConnection,
+    channel: &str,
+    presence: Presence,
+) -> Result<PositionAnswer, Error> {
+    let ttl = state.rules.policy(channel).history_ttl;
+    let k = keys(channel);
+    let p = presence_keys(channel);
+    let candidate = format!("{:016x}", rand::random::<u64>());
+    let script = redis::Script::new(POSITION_LUA);
+    let mut invocation = script.key(&k[0]);
+    invocation
+        .key(&k[1])
+        .key(&k[2])
+        .key(&p[3])
+        .key(&p[0])
+        .key(&k[4]);
+    invocation
+        .arg(&candidate)
+        .arg(ttl.as_millis().max(1) as u64)
+        .arg(presence as u8)
+        .arg(&*state.generation.borrow());
+    let answer: Vec<redis::Value> =
+        tokio::time::timeout(REDIS_TIMEOUT, invocation.invoke_async(conn))
+            .await
+            .map_err(|_| unavailable("position timed out"))?
+            .map_err(|_| unavailable("position failed"))?;
+    read_position(answer).ok_or_else(|| unavailable("position unreadable"))
 }
 
 /// Members as Redis holds them (user -> info, "" for none), sorted, as `reply::presence`.
