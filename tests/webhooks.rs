@@ -196,12 +196,12 @@ retry_max_delay = "200ms""#,
 #[tokio::test]
 async fn a_receiver_that_hangs_holds_up_no_client() {
     let receiver = Receiver::start().await;
-    receiver.set_delay(Duration::from_secs(3));
+    receiver.set_delay(Duration::from_secs(4));
     let s = node(&receiver, "");
     let mut alice = s.ws_authed("alice").await;
     let mut bob = s.ws_authed("bob").await;
     let asked = Instant::now();
-    // Each subscribe and leave is an event for a receiver that sits on every POST for 3 s.
+    // Each subscribe and leave is an event for a receiver that sits on every POST for 4 s.
     for i in 0..20 {
         let channel = format!("room/{i}");
         alice.subscribe(&channel).await;
