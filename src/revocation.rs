@@ -80,16 +80,18 @@ impl Revocations {
     }
 
     /// Adds `r`, or widens the entry for the same target (the later cutoff and expiry win).
-    /// Expired entries are dropped first when the table is full.
-    pub fn insert(&self, r: &Revocation, now_ms: u64) -> Result<(), Full> {
+    /// Expired entries are dropped first when the table is full. True when it revokes more
+    /// than the table did (a new target, or a later cutoff).
+    pub fn insert(&self, r: &Revocation, now_ms: u64) -> Result<bool, Full> {
         if r.expires_ms <= now_ms {
-            return Ok(());
+            return Ok(false);
         }
         let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
         if let Some(held) = entries.get_mut(&r.target) {
+            let wider = r.cutoff_ms > held.cutoff_ms;
             held.cutoff_ms = held.cutoff_ms.max(r.cutoff_ms);
             held.expires_ms = held.expires_ms.max(r.expires_ms);
-            return Ok(());
+            return Ok(wider);
         }
         if entries.len() >= self.max {
             entries.retain(|_, e| e.expires_ms > now_ms);
@@ -99,7 +101,7 @@ impl Revocations {
         }
         entries.insert(r.target.clone(), r.clone());
         self.empty.store(false, Relaxed);
-        Ok(())
+        Ok(true)
     }
 
     /// Whether a token of `sub` issued at `iat` with `jti` is revoked at `now_ms`.
@@ -159,7 +161,7 @@ mod tests {
         let t = Revocations::new(10, Duration::from_secs(60));
         assert!(!t.revoked("alice", 0, None, 0));
         let r = t.revocation(Target::User("alice".into()), 1_000_000, 5_000);
-        t.insert(&r, 5_000).unwrap();
+        assert_eq!(t.insert(&r, 5_000), Ok(true));
         assert!(t.revoked("alice", 999, None, 5_000));
         assert!(t.revoked("alice", 0, None, 5_000), "no iat: revoked");
         assert!(
@@ -170,9 +172,9 @@ mod tests {
         assert!(!t.revoked("alice", 999, None, 65_000), "expired");
         // A later cutoff widens the entry; an earlier one does not narrow it.
         let later = t.revocation(Target::User("alice".into()), 2_000_000, 6_000);
-        t.insert(&later, 6_000).unwrap();
+        assert_eq!(t.insert(&later, 6_000), Ok(true));
         let earlier = t.revocation(Target::User("alice".into()), 10, 7_000);
-        t.insert(&earlier, 7_000).unwrap();
+        assert_eq!(t.insert(&earlier, 7_000), Ok(false), "revokes nothing more");
         assert!(t.revoked("alice", 1_999, None, 7_000));
         assert_eq!(t.live(7_000).len(), 1);
     }
@@ -198,10 +200,10 @@ mod tests {
         assert_eq!(t.insert(&c, 500), Err(Full));
         // The same target again is not a new entry.
         let a = t.revocation(Target::Jti("a".into()), 0, 500);
-        assert_eq!(t.insert(&a, 500), Ok(()));
+        assert_eq!(t.insert(&a, 500), Ok(false));
         // At 1 s "b" has expired ("a" was renewed): room for "c".
         let c = t.revocation(Target::Jti("c".into()), 0, 1_000);
-        assert_eq!(t.insert(&c, 1_000), Ok(()));
+        assert_eq!(t.insert(&c, 1_000), Ok(true));
         assert_eq!(t.live(1_000).len(), 2);
     }
 

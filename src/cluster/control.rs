@@ -72,7 +72,8 @@ async fn store(state: &State, revocations: &[Revocation], message: &[u8]) -> Res
 
 /// At each (re)connect: puts this node's revocations back (Redis may have restarted without
 /// them, or missed one made during an outage), then takes every revocation Redis holds, and
-/// closes the connections here that they revoke.
+/// closes the connections here that the ones new to this node revoke (only those: a `jti`
+/// revocation scans a shard's connections, and Redis may hold 100,000 of them).
 pub(super) async fn sync_revocations(state: &State) {
     let now = unix_ms();
     let mine = state.revocations.live(now);
@@ -99,7 +100,7 @@ pub(super) async fn sync_revocations(state: &State) {
         let Some(r) = parse_entry(&f, &value) else {
             continue;
         };
-        if state.revocations.insert(&r, now).is_ok() {
+        if state.revocations.insert(&r, now) == Ok(true) {
             apply(state, Control::Revoke(r));
         }
     }
