@@ -249,6 +249,23 @@ impl Collector for Webhooks {
     }
 }
 
+/// How many revocations the node holds (`auth.revocations_max` bounds them), read at scrape.
+#[derive(Debug)]
+struct Revoked(Arc<crate::revocation::Revocations>);
+
+impl Collector for Revoked {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let held = ConstGauge::new(self.0.len() as i64);
+        let metric = encoder.encode_descriptor(
+            "revocations_held",
+            "Token revocations held (POST /revoke), expired ones until room is needed; at auth.revocations_max more are refused.",
+            None,
+            held.metric_type(),
+        )?;
+        held.encode(metric)
+    }
+}
+
 /// Everything `/metrics` shows, built once at start; `render` reads the atomics at each scrape.
 pub(crate) struct Exposition {
     registry: Registry,
@@ -276,6 +293,11 @@ impl Exposition {
     }
 
     /// Adds the webhook series.
+    pub(crate) fn add_revocations(&mut self, revocations: Arc<crate::revocation::Revocations>) {
+        self.registry
+            .register_collector(Box::new(Revoked(revocations)));
+    }
+
     pub(crate) fn add_webhooks(&mut self, webhooks: Arc<WebhookMetrics>) {
         self.registry
             .register_collector(Box::new(Webhooks(webhooks)));

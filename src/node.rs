@@ -63,6 +63,11 @@ impl Node {
         exposition.add_anonymous(anonymous.clone());
         let presence = Arc::new(crate::metrics::PresenceMetrics::default());
         exposition.add_presence(presence.clone());
+        let revocations = Arc::new(crate::revocation::Revocations::new(
+            config.auth.revocations_max,
+            config.auth.revocation_ttl,
+        ));
+        exposition.add_revocations(revocations.clone());
         let webhook_metrics = Arc::new(crate::metrics::WebhookMetrics::default());
         exposition.add_webhooks(webhook_metrics.clone());
         let webhooks =
@@ -74,10 +79,7 @@ impl Node {
             per_user: (limits.connections_per_user_max > 0)
                 .then(|| crate::admission::PerUser::new(limits.connections_per_user_max)),
             presence,
-            revocations: Arc::new(crate::revocation::Revocations::new(
-                config.auth.revocations_max,
-                config.auth.revocation_ttl,
-            )),
+            revocations,
             webhooks,
             metrics,
             bridge: None,

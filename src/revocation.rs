@@ -45,6 +45,7 @@ impl Revocation {
 pub struct Full;
 
 /// A node's revocations.
+#[derive(Debug)]
 pub struct Revocations {
     entries: RwLock<HashMap<Target, Revocation>>,
     /// Nothing revoked yet: `auth` skips the lock.
@@ -72,6 +73,16 @@ impl Revocations {
             cutoff_ms,
             expires_ms: now_ms.saturating_add(ttl_ms),
         }
+    }
+
+    /// Entries held (some may have expired: they go when room is needed).
+    pub fn len(&self) -> usize {
+        self.entries.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Whether no entry is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// The most entries held at once.

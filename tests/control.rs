@@ -263,6 +263,8 @@ async fn revocations_are_bounded_and_bad_bodies_refused() {
         let r = post(&s, "/revoke", &json!({"jti": jti})).await;
         assert_eq!(r.status, 200, "{jti}: {}", r.text());
     }
+    let m = http_get(s.backend(), "/metrics").await.text();
+    assert_eq!(metric_sum(&m, "revocations_held"), Some(2.0), "{m}");
     let r = post(&s, "/revoke", &json!({"jti": "c"})).await;
     assert_eq!(
         r.json()["error"]["code"],
