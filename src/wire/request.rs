@@ -114,8 +114,16 @@ const TOP_MEMBERS: [&str; 3] = ["id", "method", "params"];
 const PARAMS_MEMBERS: [&str; 7] = [
     "channel", "event", "payload", "token", "since", "rewind", "proxy",
 ];
-const BODY_MEMBERS: [&str; 7] = [
-    "channel", "channels", "event", "payload", "user", "code", "reason",
+const BODY_MEMBERS: [&str; 9] = [
+    "channel",
+    "channels",
+    "event",
+    "payload",
+    "user",
+    "code",
+    "reason",
+    "jti",
+    "issuedBefore",
 ];
 
 fn refuse_repeated(body: &[u8], spans: &[(Span, Span)]) -> Result<(), Error> {
@@ -842,5 +850,23 @@ mod tests {
             10
         )
         .is_err());
+    }
+
+    #[test]
+    fn revoke_bodies_name_a_user_and_a_time_or_a_jti() {
+        let by_time = parse_revoke_body(br#"{"user":"al","issuedBefore":"1970-01-01T00:00:02Z"}"#);
+        assert_eq!(by_time.unwrap(), (Target::User("al".into()), 2_000));
+        let by_jti = parse_revoke_body(br#"{"jti":"j"}"#);
+        assert_eq!(by_jti.unwrap(), (Target::Jti("j".into()), 0));
+        for bad in [
+            r#"{"jti":"a","jti":[1]}"#,
+            r#"{"user":"a","issuedBefore":"1970-01-01T00:00:02Z","issuedBefore":7}"#,
+            r#"{"jti":"a","user":"b"}"#,
+            r#"{"user":"a"}"#,
+            r#"{"jti":""}"#,
+        ] {
+            let e = parse_revoke_body(bad.as_bytes()).unwrap_err();
+            assert_eq!(e.code, Code::InvalidArgument, "{bad}");
+        }
     }
 }
