@@ -87,6 +87,9 @@ pub struct AuthConfig {
     pub revocation_ttl: Duration,
     /// Revocations kept at once; more are ResourceExhausted. Default 100,000.
     pub revocations_max: usize,
+    /// A file the node appends each revocation to and reads back at start, so a single node
+    /// keeps them across a restart (cluster mode keeps them in Redis). Default none.
+    pub revocations_file: Option<String>,
 }
 
 impl Default for AuthConfig {
@@ -97,6 +100,7 @@ impl Default for AuthConfig {
             leeway: Duration::ZERO,
             revocation_ttl: Duration::from_secs(24 * 3600),
             revocations_max: 100_000,
+            revocations_file: None,
         }
     }
 }
@@ -713,6 +717,7 @@ const KEYS: &[(&str, Kind)] = &[
     ("auth.leeway", Kind::Str),
     ("auth.revocation_ttl", Kind::Str),
     ("auth.revocations_max", Kind::Int),
+    ("auth.revocations_file", Kind::Str),
     ("limits.auth_timeout", Kind::Str),
     ("limits.http_head_timeout", Kind::Str),
     ("limits.http_head_bytes_max", Kind::Int),

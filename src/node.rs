@@ -63,10 +63,14 @@ impl Node {
         exposition.add_anonymous(anonymous.clone());
         let presence = Arc::new(crate::metrics::PresenceMetrics::default());
         exposition.add_presence(presence.clone());
-        let revocations = Arc::new(crate::revocation::Revocations::new(
+        let mut revocations = crate::revocation::Revocations::new(
             config.auth.revocations_max,
             config.auth.revocation_ttl,
-        ));
+        );
+        if let Some(path) = &config.auth.revocations_file {
+            revocations = revocations.with_file(path, crate::clock::unix_ms())?;
+        }
+        let revocations = Arc::new(revocations);
         exposition.add_revocations(revocations.clone());
         let webhook_metrics = Arc::new(crate::metrics::WebhookMetrics::default());
         exposition.add_webhooks(webhook_metrics.clone());

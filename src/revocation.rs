@@ -4,8 +4,9 @@
 //! Entries live `auth.revocation_ttl` from their revocation; at most `auth.revocations_max`.
 
 use std::collections::HashMap;
+use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::RwLock;
+use std::sync::{Mutex, RwLock};
 use std::time::Duration;
 
 /// What one revocation names.
@@ -29,6 +30,36 @@ pub struct Revocation {
 }
 
 impl Revocation {
+    /// One line of a revocations file: `u|j <cutoff ms> <expires ms> <name as a JSON string>`.
+    pub fn to_line(&self) -> String {
+        let (kind, name) = match &self.target {
+            Target::User(user) => ("u", user),
+            Target::Jti(jti) => ("j", jti),
+        };
+        // A string always serializes.
+        let name = serde_json::to_string(name).unwrap_or_default();
+        format!("{kind} {} {} {name}", self.cutoff_ms, self.expires_ms)
+    }
+
+    /// The revocation `to_line` wrote.
+    pub fn from_line(line: &str) -> Option<Revocation> {
+        let mut fields = line.splitn(4, ' ');
+        let kind = fields.next()?;
+        let cutoff_ms = fields.next()?.parse().ok()?;
+        let expires_ms = fields.next()?.parse().ok()?;
+        let name: String = serde_json::from_str(fields.next()?).ok()?;
+        let target = match kind {
+            "u" if !name.is_empty() => Target::User(name),
+            "j" if !name.is_empty() => Target::Jti(name),
+            _ => return None,
+        };
+        Some(Revocation {
+            target,
+            cutoff_ms,
+            expires_ms,
+        })
+    }
+
     /// Whether a token of `sub` issued at `iat` (unix seconds, 0 when the token has none)
     /// with `jti` is revoked by this entry. `iat` has whole seconds: a token issued within the
     /// cutoff's second counts as issued before it unless the cutoff is a whole second.
@@ -52,6 +83,8 @@ pub struct Revocations {
     empty: AtomicBool,
     max: usize,
     ttl: Duration,
+    /// `auth.revocations_file`, open for appending.
+    file: Option<Mutex<std::fs::File>>,
 }
 
 impl Revocations {
@@ -62,6 +95,61 @@ impl Revocations {
             empty: AtomicBool::new(true),
             max,
             ttl,
+            file: None,
+        }
+    }
+
+    /// The same table kept in `path` too: what the file holds (and has not expired) is loaded
+    /// now, the file rewritten with only that, and each later revocation appended.
+    pub fn with_file(mut self, path: &str, now_ms: u64) -> Result<Revocations, String> {
+        let why = |e: std::io::Error| format!("auth.revocations_file {path:?}: {e}");
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(why(e)),
+        };
+        let mut unreadable = 0usize;
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            match Revocation::from_line(line) {
+                // Full: the oldest lines won; the rest are dropped as a revoke beyond the bound is.
+                Some(r) => drop(self.insert(&r, now_ms)),
+                None => unreadable += 1,
+            }
+        }
+        if unreadable > 0 {
+            tracing::warn!(
+                path,
+                lines = unreadable,
+                "unreadable revocation lines skipped"
+            );
+        }
+        // Compacted through a temporary file and a rename, so a crash leaves the old or the new.
+        let tmp = format!("{path}.tmp");
+        let mut out = String::new();
+        for r in self.live(now_ms) {
+            out.push_str(&r.to_line());
+            out.push('\n');
+        }
+        std::fs::write(&tmp, out).map_err(why)?;
+        std::fs::rename(&tmp, path).map_err(why)?;
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .map_err(why)?;
+        self.file = Some(Mutex::new(file));
+        Ok(self)
+    }
+
+    /// Appends `r` to the file, if there is one. A failure is logged: the revocation holds in
+    /// memory, and a restart would forget it.
+    fn persist(&self, r: &Revocation) {
+        let Some(file) = &self.file else {
+            return;
+        };
+        let line = format!("{}\n", r.to_line());
+        let mut file = file.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = file.write_all(line.as_bytes()) {
+            tracing::error!(error = %e, "revocation not written to auth.revocations_file");
         }
     }
 
@@ -100,8 +188,12 @@ impl Revocations {
         let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
         if let Some(held) = entries.get_mut(&r.target) {
             let wider = r.cutoff_ms > held.cutoff_ms;
+            let later = r.expires_ms > held.expires_ms;
             held.cutoff_ms = held.cutoff_ms.max(r.cutoff_ms);
             held.expires_ms = held.expires_ms.max(r.expires_ms);
+            if wider || later {
+                self.persist(held);
+            }
             return Ok(wider);
         }
         if entries.len() >= self.max {
@@ -112,6 +204,7 @@ impl Revocations {
         }
         entries.insert(r.target.clone(), r.clone());
         self.empty.store(false, Relaxed);
+        self.persist(r);
         Ok(true)
     }
 
@@ -216,6 +309,41 @@ mod tests {
         let c = t.revocation(Target::Jti("c".into()), 0, 1_000);
         assert_eq!(t.insert(&c, 1_000), Ok(true));
         assert_eq!(t.live(1_000).len(), 2);
+    }
+
+    #[test]
+    fn a_file_keeps_revocations_across_a_restart() {
+        let path = std::env::temp_dir().join(format!("bc-revoked-{}", std::process::id()));
+        let path = path.to_str().unwrap().to_string();
+        let _ = std::fs::remove_file(&path);
+        let ttl = Duration::from_secs(10);
+        let t = Revocations::new(10, ttl).with_file(&path, 0).unwrap();
+        t.insert(&t.revocation(Target::User("a \"b\"\n".into()), 5_000, 0), 0)
+            .unwrap();
+        t.insert(&t.revocation(Target::Jti("j".into()), 0, 0), 0)
+            .unwrap();
+        // Expired by the time of the restart: dropped from the file.
+        t.insert(
+            &Revocations::new(10, Duration::from_secs(1)).revocation(
+                Target::Jti("old".into()),
+                0,
+                0,
+            ),
+            0,
+        )
+        .unwrap();
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        text.push_str("not a line\n");
+        std::fs::write(&path, text).unwrap();
+        let again = Revocations::new(10, ttl).with_file(&path, 2_000).unwrap();
+        assert!(again.revoked("a \"b\"\n", 4, None, 2_000));
+        assert!(again.revoked("x", 0, Some("j"), 2_000));
+        assert!(!again.revoked("x", 0, Some("old"), 2_000));
+        assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 2);
+        assert!(Revocations::new(10, ttl)
+            .with_file("/nonexistent-dir/x", 0)
+            .is_err());
+        let _ = std::fs::remove_file(&path);
     }
 
     #[test]

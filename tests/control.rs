@@ -285,3 +285,33 @@ async fn revocations_are_bounded_and_bad_bodies_refused() {
         assert_eq!(r.status, 400, "{bad}: {}", r.text());
     }
 }
+
+#[tokio::test]
+async fn a_single_node_keeps_revocations_in_its_file_across_a_restart() {
+    let file = temp_path("-revocations");
+    let opts = || {
+        ServerOpts::shards(1).env(
+            "BROADCASTER_AUTH_REVOCATIONS_FILE",
+            file.to_str().expect("a UTF-8 path"),
+        )
+    };
+    let s = Server::start(opts());
+    let stolen = TokenSpec::new(&s.secret, "alice").jti("j-9").mint();
+    let old = TokenSpec::new(&s.secret, "bob")
+        .issued_at(now_secs() - 60)
+        .mint();
+    let r = post(&s, "/revoke", &json!({"jti": "j-9"})).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let body = json!({"user": "bob", "issuedBefore": rfc3339(now_secs() - 1)});
+    assert_eq!(post(&s, "/revoke", &body).await.status, 200);
+    drop(s);
+
+    let s = Server::start(opts());
+    for token in [&stolen, &old] {
+        let mut ws = Ws::connect(s.public).await;
+        ws.call_err("auth", json!({"token": token}), "Unauthenticated")
+            .await;
+    }
+    s.ws_authed("bob").await.heartbeat_ok().await;
+    let _ = std::fs::remove_file(&file);
+}

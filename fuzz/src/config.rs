@@ -14,6 +14,7 @@ pub const KEYS: &[&str] = &[
     "auth.leeway",
     "auth.revocation_ttl",
     "auth.revocations_max",
+    "auth.revocations_file",
     "limits.auth_timeout",
     "limits.http_head_timeout",
     "limits.http_head_bytes_max",

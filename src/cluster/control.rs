@@ -154,7 +154,7 @@ fn apply(state: &State, op: Control) {
 }
 
 /// `origin D code userlen user+reason`, `origin U userlen user+pattern`, or
-/// `origin R u|j cutoff expires user|jti`.
+/// `origin R <Revocation::to_line>`.
 fn encode(origin: &str, op: &Control) -> Vec<u8> {
     let text = match op {
         Control::Disconnect { user, code, reason } => {
@@ -163,13 +163,7 @@ fn encode(origin: &str, op: &Control) -> Vec<u8> {
         Control::Unsubscribe { user, pattern } => {
             format!("{origin} U {} {user}{pattern}", user.len())
         }
-        Control::Revoke(r) => {
-            let (kind, name) = match &r.target {
-                Target::User(user) => ("u", user),
-                Target::Jti(jti) => ("j", jti),
-            };
-            format!("{origin} R {kind} {} {} {name}", r.cutoff_ms, r.expires_ms)
-        }
+        Control::Revoke(r) => format!("{origin} R {}", r.to_line()),
     };
     text.into_bytes()
 }
@@ -184,7 +178,10 @@ fn decode(data: &[u8]) -> Option<(String, Control)> {
             (Some(code.parse::<u16>().ok()?), rest)
         }
         "U" => (None, rest),
-        "R" => return Some((origin.to_string(), decode_revoke(rest)?)),
+        "R" => {
+            let r = Revocation::from_line(rest)?;
+            return Some((origin.to_string(), Control::Revoke(r)));
+        }
         _ => return None,
     };
     let (len, rest) = rest.split_once(' ')?;
@@ -203,24 +200,6 @@ fn decode(data: &[u8]) -> Option<(String, Control)> {
         },
     };
     Some((origin.to_string(), op))
-}
-
-fn decode_revoke(rest: &str) -> Option<Control> {
-    let mut fields = rest.splitn(4, ' ');
-    let kind = fields.next()?;
-    let cutoff_ms = fields.next()?.parse().ok()?;
-    let expires_ms = fields.next()?.parse().ok()?;
-    let name = fields.next().filter(|n| !n.is_empty())?.to_string();
-    let target = match kind {
-        "u" => Target::User(name),
-        "j" => Target::Jti(name),
-        _ => return None,
-    };
-    Some(Control::Revoke(Revocation {
-        target,
-        cutoff_ms,
-        expires_ms,
-    }))
 }
 
 #[cfg(test)]
@@ -256,9 +235,10 @@ mod tests {
         assert!(decode(b"n1 X 1 a").is_none());
         assert!(decode(b"n1 U 9 a").is_none());
         assert!(decode(b"n1 D x 1 a").is_none());
-        assert!(decode(b"n1 R x 1 2 a").is_none());
-        assert!(decode(b"n1 R u 1 2 ").is_none());
-        assert!(decode(b"n1 R u 1 a b").is_none());
+        assert!(decode(b"n1 R x 1 2 \"a\"").is_none());
+        assert!(decode(b"n1 R u 1 2 \"\"").is_none());
+        assert!(decode(b"n1 R u 1 a \"b\"").is_none());
+        assert!(decode(b"n1 R u 1 2 b").is_none());
     }
 
     #[test]
