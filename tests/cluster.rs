@@ -2052,3 +2052,39 @@ async fn webhook_events_are_sent_once_across_nodes_and_for_a_dead_node() {
     a.signal(libc::SIGTERM);
     let _ = a.wait_exit(T).await;
 }
+
+#[tokio::test]
+async fn webhook_events_survive_a_redis_restart_without_repeats() {
+    let receiver = hook_receiver::Receiver::start().await;
+    let mut redis = Redis::start().await;
+    let a = hooked_node(&redis, &receiver);
+    let b = hooked_node(&redis, &receiver);
+    for s in [&a, &b] {
+        wait_health(s, "ok", T).await;
+    }
+    let channel = unique("room/");
+    let mut alice = a.ws_authed("alice").await;
+    alice.subscribe(&channel).await;
+    let mut bob = b.ws_authed("bob").await;
+    bob.subscribe(&channel).await;
+    receiver.wait_events(3, T).await;
+
+    // Redis comes back empty: the nodes put their members and channels back without telling
+    // the backend again (it saw them), and the next transitions are reported once.
+    redis.restart().await;
+    for s in [&a, &b] {
+        wait_reconnected(s, 1.0, Duration::from_secs(15)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(receiver.events().len(), 3, "{:?}", receiver.events());
+    drop(alice);
+    let events = receiver.wait_events(4, T).await;
+    assert_eq!(hook_names(&events[3..]), ["member_removed alice"]);
+    bob.call("unsubscribe", json!({"channel": channel})).await;
+    let events = receiver.wait_events(6, T).await;
+    let mut last = hook_names(&events[4..]);
+    last.sort();
+    assert_eq!(last, ["channel_vacated -", "member_removed bob"]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(receiver.events().len(), 6, "each event once");
+}
