@@ -5,13 +5,12 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::process::Stdio;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 fn stdout_of(o: &std::process::Output) -> String {
@@ -316,35 +315,9 @@ async fn connect_command_prints_broadcasts_and_publishes_stdin_lines() {
     let mut watcher = s.ws_authed("watcher").await;
     watcher.subscribe("chat").await;
 
-    let mut cmd = tokio::process::Command::new(bin());
-    clean_tokio_env(&mut cmd);
-    let mut child = cmd
-        .args([
-            "connect",
-            "--url",
-            &s.ws_url(),
-            "--token",
-            &s.token_all("terminal"),
-            "--channel",
-            "chat",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn connect");
-    let lines = Arc::new(Mutex::new(String::new()));
-    let lines2 = lines.clone();
-    let stdout = child.stdout.take().unwrap();
-    tokio::spawn(async move {
-        let mut r = tokio::io::BufReader::new(stdout).lines();
-        while let Ok(Some(l)) = r.next_line().await {
-            let mut g = lines2.lock().unwrap();
-            g.push_str(&l);
-            g.push('\n');
-        }
-    });
+    let mut cli = spawn_cli(&s.ws_url(), &s.token_all("terminal"), &["chat"]);
+    let lines = cli.out.clone();
+    let child = &mut cli.child;
 
     // Wait until the terminal client is subscribed.
     let deadline = Instant::now() + T;
@@ -360,8 +333,7 @@ async fn connect_command_prints_broadcasts_and_publishes_stdin_lines() {
             break;
         }
         if let Ok(Some(status)) = child.try_wait() {
-            let mut err = String::new();
-            let _ = child.stderr.take().unwrap().read_to_string(&mut err).await;
+            let err = printed(&cli.err).join("\n");
             panic!("broadcaster connect exited ({status}): {err}");
         }
         assert!(Instant::now() < deadline, "connect never subscribed: {v}");
@@ -373,7 +345,7 @@ async fn connect_command_prints_broadcasts_and_publishes_stdin_lines() {
     watcher.recv_broadcast_raw().await;
     let expected = format!("chat note: {payload}");
     let deadline = Instant::now() + T;
-    while !lines.lock().unwrap().lines().any(|l| l == expected) {
+    while !printed(&lines).contains(&expected) {
         assert!(
             Instant::now() < deadline,
             "connect did not print the broadcast: {:?}",
@@ -406,21 +378,6 @@ fn chat_token(s: &Server, name: &str) -> String {
         .mint()
 }
 
-type Lines = Arc<Mutex<Vec<String>>>;
-
-/// The lines a child prints, collected as they come.
-fn collect_lines(r: impl tokio::io::AsyncRead + Unpin + Send + 'static) -> Lines {
-    let lines = Arc::new(Mutex::new(Vec::new()));
-    let sink = lines.clone();
-    tokio::spawn(async move {
-        let mut r = tokio::io::BufReader::new(r).lines();
-        while let Ok(Some(l)) = r.next_line().await {
-            sink.lock().unwrap().push(l);
-        }
-    });
-    lines
-}
-
 /// Waits for a line equal to `want` in `lines`; returns its index.
 async fn wait_line(lines: &Mutex<Vec<String>>, want: &str, other: &Mutex<Vec<String>>) -> usize {
     let deadline = Instant::now() + T;
@@ -438,24 +395,6 @@ async fn wait_line(lines: &Mutex<Vec<String>>, want: &str, other: &Mutex<Vec<Str
     }
 }
 
-/// `broadcaster connect` to `channel` with `token`; its stdout and stderr lines.
-fn spawn_connect(s: &Server, token: &str, channel: &str) -> (tokio::process::Child, Lines, Lines) {
-    let mut cmd = tokio::process::Command::new(bin());
-    clean_tokio_env(&mut cmd);
-    let mut child = cmd
-        .args(["connect", "--url", &s.ws_url(), "--token", token])
-        .args(["--channel", channel])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn connect");
-    let out = collect_lines(child.stdout.take().unwrap());
-    let err = collect_lines(child.stderr.take().unwrap());
-    (child, out, err)
-}
-
 /// SPEC 16 "CLI", seed 004: `connect` says whom it connected as and who is there, shows
 /// `bob joined chat/x`, `bob: Hello everyone!` and `bob left chat/x`, and its own lines come
 /// back as `alice: ...`; a REST publication (no `from`) keeps the `channel event: payload` form.
@@ -470,7 +409,9 @@ async fn connect_command_is_a_chat_with_presence() {
     carol.auth_ok(&chat_token(&s, "carol")).await;
     carol.subscribe("chat/x").await;
 
-    let (mut child, out, err) = spawn_connect(&s, &chat_token(&s, "alice"), "chat/x");
+    let mut cli = spawn_cli(&s.ws_url(), &chat_token(&s, "alice"), &["chat/x"]);
+    let (out, err) = (cli.out.clone(), cli.err.clone());
+    let child = &mut cli.child;
     wait_line(&err, &format!("connected to {} as alice", s.ws_url()), &out).await;
     let at_start = [
         "in chat/x: alice, carol (2)".to_string(),
@@ -529,14 +470,6 @@ async fn connect_command_is_a_chat_with_presence() {
         "{printed:?}"
     );
     let _ = child.kill().await;
-}
-
-fn clean_tokio_env(cmd: &mut tokio::process::Command) {
-    for (k, _) in std::env::vars() {
-        if k.starts_with("BROADCASTER_") {
-            cmd.env_remove(&k);
-        }
-    }
 }
 
 #[tokio::test]

@@ -10,10 +10,9 @@ mod fake_server;
 
 use common::*;
 use fake_server::{accept_session, close_with, next_request, send_json, unsubscribed};
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
 /// A TCP proxy whose connections can all be cut at once.
@@ -44,10 +43,6 @@ async fn proxy(to: std::net::SocketAddr) -> Proxy {
     Proxy { addr, cut }
 }
 
-fn printed(lines: &Mutex<Vec<String>>) -> Vec<String> {
-    lines.lock().expect("lines").clone()
-}
-
 async fn wait_for(lines: &Mutex<Vec<String>>, n: usize, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(15);
     while printed(lines).len() < n {
@@ -68,32 +63,12 @@ async fn connect_reconnects_and_recovers_what_it_missed() {
     keeper.subscribe("room").await;
     let p = proxy(s.public).await;
 
-    let mut cmd = tokio::process::Command::new(bin());
-    let mut child = cmd
-        .args([
-            "connect",
-            "--url",
-            &format!("ws://{}/ws", p.addr),
-            "--token",
-            &s.token_all("terminal"),
-            "--channel",
-            "room",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn connect");
-    let lines = Arc::new(Mutex::new(Vec::new()));
-    let sink = lines.clone();
-    let stdout = child.stdout.take().expect("stdout");
-    tokio::spawn(async move {
-        let mut r = tokio::io::BufReader::new(stdout).lines();
-        while let Ok(Some(l)) = r.next_line().await {
-            sink.lock().expect("lines").push(l);
-        }
-    });
+    let cli = spawn_cli(
+        &format!("ws://{}/ws", p.addr),
+        &s.token_all("terminal"),
+        &["room"],
+    );
+    let lines = cli.out.clone();
 
     // Live: publish until the client shows it is subscribed.
     let deadline = Instant::now() + T;
@@ -140,70 +115,6 @@ async fn connect_reconnects_and_recovers_what_it_missed() {
 // Close codes 4006 and 4007, and `unsubscribed` (SPEC 17, 22.1): against the stand-in server of
 // tests/fake_server, which shows each request the client makes, then the backend's endpoints.
 // ---------------------------------------------------------------------------------------------
-
-/// The lines a child printed so far.
-type Lines = Arc<Mutex<Vec<String>>>;
-
-/// A running `broadcaster connect`.
-struct Cli {
-    child: tokio::process::Child,
-    out: Lines,
-    err: Lines,
-    /// The reader of stderr: done once the child closed it.
-    err_read: tokio::task::JoinHandle<()>,
-}
-
-/// `broadcaster connect` with stdin held open (its end would end the client); its stdout and
-/// stderr lines are collected as they come.
-fn spawn_cli(url: &str, token: &str, channels: &[&str]) -> Cli {
-    let mut cmd = tokio::process::Command::new(bin());
-    cmd.args(["connect", "--url", url, "--token", token]);
-    for c in channels {
-        cmd.args(["--channel", c]);
-    }
-    let mut child = cmd
-        .env_remove("BROADCASTER_TOKEN")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn connect");
-    let (out, _) = lines_of(child.stdout.take().expect("stdout"));
-    let (err, err_read) = lines_of(child.stderr.take().expect("stderr"));
-    Cli {
-        child,
-        out,
-        err,
-        err_read,
-    }
-}
-
-impl Cli {
-    /// Waits for the exit; its status and all it said on stderr.
-    async fn finish(self) -> (std::process::ExitStatus, String) {
-        let mut child = self.child;
-        let status = within(T, "connect to exit", child.wait())
-            .await
-            .expect("wait for connect");
-        let _ = within(T, "connect's stderr to close", self.err_read).await;
-        (status, printed(&self.err).join("\n"))
-    }
-}
-
-fn lines_of(
-    r: impl tokio::io::AsyncRead + Unpin + Send + 'static,
-) -> (Lines, tokio::task::JoinHandle<()>) {
-    let lines = Arc::new(Mutex::new(Vec::new()));
-    let sink = lines.clone();
-    let reader = tokio::spawn(async move {
-        let mut r = tokio::io::BufReader::new(r).lines();
-        while let Ok(Some(l)) = r.next_line().await {
-            sink.lock().expect("lines").push(l);
-        }
-    });
-    (lines, reader)
-}
 
 /// Waits for a line containing `want`.
 async fn wait_text(lines: &Mutex<Vec<String>>, want: &str) {

@@ -160,6 +160,90 @@ pub fn clean_env(cmd: &mut Command) {
     }
 }
 
+/// `clean_env` for a tokio command.
+pub fn clean_tokio_env(cmd: &mut tokio::process::Command) {
+    for (k, _) in std::env::vars() {
+        if k.starts_with("BROADCASTER_") {
+            cmd.env_remove(&k);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// `broadcaster connect` as a child process
+// ---------------------------------------------------------------------------------------------
+
+/// The lines a child printed so far.
+pub type Lines = Arc<Mutex<Vec<String>>>;
+
+/// A running `broadcaster connect`, its stdout and stderr lines collected as they come.
+pub struct Cli {
+    pub child: tokio::process::Child,
+    pub out: Lines,
+    pub err: Lines,
+    /// The reader of stderr: done once the child closed it.
+    err_read: tokio::task::JoinHandle<()>,
+}
+
+/// `broadcaster connect --url URL --token T --channel C...` with stdin held open (its end
+/// would end the client).
+pub fn spawn_cli(url: &str, token: &str, channels: &[&str]) -> Cli {
+    let mut cmd = tokio::process::Command::new(bin());
+    clean_tokio_env(&mut cmd);
+    cmd.args(["connect", "--url", url, "--token", token]);
+    for c in channels {
+        cmd.args(["--channel", c]);
+    }
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn connect");
+    let (out, _) = lines_of(child.stdout.take().expect("stdout"));
+    let (err, err_read) = lines_of(child.stderr.take().expect("stderr"));
+    Cli {
+        child,
+        out,
+        err,
+        err_read,
+    }
+}
+
+impl Cli {
+    /// Waits for the exit; its status and all it said on stderr.
+    pub async fn finish(self) -> (std::process::ExitStatus, String) {
+        let mut child = self.child;
+        let status = within(T, "connect to exit", child.wait())
+            .await
+            .expect("wait for connect");
+        let _ = within(T, "connect's stderr to close", self.err_read).await;
+        (status, printed(&self.err).join("\n"))
+    }
+}
+
+/// Collects the lines `r` yields; the task ends when `r` does.
+pub fn lines_of(
+    r: impl tokio::io::AsyncRead + Unpin + Send + 'static,
+) -> (Lines, tokio::task::JoinHandle<()>) {
+    use tokio::io::AsyncBufReadExt;
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let sink = lines.clone();
+    let reader = tokio::spawn(async move {
+        let mut r = tokio::io::BufReader::new(r).lines();
+        while let Ok(Some(l)) = r.next_line().await {
+            sink.lock().expect("lines").push(l);
+        }
+    });
+    (lines, reader)
+}
+
+/// What `lines` holds now.
+pub fn printed(lines: &Mutex<Vec<String>>) -> Vec<String> {
+    lines.lock().expect("lines").clone()
+}
+
 pub struct Server {
     child: Option<Child>,
     pub public: SocketAddr,
