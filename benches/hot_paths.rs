@@ -1,12 +1,12 @@
 //! Criterion benchmarks of the hot paths. Run: `cargo bench --bench hot_paths`.
 //! Each group's first line says what it measures.
 
+use broadcaster::channel::Asked;
 use broadcaster::channel::Channels;
 use broadcaster::config::Config;
 use broadcaster::connection::Conn;
 use broadcaster::node::Node;
 use broadcaster::shard::Shard;
-use broadcaster::wire::request::Start;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use std::hint::black_box;
 use std::sync::Arc;
@@ -90,7 +90,7 @@ fn fanout(c: &mut Criterion) {
         .map(|i| Conn::new(i as u64, 1 << 20))
         .collect();
     for conn in &conns {
-        drop(shard.subscribe(conn, None, "contest/annual-2024", Start::Live, None, false));
+        drop(shard.subscribe(conn, None, "contest/annual-2024", Asked::live()));
         conn.discard_queued();
     }
     shard.flusher().discard();

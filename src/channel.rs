@@ -131,6 +131,28 @@ impl Publication {
 /// Publications oldest first, with the channel's offset and epoch (`GET /history`).
 pub(crate) type HistoryPage = (Vec<Arc<Publication>>, u64, String);
 
+/// What a subscribe asks of the channel's owner (a shard, or Redis) besides the channel.
+#[derive(Debug)]
+pub struct Asked {
+    /// Where the subscription starts.
+    pub start: Start,
+    /// The subscriber, when the channel counts members.
+    pub member: Option<Member>,
+    /// Whether the answer lists the members.
+    pub list: bool,
+}
+
+impl Asked {
+    /// A live subscription that counts no member and lists none.
+    pub fn live() -> Asked {
+        Asked {
+            start: Start::Live,
+            member: None,
+            list: false,
+        }
+    }
+}
+
 /// What a subscriber needs to start: the channel's position and, on recovery or rewind, what
 /// it is given first.
 #[derive(Debug)]

@@ -7,11 +7,10 @@
 //! rings cannot deadlock; memory is bounded upstream by the per-connection rate limits and by
 //! REST publishers waiting for their acknowledgement.
 
-use crate::channel::{Position, Publication};
+use crate::channel::{Asked, Position, Publication};
 use crate::constants::RING_CAPACITY;
 use crate::error::{Code, Error};
-use crate::presence::Member;
-use crate::wire::request::{Control, PublishParams, Start};
+use crate::wire::request::{Control, PublishParams};
 use futures_channel::{mpsc, oneshot};
 use glommio::channels::local_channel::{self, LocalSender};
 use glommio::channels::shared_channel::{self, SharedReceiver, SharedSender};
@@ -66,11 +65,7 @@ pub(crate) enum ShardMsg {
         token: u64,
         from: usize,
         channel: Arc<str>,
-        start: Start,
-        /// The subscriber, when the channel counts members.
-        member: Option<Member>,
-        /// Whether the answer lists the members.
-        list: bool,
+        asked: Asked,
     },
     /// A member's subscription ended.
     Leave {

@@ -2,12 +2,12 @@
 //! publication to N fresh subscribers of a shard makes a number of allocations that does not
 //! grow with N (the flush pass's arena and list grow by doubling).
 
+use broadcaster::channel::Asked;
 use broadcaster::channel::Channels;
 use broadcaster::config::Config;
 use broadcaster::connection::Conn;
 use broadcaster::node::Node;
 use broadcaster::shard::Shard;
-use broadcaster::wire::request::Start;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::sync::Arc;
@@ -50,7 +50,7 @@ fn fan_out_allocations(subscribers: usize) -> u64 {
         .map(|i| Conn::new(i as u64, 1 << 20))
         .collect();
     for conn in &conns {
-        drop(shard.subscribe(conn, None, "alloc/fanout", Start::Live, None, false));
+        drop(shard.subscribe(conn, None, "alloc/fanout", Asked::live()));
         conn.discard_queued();
     }
     shard.flusher().discard();

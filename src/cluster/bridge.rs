@@ -86,17 +86,8 @@ fn spawn_watch(state: Rc<State>) -> tokio::sync::mpsc::UnboundedSender<Request> 
                     shard,
                     token,
                     channel,
-                    start,
-                    member,
-                    list,
-                } => {
-                    let asked = watch::Asked {
-                        start,
-                        member,
-                        list,
-                    };
-                    watch::watch(&state, shard, token, channel, asked).await
-                }
+                    asked,
+                } => watch::watch(&state, shard, token, channel, asked).await,
                 Request::Unwatch { shard, channel } => watch::unwatch(&state, shard, channel).await,
                 Request::Leave { channel, user } => {
                     presence::unsubscribed(&state, &channel, &user).await

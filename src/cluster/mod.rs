@@ -33,15 +33,15 @@ mod recovery;
 mod scripts;
 mod watch;
 
-use crate::channel::HistoryPage;
+use crate::channel::{Asked, HistoryPage};
 use crate::error::{Code, Error};
 use crate::metrics::{BridgeMetrics, PresenceMetrics};
-use crate::presence::{Member, Members};
+use crate::presence::Members;
 use crate::revocation::Revocations;
 use crate::ring::{Ack, ShardMsg};
 use crate::rules::Rules;
 use crate::webhook::{Event, Webhooks};
-use crate::wire::request::{PublishParams, Start};
+use crate::wire::request::PublishParams;
 use futures_channel::{mpsc, oneshot};
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -65,11 +65,7 @@ pub(crate) enum Request {
         shard: usize,
         token: u64,
         channel: Arc<str>,
-        start: Start,
-        /// The subscriber, when the channel counts members.
-        member: Option<Member>,
-        /// Whether the answer lists the members.
-        list: bool,
+        asked: Asked,
     },
     Unwatch {
         shard: usize,

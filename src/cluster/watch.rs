@@ -8,22 +8,11 @@ use super::presence;
 use super::recovery::{position, Presence};
 use super::scripts::keys;
 use super::{unavailable, State, REDIS_TIMEOUT};
-use crate::channel::Position;
+use crate::channel::{Asked, Position};
 use crate::error::Error;
-use crate::presence::Member;
 use crate::ring::ShardMsg;
-use crate::wire::request::Start;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-
-/// What a subscribe asks besides its channel.
-pub(super) struct Asked {
-    pub(super) start: Start,
-    /// The subscriber, when the channel counts members.
-    pub(super) member: Option<Member>,
-    /// The answer lists the members.
-    pub(super) list: bool,
-}
 
 pub(super) async fn watch(
     state: &State,

@@ -5,6 +5,7 @@ use super::access;
 use super::rate_limit::Verdict;
 use super::Session;
 use crate::auth::{Issued, Permissions};
+use crate::channel::Asked;
 use crate::clock::now_rfc3339;
 use crate::connection::Conn;
 use crate::error::{close, err, Close, Code, Error};
@@ -264,9 +265,12 @@ async fn subscribe(
         info: p.info.clone(),
     });
     let list = policy.presence && session.perms.as_ref().is_some_and(|p| p.can_presence);
-    let _ = shard
-        .subscribe(conn, id, channel, start, member, list)
-        .await;
+    let asked = Asked {
+        start,
+        member,
+        list,
+    };
+    let _ = shard.subscribe(conn, id, channel, asked).await;
     if let Some(at) = expire_at {
         access::recheck_at(shard, conn, session, channel, at);
     }

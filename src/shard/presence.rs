@@ -4,13 +4,12 @@
 //! a channel.
 
 use super::{Pending, Shard};
-use crate::channel::{Position, PresenceChange};
+use crate::channel::{Asked, Position, PresenceChange};
 use crate::error::{err, Code, Error};
-use crate::presence::{Kind, Member};
+use crate::presence::Kind;
 use crate::ring::ShardMsg;
 use crate::route::{route, Route};
 use crate::webhook::Event;
-use crate::wire::request::Start;
 use futures_channel::oneshot;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -23,10 +22,14 @@ impl Shard {
         &self,
         from: usize,
         channel: &str,
-        start: &Start,
-        member: Option<&Member>,
-        list: bool,
+        asked: &Asked,
     ) -> Result<Position, Error> {
+        let Asked {
+            start,
+            member,
+            list,
+        } = asked;
+        let member = member.as_ref();
         let was_watched = self.owned.borrow().watched(channel);
         let joined = match member {
             Some(member) => self.owned.borrow_mut().join(channel, member)?,
@@ -42,7 +45,7 @@ impl Shard {
         let mut owned = self.owned.borrow_mut();
         let mut position = owned.subscribe(from, channel, start);
         if member.is_some() || self.node.rules.policy(channel).tracks_members() {
-            let (version, members) = owned.presence(channel, list);
+            let (version, members) = owned.presence(channel, *list);
             position.presence_version = Some(version);
             position.presence = members;
         }

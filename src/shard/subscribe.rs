@@ -2,15 +2,13 @@
 //! ring order; unsubscribing; and letting the owner know when no subscriber is left here.
 
 use super::{Pending, Shard, SubscribeRequest};
-use crate::channel::{Position, Publication};
+use crate::channel::{Asked, Position, Publication};
 use crate::connection::{Conn, Subscription};
 use crate::error::Error;
 use crate::metrics::ShardMetrics;
-use crate::presence::Member;
 use crate::ring::ShardMsg;
 use crate::route::{route, Route};
 use crate::wire::reply;
-use crate::wire::request::Start;
 use futures_channel::oneshot;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -19,16 +17,14 @@ impl Shard {
     /// Starts a subscription for `conn`. It becomes active, and its response is queued, at the
     /// moment the owner's answer arrives in ring order, so no publication after the answer's
     /// offset can be missed and none before it is delivered. The returned receiver completes
-    /// then. With `member` (the channel counts members), the subscription counts its user in;
-    /// with `list`, the response lists the members.
+    /// then. With `asked.member` (the channel counts members), the subscription counts its
+    /// user in; with `asked.list`, the response lists the members.
     pub fn subscribe(
         self: &Rc<Self>,
         conn: &Rc<Conn>,
         request_id: Option<&[u8]>,
         channel: &str,
-        start: Start,
-        member: Option<Member>,
-        list: bool,
+        asked: Asked,
     ) -> oneshot::Receiver<()> {
         let (done, rx) = oneshot::channel();
         let channel = self.subscriptions.begin(channel);
@@ -36,16 +32,14 @@ impl Shard {
             conn: conn.clone(),
             request_id: request_id.map(<[u8]>::to_vec),
             channel: channel.clone(),
-            member: member.as_ref().map(|m| m.user.clone()),
+            member: asked.member.as_ref().map(|m| m.user.clone()),
             done,
         };
         match route(&self.node, self.id, &channel) {
-            Route::Local => {
-                match self.owner_subscribe(self.id, &channel, &start, member.as_ref(), list) {
-                    Ok(position) => self.subscribed(request, position),
-                    Err(error) => self.subscribe_failed(request, &error),
-                }
-            }
+            Route::Local => match self.owner_subscribe(self.id, &channel, &asked) {
+                Ok(position) => self.subscribed(request, position),
+                Err(error) => self.subscribe_failed(request, &error),
+            },
             Route::Peer(owner) => {
                 let token = self.await_answer(Pending::Subscribe(request));
                 let from = self.id;
@@ -53,9 +47,7 @@ impl Shard {
                     token,
                     from,
                     channel,
-                    start,
-                    member,
-                    list,
+                    asked,
                 };
                 self.send(owner, msg);
             }
@@ -66,9 +58,7 @@ impl Shard {
                     shard,
                     token,
                     channel,
-                    start,
-                    member,
-                    list,
+                    asked,
                 };
                 bridge.send(request);
             }
@@ -84,12 +74,9 @@ impl Shard {
                 token,
                 from,
                 channel,
-                start,
-                member,
-                list,
+                asked,
             } => {
-                let msg = match self.owner_subscribe(from, &channel, &start, member.as_ref(), list)
-                {
+                let msg = match self.owner_subscribe(from, &channel, &asked) {
                     Ok(position) => ShardMsg::Subscribed { token, position },
                     Err(error) => ShardMsg::SubscribeFailed { token, error },
                 };
