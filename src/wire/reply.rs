@@ -138,13 +138,19 @@ pub(crate) fn presence<'a>(
 
 /// `{"user":U,"info":I}` (no `info` when there is none).
 fn write_member(out: &mut Vec<u8>, user: &str, info: Option<&str>) {
-    out.extend_from_slice(b"{\"user\":");
+    out.push(b'{');
+    write_user_info(out, user, info);
+    out.push(b'}');
+}
+
+/// `"user":U,"info":I` (no `info` when there is none): a member's fields.
+fn write_user_info(out: &mut Vec<u8>, user: &str, info: Option<&str>) {
+    out.extend_from_slice(b"\"user\":");
     write_json_string(out, user);
     if let Some(info) = info {
         out.extend_from_slice(b",\"info\":");
         out.extend_from_slice(info.as_bytes());
     }
-    out.push(b'}');
 }
 
 /// `{"method":"join"|"leave","params":{"channel","user","info","version"}}`.
@@ -159,12 +165,8 @@ pub(crate) fn presence_event(
     write_json_string(&mut out, kind);
     out.extend_from_slice(b",\"params\":{\"channel\":");
     write_json_string(&mut out, channel);
-    out.extend_from_slice(b",\"user\":");
-    write_json_string(&mut out, user);
-    if let Some(info) = info {
-        out.extend_from_slice(b",\"info\":");
-        out.extend_from_slice(info.as_bytes());
-    }
+    out.push(b',');
+    write_user_info(&mut out, user, info);
     out.extend_from_slice(b",\"version\":");
     write_u64(&mut out, version);
     out.extend_from_slice(b"}}");
