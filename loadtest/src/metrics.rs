@@ -173,27 +173,11 @@ mod tests {
 
     #[test]
     fn scrape_reads_an_http_answer() {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let node = Node {
-            addr: l.local_addr().unwrap(),
-            host: "x".into(),
-        };
-        let t = std::thread::spawn(move || {
-            use std::io::{Read, Write};
-            let (mut c, _) = l.accept().unwrap();
-            let mut head = [0u8; 1024];
-            let n = c.read(&mut head).unwrap();
-            assert!(head[..n].starts_with(b"GET /metrics HTTP/1.1\r\n"));
-            let body = "connections_active 3\nsubscriptions_total 4\n";
-            write!(
-                c,
-                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
-                body.len()
-            )
-            .unwrap();
-        });
+        let body = "connections_active 3\nsubscriptions_total 4\n";
+        let (node, t) = crate::net::answer_once(body);
         let g = scrape(&node).unwrap();
-        t.join().unwrap();
+        let head = t.join().unwrap();
+        assert!(head.starts_with("GET /metrics HTTP/1.1\r\n"), "{head}");
         assert_eq!((g.connections_active, g.subscriptions_total), (3, 4));
     }
 }

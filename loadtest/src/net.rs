@@ -176,6 +176,30 @@ pub(crate) fn connect_blocking(
     Ok(std_stream)
 }
 
+/// A node on a loopback port that answers one HTTP request with 200 and `body`; the join
+/// handle gives the request head it read.
+#[cfg(test)]
+pub(crate) fn answer_once(body: &'static str) -> (Node, std::thread::JoinHandle<String>) {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let node = Node {
+        addr: l.local_addr().expect("addr"),
+        host: "x".into(),
+    };
+    let t = std::thread::spawn(move || {
+        let (mut c, _) = l.accept().expect("accept");
+        let mut head = [0u8; 1024];
+        let n = c.read(&mut head).expect("read");
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        c.write_all(answer.as_bytes()).expect("write");
+        String::from_utf8_lossy(&head[..n]).into_owned()
+    });
+    (node, t)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -230,32 +230,15 @@ mod tests {
 
     #[test]
     fn rest_presence_reads_the_object() {
-        use std::io::{Read, Write};
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let node = Node {
-            addr: l.local_addr().unwrap(),
-            host: "x".into(),
-        };
-        let t = std::thread::spawn(move || {
-            let (mut c, _) = l.accept().unwrap();
-            let mut head = [0u8; 1024];
-            let n = c.read(&mut head).unwrap();
-            let head = String::from_utf8_lossy(&head[..n]).into_owned();
-            assert!(
-                head.starts_with("GET /presence?channel=room%2Fa HTTP/1.1\r\n"),
-                "{head}"
-            );
-            assert!(head.contains("Authorization: Bearer k\r\n"), "{head}");
-            let body = r#"{"members":[{"user":"u"}],"count":1,"version":3}"#;
-            write!(
-                c,
-                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
-                body.len()
-            )
-            .unwrap();
-        });
+        let body = r#"{"members":[{"user":"u"}],"count":1,"version":3}"#;
+        let (node, t) = crate::net::answer_once(body);
         let s = rest_presence(&node, "k", "room/a").unwrap();
-        t.join().unwrap();
+        let head = t.join().unwrap();
+        assert!(
+            head.starts_with("GET /presence?channel=room%2Fa HTTP/1.1\r\n"),
+            "{head}"
+        );
+        assert!(head.contains("Authorization: Bearer k\r\n"), "{head}");
         assert_eq!((s.count, s.version, s.users.len()), (1, 3, 1));
     }
 }
