@@ -214,15 +214,11 @@ impl Revocations {
             return false;
         }
         let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
-        let by_user = entries.get(&Target::User(sub.to_string()));
-        let by_jti = jti.and_then(|j| entries.get(&Target::Jti(j.to_string())));
-        let taken = [by_user, by_jti].into_iter().flatten();
-        // Bound before the guard drops: the iterator borrows the entries.
-        #[allow(clippy::let_and_return)]
-        let revoked = taken
-            .filter(|r| r.expires_ms > now_ms)
-            .any(|r| r.takes(sub, iat, jti));
-        revoked
+        let takes = |r: &Revocation| r.expires_ms > now_ms && r.takes(sub, iat, jti);
+        let by_user = entries
+            .get(&Target::User(sub.to_string()))
+            .is_some_and(takes);
+        by_user || jti.is_some_and(|j| entries.get(&Target::Jti(j.to_string())).is_some_and(takes))
     }
 
     /// Every entry still live at `now_ms` (to put back into a Redis that lost them).
