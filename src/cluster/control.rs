@@ -4,7 +4,7 @@
 //! kept in Redis (`scripts::REVOKED`, one script stores and publishes them), loaded by a node
 //! at each (re)connect, and put back from the node's own table when Redis lost them.
 
-use super::scripts::{REVOKED, REVOKE_LUA};
+use super::scripts::REVOKED;
 use super::{unavailable, State, REDIS_TIMEOUT};
 use crate::clock::unix_ms;
 use crate::error::{err, Code, Error};
@@ -45,8 +45,7 @@ async fn store(state: &State, revocations: &[Revocation], message: &[u8]) -> Res
     let mut conn = state
         .connection()
         .ok_or_else(|| unavailable("not connected"))?;
-    let script = redis::Script::new(REVOKE_LUA);
-    let mut call = script.key(REVOKED);
+    let mut call = state.scripts.revoke.key(REVOKED);
     call.arg(unix_ms())
         .arg(state.revocations.max())
         .arg(CHANNEL)

@@ -22,7 +22,7 @@
 //! | `control.rs` | the backend's disconnect, unsubscribe and revoke, from node to node; revocations kept in Redis |
 //! | `presence.rs` | members in Redis: joins, leaves, heartbeats, reaping dead nodes |
 //! | `occupancy.rs` | which nodes have subscribers of a channel, for the occupied and vacated webhooks |
-//! | `scripts.rs` | the Lua scripts and the key scheme |
+//! | `scripts.rs` | the Lua scripts (hashed once, `Scripts`) and the key scheme |
 
 mod bridge;
 mod control;
@@ -206,7 +206,7 @@ pub(crate) fn start(
                 next_publication: std::cell::Cell::new(0),
                 members: RefCell::new(HashMap::new()),
                 presence,
-                scripts: presence::Scripts::new(),
+                scripts: scripts::Scripts::new(),
                 dirty: std::cell::Cell::new(false),
                 beating: std::cell::Cell::new(false),
                 node_timeout,
@@ -242,7 +242,7 @@ struct State {
     /// Per channel, this node's members with how many subscriptions hold each.
     members: RefCell<HashMap<Arc<str>, Members>>,
     presence: Arc<PresenceMetrics>,
-    scripts: presence::Scripts,
+    scripts: scripts::Scripts,
     /// Redis may not hold exactly this node's members: reconcile at the next heartbeat.
     dirty: std::cell::Cell<bool>,
     /// This node has heartbeat in `bc:nodes` at least once.

@@ -10,18 +10,6 @@ use crate::webhook::Event;
 use std::collections::HashSet;
 use std::sync::Arc;
 
-/// Adds ARGV[1] to the set KEYS[1]; 1 when the set was empty before.
-const OCCUPY_LUA: &str = r#"
-if redis.call('SADD', KEYS[1], ARGV[1]) == 1 and redis.call('SCARD', KEYS[1]) == 1 then return 1 end
-return 0
-"#;
-
-/// Removes ARGV[1] from the set KEYS[1]; 1 when that emptied it.
-const VACATE_LUA: &str = r#"
-if redis.call('SREM', KEYS[1], ARGV[1]) == 1 and redis.call('SCARD', KEYS[1]) == 0 then return 1 end
-return 0
-"#;
-
 /// The nodes with subscribers of `channel`.
 fn nodes_key(channel: &str) -> String {
     format!("bc:{{{channel}}}:w")
@@ -63,8 +51,7 @@ pub(super) async fn vacated(state: &State, channel: &Arc<str>) {
 /// Adds this node to `channel`'s nodes; with `announce`, the first one sends `occupied`.
 async fn enter(state: &State, channel: &str, announce: bool) -> Result<(), ()> {
     let mut conn = state.connection().ok_or(())?;
-    let script = redis::Script::new(OCCUPY_LUA);
-    let mut call = script.key(nodes_key(channel));
+    let mut call = state.scripts.occupy.key(nodes_key(channel));
     call.arg(&state.node_id);
     // The node's own set first: a node that dies between the two leaves a channel the
     // survivors remove for nothing, never one nobody would remove.
@@ -89,8 +76,7 @@ async fn enter(state: &State, channel: &str, announce: bool) -> Result<(), ()> {
 
 async fn exit(state: &State, node: &str, channel: &str) -> Result<(), ()> {
     let mut conn = state.connection().ok_or(())?;
-    let script = redis::Script::new(VACATE_LUA);
-    let mut call = script.key(nodes_key(channel));
+    let mut call = state.scripts.vacate.key(nodes_key(channel));
     call.arg(node);
     let run = async {
         let last = call.invoke_async::<i64>(&mut conn).await?;

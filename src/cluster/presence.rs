@@ -12,7 +12,7 @@
 //! (Redis lost its data, or it was taken for dead) re-asserts its members: silently after data
 //! loss (clients saw their joins), with joins after being reaped (clients saw leaves).
 
-use super::scripts::{join_lua, leave_lua, node_keys, presence_keys, HEARTBEAT_LUA, NODES};
+use super::scripts::{node_keys, presence_keys, NODES};
 use super::{unavailable, Request, State, REDIS_TIMEOUT};
 use crate::channel::Publication;
 use crate::error::Error;
@@ -23,23 +23,6 @@ use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
-
-/// The scripts, hashed once.
-pub(super) struct Scripts {
-    join: redis::Script,
-    leave: redis::Script,
-    heartbeat: redis::Script,
-}
-
-impl Scripts {
-    pub(super) fn new() -> Scripts {
-        Scripts {
-            join: redis::Script::new(&join_lua()),
-            leave: redis::Script::new(&leave_lua()),
-            heartbeat: redis::Script::new(HEARTBEAT_LUA),
-        }
-    }
-}
 
 /// How a join is told: announced to subscribers, or silent (a re-assert after data loss).
 #[derive(Clone, Copy, PartialEq, Eq)]

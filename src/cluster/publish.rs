@@ -1,7 +1,7 @@
 //! One publication through the publish script: the offset, the history entry and the pub/sub
 //! message in one atomic step, so Redis's pub/sub order is the offset order on every node.
 
-use super::scripts::{keys, PUBLISH_LUA};
+use super::scripts::keys;
 use super::{bump, unavailable, State, REDIS_TIMEOUT};
 use crate::clock::{now_rfc3339, unix_ms};
 use crate::error::Error;
@@ -25,8 +25,7 @@ pub(super) async fn publish(
     let k = keys(&params.channel);
     let policy = state.rules.policy(&params.channel);
     let epoch = format!("{:016x}", rand::random::<u64>());
-    let script = redis::Script::new(PUBLISH_LUA);
-    let mut invocation = script.key(&k[0]);
+    let mut invocation = state.scripts.publish.key(&k[0]);
     invocation
         .key(&k[1])
         .key(&k[2])

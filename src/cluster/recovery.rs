@@ -1,7 +1,7 @@
 //! A channel's position in Redis (offset and epoch, creating the epoch the first time), the
 //! publications after a client's `since` from the stream, and history pages.
 
-use super::scripts::{keys, presence_keys, POSITION_LUA};
+use super::scripts::{keys, presence_keys};
 use super::{unavailable, State, REDIS_TIMEOUT};
 use crate::channel::{Header, HistoryPage, Position, Publication};
 use crate::clock::unix_ms;
@@ -88,8 +88,7 @@ async fn ask_position(
     let k = keys(channel);
     let p = presence_keys(channel);
     let candidate = format!("{:016x}", rand::random::<u64>());
-    let script = redis::Script::new(POSITION_LUA);
-    let mut invocation = script.key(&k[0]);
+    let mut invocation = state.scripts.position.key(&k[0]);
     invocation
         .key(&k[1])
         .key(&k[2])

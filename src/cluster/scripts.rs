@@ -4,7 +4,7 @@
 /// Assigns the next offset (creating the epoch when the channel's history is new or was lost,
 /// or was written under another master: ARGV[10], see `State::generation`, against KEYS[5]),
 /// appends to the capped stream, refreshes the TTLs and publishes, in one atomic step.
-pub(super) const PUBLISH_LUA: &str = r#"
+const PUBLISH_LUA: &str = r#"
 if ARGV[10] ~= '' and redis.call('GET', KEYS[5]) ~= ARGV[10] then
   redis.call('DEL', KEYS[2])
   redis.call('SET', KEYS[5], ARGV[10], 'PX', ARGV[7])
@@ -35,7 +35,7 @@ return off
 /// written under another master, as `PUBLISH_LUA`: ARGV[4] against KEYS[6]); with ARGV[3] = 1
 /// also its presence version (KEYS[4]), with 2 its members too (KEYS[5]): one call per
 /// subscribe, with or without presence.
-pub(super) const POSITION_LUA: &str = r#"
+const POSITION_LUA: &str = r#"
 if ARGV[4] ~= '' and redis.call('GET', KEYS[6]) ~= ARGV[4] then
   redis.call('DEL', KEYS[2])
   redis.call('SET', KEYS[6], ARGV[4], 'PX', ARGV[2])
@@ -76,7 +76,7 @@ end
 /// cap (0: none), announce (1: publish the join), silent (1: a re-assert after Redis lost its
 /// data, whose join clients already saw). Returns 1 for a new member, 0 when it was one
 /// already (or this node had it counted), -1 when the channel is full.
-pub(super) fn join_lua() -> String {
+fn join_lua() -> String {
     format!(
         "{NEXT_VERSION}{}",
         r#"
@@ -101,7 +101,7 @@ return 1
 
 /// A node's last subscription of a member ended (or the node died): KEYS and ARGV node, user
 /// as `join_lua`, ARGV[3] announce. Returns 1 when the member left the channel.
-pub(super) fn leave_lua() -> String {
+fn leave_lua() -> String {
     format!(
         "{NEXT_VERSION}{}",
         r#"
@@ -121,7 +121,7 @@ return 1
 
 /// Stamps this node's heartbeat (ARGV[1]) with Redis's clock in the nodes' sorted set and
 /// returns {1 if it was not there, nodes silent for ARGV[2] ms}.
-pub(super) const HEARTBEAT_LUA: &str = r#"
+const HEARTBEAT_LUA: &str = r#"
 local t = redis.call('TIME')
 local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local new = redis.call('ZADD', KEYS[1], ms, ARGV[1])
@@ -136,7 +136,7 @@ pub(super) const REVOKED: &str = "bc:revoked";
 /// Stores revocations (ARGV from 5: field, cutoff ms, expires ms; a held field keeps the later
 /// cutoff and expiry) in KEYS[1] while it holds fewer than ARGV[2] live ones (ARGV[1]: now,
 /// ms), then PUBLISHes ARGV[4] (unless empty) on ARGV[3]. Returns 0 when full, else 1.
-pub(super) const REVOKE_LUA: &str = r#"
+const REVOKE_LUA: &str = r#"
 local now, max, latest = tonumber(ARGV[1]), tonumber(ARGV[2]), 0
 for i = 5, #ARGV, 3 do
   local field, cutoff, expires = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
@@ -165,6 +165,45 @@ end
 if ARGV[4] ~= '' then redis.call('PUBLISH', ARGV[3], ARGV[4]) end
 return 1
 "#;
+
+/// Adds ARGV[1] to the set KEYS[1]; 1 when the set was empty before.
+const OCCUPY_LUA: &str = r#"
+if redis.call('SADD', KEYS[1], ARGV[1]) == 1 and redis.call('SCARD', KEYS[1]) == 1 then return 1 end
+return 0
+"#;
+
+/// Removes ARGV[1] from the set KEYS[1]; 1 when that emptied it.
+const VACATE_LUA: &str = r#"
+if redis.call('SREM', KEYS[1], ARGV[1]) == 1 and redis.call('SCARD', KEYS[1]) == 0 then return 1 end
+return 0
+"#;
+
+/// Every script, hashed once (`redis::Script::new` computes the SHA-1 that EVALSHA sends).
+pub(super) struct Scripts {
+    pub(super) publish: redis::Script,
+    pub(super) position: redis::Script,
+    pub(super) join: redis::Script,
+    pub(super) leave: redis::Script,
+    pub(super) heartbeat: redis::Script,
+    pub(super) revoke: redis::Script,
+    pub(super) occupy: redis::Script,
+    pub(super) vacate: redis::Script,
+}
+
+impl Scripts {
+    pub(super) fn new() -> Scripts {
+        Scripts {
+            publish: redis::Script::new(PUBLISH_LUA),
+            position: redis::Script::new(POSITION_LUA),
+            join: redis::Script::new(&join_lua()),
+            leave: redis::Script::new(&leave_lua()),
+            heartbeat: redis::Script::new(HEARTBEAT_LUA),
+            revoke: redis::Script::new(REVOKE_LUA),
+            occupy: redis::Script::new(OCCUPY_LUA),
+            vacate: redis::Script::new(VACATE_LUA),
+        }
+    }
+}
 
 /// The nodes' heartbeats: node id -> Redis time (ms) of its last.
 pub(super) const NODES: &str = "bc:nodes";
