@@ -42,6 +42,18 @@ enum Phase {
     Dead,
 }
 
+/// How a connection's messages go on the wire, fixed by its handshake.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub(crate) enum Framing {
+    /// WebSocket frames, uncompressed.
+    #[default]
+    WebSocket,
+    /// WebSocket with permessage-deflate (RFC 7692), without context takeover either way.
+    Deflate,
+    /// Server-sent events (`text/event-stream`).
+    Sse,
+}
+
 /// What the send side of every connection of one shard shares: the flush pass and the limits
 /// and metrics its writers need. One per shard; a connection holds an `Rc` of it while open.
 pub(crate) struct SendSide {
@@ -103,6 +115,7 @@ pub struct Conn {
     /// first, so the order holds.
     staged: Cell<(u32, u32)>,
     phase: Cell<Phase>,
+    framing: Cell<Framing>,
     /// A connection's subscriptions, few for most: a vector costs 32 bytes for up to four where
     /// a hash map cost 128; the scan is bounded by `max_subscriptions_per_connection`.
     subs: RefCell<Vec<Rc<Subscription>>>,
@@ -131,6 +144,7 @@ impl Conn {
             in_pass: Cell::new(false),
             staged: Cell::new((0, 0)),
             phase: Cell::new(Phase::Open),
+            framing: Cell::new(Framing::WebSocket),
             subs: RefCell::new(Vec::new()),
             client: Cell::new(None),
         })
@@ -142,6 +156,15 @@ impl Conn {
             self.fd.set(stream.borrow().raw_fd());
         }
         *self.io.borrow_mut() = Some(ConnIo { send, stream });
+    }
+
+    /// Set once, by the handshake, before anything is queued.
+    pub(crate) fn set_framing(&self, framing: Framing) {
+        self.framing.set(framing);
+    }
+
+    pub(crate) fn framing(&self) -> Framing {
+        self.framing.get()
     }
 
     /// A close frame is queued, or the connection is dead.
