@@ -6,9 +6,9 @@ use crate::error::Error;
 use crate::presence::{self, Kind, Member, Members};
 use crate::rules::Rules;
 use crate::wire::request::{PublishParams, Start};
-use crate::wire::{broadcast, reply};
+use crate::wire::{broadcast, deflate, reply};
 use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 /// One publication, immutable once built, shared by every shard through `Arc`. Its broadcast
@@ -37,6 +37,9 @@ pub struct Publication {
     pub(crate) epoch: Option<Arc<str>>,
     /// When the publication was accepted, for `publish_to_write_seconds`.
     pub(crate) accepted: Instant,
+    /// `suffix` compressed for permessage-deflate subscribers (`wire::deflate`), by the first
+    /// shard that had one; None inside when it is not worth compressing.
+    deflated: OnceLock<Option<Box<[u8]>>>,
 }
 
 /// What a publication says besides its channel, offset and payload.
@@ -86,6 +89,7 @@ impl Publication {
             payload_at,
             epoch: None,
             accepted,
+            deflated: OnceLock::new(),
         }
     }
 
@@ -116,7 +120,23 @@ impl Publication {
             payload_at: 0,
             epoch: None,
             accepted: Instant::now(),
+            deflated: OnceLock::new(),
         }
+    }
+
+    /// The compressed suffix for permessage-deflate subscribers: compressed at most once per
+    /// shard (shards that race each compress, and one result is kept; none waits on another),
+    /// usually once per publication. None for payloads under `min_payload_bytes` or that do not
+    /// compress.
+    pub(crate) fn deflated(&self, (level, min_payload_bytes): (u32, usize)) -> Option<&[u8]> {
+        if let Some(z) = self.deflated.get() {
+            return z.as_deref();
+        }
+        let z = (self.presence.is_none() && self.payload().len() >= min_payload_bytes)
+            .then(|| deflate::compress(&self.suffix, level))
+            .flatten();
+        let _ = self.deflated.set(z);
+        self.deflated.get()?.as_deref()
     }
 
     /// The payload exactly as published (a slice of the encoded frame's tail).

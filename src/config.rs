@@ -47,6 +47,8 @@ pub struct Config {
     pub auth: AuthConfig,
     /// `[limits]`.
     pub limits: Limits,
+    /// `[compression]`: permessage-deflate (SPEC 20).
+    pub compression: CompressionConfig,
     /// `[history]`.
     pub history: HistoryConfig,
     /// `[redis]`.
@@ -283,6 +285,40 @@ impl PresenceConfig {
             || self.node_timeout > Duration::from_secs(3600)
         {
             return bad("node_timeout", "must be between 500ms and 1h");
+        }
+        Ok(())
+    }
+}
+
+/// `[compression]`: permessage-deflate, negotiated when the client offers it (SPEC 20).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CompressionConfig {
+    /// Accept the client's offer. Default true.
+    pub enabled: bool,
+    /// Broadcasts smaller than this go uncompressed (deflate gains little on them and costs a
+    /// compression per publication). Default 512 bytes.
+    pub min_payload_bytes: usize,
+    /// zlib level, 1 (fastest) to 9 (smallest); paid once per publication, not per subscriber.
+    /// Default 6.
+    pub level: u32,
+}
+
+impl Default for CompressionConfig {
+    fn default() -> Self {
+        CompressionConfig {
+            enabled: true,
+            min_payload_bytes: 512,
+            level: 6,
+        }
+    }
+}
+
+impl CompressionConfig {
+    fn assert_valid(&self) -> Result<(), ConfigError> {
+        if !(1..=9).contains(&self.level) {
+            let why = "compression.level: must be between 1 and 9";
+            return Err(ConfigError(why.to_string()));
         }
         Ok(())
     }
@@ -563,6 +599,7 @@ impl Default for Config {
             shutdown_grace: Duration::from_secs(5),
             auth: AuthConfig::default(),
             limits: Limits::default(),
+            compression: CompressionConfig::default(),
             history: HistoryConfig::default(),
             redis: RedisConfig::default(),
             tls: TlsConfig::default(),
@@ -735,6 +772,9 @@ const KEYS: &[(&str, Kind)] = &[
     ("limits.rewind_max", Kind::Int),
     ("limits.connections_per_user_max", Kind::Int),
     ("limits.trusted_proxies", Kind::List),
+    ("compression.enabled", Kind::Bool),
+    ("compression.min_payload_bytes", Kind::Int),
+    ("compression.level", Kind::Int),
     ("history.size", Kind::Int),
     ("history.ttl", Kind::Str),
     ("redis.url", Kind::Str),
@@ -858,6 +898,7 @@ impl Config {
         }
         self.proxy.assert_valid(&self.channels)?;
         self.presence.assert_valid()?;
+        self.compression.assert_valid()?;
         self.redis.assert_valid()?;
         for (n, hook) in self.webhooks.iter().enumerate() {
             hook.assert_valid()

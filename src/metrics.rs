@@ -36,6 +36,10 @@ pub(crate) struct ShardMetrics {
     pub auth_failures_total: AtomicU64,
     pub rejected_requests_total: [AtomicU64; 9],
     pub accept_errors_total: AtomicU64,
+    /// Broadcast frames sent compressed (permessage-deflate): their size uncompressed, and as
+    /// written.
+    pub compression_bytes_before_total: AtomicU64,
+    pub compression_bytes_after_total: AtomicU64,
     /// Channels this shard sequences (owner state held: watchers or live history).
     pub channels_owned: AtomicI64,
     /// Channels with subscribers on this shard.
@@ -339,7 +343,7 @@ const GAUGES: [Row<i64>; 4] = [
     ),
 ];
 
-const COUNTERS: [Row<u64>; 6] = [
+const COUNTERS: [Row<u64>; 8] = [
     ("messages_sent", "Broadcasts written to clients.", |m| {
         m.messages_sent_total.load(Relaxed)
     }),
@@ -365,6 +369,16 @@ const COUNTERS: [Row<u64>; 6] = [
         "accept_errors",
         "Failed accepts (such as running out of file descriptors).",
         |m| m.accept_errors_total.load(Relaxed),
+    ),
+    (
+        "compression_bytes_before",
+        "Bytes of the broadcast frames sent compressed (permessage-deflate), uncompressed.",
+        |m| m.compression_bytes_before_total.load(Relaxed),
+    ),
+    (
+        "compression_bytes_after",
+        "Bytes of the broadcast frames sent compressed (permessage-deflate), as written.",
+        |m| m.compression_bytes_after_total.load(Relaxed),
     ),
 ];
 

@@ -26,9 +26,20 @@ pub struct Flusher {
     /// This turn's broadcast frames for sockets that had nothing else queued, back to back;
     /// cleared after each pass (`Conn::staged` points into it).
     pub(super) arena: RefCell<Vec<u8>>,
+    /// `compression.level` and `compression.min_payload_bytes`, for the compressed form of a
+    /// publication (`Publication::deflated`).
+    pub(super) compression: (u32, usize),
 }
 
 impl Flusher {
+    /// A flusher whose compressed broadcasts use `compression` (level, min payload bytes).
+    pub(crate) fn new(compression: (u32, usize)) -> Flusher {
+        Flusher {
+            compression,
+            ..Flusher::default()
+        }
+    }
+
     pub(super) fn mark(&self, conn: &Rc<Conn>) {
         let mut dirty = self.dirty.borrow_mut();
         if dirty.is_empty() {

@@ -51,6 +51,7 @@ pub(crate) enum Framing {
     /// WebSocket with permessage-deflate (RFC 7692), without context takeover either way.
     Deflate,
     /// Server-sent events (`text/event-stream`).
+    #[allow(dead_code)]
     Sse,
 }
 
@@ -65,8 +66,10 @@ pub(crate) struct SendSide {
 
 impl SendSide {
     pub(crate) fn new(node: Arc<Node>, shard: usize) -> SendSide {
+        let compression = &node.config.compression;
+        let flusher = Flusher::new((compression.level, compression.min_payload_bytes));
         SendSide {
-            flusher: Flusher::default(),
+            flusher,
             write_timeout: node.config.limits.write_timeout,
             node,
             shard,

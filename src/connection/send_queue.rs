@@ -4,11 +4,11 @@
 
 use super::pool;
 use crate::channel::Publication;
-use crate::connection::{Conn, Flusher};
+use crate::connection::{Conn, Flusher, Framing};
 use crate::constants::ARENA_MAX;
 use crate::error::close;
 use crate::metrics::ShardMetrics;
-use crate::wire::{broadcast, frame};
+use crate::wire::{broadcast, deflate, frame};
 use std::rc::Rc;
 
 impl Conn {
@@ -22,11 +22,41 @@ impl Conn {
         metrics: &ShardMetrics,
         flusher: &Flusher,
     ) -> bool {
+        if self.framing.get() == Framing::Deflate {
+            if let Some(z) = p.deflated(flusher.compression) {
+                return self.enqueue_deflated(p, seq, z, metrics, flusher);
+            }
+        }
         // Frame length is bounded by prefix + suffix + 20 digits + 10 header bytes.
         let frame_max = p.prefix.len() + p.suffix.len() + 30;
         self.enqueue(p, frame_max, metrics, flusher, |out| {
             broadcast::write_broadcast_frame(out, &p.prefix, seq, &p.suffix)
         })
+    }
+
+    /// Queues one broadcast frame compressed with permessage-deflate: the publication's shared
+    /// compressed suffix `z` after this subscriber's prefix and `seq` (`wire::deflate`).
+    #[inline]
+    fn enqueue_deflated(
+        self: &Rc<Self>,
+        p: &Publication,
+        seq: u64,
+        z: &[u8],
+        metrics: &ShardMetrics,
+        flusher: &Flusher,
+    ) -> bool {
+        // The stored block's 5 bytes, 20 digits and 10 header bytes.
+        let frame_max = p.prefix.len() + z.len() + 35;
+        let queued = self.enqueue(p, frame_max, metrics, flusher, |out| {
+            deflate::write_broadcast_frame(out, &p.prefix, seq, z)
+        });
+        if queued {
+            let before = p.prefix.len() + p.suffix.len();
+            ShardMetrics::add(&metrics.compression_bytes_before_total, before as u64);
+            let after = p.prefix.len() + 5 + z.len();
+            ShardMetrics::add(&metrics.compression_bytes_after_total, after as u64);
+        }
+        queued
     }
 
     /// Queues a join or leave notification (its whole text is `p.prefix`), like a broadcast.

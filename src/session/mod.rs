@@ -9,7 +9,7 @@ use crate::admission::Client;
 use crate::auth::Permissions;
 use crate::clock::unix_now;
 use crate::config::Limits;
-use crate::connection::Conn;
+use crate::connection::{Conn, Framing};
 use crate::error::close;
 use crate::io::socket::{self as transport, Transport};
 use crate::metrics::ShardMetrics;
@@ -48,7 +48,7 @@ pub(crate) fn run(
     shard: Rc<Shard>,
     id: u64,
     stream: Transport,
-    client: Client,
+    (client, framing): (Client, Framing),
     input: Vec<u8>,
 ) -> impl std::future::Future<Output = ()> {
     let conn = Conn::new(id, shard.config().limits.outbound_buffer_bytes);
@@ -58,6 +58,7 @@ pub(crate) fn run(
     let stream = Rc::new(RefCell::new(stream));
     conn.attach(shard.send.clone(), stream.clone());
     conn.set_client(Box::new(client));
+    conn.set_framing(framing);
     run_session(shard, conn, stream, input)
 }
 
@@ -115,6 +116,7 @@ async fn reader(
     let limits = &shard.config().limits;
     let opened = Instant::now();
     let mut decoder = Decoder::new(limits.max_frame_bytes);
+    decoder.inflate = conn.framing() == Framing::Deflate;
     let mut session = Session {
         perms: None,
         rate: RateLimit::new(limits.requests_per_second, limits.request_burst, opened),
@@ -345,7 +347,13 @@ mod tests {
             // future must stay in a smaller class: sharing the task's class, transient request
             // boxes fragmented the pages of long-lived tasks (+150-500 B per idle connection,
             // measured at 19,000).
-            let task = run(shard.clone(), 2, connect(), client(), Vec::new());
+            let task = run(
+                shard.clone(),
+                2,
+                connect(),
+                (client(), Framing::WebSocket),
+                Vec::new(),
+            );
             let mut session = Session {
                 perms: None,
                 rate: RateLimit::new(1, 1, Instant::now()),

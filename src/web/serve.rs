@@ -5,12 +5,13 @@
 use super::routes::route;
 use super::Role;
 use crate::admission::{self, Client};
+use crate::connection::Framing;
 use crate::error::{err, Code};
 use crate::io::socket::{write_all, HttpSock, RawSock, Transport};
 use crate::io::tls;
 use crate::shard::{Shard, Watched};
-use crate::wire::handshake;
 use crate::wire::http::{self, Head};
+use crate::wire::{deflate, handshake};
 use futures_lite::future;
 use std::net::IpAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -248,7 +249,13 @@ async fn accept(
     input: Vec<u8>,
 ) {
     let mut out = Vec::new();
-    handshake::write_accept(&mut out, head.ws_key.as_deref().unwrap_or_default());
+    let deflate = shard.config().compression.enabled
+        && head.ws_extensions.as_deref().is_some_and(deflate::accepts);
+    handshake::write_accept(
+        &mut out,
+        head.ws_key.as_deref().unwrap_or_default(),
+        deflate,
+    );
     if write_all(&sock.stream, &out).await.is_err() {
         shard.node.connection_ended();
         return;
@@ -263,6 +270,12 @@ async fn accept(
     };
     // A task of its own, so this HTTP task (its head, its buffers) ends here and an idle
     // WebSocket holds only what the session needs.
-    let session = crate::session::run(shard, id, sock.stream.into_inner(), client, input);
+    let framing = if deflate {
+        Framing::Deflate
+    } else {
+        Framing::WebSocket
+    };
+    let stream = sock.stream.into_inner();
+    let session = crate::session::run(shard, id, stream, (client, framing), input);
     glommio::spawn_local(session).detach();
 }

@@ -5,6 +5,7 @@
 
 use crate::error::close::{INVALID_DATA, PROTOCOL, TOO_BIG};
 use crate::error::Close;
+use crate::wire::deflate;
 use std::io::Cursor;
 use tungstenite::protocol::frame::coding::{Control, Data, OpCode};
 use tungstenite::protocol::frame::FrameHeader;
@@ -27,9 +28,11 @@ pub enum Message<'a> {
 /// Reassembles fragmented messages; holds no buffer while no message is in progress.
 pub struct Decoder {
     max_message_bytes: usize,
-    /// The message being reassembled, and whether it is text.
-    fragments: Option<(bool, Vec<u8>)>,
-    /// The last reassembled message, kept so the returned slice can borrow it.
+    /// permessage-deflate was negotiated: RSV1 on a message's first frame means compressed.
+    pub inflate: bool,
+    /// The message being reassembled: whether it is text, whether it is compressed.
+    fragments: Option<(bool, bool, Vec<u8>)>,
+    /// The last reassembled (or inflated) message, kept so the returned slice can borrow it.
     assembled: Vec<u8>,
 }
 
@@ -38,6 +41,7 @@ impl Decoder {
     pub fn new(max_message_bytes: usize) -> Decoder {
         Decoder {
             max_message_bytes,
+            inflate: false,
             fragments: None,
             assembled: Vec::new(),
         }
@@ -60,7 +64,7 @@ impl Decoder {
             Ok(None) => return Ok(None),
             Err(_) => return Err(Close::new(PROTOCOL, "reserved opcode")),
         };
-        let mask = check_header(&header, length, self.max_message_bytes)?;
+        let mask = check_header(&header, length, self.max_message_bytes, self.inflate)?;
         let start = cursor.position() as usize;
         let end = start + length as usize;
         if buf.len() < end {
@@ -76,8 +80,14 @@ impl Decoder {
             OpCode::Control(Control::Reserved(_)) | OpCode::Data(Data::Reserved(_)) => {
                 return Err(Close::new(PROTOCOL, "reserved opcode"))
             }
+            OpCode::Data(Data::Continue) if header.rsv1 => {
+                return Err(Close::new(PROTOCOL, "RSV1 set on a continuation frame"))
+            }
             OpCode::Data(Data::Continue) => self.continuation(payload, header.is_final)?,
-            OpCode::Data(kind) => self.start(kind == Data::Text, payload, header.is_final)?,
+            OpCode::Data(kind) => {
+                let kind = (kind == Data::Text, header.rsv1);
+                self.start(kind, payload, header.is_final)?
+            }
         };
         Ok(Some((message, end)))
     }
@@ -91,25 +101,30 @@ impl Decoder {
         payload: &[u8],
         last: bool,
     ) -> Result<Option<Message<'a>>, Close> {
-        let Some((text, mut data)) = self.fragments.take() else {
+        let Some((text, compressed, mut data)) = self.fragments.take() else {
             return Err(Close::new(PROTOCOL, "continuation frame without a message"));
         };
         if data.len() + payload.len() > self.max_message_bytes {
             return Err(Close::new(TOO_BIG, "message larger than max_frame_bytes"));
         }
         data.extend_from_slice(payload);
-        if last {
-            self.assembled = data;
-            return Ok(Some(complete(text, &self.assembled)?));
+        if !last {
+            self.fragments = Some((text, compressed, data));
+            return Ok(None);
         }
-        self.fragments = Some((text, data));
-        Ok(None)
+        if compressed {
+            deflate::inflate(&data, self.max_message_bytes, &mut self.assembled)?;
+        } else {
+            self.assembled = data;
+        }
+        Ok(Some(complete(text, &self.assembled)?))
     }
 
-    /// The first frame of a data message: the whole message when `last`.
+    /// The first frame of a data message (text or not, compressed or not): the whole message
+    /// when `last`.
     fn start<'a>(
-        &mut self,
-        text: bool,
+        &'a mut self,
+        (text, compressed): (bool, bool),
         payload: &'a [u8],
         last: bool,
     ) -> Result<Option<Message<'a>>, Close> {
@@ -117,26 +132,36 @@ impl Decoder {
             let why = "new message before the fragmented one ended";
             return Err(Close::new(PROTOCOL, why));
         }
-        if last {
+        if !last {
+            self.fragments = Some((text, compressed, payload.to_vec()));
+            return Ok(None);
+        }
+        if !compressed {
             return Ok(Some(complete(text, payload)?));
         }
-        self.fragments = Some((text, payload.to_vec()));
-        Ok(None)
+        // The compressed size was bounded by the header; the inflated size is bounded here.
+        deflate::inflate(payload, self.max_message_bytes, &mut self.assembled)?;
+        Ok(Some(complete(text, &self.assembled)?))
     }
 }
 
 /// The rules of RFC 6455 5.1-5.5 a frame header must keep: no reserved bits without an
-/// extension, masked, control frames short and unfragmented, within the size limit. Returns
-/// the mask.
-fn check_header(header: &FrameHeader, length: u64, max: usize) -> Result<[u8; 4], Close> {
-    if header.rsv1 || header.rsv2 || header.rsv3 {
+/// extension (RSV1 on data frames with permessage-deflate, `inflate`), masked, control frames
+/// short and unfragmented, within the size limit. Returns the mask.
+fn check_header(
+    header: &FrameHeader,
+    length: u64,
+    max: usize,
+    inflate: bool,
+) -> Result<[u8; 4], Close> {
+    let is_control = matches!(header.opcode, OpCode::Control(_));
+    if (header.rsv1 && (!inflate || is_control)) || header.rsv2 || header.rsv3 {
         let why = "reserved bits set without an extension";
         return Err(Close::new(PROTOCOL, why));
     }
     let Some(mask) = header.mask else {
         return Err(Close::new(PROTOCOL, "client frames must be masked"));
     };
-    let is_control = matches!(header.opcode, OpCode::Control(_));
     if is_control && (length > 125 || !header.is_final) {
         let why = "control frames are at most 125 bytes, unfragmented";
         return Err(Close::new(PROTOCOL, why));

@@ -56,11 +56,16 @@ pub(crate) fn check(head: &Head, allowed_origins: &[String]) -> Result<(), Refus
     Ok(())
 }
 
-/// Appends the 101 answer that turns the connection into a WebSocket.
-pub(crate) fn write_accept(out: &mut Vec<u8>, ws_key: &str) {
+/// Appends the 101 answer that turns the connection into a WebSocket, with permessage-deflate
+/// when `deflate` (the client offered it and `compression.enabled`).
+pub(crate) fn write_accept(out: &mut Vec<u8>, ws_key: &str, deflate: bool) {
     let accept = tungstenite::handshake::derive_accept_key(ws_key.as_bytes());
     out.extend_from_slice(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: ");
     out.extend_from_slice(accept.as_bytes());
+    if deflate {
+        out.extend_from_slice(b"\r\nsec-websocket-extensions: ");
+        out.extend_from_slice(crate::wire::deflate::RESPONSE.as_bytes());
+    }
     out.extend_from_slice(b"\r\n\r\n");
 }
 
@@ -102,7 +107,7 @@ mod tests {
         post.method = "POST".into();
         assert_eq!(check(&post, &[]).unwrap_err().status, 405);
         let mut out = Vec::new();
-        write_accept(&mut out, "dGhlIHNhbXBsZSBub25jZQ==");
+        write_accept(&mut out, "dGhlIHNhbXBsZSBub25jZQ==", false);
         let text = String::from_utf8(out).unwrap();
         // The sample key and accept value of RFC 6455 section 1.3.
         assert!(text.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "{text}");

@@ -28,6 +28,8 @@ pub struct Head {
     pub ws_key: Option<String>,
     /// `Sec-WebSocket-Version`.
     pub ws_version: Option<String>,
+    /// `Sec-WebSocket-Extensions`, several headers joined with `,` in order.
+    pub ws_extensions: Option<String>,
     /// `Origin`.
     pub origin: Option<String>,
     /// `Host`.
@@ -147,11 +149,9 @@ impl Head {
         } else if is("host") {
             self.host = Some(text());
         } else if is("x-forwarded-for") {
-            let value = text();
-            self.forwarded_for = Some(match self.forwarded_for.take() {
-                Some(earlier) => format!("{earlier},{value}"),
-                None => value,
-            });
+            join_into(&mut self.forwarded_for, text());
+        } else if is("sec-websocket-extensions") {
+            join_into(&mut self.ws_extensions, text());
         } else if is("authorization") {
             let v = value.trim_ascii();
             if v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer ") {
@@ -179,6 +179,14 @@ impl Head {
         self.content_length = Some(n);
         Ok(())
     }
+}
+
+/// A list header seen again: its values follow the earlier ones (RFC 9110 5.3).
+fn join_into(slot: &mut Option<String>, value: String) {
+    *slot = Some(match slot.take() {
+        Some(earlier) => format!("{earlier},{value}"),
+        None => value,
+    });
 }
 
 /// True when a `Host` header names this machine (localhost, 127.0.0.0/8 or ::1), with any port.

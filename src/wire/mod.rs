@@ -2,6 +2,7 @@
 //! each entry point is fuzzed (`fuzz/`) and benched (`benches/`) on its own.
 
 pub mod broadcast;
+pub mod deflate;
 pub mod frame;
 pub(crate) mod handshake;
 pub mod http;

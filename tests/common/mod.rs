@@ -1168,12 +1168,30 @@ impl RawWs {
         Self::handshake(stream, addr).await
     }
 
-    async fn handshake(mut stream: TcpStream, addr: SocketAddr) -> RawWs {
+    async fn handshake(stream: TcpStream, addr: SocketAddr) -> RawWs {
+        Self::handshake_with(stream, addr, "").await.0
+    }
+
+    /// Connects offering the extensions `offer` (`Sec-WebSocket-Extensions`); returns the
+    /// connection and the 101 answer's head, whose headers say what was accepted.
+    pub async fn connect_offering(addr: SocketAddr, offer: &str) -> (RawWs, String) {
+        let stream = within(T, "TCP connect", TcpStream::connect(addr))
+            .await
+            .expect("TCP connect");
+        let header = format!("Sec-WebSocket-Extensions: {offer}\r\n");
+        Self::handshake_with(stream, addr, &header).await
+    }
+
+    async fn handshake_with(
+        mut stream: TcpStream,
+        addr: SocketAddr,
+        extra_headers: &str,
+    ) -> (RawWs, String) {
         stream.set_nodelay(true).unwrap();
         let key = ws_key();
         let req = format!(
             "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+             Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{extra_headers}\r\n"
         );
         within(T, "send handshake", stream.write_all(req.as_bytes()))
             .await
@@ -1185,7 +1203,7 @@ impl RawWs {
         );
         let accept = header_value(&head, "sec-websocket-accept").expect("Sec-WebSocket-Accept");
         assert_eq!(accept, expected_accept(&key));
-        RawWs { stream, buf: rest }
+        (RawWs { stream, buf: rest }, head)
     }
 
     pub async fn send_raw(&mut self, bytes: &[u8]) {
