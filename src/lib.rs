@@ -44,6 +44,7 @@
 //! | every JSON text the server writes | `wire/reply.rs` (answers), `wire/broadcast.rs` (notifications) |
 //! | parsing requests, bodies, heads, frames | `wire/request.rs`, `wire/json.rs`, `wire/http.rs`, `wire/frame.rs` |
 //! | the WebSocket handshake | `wire/handshake.rs`, `web/serve.rs` (`upgrade`) |
+//! | permessage-deflate: the offer, compressing once, inflating under the limit | `wire/deflate.rs`; `channel.rs` (`Publication::deflated`), `connection/send_queue.rs`, `wire/frame.rs` |
 //! | the REST endpoints | `web/routes.rs` (the route table) |
 //! | a shard's sockets and timers | `io/poller.rs`, `io/timers.rs` |
 //! | cluster mode | `cluster/` (its `mod.rs` lists its files) |

@@ -10,7 +10,8 @@
 //! shows presence (SPEC 16): the member list of a channel follows another client's join and leave.
 //! A third follows what the backend decides (SPEC 17, 22.1): a channel the server unsubscribes is
 //! logged with its reason and not resubscribed, a close 4006 is reconnected and a 4007 (token
-//! revoked) is not, until the page is given a new token.
+//! revoked) is not, until the page is given a new token. A fourth checks compression (SPEC 20)
+//! with the browser's own permessage-deflate, both ways.
 //!
 //! Chromium is required: a missing browser fails the test (CI installs the Debian `chromium`
 //! package). `CHROMIUM=/path` picks another binary; `PLAYGROUND_SCREENSHOT=/tmp/x.png` saves
@@ -1027,6 +1028,69 @@ async fn presence() {
         .await;
     assert_eq!(r, json!("u-alice/1"));
     assert_eq!(page.eval(&client_members).await, json!("u-alice"));
+    assert_no_page_errors(&page);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_js_compresses_in_headless_chromium() {
+    common::within(
+        Duration::from_secs(60),
+        "the compression test",
+        compression(),
+    )
+    .await;
+}
+
+/// SPEC 20 with the browser's own permessage-deflate: `/client.js` receives a 64 kB scoreboard
+/// the server sent compressed, byte for byte, and Chromium's compressed publications (two, so a
+/// compressor that kept its window across messages would be caught) reach another subscriber
+/// intact.
+async fn compression() {
+    let config = "playground = true\n[limits]\nmax_payload_bytes = 100000\n\
+                  max_frame_bytes = 131072\noutbound_buffer_bytes = 4194304\n";
+    let server = Server::start(ServerOpts {
+        config_toml: Some(config.into()),
+        ..ServerOpts::shards(2)
+    });
+    let browser = Chromium::launch();
+    let page = Page::open(&browser, &server).await;
+    connect_and_subscribe(&page, &server, &server.token_all("viewer"), "board").await;
+    page.eval(
+        "window.boards = []; window.playground.client.on('broadcast', m => { \
+         if (m.channel === 'board') window.boards.push(JSON.stringify(m.payload)); }); true",
+    )
+    .await;
+    page.wait_for(
+        "window.playground.client.position('board').active",
+        "the board subscription",
+    )
+    .await;
+    let board = common::scoreboard(64_000, 1);
+    server.publish("board", "scoreboard", &board).await;
+    page.wait_for("window.boards.length === 1", "the scoreboard")
+        .await;
+    assert_eq!(page.eval("window.boards[0]").await, json!(board));
+    let metrics = common::http_get(server.public, "/metrics").await.text();
+    let after = common::metric_sum(&metrics, "compression_bytes_after_total").unwrap_or(0.0);
+    let before = common::metric_sum(&metrics, "compression_bytes_before_total").unwrap_or(0.0);
+    assert!(
+        before >= 64_000.0 && after * 4.0 < before,
+        "sent compressed to the page: {before} -> {after}"
+    );
+
+    let mut reader = server.ws_authed("reader").await;
+    reader.subscribe("up").await;
+    page.eval(
+        "(async () => { for (const n of [1, 2]) \
+         await window.playground.client.publish('up', 'pad', {n, pad: 'x'.repeat(20000)}); \
+         return true; })()",
+    )
+    .await;
+    for n in 1..=2 {
+        let frame = reader.recv_broadcast_raw().await;
+        let sent = format!(r#"{{"n":{n},"pad":"{}"}}"#, "x".repeat(20000));
+        assert_eq!(common::raw_payload(&frame), sent);
+    }
     assert_no_page_errors(&page);
 }
 

@@ -24,28 +24,6 @@ fn server() -> Server {
     )
 }
 
-/// A JSON scoreboard of about `bytes` bytes, like a contest's (rows of user, score, penalty).
-fn scoreboard(bytes: usize, round: u32) -> String {
-    let mut rows = Vec::new();
-    let mut len = 0;
-    let mut i = 0u32;
-    while len < bytes {
-        let row = format!(
-            r#"{{"rank":{i},"user":"contestant_{i}","score":{},"penalty":{},"problems":[{}]}}"#,
-            (i * 37 + round) % 1000,
-            (i * 13) % 500,
-            (0..8)
-                .map(|p| ((i + p + round) % 3).to_string())
-                .collect::<Vec<_>>()
-                .join(",")
-        );
-        len += row.len() + 1;
-        rows.push(row);
-        i += 1;
-    }
-    format!(r#"{{"round":{round},"rows":[{}]}}"#, rows.join(","))
-}
-
 /// The reference inflater (flate2's `Read` adapter) over a message's payload and the four bytes
 /// RFC 7692 drops.
 fn inflate(payload: &[u8]) -> Vec<u8> {

@@ -3,6 +3,7 @@
 //! check of accepted tokens), and the target bodies themselves (`targets`).
 
 pub mod config;
+pub mod deflate;
 pub mod http;
 pub mod json;
 pub mod jwt;

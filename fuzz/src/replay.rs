@@ -9,6 +9,7 @@ pub type Target = (&'static str, fn(&[u8]));
 pub const TARGETS: &[Target] = &[
     ("http_head", crate::targets::http_head),
     ("ws_frames", crate::targets::ws_frames),
+    ("deflate_frames", crate::deflate::deflate_frames),
     ("protocol_request", crate::targets::protocol_request),
     ("rest_bodies", crate::targets::rest_bodies),
     ("jwt", crate::targets::jwt),

@@ -513,6 +513,28 @@ pub fn raw_payload(frame: &str) -> &str {
         .unwrap_or_else(|| panic!("broadcast does not end with its payload: {frame}"))
 }
 
+/// A JSON scoreboard of about `bytes` bytes, like a contest's (rows of user, score, penalty).
+pub fn scoreboard(bytes: usize, round: u32) -> String {
+    let mut rows = Vec::new();
+    let mut len = 0;
+    let mut i = 0u32;
+    while len < bytes {
+        let row = format!(
+            r#"{{"rank":{i},"user":"contestant_{i}","score":{},"penalty":{},"problems":[{}]}}"#,
+            (i * 37 + round) % 1000,
+            (i * 13) % 500,
+            (0..8)
+                .map(|p| ((i + p + round) % 3).to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        len += row.len() + 1;
+        rows.push(row);
+        i += 1;
+    }
+    format!(r#"{{"round":{round},"rows":[{}]}}"#, rows.join(","))
+}
+
 /// Payloads that are valid JSON (RFC 8259) and that a re-encoder or simd-json alone would
 /// change or refuse: integers beyond 64 bits, exponents beyond f64, negative zero, spacing, key
 /// order, escapes, unpaired surrogate escapes, long strings, deep nesting within the bound.
