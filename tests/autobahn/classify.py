@@ -21,8 +21,8 @@ resultClose, expected/received, close codes, wirelog) and sorts every case into 
                  Autobahn grades WRONG CODE; that close counts as right here when the server
                  echoed the client's code, the close was clean and the server closed the TCP
                  connection.
-  limit          the server closed 1009 "message larger than max_frame_bytes": a limit of the
-                 configuration, not a bug (the reason names the limit).
+  limit          the server closed 1009 "message larger than max_frame_bytes", cleanly: a limit
+                 of the configuration, not a bug (the reason names the limit).
   unimplemented  Autobahn says UNIMPLEMENTED: permessage-deflate (12.x, 13.x) was not
                  negotiated.
   MISBEHAVED     anything else, with the reason.
@@ -114,6 +114,8 @@ def classify(r, max_frame_bytes):
     b, bc = r.get("behavior"), r.get("behaviorClose")
     result = r.get("result") or ""
     if r.get("remoteCloseCode") == 1009 and "max_frame_bytes" in (r.get("remoteCloseReason") or ""):
+        if not (r.get("wasClean") and r.get("droppedByMe") is False):
+            return "MISBEHAVED", "closed 1009 for the size limit, but " + close_line(r)
         return "limit", "closed 1009 %r: the message is over limits.max_frame_bytes = %s" % (
             r.get("remoteCloseReason"), max_frame_bytes)
     if b == "UNIMPLEMENTED":
@@ -155,7 +157,7 @@ def classify(r, max_frame_bytes):
             if d.get("got") is not None and d.get("want") is not None and d["got"] == d["want"]:
                 break
             if bc == "OK" and r.get("remoteCloseCode") == 1000 and r.get("wasClean"):
-                return "answered", result
+                return "answered", result + " Close OK"
             return "MISBEHAVED", "answered (%s) but %s" % (result, close_line(r))
     return "MISBEHAVED", "%s; %s" % (result, close_line(r))
 

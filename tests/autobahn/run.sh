@@ -4,13 +4,15 @@
 # per-case reports with classify.py: exit 0 when no case misbehaved, 1 otherwise (2: the run
 # itself failed).
 #
-#   tests/autobahn/run.sh [--quick] [--server BIN] [--cases '1.*,2.*'] [--out DIR]
+#   tests/autobahn/run.sh [--quick] [--server BIN] [--cases '1.*,2.*'] [--max-frame-bytes N] [--out DIR]
 #
 #   --quick         leave out the slowest cases (listed below): about half the time
 #   --server BIN    the broadcaster binary to test (or BROADCASTER_BIN=BIN); default: build it
 #                   with `cargo build --release --bin broadcaster` and use
 #                   ${CARGO_TARGET_DIR:-target}/release/broadcaster
 #   --cases LIST    comma-separated Autobahn case patterns instead of all ("*")
+#   --max-frame-bytes N   the server's limits.max_frame_bytes (default 32 MiB, above Autobahn's
+#                   largest message); a smaller one shows the cases over it as "limit"
 #   --out DIR       where the config, spec, server log and reports go; default
 #                   ${CARGO_TARGET_DIR:-target}/autobahn
 #
@@ -31,6 +33,7 @@ quick=0
 server=${BROADCASTER_BIN:-}
 cases='"*"'
 out=$target/autobahn
+max_frame_bytes=$((32 << 20))
 while [ $# -gt 0 ]; do
     case $1 in
         --quick) quick=1 ;;
@@ -38,9 +41,11 @@ while [ $# -gt 0 ]; do
         --server=*) server=${1#*=} ;;
         --cases) cases=$(printf '%s' "$2" | sed 's/[^,][^,]*/"&"/g'); shift ;;
         --cases=*) cases=$(printf '%s' "${1#*=}" | sed 's/[^,][^,]*/"&"/g') ;;
+        --max-frame-bytes) max_frame_bytes=$2; shift ;;
+        --max-frame-bytes=*) max_frame_bytes=${1#*=} ;;
         --out) out=$2; shift ;;
         --out=*) out=${1#*=} ;;
-        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
         *) echo "run.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -104,7 +109,6 @@ fi
 rm -rf "$out"
 mkdir -p "$out/reports"
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-max_frame_bytes=$((32 << 20))
 
 # Autobahn is an echo client; each limit below is one an echo test runs into with the defaults.
 cat > "$out/server.toml" <<EOF
