@@ -91,8 +91,10 @@ if [ ! -x "$venv/bin/wstest" ] || [ "$(cat "$venv/.stamp" 2>/dev/null)" != "$sta
     python3 -m venv "$cache/bootstrap"
     "$cache/bootstrap/bin/pip" install -q 'virtualenv<20.22'
     "$cache/bootstrap/bin/virtualenv" -q -p "$py2" "$venv"
-    "$venv/bin/pip" install -q --disable-pip-version-check -r "$here/requirements-py27.txt" 2>&1 \
-        | grep -v DEPRECATION >&2 || true
+    if ! "$venv/bin/pip" install -q --disable-pip-version-check -r "$here/requirements-py27.txt" \
+        > "$cache/pip.log" 2>&1; then
+        log "pip install failed:"; cat "$cache/pip.log" >&2; exit 2
+    fi
     "$venv/bin/wstest" --autobahnversion >/dev/null
     echo "$stamp" > "$venv/.stamp"
 fi
@@ -108,6 +110,7 @@ fi
 # --- configuration, spec --------------------------------------------------------------------
 rm -rf "$out"
 mkdir -p "$out/reports"
+out=$(cd "$out" && pwd)
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 
 # Autobahn is an echo client; each limit below is one an echo test runs into with the defaults.
