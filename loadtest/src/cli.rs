@@ -112,6 +112,13 @@ pub struct Common {
     /// Payload size in bytes (the JSON value, send time and padding included).
     #[arg(long, default_value_t = 64)]
     pub(crate) payload_bytes: usize,
+    /// What fills the payload after its send time: one string of `x` (`pad`), or the rows of a
+    /// contest scoreboard (`scoreboard`), which compresses about as well as a real one.
+    #[arg(long, value_enum, default_value_t = crate::extract::PayloadShape::Pad)]
+    pub(crate) payload_shape: crate::extract::PayloadShape,
+    /// Subscribers offer permessage-deflate, as browsers do, and inflate what arrives compressed.
+    #[arg(long)]
+    pub(crate) compress: bool,
     /// Prefix of the channel names (default: `lt-PID`).
     #[arg(long)]
     pub(crate) channel_prefix: Option<String>,

@@ -99,6 +99,8 @@ pub(crate) struct ClientConfig {
     /// delivered message for the load generator, at the price of up to this much added to measured
     /// latency. Zero (the default) measures latency exactly.
     pub(crate) coalesce: Duration,
+    /// Offer permessage-deflate and inflate compressed messages.
+    pub(crate) compress: bool,
 }
 
 /// See [`ClientConfig::coalesce`].
@@ -482,7 +484,7 @@ impl Worker {
                 }
                 let node = &self.cfg.nodes[c.spec.node as usize % self.cfg.nodes.len()];
                 c.pending
-                    .extend_from_slice(&ws::upgrade_request(&node.host));
+                    .extend_from_slice(&ws::upgrade_request_offering(&node.host, self.cfg.compress));
                 c.phase = Phase::Upgrading;
                 self.flush(idx);
                 // The answer may already be there.
@@ -654,6 +656,10 @@ impl Receiver for Worker {
     /// A subscriber never waits for the answer to its close frame: a reconnect drops the socket.
     fn closing(&self, _idx: usize) -> bool {
         false
+    }
+
+    fn inflates(&self) -> bool {
+        self.cfg.compress
     }
 
     fn on_upgraded(&mut self, idx: usize) {

@@ -188,6 +188,63 @@ fn bool_field(text: &[u8], key: &[u8]) -> Option<bool> {
     }
 }
 
+/// What fills a payload after its send time and number.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum PayloadShape {
+    /// One string of `x`: compresses to almost nothing.
+    #[default]
+    Pad,
+    /// Rows of a contest scoreboard (rank, user, score, penalty, per-problem results) that change
+    /// with `n`: compresses about as well as a real one (omegaUp's are 66-88 kB).
+    Scoreboard,
+}
+
+/// Like [`build_payload`], filled as `shape` says; a scoreboard is at least `target_bytes` long
+/// (whole rows).
+pub(crate) fn build_shaped_payload(
+    out: &mut Vec<u8>,
+    sent_unix_ns: u64,
+    n: u64,
+    target_bytes: usize,
+    shape: PayloadShape,
+) {
+    if shape == PayloadShape::Pad {
+        return build_payload(out, sent_unix_ns, n, target_bytes);
+    }
+    let start = out.len();
+    out.extend_from_slice(b"{\"t\":");
+    push_u64(out, sent_unix_ns);
+    out.extend_from_slice(b",\"n\":");
+    push_u64(out, n);
+    out.extend_from_slice(b",\"rows\":[");
+    let mut i = 0u64;
+    while out.len() - start + 2 < target_bytes {
+        if i > 0 {
+            out.push(b',');
+        }
+        // Scores drift with n, so consecutive boards differ as a live contest's do.
+        let score = (i * 37 + n * 11) % 1000;
+        out.extend_from_slice(b"{\"rank\":");
+        push_u64(out, i + 1);
+        out.extend_from_slice(b",\"user\":\"contestant_");
+        push_u64(out, (i * 7919) % 100_000);
+        out.extend_from_slice(b"\",\"score\":");
+        push_u64(out, score);
+        out.extend_from_slice(b",\"penalty\":");
+        push_u64(out, (i * 13 + n) % 500);
+        out.extend_from_slice(b",\"problems\":[");
+        for p in 0..8 {
+            if p > 0 {
+                out.push(b',');
+            }
+            push_u64(out, (i + p + n) % 3 * 50);
+        }
+        out.extend_from_slice(b"]}");
+        i += 1;
+    }
+    out.extend_from_slice(b"]}");
+}
+
 /// Builds our payload: `{"t":T,"n":N,"pad":"xx..."}`, padded so the whole JSON value is
 /// `target_bytes` long when that is reachable (it never goes below the unpadded length).
 pub(crate) fn build_payload(out: &mut Vec<u8>, sent_unix_ns: u64, n: u64, target_bytes: usize) {
@@ -242,6 +299,22 @@ mod tests {
                 n: 41
             })
         );
+    }
+
+    #[test]
+    fn scoreboard_payloads_are_json_with_their_time_and_number() {
+        let mut out = Vec::new();
+        build_shaped_payload(&mut out, 123, 7, 64_000, PayloadShape::Scoreboard);
+        assert!(out.len() >= 64_000 && out.len() < 64_200, "{}", out.len());
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!((v["t"].as_u64(), v["n"].as_u64()), (Some(123), Some(7)));
+        assert!(v["rows"].as_array().unwrap().len() > 500);
+        let mut next = Vec::new();
+        build_shaped_payload(&mut next, 123, 8, 64_000, PayloadShape::Scoreboard);
+        assert_ne!(out, next, "boards change with n");
+        let mut pad = Vec::new();
+        build_shaped_payload(&mut pad, 123, 7, 100, PayloadShape::Pad);
+        assert_eq!(pad.len(), 100);
     }
 
     #[test]

@@ -56,6 +56,8 @@ pub(crate) struct PublisherConfig {
     pub(crate) deliveries_per_publication: u64,
     /// Payload size in bytes.
     pub(crate) payload_bytes: usize,
+    /// What fills the payload.
+    pub(crate) payload_shape: crate::extract::PayloadShape,
     /// Source address to bind.
     pub(crate) source: Option<Ipv4Addr>,
 }
@@ -137,7 +139,7 @@ pub(crate) fn run(cfg: &PublisherConfig, shared: &Shared) -> PublishResult {
             break;
         };
         payload.clear();
-        extract::build_payload(&mut payload, sent_ns, k, cfg.payload_bytes);
+        extract::build_shaped_payload(&mut payload, sent_ns, k, cfg.payload_bytes, cfg.payload_shape);
         let ch = (k % cfg.channels.len() as u64) as usize;
         let at = Instant::now();
         let ci = (k % conns.len() as u64) as usize;
@@ -609,6 +611,7 @@ mod tests {
             pipeline: 1,
             deliveries_per_publication: per,
             payload_bytes: 64,
+            payload_shape: crate::extract::PayloadShape::Pad,
             source: None,
         }
     }

@@ -47,6 +47,10 @@ pub(crate) trait Receiver {
     fn closing(&self, idx: usize) -> bool;
     /// The server switched protocols.
     fn on_upgraded(&mut self, idx: usize);
+    /// The connections offered permessage-deflate: a compressed (RSV1) message is inflated.
+    fn inflates(&self) -> bool {
+        false
+    }
     /// A complete text message; `frame_bytes` is its frame's size, header included (for a
     /// reassembled message, the message's size). An error fails the connection.
     fn on_text(
@@ -160,6 +164,10 @@ fn process<R: Receiver>(r: &mut R, idx: usize, data: &[u8], now_ns: u64) -> Resu
         };
         let payload = &data[pos + f.payload_start..pos + f.end];
         pos += f.end;
+        if f.compressed {
+            inflated(r, idx, f, payload, now_ns)?;
+            continue;
+        }
         match f.opcode {
             ws::OP_TEXT if f.fin => {
                 r.on_text(idx, payload, f.end as u64, now_ns)
@@ -188,6 +196,32 @@ fn process<R: Receiver>(r: &mut R, idx: usize, data: &[u8], now_ns: u64) -> Resu
         }
     }
     Ok(pos)
+}
+
+/// A compressed message (the server compresses only whole text messages): inflated, then handled
+/// as text; its size on the wire is what `on_text` is told.
+fn inflated<R: Receiver>(
+    r: &mut R,
+    idx: usize,
+    f: ws::FrameRef,
+    payload: &[u8],
+    now_ns: u64,
+) -> Result<(), End> {
+    if !r.inflates() || !f.fin || f.opcode != ws::OP_TEXT {
+        let why = "RSV1 set on a frame that is not a whole text message of a compressing connection";
+        return Err(End::Failed(why.into()));
+    }
+    // One buffer per receive thread, not per connection: it holds a whole inflated message.
+    let mut text = INFLATED.take();
+    let result = ws::inflate(payload, &mut text)
+        .and_then(|()| r.on_text(idx, &text, f.end as u64, now_ns))
+        .map_err(End::Failed);
+    INFLATED.set(text);
+    result
+}
+
+thread_local! {
+    static INFLATED: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// The server's close frame: the end of our closing handshake, or a failure.

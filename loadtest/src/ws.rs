@@ -25,11 +25,55 @@ const WS_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
 
 /// The HTTP upgrade request for `GET /ws`.
 pub(crate) fn upgrade_request(host: &str) -> Vec<u8> {
+    upgrade_request_offering(host, false)
+}
+
+/// The HTTP upgrade request for `GET /ws`, offering permessage-deflate as browsers do when
+/// `compress`.
+pub(crate) fn upgrade_request_offering(host: &str, compress: bool) -> Vec<u8> {
+    let offer = if compress {
+        "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
+    } else {
+        ""
+    };
     format!(
         "GET /ws HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+         Sec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n{offer}\r\n"
     )
     .into_bytes()
+}
+
+thread_local! {
+    /// One inflater per receive thread, reset per message (the server takes no context over).
+    static INFLATER: std::cell::RefCell<flate2::Decompress> =
+        std::cell::RefCell::new(flate2::Decompress::new(false));
+}
+
+/// Inflates one permessage-deflate message (RFC 7692 7.2.2: the payload plus the four bytes the
+/// sender dropped) into `out`.
+pub(crate) fn inflate(payload: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
+    INFLATER.with(|d| {
+        let mut d = d.borrow_mut();
+        d.reset(false);
+        out.clear();
+        out.reserve(payload.len() * 4 + 64);
+        for part in [payload, &[0, 0, 0xff, 0xff][..]] {
+            let start = d.total_in();
+            loop {
+                let read = (d.total_in() - start) as usize;
+                d.decompress_vec(&part[read..], out, flate2::FlushDecompress::Sync)
+                    .map_err(|e| format!("compressed message does not inflate: {e}"))?;
+                if (d.total_in() - start) as usize == part.len() && out.len() < out.capacity() {
+                    break;
+                }
+                if out.len() > SERVER_FRAME_BYTES_MAX as usize {
+                    return Err("compressed message inflates past 16 MiB".into());
+                }
+                out.reserve(out.capacity());
+            }
+        }
+        Ok(())
+    })
 }
 
 /// Result of looking at the bytes received after sending the upgrade request.
@@ -116,6 +160,8 @@ pub(crate) fn encode_close(out: &mut Vec<u8>, code: u16, mask: [u8; 4]) {
 pub(crate) struct FrameRef {
     /// FIN bit.
     pub(crate) fin: bool,
+    /// RSV1: compressed (permessage-deflate).
+    pub(crate) compressed: bool,
     /// Opcode (low four bits of the first byte).
     pub(crate) opcode: u8,
     /// Start of the payload in the buffer.
@@ -154,7 +200,8 @@ pub(crate) fn decode_server_frame(buf: &[u8]) -> Result<Option<FrameRef>, FrameE
     }
     let b0 = buf[0];
     let b1 = buf[1];
-    if b0 & 0x70 != 0 {
+    // RSV1 is permessage-deflate's; the receive path refuses it on a connection that did not ask.
+    if b0 & 0x30 != 0 {
         return Err(FrameError::ReservedBits);
     }
     if b1 & 0x80 != 0 {
@@ -186,6 +233,7 @@ pub(crate) fn decode_server_frame(buf: &[u8]) -> Result<Option<FrameRef>, FrameE
     }
     Ok(Some(FrameRef {
         fin: b0 & 0x80 != 0,
+        compressed: b0 & 0x40 != 0,
         opcode: b0 & 0x0F,
         payload_start: header,
         end,
@@ -238,6 +286,28 @@ pub(crate) fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn compressed_frames_are_flagged_and_inflate() {
+        let text = br#"{"method":"broadcast","params":{"payload":"abcabcabcabcabcabc"}}"#;
+        let mut c = flate2::Compress::new(flate2::Compression::default(), false);
+        let mut z = Vec::with_capacity(256);
+        c.compress_vec(text, &mut z, flate2::FlushCompress::Sync)
+            .unwrap();
+        z.truncate(z.len() - 4);
+        let mut frame = vec![0xC1, z.len() as u8];
+        frame.extend_from_slice(&z);
+        let f = decode_server_frame(&frame).unwrap().unwrap();
+        assert!(f.compressed && f.fin && f.opcode == OP_TEXT);
+        let mut out = Vec::new();
+        inflate(&frame[f.payload_start..f.end], &mut out).unwrap();
+        assert_eq!(out, text);
+        // RSV2 and RSV3 still belong to no extension.
+        assert_eq!(decode_server_frame(&[0xA1, 0]), Err(FrameError::ReservedBits));
+        assert!(upgrade_request_offering("h", true)
+            .windows(18)
+            .any(|w| w == b"permessage-deflate"));
+    }
 
     fn unmask(frame: &[u8]) -> (u8, Vec<u8>) {
         let opcode = frame[0] & 0x0F;

@@ -34,6 +34,7 @@ pub fn idle(a: &IdleArgs) -> Result<Report, SetupError> {
         reconnect_every: None,
         record_setup_latency: false,
         coalesce: Duration::from_micros(common.coalesce_us),
+        compress: common.compress,
     };
     let mut report = env.report("idle", common, &plan, n, channels.len(), n / channels.len());
     report.publish_pace = Some("one per channel after the hold");
@@ -118,6 +119,7 @@ fn prove_alive(
         pipeline: 1,
         deliveries_per_publication: 1,
         payload_bytes: common.payload_bytes,
+        payload_shape: common.payload_shape,
         source: plan.for_conn(n),
     };
     let pres = publisher::run(&pcfg, &workers.shared);

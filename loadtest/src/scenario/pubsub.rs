@@ -79,6 +79,7 @@ fn subscribe(p: &PubSub<'_>) -> Result<Subscribed, SetupError> {
         reconnect_every: p.reconnect_every,
         record_setup_latency: false,
         coalesce: Duration::from_micros(common.coalesce_us),
+        compress: common.compress,
     };
     let workers = spawn_workers(
         &env,
@@ -126,6 +127,7 @@ fn publisher_config(p: &PubSub<'_>, run: &Subscribed) -> PublisherConfig {
         pipeline: p.publish.pipeline.max(1),
         deliveries_per_publication: p.per_channel as u64,
         payload_bytes: p.common.payload_bytes,
+        payload_shape: p.common.payload_shape,
         source: run.plan.for_conn(p.subscribers()),
     }
 }

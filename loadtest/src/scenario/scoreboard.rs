@@ -350,6 +350,7 @@ fn client_config(s: &Setup<'_>, kind: Kind, channels: &Arc<Vec<String>>) -> Clie
         reconnect_every: None,
         record_setup_latency: false,
         coalesce: Duration::from_micros(s.a.common.coalesce_us),
+        compress: s.a.common.compress,
     }
 }
 
@@ -424,6 +425,7 @@ fn publisher_config(s: &Setup<'_>, channels: &[String], pace: PublishPace) -> Pu
         pipeline: 1,
         deliveries_per_publication: per,
         payload_bytes: s.a.common.payload_bytes,
+        payload_shape: s.a.common.payload_shape,
         source: s.plan.for_conn(s.a.viewers),
     }
 }

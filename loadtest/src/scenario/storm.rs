@@ -25,6 +25,7 @@ pub fn storm(a: &StormArgs) -> Result<Report, SetupError> {
         reconnect_every: None,
         record_setup_latency: true,
         coalesce: Duration::ZERO,
+        compress: common.compress,
     };
     let mut report = env.report(
         "storm",

@@ -304,6 +304,7 @@ fn spawn_publishers(s: &Setup<'_>, pub_shared: &Arc<Shared>) -> Result<Vec<Publi
             pipeline: 1,
             deliveries_per_publication: 1,
             payload_bytes: common.payload_bytes,
+            payload_shape: common.payload_shape,
             source: s.plan.for_conn(a.connections + p),
         };
         let ps = pub_shared.clone();
