@@ -153,14 +153,37 @@ async fn one_compressed_publication_reaches_every_subscriber_with_its_own_seq() 
 }
 
 #[tokio::test]
-async fn offers_the_server_cannot_honour_are_declined_and_rsv1_then_closes() {
+async fn a_small_window_gets_plain_broadcasts_and_bad_offers_are_declined() {
     let s = server();
-    // Our shared compressed suffix needs the full window; an offer limiting it is declined.
-    let (mut ws, head) =
-        RawWs::connect_offering(s.public, "permessage-deflate; server_max_window_bits=10").await;
-    assert_eq!(header_value(&head, "sec-websocket-extensions"), None);
-    // Without the extension, RSV1 is a protocol error.
+    // Our shared compressed suffix needs the full window: a client limiting it to 10 bits is
+    // accepted (the limit echoed) and gets broadcasts uncompressed, which RFC 7692 allows.
+    let offer = "permessage-deflate; server_max_window_bits=10";
+    let (mut ws, head) = RawWs::connect_offering(s.public, offer).await;
+    let accepted = header_value(&head, "sec-websocket-extensions").expect("extension accepted");
+    assert!(
+        accepted.ends_with("; server_max_window_bits=10"),
+        "{accepted}"
+    );
+    let token = s.token_all("small");
+    let auth = json!({"id":1,"method":"auth","params":{"token":token}}).to_string();
+    ok_result(&ws.request(&auth).await, &json!(1));
+    // Its own messages may still come compressed.
     let m: [u8; 4] = rand::random();
+    let sub = deflated(br#"{"id":2,"method":"subscribe","params":{"channel":"w"}}"#);
+    ws.send_raw(&encode_frame(true, 4, OP_TEXT, &sub, Some(m)))
+        .await;
+    let (v, _, _) = next_message(&mut ws).await;
+    ok_result(&v, &json!(2));
+    let board = scoreboard(64_000, 9);
+    s.publish("w", "scoreboard", &board).await;
+    let (_, text, compressed) = next_message(&mut ws).await;
+    assert!(!compressed, "a 10-bit window gets broadcasts uncompressed");
+    assert_eq!(raw_payload(&text), board);
+
+    // An offer with a parameter we do not know is declined; then RSV1 is a protocol error.
+    let (mut ws, head) =
+        RawWs::connect_offering(s.public, "permessage-deflate; mystery_param").await;
+    assert_eq!(header_value(&head, "sec-websocket-extensions"), None);
     let body = deflated(br#"{"id":1,"method":"heartbeat"}"#);
     ws.send_raw(&encode_frame(true, 4, OP_TEXT, &body, Some(m)))
         .await;

@@ -483,8 +483,10 @@ impl Worker {
                     }
                 }
                 let node = &self.cfg.nodes[c.spec.node as usize % self.cfg.nodes.len()];
-                c.pending
-                    .extend_from_slice(&ws::upgrade_request_offering(&node.host, self.cfg.compress));
+                c.pending.extend_from_slice(&ws::upgrade_request_offering(
+                    &node.host,
+                    self.cfg.compress,
+                ));
                 c.phase = Phase::Upgrading;
                 self.flush(idx);
                 // The answer may already be there.

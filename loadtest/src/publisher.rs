@@ -139,7 +139,13 @@ pub(crate) fn run(cfg: &PublisherConfig, shared: &Shared) -> PublishResult {
             break;
         };
         payload.clear();
-        extract::build_shaped_payload(&mut payload, sent_ns, k, cfg.payload_bytes, cfg.payload_shape);
+        extract::build_shaped_payload(
+            &mut payload,
+            sent_ns,
+            k,
+            cfg.payload_bytes,
+            cfg.payload_shape,
+        );
         let ch = (k % cfg.channels.len() as u64) as usize;
         let at = Instant::now();
         let ci = (k % conns.len() as u64) as usize;

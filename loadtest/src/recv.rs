@@ -208,7 +208,8 @@ fn inflated<R: Receiver>(
     now_ns: u64,
 ) -> Result<(), End> {
     if !r.inflates() || !f.fin || f.opcode != ws::OP_TEXT {
-        let why = "RSV1 set on a frame that is not a whole text message of a compressing connection";
+        let why =
+            "RSV1 set on a frame that is not a whole text message of a compressing connection";
         return Err(End::Failed(why.into()));
     }
     // One buffer per receive thread, not per connection: it holds a whole inflated message.

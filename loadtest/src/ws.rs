@@ -303,7 +303,10 @@ mod tests {
         inflate(&frame[f.payload_start..f.end], &mut out).unwrap();
         assert_eq!(out, text);
         // RSV2 and RSV3 still belong to no extension.
-        assert_eq!(decode_server_frame(&[0xA1, 0]), Err(FrameError::ReservedBits));
+        assert_eq!(
+            decode_server_frame(&[0xA1, 0]),
+            Err(FrameError::ReservedBits)
+        );
         assert!(upgrade_request_offering("h", true)
             .windows(18)
             .any(|w| w == b"permessage-deflate"));

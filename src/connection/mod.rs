@@ -50,6 +50,9 @@ pub(crate) enum Framing {
     WebSocket,
     /// WebSocket with permessage-deflate (RFC 7692), without context takeover either way.
     Deflate,
+    /// permessage-deflate with our window limited below what compressed broadcasts use: they go
+    /// uncompressed, and the client's compressed messages are inflated.
+    InflateOnly,
     /// Server-sent events (`text/event-stream`).
     #[allow(dead_code)]
     Sse,

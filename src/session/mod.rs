@@ -116,7 +116,7 @@ async fn reader(
     let limits = &shard.config().limits;
     let opened = Instant::now();
     let mut decoder = Decoder::new(limits.max_frame_bytes);
-    decoder.inflate = conn.framing() == Framing::Deflate;
+    decoder.inflate = matches!(conn.framing(), Framing::Deflate | Framing::InflateOnly);
     let mut session = Session {
         perms: None,
         rate: RateLimit::new(limits.requests_per_second, limits.request_burst, opened),

@@ -249,8 +249,10 @@ async fn accept(
     input: Vec<u8>,
 ) {
     let mut out = Vec::new();
-    let deflate = shard.config().compression.enabled
-        && head.ws_extensions.as_deref().is_some_and(deflate::accepts);
+    let deflate = match head.ws_extensions.as_deref() {
+        Some(offers) if shard.config().compression.enabled => deflate::negotiate(offers),
+        _ => None,
+    };
     handshake::write_accept(
         &mut out,
         head.ws_key.as_deref().unwrap_or_default(),
@@ -270,10 +272,10 @@ async fn accept(
     };
     // A task of its own, so this HTTP task (its head, its buffers) ends here and an idle
     // WebSocket holds only what the session needs.
-    let framing = if deflate {
-        Framing::Deflate
-    } else {
-        Framing::WebSocket
+    let framing = match deflate {
+        Some(accepted) if accepted.compresses() => Framing::Deflate,
+        Some(_) => Framing::InflateOnly,
+        None => Framing::WebSocket,
     };
     let stream = sock.stream.into_inner();
     let session = crate::session::run(shard, id, stream, (client, framing), input);

@@ -17,10 +17,6 @@ use crate::wire::frame;
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 use std::cell::RefCell;
 
-/// The extension's answer: no context takeover either way (see the module's comment).
-pub const RESPONSE: &str =
-    "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
-
 /// The empty stored block a sync flush ends with; RFC 7692 7.2.1 drops it on the wire and the
 /// receiver puts it back.
 const SYNC_TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
@@ -28,40 +24,70 @@ const SYNC_TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
 /// The first byte of a compressed text frame: FIN, RSV1 (the "compressed" bit), text.
 const FIN_RSV1_TEXT: u8 = 0xC1;
 
-/// Whether a `Sec-WebSocket-Extensions` value (every header of the request, joined with `,`)
-/// offers permessage-deflate in a form this server accepts (RFC 7692 5, 7.1). Offers are tried
-/// in order; one with an unknown, repeated or invalid parameter is declined, as is one that
-/// limits the server's window below 15 bits (the shared compressed suffix uses the full window).
-pub fn accepts(offers: &str) -> bool {
-    offers.split(',').any(|offer| {
+/// An accepted permessage-deflate offer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Accepted {
+    /// The `server_max_window_bits` the client asked for, if it did.
+    pub server_window: Option<u8>,
+}
+
+impl Accepted {
+    /// Whether broadcasts go compressed. The shared compressed suffix uses a 15-bit window; a
+    /// client that limits ours below that gets them uncompressed (RFC 7692 lets any message go
+    /// uncompressed) and still sends compressed messages we inflate.
+    pub fn compresses(&self) -> bool {
+        self.server_window.is_none_or(|w| w == 15)
+    }
+
+    /// Appends the `Sec-WebSocket-Extensions` value: no context takeover either way (see the
+    /// module's comment), and the client's window limit for us echoed, which accepts it.
+    pub fn write_response(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(
+            b"permessage-deflate; server_no_context_takeover; client_no_context_takeover",
+        );
+        if let Some(bits) = self.server_window {
+            out.extend_from_slice(b"; server_max_window_bits=");
+            out.extend_from_slice(bits.to_string().as_bytes());
+        }
+    }
+}
+
+/// The first offer of permessage-deflate in a `Sec-WebSocket-Extensions` value (every header of
+/// the request, joined with `,`) that this server accepts (RFC 7692 5, 7.1); offers with an
+/// unknown, repeated or invalid parameter are declined.
+pub fn negotiate(offers: &str) -> Option<Accepted> {
+    offers.split(',').find_map(|offer| {
         let mut parts = offer.split(';').map(str::trim);
-        parts.next() == Some("permessage-deflate") && params_accepted(parts)
+        if parts.next() != Some("permessage-deflate") {
+            return None;
+        }
+        params_accepted(parts)
     })
 }
 
-fn params_accepted<'a>(params: impl Iterator<Item = &'a str>) -> bool {
+fn params_accepted<'a>(params: impl Iterator<Item = &'a str>) -> Option<Accepted> {
     let mut seen: Vec<&str> = Vec::new();
+    let mut accepted = Accepted {
+        server_window: None,
+    };
     for param in params {
         let (name, value) = match param.split_once('=') {
             Some((n, v)) => (n.trim(), Some(v.trim().trim_matches('"'))),
             None => (param, None),
         };
         if seen.contains(&name) {
-            return false;
+            return None;
         }
         seen.push(name);
-        let ok = match name {
-            "server_no_context_takeover" | "client_no_context_takeover" => value.is_none(),
+        match name {
+            "server_no_context_takeover" | "client_no_context_takeover" if value.is_none() => {}
             // The client's own window: any is fine, the inflater always has 15 bits.
-            "client_max_window_bits" => value.is_none_or(|v| window_bits(v).is_some()),
-            "server_max_window_bits" => value.and_then(window_bits) == Some(15),
-            _ => false,
-        };
-        if !ok {
-            return false;
+            "client_max_window_bits" if value.is_none_or(|v| window_bits(v).is_some()) => {}
+            "server_max_window_bits" => accepted.server_window = Some(window_bits(value?)?),
+            _ => return None,
         }
     }
-    true
+    Some(accepted)
 }
 
 fn window_bits(v: &str) -> Option<u8> {

@@ -2,6 +2,7 @@
 //! allowed origin; and the 101 answer that accepts it.
 
 use crate::error::{err, Code, Error};
+use crate::wire::deflate::Accepted;
 use crate::wire::http::Head;
 
 /// Why an upgrade is refused: the HTTP status and the error it answers with. A 426 carries no
@@ -58,13 +59,13 @@ pub(crate) fn check(head: &Head, allowed_origins: &[String]) -> Result<(), Refus
 
 /// Appends the 101 answer that turns the connection into a WebSocket, with permessage-deflate
 /// when `deflate` (the client offered it and `compression.enabled`).
-pub(crate) fn write_accept(out: &mut Vec<u8>, ws_key: &str, deflate: bool) {
+pub(crate) fn write_accept(out: &mut Vec<u8>, ws_key: &str, deflate: Option<Accepted>) {
     let accept = tungstenite::handshake::derive_accept_key(ws_key.as_bytes());
     out.extend_from_slice(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: ");
     out.extend_from_slice(accept.as_bytes());
-    if deflate {
+    if let Some(accepted) = deflate {
         out.extend_from_slice(b"\r\nsec-websocket-extensions: ");
-        out.extend_from_slice(crate::wire::deflate::RESPONSE.as_bytes());
+        accepted.write_response(out);
     }
     out.extend_from_slice(b"\r\n\r\n");
 }
@@ -107,7 +108,7 @@ mod tests {
         post.method = "POST".into();
         assert_eq!(check(&post, &[]).unwrap_err().status, 405);
         let mut out = Vec::new();
-        write_accept(&mut out, "dGhlIHNhbXBsZSBub25jZQ==", false);
+        write_accept(&mut out, "dGhlIHNhbXBsZSBub25jZQ==", None);
         let text = String::from_utf8(out).unwrap();
         // The sample key and accept value of RFC 6455 section 1.3.
         assert!(text.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "{text}");

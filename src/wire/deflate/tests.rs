@@ -24,6 +24,16 @@ fn deflated(data: &[u8]) -> Vec<u8> {
     out
 }
 
+fn accepts(offers: &str) -> bool {
+    negotiate(offers).is_some_and(|a| a.compresses())
+}
+
+fn response(offers: &str) -> Option<String> {
+    let mut out = Vec::new();
+    negotiate(offers)?.write_response(&mut out);
+    Some(String::from_utf8(out).unwrap())
+}
+
 #[test]
 fn offers_are_read_per_rfc_7692() {
     // Chromium's and Firefox's offer.
@@ -32,19 +42,34 @@ fn offers_are_read_per_rfc_7692() {
     assert!(accepts(
         "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
     ));
-    assert!(accepts("permessage-deflate; server_max_window_bits=15"));
     assert!(accepts(
         "x-webkit-deflate-frame, permessage-deflate; client_max_window_bits=9"
     ));
-    // The first offer limits our window; the second is taken.
-    assert!(accepts(
-        "permessage-deflate; server_max_window_bits=10, permessage-deflate"
-    ));
+    assert_eq!(
+        response("permessage-deflate; client_max_window_bits").as_deref(),
+        Some("permessage-deflate; server_no_context_takeover; client_no_context_takeover")
+    );
+    // A limit on our window is echoed to accept it; below 15 bits broadcasts go uncompressed.
+    assert!(accepts("permessage-deflate; server_max_window_bits=15"));
+    assert!(response("permessage-deflate; server_max_window_bits=15")
+        .unwrap()
+        .ends_with("; server_max_window_bits=15"));
+    let small = negotiate("permessage-deflate; server_max_window_bits=9").unwrap();
+    assert!(!small.compresses());
+    assert_eq!(small.server_window, Some(9));
+    // The first acceptable offer wins.
+    assert_eq!(
+        negotiate("permessage-deflate; bogus, permessage-deflate; server_max_window_bits=10"),
+        Some(Accepted {
+            server_window: Some(10)
+        })
+    );
     for declined in [
         "",
         "x-webkit-deflate-frame",
-        "permessage-deflate; server_max_window_bits=10",
         "permessage-deflate; server_max_window_bits",
+        "permessage-deflate; server_max_window_bits=7",
+        "permessage-deflate; server_max_window_bits=16",
         "permessage-deflate; client_max_window_bits=16",
         "permessage-deflate; client_max_window_bits=08",
         "permessage-deflate; client_max_window_bits=7",
@@ -53,7 +78,7 @@ fn offers_are_read_per_rfc_7692() {
         "permessage-deflate; unknown",
         "permessage-deflate-x",
     ] {
-        assert!(!accepts(declined), "{declined:?}");
+        assert_eq!(negotiate(declined), None, "{declined:?}");
     }
 }
 
