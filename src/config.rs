@@ -55,6 +55,8 @@ pub struct Config {
     pub tls: TlsConfig,
     /// `[log]`.
     pub log: LogConfig,
+    /// `[sse]`: server-sent events (SPEC 19).
+    pub sse: SseConfig,
     /// `[[channels]]`: per-channel access, history and rewind (SPEC 14); file only.
     pub channels: Vec<RuleConfig>,
     /// `[proxy]`: the backend asked over HTTP (SPEC 15).
@@ -249,6 +251,51 @@ pub fn parse_cidr(text: &str) -> Result<ipnet::IpNet, String> {
         Err(_) => Err(format!(
             "{text:?} is not an address or CIDR (like \"10.0.0.0/8\" or \"::1\")"
         )),
+    }
+}
+
+/// `[sse]`: server-sent events (SPEC 19), `GET /sse?channel=..`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SseConfig {
+    /// Serve `GET /sse` (and `GET /ws` with `Accept: text/event-stream`). Default true.
+    pub enabled: bool,
+    /// The `retry` an EventSource waits before it reconnects. Default 2 s.
+    #[serde(with = "duration")]
+    pub retry: Duration,
+    /// Most channels one SSE connection may name. Default 16: each broadcast's event id
+    /// carries every channel's position, so its size grows with this.
+    pub channels_max: usize,
+}
+
+/// Most channels `sse.channels_max` may allow: an event id of 256 positions is ~9 KB per
+/// broadcast, already far more than the message itself.
+const SSE_CHANNELS_MAX: usize = 256;
+
+impl Default for SseConfig {
+    fn default() -> Self {
+        SseConfig {
+            enabled: true,
+            retry: Duration::from_secs(2),
+            channels_max: 16,
+        }
+    }
+}
+
+impl SseConfig {
+    fn assert_valid(&self, subscriptions_max: usize) -> Result<(), ConfigError> {
+        let bad = |key: &str, why: String| Err(ConfigError(format!("sse.{key}: {why}")));
+        if self.retry < Duration::from_millis(1) || self.retry > Duration::from_secs(3600) {
+            return bad("retry", "must be between 1ms and 1h".into());
+        }
+        let most = SSE_CHANNELS_MAX.min(subscriptions_max);
+        if self.channels_max == 0 || self.channels_max > most {
+            return bad(
+                "channels_max",
+                format!("must be between 1 and {most} (at most 256 and limits.max_subscriptions_per_connection)"),
+            );
+        }
+        Ok(())
     }
 }
 
@@ -567,6 +614,7 @@ impl Default for Config {
             redis: RedisConfig::default(),
             tls: TlsConfig::default(),
             log: LogConfig::default(),
+            sse: SseConfig::default(),
             channels: Vec::new(),
             proxy: ProxyConfig::default(),
             presence: PresenceConfig::default(),
@@ -744,6 +792,9 @@ const KEYS: &[(&str, Kind)] = &[
     ("tls.cert_file", Kind::Str),
     ("tls.key_file", Kind::Str),
     ("log.level", Kind::Str),
+    ("sse.enabled", Kind::Bool),
+    ("sse.retry", Kind::Str),
+    ("sse.channels_max", Kind::Int),
     ("proxy.secret", Kind::Str),
     ("proxy.timeout", Kind::Str),
     ("proxy.concurrency_max", Kind::Int),
@@ -858,6 +909,8 @@ impl Config {
         }
         self.proxy.assert_valid(&self.channels)?;
         self.presence.assert_valid()?;
+        self.sse
+            .assert_valid(self.limits.max_subscriptions_per_connection)?;
         self.redis.assert_valid()?;
         for (n, hook) in self.webhooks.iter().enumerate() {
             hook.assert_valid()
