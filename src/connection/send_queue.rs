@@ -4,11 +4,11 @@
 
 use super::pool;
 use crate::channel::Publication;
-use crate::connection::{Conn, Flusher};
+use crate::connection::{Conn, Flusher, Framing};
 use crate::constants::ARENA_MAX;
 use crate::error::close;
 use crate::metrics::ShardMetrics;
-use crate::wire::{broadcast, frame};
+use crate::wire::{broadcast, frame, sse};
 use std::rc::Rc;
 
 impl Conn {
@@ -22,6 +22,9 @@ impl Conn {
         metrics: &ShardMetrics,
         flusher: &Flusher,
     ) -> bool {
+        if self.framing() == Framing::Sse {
+            return self.enqueue_sse_broadcast(p, seq, metrics, flusher);
+        }
         // Frame length is bounded by prefix + suffix + 20 digits + 10 header bytes.
         let frame_max = p.prefix.len() + p.suffix.len() + 30;
         self.enqueue(p, frame_max, metrics, flusher, |out| {
@@ -36,6 +39,12 @@ impl Conn {
         metrics: &ShardMetrics,
         flusher: &Flusher,
     ) -> bool {
+        if self.framing() == Framing::Sse {
+            let frame_max = p.prefix.len() + 32;
+            return self.enqueue(p, frame_max, metrics, flusher, |out| {
+                sse::write_notification(out, &p.prefix)
+            });
+        }
         let frame_max = p.prefix.len() + 10;
         self.enqueue(p, frame_max, metrics, flusher, |out| {
             frame::write_text(out, &p.prefix)
@@ -44,7 +53,7 @@ impl Conn {
 
     /// Queues the frame `write` appends (at most `frame_max` bytes) for `p`.
     #[inline(always)]
-    fn enqueue(
+    pub(super) fn enqueue(
         self: &Rc<Self>,
         p: &Publication,
         frame_max: usize,

@@ -25,7 +25,7 @@ const RECHECK_MIN: Duration = Duration::from_secs(1);
 const RECHECK_STEP: Duration = Duration::from_secs(30);
 
 /// Why `subscribe` is refused before anything is asked, if it is.
-pub(super) fn refusal(access: Access, perms: Option<&Permissions>, channel: &str) -> Option<Error> {
+pub(crate) fn refusal(access: Access, perms: Option<&Permissions>, channel: &str) -> Option<Error> {
     match (access, perms) {
         (Access::Public | Access::Proxy, _) => None,
         // SPEC 22.4: Unauthenticated, not PermissionDenied: a token would change the answer.
@@ -43,7 +43,7 @@ pub(super) fn refusal(access: Access, perms: Option<&Permissions>, channel: &str
 
 /// Where a subscription starts: as asked, or the rule's `rewind_default`; a `rewind` beyond
 /// what the channel keeps or `limits.rewind_max` is InvalidArgument.
-pub(super) fn start(
+pub(crate) fn start(
     policy: &Policy,
     asked: Option<Start>,
     rewind_max: usize,

@@ -132,7 +132,7 @@ async fn request(
 }
 
 /// A token's permissions, unless it is invalid or revoked (Unauthenticated).
-fn verify(shard: &Shard, token: &str) -> Result<(Permissions, Issued), Error> {
+pub(crate) fn verify(shard: &Shard, token: &str) -> Result<(Permissions, Issued), Error> {
     let node = &shard.node;
     let (perms, issued) = node
         .verifier
