@@ -283,17 +283,15 @@ impl Default for SseConfig {
 }
 
 impl SseConfig {
-    fn assert_valid(&self, subscriptions_max: usize) -> Result<(), ConfigError> {
-        let bad = |key: &str, why: String| Err(ConfigError(format!("sse.{key}: {why}")));
+    /// `channels_max` above `limits.max_subscriptions_per_connection` is allowed: the smaller
+    /// of the two applies (a lowered subscription limit must not make a default invalid).
+    fn assert_valid(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, why: &str| Err(ConfigError(format!("sse.{key}: {why}")));
         if self.retry < Duration::from_millis(1) || self.retry > Duration::from_secs(3600) {
-            return bad("retry", "must be between 1ms and 1h".into());
+            return bad("retry", "must be between 1ms and 1h");
         }
-        let most = SSE_CHANNELS_MAX.min(subscriptions_max);
-        if self.channels_max == 0 || self.channels_max > most {
-            return bad(
-                "channels_max",
-                format!("must be between 1 and {most} (at most 256 and limits.max_subscriptions_per_connection)"),
-            );
+        if self.channels_max == 0 || self.channels_max > SSE_CHANNELS_MAX {
+            return bad("channels_max", "must be between 1 and 256");
         }
         Ok(())
     }
@@ -909,8 +907,7 @@ impl Config {
         }
         self.proxy.assert_valid(&self.channels)?;
         self.presence.assert_valid()?;
-        self.sse
-            .assert_valid(self.limits.max_subscriptions_per_connection)?;
+        self.sse.assert_valid()?;
         self.redis.assert_valid()?;
         for (n, hook) in self.webhooks.iter().enumerate() {
             hook.assert_valid()
@@ -1121,6 +1118,44 @@ mod tests {
         let e = load(None, &[], flags.clone()).unwrap_err();
         assert!(e.starts_with("listen:"), "{e}");
         assert!(load(None, &[("BROADCASTER_AUTH_JWT_SECRET", "s")], flags).is_ok());
+    }
+
+    #[test]
+    fn sse_keys_load_and_are_checked() {
+        let secret = ("BROADCASTER_AUTH_JWT_SECRET", "s");
+        let c = load(None, &[secret], Overrides::default()).unwrap();
+        assert!(c.sse.enabled);
+        assert_eq!(c.sse.retry, Duration::from_secs(2));
+        assert_eq!(c.sse.channels_max, 16);
+        let file = "[sse]\nenabled = false\nretry = \"250ms\"\nchannels_max = 4\n";
+        let c = load(Some(file), &[secret], Overrides::default()).unwrap();
+        assert!(!c.sse.enabled);
+        assert_eq!(c.sse.retry, Duration::from_millis(250));
+        assert_eq!(c.sse.channels_max, 4);
+        let env = [secret, ("BROADCASTER_SSE_CHANNELS_MAX", "2")];
+        assert_eq!(
+            load(None, &env, Overrides::default())
+                .unwrap()
+                .sse
+                .channels_max,
+            2
+        );
+        for (bad, key) in [
+            ("[sse]\nretry = \"0s\"\n", "sse.retry"),
+            ("[sse]\nretry = \"2h\"\n", "sse.retry"),
+            ("[sse]\nchannels_max = 0\n", "sse.channels_max"),
+            ("[sse]\nchannels_max = 257\n", "sse.channels_max"),
+            ("[sse]\nnope = 1\n", "sse"),
+        ] {
+            let e = load(Some(bad), &[secret], Overrides::default()).unwrap_err();
+            assert!(e.starts_with(key), "{bad}: {e}");
+        }
+        // A lowered subscription limit does not make the default invalid: the smaller applies.
+        let env = [
+            secret,
+            ("BROADCASTER_LIMITS_MAX_SUBSCRIPTIONS_PER_CONNECTION", "3"),
+        ];
+        assert!(load(None, &env, Overrides::default()).is_ok());
     }
 
     #[test]

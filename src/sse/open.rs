@@ -162,7 +162,11 @@ async fn check(
             return Err(refusal(err(Code::PermissionDenied, "origin not allowed")));
         }
     }
-    let channels = channels(&head.query, config.sse.channels_max)?;
+    let most = config
+        .sse
+        .channels_max
+        .min(config.limits.max_subscriptions_per_connection);
+    let channels = channels(&head.query, most)?;
     let (perms, issued) = authenticate(shard, id, head, headers).await?;
     let starts = starts(&channels, last_event_id);
     let mut asked = Vec::with_capacity(channels.len());
@@ -185,7 +189,7 @@ fn channels(query: &str, channels_max: usize) -> Result<Vec<String>, Refusal> {
     }
     if channels.len() > channels_max {
         return Err(bad(format!(
-            "at most {channels_max} channels per event stream (sse.channels_max)"
+            "at most {channels_max} channels per event stream (sse.channels_max, limits.max_subscriptions_per_connection)"
         )));
     }
     for (i, channel) in channels.iter().enumerate() {
