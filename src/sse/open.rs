@@ -167,7 +167,11 @@ async fn check(
         .channels_max
         .min(config.limits.max_subscriptions_per_connection);
     let channels = channels(&head.query, most)?;
-    let (perms, issued) = authenticate(shard, id, head, headers).await?;
+    let rules = &shard.node.rules;
+    let needs_perms = channels
+        .iter()
+        .any(|c| rules.policy(c).access == Access::Token);
+    let (perms, issued) = authenticate(shard, id, head, headers, needs_perms).await?;
     let starts = starts(&channels, last_event_id);
     let mut asked = Vec::with_capacity(channels.len());
     for (channel, since) in channels.iter().zip(starts) {
@@ -202,13 +206,15 @@ fn channels(query: &str, channels_max: usize) -> Result<Vec<String>, Refusal> {
 }
 
 /// The token of `Authorization: Bearer` or `?token=` (never logged), verified as `auth`
-/// verifies it; without one, the connect proxy's answer when one is configured; else none
-/// (public and proxy channels only).
+/// verifies it; without one, the connect proxy's answer when one is configured and a channel
+/// needs permissions (`needs_perms`: public and proxy channels do not, so a stream of those
+/// never waits on the backend, nor fails with it); else none.
 async fn authenticate(
     shard: &Rc<Shard>,
     id: u64,
     head: &Head,
     headers: &[(String, String)],
+    needs_perms: bool,
 ) -> Result<(Option<Permissions>, Option<Issued>), Refusal> {
     let from_query = sse::query_values(&head.query, "token").map_err(|e| bad(e.0))?;
     let token = match (&head.bearer, from_query.first()) {
@@ -228,7 +234,7 @@ async fn authenticate(
     let Some(proxy) = shard.proxy.as_ref() else {
         return Ok((None, None));
     };
-    if shard.config().proxy.connect_url.is_none() {
+    if !needs_perms || shard.config().proxy.connect_url.is_none() {
         return Ok((None, None));
     }
     let perms = proxy
