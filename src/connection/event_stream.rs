@@ -2,12 +2,20 @@
 //! every channel's position (`wire::sse`), and the end of its opening.
 
 use crate::channel::Publication;
-use crate::connection::{Conn, Flusher, Subscription};
+use crate::connection::{Conn, Flusher, Framing, Subscription};
 use crate::metrics::ShardMetrics;
 use crate::wire::sse;
 use std::rc::Rc;
 
 impl Conn {
+    /// A connection that writes the SSE form (as `sse/` makes them), for benchmarks and tests
+    /// of fan-out; `sse_opened` once it is subscribed makes its broadcasts carry ids.
+    pub fn new_event_stream(id: u64, out_bytes_max: usize) -> Rc<Conn> {
+        let conn = Conn::new(id, out_bytes_max);
+        conn.set_framing(Framing::Sse);
+        conn
+    }
+
     /// Queues the SSE form of one broadcast. Once the opening is over, its event id lists the
     /// position of every channel of the connection (at most `sse.channels_max`), read from its
     /// subscriptions, which stand in URL order.
@@ -30,7 +38,7 @@ impl Conn {
     /// event ids from now on hold every position. Queues a bare `id` (no data: the browser
     /// takes it as its `Last-Event-ID` and dispatches nothing), so a reconnect right after the
     /// opening resumes from here, not from the previous stream's id.
-    pub(crate) fn sse_opened(self: &Rc<Self>) {
+    pub fn sse_opened(self: &Rc<Self>) {
         let subs = self.subs.borrow();
         for sub in subs.iter() {
             sub.set_opened();
