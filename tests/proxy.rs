@@ -621,4 +621,26 @@ async fn event_streams_ask_the_same_backend() {
         .filter(|c| c.path == "/connect")
         .count();
     assert_eq!(connects, 3, "{:?}", backend.seen());
+
+    // expireAt is re-checked: the backend's later denial ends the channel with `unsubscribed`.
+    let mut stream = TcpStream::connect(s.public).await.unwrap();
+    let req =
+        "GET /sse?channel=contest/expire-sse&channel=contest/allow-2 HTTP/1.1\r\nHost: x\r\n\r\n";
+    stream.write_all(req.as_bytes()).await.unwrap();
+    let (head, mut rest) = read_http_head(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let unsubscribed = "event: unsubscribed\ndata: {\"channel\":\"contest/expire-sse\",\"reason\":\"expired\"}\n\n";
+    while !String::from_utf8_lossy(&rest).contains(unsubscribed) {
+        let mut tmp = [0u8; 4096];
+        let n = within(
+            Duration::from_secs(6),
+            "the unsubscribed event",
+            stream.read(&mut tmp),
+        )
+        .await
+        .unwrap();
+        assert!(n > 0, "ended: {:?}", String::from_utf8_lossy(&rest));
+        rest.extend_from_slice(&tmp[..n]);
+    }
+    assert_eq!(backend.calls_for("contest/expire-sse"), 2);
 }

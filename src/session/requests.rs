@@ -272,7 +272,8 @@ async fn subscribe(
     };
     let _ = shard.subscribe(conn, id, channel, asked).await;
     if let Some(at) = expire_at {
-        access::recheck_at(shard, conn, session, channel, at);
+        let user = session.perms.as_ref().map(|p| p.sub.clone());
+        access::recheck_at(shard, conn, user, channel, at);
     }
 }
 

@@ -24,15 +24,17 @@ use crate::wire::sse;
 use std::cell::RefCell;
 use std::io;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Most bytes read from the client at once: it has nothing to say, what it sends is dropped.
 const INPUT_BYTES_MAX: usize = 4096;
 
-/// What `open` decided: the channels in URL order, what each subscribe asks, who the client is.
+/// What `open` decided: the channels in URL order, what each subscribe asks (with the access
+/// proxy's `expireAt`, when it gave one), who the client is.
 pub(crate) struct Opening {
     channels: Vec<String>,
-    asked: Vec<Asked>,
+    asked: Vec<(Asked, Option<u64>)>,
     perms: Option<Permissions>,
     issued: Option<Issued>,
 }
@@ -73,11 +75,11 @@ async fn run_stream(
         perms,
         ..
     } = opening;
-    subscribe_all(&shard, &conn, &channels, asked).await;
+    let user = perms.as_ref().map(|p| p.sub.clone());
+    subscribe_all(&shard, &conn, &channels, asked, user.clone()).await;
     let expiry = perms.as_ref().map(|p| p.exp);
     wait(&shard, &conn, &stream, expiry).await;
     drop(conn.take_client());
-    let user = perms.map(|p| p.sub);
     for sub in conn.end().await {
         shard.unsubscribe(&sub, user.as_deref());
     }
@@ -99,8 +101,14 @@ async fn run_stream(
 /// unreachable) gets an `error` event and ends the stream with close 1001, so the
 /// EventSource reconnects and tries all of them again, rather than holding a stream whose
 /// event ids would skip a channel.
-async fn subscribe_all(shard: &Rc<Shard>, conn: &Rc<Conn>, channels: &[String], asked: Vec<Asked>) {
-    for (i, (channel, asked)) in channels.iter().zip(asked).enumerate() {
+async fn subscribe_all(
+    shard: &Rc<Shard>,
+    conn: &Rc<Conn>,
+    channels: &[String],
+    asked: Vec<(Asked, Option<u64>)>,
+    user: Option<Arc<str>>,
+) {
+    for (i, (channel, (asked, expire_at))) in channels.iter().zip(asked).enumerate() {
         let name = sse::json_string(channel);
         let _ = shard.subscribe(conn, Some(&name), channel, asked).await;
         if conn.is_closing() {
@@ -109,6 +117,10 @@ async fn subscribe_all(shard: &Rc<Shard>, conn: &Rc<Conn>, channels: &[String], 
         if conn.subscription_count() != i + 1 {
             conn.close(close::GOING_AWAY, "subscribe failed", false);
             return;
+        }
+        if let Some(at) = expire_at {
+            // As for a WebSocket: asked again at `expireAt`; a denial is `unsubscribed`.
+            crate::session::access::recheck_at(shard, conn, user.clone(), channel, at);
         }
     }
     conn.sse_opened();

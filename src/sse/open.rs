@@ -284,7 +284,8 @@ fn starts(channels: &[String], last_event_id: Option<&str>) -> Vec<Option<Since>
 }
 
 /// Whether this connection may subscribe to `channel` (the rule's access: token, public, or
-/// the access proxy's answer), and what its subscribe asks.
+/// the access proxy's answer), and what its subscribe asks, with the access proxy's
+/// `expireAt` if it gave one.
 async fn may_subscribe(
     shard: &Rc<Shard>,
     id: u64,
@@ -292,8 +293,9 @@ async fn may_subscribe(
     perms: Option<&Permissions>,
     channel: &str,
     since: Option<Since>,
-) -> Result<Asked, Refusal> {
+) -> Result<(Asked, Option<u64>), Refusal> {
     let policy = shard.node.rules.policy(channel);
+    let mut expire_at = None;
     if let Some(e) = access::refusal(policy.access, perms, channel) {
         return Err(refusal(e));
     }
@@ -308,7 +310,7 @@ async fn may_subscribe(
             headers,
             cached: true,
         };
-        proxy
+        expire_at = proxy
             .subscribe(shard.metrics(), call)
             .await
             .map_err(refusal)?;
@@ -321,9 +323,10 @@ async fn may_subscribe(
         info: p.info.clone(),
     });
     let list = policy.presence && perms.is_some_and(|p| p.can_presence);
-    Ok(Asked {
+    let asked = Asked {
         start,
         member,
         list,
-    })
+    };
+    Ok((asked, expire_at))
 }
