@@ -57,6 +57,8 @@ pub struct Config {
     pub tls: TlsConfig,
     /// `[log]`.
     pub log: LogConfig,
+    /// `[sse]`: server-sent events (SPEC 19).
+    pub sse: SseConfig,
     /// `[[channels]]`: per-channel access, history and rewind (SPEC 14); file only.
     pub channels: Vec<RuleConfig>,
     /// `[proxy]`: the backend asked over HTTP (SPEC 15).
@@ -251,6 +253,49 @@ pub fn parse_cidr(text: &str) -> Result<ipnet::IpNet, String> {
         Err(_) => Err(format!(
             "{text:?} is not an address or CIDR (like \"10.0.0.0/8\" or \"::1\")"
         )),
+    }
+}
+
+/// `[sse]`: server-sent events (SPEC 19), `GET /sse?channel=..`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SseConfig {
+    /// Serve `GET /sse` (and `GET /ws` with `Accept: text/event-stream`). Default true.
+    pub enabled: bool,
+    /// The `retry` an EventSource waits before it reconnects. Default 2 s.
+    #[serde(with = "duration")]
+    pub retry: Duration,
+    /// Most channels one SSE connection may name. Default 16: each broadcast's event id
+    /// carries every channel's position, so its size grows with this.
+    pub channels_max: usize,
+}
+
+/// Most channels `sse.channels_max` may allow: an event id of 256 positions is ~9 KB per
+/// broadcast, already far more than the message itself.
+const SSE_CHANNELS_MAX: usize = 256;
+
+impl Default for SseConfig {
+    fn default() -> Self {
+        SseConfig {
+            enabled: true,
+            retry: Duration::from_secs(2),
+            channels_max: 16,
+        }
+    }
+}
+
+impl SseConfig {
+    /// `channels_max` above `limits.max_subscriptions_per_connection` is allowed: the smaller
+    /// of the two applies (a lowered subscription limit must not make a default invalid).
+    fn assert_valid(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, why: &str| Err(ConfigError(format!("sse.{key}: {why}")));
+        if self.retry < Duration::from_millis(1) || self.retry > Duration::from_secs(3600) {
+            return bad("retry", "must be between 1ms and 1h");
+        }
+        if self.channels_max == 0 || self.channels_max > SSE_CHANNELS_MAX {
+            return bad("channels_max", "must be between 1 and 256");
+        }
+        Ok(())
     }
 }
 
@@ -604,6 +649,7 @@ impl Default for Config {
             redis: RedisConfig::default(),
             tls: TlsConfig::default(),
             log: LogConfig::default(),
+            sse: SseConfig::default(),
             channels: Vec::new(),
             proxy: ProxyConfig::default(),
             presence: PresenceConfig::default(),
@@ -784,6 +830,9 @@ const KEYS: &[(&str, Kind)] = &[
     ("tls.cert_file", Kind::Str),
     ("tls.key_file", Kind::Str),
     ("log.level", Kind::Str),
+    ("sse.enabled", Kind::Bool),
+    ("sse.retry", Kind::Str),
+    ("sse.channels_max", Kind::Int),
     ("proxy.secret", Kind::Str),
     ("proxy.timeout", Kind::Str),
     ("proxy.concurrency_max", Kind::Int),
@@ -899,6 +948,7 @@ impl Config {
         self.proxy.assert_valid(&self.channels)?;
         self.presence.assert_valid()?;
         self.compression.assert_valid()?;
+        self.sse.assert_valid()?;
         self.redis.assert_valid()?;
         for (n, hook) in self.webhooks.iter().enumerate() {
             hook.assert_valid()
@@ -1109,6 +1159,44 @@ mod tests {
         let e = load(None, &[], flags.clone()).unwrap_err();
         assert!(e.starts_with("listen:"), "{e}");
         assert!(load(None, &[("BROADCASTER_AUTH_JWT_SECRET", "s")], flags).is_ok());
+    }
+
+    #[test]
+    fn sse_keys_load_and_are_checked() {
+        let secret = ("BROADCASTER_AUTH_JWT_SECRET", "s");
+        let c = load(None, &[secret], Overrides::default()).unwrap();
+        assert!(c.sse.enabled);
+        assert_eq!(c.sse.retry, Duration::from_secs(2));
+        assert_eq!(c.sse.channels_max, 16);
+        let file = "[sse]\nenabled = false\nretry = \"250ms\"\nchannels_max = 4\n";
+        let c = load(Some(file), &[secret], Overrides::default()).unwrap();
+        assert!(!c.sse.enabled);
+        assert_eq!(c.sse.retry, Duration::from_millis(250));
+        assert_eq!(c.sse.channels_max, 4);
+        let env = [secret, ("BROADCASTER_SSE_CHANNELS_MAX", "2")];
+        assert_eq!(
+            load(None, &env, Overrides::default())
+                .unwrap()
+                .sse
+                .channels_max,
+            2
+        );
+        for (bad, key) in [
+            ("[sse]\nretry = \"0s\"\n", "sse.retry"),
+            ("[sse]\nretry = \"2h\"\n", "sse.retry"),
+            ("[sse]\nchannels_max = 0\n", "sse.channels_max"),
+            ("[sse]\nchannels_max = 257\n", "sse.channels_max"),
+            ("[sse]\nnope = 1\n", "sse"),
+        ] {
+            let e = load(Some(bad), &[secret], Overrides::default()).unwrap_err();
+            assert!(e.starts_with(key), "{bad}: {e}");
+        }
+        // A lowered subscription limit does not make the default invalid: the smaller applies.
+        let env = [
+            secret,
+            ("BROADCASTER_LIMITS_MAX_SUBSCRIPTIONS_PER_CONNECTION", "3"),
+        ];
+        assert!(load(None, &env, Overrides::default()).is_ok());
     }
 
     #[test]

@@ -36,7 +36,7 @@ pub(crate) fn deliver(
         if sub.takes(p)
             && sub
                 .conn
-                .enqueue_broadcast(p, sub.next_seq(), metrics, flusher)
+                .enqueue_broadcast(p, sub.next_seq(p.offset), metrics, flusher)
         {
             sent += 1;
         }

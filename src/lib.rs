@@ -45,6 +45,7 @@
 //! | parsing requests, bodies, heads, frames | `wire/request.rs`, `wire/json.rs`, `wire/http.rs`, `wire/frame.rs` |
 //! | the WebSocket handshake | `wire/handshake.rs`, `web/serve.rs` (`upgrade`) |
 //! | permessage-deflate: the offer, compressing once, inflating under the limit | `wire/deflate.rs`; `channel.rs` (`Publication::deflated`), `connection/send_queue.rs`, `wire/frame.rs` |
+//! | server-sent events: the checks before the stream, the session, each event's bytes and the event id | `sse/open.rs`, `sse/mod.rs`, `wire/sse.rs`; `connection/event_stream.rs` (event ids, `enqueue_sse_broadcast`) |
 //! | the REST endpoints | `web/routes.rs` (the route table) |
 //! | a shard's sockets and timers | `io/poller.rs`, `io/timers.rs` |
 //! | cluster mode | `cluster/` (its `mod.rs` lists its files) |
@@ -82,7 +83,8 @@
 //! 9. `subscriptions` (a shard's table of local subscribers), `fanout` (the per-subscriber
 //!    loop), `route` (local, peer or Redis).
 //! 10. `shard/` (the per-core owner of everything above).
-//! 11. `session/` (one WebSocket session over a connection), `shutdown` (drain).
+//! 11. `session/` (one WebSocket session over a connection), `sse/` (one server-sent event
+//!     stream: its opening checks and its session), `shutdown` (drain).
 //! 12. `web/` (accept loops, HTTP, REST, the upgrade, the playground).
 //! 13. `server` (start the shards, signals).
 
@@ -115,6 +117,7 @@ pub mod server;
 mod session;
 pub mod shard;
 mod shutdown;
+mod sse;
 mod subscriptions;
 mod sys;
 mod web;

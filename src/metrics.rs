@@ -27,7 +27,10 @@ pub(crate) const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_te
 
 #[derive(Default, Debug)]
 pub(crate) struct ShardMetrics {
+    /// Open WebSocket connections (`transport="ws"`).
     pub connections_active: AtomicI64,
+    /// Open server-sent event streams (`transport="sse"`).
+    pub sse_connections_active: AtomicI64,
     pub subscriptions_total: AtomicI64,
     pub messages_sent_total: AtomicU64,
     pub messages_received_total: AtomicU64,
@@ -324,10 +327,7 @@ impl Exposition {
 /// and how to read it from one shard.
 type Row<T> = (&'static str, &'static str, fn(&ShardMetrics) -> T);
 
-const GAUGES: [Row<i64>; 4] = [
-    ("connections_active", "Open WebSocket connections.", |m| {
-        m.connections_active.load(Relaxed)
-    }),
+const GAUGES: [Row<i64>; 3] = [
     ("subscriptions_total", "Active subscriptions.", |m| {
         m.subscriptions_total.load(Relaxed)
     }),
@@ -388,6 +388,26 @@ struct Shards(Arc<[ShardMetrics]>);
 
 impl Collector for Shards {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let mut metric = encoder.encode_descriptor(
+            "connections_active",
+            "Open connections, by transport (ws: WebSocket, sse: server-sent events).",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (shard, m) in self.0.iter().enumerate() {
+            for (transport, gauge) in [
+                ("ws", &m.connections_active),
+                ("sse", &m.sse_connections_active),
+            ] {
+                let labels = [
+                    ("shard", shard.to_string()),
+                    ("transport", transport.into()),
+                ];
+                metric
+                    .encode_family(&labels)?
+                    .encode_gauge(&gauge.load(Relaxed))?;
+            }
+        }
         for (name, help, get) in GAUGES {
             let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
             for (shard, m) in self.0.iter().enumerate() {
@@ -693,16 +713,21 @@ mod tests {
         let shards: Arc<[ShardMetrics]> = (0..2).map(|_| ShardMetrics::default()).collect();
         ShardMetrics::gauge(&shards[0].connections_active, 2);
         ShardMetrics::gauge(&shards[1].connections_active, 3);
+        ShardMetrics::gauge(&shards[1].sse_connections_active, 4);
         shards[1].observe_publish_to_write(Duration::from_micros(300));
         shards[1].rejected(Code::ResourceExhausted);
         ShardMetrics::add(&shards[0].messages_sent_total, 7);
         let text = Exposition::new(shards).render();
         assert!(
-            text.contains("\nconnections_active{shard=\"0\"} 2\n"),
+            text.contains("\nconnections_active{shard=\"0\",transport=\"ws\"} 2\n"),
             "{text}"
         );
         assert!(
-            text.contains("\nconnections_active{shard=\"1\"} 3\n"),
+            text.contains("\nconnections_active{shard=\"1\",transport=\"ws\"} 3\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\nconnections_active{shard=\"1\",transport=\"sse\"} 4\n"),
             "{text}"
         );
         assert!(

@@ -42,15 +42,22 @@ fn allocations() -> u64 {
 }
 
 /// Allocations made by one publication to `subscribers` fresh subscribers.
-fn fan_out_allocations(subscribers: usize) -> u64 {
+fn fan_out_allocations(subscribers: usize, sse: bool) -> u64 {
     let mut config = Config::default();
     config.auth.jwt_secret = Some("test".into());
     let shard = Shard::new(0, Arc::new(Node::new(config, 1).unwrap()));
     let conns: Vec<_> = (0..subscribers)
-        .map(|i| Conn::new(i as u64, 1 << 20))
+        .map(|i| match sse {
+            true => Conn::new_event_stream(i as u64, 1 << 20),
+            false => Conn::new(i as u64, 1 << 20),
+        })
         .collect();
     for conn in &conns {
         drop(shard.subscribe(conn, None, "alloc/fanout", Asked::live()));
+        if sse {
+            // The opening is over: broadcasts carry their event id.
+            conn.sse_opened();
+        }
         conn.discard_queued();
     }
     shard.flusher().discard();
@@ -86,12 +93,25 @@ fn fan_out_allocations(subscribers: usize) -> u64 {
 
 #[test]
 fn fan_out_allocations_do_not_grow_with_subscribers() {
-    let small = fan_out_allocations(100);
-    let large = fan_out_allocations(10_000);
+    let small = fan_out_allocations(100, false);
+    let large = fan_out_allocations(10_000, false);
     eprintln!(
         "allocations for one publication: 100 subscribers {small}, 10,000 subscribers {large}"
     );
     // Doubling growth of the arena and the flush list: a few dozen at most, where a buffer per
     // subscriber would be 10,000.
     assert!(large < 100, "{large} allocations for 10,000 subscribers");
+}
+
+/// The SSE form (SPEC 19) is sliced from the same shared parts, its event id written from the
+/// subscription: no allocation per subscriber either.
+#[test]
+fn sse_fan_out_allocations_do_not_grow_with_subscribers() {
+    let small = fan_out_allocations(100, true);
+    let large = fan_out_allocations(10_000, true);
+    eprintln!("SSE, one publication: 100 subscribers {small}, 10,000 subscribers {large}");
+    assert!(
+        large < 100,
+        "{large} allocations for 10,000 SSE subscribers"
+    );
 }

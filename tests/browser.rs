@@ -1306,3 +1306,88 @@ fn assert_no_page_errors(page: &Page) {
         .collect();
     assert!(errors.is_empty(), "page errors: {errors:?}");
 }
+
+/// An `EventSource` page (SPEC 19): the server closes its stream (`/disconnect`, close event
+/// 4006), the browser reconnects by itself after the stream's `retry` with `Last-Event-ID`, and
+/// the page ends up with every message once, in order, the ones published during the gap
+/// included, each channel's `subscribed` saying `recovered: true`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_source_resumes_in_headless_chromium() {
+    common::within(
+        Duration::from_secs(60),
+        "the EventSource test",
+        event_source(),
+    )
+    .await;
+}
+
+async fn event_source() {
+    let server = Server::start(ServerOpts {
+        config_toml: Some("playground = true\n[sse]\nretry = \"500ms\"\n".into()),
+        ..ServerOpts::shards(2)
+    });
+    let key = server.api_key.clone();
+    let token = server.token("es-user", &["es/*"], &["subscribe"]);
+    let browser = Chromium::launch();
+    let page = Page::open(&browser, &server).await;
+    page.navigate(&format!("http://{}/", server.public)).await;
+    let js = format!(
+        "window.sse = {{subs: [], got: [], closes: [], opens: 0}};
+         const es = new EventSource('/sse?channel=es/a&channel=es/b&token={token}');
+         es.onopen = () => sse.opens++;
+         es.addEventListener('subscribed', e => sse.subs.push(JSON.parse(e.data)));
+         es.addEventListener('broadcast', e => {{
+             const d = JSON.parse(e.data);
+             sse.got.push([d.channel, d.payload, e.lastEventId]);
+         }});
+         es.addEventListener('close', e => sse.closes.push(JSON.parse(e.data)));
+         window.es = es; true"
+    );
+    page.eval(&js).await;
+    page.wait_for("sse.subs.length === 2", "both subscribed events")
+        .await;
+    for (channel, n) in [("es/a", 1), ("es/b", 2), ("es/a", 3)] {
+        rest_publish(&server, &key, channel, "e", json!(n)).await;
+    }
+    page.wait_for("sse.got.length === 3", "the first three broadcasts")
+        .await;
+    let r = http_post_key(
+        server.public,
+        "/disconnect",
+        &key,
+        &json!({"user": "es-user"}).to_string(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    // During the browser's 500 ms wait before it reconnects.
+    for (channel, n) in [("es/b", 4), ("es/a", 5), ("es/b", 6)] {
+        rest_publish(&server, &key, channel, "e", json!(n)).await;
+    }
+    page.wait_for(
+        "sse.subs.length === 4 && sse.got.length === 6",
+        "the reconnect and the missed broadcasts",
+    )
+    .await;
+    rest_publish(&server, &key, "es/a", "e", json!(7)).await;
+    page.wait_for(
+        "sse.got.length === 7",
+        "a live broadcast after the reconnect",
+    )
+    .await;
+    let state = page.eval("sse").await;
+    assert_eq!(state["closes"], json!([{"code": 4006}]), "{state}");
+    assert_eq!(state["opens"], json!(2), "one reconnect: {state}");
+    for sub in &state["subs"].as_array().unwrap()[2..] {
+        assert_eq!(sub["recovered"], json!(true), "{state}");
+    }
+    let got = state["got"].as_array().unwrap();
+    let on = |c: &str| -> Vec<u64> {
+        got.iter()
+            .filter(|g| g[0] == json!(c))
+            .map(|g| g[1].as_u64().unwrap())
+            .collect()
+    };
+    assert_eq!(on("es/a"), [1, 3, 5, 7], "{state}");
+    assert_eq!(on("es/b"), [2, 4, 6], "{state}");
+    assert_no_page_errors(&page);
+}

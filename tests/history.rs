@@ -121,7 +121,7 @@ async fn recovery_across_shards_racing_a_publisher_loses_nothing() {
         let text = http_get(s.public, "/metrics").await.text();
         (0..2)
             .map(|i| {
-                let prefix = format!("connections_active{{shard=\"{i}\"}} ");
+                let prefix = format!("connections_active{{shard=\"{i}\",transport=\"ws\"}} ");
                 text.lines()
                     .find_map(|l| l.strip_prefix(&prefix)?.parse().ok())
                     .unwrap_or(0.0)

@@ -565,3 +565,82 @@ async fn secrets_and_cookies_never_reach_the_logs() {
         assert!(!logs.contains(secret), "{secret} in the logs");
     }
 }
+
+/// SSE (SPEC 19) takes the same decisions before its stream: the connect proxy turns the
+/// forwarded cookie into permissions for a token channel, and the access proxy allows or
+/// denies a proxy channel; refusals are REST errors.
+#[tokio::test]
+async fn event_streams_ask_the_same_backend() {
+    let (backend, addr) = Backend::start().await;
+    let s = server(addr, "", &[]);
+    let open = |target: &'static str, cookie: &'static str| {
+        let addr = s.public;
+        async move {
+            let mut stream = TcpStream::connect(addr).await.unwrap();
+            let req = format!(
+                "GET {target} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\nCookie: {cookie}\r\n\r\n"
+            );
+            stream.write_all(req.as_bytes()).await.unwrap();
+            let (head, mut rest) = read_http_head(&mut stream).await;
+            let status: u16 = head[9..12].parse().unwrap();
+            // Enough of the stream (or the error) to look at.
+            while status == 200 && !String::from_utf8_lossy(&rest).contains("event: subscribed") {
+                let mut tmp = [0u8; 4096];
+                let n = within(T, "the stream", stream.read(&mut tmp))
+                    .await
+                    .unwrap();
+                assert!(n > 0, "ended early: {:?}", String::from_utf8_lossy(&rest));
+                rest.extend_from_slice(&tmp[..n]);
+            }
+            (status, String::from_utf8_lossy(&rest).into_owned())
+        }
+    };
+    let (status, text) = open("/sse?channel=room/1", COOKIE).await;
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("\"channel\":\"room/1\""), "{text}");
+    let call = backend
+        .seen()
+        .into_iter()
+        .find(|c| c.path == "/connect")
+        .unwrap();
+    assert_eq!(call.body["headers"], json!({"Cookie": COOKIE}));
+    let (status, text) = open("/sse?channel=room/1", "ouat=bad").await;
+    assert_eq!(status, 401, "{text}");
+    assert!(text.contains("Unauthenticated"), "{text}");
+    let (status, text) = open("/sse?channel=other", COOKIE).await;
+    assert_eq!(status, 403, "{text}");
+    let (status, text) = open("/sse?channel=contest/allow-sse", "none=1").await;
+    assert_eq!(status, 200, "{text}");
+    let (status, text) = open("/sse?channel=contest/deny-sse", "none=1").await;
+    assert_eq!(status, 403, "{text}");
+    assert!(text.contains("PermissionDenied"), "{text}");
+    // A stream of proxy channels only never asked the connect proxy.
+    let connects = backend
+        .seen()
+        .iter()
+        .filter(|c| c.path == "/connect")
+        .count();
+    assert_eq!(connects, 3, "{:?}", backend.seen());
+
+    // expireAt is re-checked: the backend's later denial ends the channel with `unsubscribed`.
+    let mut stream = TcpStream::connect(s.public).await.unwrap();
+    let req =
+        "GET /sse?channel=contest/expire-sse&channel=contest/allow-2 HTTP/1.1\r\nHost: x\r\n\r\n";
+    stream.write_all(req.as_bytes()).await.unwrap();
+    let (head, mut rest) = read_http_head(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let unsubscribed = "event: unsubscribed\ndata: {\"channel\":\"contest/expire-sse\",\"reason\":\"expired\"}\n\n";
+    while !String::from_utf8_lossy(&rest).contains(unsubscribed) {
+        let mut tmp = [0u8; 4096];
+        let n = within(
+            Duration::from_secs(6),
+            "the unsubscribed event",
+            stream.read(&mut tmp),
+        )
+        .await
+        .unwrap();
+        assert!(n > 0, "ended: {:?}", String::from_utf8_lossy(&rest));
+        rest.extend_from_slice(&tmp[..n]);
+    }
+    assert_eq!(backend.calls_for("contest/expire-sse"), 2);
+}

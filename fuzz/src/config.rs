@@ -50,6 +50,10 @@ pub const KEYS: &[&str] = &[
     "proxy.connect_url",
     "presence.info_bytes_max",
     "presence.node_timeout",
+    "sse.enabled",
+    "sse.retry",
+    "sse.channels_max",
+    "sse.unknown",
     "unknown",
     "limits.unknown",
 ];

@@ -9,5 +9,6 @@ pub mod json;
 pub mod jwt;
 pub mod proxy;
 pub mod replay;
+pub mod sse;
 pub mod targets;
 pub mod ws;

@@ -15,6 +15,7 @@ pub const TARGETS: &[Target] = &[
     ("jwt", crate::targets::jwt),
     ("config", crate::targets::config),
     ("proxy_response", crate::proxy::proxy_response),
+    ("sse_event_id", crate::sse::sse_event_id),
 ];
 
 pub fn fuzz_dir() -> PathBuf {

@@ -8,6 +8,7 @@
 //! All state is `Cell`/`RefCell`, borrowed only inside synchronous helpers, never across an
 //! await.
 
+mod event_stream;
 mod flush;
 mod pool;
 mod send_queue;
@@ -23,7 +24,7 @@ use crate::io::socket::{self as transport, Transport};
 use crate::io::timers::Timers;
 use crate::metrics::ShardMetrics;
 use crate::node::Node;
-use crate::wire::{frame, reply};
+use crate::wire::{frame, reply, sse};
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -54,7 +55,6 @@ pub(crate) enum Framing {
     /// uncompressed, and the client's compressed messages are inflated.
     InflateOnly,
     /// Server-sent events (`text/event-stream`).
-    #[allow(dead_code)]
     Sse,
 }
 
@@ -247,6 +247,9 @@ impl Conn {
 
     /// Queues a response: `Ok(body)` is the JSON text of `result`.
     pub(crate) fn respond(self: &Rc<Self>, id: Option<&[u8]>, result: Result<&[u8], &Error>) {
+        if self.framing() == Framing::Sse {
+            return self.push_frame(|out| sse::write_response(out, id, result));
+        }
         self.push_frame(|out| {
             let mut msg = Vec::with_capacity(96);
             match result {
@@ -259,6 +262,9 @@ impl Conn {
 
     /// Queues a ping.
     pub(crate) fn ping(self: &Rc<Self>) {
+        if self.framing() == Framing::Sse {
+            return self.push_frame(sse::write_ping);
+        }
         self.push_frame(frame::write_ping);
     }
 
@@ -283,7 +289,11 @@ impl Conn {
             if discard {
                 out.clear();
             }
-            frame::write_close(&mut out, code, reason);
+            if self.framing() == Framing::Sse {
+                sse::write_close(&mut out, code);
+            } else {
+                frame::write_close(&mut out, code, reason);
+            }
         }
         self.phase.set(Phase::Closing);
         self.queued();
@@ -319,7 +329,9 @@ impl Conn {
             self.subscribed(&sub.channel).is_none(),
             "one subscription per channel and connection"
         );
-        self.subs.borrow_mut().push(sub);
+        let mut subs = self.subs.borrow_mut();
+        sub.set_index(subs.len());
+        subs.push(sub);
     }
 
     pub(crate) fn subscription_count(&self) -> usize {
@@ -339,7 +351,9 @@ impl Conn {
 
     pub(crate) fn remove_subscription(&self, channel: &str) -> Option<Rc<Subscription>> {
         let at = self.subscribed(channel)?;
-        Some(self.subs.borrow_mut().swap_remove(at))
+        // `remove`, not `swap_remove`: the order is an SSE connection's URL order (its event
+        // ids list positions in it); the scan is bounded by the subscription limit anyway.
+        Some(self.subs.borrow_mut().remove(at))
     }
 
     pub(crate) fn set_client(&self, client: Box<Client>) {
@@ -383,7 +397,8 @@ impl Conn {
         let mut subs = self.subs.borrow_mut();
         match subs.iter().position(|s| Rc::ptr_eq(s, sub)) {
             Some(at) => {
-                subs.swap_remove(at);
+                // Order kept, as in `remove_subscription`.
+                subs.remove(at);
                 true
             }
             None => false,
@@ -392,6 +407,9 @@ impl Conn {
 
     /// Queues a notification (a JSON text without `requestId`).
     pub(crate) fn notify(self: &Rc<Self>, text: &[u8]) {
+        if self.framing() == Framing::Sse {
+            return self.push_frame(|out| sse::write_notification(out, text));
+        }
         self.push_frame(|out| frame::write_text(out, text));
     }
 

@@ -8,7 +8,7 @@ use crate::connection::{Conn, Flusher, Framing};
 use crate::constants::ARENA_MAX;
 use crate::error::close;
 use crate::metrics::ShardMetrics;
-use crate::wire::{broadcast, deflate, frame};
+use crate::wire::{broadcast, deflate, frame, sse};
 use std::rc::Rc;
 
 impl Conn {
@@ -22,10 +22,14 @@ impl Conn {
         metrics: &ShardMetrics,
         flusher: &Flusher,
     ) -> bool {
-        if self.framing.get() == Framing::Deflate {
-            if let Some(z) = p.deflated(flusher.compression) {
-                return self.enqueue_deflated(p, seq, z, metrics, flusher);
+        match self.framing() {
+            Framing::Sse => return self.enqueue_sse_broadcast(p, seq, metrics, flusher),
+            Framing::Deflate => {
+                if let Some(z) = p.deflated(flusher.compression) {
+                    return self.enqueue_deflated(p, seq, z, metrics, flusher);
+                }
             }
+            Framing::WebSocket | Framing::InflateOnly => {}
         }
         // Frame length is bounded by prefix + suffix + 20 digits + 10 header bytes.
         let frame_max = p.prefix.len() + p.suffix.len() + 30;
@@ -66,6 +70,12 @@ impl Conn {
         metrics: &ShardMetrics,
         flusher: &Flusher,
     ) -> bool {
+        if self.framing() == Framing::Sse {
+            let frame_max = p.prefix.len() + 32;
+            return self.enqueue(p, frame_max, metrics, flusher, |out| {
+                sse::write_notification(out, &p.prefix)
+            });
+        }
         let frame_max = p.prefix.len() + 10;
         self.enqueue(p, frame_max, metrics, flusher, |out| {
             frame::write_text(out, &p.prefix)
@@ -74,7 +84,7 @@ impl Conn {
 
     /// Queues the frame `write` appends (at most `frame_max` bytes) for `p`.
     #[inline(always)]
-    fn enqueue(
+    pub(super) fn enqueue(
         self: &Rc<Self>,
         p: &Publication,
         frame_max: usize,

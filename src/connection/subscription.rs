@@ -24,6 +24,15 @@ pub(crate) struct Subscription {
     slot: Cell<u32>,
     /// It made its connection's user a member of the channel: its end is a leave.
     member: bool,
+    /// The offset of the last publication queued for it (at first, where it started): an SSE
+    /// connection's event ids carry it.
+    last_offset: Cell<u64>,
+    /// Its place among its connection's subscriptions when it was added: an SSE connection
+    /// subscribes in its URL's channel order, and its event ids list positions in that order.
+    index: Cell<u16>,
+    /// Set on an SSE connection's subscriptions once all of them exist: its event ids may
+    /// then be written (`connection/event_stream.rs`).
+    opened: Cell<bool>,
 }
 
 impl Subscription {
@@ -44,6 +53,9 @@ impl Subscription {
             start_epoch: epoch,
             slot: Cell::new(0),
             member,
+            last_offset: Cell::new(offset),
+            index: Cell::new(0),
+            opened: Cell::new(false),
         }
     }
 
@@ -52,11 +64,34 @@ impl Subscription {
         self.member
     }
 
+    /// The `seq` of the publication at `offset`, queued now for this subscription.
     #[inline]
-    pub(crate) fn next_seq(&self) -> u64 {
+    pub(crate) fn next_seq(&self, offset: u64) -> u64 {
         let s = self.seq.get() + 1;
         self.seq.set(s);
+        self.last_offset.set(offset);
         s
+    }
+
+    /// Where the subscription is: its epoch and the offset last queued for it.
+    pub(crate) fn position(&self) -> (&str, u64) {
+        (&self.start_epoch, self.last_offset.get())
+    }
+
+    pub(crate) fn index(&self) -> usize {
+        usize::from(self.index.get())
+    }
+
+    pub(super) fn opened(&self) -> bool {
+        self.opened.get()
+    }
+
+    pub(super) fn set_opened(&self) {
+        self.opened.set(true);
+    }
+
+    pub(super) fn set_index(&self, index: usize) {
+        self.index.set(u16::try_from(index).unwrap_or(u16::MAX));
     }
 
     /// Whether `p` is for this subscription: a publication of its start epoch at or below its

@@ -13,6 +13,7 @@ use crate::shard::Shard;
 use crate::wire::reply;
 use crate::wire::request::Start;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// After a re-check the backend could not answer (timeout, 5xx, garbage), the subscription is
@@ -25,7 +26,7 @@ const RECHECK_MIN: Duration = Duration::from_secs(1);
 const RECHECK_STEP: Duration = Duration::from_secs(30);
 
 /// Why `subscribe` is refused before anything is asked, if it is.
-pub(super) fn refusal(access: Access, perms: Option<&Permissions>, channel: &str) -> Option<Error> {
+pub(crate) fn refusal(access: Access, perms: Option<&Permissions>, channel: &str) -> Option<Error> {
     match (access, perms) {
         (Access::Public | Access::Proxy, _) => None,
         // SPEC 22.4: Unauthenticated, not PermissionDenied: a token would change the answer.
@@ -43,7 +44,7 @@ pub(super) fn refusal(access: Access, perms: Option<&Permissions>, channel: &str
 
 /// Where a subscription starts: as asked, or the rule's `rewind_default`; a `rewind` beyond
 /// what the channel keeps or `limits.rewind_max` is InvalidArgument.
-pub(super) fn start(
+pub(crate) fn start(
     policy: &Policy,
     asked: Option<Start>,
     rewind_max: usize,
@@ -85,11 +86,12 @@ pub(super) async fn ask(
 /// At `at` (Unix seconds) asks the backend again about `conn`'s subscription to `channel`; a
 /// denial ends it with `unsubscribed`, reason `expired`; another `expireAt` schedules the next
 /// check. The task holds the connection and the subscription weakly, so a closed connection
-/// is not kept alive until then.
-pub(super) fn recheck_at(
+/// is not kept alive until then. `user` is the connection's (its token's `sub`), if any; an
+/// SSE stream's opening calls this too.
+pub(crate) fn recheck_at(
     shard: &Rc<Shard>,
     conn: &Rc<Conn>,
-    session: &Session,
+    user: Option<Arc<str>>,
     channel: &str,
     at: u64,
 ) {
@@ -97,7 +99,6 @@ pub(super) fn recheck_at(
         return;
     };
     let (sub, weak_conn) = (Rc::downgrade(&sub), Rc::downgrade(conn));
-    let user = session.perms.as_ref().map(|p| p.sub.clone());
     let headers = conn.client_headers();
     let (shard, channel) = (shard.clone(), channel.to_string());
     let id = conn.id;

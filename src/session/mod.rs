@@ -1,9 +1,9 @@
 //! One WebSocket session over a connection: the read loop, the due times (auth timeout, token
 //! expiry, pings, ping timeout, close linger), the requests, and the teardown.
 
-mod access;
+pub(crate) mod access;
 mod rate_limit;
-mod requests;
+pub(crate) mod requests;
 
 use crate::admission::Client;
 use crate::auth::Permissions;
@@ -287,7 +287,7 @@ fn must_auth(conn: &Conn, session: &Session) -> bool {
 }
 
 /// The instant a token of expiry `exp` (Unix seconds) stops being valid.
-fn expiry_instant(exp: u64, leeway: Duration, now: Instant) -> Instant {
+pub(crate) fn expiry_instant(exp: u64, leeway: Duration, now: Instant) -> Instant {
     // A client picks `exp`: saturate, and treat anything past a century as "never".
     const FAR: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
     let left = exp

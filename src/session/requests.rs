@@ -132,7 +132,7 @@ async fn request(
 }
 
 /// A token's permissions, unless it is invalid or revoked (Unauthenticated).
-fn verify(shard: &Shard, token: &str) -> Result<(Permissions, Issued), Error> {
+pub(crate) fn verify(shard: &Shard, token: &str) -> Result<(Permissions, Issued), Error> {
     let node = &shard.node;
     let (perms, issued) = node
         .verifier
@@ -272,7 +272,8 @@ async fn subscribe(
     };
     let _ = shard.subscribe(conn, id, channel, asked).await;
     if let Some(at) = expire_at {
-        access::recheck_at(shard, conn, session, channel, at);
+        let user = session.perms.as_ref().map(|p| p.sub.clone());
+        access::recheck_at(shard, conn, user, channel, at);
     }
 }
 

@@ -153,7 +153,8 @@ impl Shard {
             if publication.presence.is_some() {
                 conn.enqueue_notification(publication, metrics, flusher);
             } else {
-                conn.enqueue_broadcast(publication, sub.next_seq(), metrics, flusher);
+                let seq = sub.next_seq(publication.offset);
+                conn.enqueue_broadcast(publication, seq, metrics, flusher);
             }
         }
         let _ = done.send(());

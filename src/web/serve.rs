@@ -46,6 +46,11 @@ pub(super) async fn serve(shard: Rc<Shard>, fd: OwnedFd, role: Role) {
                 let client = (peer, forwarded);
                 return upgrade(shard.clone(), sock, id, head, client, input).await;
             }
+            Ok(Some(Next::Sse(head, forwarded, last_event_id))) => {
+                let client = (peer, forwarded);
+                return crate::sse::serve(shard.clone(), sock, id, head, client, last_event_id)
+                    .await;
+            }
             Ok(Some(Next::Request(head, body))) => (head, body),
             Ok(None) => return,
             Err(answer) => {
@@ -92,6 +97,8 @@ async fn open(shard: &Shard, fd: OwnedFd, id: u64) -> Option<Transport> {
 enum Next {
     /// With the handshake headers `[proxy] forward_headers` names.
     Upgrade(Head, Vec<(String, String)>),
+    /// An event stream (SPEC 19), with the forwarded headers and its `Last-Event-ID`.
+    Sse(Head, Vec<(String, String)>, Option<String>),
     Request(Head, Vec<u8>),
 }
 
@@ -115,11 +122,14 @@ async fn next_request(
             return Ok(None);
         }
     };
-    let forwarded = if head.path == "/ws" && shard.node.keeps_handshake_headers() {
+    let sse =
+        role.public() && shard.config().sse.enabled && is_event_stream(&head, &buf[..head.len]);
+    let forwarded = if (head.path == "/ws" || sse) && shard.node.keeps_handshake_headers() {
         http::headers_named(&buf[..head.len], &shard.config().proxy.forward_headers)
     } else {
         Vec::new()
     };
+    let last_event_id = sse.then(|| last_event_id(&buf[..head.len])).flatten();
     buf.drain(..head.len);
     let dev = shard.config().dev_mode;
     if dev
@@ -130,6 +140,9 @@ async fn next_request(
     {
         let message = "dev mode answers only loopback Host names";
         return Err(closing_error(403, Code::PermissionDenied, message));
+    }
+    if sse {
+        return Ok(Some(Next::Sse(head, forwarded, last_event_id)));
     }
     if head.path == "/ws" && role.public() {
         return Ok(Some(Next::Upgrade(head, forwarded)));
@@ -155,6 +168,31 @@ async fn next_request(
     }
     let body: Vec<u8> = buf.drain(..len).collect();
     Ok(Some(Next::Request(head, body)))
+}
+
+/// `GET /sse`, or `GET /ws` without `Upgrade` whose `Accept` names `text/event-stream` (an
+/// EventSource pointed at the WebSocket URL).
+fn is_event_stream(head: &Head, raw: &[u8]) -> bool {
+    match head.path.as_str() {
+        "/sse" => true,
+        "/ws" if !head.upgrade_websocket => {
+            let accept = http::headers_named(raw, &["Accept".to_string()]);
+            accept.iter().any(|(_, v)| {
+                v.split(',').any(|t| {
+                    t.trim()
+                        .to_ascii_lowercase()
+                        .starts_with("text/event-stream")
+                })
+            })
+        }
+        _ => false,
+    }
+}
+
+/// The `Last-Event-ID` header, if any.
+fn last_event_id(raw: &[u8]) -> Option<String> {
+    let found = http::headers_named(raw, &["Last-Event-ID".to_string()]);
+    found.into_iter().next().map(|(_, v)| v)
 }
 
 /// An error answer after which the connection closes.

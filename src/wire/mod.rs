@@ -10,3 +10,4 @@ pub mod json;
 pub mod proxy;
 pub(crate) mod reply;
 pub mod request;
+pub mod sse;
