@@ -6,7 +6,7 @@ use crate::error::Error;
 use crate::presence::{self, Kind, Member, Members};
 use crate::rules::Rules;
 use crate::wire::request::{PublishParams, Start};
-use crate::wire::{broadcast, deflate, reply};
+use crate::wire::{broadcast, deflate, reply, sse};
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -40,6 +40,9 @@ pub struct Publication {
     /// `suffix` compressed for permessage-deflate subscribers (`wire::deflate`), by the first
     /// shard that had one; None inside when it is not worth compressing.
     deflated: OnceLock<Option<Box<[u8]>>>,
+    /// `suffix` without line breaks for SSE subscribers (`wire::sse::flattened`), by the first
+    /// shard that had one; None inside when `suffix` has none.
+    sse_flat: OnceLock<Option<Box<[u8]>>>,
 }
 
 /// What a publication says besides its channel, offset and payload.
@@ -90,6 +93,7 @@ impl Publication {
             epoch: None,
             accepted,
             deflated: OnceLock::new(),
+            sse_flat: OnceLock::new(),
         }
     }
 
@@ -121,6 +125,7 @@ impl Publication {
             epoch: None,
             accepted: Instant::now(),
             deflated: OnceLock::new(),
+            sse_flat: OnceLock::new(),
         }
     }
 
@@ -137,6 +142,18 @@ impl Publication {
             .flatten();
         let _ = self.deflated.set(z);
         self.deflated.get()?.as_deref()
+    }
+
+    /// The suffix as an SSE `data:` line holds it (`wire::sse::flattened`): checked once per
+    /// publication (by each shard that races for it at most), never per subscriber.
+    pub(crate) fn sse_suffix(&self) -> &[u8] {
+        if self.sse_flat.get().is_none() {
+            let _ = self.sse_flat.set(sse::flattened(&self.suffix));
+        }
+        match self.sse_flat.get() {
+            Some(Some(flat)) => flat,
+            _ => &self.suffix,
+        }
     }
 
     /// The payload exactly as published (a slice of the encoded frame's tail).

@@ -26,11 +26,12 @@ impl Conn {
         metrics: &ShardMetrics,
         flusher: &Flusher,
     ) -> bool {
+        let suffix = p.sse_suffix();
         let subs = self.subs.borrow();
         let id_max: usize = subs.iter().map(|s| s.position().0.len() + 22).sum();
         let frame_max = p.prefix.len() + p.suffix.len() + id_max + 64;
         self.enqueue(p, frame_max, metrics, flusher, |out| {
-            sse::write_broadcast(out, |out| write_id(out, &subs), &p.prefix, seq, &p.suffix)
+            sse::write_broadcast(out, |out| write_id(out, &subs), &p.prefix, seq, suffix)
         })
     }
 

@@ -135,10 +135,23 @@ pub fn write_ping(out: &mut Vec<u8>) {
     out.extend_from_slice(b": ping\n\n");
 }
 
+/// A broadcast's suffix with the line breaks its payload holds between JSON tokens turned into
+/// spaces (the same JSON value, and the event stays one `data:` line); None when it holds none,
+/// as almost every payload, and the suffix serves as it is. Once per publication, not per
+/// subscriber (`Publication::sse_suffix`).
+pub fn flattened(suffix: &[u8]) -> Option<Box<[u8]>> {
+    if !suffix.iter().any(|&b| b == b'\n' || b == b'\r') {
+        return None;
+    }
+    let mut flat = suffix.to_vec();
+    flatten_lines(&mut flat);
+    Some(flat.into_boxed_slice())
+}
+
 /// Appends one broadcast for a subscriber: its `id:` line (written by `id`, if any), `event: broadcast`, and
 /// `data:` the broadcast's params, sliced out of the parts shared by every subscriber (the
 /// prefix without its wrapper, the seq, the suffix without the wrapper's closing brace), so
-/// the SSE form costs no encoding per publication.
+/// the SSE form costs no encoding per subscriber. `suffix` has no line break (`flattened`).
 #[inline]
 pub fn write_broadcast(
     out: &mut Vec<u8>,
@@ -158,10 +171,8 @@ pub fn write_broadcast(
     out.extend_from_slice(b"event: broadcast\ndata: ");
     out.extend_from_slice(params);
     out.extend_from_slice(seq);
-    let start = out.len();
+    debug_assert!(!tail.contains(&b'\n'), "a suffix with line breaks, not flattened");
     out.extend_from_slice(tail);
-    // Only the payload, at the end of the suffix, can hold line breaks.
-    flatten_lines(&mut out[start..]);
     out.extend_from_slice(b"\n\n");
 }
 
@@ -367,8 +378,12 @@ mod tests {
             None,
             b"{\n\"a\":\r\n1}",
         );
+        let flat = flattened(&s).expect("the payload has line breaks");
+        assert_eq!(flat.len(), s.len());
+        let plain = broadcast_parts("n-2", 8, "", "c", "e", None, b"{\"a\":1}").1;
+        assert_eq!(flattened(&plain), None, "nothing to flatten: the suffix serves");
         let mut out = Vec::new();
-        write_broadcast(&mut out, |o| o.extend_from_slice(b"id: ab.7\n"), &p, 42, &s);
+        write_broadcast(&mut out, |o| o.extend_from_slice(b"id: ab.7\n"), &p, 42, &flat);
         let text = std::str::from_utf8(&out).unwrap();
         let data = text
             .strip_prefix("id: ab.7\nevent: broadcast\ndata: ")
