@@ -119,6 +119,10 @@ pub struct Common {
     /// Subscribers offer permessage-deflate, as browsers do, and inflate what arrives compressed.
     #[arg(long)]
     pub(crate) compress: bool,
+    /// Subscribers read server-sent events (`GET /sse?channel=..`, SPEC 19) instead of a
+    /// WebSocket, one channel each (fanout, chat, idle, scoreboard).
+    #[arg(long, conflicts_with = "compress")]
+    pub(crate) sse: bool,
     /// Prefix of the channel names (default: `lt-PID`).
     #[arg(long)]
     pub(crate) channel_prefix: Option<String>,

@@ -101,6 +101,8 @@ pub(crate) struct ClientConfig {
     pub(crate) coalesce: Duration,
     /// Offer permessage-deflate and inflate compressed messages.
     pub(crate) compress: bool,
+    /// Subscribe over SSE (`GET /sse?channel=..`) instead of a WebSocket.
+    pub(crate) sse: bool,
 }
 
 /// See [`ClientConfig::coalesce`].
@@ -483,10 +485,14 @@ impl Worker {
                     }
                 }
                 let node = &self.cfg.nodes[c.spec.node as usize % self.cfg.nodes.len()];
-                c.pending.extend_from_slice(&ws::upgrade_request_offering(
-                    &node.host,
-                    self.cfg.compress,
-                ));
+                let request = if self.cfg.sse {
+                    let channel = &self.cfg.channels[c.spec.channel as usize];
+                    let token = (!self.cfg.anonymous).then_some(self.cfg.token.as_str());
+                    ws::event_stream_request(&node.host, channel, token)
+                } else {
+                    ws::upgrade_request_offering(&node.host, self.cfg.compress)
+                };
+                c.pending.extend_from_slice(&request);
                 c.phase = Phase::Upgrading;
                 self.flush(idx);
                 // The answer may already be there.
@@ -664,12 +670,21 @@ impl Receiver for Worker {
         self.cfg.compress
     }
 
+    fn event_stream(&self) -> bool {
+        self.cfg.sse
+    }
+
     fn on_upgraded(&mut self, idx: usize) {
         let k1 = self.rng.next_key();
         let k2 = self.rng.next_key();
         let c = &mut self.conns[idx];
         if !c.ever_subscribed {
             self.shared.upgraded.fetch_add(1, Ordering::Relaxed);
+        }
+        if self.cfg.sse {
+            // The URL subscribed it: the `subscribed` event is the answer.
+            c.phase = Phase::Subscribing;
+            return;
         }
         let mut req = Vec::with_capacity(512);
         if !self.cfg.anonymous {

@@ -51,6 +51,11 @@ pub(crate) trait Receiver {
     fn inflates(&self) -> bool {
         false
     }
+    /// The connections are SSE streams (`GET /sse`), not WebSockets: the answer is a `200` and
+    /// events follow it instead of frames.
+    fn event_stream(&self) -> bool {
+        false
+    }
     /// A complete text message; `frame_bytes` is its frame's size, header included (for a
     /// reassembled message, the message's size). An error fails the connection.
     fn on_text(
@@ -144,8 +149,9 @@ fn consume<R: Receiver>(r: &mut R, idx: usize, fresh: &[u8]) -> Result<(), End> 
 /// the bytes used.
 fn process<R: Receiver>(r: &mut R, idx: usize, data: &[u8], now_ns: u64) -> Result<usize, End> {
     let mut pos = 0;
+    let expected: &[u8] = if r.event_stream() { b"200" } else { b"101" };
     if r.upgrading(idx) {
-        match ws::parse_upgrade_response(data) {
+        match ws::parse_response_head(data, expected) {
             Upgrade::Incomplete => return Ok(0),
             Upgrade::Refused(status) => {
                 return Err(End::Failed(format!("upgrade refused: {status}")))
@@ -155,6 +161,9 @@ fn process<R: Receiver>(r: &mut R, idx: usize, data: &[u8], now_ns: u64) -> Resu
                 r.on_upgraded(idx);
             }
         }
+    }
+    if r.event_stream() {
+        return events(r, idx, data, pos, now_ns);
     }
     while pos < data.len() {
         let f = match ws::decode_server_frame(&data[pos..]) {
@@ -198,6 +207,52 @@ fn process<R: Receiver>(r: &mut R, idx: usize, data: &[u8], now_ns: u64) -> Resu
     Ok(pos)
 }
 
+/// Consumes the complete events of an SSE stream from `pos` (SPEC 19); returns the bytes used.
+/// A `subscribed` event is handled as the subscribe's answer and a `broadcast` as a broadcast
+/// message (their `data` wrapped as the WebSocket would carry it, so one path checks both);
+/// `close` fails the connection, comments (pings) and the rest are skipped.
+fn events<R: Receiver>(
+    r: &mut R,
+    idx: usize,
+    data: &[u8],
+    mut pos: usize,
+    now_ns: u64,
+) -> Result<usize, End> {
+    let mut text = WRAPPED.take();
+    let result = loop {
+        let Some(len) = data[pos..].windows(2).position(|w| w == b"\n\n") else {
+            break Ok(pos);
+        };
+        let block = &data[pos..pos + len];
+        pos += len + 2;
+        let (mut event, mut body): (&[u8], &[u8]) = (b"", b"");
+        for line in block.split(|&b| b == b'\n') {
+            if let Some(v) = line.strip_prefix(b"event: ") {
+                event = v;
+            } else if let Some(v) = line.strip_prefix(b"data: ") {
+                body = v;
+            }
+        }
+        text.clear();
+        match event {
+            b"subscribed" => text.extend_from_slice(b"{\"requestId\":2,\"result\":"),
+            b"broadcast" => text.extend_from_slice(b"{\"method\":\"broadcast\",\"params\":"),
+            b"close" => {
+                let why = format!("event stream closed: {}", String::from_utf8_lossy(body));
+                break Err(End::Failed(why));
+            }
+            _ => continue,
+        }
+        text.extend_from_slice(body);
+        text.push(b'}');
+        if let Err(e) = r.on_text(idx, &text, len as u64 + 2, now_ns) {
+            break Err(End::Failed(e));
+        }
+    };
+    WRAPPED.set(text);
+    result
+}
+
 /// A compressed message (the server compresses only whole text messages): inflated, then handled
 /// as text; its size on the wire is what `on_text` is told.
 fn inflated<R: Receiver>(
@@ -222,6 +277,7 @@ fn inflated<R: Receiver>(
 }
 
 thread_local! {
+    static WRAPPED: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
     static INFLATED: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
 }
 

@@ -76,6 +76,33 @@ pub(crate) fn inflate(payload: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
     })
 }
 
+/// The request of an SSE subscriber (SPEC 19): `GET /sse?channel=..`, the token as a Bearer
+/// header (none: a public channel).
+pub(crate) fn event_stream_request(host: &str, channel: &str, token: Option<&str>) -> Vec<u8> {
+    let mut out = format!(
+        "GET /sse?channel={} HTTP/1.1\r\nHost: {host}\r\n",
+        query_escape(channel)
+    );
+    out.push_str("Accept: text/event-stream\r\n");
+    if let Some(token) = token {
+        out.push_str(&format!("Authorization: Bearer {token}\r\n"));
+    }
+    out.push_str("\r\n");
+    out.into_bytes()
+}
+
+/// Percent-encodes all but unreserved characters (RFC 3986 2.3).
+fn query_escape(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 /// Result of looking at the bytes received after sending the upgrade request.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Upgrade {
@@ -89,6 +116,12 @@ pub(crate) enum Upgrade {
 
 /// Checks the server's answer to the upgrade request.
 pub(crate) fn parse_upgrade_response(buf: &[u8]) -> Upgrade {
+    parse_response_head(buf, b"101")
+}
+
+/// Checks the answer's head: `Switched` when its status is `expected` (`101` for an upgrade,
+/// `200` for an event stream).
+pub(crate) fn parse_response_head(buf: &[u8], expected: &[u8]) -> Upgrade {
     let Some(end) = find(buf, b"\r\n\r\n") else {
         if buf.len() > 16 * 1024 {
             return Upgrade::Refused("response head over 16 KiB".into());
@@ -100,7 +133,7 @@ pub(crate) fn parse_upgrade_response(buf: &[u8]) -> Upgrade {
     let status_line = &head[..line_end];
     let mut parts = status_line.split(|&b| b == b' ');
     let _version = parts.next();
-    if parts.next() == Some(b"101") {
+    if parts.next() == Some(expected) {
         Upgrade::Switched(end + 4)
     } else {
         Upgrade::Refused(String::from_utf8_lossy(status_line).into_owned())

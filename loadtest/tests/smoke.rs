@@ -1,5 +1,5 @@
-//! Runs a short `fanout`, `idle`, `chat`, `scoreboard`, `proxy` and `presence` against the real
-//! server and checks the JSON summaries.
+//! Runs a short `fanout` (over WebSocket, compressed and SSE), `idle`, `chat`, `scoreboard`, `proxy`
+//! and `presence` against the real server and checks the JSON summaries.
 //!
 //! The server binary is `$BROADCASTER_BIN`, else the `broadcaster` next to this crate's own binary
 //! (same target directory and profile: `cargo build --workspace --bins` builds both), else
@@ -188,6 +188,41 @@ fn fanout_delivers_every_message_to_every_subscriber() {
     assert_eq!(s["latency"]["count"], 50 * 200);
     assert!(s["latency"]["p50_ns"].as_u64().unwrap_or(0) > 0);
     assert!(s["server_cpu_us_per_delivery"].as_f64().is_some());
+}
+
+/// `--compress` with a scoreboard payload: every delivery arrives compressed (far smaller on the
+/// wire than the payload) and inflates to a broadcast that checks out; `--sse`: the same over
+/// server-sent events.
+#[test]
+fn compressed_and_sse_subscribers_get_every_message() {
+    let server = start_server("transports");
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let base = [
+        "fanout",
+        "--subscribers",
+        "20",
+        "--rate",
+        "50",
+        "--messages",
+        "20",
+    ];
+    let board = ["--payload-bytes", "20000", "--payload-shape", "scoreboard"];
+    let json = dir.join("smoke-compress.json");
+    let args: Vec<&str> = [&base[..], &board[..], &["--compress"]].concat();
+    let s = run_loadtest(&server, &args, &json);
+    assert_clean(&s);
+    assert_eq!(s["deliveries"], 20 * 20);
+    let wire = s["frame_bytes_mean"].as_f64().unwrap_or(f64::MAX);
+    assert!(
+        wire < 20_000.0 / 3.0,
+        "compressed on the wire: {wire} bytes"
+    );
+
+    let json = dir.join("smoke-sse.json");
+    let s = run_loadtest(&server, &[&base[..], &["--sse"]].concat(), &json);
+    assert_clean(&s);
+    assert_eq!(s["deliveries"], 20 * 20);
+    assert_eq!(s["latency"]["count"], 20 * 20);
 }
 
 #[test]

@@ -171,7 +171,10 @@ pub fn write_broadcast(
     out.extend_from_slice(b"event: broadcast\ndata: ");
     out.extend_from_slice(params);
     out.extend_from_slice(seq);
-    debug_assert!(!tail.contains(&b'\n'), "a suffix with line breaks, not flattened");
+    debug_assert!(
+        !tail.contains(&b'\n'),
+        "a suffix with line breaks, not flattened"
+    );
     out.extend_from_slice(tail);
     out.extend_from_slice(b"\n\n");
 }
@@ -381,9 +384,19 @@ mod tests {
         let flat = flattened(&s).expect("the payload has line breaks");
         assert_eq!(flat.len(), s.len());
         let plain = broadcast_parts("n-2", 8, "", "c", "e", None, b"{\"a\":1}").1;
-        assert_eq!(flattened(&plain), None, "nothing to flatten: the suffix serves");
+        assert_eq!(
+            flattened(&plain),
+            None,
+            "nothing to flatten: the suffix serves"
+        );
         let mut out = Vec::new();
-        write_broadcast(&mut out, |o| o.extend_from_slice(b"id: ab.7\n"), &p, 42, &flat);
+        write_broadcast(
+            &mut out,
+            |o| o.extend_from_slice(b"id: ab.7\n"),
+            &p,
+            42,
+            &flat,
+        );
         let text = std::str::from_utf8(&out).unwrap();
         let data = text
             .strip_prefix("id: ab.7\nevent: broadcast\ndata: ")

@@ -35,6 +35,7 @@ pub fn idle(a: &IdleArgs) -> Result<Report, SetupError> {
         record_setup_latency: false,
         coalesce: Duration::from_micros(common.coalesce_us),
         compress: common.compress,
+        sse: common.sse,
     };
     let mut report = env.report("idle", common, &plan, n, channels.len(), n / channels.len());
     report.publish_pace = Some("one per channel after the hold");

@@ -80,6 +80,7 @@ fn subscribe(p: &PubSub<'_>) -> Result<Subscribed, SetupError> {
         record_setup_latency: false,
         coalesce: Duration::from_micros(common.coalesce_us),
         compress: common.compress,
+        sse: common.sse,
     };
     let workers = spawn_workers(
         &env,

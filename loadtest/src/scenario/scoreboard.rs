@@ -351,6 +351,7 @@ fn client_config(s: &Setup<'_>, kind: Kind, channels: &Arc<Vec<String>>) -> Clie
         record_setup_latency: false,
         coalesce: Duration::from_micros(s.a.common.coalesce_us),
         compress: s.a.common.compress,
+        sse: s.a.common.sse,
     }
 }
 

@@ -26,6 +26,7 @@ pub fn storm(a: &StormArgs) -> Result<Report, SetupError> {
         record_setup_latency: true,
         coalesce: Duration::ZERO,
         compress: common.compress,
+        sse: common.sse,
     };
     let mut report = env.report(
         "storm",
