@@ -8,7 +8,6 @@ mod common;
 use common::*;
 use flate2::{Compress, Compression, FlushCompress};
 use serde_json::{json, Value};
-use std::io::Read;
 use std::time::Duration;
 
 /// Browsers' offer (Chromium, Firefox).
@@ -22,17 +21,6 @@ fn server() -> Server {
             .env("BROADCASTER_LIMITS_MAX_FRAME_BYTES", "131072")
             .env("BROADCASTER_LIMITS_OUTBOUND_BUFFER_BYTES", "4194304"),
     )
-}
-
-/// The reference inflater (flate2's `Read` adapter) over a message's payload and the four bytes
-/// RFC 7692 drops.
-fn inflate(payload: &[u8]) -> Vec<u8> {
-    let mut stream = payload.to_vec();
-    stream.extend_from_slice(&[0, 0, 0xff, 0xff]);
-    let mut out = Vec::new();
-    // No final block in the stream: the reader stops with an early-EOF error after the data.
-    let _ = flate2::read::DeflateDecoder::new(&stream[..]).read_to_end(&mut out);
-    out
 }
 
 /// `data` as a client compresses it (raw deflate, sync flush, the last four bytes dropped).
@@ -76,7 +64,7 @@ async fn next_message(ws: &mut RawWs) -> (Value, String, bool) {
         let compressed = f.rsv == 4;
         assert!(f.rsv == 0 || compressed, "reserved bits {}", f.rsv);
         let bytes = if compressed {
-            inflate(&f.payload)
+            inflate_message(&f.payload)
         } else {
             f.payload
         };

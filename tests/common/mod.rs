@@ -7,6 +7,8 @@
 // Each test file uses a different subset of these helpers.
 #![allow(dead_code)]
 
+pub mod sse;
+
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
@@ -533,6 +535,20 @@ pub fn scoreboard(bytes: usize, round: u32) -> String {
         i += 1;
     }
     format!(r#"{{"round":{round},"rows":[{}]}}"#, rows.join(","))
+}
+
+/// The reference inflater (flate2's `Read` adapter) over a message's payload and the four bytes
+/// RFC 7692 drops.
+pub fn inflate_message(payload: &[u8]) -> Vec<u8> {
+    let mut stream = payload.to_vec();
+    stream.extend_from_slice(&[0, 0, 0xff, 0xff]);
+    let mut out = Vec::new();
+    // No final block in the stream: the reader stops with an early-EOF error after the data.
+    let _ = std::io::Read::read_to_end(
+        &mut flate2::read::DeflateDecoder::new(&stream[..]),
+        &mut out,
+    );
+    out
 }
 
 /// Payloads that are valid JSON (RFC 8259) and that a re-encoder or simd-json alone would
