@@ -83,10 +83,11 @@
 //! 9. `subscriptions` (a shard's table of local subscribers), `fanout` (the per-subscriber
 //!    loop), `route` (local, peer or Redis).
 //! 10. `shard/` (the per-core owner of everything above).
-//! 11. `session/` (one WebSocket session over a connection), `sse/` (one server-sent event
-//!     stream: its opening checks and its session), `shutdown` (drain).
-//! 12. `web/` (accept loops, HTTP, REST, the upgrade, the playground).
-//! 13. `server` (start the shards, signals).
+//! 11. `session/` (one WebSocket session over a connection), `shutdown` (drain).
+//! 12. `sse/` (one server-sent event stream: its opening checks, access and teardown as a
+//!     session's).
+//! 13. `web/` (accept loops, HTTP, REST, the upgrade, the playground).
+//! 14. `server` (start the shards, signals).
 
 #![deny(unsafe_code)]
 #![warn(unreachable_pub, missing_docs)]

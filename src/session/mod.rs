@@ -81,8 +81,8 @@ async fn run_session(
 
 /// Whatever ended the reader ends the writer too, and the flush pass stops writing to the
 /// socket (it may still hold this connection in its list); then the subscriptions go, each
-/// member's with a leave.
-async fn end(shard: &Shard, conn: &Conn, user: Option<std::sync::Arc<str>>) {
+/// member's with a leave; and the user's count (an SSE connection ends the same way).
+pub(crate) async fn end(shard: &Shard, conn: &Conn, user: Option<std::sync::Arc<str>>) {
     for sub in conn.end().await {
         shard.unsubscribe(&sub, user.as_deref());
     }

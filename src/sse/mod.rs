@@ -80,15 +80,7 @@ async fn run_stream(
     let expiry = perms.as_ref().map(|p| p.exp);
     wait(&shard, &conn, &stream, expiry).await;
     drop(conn.take_client());
-    for sub in conn.end().await {
-        shard.unsubscribe(&sub, user.as_deref());
-    }
-    if let Some(user) = &user {
-        shard.user_ended(user, conn.id);
-        if let Some(counts) = &shard.node.per_user {
-            counts.release(user);
-        }
-    }
+    crate::session::end(&shard, &conn, user).await;
     shard.conns.borrow_mut().remove(&conn.id);
     ShardMetrics::gauge(&shard.metrics().sse_connections_active, -1);
     shard.node.connection_ended();
