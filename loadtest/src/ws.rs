@@ -433,9 +433,19 @@ mod tests {
             decode_server_frame(&[0x81, 0x81, 0, 0, 0, 0, 0]),
             Err(FrameError::Masked)
         );
-        assert_eq!(
-            decode_server_frame(&[0xC1, 0x00]),
-            Err(FrameError::ReservedBits)
+        // RSV2 and RSV3 belong to no extension; RSV1 is permessage-deflate's, reported as
+        // compressed (the receive path refuses it where compression was not asked for).
+        for b0 in [0xA1, 0x91] {
+            assert_eq!(
+                decode_server_frame(&[b0, 0x00]),
+                Err(FrameError::ReservedBits)
+            );
+        }
+        assert!(
+            decode_server_frame(&[0xC1, 0x00])
+                .unwrap()
+                .unwrap()
+                .compressed
         );
         let mut huge = vec![0x81, 127];
         huge.extend_from_slice(&(1u64 << 40).to_be_bytes());
