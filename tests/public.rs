@@ -492,3 +492,30 @@ async fn behind_the_shipped_nginx_config_the_cap_counts_clients_not_nginx() {
     s.publish("board/n", "e", "1").await;
     assert_eq!(a.recv_broadcast().await["payload"], json!(1));
 }
+
+/// Server-sent events through the shipped nginx config: each event arrives as it is published
+/// (nothing buffered), and a reconnect with `Last-Event-ID` through nginx resumes.
+#[tokio::test]
+async fn sse_through_the_shipped_nginx_config() {
+    use common::sse::Sse;
+    let s = server(1, &[]);
+    let nginx = Nginx::start(s.public);
+    let target = "/sse?channel=board/sse";
+    let mut sse = Sse::connect(nginx.addr, target, &[]).await;
+    sse.opening(&["board/sse"]).await;
+    let mut last_id = String::new();
+    for n in 1..=3 {
+        s.publish("board/sse", "e", &n.to_string()).await;
+        let (id, v) = sse.broadcast().await;
+        assert_eq!(v["payload"], json!(n), "each event as it is published");
+        last_id = id;
+    }
+    drop(sse);
+    s.publish("board/sse", "e", "4").await;
+    let resume = [("Last-Event-ID", last_id.as_str())];
+    let mut sse = Sse::connect(nginx.addr, target, &resume).await;
+    let (results, replayed, _) = sse.opening_with(&["board/sse"]).await;
+    assert_eq!(results[0]["recovered"], json!(true), "{}", results[0]);
+    assert_eq!(replayed.len(), 1);
+    assert_eq!(replayed[0]["payload"], json!(4));
+}

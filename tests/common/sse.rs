@@ -28,8 +28,12 @@ impl Event {
 /// and parsed field by field as the HTML standard says (only `\n` line ends: the server's).
 pub struct Sse {
     pub stream: TcpStream,
+    /// The event stream's bytes not yet parsed.
     pub buf: Vec<u8>,
     pub head: String,
+    /// A proxy in front (nginx) re-frames the close-delimited stream as chunked: the bytes of
+    /// chunks not yet complete.
+    chunked: Option<Vec<u8>>,
 }
 
 pub enum Opened {
@@ -77,11 +81,37 @@ impl Sse {
             }
             return Opened::Refused(status, serde_json::from_slice(&body).unwrap());
         }
-        Opened::Stream(Sse {
+        let chunked = super::header_value(&head, "transfer-encoding")
+            .is_some_and(|v| v.eq_ignore_ascii_case("chunked"));
+        let mut sse = Sse {
             stream,
-            buf: rest,
+            buf: Vec::new(),
             head,
-        })
+            chunked: chunked.then(Vec::new),
+        };
+        sse.take_bytes(&rest);
+        Opened::Stream(sse)
+    }
+
+    /// Adds bytes read from the socket: as they are, or their chunks' data when chunked.
+    fn take_bytes(&mut self, bytes: &[u8]) {
+        let Some(raw) = &mut self.chunked else {
+            self.buf.extend_from_slice(bytes);
+            return;
+        };
+        raw.extend_from_slice(bytes);
+        while let Some(line_end) = super::find(raw, b"\r\n") {
+            let size_text = std::str::from_utf8(&raw[..line_end]).unwrap();
+            let size = usize::from_str_radix(size_text.trim(), 16)
+                .unwrap_or_else(|_| panic!("bad chunk size {size_text:?}"));
+            let end = line_end + 2 + size + 2;
+            if raw.len() < end {
+                return;
+            }
+            self.buf
+                .extend_from_slice(&raw[line_end + 2..line_end + 2 + size]);
+            raw.drain(..end);
+        }
     }
 
     /// Opens and expects the stream (200).
@@ -119,7 +149,7 @@ impl Sse {
                 );
                 return None;
             }
-            self.buf.extend_from_slice(&tmp[..n]);
+            self.take_bytes(&tmp[..n]);
         }
     }
 
