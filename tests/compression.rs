@@ -211,6 +211,24 @@ async fn inbound_compressed_messages_are_inflated_under_the_frame_limit() {
     ws.send_text(r#"{"id":9,"method":"heartbeat"}"#).await;
     let (v, _, _) = next_message(&mut ws).await;
     ok_result(&v, &json!(9));
+    // A compressed publication that inflates past the inflater's 32 KiB window arrives whole.
+    let mut reader = s.ws_authed("reader").await;
+    reader.subscribe("up").await;
+    let board = scoreboard(90_000, 3);
+    let publish = format!(
+        r#"{{"id":11,"method":"publish","params":{{"channel":"up","event":"board","payload":{board}}}}}"#
+    );
+    ws.send_raw(&encode_frame(
+        true,
+        4,
+        OP_TEXT,
+        &deflated(publish.as_bytes()),
+        Some(m),
+    ))
+    .await;
+    let (v, _, _) = next_message(&mut ws).await;
+    ok_result(&v, &json!(11));
+    assert_eq!(raw_payload(&reader.recv_broadcast_raw().await), board);
 
     // A zip bomb: 64 MiB of spaces in about 64 kB; the server stops at max_frame_bytes.
     let mut bomb_ws = compressing_subscriber(&s, "in").await;

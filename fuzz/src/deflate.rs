@@ -44,10 +44,15 @@ pub fn deflate_frames(data: &[u8]) {
         // close, or a text within the limit (`decode` checked both), is a right answer.
         return;
     }
-    assert_eq!(
-        got,
-        want,
-        "limit {limit}, {} compressed bytes",
+    let show = |r: &Result<Vec<u8>, u16>| match r {
+        Ok(t) => format!("a text of {} bytes", t.len()),
+        Err(code) => format!("close {code}"),
+    };
+    assert!(
+        got == want,
+        "decoder: {}, reference: {} (limit {limit}, {} compressed bytes, generated {generated})",
+        show(&got),
+        show(&want),
         compressed.len()
     );
 }

@@ -61,15 +61,23 @@ pub(crate) fn inflate(payload: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
             let start = d.total_in();
             loop {
                 let read = (d.total_in() - start) as usize;
+                let before = (d.total_in(), d.total_out());
                 d.decompress_vec(&part[read..], out, flate2::FlushDecompress::Sync)
                     .map_err(|e| format!("compressed message does not inflate: {e}"))?;
-                if (d.total_in() - start) as usize == part.len() && out.len() < out.capacity() {
+                // miniz pauses at each 32 KiB of its window, room left or not: done only when a
+                // call with room left makes no progress.
+                if (d.total_in(), d.total_out()) == before && out.len() < out.capacity() {
+                    if ((d.total_in() - start) as usize) < part.len() {
+                        return Err("compressed message stops inflating mid-way".into());
+                    }
                     break;
                 }
                 if out.len() > SERVER_FRAME_BYTES_MAX as usize {
                     return Err("compressed message inflates past 16 MiB".into());
                 }
-                out.reserve(out.capacity());
+                if out.len() == out.capacity() {
+                    out.reserve(out.capacity());
+                }
             }
         }
         Ok(())
@@ -322,13 +330,18 @@ mod tests {
 
     #[test]
     fn compressed_frames_are_flagged_and_inflate() {
-        let text = br#"{"method":"broadcast","params":{"payload":"abcabcabcabcabcabc"}}"#;
+        let long = format!(
+            r#"{{"method":"broadcast","params":{{"payload":"{}"}}}}"#,
+            "abc".repeat(30_000)
+        );
+        let text = long.as_bytes();
         let mut c = flate2::Compress::new(flate2::Compression::default(), false);
-        let mut z = Vec::with_capacity(256);
+        let mut z = Vec::with_capacity(text.len());
         c.compress_vec(text, &mut z, flate2::FlushCompress::Sync)
             .unwrap();
         z.truncate(z.len() - 4);
-        let mut frame = vec![0xC1, z.len() as u8];
+        let mut frame = vec![0xC1, 126];
+        frame.extend_from_slice(&(z.len() as u16).to_be_bytes());
         frame.extend_from_slice(&z);
         let f = decode_server_frame(&frame).unwrap().unwrap();
         assert!(f.compressed && f.fin && f.opcode == OP_TEXT);

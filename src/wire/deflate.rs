@@ -208,12 +208,13 @@ fn inflate_part(
                 "message larger than max_frame_bytes once inflated",
             ));
         }
-        let consumed = (d.total_in() - start) as usize == input.len();
-        if status == Status::StreamEnd || (consumed && out.len() < out.capacity()) {
+        if status == Status::StreamEnd {
             return Ok(());
         }
+        // miniz stops at each 32 KiB of its window even with room left and input consumed, so
+        // only a call that makes no progress with room left says the part is done.
         if (d.total_in(), d.total_out()) == before && out.len() < out.capacity() {
-            // No progress with room left: the input is cut short mid-block.
+            let consumed = (d.total_in() - start) as usize == input.len();
             return if consumed { Ok(()) } else { Err(bad()) };
         }
         if out.len() == out.capacity() {

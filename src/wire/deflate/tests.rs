@@ -177,3 +177,19 @@ fn inbound_messages_inflate_under_the_bound() {
     inflate(&[0x00], 10, &mut out).unwrap();
     assert!(out.is_empty());
 }
+
+#[test]
+fn a_message_inflating_past_a_window_is_read_whole() {
+    // Found by the deflate_frames fuzz target: 82 bytes that inflate to 65,564 (zlib agrees).
+    let z = hex("ecc13101000000c2a02aeb9fd20cfe400100000000001d000000000000000000000000000000240000000000000000000000000000080000003e00008000000000000000ff00000000002e00000000000000");
+    let mut out = Vec::new();
+    inflate(&z, 68_401, &mut out).unwrap();
+    assert_eq!(out.len(), 65_564);
+}
+
+fn hex(s: &str) -> Vec<u8> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
+}
