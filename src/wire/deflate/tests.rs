@@ -193,3 +193,25 @@ fn hex(s: &str) -> Vec<u8> {
         .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
         .collect()
 }
+
+#[test]
+fn suffixes_past_several_windows_compress_whole() {
+    // Larger than miniz's 32 KiB window many times over, varied enough to need many blocks.
+    let rows: Vec<String> = (0..20_000u64)
+        .map(|i| {
+            format!(
+                "{{\"user\":\"u{}\",\"score\":{}}}",
+                i * 7919 % 100_003,
+                i % 977
+            )
+        })
+        .collect();
+    let suffix = format!(",\"payload\":[{}]}}}}", rows.join(","));
+    for level in [1, 6, 9] {
+        let z = compress(suffix.as_bytes(), level).expect("compresses");
+        assert_eq!(reference_inflate(&z), suffix.as_bytes(), "level {level}");
+        let mut ours = Vec::new();
+        inflate(&z, suffix.len(), &mut ours).unwrap();
+        assert_eq!(ours, suffix.as_bytes(), "level {level}");
+    }
+}
