@@ -13,8 +13,8 @@ use broadcaster::wire::http::{is_loopback_host, parse_head, query_param};
 use broadcaster::wire::json::DEPTH_MAX;
 use broadcaster::wire::request::{
     check_channel, parse_broadcast_body, parse_disconnect_body, parse_publish_body, parse_request,
-    parse_revoke_body, parse_unsubscribe_body, Control, Method, CLOSE_REASON_BYTES_MAX,
-    EVENT_BYTES_MAX, USER_BYTES_MAX,
+    parse_revoke_body, parse_unsubscribe_body, Control, Method, BODY_MEMBERS,
+    CLOSE_REASON_BYTES_MAX, EVENT_BYTES_MAX, PARAMS_MEMBERS, TOP_MEMBERS, USER_BYTES_MAX,
 };
 
 use crate::json::{self, is_valid_json, raw_members, serde_accepts};
@@ -258,21 +258,6 @@ fn check_payload(what: &str, body: &[u8], payload: &[u8], max: usize, expected: 
     }
     let _ = body;
 }
-
-/// The members the server reads, which must not repeat (`src/wire/request.rs`).
-const TOP_MEMBERS: [&str; 3] = ["id", "method", "params"];
-const PARAMS_MEMBERS: [&str; 5] = ["channel", "event", "payload", "token", "since"];
-const BODY_MEMBERS: [&str; 9] = [
-    "channel",
-    "channels",
-    "event",
-    "payload",
-    "user",
-    "code",
-    "reason",
-    "jti",
-    "issuedBefore",
-];
 
 fn repeats(m: &json::Members, names: &[&str]) -> bool {
     names.iter().any(|n| m.all(n).len() > 1)

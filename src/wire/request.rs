@@ -110,11 +110,14 @@ pub const CHANNEL_BYTES_MAX: usize = 255;
 /// of up to 32 members and the last in larger ones, while the span scanner reads raw bytes; a
 /// repeated member could be validated in one place and used from another, so it is refused
 /// (found by the `protocol_request` fuzz target).
-const TOP_MEMBERS: [&str; 3] = ["id", "method", "params"];
-const PARAMS_MEMBERS: [&str; 7] = [
+/// Top-level members of a request.
+pub const TOP_MEMBERS: [&str; 3] = ["id", "method", "params"];
+/// Members of a request's `params`.
+pub const PARAMS_MEMBERS: [&str; 7] = [
     "channel", "event", "payload", "token", "since", "rewind", "proxy",
 ];
-const BODY_MEMBERS: [&str; 9] = [
+/// Members of a REST body.
+pub const BODY_MEMBERS: [&str; 9] = [
     "channel",
     "channels",
     "event",
