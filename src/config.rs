@@ -543,10 +543,11 @@ pub struct HistoryConfig {
 pub struct RedisConfig {
     /// Set: nodes share channels, offsets and history through this Redis. Default: none.
     pub url: Option<String>,
-    /// `standalone` (one Redis) or `sentinel` (the master the sentinels name, followed across
-    /// failovers). Default standalone.
+    /// `standalone` (one Redis), `sentinel` (the master the sentinels name, followed across
+    /// failovers) or `cluster` (Redis Cluster). Default standalone.
     pub mode: RedisMode,
-    /// Standalone: one URL, as `url`. Sentinel: the sentinels' URLs. Default none.
+    /// Standalone: one URL, as `url`. Sentinel: the sentinels' URLs. Cluster: some of its
+    /// nodes (any one that answers gives the rest). Default none.
     pub urls: Vec<String>,
     /// Sentinel: the name the sentinels monitor the master under. Default `mymaster`.
     pub master_name: String,
@@ -560,7 +561,7 @@ pub enum RedisMode {
     Standalone,
     /// The master that the sentinels at `urls` name `master_name`.
     Sentinel,
-    /// Redis Cluster: refused by the checks, not built yet.
+    /// A Redis Cluster found from any of `urls` (sharded pub/sub, keys by slot).
     Cluster,
 }
 
@@ -606,9 +607,9 @@ impl RedisConfig {
                 "master_name",
                 "the sentinels' name of the master is required",
             ),
-            RedisMode::Cluster => bad(
-                "mode",
-                "\"cluster\" (Redis Cluster) is not supported yet; use standalone or sentinel",
+            RedisMode::Cluster if urls.is_empty() => bad(
+                "urls",
+                "cluster mode needs the URL of at least one Redis Cluster node",
             ),
             _ => Ok(()),
         }
@@ -1392,12 +1393,20 @@ mod tests {
         assert!(c.redis.enabled() && c.redis.all_urls().len() == 2);
         assert_eq!(c.redis.master_name, "mymaster");
         assert!(!Config::default().redis.enabled());
+        let c = load(
+            None,
+            &[secret, ("BROADCASTER_REDIS_MODE", "cluster"), sentinels],
+            Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.redis.mode, RedisMode::Cluster);
+        assert_eq!(c.redis.all_urls().len(), 2);
         let cases: [(&[(&str, &str)], &str); 5] = [
             (&[("BROADCASTER_REDIS_MODE", "sentinel")], "redis.urls"),
             (&[sentinels], "standalone mode takes one URL"),
             (
-                &[("BROADCASTER_REDIS_MODE", "cluster"), sentinels],
-                "redis.mode",
+                &[("BROADCASTER_REDIS_MODE", "cluster")],
+                "at least one Redis Cluster node",
             ),
             (
                 &[("BROADCASTER_REDIS_URL", "http://a:1")],

@@ -142,6 +142,8 @@ fn histogram(
 pub(crate) struct BridgeMetrics {
     pub up: AtomicBool,
     pub reconnects_total: AtomicU64,
+    /// Redis Cluster: shard channels subscribed again after their slot moved.
+    pub resubscribes_total: AtomicU64,
     pub publications_out_total: AtomicU64,
     pub publications_in_total: AtomicU64,
     pub publish_seconds_sum_ns: AtomicU64,
@@ -664,11 +666,16 @@ impl Collector for Bridge {
             up.metric_type(),
         )?;
         up.encode(metric)?;
-        let counters: [(&str, &str, &AtomicU64); 4] = [
+        let counters: [(&str, &str, &AtomicU64); 5] = [
             (
                 "redis_reconnects",
                 "Reconnections to Redis after a loss.",
                 &m.reconnects_total,
+            ),
+            (
+                "redis_resubscribes",
+                "Redis Cluster: shard channels subscribed again after their slot moved.",
+                &m.resubscribes_total,
             ),
             (
                 "redis_publications_out",

@@ -1942,7 +1942,7 @@ async fn revocations_reach_every_node_outlive_restarts_and_apply_here_without_re
     redis.restart().await;
     wait_reconnected(a, 1.0, Duration::from_secs(15)).await;
     let deadline = Instant::now() + T;
-    while !matches!(redis.cmd(&["HLEN", "bc:revoked"]).await, Resp::Int(1)) {
+    while !matches!(redis.cmd(&["HLEN", "bc:{bc}:revoked"]).await, Resp::Int(1)) {
         assert!(Instant::now() < deadline, "the revocation was not put back");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -2,6 +2,7 @@
 //! re-opened with capped exponential backoff, every watched channel resubscribed), and the
 //! pub/sub messages handed to the shards that watch their channel.
 
+use super::conn::{Conn, Incoming, Subscriber};
 use super::scripts::keys;
 use super::{
     bump, control, presence, publish, recovery, watch, Request, State, Upstream, REDIS_TIMEOUT,
@@ -108,6 +109,8 @@ pub(super) enum Finder {
         sentinel: redis::sentinel::Sentinel,
         master: String,
     },
+    /// Any of these nodes tells the cluster's slot map.
+    Cluster(Vec<redis::ConnectionInfo>),
 }
 
 impl Finder {
@@ -120,7 +123,51 @@ impl Finder {
             Upstream::Sentinel { urls, master } => redis::sentinel::Sentinel::build(urls)
                 .map(|sentinel| Finder::Sentinel { sentinel, master })
                 .map_err(|e| format!("redis.urls: {e}")),
+            Upstream::Cluster(urls) => urls
+                .iter()
+                .map(|u| redis::IntoConnectionInfo::into_connection_info(u.as_str()))
+                .collect::<Result<Vec<_>, _>>()
+                .map(Finder::Cluster)
+                .map_err(|e| format!("redis.urls: {e}")),
         }
+    }
+
+    /// Connects: the command connection, the pub/sub connection and its messages, the
+    /// generation (`State::generation`) and where Redis is, for the log.
+    async fn connect(&mut self) -> redis::RedisResult<(Conn, Subscriber, Feed, String, String)> {
+        if let Finder::Cluster(nodes) = self {
+            let commands = redis::cluster::ClusterClient::builder(nodes.clone()).build()?;
+            let conn = commands.get_async_connection().await?;
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            let pubsub = redis::cluster::ClusterClient::builder(nodes.clone())
+                .use_protocol(redis::ProtocolVersion::RESP3)
+                .push_sender(tx)
+                .build()?;
+            let sub = pubsub.get_async_connection().await?;
+            let addr = nodes
+                .first()
+                .map(|n| n.addr().to_string())
+                .unwrap_or_default();
+            return Ok((
+                Conn::Cluster(conn),
+                Subscriber::Sharded(sub),
+                Feed::Sharded(rx),
+                "*".into(),
+                format!("cluster via {addr}"),
+            ));
+        }
+        let client = self.client().await?;
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        let (sink, stream) = client.get_async_pubsub().await?.split();
+        let generation = self.generation(&mut conn).await?;
+        let addr = client.get_connection_info().addr().to_string();
+        Ok((
+            Conn::Single(conn),
+            Subscriber::Classic(sink),
+            Feed::Classic(Box::pin(stream)),
+            generation,
+            addr,
+        ))
     }
 
     /// The Redis to connect to now: the one URL, or the master the sentinels name.
@@ -128,6 +175,10 @@ impl Finder {
         match self {
             Finder::Standalone(client) => Ok(client.clone()),
             Finder::Sentinel { sentinel, master } => sentinel.async_master_for(master, None).await,
+            Finder::Cluster(_) => Err(redis::RedisError::from((
+                redis::ErrorKind::Client,
+                "a cluster has no single client",
+            ))),
         }
     }
 
@@ -151,18 +202,9 @@ async fn supervise(state: Rc<State>, mut finder: Finder) {
     let mut backoff = BACKOFF_MIN;
     let mut first = true;
     loop {
-        let connected = async {
-            let client = finder.client().await?;
-            let mut conn = client.get_multiplexed_async_connection().await?;
-            let pubsub = client.get_async_pubsub().await?;
-            let generation = finder.generation(&mut conn).await?;
-            let addr = client.get_connection_info().addr().to_string();
-            redis::RedisResult::Ok((conn, pubsub, generation, addr))
-        };
-        match tokio::time::timeout(REDIS_TIMEOUT, connected).await {
-            Ok(Ok((conn, pubsub, generation, addr))) => {
+        match tokio::time::timeout(REDIS_TIMEOUT, finder.connect()).await {
+            Ok(Ok((conn, mut sink, mut stream, generation, addr))) => {
                 *state.generation.borrow_mut() = generation;
-                let (mut sink, mut stream) = pubsub.split();
                 // The backend's control messages, then every watched channel.
                 let watched: Vec<String> = {
                     let watchers = state.watchers.borrow();
@@ -206,15 +248,36 @@ async fn supervise(state: Rc<State>, mut finder: Finder) {
     }
 }
 
+/// The pub/sub connection's messages.
+pub(super) enum Feed {
+    Classic(std::pin::Pin<Box<dyn futures_util::Stream<Item = redis::Msg>>>),
+    Sharded(tokio::sync::mpsc::UnboundedReceiver<redis::PushInfo>),
+}
+
+impl Feed {
+    async fn next(&mut self) -> Option<Incoming> {
+        match self {
+            Feed::Classic(stream) => stream.next().await.map(Incoming::Classic),
+            Feed::Sharded(rx) => rx.recv().await.map(Incoming::Sharded),
+        }
+    }
+}
+
 /// Hands pub/sub messages to the shards until the connection ends or Redis stops answering
 /// (a Redis that hangs, or a partition, ends no stream: a PING every `LIVENESS_INTERVAL`
 /// notices).
-async fn serve(state: &State, stream: &mut (impl futures_util::Stream<Item = redis::Msg> + Unpin)) {
+async fn serve(state: &Rc<State>, feed: &mut Feed) {
     let mut liveness = tokio::time::interval(LIVENESS_INTERVAL);
     loop {
         tokio::select! {
-            msg = stream.next() => match msg {
-                Some(msg) => on_message(state, &msg),
+            incoming = feed.next() => match incoming {
+                Some(incoming) => {
+                    if let Some((channel, data)) = incoming.message() {
+                        on_message(state, channel, data);
+                    } else if let Some(channel) = incoming.sunsubscribed() {
+                        resubscribe(state, channel);
+                    }
+                }
                 None => return,
             },
             _ = liveness.tick() => {
@@ -229,20 +292,47 @@ async fn serve(state: &State, stream: &mut (impl futures_util::Stream<Item = red
     }
 }
 
-/// Decodes a publication (`offset epoch id createTime eventlen fromlen event+from+payload`) or
-/// a join or leave (`J|L version userlen user+info`) and hands it to every watching shard.
-fn on_message(state: &State, msg: &redis::Msg) {
-    if msg.get_channel_name() == control::CHANNEL {
-        return control::on_message(state, msg.get_payload_bytes());
-    }
-    let Some(channel) = msg
-        .get_channel_name()
-        .strip_prefix("bc:{")
-        .and_then(|c| c.strip_suffix('}'))
-    else {
+/// Redis Cluster unsubscribed this node from a shard channel: when the node still wants it (the
+/// slot moved: a resharding or a failover), it subscribes again, which the cluster connection
+/// sends to the slot's new owner. Publications made on the new owner before that are not
+/// delivered live here; clients get them back by offset when they resume.
+fn resubscribe(state: &Rc<State>, channel: &[u8]) {
+    let Ok(channel) = std::str::from_utf8(channel) else {
         return;
     };
-    let data = msg.get_payload_bytes();
+    let wanted = channel == control::CHANNEL
+        || channel_of(channel).is_some_and(|c| state.watchers.borrow().contains_key(c));
+    let sub = state.sink.borrow().as_ref().and_then(Subscriber::sharded);
+    let (true, Some(mut sub)) = (wanted, sub) else {
+        return;
+    };
+    bump(&state.metrics.resubscribes_total);
+    let channel = channel.to_string();
+    tokio::task::spawn_local(async move {
+        match tokio::time::timeout(REDIS_TIMEOUT, sub.ssubscribe(&channel)).await {
+            Ok(Ok(())) => tracing::info!(channel, "shard channel moved; subscribed again"),
+            _ => tracing::warn!(
+                channel,
+                "shard channel moved and could not be subscribed again"
+            ),
+        }
+    });
+}
+
+/// The channel a pub/sub channel name (`bc:{C}`) carries.
+fn channel_of(name: &str) -> Option<&str> {
+    name.strip_prefix("bc:{").and_then(|c| c.strip_suffix('}'))
+}
+
+/// Decodes a publication (`offset epoch id createTime eventlen fromlen event+from+payload`) or
+/// a join or leave (`J|L version userlen user+info`) and hands it to every watching shard.
+fn on_message(state: &State, name: &[u8], data: &[u8]) {
+    if name == control::CHANNEL.as_bytes() {
+        return control::on_message(state, data);
+    }
+    let Some(channel) = std::str::from_utf8(name).ok().and_then(channel_of) else {
+        return;
+    };
     let decoded = match data.first() {
         Some(b'J' | b'L') => super::presence::decode(channel, data),
         _ => decode(channel, data),

@@ -1,5 +1,5 @@
 //! The backend's disconnect, unsubscribe and revoke between nodes (SPEC 17): the node that got
-//! the request publishes it on `bc:control`, every node subscribes to it from its first
+//! the request publishes it on `CHANNEL`, every node subscribes to it from its first
 //! connection to Redis, and each other node applies it on all its shards. Revocations are also
 //! kept in Redis (`scripts::REVOKED`, one script stores and publishes them), loaded by a node
 //! at each (re)connect, and put back from the node's own table when Redis lost them.
@@ -13,8 +13,8 @@ use crate::ring::ShardMsg;
 use crate::wire::request::Control;
 use std::sync::Arc;
 
-/// The pub/sub channel of control messages.
-pub(super) const CHANNEL: &str = "bc:control";
+/// The pub/sub channel of control messages (in the slot of `scripts::REVOKED`).
+pub(super) const CHANNEL: &str = "bc:{bc}:control";
 
 /// Revocations per script call when a node puts its table back.
 const PUT_BACK_CHUNK: usize = 500;
@@ -28,7 +28,7 @@ pub(super) async fn publish(state: &State, op: &Control) -> Result<(), Error> {
     if let Control::Revoke(r) = op {
         return store(state, std::slice::from_ref(r), &message).await;
     }
-    let mut publish = redis::cmd("PUBLISH");
+    let mut publish = redis::cmd(state.publish_command());
     publish.arg(CHANNEL).arg(message);
     match tokio::time::timeout(REDIS_TIMEOUT, publish.query_async::<i64>(&mut conn)).await {
         Ok(Ok(_)) => Ok(()),

@@ -23,8 +23,10 @@
 //! | `presence.rs` | members in Redis: joins, leaves, heartbeats, reaping dead nodes |
 //! | `occupancy.rs` | which nodes have subscribers of a channel, for the occupied and vacated webhooks |
 //! | `scripts.rs` | the Lua scripts (hashed once, `Scripts`) and the key scheme |
+//! | `conn.rs` | the command and pub/sub connections, to one Redis or to a Redis Cluster |
 
 mod bridge;
+mod conn;
 mod control;
 mod occupancy;
 mod presence;
@@ -133,6 +135,8 @@ pub(crate) enum Upstream {
     Standalone(String),
     /// The master the sentinels at `urls` name `master`, asked again at every (re)connect.
     Sentinel { urls: Vec<String>, master: String },
+    /// A Redis Cluster, found from any of these nodes.
+    Cluster(Vec<String>),
 }
 
 impl Upstream {
@@ -144,7 +148,10 @@ impl Upstream {
                 urls,
                 master: config.master_name.clone(),
             },
-            _ => Upstream::Standalone(urls.into_iter().next().unwrap_or_default()),
+            crate::config::RedisMode::Cluster => Upstream::Cluster(urls),
+            crate::config::RedisMode::Standalone => {
+                Upstream::Standalone(urls.into_iter().next().unwrap_or_default())
+            }
         }
     }
 }
@@ -177,6 +184,7 @@ pub(crate) fn start(
         revocations,
         webhooks,
     } = setup;
+    let sharded = matches!(upstream, Upstream::Cluster(_));
     let finder = bridge::Finder::new(upstream)?;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let metrics = Arc::new(BridgeMetrics::default());
@@ -206,7 +214,8 @@ pub(crate) fn start(
                 next_publication: std::cell::Cell::new(0),
                 members: RefCell::new(HashMap::new()),
                 presence,
-                scripts: scripts::Scripts::new(),
+                scripts: scripts::Scripts::new(sharded),
+                sharded,
                 dirty: std::cell::Cell::new(false),
                 beating: std::cell::Cell::new(false),
                 node_timeout,
@@ -224,8 +233,9 @@ pub(crate) fn start(
 }
 
 struct State {
-    /// Sentinel mode: the run id of the master connected to. The scripts give a channel a new
-    /// epoch when it differs from the one its state was written under, since a promoted
+    /// Sentinel mode: the run id of the master connected to; Redis Cluster: `*`, which the
+    /// scripts read as the id of the shard's master they run on. The scripts give a channel a
+    /// new epoch when it differs from the one its state was written under, since a promoted
     /// replica may lack the last writes of the master it replaced (offsets would repeat).
     /// Empty in standalone mode.
     generation: RefCell<String>,
@@ -234,8 +244,10 @@ struct State {
     /// Each channel's history size and TTL.
     rules: Arc<Rules>,
     metrics: Arc<BridgeMetrics>,
-    conn: RefCell<Option<redis::aio::MultiplexedConnection>>,
-    sink: RefCell<Option<redis::aio::PubSubSink>>,
+    conn: RefCell<Option<conn::Conn>>,
+    sink: RefCell<Option<conn::Subscriber>>,
+    /// Redis Cluster: sharded pub/sub (`SPUBLISH`, `SSUBSCRIBE`).
+    sharded: bool,
     /// Per channel, how many subscriptions (pending ones included) each shard holds.
     watchers: RefCell<HashMap<Arc<str>, Vec<usize>>>,
     next_publication: std::cell::Cell<u64>,
@@ -258,8 +270,17 @@ fn bump(c: &AtomicU64) {
 
 impl State {
     /// The command connection, while Redis is connected.
-    fn connection(&self) -> Option<redis::aio::MultiplexedConnection> {
+    fn connection(&self) -> Option<conn::Conn> {
         self.conn.borrow().clone()
+    }
+
+    /// How a message is published outside a script.
+    fn publish_command(&self) -> &'static str {
+        if self.sharded {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
+        }
     }
 
     /// A transition this node made, to the webhooks that want it.

@@ -216,17 +216,22 @@ pub(super) async fn member_counts(
     state: &State,
     channels: Vec<Arc<str>>,
 ) -> Result<Vec<(Arc<str>, usize)>, Error> {
-    let mut conn = state
+    let conn = state
         .connection()
         .ok_or_else(|| unavailable("not connected"))?;
-    let mut pipe = redis::pipe();
-    for c in &channels {
-        pipe.hlen(&presence_keys(c)[0]);
-    }
-    let counts: Vec<usize> = tokio::time::timeout(REDIS_TIMEOUT, pipe.query_async(&mut conn))
-        .await
-        .map_err(|_| unavailable("channels timed out"))?
-        .map_err(|_| unavailable("channels failed"))?;
+    // One command per channel, all in flight together (the connection pipelines them): in
+    // Redis Cluster the channels' keys are in different slots, which one pipeline cannot span.
+    let reads = channels.iter().map(|c| {
+        let mut conn = conn.clone();
+        let mut hlen = redis::cmd("HLEN");
+        hlen.arg(&presence_keys(c)[0]);
+        async move { hlen.query_async::<usize>(&mut conn).await }
+    });
+    let counts: Vec<usize> =
+        tokio::time::timeout(REDIS_TIMEOUT, futures_util::future::try_join_all(reads))
+            .await
+            .map_err(|_| unavailable("channels timed out"))?
+            .map_err(|_| unavailable("channels failed"))?;
     Ok(channels.into_iter().zip(counts).collect())
 }
 
@@ -338,12 +343,20 @@ async fn reap(state: &State, node: &str) {
         members = removed,
         "removed the members of a node that stopped heartbeating"
     );
+    // The node's keys share its hash tag; `NODES` has a slot of its own in Redis Cluster, so it
+    // is told after (a survivor that dies in between leaves the node to be reaped again, which
+    // finds nothing left to remove).
     let mut done = redis::pipe();
-    done.atomic()
-        .set_ex(&reaped, 1, 86_400)
-        .del(&set)
-        .zrem(NODES, node);
-    let _ = tokio::time::timeout(REDIS_TIMEOUT, done.exec_async(&mut conn)).await;
+    done.atomic().set_ex(&reaped, 1, 86_400).del(&set);
+    let gone = async {
+        done.exec_async(&mut conn).await?;
+        redis::cmd("ZREM")
+            .arg(NODES)
+            .arg(node)
+            .exec_async(&mut conn)
+            .await
+    };
+    let _ = tokio::time::timeout(REDIS_TIMEOUT, gone).await;
 }
 
 /// Makes Redis hold exactly this node's members: pairs it holds that the node no longer has

@@ -80,7 +80,7 @@ pub(super) async fn position(
 /// The position script's answer: offset, epoch, presence version, members.
 async fn ask_position(
     state: &State,
-    conn: &mut redis::aio::MultiplexedConnection,
+    conn: &mut super::conn::Conn,
     channel: &str,
     presence: Presence,
 ) -> Result<PositionAnswer, Error> {
@@ -139,7 +139,7 @@ fn read_position(answer: Vec<redis::Value>) -> Option<PositionAnswer> {
 
 /// Whether every publication after `since` is still held, and if so those publications.
 async fn recover(
-    conn: &mut redis::aio::MultiplexedConnection,
+    conn: &mut super::conn::Conn,
     channel: &str,
     since: &Since,
     offset: u64,

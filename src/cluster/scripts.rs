@@ -1,13 +1,24 @@
 //! The Redis side of a channel: its keys (all under one `{channel}` hash tag, so one slot) and
 //! the Lua scripts that change them atomically.
 
+/// The generation a channel's state is written under (`State::generation`): none in standalone
+/// mode, the master's run id in sentinel mode, and in Redis Cluster (`*`) the id of the node
+/// that holds the channel's slot now, which a failover to a replica changes.
+const GENERATION: &str = r#"
+local function generation(asked)
+  if asked == '*' then return redis.call('CLUSTER', 'MYID') end
+  return asked
+end
+"#;
+
 /// Assigns the next offset (creating the epoch when the channel's history is new or was lost,
-/// or was written under another master: ARGV[10], see `State::generation`, against KEYS[5]),
+/// or was written under another master: ARGV[10], see `GENERATION`, against KEYS[5]),
 /// appends to the capped stream, refreshes the TTLs and publishes, in one atomic step.
 const PUBLISH_LUA: &str = r#"
-if ARGV[10] ~= '' and redis.call('GET', KEYS[5]) ~= ARGV[10] then
+local gen = generation(ARGV[10])
+if gen ~= '' and redis.call('GET', KEYS[5]) ~= gen then
   redis.call('DEL', KEYS[2])
-  redis.call('SET', KEYS[5], ARGV[10], 'PX', ARGV[7])
+  redis.call('SET', KEYS[5], gen, 'PX', ARGV[7])
 end
 local off = redis.call('INCR', KEYS[1])
 local epoch = redis.call('GET', KEYS[2])
@@ -26,7 +37,7 @@ end
 redis.call('PEXPIRE', KEYS[1], ARGV[7])
 redis.call('PEXPIRE', KEYS[2], ARGV[7])
 redis.call('PEXPIRE', KEYS[3], ARGV[7])
-if ARGV[10] ~= '' then redis.call('PEXPIRE', KEYS[5], ARGV[7]) end
+if gen ~= '' then redis.call('PEXPIRE', KEYS[5], ARGV[7]) end
 redis.call('PUBLISH', KEYS[4], off .. ' ' .. epoch .. ' ' .. ARGV[1] .. ' ' .. ARGV[2] .. ' ' .. string.len(ARGV[3]) .. ' ' .. string.len(ARGV[9]) .. ' ' .. ARGV[3] .. ARGV[9] .. ARGV[4])
 return off
 "#;
@@ -36,9 +47,10 @@ return off
 /// also its presence version (KEYS[4]), with 2 its members too (KEYS[5]): one call per
 /// subscribe, with or without presence.
 const POSITION_LUA: &str = r#"
-if ARGV[4] ~= '' and redis.call('GET', KEYS[6]) ~= ARGV[4] then
+local gen = generation(ARGV[4])
+if gen ~= '' and redis.call('GET', KEYS[6]) ~= gen then
   redis.call('DEL', KEYS[2])
-  redis.call('SET', KEYS[6], ARGV[4], 'PX', ARGV[2])
+  redis.call('SET', KEYS[6], gen, 'PX', ARGV[2])
 end
 local off = tonumber(redis.call('GET', KEYS[1]) or '0')
 local epoch = redis.call('GET', KEYS[2])
@@ -130,8 +142,10 @@ return {new, dead}
 "#;
 
 /// Revocations (SPEC 17): field `u:<user>` or `j:<jti>` -> `<cutoff ms> <expires ms>`; the
-/// key lives until its latest entry expires.
-pub(super) const REVOKED: &str = "bc:revoked";
+/// key lives until its latest entry expires. Its hash tag is the control channel's
+/// (`control::CHANNEL`), since the script that stores a revocation also publishes it, and in
+/// Redis Cluster a script may only touch one slot.
+pub(super) const REVOKED: &str = "bc:{bc}:revoked";
 
 /// Stores revocations (ARGV from 5: field, cutoff ms, expires ms; a held field keeps the later
 /// cutoff and expiry) in KEYS[1] while it holds fewer than ARGV[2] live ones (ARGV[1]: now,
@@ -191,16 +205,26 @@ pub(super) struct Scripts {
 }
 
 impl Scripts {
-    pub(super) fn new() -> Scripts {
+    /// `sharded`: Redis Cluster, where the scripts publish with `SPUBLISH` (sharded pub/sub: a
+    /// message goes only to the shard that owns the channel's slot, not to every shard).
+    pub(super) fn new(sharded: bool) -> Scripts {
+        let script = |text: &str| {
+            let text = if sharded {
+                text.replace("'PUBLISH'", "'SPUBLISH'")
+            } else {
+                text.to_string()
+            };
+            redis::Script::new(&text)
+        };
         Scripts {
-            publish: redis::Script::new(PUBLISH_LUA),
-            position: redis::Script::new(POSITION_LUA),
-            join: redis::Script::new(&join_lua()),
-            leave: redis::Script::new(&leave_lua()),
-            heartbeat: redis::Script::new(HEARTBEAT_LUA),
-            revoke: redis::Script::new(REVOKE_LUA),
-            occupy: redis::Script::new(OCCUPY_LUA),
-            vacate: redis::Script::new(VACATE_LUA),
+            publish: script(&format!("{GENERATION}{PUBLISH_LUA}")),
+            position: script(&format!("{GENERATION}{POSITION_LUA}")),
+            join: script(&join_lua()),
+            leave: script(&leave_lua()),
+            heartbeat: script(HEARTBEAT_LUA),
+            revoke: script(REVOKE_LUA),
+            occupy: script(OCCUPY_LUA),
+            vacate: script(VACATE_LUA),
         }
     }
 }

@@ -1,0 +1,357 @@
+//! SPEC 21's Redis Cluster mode against real processes: six `redis-server --cluster-enabled`
+//! (three masters, each with a replica, made with `redis-cli --cluster create`) and three
+//! broadcaster nodes. Channels live in their `{C}` slot and travel by sharded pub/sub; order,
+//! offsets and recovery hold across nodes; the backend's controls and presence reach every node;
+//! a master SIGKILLed while publishing fails over to its replica, and a channel's slot moved to
+//! another master (a resharding) keeps delivering.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const T: Duration = Duration::from_secs(10);
+
+fn free_port() -> u16 {
+    // Redis Cluster's bus listens on port + 10000: keep both below 65536.
+    loop {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+        let port = l.local_addr().unwrap().port();
+        if port < 55_000 && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// One cluster-enabled `redis-server` in a directory of its own, killed on drop.
+struct Proc {
+    child: Option<Child>,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl Proc {
+    fn start() -> Proc {
+        let port = free_port();
+        let dir = temp_path(&format!("-rcluster-{port}"));
+        std::fs::create_dir_all(&dir).expect("create the redis directory");
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"])
+            .args(["--cluster-config-file", "nodes.conf"])
+            .args(["--save", "", "--appendonly", "no", "--dir"])
+            .arg(&dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        kill_with_parent(&mut cmd);
+        let child = cmd.spawn().unwrap_or_else(|e| {
+            panic!("cannot run redis-server ({e}): the Redis Cluster test needs the Debian package")
+        });
+        let p = Proc {
+            child: Some(child),
+            port,
+            dir,
+        };
+        let deadline = Instant::now() + T;
+        while cli(port, &["PING"]) != "PONG" {
+            assert!(Instant::now() < deadline, "redis on {port} never answered");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        p
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn id(&self) -> String {
+        cli(self.port, &["CLUSTER", "MYID"])
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `redis-cli -p PORT args...`, its output trimmed ("" when it could not run).
+fn cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output();
+    out.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Six processes made into three masters with a replica each, every slot covered.
+fn redis_cluster() -> Vec<Proc> {
+    let procs: Vec<Proc> = (0..6).map(|_| Proc::start()).collect();
+    let addrs: Vec<String> = procs
+        .iter()
+        .map(|p| format!("127.0.0.1:{}", p.port))
+        .collect();
+    let out = Command::new("redis-cli")
+        .args(["--cluster", "create"])
+        .args(&addrs)
+        .args(["--cluster-replicas", "1", "--cluster-yes"])
+        .output()
+        .expect("run redis-cli --cluster create");
+    assert!(
+        out.status.success(),
+        "redis-cli --cluster create: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for p in &procs {
+        loop {
+            let info = cli(p.port, &["CLUSTER", "INFO"]);
+            let nodes = cli(p.port, &["CLUSTER", "NODES"]);
+            let replicas = nodes.lines().filter(|l| l.contains("slave")).count();
+            if info.contains("cluster_state:ok") && replicas == 3 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "cluster never formed: {info}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    // Each replica in sync, so a failover has the data.
+    for p in &procs {
+        loop {
+            let r = cli(p.port, &["INFO", "replication"]);
+            if r.contains("role:master") || r.contains("master_link_status:up") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "replica never synced: {r}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    procs
+}
+
+/// The process that is master of `channel`'s slot now, as `at` sees the cluster.
+fn master_of<'a>(procs: &'a [Proc], at: u16, channel: &str) -> &'a Proc {
+    let slot: u16 = cli(at, &["CLUSTER", "KEYSLOT", &format!("bc:{{{channel}}}")])
+        .parse()
+        .expect("a slot");
+    let nodes = cli(at, &["CLUSTER", "NODES"]);
+    for line in nodes.lines() {
+        let f: Vec<&str> = line.split(' ').collect();
+        if f.len() < 9 || !f[2].contains("master") || f[2].contains("fail") {
+            continue;
+        }
+        let owns = f[8..].iter().any(|range| {
+            let mut ends = range.split('-').map(|n| n.parse::<u16>().ok());
+            match (ends.next().flatten(), ends.next().flatten()) {
+                (Some(a), Some(b)) => (a..=b).contains(&slot),
+                (Some(a), None) => a == slot,
+                _ => false,
+            }
+        });
+        if owns {
+            let port: u16 = f[1]
+                .split(['@', ':'])
+                .nth(1)
+                .and_then(|p| p.parse().ok())
+                .expect("a port");
+            return procs.iter().find(|p| p.port == port).expect("a known node");
+        }
+    }
+    panic!("no master holds slot {slot}: {nodes}")
+}
+
+/// Channels under `room/` keep presence and announce joins and leaves.
+const RULES: &str = "[[channels]]\npattern = \"room/*\"\npresence = true\njoin_leave = true\n";
+
+fn node(procs: &[Proc]) -> Server {
+    // Two seeds are enough to find the rest: the node learns the slot map from either.
+    let urls: Vec<String> = procs[..2]
+        .iter()
+        .map(|p| format!("redis://127.0.0.1:{}", p.port))
+        .collect();
+    Server::start(
+        ServerOpts {
+            shards: 2,
+            config_toml: Some(RULES.into()),
+            ..Default::default()
+        }
+        .env("BROADCASTER_REDIS_MODE", "cluster")
+        .env("BROADCASTER_REDIS_URLS", &urls.join(","))
+        .env("BROADCASTER_PRESENCE_NODE_TIMEOUT", "3s"),
+    )
+}
+
+async fn wait_ok(s: &Server) {
+    let deadline = Instant::now() + T;
+    loop {
+        let r = http_get(s.public, "/health").await;
+        if r.json()["status"] == json!("ok") {
+            return;
+        }
+        assert!(Instant::now() < deadline, "/health: {}", r.text());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// POST /publish; the offset when acknowledged.
+async fn publish(s: &Server, channel: &str, n: u64) -> Option<u64> {
+    let body = publish_body(channel, "e", &n.to_string());
+    let r = http_post_key(s.backend(), "/publish", &s.api_key, &body).await;
+    (r.status == 200)
+        .then(|| r.json()["offset"].as_u64())
+        .flatten()
+}
+
+/// The next broadcast of `channel` on `ws` (others skipped), within `T`.
+async fn next_of(ws: &mut Ws, channel: &str) -> Value {
+    within(T, "a broadcast", async {
+        loop {
+            let b = ws.recv_broadcast().await;
+            if b["channel"] == json!(channel) {
+                return b;
+            }
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn three_nodes_share_channels_through_sharded_pubsub() {
+    let procs = redis_cluster();
+    let nodes: Vec<Server> = (0..3).map(|_| node(&procs)).collect();
+    for n in &nodes {
+        wait_ok(n).await;
+    }
+    let pid = std::process::id();
+    // Channels spread over the masters' slots.
+    let channels: Vec<String> = (0..6).map(|i| format!("rc-{pid}-{i}")).collect();
+    let masters: std::collections::HashSet<u16> = channels
+        .iter()
+        .map(|c| master_of(&procs, procs[0].port, c).port)
+        .collect();
+    assert!(masters.len() >= 2, "channels all in one shard: {masters:?}");
+
+    let mut subs = Vec::new();
+    for n in &nodes {
+        let mut ws = n.ws_authed("alice").await;
+        for c in &channels {
+            ws.subscribe(c).await;
+        }
+        subs.push(ws);
+    }
+    // Sharded pub/sub only: every node holds an SSUBSCRIBE on the slot's master, none a
+    // classic SUBSCRIBE.
+    for c in &channels {
+        let master = master_of(&procs, procs[0].port, c);
+        let name = format!("bc:{{{c}}}");
+        let shard = cli(master.port, &["PUBSUB", "SHARDNUMSUB", &name]);
+        assert!(shard.ends_with('3'), "SHARDNUMSUB {name}: {shard}");
+        let classic = cli(master.port, &["PUBSUB", "NUMSUB", &name]);
+        assert!(classic.ends_with('0'), "NUMSUB {name}: {classic}");
+    }
+
+    // Publishes from every node, interleaved: each channel's offsets count 1, 2, 3 ... and
+    // every subscriber on every node sees them in that order.
+    let rounds = 10u64;
+    for n in 1..=rounds {
+        for (i, c) in channels.iter().enumerate() {
+            let offset = publish(&nodes[(n as usize + i) % 3], c, n)
+                .await
+                .expect("publish");
+            assert_eq!(offset, n, "offsets of {c}");
+        }
+    }
+    for ws in &mut subs {
+        let mut next = vec![1u64; channels.len()];
+        for _ in 0..rounds as usize * channels.len() {
+            let b = within(T, "a broadcast", ws.recv_broadcast()).await;
+            let i = channels
+                .iter()
+                .position(|c| b["channel"] == json!(c))
+                .expect("a subscribed channel");
+            assert_eq!(b["offset"], json!(next[i]), "{b}");
+            assert_eq!(b["payload"], json!(next[i]), "{b}");
+            next[i] += 1;
+        }
+    }
+
+    // Recovery on another node: a subscriber of node 0 that saw offset 4 resumes on node 2.
+    let first = subs[0].subscribe(&format!("rc-{pid}-probe")).await;
+    let epoch = first["epoch"].as_str().expect("epoch").to_string();
+    let probe = format!("rc-{pid}-probe");
+    for n in 1..=8 {
+        publish(&nodes[0], &probe, n).await.expect("publish");
+    }
+    let mut resumed = nodes[2].ws_authed("alice").await;
+    let since = json!({"channel": probe, "since": {"offset": 4, "epoch": epoch}});
+    let r = resumed.call("subscribe", since).await;
+    assert_eq!(r["recovered"], json!(true), "{r}");
+    for n in 5..=8 {
+        assert_eq!(next_of(&mut resumed, &probe).await["payload"], json!(n));
+    }
+    let h = http_get_key(
+        nodes[1].backend(),
+        &format!("/history?channel={probe}&limit=3"),
+        &nodes[1].api_key,
+    )
+    .await;
+    let offsets: Vec<u64> = h.json()["publications"]
+        .as_array()
+        .expect("publications")
+        .iter()
+        .filter_map(|p| p["offset"].as_u64())
+        .collect();
+    assert_eq!(offsets, [6, 7, 8], "{}", h.text());
+
+    // Presence: a member joining on node 1 is seen by a watcher on node 2, and listed by all.
+    let room = format!("room/{pid}");
+    let mut watcher = nodes[2].ws_authed("watcher").await;
+    watcher.subscribe(&room).await;
+    let mut bob = nodes[1].ws_authed("bob").await;
+    bob.subscribe(&room).await;
+    let joined = within(T, "bob's join", async {
+        loop {
+            let n = watcher.recv_note(T).await;
+            if n["method"] == json!("join") && n["params"]["user"] == json!("bob") {
+                return n;
+            }
+        }
+    })
+    .await;
+    assert_eq!(joined["params"]["channel"], json!(room), "{joined}");
+    let listed = http_get_key(
+        nodes[0].backend(),
+        &format!("/presence?channel={room}"),
+        &nodes[0].api_key,
+    )
+    .await
+    .json();
+    let users: Vec<&str> = listed["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .filter_map(|m| m["user"].as_str())
+        .collect();
+    assert!(users.contains(&"bob"), "{listed}");
+
+    // The backend's disconnect, sent to node 0, closes bob's connection on node 1.
+    let r = http_post_key(
+        nodes[0].backend(),
+        "/disconnect",
+        &nodes[0].api_key,
+        r#"{"user":"bob"}"#,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    bob.expect_close(4006, T).await;
+}
