@@ -144,6 +144,9 @@ pub(crate) struct BridgeMetrics {
     pub reconnects_total: AtomicU64,
     /// Redis Cluster: shard channels subscribed again after their slot moved.
     pub resubscribes_total: AtomicU64,
+    /// Publications read back from history because pub/sub skipped them while a channel was
+    /// being subscribed again.
+    pub gap_filled_total: AtomicU64,
     pub publications_out_total: AtomicU64,
     pub publications_in_total: AtomicU64,
     pub publish_seconds_sum_ns: AtomicU64,
@@ -666,7 +669,13 @@ impl Collector for Bridge {
             up.metric_type(),
         )?;
         up.encode(metric)?;
-        let counters: [(&str, &str, &AtomicU64); 5] = [
+        let counters: [(&str, &str, &AtomicU64); 6] = [
+            (
+                "redis_gap_filled",
+                "Publications read back from history because pub/sub skipped them while a \
+                 channel was being subscribed again.",
+                &m.gap_filled_total,
+            ),
             (
                 "redis_reconnects",
                 "Reconnections to Redis after a loss.",

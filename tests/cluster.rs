@@ -1266,6 +1266,49 @@ async fn pubsub_connection_loss_resubscribes_and_offsets_continue() {
     assert_eq!(offsets(&take(&mut back, 3, T).await), vec![2, 3, 4]);
 }
 
+/// Publications made while a node's pub/sub connection is down (it reconnects and resubscribes
+/// within its backoff) reach its subscribers anyway, in order: the first one after the gap has
+/// the skipped offsets read back from the channel's history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publications_made_while_a_node_resubscribes_are_not_skipped() {
+    let (redis, nodes) = cluster(2).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let ch = unique("gap");
+    let mut sub = b.ws_authed("sub").await;
+    sub.subscribe(&ch).await;
+    rest_publish_ok(a.backend(), &ch, "e", "1").await;
+    assert_eq!(offsets(&take(&mut sub, 1, T).await), vec![1]);
+
+    // Only B's pub/sub connection: it alone holds two subscriptions (control and `ch`), and A
+    // must stay connected to publish.
+    let Resp::Bulk(Some(list)) = redis.cmd(&["CLIENT", "LIST", "TYPE", "pubsub"]).await else {
+        panic!("CLIENT LIST")
+    };
+    let id = list
+        .lines()
+        .find(|l| l.contains(" sub=2 "))
+        .and_then(|l| l.split(' ').find_map(|f| f.strip_prefix("id=")))
+        .unwrap_or_else(|| panic!("B's pub/sub connection in {list}"))
+        .to_string();
+    let killed = redis.cmd(&["CLIENT", "KILL", "ID", &id]).await;
+    assert!(matches!(killed, Resp::Int(1)), "{killed:?}");
+    // Published before B subscribed again (its first retry waits 100 ms).
+    for i in 2..=6 {
+        rest_publish_ok(a.backend(), &ch, "e", &i.to_string()).await;
+    }
+    wait_reconnected(b, 1.0, Duration::from_secs(10)).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while redis.pubsub_for(&ch).await.iter().all(|(_, n)| *n == 0) {
+        assert!(Instant::now() < deadline, "B never resubscribed {ch}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    rest_publish_ok(a.backend(), &ch, "e", "7").await;
+    let notes = take(&mut sub, 6, T).await;
+    assert_eq!(offsets(&notes), vec![2, 3, 4, 5, 6, 7]);
+    assert_eq!(seqs(&notes), vec![2, 3, 4, 5, 6, 7]);
+    assert!(metric(b, "redis_gap_filled_total").await >= 5.0);
+}
+
 /// SPEC 8: a node killed with SIGKILL takes only its own connections down.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_node_leaves_the_others_serving() {

@@ -355,3 +355,163 @@ async fn three_nodes_share_channels_through_sharded_pubsub() {
     assert_eq!(r.status, 200, "{}", r.text());
     bob.expect_close(4006, T).await;
 }
+
+/// Two nodes, a subscriber of `channel` on the second, 20 publications from the first seen.
+async fn two_nodes_with_a_subscriber(
+    procs: &[Proc],
+    channel: &str,
+) -> (Server, Server, Ws, String) {
+    let a = node(procs);
+    let b = node(procs);
+    wait_ok(&a).await;
+    wait_ok(&b).await;
+    let mut sub = b.ws_authed("alice").await;
+    let r = sub.subscribe(channel).await;
+    let epoch = r["epoch"].as_str().expect("epoch").to_string();
+    for n in 1..=20u64 {
+        assert_eq!(publish(&a, channel, n).await, Some(n), "publish {n}");
+    }
+    for n in 1..=20u64 {
+        assert_eq!(next_of(&mut sub, channel).await["payload"], json!(n));
+    }
+    (a, b, sub, epoch)
+}
+
+#[tokio::test]
+async fn a_killed_master_fails_over_to_its_replica_and_nothing_is_lost_silently() {
+    let mut procs = redis_cluster();
+    let channel = format!("rc-failover-{}", std::process::id());
+    let (a, b, mut sub, epoch) = two_nodes_with_a_subscriber(&procs, &channel).await;
+    let victim = master_of(&procs, procs[0].port, &channel).port;
+    let killed = Instant::now();
+    procs
+        .iter_mut()
+        .find(|p| p.port == victim)
+        .expect("the victim")
+        .kill();
+    let survivor = procs
+        .iter()
+        .find(|p| p.port != victim)
+        .expect("a survivor")
+        .port;
+    let mut n = 1000u64;
+    let back = loop {
+        n += 1;
+        if publish(&a, &channel, n).await.is_some() {
+            break killed.elapsed();
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(30),
+            "no publish acknowledged after the kill"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    eprintln!("master killed to a publish acknowledged again: {back:?}");
+    let promoted = master_of(&procs, survivor, &channel).port;
+    assert_ne!(promoted, victim);
+
+    // The subscriber from before the kill gets the publications after it, in order, from the
+    // promoted replica, where its node subscribed again.
+    let first = next_of(&mut sub, &channel).await;
+    assert_eq!(first["payload"], json!(n), "{first}");
+    for m in n + 1..n + 5 {
+        publish(&a, &channel, m)
+            .await
+            .expect("publish after the failover");
+        assert_eq!(next_of(&mut sub, &channel).await["payload"], json!(m));
+    }
+    let name = format!("bc:{{{channel}}}");
+    let shard = cli(promoted, &["PUBSUB", "SHARDNUMSUB", &name]);
+    assert!(
+        shard.ends_with('1'),
+        "SHARDNUMSUB on the promoted replica: {shard}"
+    );
+
+    // Resuming from before the failover on the other node: the promoted replica is another
+    // generation, so the answer is `recovered: false` with a new epoch, never a replay that
+    // might miss writes the dead master had not yet replicated.
+    let mut again = b.ws_authed("alice").await;
+    let since = json!({"channel": channel, "since": {"offset": 20, "epoch": epoch}});
+    let r = again.call("subscribe", since).await;
+    assert_eq!(r["recovered"], json!(false), "{r}");
+    assert_ne!(r["epoch"].as_str(), Some(epoch.as_str()), "{r}");
+}
+
+#[tokio::test]
+async fn a_channels_slot_moved_to_another_master_keeps_delivering() {
+    let procs = redis_cluster();
+    let channel = format!("rc-reshard-{}", std::process::id());
+    let (a, b, mut sub, epoch) = two_nodes_with_a_subscriber(&procs, &channel).await;
+    let at = procs[0].port;
+    let source = master_of(&procs, at, &channel);
+    let target = procs
+        .iter()
+        .find(|p| p.port != source.port && cli(p.port, &["ROLE"]).starts_with("master"))
+        .expect("another master");
+    let slot = cli(at, &["CLUSTER", "KEYSLOT", &format!("bc:{{{channel}}}")]);
+    let (source_id, target_id) = (source.id(), target.id());
+
+    // What `redis-cli --cluster reshard` does for one slot.
+    let ok = |what: &str, out: String| assert_eq!(out, "OK", "{what}");
+    ok(
+        "importing",
+        cli(
+            target.port,
+            &["CLUSTER", "SETSLOT", &slot, "IMPORTING", &source_id],
+        ),
+    );
+    ok(
+        "migrating",
+        cli(
+            source.port,
+            &["CLUSTER", "SETSLOT", &slot, "MIGRATING", &target_id],
+        ),
+    );
+    let keys = cli(source.port, &["CLUSTER", "GETKEYSINSLOT", &slot, "100"]);
+    let keys: Vec<&str> = keys.lines().collect();
+    assert!(!keys.is_empty(), "the channel's keys are in slot {slot}");
+    let port = target.port.to_string();
+    let mut migrate = vec!["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS"];
+    migrate.extend(&keys);
+    ok("migrate", cli(source.port, &migrate));
+    for p in &procs {
+        if cli(p.port, &["ROLE"]).starts_with("master") {
+            ok(
+                "node",
+                cli(p.port, &["CLUSTER", "SETSLOT", &slot, "NODE", &target_id]),
+            );
+        }
+    }
+    assert_eq!(master_of(&procs, at, &channel).port, target.port);
+
+    // Publications after the move reach the subscriber from the slot's new master, in order,
+    // with their offsets going on from 20 under the same epoch (the keys moved with the slot).
+    for n in 21..=40u64 {
+        let offset = within(T, "a publish after the move", async {
+            loop {
+                if let Some(o) = publish(&a, &channel, n).await {
+                    return o;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        assert_eq!(offset, n);
+    }
+    for n in 21..=40u64 {
+        let m = next_of(&mut sub, &channel).await;
+        assert_eq!(m["payload"], json!(n), "{m}");
+        assert_eq!(m["offset"], json!(n), "{m}");
+    }
+    let name = format!("bc:{{{channel}}}");
+    let shard = cli(target.port, &["PUBSUB", "SHARDNUMSUB", &name]);
+    assert!(
+        shard.ends_with('1'),
+        "SHARDNUMSUB on the new master: {shard}"
+    );
+    // A resume across the move is complete: the history moved with the slot.
+    let mut again = b.ws_authed("alice").await;
+    let since = json!({"channel": channel, "since": {"offset": 30, "epoch": epoch}});
+    let r = again.call("subscribe", since).await;
+    assert_eq!(r["recovered"], json!(true), "{r}");
+}

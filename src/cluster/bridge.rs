@@ -132,12 +132,13 @@ impl Finder {
         }
     }
 
-    /// Connects: the command connection, the pub/sub connection and its messages, the
-    /// generation (`State::generation`) and where Redis is, for the log.
-    async fn connect(&mut self) -> redis::RedisResult<(Conn, Subscriber, Feed, String, String)> {
+    /// Connects to Redis, or to every shard of the cluster.
+    async fn connect(&mut self) -> redis::RedisResult<Connected> {
         if let Finder::Cluster(nodes) = self {
             let commands = redis::cluster::ClusterClient::builder(nodes.clone()).build()?;
-            let conn = commands.get_async_connection().await?;
+            let mut conn = Conn::Cluster(commands.get_async_connection().await?);
+            // Read before anything is subscribed, so a change during the subscribing is seen.
+            let topology = Some(cluster_epoch(&mut conn).await?);
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
             let pubsub = redis::cluster::ClusterClient::builder(nodes.clone())
                 .use_protocol(redis::ProtocolVersion::RESP3)
@@ -148,26 +149,28 @@ impl Finder {
                 .first()
                 .map(|n| n.addr().to_string())
                 .unwrap_or_default();
-            return Ok((
-                Conn::Cluster(conn),
-                Subscriber::Sharded(sub),
-                Feed::Sharded(rx),
-                "*".into(),
-                format!("cluster via {addr}"),
-            ));
+            return Ok(Connected {
+                conn,
+                sink: Subscriber::Sharded(sub),
+                feed: Feed::Sharded(rx),
+                generation: "*".into(),
+                addr: format!("cluster via {addr}"),
+                topology,
+            });
         }
         let client = self.client().await?;
         let mut conn = client.get_multiplexed_async_connection().await?;
         let (sink, stream) = client.get_async_pubsub().await?.split();
         let generation = self.generation(&mut conn).await?;
         let addr = client.get_connection_info().addr().to_string();
-        Ok((
-            Conn::Single(conn),
-            Subscriber::Classic(sink),
-            Feed::Classic(Box::pin(stream)),
+        Ok(Connected {
+            conn: Conn::Single(conn),
+            sink: Subscriber::Classic(sink),
+            feed: Feed::Classic(Box::pin(stream)),
             generation,
             addr,
-        ))
+            topology: None,
+        })
     }
 
     /// The Redis to connect to now: the one URL, or the master the sentinels name.
@@ -196,6 +199,34 @@ impl Finder {
     }
 }
 
+/// What `Finder::connect` opens.
+struct Connected {
+    conn: Conn,
+    sink: Subscriber,
+    feed: Feed,
+    /// `State::generation`.
+    generation: String,
+    /// Where Redis is, for the log.
+    addr: String,
+    /// Redis Cluster: its configuration epoch when connected (`cluster_epoch`).
+    topology: Option<u64>,
+}
+
+/// Redis Cluster's `cluster_current_epoch`, which a failover or a slot moved to another master
+/// increases. The cluster connections re-route commands when told the slot moved, but a
+/// subscription whose master died is not told anything: the bridge reconnects when the epoch
+/// grows, so every subscription is made again where its slot now is.
+async fn cluster_epoch(conn: &mut Conn) -> redis::RedisResult<u64> {
+    let info: String = redis::cmd("CLUSTER").arg("INFO").query_async(conn).await?;
+    let epoch = info
+        .lines()
+        .find_map(|l| l.strip_prefix("cluster_current_epoch:"))
+        .and_then(|e| e.trim().parse().ok());
+    epoch.ok_or_else(|| {
+        redis::RedisError::from((redis::ErrorKind::Parse, "no cluster_current_epoch"))
+    })
+}
+
 /// Keeps a command connection and a pub/sub connection open, reconnecting with capped
 /// exponential backoff; after a reconnect it resubscribes every watched channel.
 async fn supervise(state: Rc<State>, mut finder: Finder) {
@@ -203,7 +234,14 @@ async fn supervise(state: Rc<State>, mut finder: Finder) {
     let mut first = true;
     loop {
         match tokio::time::timeout(REDIS_TIMEOUT, finder.connect()).await {
-            Ok(Ok((conn, mut sink, mut stream, generation, addr))) => {
+            Ok(Ok(Connected {
+                conn,
+                mut sink,
+                mut feed,
+                generation,
+                addr,
+                topology,
+            })) => {
                 *state.generation.borrow_mut() = generation;
                 // The backend's control messages, then every watched channel.
                 let watched: Vec<String> = {
@@ -232,7 +270,7 @@ async fn supervise(state: Rc<State>, mut finder: Finder) {
                     tokio::task::spawn_local(async move { control::sync_revocations(&s).await });
                     first = false;
                     backoff = BACKOFF_MIN;
-                    serve(&state, &mut stream).await;
+                    serve(&state, &mut feed, topology).await;
                     tracing::warn!("redis connection lost or unresponsive; reconnecting");
                 }
                 state.metrics.up.store(false, Relaxed);
@@ -266,14 +304,14 @@ impl Feed {
 /// Hands pub/sub messages to the shards until the connection ends or Redis stops answering
 /// (a Redis that hangs, or a partition, ends no stream: a PING every `LIVENESS_INTERVAL`
 /// notices).
-async fn serve(state: &Rc<State>, feed: &mut Feed) {
+async fn serve(state: &Rc<State>, feed: &mut Feed, topology: Option<u64>) {
     let mut liveness = tokio::time::interval(LIVENESS_INTERVAL);
     loop {
         tokio::select! {
             incoming = feed.next() => match incoming {
                 Some(incoming) => {
                     if let Some((channel, data)) = incoming.message() {
-                        on_message(state, channel, data);
+                        on_message(state, channel, data).await;
                     } else if let Some(channel) = incoming.sunsubscribed() {
                         resubscribe(state, channel);
                     }
@@ -282,6 +320,16 @@ async fn serve(state: &Rc<State>, feed: &mut Feed) {
             },
             _ = liveness.tick() => {
                 let Some(mut conn) = state.connection() else { return };
+                if let Some(known) = topology {
+                    match tokio::time::timeout(REDIS_TIMEOUT, cluster_epoch(&mut conn)).await {
+                        Ok(Ok(epoch)) if epoch > known => {
+                            tracing::info!(epoch, "redis cluster topology changed");
+                            return;
+                        }
+                        Ok(Ok(_)) => continue,
+                        _ => return,
+                    }
+                }
                 let ping = redis::cmd("PING");
                 let answer = ping.query_async::<String>(&mut conn);
                 if !matches!(tokio::time::timeout(REDIS_TIMEOUT, answer).await, Ok(Ok(_))) {
@@ -326,7 +374,12 @@ fn channel_of(name: &str) -> Option<&str> {
 
 /// Decodes a publication (`offset epoch id createTime eventlen fromlen event+from+payload`) or
 /// a join or leave (`J|L version userlen user+info`) and hands it to every watching shard.
-fn on_message(state: &State, name: &[u8], data: &[u8]) {
+///
+/// A publication whose offset skips some (its channel was being subscribed again when they were
+/// published: a reconnect, a failover, a resharding) first has the skipped ones read from the
+/// channel's history and handed over in order; the pub/sub messages behind it wait, so every
+/// shard still gets each channel's publications in offset order.
+async fn on_message(state: &State, name: &[u8], data: &[u8]) {
     if name == control::CHANNEL.as_bytes() {
         return control::on_message(state, data);
     }
@@ -344,16 +397,61 @@ fn on_message(state: &State, name: &[u8], data: &[u8]) {
     if p.presence.is_none() {
         bump(&state.metrics.publications_in_total);
     }
+    if !state.watchers.borrow().contains_key(channel) {
+        return;
+    }
+    let follows = match (&p.epoch, &p.presence) {
+        (Some(epoch), None) => state.follow(channel, epoch, p.offset),
+        _ => Follow::Next,
+    };
+    match follows {
+        Follow::Next => {}
+        Follow::Seen => return,
+        Follow::After(last) => {
+            let epoch = p.epoch.clone().unwrap_or_else(|| Arc::from(""));
+            let skipped = p.offset - last - 1;
+            let missed = recovery::missed(state, channel, last + 1, p.offset - 1, &epoch).await;
+            state
+                .metrics
+                .gap_filled_total
+                .fetch_add(missed.len() as u64, Relaxed);
+            if (missed.len() as u64) < skipped {
+                tracing::warn!(
+                    channel,
+                    skipped,
+                    found = missed.len(),
+                    "publications missed while resubscribing are gone from history"
+                );
+            }
+            for m in missed {
+                deliver(state, channel, m);
+            }
+        }
+    }
+    deliver(state, channel, Arc::new(p));
+}
+
+/// Hands `p` to every shard of this node that watches `channel`.
+fn deliver(state: &State, channel: &str, p: Arc<Publication>) {
     let watchers = state.watchers.borrow();
     let Some(counts) = watchers.get(channel) else {
         return;
     };
-    let p = Arc::new(p);
     for (shard, n) in counts.iter().enumerate() {
         if *n > 0 {
             let _ = state.shards[shard].unbounded_send(ShardMsg::Deliver(p.clone()));
         }
     }
+}
+
+/// Where a publication stands against the last one this node delivered of its channel.
+pub(super) enum Follow {
+    /// The next one (or the first, or of a new epoch).
+    Next,
+    /// Delivered already.
+    Seen,
+    /// Some were skipped after this offset.
+    After(u64),
 }
 
 fn decode(channel: &str, data: &[u8]) -> Option<Publication> {

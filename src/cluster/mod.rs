@@ -102,6 +102,9 @@ pub(crate) enum Request {
     },
 }
 
+/// A channel's epoch and the offset of its last publication handed to the shards.
+type Delivered = (Arc<str>, u64);
+
 /// Members per channel.
 pub(crate) type MemberCounts = Vec<(Arc<str>, usize)>;
 
@@ -211,6 +214,7 @@ pub(crate) fn start(
                 conn: RefCell::new(None),
                 sink: RefCell::new(None),
                 watchers: RefCell::new(HashMap::new()),
+                delivered: RefCell::new(HashMap::new()),
                 next_publication: std::cell::Cell::new(0),
                 members: RefCell::new(HashMap::new()),
                 presence,
@@ -250,6 +254,8 @@ struct State {
     sharded: bool,
     /// Per channel, how many subscriptions (pending ones included) each shard holds.
     watchers: RefCell<HashMap<Arc<str>, Vec<usize>>>,
+    /// Per watched channel, the epoch and offset of the last publication handed to the shards.
+    delivered: RefCell<HashMap<Arc<str>, Delivered>>,
     next_publication: std::cell::Cell<u64>,
     /// Per channel, this node's members with how many subscriptions hold each.
     members: RefCell<HashMap<Arc<str>, Members>>,
@@ -272,6 +278,30 @@ impl State {
     /// The command connection, while Redis is connected.
     fn connection(&self) -> Option<conn::Conn> {
         self.conn.borrow().clone()
+    }
+
+    /// Notes that `offset` of `channel` (in `epoch`) reaches the shards, and says how it follows
+    /// the last one that did.
+    fn follow(&self, channel: &str, epoch: &Arc<str>, offset: u64) -> bridge::Follow {
+        let mut delivered = self.delivered.borrow_mut();
+        let Some((held, last)) = delivered.get_mut(channel) else {
+            delivered.insert(Arc::from(channel), (epoch.clone(), offset));
+            return bridge::Follow::Next;
+        };
+        if **held != **epoch {
+            (*held, *last) = (epoch.clone(), offset);
+            return bridge::Follow::Next;
+        }
+        let before = *last;
+        if offset <= before {
+            return bridge::Follow::Seen;
+        }
+        *last = offset;
+        if offset == before + 1 {
+            bridge::Follow::Next
+        } else {
+            bridge::Follow::After(before)
+        }
     }
 
     /// How a message is published outside a script.

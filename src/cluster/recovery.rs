@@ -177,11 +177,49 @@ async fn recover(
     })
 }
 
+/// Publications `from..=to` of `channel` (in `epoch`) still in its history, oldest first: what
+/// pub/sub skipped while the node subscribed to the channel again. Empty when Redis fails.
+pub(super) async fn missed(
+    state: &State,
+    channel: &str,
+    from: u64,
+    to: u64,
+    epoch: &Arc<str>,
+) -> Vec<Arc<Publication>> {
+    let Some(mut conn) = state.connection() else {
+        return Vec::new();
+    };
+    let mut xrange = redis::cmd("XRANGE");
+    xrange
+        .arg(&keys(channel)[2])
+        .arg(format!("{from}-0"))
+        .arg(format!("{to}-1"));
+    let read = xrange.query_async::<StreamEntries>(&mut conn);
+    let Ok(Ok(entries)) = tokio::time::timeout(REDIS_TIMEOUT, read).await else {
+        return Vec::new();
+    };
+    let ttl = state.rules.policy(channel).history_ttl;
+    decode_entries(channel, entries, ttl)
+        .into_iter()
+        .map(|mut p| {
+            p.epoch = Some(epoch.clone());
+            Arc::new(p)
+        })
+        .collect()
+}
+
 fn entries_to_publications(
     channel: &str,
     entries: StreamEntries,
     ttl: Duration,
 ) -> Vec<Arc<Publication>> {
+    decode_entries(channel, entries, ttl)
+        .into_iter()
+        .map(Arc::new)
+        .collect()
+}
+
+fn decode_entries(channel: &str, entries: StreamEntries, ttl: Duration) -> Vec<Publication> {
     let now = unix_ms();
     let text = |m: &HashMap<String, redis::Value>, k: &str| -> Option<Vec<u8>> {
         match m.get(k)? {
@@ -224,7 +262,7 @@ fn entries_to_publications(
             .and_then(|f| String::from_utf8(f).ok())
             .filter(|f| !f.is_empty())
             .map(Arc::from);
-        out.push(Arc::new(Publication::new(
+        out.push(Publication::new(
             Arc::from(channel),
             offset,
             Header {
@@ -235,7 +273,7 @@ fn entries_to_publications(
             },
             &p,
             Instant::now(),
-        )));
+        ));
     }
     out
 }

@@ -1,25 +1,39 @@
 //! The Redis side of a channel: its keys (all under one `{channel}` hash tag, so one slot) and
 //! the Lua scripts that change them atomically.
 
-/// The generation a channel's state is written under (`State::generation`): none in standalone
-/// mode, the master's run id in sentinel mode, and in Redis Cluster (`*`) the id of the node
-/// that holds the channel's slot now, which a failover to a replica changes.
+/// Whether the channel's state may be kept, given the generation it was written under (KEYS
+/// `key`) and the one asked (`State::generation`): none in standalone mode, the master's run id
+/// in sentinel mode. In Redis Cluster (`*`) it is the id of the master that holds the slot now;
+/// state written under another master is kept when that master is still a healthy master (the
+/// slot moved here with its keys, a resharding), and not when it failed or became a replica (a
+/// failover, after which the last writes may be missing). Records the generation now current.
 const GENERATION: &str = r#"
-local function generation(asked)
-  if asked == '*' then return redis.call('CLUSTER', 'MYID') end
-  return asked
+local function same_generation(asked, key, ttl)
+  if asked == '' then return true end
+  local held = redis.call('GET', key)
+  local now, keep = asked, held == asked
+  if asked == '*' then
+    now = redis.call('CLUSTER', 'MYID')
+    keep = held == now
+    if held and not keep then
+      for line in string.gmatch(redis.call('CLUSTER', 'NODES'), '[^\n]+') do
+        local id, flags = string.match(line, '^(%S+) %S+ (%S+)')
+        if id == held then
+          keep = string.find(flags, 'master', 1, true) ~= nil and string.find(flags, 'fail', 1, true) == nil
+        end
+      end
+    end
+  end
+  if held ~= now then redis.call('SET', key, now, 'PX', ttl) end
+  return keep
 end
 "#;
 
 /// Assigns the next offset (creating the epoch when the channel's history is new or was lost,
-/// or was written under another master: ARGV[10], see `GENERATION`, against KEYS[5]),
+/// or was written under another master: ARGV[10] against KEYS[5], see `GENERATION`),
 /// appends to the capped stream, refreshes the TTLs and publishes, in one atomic step.
 const PUBLISH_LUA: &str = r#"
-local gen = generation(ARGV[10])
-if gen ~= '' and redis.call('GET', KEYS[5]) ~= gen then
-  redis.call('DEL', KEYS[2])
-  redis.call('SET', KEYS[5], gen, 'PX', ARGV[7])
-end
+if not same_generation(ARGV[10], KEYS[5], ARGV[7]) then redis.call('DEL', KEYS[2]) end
 local off = redis.call('INCR', KEYS[1])
 local epoch = redis.call('GET', KEYS[2])
 if not epoch then
@@ -37,7 +51,7 @@ end
 redis.call('PEXPIRE', KEYS[1], ARGV[7])
 redis.call('PEXPIRE', KEYS[2], ARGV[7])
 redis.call('PEXPIRE', KEYS[3], ARGV[7])
-if gen ~= '' then redis.call('PEXPIRE', KEYS[5], ARGV[7]) end
+if ARGV[10] ~= '' then redis.call('PEXPIRE', KEYS[5], ARGV[7]) end
 redis.call('PUBLISH', KEYS[4], off .. ' ' .. epoch .. ' ' .. ARGV[1] .. ' ' .. ARGV[2] .. ' ' .. string.len(ARGV[3]) .. ' ' .. string.len(ARGV[9]) .. ' ' .. ARGV[3] .. ARGV[9] .. ARGV[4])
 return off
 "#;
@@ -47,11 +61,7 @@ return off
 /// also its presence version (KEYS[4]), with 2 its members too (KEYS[5]): one call per
 /// subscribe, with or without presence.
 const POSITION_LUA: &str = r#"
-local gen = generation(ARGV[4])
-if gen ~= '' and redis.call('GET', KEYS[6]) ~= gen then
-  redis.call('DEL', KEYS[2])
-  redis.call('SET', KEYS[6], gen, 'PX', ARGV[2])
-end
+if not same_generation(ARGV[4], KEYS[6], ARGV[2]) then redis.call('DEL', KEYS[2]) end
 local off = tonumber(redis.call('GET', KEYS[1]) or '0')
 local epoch = redis.call('GET', KEYS[2])
 if not epoch then

@@ -106,6 +106,7 @@ async fn release(state: &State, shard: usize, channel: &Arc<str>) {
         let last = counts.iter().all(|n| *n == 0);
         if last {
             w.remove(channel);
+            state.delivered.borrow_mut().remove(channel);
         }
         last
     };
