@@ -5,7 +5,7 @@
 # the transports: plain (WebSocket), compress (WebSocket offering permessage-deflate), sse
 # (server-sent events). Prints per run the broadcast bytes on the wire per delivery, the server
 # CPU per delivered message and the latency p99. Run from the repository root after
-# `cargo build --release --bin broadcaster -p loadtest`; the full reports are in $OUT.
+# `cargo build --release -p broadcaster -p loadtest`; the full reports are in $OUT.
 #
 #   # a 64 kB JSON scoreboard with and without compression
 #   MODES="plain compress" PAYLOAD_BYTES=64000 PAYLOAD_SHAPE=scoreboard RATE=2 loadtest/transport-ab.sh

@@ -4,7 +4,7 @@
 # generator on CPU 1): base (no [[webhooks]]), refused (a hook whose URL refuses connections) and
 # hanging (a receiver that accepts and never answers). Each runs the presence storm (two member
 # events per cycle for the hook) and the 1,000-subscriber max-rate fan-out. Run from the
-# repository root after `cargo build --release --bin broadcaster -p loadtest`; results in $OUT.
+# repository root after `cargo build --release -p broadcaster -p loadtest`; results in $OUT.
 set -euo pipefail
 BIN=${BIN:-target/release/broadcaster}
 LT=${LT:-target/release/broadcaster-loadtest}

@@ -354,6 +354,56 @@ async fn three_nodes_share_channels_through_sharded_pubsub() {
     .await;
     assert_eq!(r.status, 200, "{}", r.text());
     bob.expect_close(4006, T).await;
+
+    // A revocation made on node 0 closes mallory's connection on node 2 (4007), is held in the
+    // control slot, and a node started later refuses the token.
+    let stolen = TokenSpec::new(&nodes[0].secret, "mallory")
+        .jti(&format!("jti-{pid}"))
+        .mint();
+    let mut mallory = Ws::connect(nodes[2].public).await;
+    mallory.auth_ok(&stolen).await;
+    let r = http_post_key(
+        nodes[0].backend(),
+        "/revoke",
+        &nodes[0].api_key,
+        &json!({"jti": format!("jti-{pid}")}).to_string(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    mallory.expect_close(4007, T).await;
+    let owner = master_of(&procs, procs[0].port, "bc");
+    assert_eq!(cli(owner.port, &["HLEN", "bc:{bc}:revoked"]), "1");
+    let late = node(&procs);
+    wait_ok(&late).await;
+    let mut again = Ws::connect(late.public).await;
+    again
+        .call_err("auth", json!({ "token": stolen }), "Unauthenticated")
+        .await;
+
+    // A node SIGKILLed: the others remove its member (heartbeats and the node's pairs are in
+    // slots of their own) and the watcher sees one leave.
+    let mut dave = nodes[1].ws_authed("dave").await;
+    dave.subscribe(&room).await;
+    within(T, "dave's join", async {
+        loop {
+            let n = watcher.recv_note(T).await;
+            if n["method"] == json!("join") && n["params"]["user"] == json!("dave") {
+                return;
+            }
+        }
+    })
+    .await;
+    nodes[1].signal(libc::SIGKILL);
+    let left = within(Duration::from_secs(15), "dave's leave", async {
+        loop {
+            let n = watcher.recv_note(Duration::from_secs(15)).await;
+            if n["method"] == json!("leave") {
+                return n;
+            }
+        }
+    })
+    .await;
+    assert_eq!(left["params"]["user"], json!("dave"), "{left}");
 }
 
 /// Two nodes, a subscriber of `channel` on the second, 20 publications from the first seen.

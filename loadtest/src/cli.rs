@@ -81,6 +81,10 @@ pub struct Common {
     /// redis-server's pid to count the broker too).
     #[arg(long, value_delimiter = ',')]
     pub(crate) server_pid: Vec<u32>,
+    /// The broker's pids (redis-server processes, comma list or repeated): fanout and chat
+    /// report their CPU over the same window, apart, and per publication.
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) broker_pid: Vec<u32>,
     /// Write the JSON summary here.
     #[arg(long)]
     pub(crate) json: Option<PathBuf>,

@@ -100,6 +100,10 @@ pub struct Report<F = ()> {
     pub(crate) frame_bytes_mean: Option<f64>,
     /// Server CPU (user + system) over the window, seconds.
     pub(crate) server_cpu_s: Option<f64>,
+    /// The broker's CPU (`--broker-pid`) over the window, seconds.
+    pub(crate) broker_cpu_s: Option<f64>,
+    /// The broker's CPU per publication accepted, µs.
+    pub(crate) broker_cpu_us_per_publication: Option<f64>,
     /// Server CPU per delivered message, µs.
     pub(crate) server_cpu_us_per_delivery: Option<f64>,
     /// Storm: server CPU per connection, µs.
@@ -417,7 +421,7 @@ impl<F> Report<F> {
 
     /// CPU over the measurement window, and the kernel's share of it.
     fn cpu_rows(&self) -> Vec<Row> {
-        vec![
+        let mut rows = vec![
             row(
                 "CPU over the window",
                 format!(
@@ -437,7 +441,14 @@ impl<F> Report<F> {
                     self.loadgen_cpu_sys_fraction * 100.0
                 ),
             ),
-        ]
+        ];
+        if let (Some(s), Some(per)) = (self.broker_cpu_s, self.broker_cpu_us_per_publication) {
+            rows.push(row(
+                "broker (redis) CPU",
+                format!("{s:.3} s, {per:.2} µs per publication"),
+            ));
+        }
+        rows
     }
 
     /// Server and load-generator RSS, where measured.

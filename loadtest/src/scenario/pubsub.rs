@@ -54,6 +54,8 @@ pub(super) struct Published {
     pub(super) end: WindowEnd,
     /// Broadcast frames per server socket write over the window (from `/metrics`), when scraped.
     pub(super) frames_per_write: Option<f64>,
+    /// The broker's CPU over the window (`--broker-pid`), ns.
+    pub(super) broker_cpu_ns: Option<u64>,
 }
 
 /// Runs the scenario `p` describes.
@@ -139,6 +141,11 @@ fn publish(p: &PubSub<'_>, run: &mut Subscribed) -> Result<Published, SetupError
     let reconnecting = p.reconnect_every.is_some();
     let published = publish_window(p.common, pcfg, &run.workers, p.per_channel, reconnecting)?;
     run.report.frames_per_write = published.frames_per_write;
+    if let Some(ns) = published.broker_cpu_ns {
+        run.report.broker_cpu_s = Some(ns as f64 / 1e9);
+        let n = published.pres.published.max(1) as f64;
+        run.report.broker_cpu_us_per_publication = Some(ns as f64 / 1e3 / n);
+    }
     Ok(published)
 }
 
@@ -157,6 +164,7 @@ pub(super) fn publish_window(
     let rest_nodes = pcfg.rest_nodes.clone();
     let writes0 = write_counts(&rest_nodes);
     let window = window_start(&common.server_pid);
+    let broker0 = procstat::sample_all(&common.broker_pid);
     let shared = workers.shared.clone();
     let pub_cpu = common.cpus.last().copied();
     let publisher = {
@@ -194,6 +202,10 @@ pub(super) fn publish_window(
         }
     }
     let end = window_end(&window, &common.server_pid);
+    let broker_cpu_ns = match (broker0, procstat::sample_all(&common.broker_pid)) {
+        (Some(a), Some(b)) => Some(b.cpu_ns().saturating_sub(a.cpu_ns())),
+        _ => None,
+    };
     let frames_per_write = match (writes0, write_counts(&rest_nodes)) {
         (Some(a), Some(b)) => {
             let (frames, writes) = (b.0 - a.0, b.1 - a.1);
@@ -209,6 +221,7 @@ pub(super) fn publish_window(
         expected,
         end,
         frames_per_write,
+        broker_cpu_ns,
     })
 }
 
