@@ -82,7 +82,8 @@ pub struct Common {
     #[arg(long, value_delimiter = ',')]
     pub(crate) server_pid: Vec<u32>,
     /// The broker's pids (redis-server processes, comma list or repeated): fanout and chat
-    /// report their CPU over the same window, apart, and per publication.
+    /// report their CPU over the same window above what they use idle (measured for a second
+    /// before publishing), apart, and per publication.
     #[arg(long, value_delimiter = ',')]
     pub(crate) broker_pid: Vec<u32>,
     /// Write the JSON summary here.

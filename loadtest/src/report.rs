@@ -100,9 +100,9 @@ pub struct Report<F = ()> {
     pub(crate) frame_bytes_mean: Option<f64>,
     /// Server CPU (user + system) over the window, seconds.
     pub(crate) server_cpu_s: Option<f64>,
-    /// The broker's CPU (`--broker-pid`) over the window, seconds.
+    /// The broker's CPU (`--broker-pid`) over the window above its idle rate, seconds.
     pub(crate) broker_cpu_s: Option<f64>,
-    /// The broker's CPU per publication accepted, µs.
+    /// The broker's CPU (above idle) per publication accepted, µs.
     pub(crate) broker_cpu_us_per_publication: Option<f64>,
     /// Server CPU per delivered message, µs.
     pub(crate) server_cpu_us_per_delivery: Option<f64>,
@@ -444,7 +444,7 @@ impl<F> Report<F> {
         ];
         if let (Some(s), Some(per)) = (self.broker_cpu_s, self.broker_cpu_us_per_publication) {
             rows.push(row(
-                "broker (redis) CPU",
+                "broker (redis) CPU above idle",
                 format!("{s:.3} s, {per:.2} µs per publication"),
             ));
         }

@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 
 /// How often the bridge checks that Redis still answers.
 const LIVENESS_INTERVAL: Duration = Duration::from_millis(500);
+/// Redis Cluster: failed checks in a row (`LIVENESS_INTERVAL` apart) before reconnecting.
+const CLUSTER_SILENT_CHECKS: u32 = 4;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
@@ -306,6 +308,10 @@ impl Feed {
 /// notices).
 async fn serve(state: &Rc<State>, feed: &mut Feed, topology: Option<u64>) {
     let mut liveness = tokio::time::interval(LIVENESS_INTERVAL);
+    // Redis Cluster: checks in a row that found no answer. One master down makes a check fail
+    // when it lands there, while every other shard still serves: the node reconnects only when
+    // the cluster stays silent, or when its epoch says the slots moved.
+    let mut silent = 0;
     loop {
         tokio::select! {
             incoming = feed.next() => match incoming {
@@ -326,9 +332,13 @@ async fn serve(state: &Rc<State>, feed: &mut Feed, topology: Option<u64>) {
                             tracing::info!(epoch, "redis cluster topology changed");
                             return;
                         }
-                        Ok(Ok(_)) => continue,
-                        _ => return,
+                        Ok(Ok(_)) => silent = 0,
+                        _ => silent += 1,
                     }
+                    if silent >= CLUSTER_SILENT_CHECKS {
+                        return;
+                    }
+                    continue;
                 }
                 let ping = redis::cmd("PING");
                 let answer = ping.query_async::<String>(&mut conn);
@@ -342,8 +352,8 @@ async fn serve(state: &Rc<State>, feed: &mut Feed, topology: Option<u64>) {
 
 /// Redis Cluster unsubscribed this node from a shard channel: when the node still wants it (the
 /// slot moved: a resharding or a failover), it subscribes again, which the cluster connection
-/// sends to the slot's new owner. Publications made on the new owner before that are not
-/// delivered live here; clients get them back by offset when they resume.
+/// sends to the slot's new owner. Publications made there before that are read back from
+/// history when the next one arrives (`on_message`).
 fn resubscribe(state: &Rc<State>, channel: &[u8]) {
     let Ok(channel) = std::str::from_utf8(channel) else {
         return;

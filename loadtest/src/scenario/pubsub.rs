@@ -54,7 +54,7 @@ pub(super) struct Published {
     pub(super) end: WindowEnd,
     /// Broadcast frames per server socket write over the window (from `/metrics`), when scraped.
     pub(super) frames_per_write: Option<f64>,
-    /// The broker's CPU over the window (`--broker-pid`), ns.
+    /// The broker's CPU over the window (`--broker-pid`) above its idle rate, ns.
     pub(super) broker_cpu_ns: Option<u64>,
 }
 
@@ -163,6 +163,7 @@ pub(super) fn publish_window(
     let total = workers.total();
     let rest_nodes = pcfg.rest_nodes.clone();
     let writes0 = write_counts(&rest_nodes);
+    let idle = broker_idle_ns_per_s(&common.broker_pid);
     let window = window_start(&common.server_pid);
     let broker0 = procstat::sample_all(&common.broker_pid);
     let shared = workers.shared.clone();
@@ -202,8 +203,11 @@ pub(super) fn publish_window(
         }
     }
     let end = window_end(&window, &common.server_pid);
-    let broker_cpu_ns = match (broker0, procstat::sample_all(&common.broker_pid)) {
-        (Some(a), Some(b)) => Some(b.cpu_ns().saturating_sub(a.cpu_ns())),
+    let broker_cpu_ns = match (broker0, procstat::sample_all(&common.broker_pid), idle) {
+        (Some(a), Some(b), Some(idle)) => {
+            let background = idle * end.elapsed.as_secs_f64();
+            Some((b.cpu_ns().saturating_sub(a.cpu_ns()) as f64 - background).max(0.0) as u64)
+        }
         _ => None,
     };
     let frames_per_write = match (writes0, write_counts(&rest_nodes)) {
@@ -223,6 +227,17 @@ pub(super) fn publish_window(
         frames_per_write,
         broker_cpu_ns,
     })
+}
+
+/// The broker's CPU while nothing is published (its timers, a cluster's bus, the nodes'
+/// liveness checks), ns per second over one second, so that what a publication costs it is not
+/// drowned in what it costs anyway.
+fn broker_idle_ns_per_s(pids: &[u32]) -> Option<f64> {
+    let t0 = Instant::now();
+    let a = procstat::sample_all(pids)?;
+    std::thread::sleep(Duration::from_secs(1));
+    let b = procstat::sample_all(pids)?;
+    Some(b.cpu_ns().saturating_sub(a.cpu_ns()) as f64 / t0.elapsed().as_secs_f64())
 }
 
 /// Stops the subscribers, checks what they received and fills the report.
