@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 const LIVENESS_INTERVAL: Duration = Duration::from_millis(500);
 /// Redis Cluster: failed checks in a row (`LIVENESS_INTERVAL` apart) before reconnecting.
 const CLUSTER_SILENT_CHECKS: u32 = 4;
+/// Channels whose position `catch_up` asks at once.
+const CATCH_UP_IN_FLIGHT: usize = 64;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
@@ -246,22 +248,31 @@ async fn supervise(state: Rc<State>, mut finder: Finder) {
             })) => {
                 *state.generation.borrow_mut() = generation;
                 // The backend's control messages, then every watched channel.
-                let watched: Vec<String> = {
-                    let watchers = state.watchers.borrow();
-                    watchers.keys().map(|c| keys(c)[3].clone()).collect()
-                };
-                let channels = std::iter::once(control::CHANNEL.to_string()).chain(watched);
+                let watched = watched_names(&state);
+                let channels =
+                    std::iter::once(control::CHANNEL).chain(watched.iter().map(|c| &**c));
                 let mut ok = true;
                 for c in channels {
-                    if sink.subscribe(&c).await.is_err() {
+                    let subscribe = tokio::time::timeout(REDIS_TIMEOUT, sink.subscribe(c));
+                    if !matches!(subscribe.await, Ok(Ok(()))) {
                         ok = false;
                         break;
                     }
                 }
                 if ok {
                     *state.conn.borrow_mut() = Some(conn);
-                    *state.sink.borrow_mut() = Some(sink);
+                    *state.sink.borrow_mut() = Some(sink.clone());
                     state.metrics.up.store(true, Relaxed);
+                    // After a topology change the previous connection served meanwhile: what
+                    // was watched or released through it since `watched` was read is made so
+                    // on this one.
+                    let now = watched_names(&state);
+                    for c in now.difference(&watched) {
+                        let _ = tokio::time::timeout(REDIS_TIMEOUT, sink.subscribe(c)).await;
+                    }
+                    for c in watched.difference(&now) {
+                        let _ = tokio::time::timeout(REDIS_TIMEOUT, sink.unsubscribe(c)).await;
+                    }
                     if !first {
                         bump(&state.metrics.reconnects_total);
                         // Redis may have restarted without its data, or missed leaves.
@@ -272,7 +283,12 @@ async fn supervise(state: Rc<State>, mut finder: Finder) {
                     tokio::task::spawn_local(async move { control::sync_revocations(&s).await });
                     first = false;
                     backoff = BACKOFF_MIN;
-                    serve(&state, &mut feed, topology).await;
+                    catch_up(&state).await;
+                    if serve(&state, &mut feed, topology).await == Ended::Moved {
+                        // Reconnect at once, and keep this connection serving publishes and
+                        // subscribes until the new one replaces it.
+                        continue;
+                    }
                     tracing::warn!("redis connection lost or unresponsive; reconnecting");
                 }
                 state.metrics.up.store(false, Relaxed);
@@ -286,6 +302,21 @@ async fn supervise(state: Rc<State>, mut finder: Finder) {
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(BACKOFF_MAX);
     }
+}
+
+/// The pub/sub channel names of every watched channel.
+fn watched_names(state: &State) -> std::collections::HashSet<String> {
+    let watchers = state.watchers.borrow();
+    watchers.keys().map(|c| keys(c)[3].clone()).collect()
+}
+
+/// Why `serve` stopped.
+#[derive(PartialEq, Eq)]
+enum Ended {
+    /// Redis went away or stopped answering.
+    Lost,
+    /// Redis Cluster's slots moved (`cluster_epoch`): the connections still work.
+    Moved,
 }
 
 /// The pub/sub connection's messages.
@@ -306,7 +337,7 @@ impl Feed {
 /// Hands pub/sub messages to the shards until the connection ends or Redis stops answering
 /// (a Redis that hangs, or a partition, ends no stream: a PING every `LIVENESS_INTERVAL`
 /// notices).
-async fn serve(state: &Rc<State>, feed: &mut Feed, topology: Option<u64>) {
+async fn serve(state: &Rc<State>, feed: &mut Feed, topology: Option<u64>) -> Ended {
     let mut liveness = tokio::time::interval(LIVENESS_INTERVAL);
     // Redis Cluster: checks in a row that found no answer. One master down makes a check fail
     // when it lands there, while every other shard still serves: the node reconnects only when
@@ -320,30 +351,32 @@ async fn serve(state: &Rc<State>, feed: &mut Feed, topology: Option<u64>) {
                         on_message(state, channel, data).await;
                     } else if let Some(channel) = incoming.sunsubscribed() {
                         resubscribe(state, channel);
+                    } else if let Some(channel) = incoming.ssubscribed() {
+                        subscribed(state, channel).await;
                     }
                 }
-                None => return,
+                None => return Ended::Lost,
             },
             _ = liveness.tick() => {
-                let Some(mut conn) = state.connection() else { return };
+                let Some(mut conn) = state.connection() else { return Ended::Lost };
                 if let Some(known) = topology {
                     match tokio::time::timeout(REDIS_TIMEOUT, cluster_epoch(&mut conn)).await {
                         Ok(Ok(epoch)) if epoch > known => {
-                            tracing::info!(epoch, "redis cluster topology changed");
-                            return;
+                            tracing::info!(epoch, "redis cluster topology changed; reconnecting");
+                            return Ended::Moved;
                         }
                         Ok(Ok(_)) => silent = 0,
                         _ => silent += 1,
                     }
                     if silent >= CLUSTER_SILENT_CHECKS {
-                        return;
+                        return Ended::Lost;
                     }
                     continue;
                 }
                 let ping = redis::cmd("PING");
                 let answer = ping.query_async::<String>(&mut conn);
                 if !matches!(tokio::time::timeout(REDIS_TIMEOUT, answer).await, Ok(Ok(_))) {
-                    return;
+                    return Ended::Lost;
                 }
             }
         }
@@ -439,6 +472,77 @@ async fn on_message(state: &State, name: &[u8], data: &[u8]) {
         }
     }
     deliver(state, channel, Arc::new(p));
+}
+
+/// After subscribing again: each watched channel's publications made while the node was not
+/// subscribed, read from history and handed over before any pub/sub message (which wait in the
+/// feed), so a subscriber gets them even when nothing is published after the gap.
+async fn catch_up(state: &State) {
+    let known: Vec<Arc<str>> = state.delivered.borrow().keys().cloned().collect();
+    let positions = futures_util::stream::iter(known)
+        .map(|channel| async move {
+            let now = position_now(state, &channel).await;
+            (channel, now)
+        })
+        .buffered(CATCH_UP_IN_FLIGHT);
+    let mut positions = std::pin::pin!(positions);
+    while let Some((channel, now)) = positions.next().await {
+        if let Some((offset, epoch)) = now {
+            fill(state, &channel, offset, &epoch).await;
+        }
+    }
+}
+
+/// Redis Cluster confirmed a shard channel's subscription: one the node just made, or one the
+/// cluster connection made again by itself after the slot's master changed, possibly well after
+/// the reconnect's `catch_up`. What was published meanwhile is filled in the same way.
+async fn subscribed(state: &State, name: &[u8]) {
+    let Some(channel) = std::str::from_utf8(name).ok().and_then(channel_of) else {
+        return;
+    };
+    // Only channels delivered before can have missed anything.
+    if !state.delivered.borrow().contains_key(channel) {
+        return;
+    }
+    if let Some((offset, epoch)) = position_now(state, channel).await {
+        fill(state, channel, offset, &epoch).await;
+    }
+}
+
+/// The channel's offset and epoch in Redis now.
+async fn position_now(state: &State, channel: &str) -> Option<(u64, Arc<str>)> {
+    let mut conn = state.connection()?;
+    let k = keys(channel);
+    let mut pipe = redis::pipe();
+    pipe.get(&k[0]).get(&k[1]);
+    let read = pipe.query_async::<(Option<u64>, Option<String>)>(&mut conn);
+    match tokio::time::timeout(REDIS_TIMEOUT, read).await {
+        Ok(Ok((Some(offset), Some(epoch)))) => Some((offset, Arc::from(epoch))),
+        _ => None,
+    }
+}
+
+/// Hands over what this node has not delivered of `channel` up to `offset` of `epoch` (all of
+/// it when the epoch is new to the node), from history.
+async fn fill(state: &State, channel: &str, offset: u64, epoch: &Arc<str>) {
+    let after = match state.delivered.borrow().get(channel) {
+        Some((held, last)) if **held == **epoch => *last,
+        Some(_) => 0,
+        None => return,
+    };
+    if offset <= after {
+        return;
+    }
+    let missed = recovery::missed(state, channel, after + 1, offset, epoch).await;
+    state
+        .metrics
+        .gap_filled_total
+        .fetch_add(missed.len() as u64, Relaxed);
+    for p in missed {
+        if !matches!(state.follow(channel, epoch, p.offset), Follow::Seen) {
+            deliver(state, channel, p);
+        }
+    }
 }
 
 /// Hands `p` to every shard of this node that watches `channel`.

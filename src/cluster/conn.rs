@@ -43,7 +43,8 @@ impl ConnectionLike for Conn {
     }
 }
 
-/// The pub/sub connection's sending half.
+/// The pub/sub connection's sending half (a clone sends on the same connection).
+#[derive(Clone)]
 pub(super) enum Subscriber {
     /// `SUBSCRIBE` on one Redis.
     Classic(redis::aio::PubSubSink),
@@ -98,6 +99,19 @@ impl Incoming {
                 }
             }
             Incoming::Sharded(_) => None,
+        }
+    }
+
+    /// A shard channel Redis confirmed this node's subscription to.
+    pub(super) fn ssubscribed(&self) -> Option<&[u8]> {
+        match self {
+            Incoming::Sharded(push) if push.kind == PushKind::SSubscribe => {
+                match push.data.first() {
+                    Some(Value::BulkString(channel)) => Some(channel),
+                    _ => None,
+                }
+            }
+            _ => None,
         }
     }
 

@@ -289,8 +289,13 @@ impl State {
             return bridge::Follow::Next;
         };
         if **held != **epoch {
+            // A new epoch starts at offset 1: any before this one were skipped.
             (*held, *last) = (epoch.clone(), offset);
-            return bridge::Follow::Next;
+            return if offset > 1 {
+                bridge::Follow::After(0)
+            } else {
+                bridge::Follow::Next
+            };
         }
         let before = *last;
         if offset <= before {

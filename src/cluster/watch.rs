@@ -37,11 +37,10 @@ pub(super) async fn watch(
     // subscription reaches this shard, which holds it until the position below arrives.
     let k = keys(&channel);
     let subscribed = if first_on_node {
-        let sink = state.sink.borrow_mut().take();
+        let sink = state.sink.borrow().clone();
         match sink {
             Some(mut sink) => {
                 let r = tokio::time::timeout(REDIS_TIMEOUT, sink.subscribe(&k[3])).await;
-                *state.sink.borrow_mut() = Some(sink);
                 matches!(r, Ok(Ok(())))
             }
             None => false,
@@ -111,10 +110,9 @@ async fn release(state: &State, shard: usize, channel: &Arc<str>) {
         last
     };
     if last {
-        let sink = state.sink.borrow_mut().take();
+        let sink = state.sink.borrow().clone();
         if let Some(mut sink) = sink {
             let _ = tokio::time::timeout(REDIS_TIMEOUT, sink.unsubscribe(&keys(channel)[3])).await;
-            *state.sink.borrow_mut() = Some(sink);
         }
         super::occupancy::vacated(state, channel).await;
     }
