@@ -6,7 +6,8 @@
 //! parser and its wiring checked (probe paths and ports, the seccomp profile, the selectors of the
 //! PodDisruptionBudget, Service and ServiceMonitor against the pod labels, the Secret's keys), and
 //! the server is started with the Deployment's own arguments and environment. The compose file is
-//! read the same way, and its nginx configuration is checked by `nginx -t`.
+//! read the same way, its nginx configuration is checked by `nginx -t`, and its services are run as
+//! processes on loopback (redis-server, the two nodes, nginx) with their own commands and settings.
 
 mod common;
 
@@ -821,4 +822,167 @@ fn compose_nginx_conf_has_the_shipped_locations_and_passes_nginx_t() {
         "nginx -t: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A child process killed with the test.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_listening(addr: std::net::SocketAddr, what: &str) {
+    let deadline = std::time::Instant::now() + T;
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} did not listen on {addr}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The compose file's services as processes on this host, each with its own command and
+/// environment (loopback ports moved to free ones; the secrets compose would take from the
+/// shell filled in): a client through nginx receives what is published on either node.
+#[tokio::test]
+async fn compose_services_work_together_as_processes() {
+    let c = compose();
+    let dir = temp_path("-compose");
+    std::fs::create_dir_all(&dir).unwrap();
+
+    let redis_port = free_port().to_string();
+    let mut redis_cmd = words(&c["services"]["redis"]["command"]);
+    let p = redis_cmd.iter().position(|w| w == "--port").unwrap();
+    let compose_redis_port = redis_cmd[p + 1].clone();
+    redis_cmd[p + 1] = redis_port.clone();
+    let mut cmd = std::process::Command::new(&redis_cmd[0]);
+    cmd.args(&redis_cmd[1..])
+        .current_dir(&dir)
+        .stdout(std::process::Stdio::null());
+    kill_with_parent(&mut cmd);
+    let _redis = Child(cmd.spawn().unwrap_or_else(|e| {
+        panic!(
+            "cannot run {} ({e}): this test needs redis-server",
+            redis_cmd[0]
+        )
+    }));
+    wait_listening(
+        format!("127.0.0.1:{redis_port}").parse().unwrap(),
+        "redis-server",
+    );
+
+    let mut nodes = Vec::new();
+    for node in ["broadcaster-1", "broadcaster-2"] {
+        let n = &c["services"][node];
+        let env: Vec<(String, String)> = n["environment"]
+            .as_mapping()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| {
+                let v = s(v);
+                let v = if v.starts_with("${BROADCASTER_AUTH_JWT_SECRET") {
+                    SECRET.to_string()
+                } else if v.starts_with("${BROADCASTER_AUTH_API_KEYS") {
+                    API_KEY.to_string()
+                } else {
+                    v.replace(&format!(":{compose_redis_port}"), &format!(":{redis_port}"))
+                };
+                (s(k).to_string(), v)
+            })
+            .collect();
+        let mut args = words(&n["command"]);
+        let l = args.iter().position(|w| w == "--listen").unwrap();
+        let compose_listen = std::mem::replace(&mut args[l + 1], "127.0.0.1:0".into());
+        args.extend(["--shards".into(), "1".into()]);
+        let server = Server::start(ServerOpts {
+            bare: true,
+            args,
+            env,
+            secret: Some(SECRET.into()),
+            api_keys: Vec::new(),
+            ..Default::default()
+        });
+        nodes.push((compose_listen, server));
+    }
+
+    // nginx with deploy/nginx.conf, its upstream pointed at the nodes' ports.
+    let nginx_port = free_port();
+    let d = dir.display();
+    let mut conf = read(&repo().join("deploy/nginx.conf"))
+        .replace("listen 8080;", &format!("listen 127.0.0.1:{nginx_port};"))
+        .replace("pid /tmp/nginx.pid;", &format!("pid {d}/nginx.pid;"))
+        .replace(
+            "http {\n",
+            &format!(
+                "http {{\n client_body_temp_path {d}/b;\n proxy_temp_path {d}/p;\n \
+                 fastcgi_temp_path {d}/f;\n uwsgi_temp_path {d}/u;\n scgi_temp_path {d}/s;\n"
+            ),
+        );
+    for (compose_listen, server) in &nodes {
+        let from = format!("server {compose_listen};");
+        assert!(conf.contains(&from), "no {from} in deploy/nginx.conf");
+        conf = conf.replace(&from, &format!("server {};", server.public));
+    }
+    // One process (no workers), so that killing it leaves nothing behind.
+    std::fs::write(
+        dir.join("nginx.conf"),
+        format!("daemon off;\nmaster_process off;\n{conf}"),
+    )
+    .unwrap();
+    let bin = if Path::new("/usr/sbin/nginx").exists() {
+        "/usr/sbin/nginx"
+    } else {
+        "nginx"
+    };
+    let mut cmd = std::process::Command::new(bin);
+    cmd.arg("-p")
+        .arg(&dir)
+        .arg("-c")
+        .arg(dir.join("nginx.conf"));
+    kill_with_parent(&mut cmd);
+    let _nginx = Child(
+        cmd.spawn()
+            .unwrap_or_else(|e| panic!("cannot run {bin} ({e}): this test needs nginx")),
+    );
+    let front: std::net::SocketAddr = format!("127.0.0.1:{nginx_port}").parse().unwrap();
+    wait_listening(front, "nginx");
+
+    let health = http_get(front, "/health").await;
+    assert_eq!(health.status, 200, "{}", health.text());
+    let mut ws = Ws::connect(front).await;
+    ws.auth_ok(
+        &TokenSpec::new(SECRET, "alice")
+            .channels(&["*"])
+            .scope(&["subscribe"])
+            .mint(),
+    )
+    .await;
+    ws.subscribe("compose/news").await;
+    // Backends publish to a node directly (nginx lets only 10.0.0.0/8 through): each node's
+    // publication reaches the client, whichever node nginx chose for it.
+    for (i, (_, server)) in nodes.iter().enumerate() {
+        let r = http_post_key(
+            server.public,
+            "/publish",
+            API_KEY,
+            &publish_body("compose/news", "e", &i.to_string()),
+        )
+        .await;
+        assert_eq!(r.status, 200, "publish on node {}: {}", i + 1, r.text());
+        let b = within(T, "the broadcast through nginx", ws.recv_broadcast()).await;
+        assert_eq!(b["payload"], i, "{b}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
