@@ -1,7 +1,8 @@
 //! The container image (deploy/Dockerfile, deploy/build-image.sh) under a real Docker engine:
 //! built from scratch around the test's own binary, run with `--network host` on a loopback port
-//! under tuning/seccomp.json, it serves /health and delivers a publication to a WebSocket
-//! subscriber, takes the descriptor limit given with `--ulimit`, and stops with exit 0 on
+//! under tuning/seccomp.json and in cluster mode with a Redis it reaches by host name, it serves
+//! /health and delivers a publication to a WebSocket subscriber, takes the descriptor limit given
+//! with `--ulimit`, and stops with exit 0 on
 //! `docker stop`. Under a profile that denies io_uring it exits 1 with the error naming the fix.
 //!
 //! Needs `docker` and a running `dockerd` (Debian package docker.io; `.ci/run` installs and starts
@@ -14,7 +15,7 @@ use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::*;
-use serde_json::{json, Value};
+use serde_json::json;
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -63,6 +64,16 @@ impl Drop for Cleanup {
     }
 }
 
+/// A child process killed with the test.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .expect("bind a loopback port")
@@ -71,14 +82,17 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// Polls /health until it answers 200 or `d` passes; the container's log on failure.
-async fn wait_healthy(addr: std::net::SocketAddr, name: &str, d: Duration) -> String {
+/// Polls /health until it answers `{"status":"ok"}` (in cluster mode: Redis reached) or `d`
+/// passes; the last answer and the container's log on failure.
+async fn wait_healthy(addr: std::net::SocketAddr, name: &str, d: Duration) {
     let deadline = Instant::now() + d;
+    let mut last = String::new();
     loop {
         if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
             let r = http_get(addr, "/health").await;
-            if r.status == 200 {
-                return r.text();
+            last = format!("{} {}", r.status, r.text());
+            if r.status == 200 && r.json() == json!({"status": "ok"}) {
+                return;
             }
         }
         // A container that exited (a missing library, a refused configuration) is not waited for.
@@ -90,7 +104,8 @@ async fn wait_healthy(addr: std::net::SocketAddr, name: &str, d: Duration) -> St
         if exited || Instant::now() > deadline {
             let logs = docker(&["logs", name], Duration::from_secs(30));
             panic!(
-                "no /health on {addr} within {d:?} (container exited: {exited}); container log: {}",
+                "no /health ok on {addr} within {d:?} (last answer: {last:?}; container exited: \
+                 {exited}); container log: {}",
                 text(&logs)
             );
         }
@@ -138,6 +153,20 @@ async fn image_serves_under_the_shipped_profile_and_explains_a_denied_io_uring()
     );
     assert_eq!(String::from_utf8_lossy(&user.stdout).trim(), "65532:65532");
 
+    // Cluster mode with Redis named by host name: the image's glibc must resolve it (its files
+    // and dns lookups are built in; the engine mounts /etc/hosts).
+    let redis_port = free_port().to_string();
+    let mut redis = Command::new("redis-server");
+    redis
+        .args(["--bind", "127.0.0.1", "-::1", "--port", &redis_port])
+        .args(["--save", "", "--appendonly", "no"])
+        .stdout(std::process::Stdio::null());
+    kill_with_parent(&mut redis);
+    let _redis = Killed(redis.spawn().unwrap_or_else(|e| {
+        panic!("cannot run redis-server ({e}): this test needs it (Debian package redis-server)")
+    }));
+    let redis_env = format!("BROADCASTER_REDIS_URL=redis://localhost:{redis_port}");
+
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let seccomp = format!("seccomp={}", repo().join("tuning/seccomp.json").display());
@@ -161,6 +190,8 @@ async fn image_serves_under_the_shipped_profile_and_explains_a_denied_io_uring()
             &secret_env,
             "-e",
             &keys_env,
+            "-e",
+            &redis_env,
             &image,
             "serve",
             "--listen",
@@ -172,11 +203,7 @@ async fn image_serves_under_the_shipped_profile_and_explains_a_denied_io_uring()
     );
     assert!(run.status.success(), "docker run: {}", text(&run));
     let addr: std::net::SocketAddr = listen.parse().unwrap();
-    let health = wait_healthy(addr, &name, Duration::from_secs(20)).await;
-    assert_eq!(
-        serde_json::from_str::<Value>(&health).unwrap(),
-        json!({"status": "ok"})
-    );
+    wait_healthy(addr, &name, Duration::from_secs(20)).await;
 
     // One publication reaches a WebSocket subscriber.
     let mut ws = Ws::connect(addr).await;
