@@ -1704,3 +1704,35 @@ pub async fn ws_from(addr: SocketAddr, source: &str, headers: &[(&str, &str)]) -
         Err(e) => panic!("handshake failed: {e}"),
     }
 }
+
+/// Runs `cmd` to its end and returns what it printed, killing it after `d` (its output is read
+/// as it comes, so a talkative command cannot block on a full pipe).
+pub fn run_bounded(mut cmd: Command, d: Duration) -> Result<std::process::Output, String> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let out = child.stdout.take().expect("piped stdout");
+    let err = child.stderr.take().expect("piped stderr");
+    let out = std::thread::spawn(move || read_all(out));
+    let err = std::thread::spawn(move || read_all(err));
+    let deadline = Instant::now() + d;
+    let status = loop {
+        if let Some(st) = child.try_wait().map_err(|e| e.to_string())? {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("still running after {d:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Ok(std::process::Output {
+        status,
+        stdout: out.join().unwrap_or_default().into_bytes(),
+        stderr: err.join().unwrap_or_default().into_bytes(),
+    })
+}
