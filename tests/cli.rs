@@ -29,14 +29,6 @@ fn last_line(s: &str) -> &str {
         .trim()
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 // ----- token ------------------------------------------------------------------------------
 
 #[tokio::test]

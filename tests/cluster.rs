@@ -39,11 +39,6 @@ fn redis_bin() -> String {
     std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into())
 }
 
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    l.local_addr().unwrap().port()
-}
-
 /// A raw `PING\r\n` answered with `+PONG\r\n`.
 async fn ping(port: u16) -> bool {
     let attempt = async {

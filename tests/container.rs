@@ -64,24 +64,6 @@ impl Drop for Cleanup {
     }
 }
 
-/// A child process killed with the test.
-struct Killed(std::process::Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind a loopback port")
-        .local_addr()
-        .expect("its address")
-        .port()
-}
-
 /// Polls /health until it answers `{"status":"ok"}` (in cluster mode: Redis reached) or `d`
 /// passes; the last answer and the container's log on failure.
 async fn wait_healthy(addr: std::net::SocketAddr, name: &str, d: Duration) {
@@ -162,7 +144,7 @@ async fn image_serves_under_the_shipped_profile_and_explains_a_denied_io_uring()
         .args(["--save", "", "--appendonly", "no"])
         .stdout(std::process::Stdio::null());
     kill_with_parent(&mut redis);
-    let _redis = Killed(redis.spawn().unwrap_or_else(|e| {
+    let _redis = KillOnDrop(redis.spawn().unwrap_or_else(|e| {
         panic!("cannot run redis-server ({e}): this test needs it (Debian package redis-server)")
     }));
     let redis_env = format!("BROADCASTER_REDIS_URL=redis://localhost:{redis_port}");

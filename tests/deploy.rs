@@ -824,24 +824,6 @@ fn compose_nginx_conf_has_the_shipped_locations_and_passes_nginx_t() {
     );
 }
 
-/// A child process killed with the test.
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn wait_listening(addr: std::net::SocketAddr, what: &str) {
     let deadline = std::time::Instant::now() + T;
     while std::net::TcpStream::connect(addr).is_err() {
@@ -872,7 +854,7 @@ async fn compose_services_work_together_as_processes() {
         .current_dir(&dir)
         .stdout(std::process::Stdio::null());
     kill_with_parent(&mut cmd);
-    let _redis = Child(cmd.spawn().unwrap_or_else(|e| {
+    let _redis = KillOnDrop(cmd.spawn().unwrap_or_else(|e| {
         panic!(
             "cannot run {} ({e}): this test needs redis-server",
             redis_cmd[0]
@@ -952,7 +934,7 @@ async fn compose_services_work_together_as_processes() {
         .arg("-c")
         .arg(dir.join("nginx.conf"));
     kill_with_parent(&mut cmd);
-    let _nginx = Child(
+    let _nginx = KillOnDrop(
         cmd.spawn()
             .unwrap_or_else(|e| panic!("cannot run {bin} ({e}): this test needs nginx")),
     );

@@ -7,96 +7,37 @@
 
 mod common;
 
+use common::redis_proc::{
+    publish, publish_until_acknowledged, redis_cli as cli, wait_ok, RedisProc as Proc,
+};
 use common::*;
 use serde_json::{json, Value};
-use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const T: Duration = Duration::from_secs(10);
 
-fn free_port() -> u16 {
-    // Redis Cluster's bus listens on port + 10000: keep both below 65536.
-    loop {
-        let l = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-        let port = l.local_addr().unwrap().port();
-        if port < 55_000 && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
-            return port;
-        }
-    }
+/// A cluster-enabled `redis-server`.
+fn cluster_node() -> Proc {
+    let args = [
+        "--cluster-enabled",
+        "yes",
+        "--cluster-node-timeout",
+        "1000",
+        "--cluster-config-file",
+        "nodes.conf",
+    ];
+    Proc::start(None, &args)
 }
 
-/// One cluster-enabled `redis-server` in a directory of its own, killed on drop.
-struct Proc {
-    child: Option<Child>,
-    port: u16,
-    dir: PathBuf,
-}
-
-impl Proc {
-    fn start() -> Proc {
-        let port = free_port();
-        let dir = temp_path(&format!("-rcluster-{port}"));
-        std::fs::create_dir_all(&dir).expect("create the redis directory");
-        let mut cmd = Command::new("redis-server");
-        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"])
-            .args(["--cluster-config-file", "nodes.conf"])
-            .args(["--save", "", "--appendonly", "no", "--dir"])
-            .arg(&dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        kill_with_parent(&mut cmd);
-        let child = cmd.spawn().unwrap_or_else(|e| {
-            panic!("cannot run redis-server ({e}): the Redis Cluster test needs the Debian package")
-        });
-        let p = Proc {
-            child: Some(child),
-            port,
-            dir,
-        };
-        let deadline = Instant::now() + T;
-        while cli(port, &["PING"]) != "PONG" {
-            assert!(Instant::now() < deadline, "redis on {port} never answered");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        p
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn id(&self) -> String {
-        cli(self.port, &["CLUSTER", "MYID"])
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// `redis-cli -p PORT args...`, its output trimmed ("" when it could not run).
-fn cli(port: u16, args: &[&str]) -> String {
-    let out = Command::new("redis-cli")
-        .args(["-p", &port.to_string()])
-        .args(args)
-        .output();
-    out.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default()
+/// The node's id in the cluster.
+fn node_id(p: &Proc) -> String {
+    cli(p.port, &["CLUSTER", "MYID"])
 }
 
 /// Six processes made into three masters with a replica each, every slot covered.
 fn redis_cluster() -> Vec<Proc> {
-    let procs: Vec<Proc> = (0..6).map(|_| Proc::start()).collect();
+    let procs: Vec<Proc> = (0..6).map(|_| cluster_node()).collect();
     let addrs: Vec<String> = procs
         .iter()
         .map(|p| format!("127.0.0.1:{}", p.port))
@@ -189,27 +130,6 @@ fn node(procs: &[Proc]) -> Server {
         .env("BROADCASTER_REDIS_URLS", &urls.join(","))
         .env("BROADCASTER_PRESENCE_NODE_TIMEOUT", "3s"),
     )
-}
-
-async fn wait_ok(s: &Server) {
-    let deadline = Instant::now() + T;
-    loop {
-        let r = http_get(s.public, "/health").await;
-        if r.json()["status"] == json!("ok") {
-            return;
-        }
-        assert!(Instant::now() < deadline, "/health: {}", r.text());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// POST /publish; the offset when acknowledged.
-async fn publish(s: &Server, channel: &str, n: u64) -> Option<u64> {
-    let body = publish_body(channel, "e", &n.to_string());
-    let r = http_post_key(s.backend(), "/publish", &s.api_key, &body).await;
-    (r.status == 200)
-        .then(|| r.json()["offset"].as_u64())
-        .flatten()
 }
 
 /// The next broadcast of `channel` on `ws` (others skipped), within `T`.
@@ -445,18 +365,7 @@ async fn a_killed_master_fails_over_to_its_replica_and_nothing_is_lost_silently(
         .find(|p| p.port != victim)
         .expect("a survivor")
         .port;
-    let mut n = 1000u64;
-    let back = loop {
-        n += 1;
-        if publish(&a, &channel, n).await.is_some() {
-            break killed.elapsed();
-        }
-        assert!(
-            killed.elapsed() < Duration::from_secs(30),
-            "no publish acknowledged after the kill"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let (n, back) = publish_until_acknowledged(&a, &channel, 1000, killed).await;
     eprintln!("master killed to a publish acknowledged again: {back:?}");
     let promoted = master_of(&procs, survivor, &channel).port;
     assert_ne!(promoted, victim);
@@ -500,7 +409,7 @@ async fn a_channels_slot_moved_to_another_master_keeps_delivering() {
         .find(|p| p.port != source.port && cli(p.port, &["ROLE"]).starts_with("master"))
         .expect("another master");
     let slot = cli(at, &["CLUSTER", "KEYSLOT", &format!("bc:{{{channel}}}")]);
-    let (source_id, target_id) = (source.id(), target.id());
+    let (source_id, target_id) = (node_id(source), node_id(target));
 
     // What `redis-cli --cluster reshard` does for one slot.
     let ok = |what: &str, out: String| assert_eq!(out, "OK", "{what}");

@@ -6,96 +6,14 @@
 
 mod common;
 
+use common::redis_proc::{
+    publish, publish_until_acknowledged, redis_cli as cli, wait_ok, RedisProc as Proc,
+};
 use common::*;
 use serde_json::json;
-use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const T: Duration = Duration::from_secs(10);
-
-fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    l.local_addr().unwrap().port()
-}
-
-/// One `redis-server` process (a server or a sentinel) in a directory of its own, killed on drop.
-struct Proc {
-    child: Option<Child>,
-    port: u16,
-    dir: PathBuf,
-}
-
-impl Proc {
-    /// `redis-server` with `args` after the port and directory; `conf` is written to a file
-    /// passed first (a sentinel needs one it can rewrite).
-    fn start(conf: Option<String>, args: &[&str]) -> Proc {
-        let port = free_port();
-        let dir = temp_path(&format!("-redis-{port}"));
-        std::fs::create_dir_all(&dir).expect("create the redis directory");
-        let mut cmd = Command::new("redis-server");
-        if let Some(conf) = conf {
-            let path = dir.join("sentinel.conf");
-            std::fs::write(&path, format!("port {port}\n{conf}")).expect("write sentinel.conf");
-            cmd.arg(path).arg("--sentinel");
-        } else {
-            cmd.args([
-                "--port",
-                &port.to_string(),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ]);
-        }
-        cmd.args(["--bind", "127.0.0.1", "--dir"])
-            .arg(&dir)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        kill_with_parent(&mut cmd);
-        let child = cmd.spawn().unwrap_or_else(|e| {
-            panic!("cannot run redis-server ({e}): the sentinel test needs the Debian package")
-        });
-        let p = Proc {
-            child: Some(child),
-            port,
-            dir,
-        };
-        let deadline = Instant::now() + T;
-        while cli(port, &["PING"]) != "PONG" {
-            assert!(Instant::now() < deadline, "redis on {port} never answered");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        p
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// `redis-cli -p PORT args...`, its output trimmed ("" when it could not run).
-fn cli(port: u16, args: &[&str]) -> String {
-    let out = Command::new("redis-cli")
-        .args(["-p", &port.to_string()])
-        .args(args)
-        .output();
-    out.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default()
-}
 
 /// A master, its replica (in sync), and three sentinels that see both.
 fn sentinels() -> (Proc, Proc, Vec<Proc>) {
@@ -155,27 +73,6 @@ fn node(sentinels: &[Proc]) -> Server {
     )
 }
 
-async fn wait_ok(s: &Server) {
-    let deadline = Instant::now() + T;
-    loop {
-        let r = http_get(s.public, "/health").await;
-        if r.json()["status"] == json!("ok") {
-            return;
-        }
-        assert!(Instant::now() < deadline, "/health: {}", r.text());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// POST /publish; the offset when acknowledged.
-async fn publish(s: &Server, channel: &str, n: u64) -> Option<u64> {
-    let body = publish_body(channel, "e", &n.to_string());
-    let r = http_post_key(s.backend(), "/publish", &s.api_key, &body).await;
-    (r.status == 200)
-        .then(|| r.json()["offset"].as_u64())
-        .flatten()
-}
-
 #[tokio::test]
 async fn nodes_follow_a_sentinel_failover_and_lose_nothing_silently() {
     let (mut master, replica, sentinels) = sentinels();
@@ -203,18 +100,7 @@ async fn nodes_follow_a_sentinel_failover_and_lose_nothing_silently() {
 
     let killed = Instant::now();
     master.kill();
-    let mut n = 20u64;
-    let back = loop {
-        n += 1;
-        if publish(&a, &channel, n).await.is_some() {
-            break killed.elapsed();
-        }
-        assert!(
-            killed.elapsed() < Duration::from_secs(30),
-            "no publish after the kill"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let (_, back) = publish_until_acknowledged(&a, &channel, 20, killed).await;
     eprintln!("master killed to a publish acknowledged again: {back:?}");
     let promoted = cli(replica.port, &["INFO", "replication"]);
     assert!(promoted.contains("role:master"), "{promoted}");

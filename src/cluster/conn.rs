@@ -104,28 +104,23 @@ impl Incoming {
 
     /// A shard channel Redis confirmed this node's subscription to.
     pub(super) fn ssubscribed(&self) -> Option<&[u8]> {
-        match self {
-            Incoming::Sharded(push) if push.kind == PushKind::SSubscribe => {
-                match push.data.first() {
-                    Some(Value::BulkString(channel)) => Some(channel),
-                    _ => None,
-                }
-            }
-            _ => None,
-        }
+        self.shard_notice(PushKind::SSubscribe)
     }
 
     /// A shard channel Redis unsubscribed this node from: its confirmation of our own
     /// `SUNSUBSCRIBE`, or Redis's notice after the channel's slot moved to another shard (a
     /// resharding, or a failover), when the subscription must be made again where the slot is.
     pub(super) fn sunsubscribed(&self) -> Option<&[u8]> {
+        self.shard_notice(PushKind::SUnsubscribe)
+    }
+
+    /// The channel a sharded push of `kind` names.
+    fn shard_notice(&self, kind: PushKind) -> Option<&[u8]> {
         match self {
-            Incoming::Sharded(push) if push.kind == PushKind::SUnsubscribe => {
-                match push.data.first() {
-                    Some(Value::BulkString(channel)) => Some(channel),
-                    _ => None,
-                }
-            }
+            Incoming::Sharded(push) if push.kind == kind => match push.data.first() {
+                Some(Value::BulkString(channel)) => Some(channel),
+                _ => None,
+            },
             _ => None,
         }
     }

@@ -7,6 +7,7 @@
 // Each test file uses a different subset of these helpers.
 #![allow(dead_code)]
 
+pub mod redis_proc;
 pub mod sse;
 
 use std::collections::VecDeque;
@@ -32,6 +33,22 @@ pub const T: Duration = Duration::from_secs(5);
 pub const SECRET: &str = "integration-test-secret-0123456789";
 pub const API_KEY: &str = "test-key-one";
 pub const API_KEY_2: &str = "test-key-two";
+
+/// A loopback port nothing listens on (bound, then released).
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
+    l.local_addr().expect("its address").port()
+}
+
+/// A child process killed (and reaped) when the test ends, however it ends.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
 
 /// The binary under test.
 pub fn bin() -> &'static str {
