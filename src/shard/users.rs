@@ -35,18 +35,21 @@ fn jti_hash(jti: &str) -> u64 {
     h.finish().max(1)
 }
 
-/// One user's connections on this shard.
+/// One user's connections on this shard. Several are keyed by connection id: one user may hold
+/// thousands (a shared viewer token, a load test), and a list would make each `auth` and close
+/// of that user cost a scan of all the others.
 enum Held {
     One(Token),
-    Many(Vec<Token>),
+    Many(HashMap<u64, Token>),
 }
 
 impl Held {
-    fn tokens(&self) -> &[Token] {
-        match self {
-            Held::One(t) => std::slice::from_ref(t),
-            Held::Many(ts) => ts,
-        }
+    fn tokens(&self) -> impl Iterator<Item = &Token> {
+        let (one, many) = match self {
+            Held::One(t) => (Some(t), None),
+            Held::Many(ts) => (None, Some(ts.values())),
+        };
+        one.into_iter().chain(many.into_iter().flatten())
     }
 }
 
@@ -66,12 +69,12 @@ impl Users {
             Some(Held::One(first)) if first.id == id => *first = token,
             Some(Held::One(first)) => {
                 let first = *first;
-                self.0.insert(user.clone(), Held::Many(vec![first, token]));
+                let both = HashMap::from([(first.id, first), (id, token)]);
+                self.0.insert(user.clone(), Held::Many(both));
             }
-            Some(Held::Many(ts)) => match ts.iter_mut().find(|t| t.id == id) {
-                Some(t) => *t = token,
-                None => ts.push(token),
-            },
+            Some(Held::Many(ts)) => {
+                ts.insert(id, token);
+            }
         }
     }
 
@@ -83,9 +86,11 @@ impl Users {
         let gone = match held {
             Held::One(only) => only.id == id,
             Held::Many(ts) => {
-                ts.retain(|t| t.id != id);
-                if let [only] = ts[..] {
-                    *held = Held::One(only);
+                ts.remove(&id);
+                if ts.len() == 1 {
+                    if let Some(&only) = ts.values().next() {
+                        *held = Held::One(only);
+                    }
                 }
                 false
             }
@@ -97,8 +102,11 @@ impl Users {
 
     /// The connections of `user` on this shard.
     pub(crate) fn of(&self, user: &str) -> Vec<u64> {
-        let tokens = self.0.get(user).map(Held::tokens).unwrap_or_default();
-        tokens.iter().map(|t| t.id).collect()
+        let held = self.0.get(user);
+        held.into_iter()
+            .flat_map(Held::tokens)
+            .map(|t| t.id)
+            .collect()
     }
 
     /// The connections (with their user) whose token `r` revokes: a user's by `iat`, or, for
@@ -143,7 +151,9 @@ mod tests {
         for id in 1..=3 {
             u.add(&alice, id, &issued(0, None));
         }
-        assert_eq!(u.of("alice"), vec![1, 2, 3]);
+        let mut all = u.of("alice");
+        all.sort_unstable();
+        assert_eq!(all, vec![1, 2, 3]);
         u.remove("alice", 2);
         u.remove("alice", 1);
         assert_eq!(u.of("alice"), vec![3]);
@@ -151,6 +161,29 @@ mod tests {
         u.remove("alice", 9);
         u.remove("alice", 3);
         assert!(u.of("alice").is_empty() && u.0.is_empty());
+    }
+
+    #[test]
+    fn a_user_with_thousands_of_connections() {
+        let mut u = Users::default();
+        let viewer: Arc<str> = Arc::from("viewer");
+        for id in 1..=5000 {
+            u.add(&viewer, id, &issued(0, None));
+        }
+        u.add(&viewer, 77, &issued(9, None));
+        assert_eq!(u.of("viewer").len(), 5000);
+        let late = Revocation {
+            target: Target::User("viewer".into()),
+            cutoff_ms: 1000,
+            expires_ms: u64::MAX,
+        };
+        assert_eq!(u.revoked(&late).len(), 4999, "77 re-authenticated at 9 s");
+        for id in 1..5000 {
+            u.remove("viewer", id);
+        }
+        assert!(matches!(u.0.get("viewer"), Some(Held::One(t)) if t.id == 5000));
+        u.remove("viewer", 5000);
+        assert!(u.0.is_empty());
     }
 
     #[test]
@@ -171,10 +204,9 @@ mod tests {
             expires_ms: u64::MAX,
         };
         let ids = |r: &Revocation| {
-            u.revoked(r)
-                .into_iter()
-                .map(|(_, id)| id)
-                .collect::<Vec<_>>()
+            let mut ids: Vec<_> = u.revoked(r).into_iter().map(|(_, id)| id).collect();
+            ids.sort_unstable();
+            ids
         };
         assert_eq!(ids(&by_time("alice", 150_000)), vec![1]);
         assert_eq!(ids(&by_time("alice", 200_001)), vec![1, 2]);
@@ -183,12 +215,13 @@ mod tests {
         assert!(ids(&by_jti("zz")).is_empty());
         // A re-auth replaces the connection's token.
         u.add(&alice, 1, &issued(300, None));
-        assert_eq!(u.of("alice"), vec![1, 2]);
+        let mut all = u.of("alice");
+        all.sort_unstable();
+        assert_eq!(all, vec![1, 2]);
         let ids = |r: &Revocation| {
-            u.revoked(r)
-                .into_iter()
-                .map(|(_, id)| id)
-                .collect::<Vec<_>>()
+            let mut ids: Vec<_> = u.revoked(r).into_iter().map(|(_, id)| id).collect();
+            ids.sort_unstable();
+            ids
         };
         assert!(ids(&by_jti("a1")).is_empty());
         assert_eq!(ids(&by_time("alice", 250_000)), vec![2]);
