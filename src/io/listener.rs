@@ -61,14 +61,14 @@ impl Listener {
     /// The next connection, in blocking mode as glommio's streams expect (TLS); plain sockets
     /// are only ever used with MSG_DONTWAIT. Errors are those a caller should back off from
     /// (out of descriptors or memory); a connection reset before its accept is skipped.
-    pub(crate) async fn accept(&self) -> io::Result<std::os::fd::OwnedFd> {
+    pub(crate) async fn accept(&self) -> io::Result<(std::os::fd::OwnedFd, std::net::IpAddr)> {
         poll_fn(|cx| loop {
             if !self.ready.get() {
                 self.waker.set(Some(cx.waker().clone()));
                 return Poll::Pending;
             }
             let e = match crate::sys::accept(self.fd()) {
-                Ok(fd) => return Poll::Ready(Ok(fd)),
+                Ok(accepted) => return Poll::Ready(Ok(accepted)),
                 Err(e) => e,
             };
             match e.raw_os_error().unwrap_or(0) {
@@ -103,8 +103,9 @@ mod tests {
             let listener = Listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
             let addr = listener.local_addr().unwrap();
             assert_ne!(addr.port(), 0);
-            let _client = std::net::TcpStream::connect(addr).unwrap();
-            let fd = listener.accept().await.unwrap();
+            let client = std::net::TcpStream::connect(addr).unwrap();
+            let (fd, peer) = listener.accept().await.unwrap();
+            assert_eq!(peer, client.local_addr().unwrap().ip());
             let sock = socket2::SockRef::from(&fd);
             assert!(sock.tcp_nodelay().unwrap());
             // glommio's streams (TLS) expect blocking mode; plain sockets use MSG_DONTWAIT.
@@ -114,6 +115,18 @@ mod tests {
                 .await
                 .is_none());
             assert!(!listener.ready.get());
+        });
+    }
+
+    /// The client's address comes with the accept, for IPv6 too.
+    #[test]
+    fn accept_names_an_ipv6_client() {
+        crate::io::test_executor().run(async {
+            let listener = Listener::bind("[::1]:0".parse().unwrap()).expect("an IPv6 loopback");
+            let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            let (_fd, peer) = listener.accept().await.unwrap();
+            assert_eq!(peer, client.local_addr().unwrap().ip());
+            assert_eq!(peer, std::net::IpAddr::from(std::net::Ipv6Addr::LOCALHOST));
         });
     }
 }

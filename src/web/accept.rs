@@ -16,8 +16,8 @@ pub(crate) async fn accept_loop(shard: Rc<Shard>, listener: Rc<Listener>, role: 
     let mut last_logged: Option<Instant> = None;
     loop {
         match listener.accept().await {
-            Ok(fd) => {
-                glommio::spawn_local(serve(shard.clone(), fd, role)).detach();
+            Ok((fd, peer)) => {
+                glommio::spawn_local(serve(shard.clone(), fd, peer, role)).detach();
                 // A full backlog (4,096) is taken in one go otherwise: let the others run.
                 glommio::yield_if_needed().await;
             }

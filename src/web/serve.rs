@@ -22,16 +22,11 @@ use std::time::Instant;
 const BODY_ENVELOPE_BYTES: usize = 64 * 1024;
 
 /// Serves one TCP connection: HTTP requests with keep-alive, until an upgrade or close.
-pub(super) async fn serve(shard: Rc<Shard>, fd: OwnedFd, role: Role) {
+/// `peer` is the client's address, which the anonymous caps count by (SPEC 14).
+pub(super) async fn serve(shard: Rc<Shard>, fd: OwnedFd, peer: IpAddr, role: Role) {
     // The poller knows the socket by this id from now on, and so does the WebSocket connection
     // it may become.
     let id = shard.new_conn_id();
-    // The anonymous caps count per client address (SPEC 14); one getpeername per connection.
-    let peer = socket2::SockRef::from(&fd)
-        .peer_addr()
-        .ok()
-        .and_then(|a| a.as_socket())
-        .map_or(IpAddr::from([0, 0, 0, 0]), |a| a.ip());
     let Some(stream) = open(&shard, fd, id).await else {
         return;
     };
