@@ -64,7 +64,7 @@ pub(crate) fn dup_cloexec(fd: RawFd) -> io::Result<OwnedFd> {
 
 /// The next connection waiting on listening socket `fd` (close-on-exec, blocking mode) and the
 /// client's address, which accept4 writes as it accepts (a getpeername would be one more system
-/// call per connection); unspecified for a family other than IPv4 or IPv6.
+/// call per connection).
 pub(crate) fn accept(fd: RawFd) -> io::Result<(OwnedFd, std::net::IpAddr)> {
     // SAFETY: all-zero is a valid sockaddr_storage.
     let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
@@ -81,22 +81,27 @@ pub(crate) fn accept(fd: RawFd) -> io::Result<(OwnedFd, std::net::IpAddr)> {
     })?;
     // SAFETY: a new descriptor nothing else owns.
     let conn = unsafe { OwnedFd::from_raw_fd(conn) };
-    let ip = match addr.ss_family as libc::c_int {
+    Ok((conn, ip_of(&addr)))
+}
+
+/// The IP address in a socket address the kernel wrote; unspecified for a family other than
+/// IPv4 or IPv6.
+fn ip_of(addr: &libc::sockaddr_storage) -> std::net::IpAddr {
+    let addr: *const libc::sockaddr_storage = addr;
+    // SAFETY: `ss_family` says which structure the kernel wrote; each fits in the storage.
+    match unsafe { (*addr).ss_family } as libc::c_int {
         libc::AF_INET => {
-            // SAFETY: the kernel wrote a sockaddr_in for this family.
-            let v4 =
-                unsafe { *(&addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            // SAFETY: a sockaddr_in, as its family says.
+            let v4 = unsafe { *addr.cast::<libc::sockaddr_in>() };
             std::net::IpAddr::from(u32::from_be(v4.sin_addr.s_addr).to_be_bytes())
         }
         libc::AF_INET6 => {
-            // SAFETY: the kernel wrote a sockaddr_in6 for this family.
-            let v6 =
-                unsafe { *(&addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            // SAFETY: a sockaddr_in6, as its family says.
+            let v6 = unsafe { *addr.cast::<libc::sockaddr_in6>() };
             std::net::IpAddr::from(v6.sin6_addr.s6_addr)
         }
         _ => std::net::IpAddr::from([0, 0, 0, 0]),
-    };
-    Ok((conn, ip))
+    }
 }
 
 /// A new epoll set.
@@ -224,4 +229,33 @@ pub(crate) fn kernel_release() -> Option<String> {
         .map(|c| *c as u8)
         .collect();
     String::from_utf8(bytes).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What accept4 writes for each family reads back as the address it holds.
+    #[test]
+    fn socket_addresses_read_back() {
+        let v6: std::net::Ipv6Addr = "2001:db8::7".parse().unwrap();
+        // SAFETY: all-zero is a valid sockaddr_storage, and sockaddr_in6 fits in it.
+        let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        unsafe {
+            let sin6 = (&mut storage as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in6>();
+            (*sin6).sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            (*sin6).sin6_addr.s6_addr = v6.octets();
+        }
+        assert_eq!(ip_of(&storage), std::net::IpAddr::from(v6));
+        // SAFETY: as above, with a sockaddr_in.
+        let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        unsafe {
+            let sin = (&mut storage as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in>();
+            (*sin).sin_family = libc::AF_INET as libc::sa_family_t;
+            (*sin).sin_addr.s_addr = u32::from_ne_bytes([10, 1, 2, 3]);
+        }
+        assert_eq!(ip_of(&storage), std::net::IpAddr::from([10, 1, 2, 3]));
+        storage.ss_family = libc::AF_UNIX as libc::sa_family_t;
+        assert_eq!(ip_of(&storage), std::net::IpAddr::from([0, 0, 0, 0]));
+    }
 }
