@@ -3,7 +3,8 @@
 //! `subscribe` alone for an anonymous viewer of a public channel) → live, where every broadcast is
 //! checked (`seq`, `offset`) and timed (the payload's send time). Publications a subscribe rewinds
 //! (`rewound` in its result) are checked like the others but counted apart, untimed: they were
-//! published before the subscriber came.
+//! published before the subscriber came. Against Nchan (`--peer nchan`) the upgrade's URL
+//! subscribes, and each message, our raw payload, is checked on its number within its channel.
 //!
 //! Cost per delivered message is one short `read()` that usually carries several frames, one frame
 //! header decode and a few byte searches; receive buffers are per worker, not per connection, so an
