@@ -674,6 +674,21 @@ mod tests {
     }
 
     #[test]
+    fn peer_defaults_to_broadcaster() {
+        let cli = Cli::parse_from(["lt", "fanout"]);
+        let Scenario::Fanout(a) = cli.scenario else {
+            panic!("not fanout")
+        };
+        assert_eq!(a.common.peer, Peer::Broadcaster);
+        let cli = Cli::parse_from(["lt", "storm", "--peer", "nchan", "-n", "10"]);
+        let Scenario::Storm(a) = cli.scenario else {
+            panic!("not storm")
+        };
+        assert_eq!(a.common.peer, Peer::Nchan);
+        assert!(Cli::try_parse_from(["lt", "idle", "--peer", "centrifugo"]).is_err());
+    }
+
+    #[test]
     fn several_servers_and_pids() {
         let cli = Cli::parse_from([
             "lt",

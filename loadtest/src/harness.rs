@@ -323,6 +323,40 @@ impl WindowEnd {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cli::{Cli, Scenario};
+    use clap::Parser;
+
+    fn common(args: &[&str]) -> Common {
+        match Cli::parse_from(args).scenario {
+            Scenario::Fanout(a) => a.common,
+            Scenario::Recovery(a) => a.common,
+            _ => panic!("fanout or recovery"),
+        }
+    }
+
+    #[test]
+    fn nchan_needs_no_credentials_and_refuses_what_it_lacks() {
+        let c = common(&["lt", "fanout", "--peer", "nchan", "--server", "127.0.0.1:9"]);
+        let env = prepare_any_peer(&c, 1, true).unwrap();
+        assert!(env.token.is_empty() && env.api_key.is_empty());
+        let e = prepare(&c, 1, true).err().unwrap();
+        assert!(
+            e.contains("--peer nchan drives fanout, chat, idle and storm only"),
+            "{e}"
+        );
+        let c = common(&["lt", "recovery", "--peer", "nchan"]);
+        assert!(prepare(&c, 1, true).is_err());
+        for extra in [
+            &["--compress"][..],
+            &["--sse"],
+            &["--server", "127.0.0.1:1,127.0.0.1:2"],
+        ] {
+            let mut args = vec!["lt", "fanout", "--peer", "nchan"];
+            args.extend_from_slice(extra);
+            let e = prepare_any_peer(&common(&args), 1, true).err().unwrap();
+            assert!(e.contains("peer"), "{extra:?}: {e}");
+        }
+    }
 
     #[test]
     fn nodes_resolve_in_order() {
