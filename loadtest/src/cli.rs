@@ -50,9 +50,28 @@ pub enum Scenario {
     Floor(FloorArgs),
 }
 
+/// What the load generator drives: which wire protocol its subscribers and publisher speak.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Peer {
+    /// Broadcaster: `GET /ws`, `auth` + `subscribe`, broadcasts with `seq` and `offset`,
+    /// `POST /publish`.
+    #[default]
+    Broadcaster,
+    /// Nchan (nginx + libnginx-mod-nchan, see loadtest/nchan/): a WebSocket on `/sub/<channel>`
+    /// is subscribed by its URL, every frame is the raw payload; `POST /pub/<channel>` publishes
+    /// the body. For a side-by-side benchmark: fanout, chat, idle and storm only.
+    Nchan,
+}
+
 /// Options every server scenario takes.
 #[derive(clap::Args, Debug, Clone)]
 pub struct Common {
+    /// The server under test speaks Broadcaster's protocol, or is Nchan (nginx with
+    /// libnginx-mod-nchan, configured as loadtest/nchan/nginx.conf.template) driven the same way:
+    /// subscribe by URL, publish by `POST /pub/<channel>`, no tokens (fanout, chat, idle, storm).
+    #[arg(long, value_enum, default_value_t = Peer::Broadcaster)]
+    pub(crate) peer: Peer,
     /// The server's public listener (WebSocket), HOST:PORT. Several nodes of a cluster: repeat the
     /// option or give a comma list; subscribers are spread round robin over them (each channel's
     /// subscribers alternate between the nodes) and publications go to the first (all of them with
@@ -652,6 +671,21 @@ mod tests {
         assert!(parse_duration("10 parsecs").is_err());
         assert!(parse_duration("m").is_err());
         assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn peer_defaults_to_broadcaster() {
+        let cli = Cli::parse_from(["lt", "fanout"]);
+        let Scenario::Fanout(a) = cli.scenario else {
+            panic!("not fanout")
+        };
+        assert_eq!(a.common.peer, Peer::Broadcaster);
+        let cli = Cli::parse_from(["lt", "storm", "--peer", "nchan", "-n", "10"]);
+        let Scenario::Storm(a) = cli.scenario else {
+            panic!("not storm")
+        };
+        assert_eq!(a.common.peer, Peer::Nchan);
+        assert!(Cli::try_parse_from(["lt", "idle", "--peer", "centrifugo"]).is_err());
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! `subscribe` alone for an anonymous viewer of a public channel) → live, where every broadcast is
 //! checked (`seq`, `offset`) and timed (the payload's send time). Publications a subscribe rewinds
 //! (`rewound` in its result) are checked like the others but counted apart, untimed: they were
-//! published before the subscriber came.
+//! published before the subscriber came. Against Nchan (`--peer nchan`) the upgrade's URL
+//! subscribes, and each message, our raw payload, is checked on its number within its channel.
 //!
 //! Cost per delivered message is one short `read()` that usually carries several frames, one frame
 //! header decode and a few byte searches; receive buffers are per worker, not per connection, so an
@@ -20,6 +21,7 @@ use hdrhistogram::Histogram;
 use mio::{Events, Interest, Poll, Token};
 
 use crate::checker::{Anomalies, SeqChecker};
+use crate::cli::Peer;
 use crate::extract::{self, Message};
 use crate::hist;
 use crate::net::Node;
@@ -103,6 +105,8 @@ pub(crate) struct ClientConfig {
     pub(crate) compress: bool,
     /// Subscribe over SSE (`GET /sse?channel=..`) instead of a WebSocket.
     pub(crate) sse: bool,
+    /// The server's protocol: Nchan subscribes by the upgrade's URL and sends raw payloads.
+    pub(crate) peer: Peer,
 }
 
 /// See [`ClientConfig::coalesce`].
@@ -485,8 +489,10 @@ impl Worker {
                     }
                 }
                 let node = &self.cfg.nodes[c.spec.node as usize % self.cfg.nodes.len()];
-                let request = if self.cfg.sse {
-                    let channel = &self.cfg.channels[c.spec.channel as usize];
+                let channel = &self.cfg.channels[c.spec.channel as usize];
+                let request = if self.cfg.peer == Peer::Nchan {
+                    ws::nchan_upgrade_request(&node.host, channel)
+                } else if self.cfg.sse {
                     let token = (!self.cfg.anonymous).then_some(self.cfg.token.as_str());
                     ws::event_stream_request(&node.host, channel, token)
                 } else {
@@ -596,27 +602,34 @@ impl Worker {
                 if r.epoch.is_some() {
                     c.epoch = r.epoch;
                 }
-                c.phase = Phase::Live;
-                if !c.ever_subscribed {
-                    c.ever_subscribed = true;
-                    self.in_setup = self.in_setup.saturating_sub(1);
-                    self.shared.subscribed.fetch_add(1, Ordering::Relaxed);
-                    if self.cfg.record_setup_latency {
-                        hist::record(&mut self.hist, c.setup_started.elapsed().as_nanos() as u64);
-                    }
-                }
-                if let Some(every) = self.cfg.reconnect_every {
-                    // Spread disconnects uniformly over [0.5, 1.5) x every so they do not synchronize.
-                    self.jitter ^= self.jitter << 13;
-                    self.jitter ^= self.jitter >> 7;
-                    self.jitter ^= self.jitter << 17;
-                    let frac = 0.5 + (self.jitter % 1000) as f64 / 1000.0;
-                    let at = Instant::now() + every.mul_f64(frac);
-                    self.reconnects.push(std::cmp::Reverse((at, idx)));
-                }
+                self.live(idx);
                 Ok(())
             }
             _ => Ok(()),
+        }
+    }
+
+    /// Connection `idx` is subscribed (the subscribe result came, or Nchan's upgrade, whose URL
+    /// subscribes): broadcasts count from now, the setup is done.
+    fn live(&mut self, idx: usize) {
+        let c = &mut self.conns[idx];
+        c.phase = Phase::Live;
+        if !c.ever_subscribed {
+            c.ever_subscribed = true;
+            self.in_setup = self.in_setup.saturating_sub(1);
+            self.shared.subscribed.fetch_add(1, Ordering::Relaxed);
+            if self.cfg.record_setup_latency {
+                hist::record(&mut self.hist, c.setup_started.elapsed().as_nanos() as u64);
+            }
+        }
+        if let Some(every) = self.cfg.reconnect_every {
+            // Spread disconnects uniformly over [0.5, 1.5) x every so they do not synchronize.
+            self.jitter ^= self.jitter << 13;
+            self.jitter ^= self.jitter >> 7;
+            self.jitter ^= self.jitter << 17;
+            let frac = 0.5 + (self.jitter % 1000) as f64 / 1000.0;
+            let at = Instant::now() + every.mul_f64(frac);
+            self.reconnects.push(std::cmp::Reverse((at, idx)));
         }
     }
 
@@ -686,6 +699,16 @@ impl Receiver for Worker {
             c.phase = Phase::Subscribing;
             return;
         }
+        if self.cfg.peer == Peer::Nchan {
+            // The URL subscribed it and Nchan says nothing more: live at once, each channel's
+            // publications expected from the first (the subscribers all come before publishing,
+            // and `nchan_subscriber_first_message newest` replays nothing older).
+            c.seq = SeqChecker::new(1);
+            c.seq_base = 0;
+            c.offsets.get_or_insert_with(|| SeqChecker::new(1));
+            self.live(idx);
+            return;
+        }
         let mut req = Vec::with_capacity(512);
         if !self.cfg.anonymous {
             req.extend_from_slice(b"{\"id\":1,\"method\":\"auth\",\"params\":{\"token\":");
@@ -717,52 +740,18 @@ impl Receiver for Worker {
         frame_bytes: u64,
         now_ns: u64,
     ) -> Result<(), String> {
+        if self.cfg.peer == Peer::Nchan {
+            let channels = self.cfg.channels.len() as u64;
+            return match extract::parse_raw_payload(text, channels) {
+                Some(b) => self.on_broadcast(idx, b, frame_bytes, now_ns),
+                None => Err(format!(
+                    "Nchan sent a message that is not a payload of ours: {}",
+                    String::from_utf8_lossy(&text[..text.len().min(120)])
+                )),
+            };
+        }
         match extract::parse_message(text) {
-            Message::Broadcast(b) => {
-                let c = &mut self.conns[idx];
-                if c.phase != Phase::Live {
-                    return Err(format!(
-                        "broadcast before the subscribe result (seq {})",
-                        b.seq
-                    ));
-                }
-                let k = &mut self.counters;
-                // A rewound publication was published before this subscriber came: checked like
-                // the live ones, but neither a delivery of the run nor timed.
-                let rewound = b.offset <= c.rewound_upto;
-                if rewound {
-                    k.replayed += 1;
-                } else {
-                    k.deliveries += 1;
-                }
-                k.frames += 1;
-                k.frame_bytes += frame_bytes;
-                if b.seq != c.seq.next_expected() {
-                    k.anomalies += 1;
-                }
-                c.seq.observe(b.seq);
-                if let Some(o) = c.offsets.as_mut() {
-                    o.observe(b.offset);
-                }
-                if b.offset != c.seq_base + b.seq {
-                    k.seq_offset_mismatch += 1;
-                }
-                if rewound {
-                    return Ok(());
-                }
-                if b.sent_unix_ns > 0 {
-                    let lat = now_ns.saturating_sub(b.sent_unix_ns);
-                    if !self.cfg.record_setup_latency {
-                        hist::record(&mut self.hist, lat);
-                    }
-                    if lat > k.interval_max_ns {
-                        k.interval_max_ns = lat;
-                    }
-                } else {
-                    k.untimed += 1;
-                }
-                Ok(())
-            }
+            Message::Broadcast(b) => self.on_broadcast(idx, b, frame_bytes, now_ns),
             Message::Response(r) => self.on_response(idx, r),
             Message::Other => Ok(()),
         }
@@ -771,5 +760,60 @@ impl Receiver for Worker {
     fn pong(&mut self, idx: usize, payload: &[u8]) {
         let key = self.rng.next_key();
         ws::encode_client_frame(&mut self.conns[idx].pending, ws::OP_PONG, payload, key);
+    }
+}
+
+impl Worker {
+    /// Checks and times one broadcast (for Nchan, one message, its seq and offset derived).
+    fn on_broadcast(
+        &mut self,
+        idx: usize,
+        b: extract::Broadcast,
+        frame_bytes: u64,
+        now_ns: u64,
+    ) -> Result<(), String> {
+        let c = &mut self.conns[idx];
+        if c.phase != Phase::Live {
+            return Err(format!(
+                "broadcast before the subscribe result (seq {})",
+                b.seq
+            ));
+        }
+        let k = &mut self.counters;
+        // A rewound publication was published before this subscriber came: checked like
+        // the live ones, but neither a delivery of the run nor timed.
+        let rewound = b.offset <= c.rewound_upto;
+        if rewound {
+            k.replayed += 1;
+        } else {
+            k.deliveries += 1;
+        }
+        k.frames += 1;
+        k.frame_bytes += frame_bytes;
+        if b.seq != c.seq.next_expected() {
+            k.anomalies += 1;
+        }
+        c.seq.observe(b.seq);
+        if let Some(o) = c.offsets.as_mut() {
+            o.observe(b.offset);
+        }
+        if b.offset != c.seq_base + b.seq {
+            k.seq_offset_mismatch += 1;
+        }
+        if rewound {
+            return Ok(());
+        }
+        if b.sent_unix_ns > 0 {
+            let lat = now_ns.saturating_sub(b.sent_unix_ns);
+            if !self.cfg.record_setup_latency {
+                hist::record(&mut self.hist, lat);
+            }
+            if lat > k.interval_max_ns {
+                k.interval_max_ns = lat;
+            }
+        } else {
+            k.untimed += 1;
+        }
+        Ok(())
     }
 }

@@ -99,6 +99,32 @@ fn parse_broadcast(text: &[u8]) -> Option<Broadcast> {
     })
 }
 
+/// A message from Nchan, which sends the body of each publication as it was posted: our own
+/// payload, `{"t":..,"n":..,...}`, with no envelope. Nchan numbers nothing that the load generator
+/// sees, so `seq` and `offset` are both derived from `n`: the publication's number within its
+/// channel (see [`channel_seq`]); None when `n` is missing (not a payload of ours).
+pub(crate) fn parse_raw_payload(text: &[u8], channels: u64) -> Option<Broadcast> {
+    // `t` and `n` come first; the search stops before the padding or the scoreboard rows.
+    let head = &text[..text.len().min(64)];
+    let n = u64_field(head, b"\"n\":")?;
+    let seq = channel_seq(n, channels);
+    Some(Broadcast {
+        seq,
+        offset: seq,
+        sent_unix_ns: u64_field(head, b"\"t\":").unwrap_or(0),
+        n,
+    })
+}
+
+/// Publication `n` of a run (numbered from 0 over all channels) as the number within its channel
+/// (from 1): the publisher goes round robin, publication `n` to channel `n % channels`, so that
+/// channel's earlier ones are `n % channels`, `n % channels + channels`, ... For Nchan this stands
+/// for the offset Broadcaster returns, on the publisher's side (the highest per channel) as on the
+/// subscribers' (loss, duplicates and order checked on it).
+pub(crate) fn channel_seq(n: u64, channels: u64) -> u64 {
+    n / channels.max(1) + 1
+}
+
 /// A broadcast's `channel` (looked up outside the payload, like `seq` and `offset`).
 pub(crate) fn broadcast_channel(text: &[u8]) -> Option<&[u8]> {
     match find(text, b"\"payload\":") {
@@ -397,6 +423,41 @@ mod tests {
             let b = parse_broadcast(&frame).unwrap();
             assert_eq!(b.sent_unix_ns, 1_735_689_600_123_456_789);
             assert_eq!(b.n, 12345);
+        }
+    }
+
+    #[test]
+    fn raw_payloads_give_time_and_channel_sequence() {
+        let mut p = Vec::new();
+        build_payload(&mut p, 1_735_689_600_123_456_789, 7, 64);
+        let b = parse_raw_payload(&p, 1).unwrap();
+        assert_eq!(
+            (b.seq, b.offset, b.sent_unix_ns, b.n),
+            (8, 8, 1_735_689_600_123_456_789, 7)
+        );
+        // Three channels round robin: publication 7 is channel 1's third (1, 4, 7).
+        let b = parse_raw_payload(&p, 3).unwrap();
+        assert_eq!((b.seq, b.offset), (3, 3));
+        let mut board = Vec::new();
+        build_shaped_payload(&mut board, 5, 0, 4000, PayloadShape::Scoreboard);
+        let b = parse_raw_payload(&board, 2).unwrap();
+        assert_eq!((b.seq, b.sent_unix_ns, b.n), (1, 5, 0));
+        assert_eq!(parse_raw_payload(br#"{"pad":"x"}"#, 1), None);
+        assert_eq!(parse_raw_payload(b"", 1), None);
+        let untimed = parse_raw_payload(br#"{"n":0}"#, 1).unwrap();
+        assert_eq!((untimed.seq, untimed.sent_unix_ns), (1, 0));
+        // Every channel's publications number 1, 2, 3.. whatever the channel count.
+        for channels in [1u64, 2, 5] {
+            for ch in 0..channels {
+                let seqs: Vec<u64> = (0..20)
+                    .filter(|n| n % channels == ch)
+                    .map(|n| channel_seq(n, channels))
+                    .collect();
+                assert!(
+                    seqs.iter().enumerate().all(|(i, &s)| s == i as u64 + 1),
+                    "{seqs:?}"
+                );
+            }
         }
     }
 

@@ -6,7 +6,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::cli::Common;
+use crate::cli::{Common, Peer};
 use crate::net::{self, Node, SourcePlan};
 use crate::procstat::{self, ProcSample};
 use crate::report::Report;
@@ -78,12 +78,61 @@ fn resolve_nodes(list: &[String]) -> Result<Vec<Node>, SetupError> {
         .collect()
 }
 
-/// Checks the options every scenario shares and sets up a run of `connections` connections.
+/// Checks the options every scenario shares and sets up a run of `connections` connections
+/// against Broadcaster (`--peer nchan` is refused: see [`prepare_any_peer`]).
 pub(crate) fn prepare(
     common: &Common,
     connections: usize,
     need_api_key: bool,
 ) -> Result<Env, SetupError> {
+    if common.peer != Peer::Broadcaster {
+        return Err(
+            "--peer nchan drives fanout, chat, idle and storm only: this scenario needs what \
+             Broadcaster alone has (tokens, offsets, recovery, presence, public channels, the \
+             access proxy, /metrics)"
+                .into(),
+        );
+    }
+    prepare_env(common, connections, need_api_key)
+}
+
+/// Like [`prepare`], for the scenarios that can also drive Nchan (fanout, chat, idle, storm):
+/// with `--peer nchan` no token or API key is needed, and what Nchan has no counterpart for is
+/// refused.
+pub(crate) fn prepare_any_peer(
+    common: &Common,
+    connections: usize,
+    need_api_key: bool,
+) -> Result<Env, SetupError> {
+    if common.peer == Peer::Nchan {
+        check_nchan(common)?;
+    }
+    prepare_env(common, connections, need_api_key)
+}
+
+/// The options of a run against Nchan that cannot apply to it.
+fn check_nchan(common: &Common) -> Result<(), SetupError> {
+    if common.compress {
+        return Err(
+            "--compress needs --peer broadcaster (the Nchan peer is configured without \
+                    permessage-deflate)"
+                .into(),
+        );
+    }
+    if common.sse {
+        return Err(
+            "--sse needs --peer broadcaster (Nchan's subscribers here are WebSockets)".into(),
+        );
+    }
+    if common.server.len() > 1 {
+        return Err(
+            "--peer nchan takes one --server (one nginx; its channels are not shared)".into(),
+        );
+    }
+    Ok(())
+}
+
+fn prepare_env(common: &Common, connections: usize, need_api_key: bool) -> Result<Env, SetupError> {
     let nofile = procstat::raise_nofile();
     // The load generator needs one descriptor per connection plus a few dozen of its own.
     if (connections as u64) + 64 > nofile {
@@ -94,23 +143,30 @@ pub(crate) fn prepare(
         ));
     }
     let (nodes, rest_nodes) = servers(common)?;
-    let secret = common
-        .secret
-        .clone()
-        .ok_or("--secret (or BROADCASTER_AUTH_JWT_SECRET) is required to mint client tokens")?;
-    let ttl = 24 * 3600;
-    let token = crate::token::mint(&secret, "broadcaster-loadtest", ttl)?;
-    let api_key = common
-        .api_key
-        .as_deref()
-        .and_then(|k| k.split(',').next())
-        .map(|k| k.trim().to_string())
-        .unwrap_or_default();
-    if need_api_key && api_key.is_empty() {
-        return Err(
-            "--api-key (or BROADCASTER_AUTH_API_KEYS) is required to publish over REST".into(),
-        );
-    }
+    let nchan = common.peer == Peer::Nchan;
+    // Nchan's peer is configured open: nothing to mint, no key to send.
+    let (token, api_key) = if nchan {
+        (String::new(), String::new())
+    } else {
+        let secret = common
+            .secret
+            .clone()
+            .ok_or("--secret (or BROADCASTER_AUTH_JWT_SECRET) is required to mint client tokens")?;
+        let ttl = 24 * 3600;
+        let token = crate::token::mint(&secret, "broadcaster-loadtest", ttl)?;
+        let api_key = common
+            .api_key
+            .as_deref()
+            .and_then(|k| k.split(',').next())
+            .map(|k| k.trim().to_string())
+            .unwrap_or_default();
+        if need_api_key && api_key.is_empty() {
+            return Err(
+                "--api-key (or BROADCASTER_AUTH_API_KEYS) is required to publish over REST".into(),
+            );
+        }
+        (token, api_key)
+    };
     let prefix = common.channel_prefix.clone().unwrap_or_else(|| {
         format!(
             "lt-{}-{}",
@@ -267,6 +323,40 @@ impl WindowEnd {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cli::{Cli, Scenario};
+    use clap::Parser;
+
+    fn common(args: &[&str]) -> Common {
+        match Cli::parse_from(args).scenario {
+            Scenario::Fanout(a) => a.common,
+            Scenario::Recovery(a) => a.common,
+            _ => panic!("fanout or recovery"),
+        }
+    }
+
+    #[test]
+    fn nchan_needs_no_credentials_and_refuses_what_it_lacks() {
+        let c = common(&["lt", "fanout", "--peer", "nchan", "--server", "127.0.0.1:9"]);
+        let env = prepare_any_peer(&c, 1, true).unwrap();
+        assert!(env.token.is_empty() && env.api_key.is_empty());
+        let e = prepare(&c, 1, true).err().unwrap();
+        assert!(
+            e.contains("--peer nchan drives fanout, chat, idle and storm only"),
+            "{e}"
+        );
+        let c = common(&["lt", "recovery", "--peer", "nchan"]);
+        assert!(prepare(&c, 1, true).is_err());
+        for extra in [
+            &["--compress"][..],
+            &["--sse"],
+            &["--server", "127.0.0.1:1,127.0.0.1:2"],
+        ] {
+            let mut args = vec!["lt", "fanout", "--peer", "nchan"];
+            args.extend_from_slice(extra);
+            let e = prepare_any_peer(&common(&args), 1, true).err().unwrap();
+            assert!(e.contains("peer"), "{extra:?}: {e}");
+        }
+    }
 
     #[test]
     fn nodes_resolve_in_order() {

@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::cli::Peer;
 use crate::client::Shared;
 use crate::extract;
 use crate::http::read_http_response;
@@ -60,6 +61,8 @@ pub(crate) struct PublisherConfig {
     pub(crate) payload_shape: crate::extract::PayloadShape,
     /// Source address to bind.
     pub(crate) source: Option<Ipv4Addr>,
+    /// The server's protocol: Nchan takes `POST /pub/<channel>` with the payload as the body.
+    pub(crate) peer: Peer,
 }
 
 /// What the publisher did.
@@ -69,7 +72,9 @@ pub(crate) struct PublishResult {
     pub(crate) published: u64,
     /// Publications refused or failed.
     pub(crate) errors: u64,
-    /// Per channel: the highest offset the server returned (0: none published).
+    /// Per channel: the highest offset the server returned (0: none published). Nchan returns
+    /// none: its publications' numbers within their channels stand for it
+    /// ([`extract::channel_seq`], as the subscribers number what they receive).
     pub(crate) last_offsets: Vec<u64>,
     /// Per channel: publications accepted.
     pub(crate) counts: Vec<u64>,
@@ -88,13 +93,16 @@ pub(crate) struct PublishResult {
 trait Conn {
     /// Sends one publication without waiting for its answer.
     fn send(&mut self, channel: &str, payload: &[u8]) -> Result<(), String>;
-    /// Reads the answer to the oldest publication sent and not answered yet: its offset.
-    fn recv(&mut self) -> Result<u64, String>;
+    /// Reads the answer to the oldest publication sent and not answered yet: its offset (None:
+    /// the server gives none).
+    fn recv(&mut self) -> Result<Option<u64>, String>;
 }
 
 /// A publication sent and not answered yet.
 struct Sent {
     channel: usize,
+    /// Its number within its channel, from 1: the offset when the server answers none.
+    nth: u64,
     conn: usize,
     at: Instant,
 }
@@ -152,6 +160,7 @@ pub(crate) fn run(cfg: &PublisherConfig, shared: &Shared) -> PublishResult {
         match conns[ci].send(&cfg.channels[ch], &payload) {
             Ok(()) => flight.sent.push_back(Sent {
                 channel: ch,
+                nth: extract::channel_seq(k, cfg.channels.len() as u64),
                 conn: ci,
                 at,
             }),
@@ -182,10 +191,20 @@ fn connect_all(cfg: &PublisherConfig) -> Result<Vec<Box<dyn Conn>>, String> {
         Via::Rest => &cfg.rest_nodes,
         Via::Ws => &cfg.ws_nodes,
     };
+    if cfg.peer == Peer::Nchan && cfg.via != Via::Rest {
+        return Err(
+            "publisher: Nchan is published to over HTTP only (POST /pub/<channel>): \
+                    --via ws needs --peer broadcaster"
+                .into(),
+        );
+    }
     let used = if cfg.publish_all { nodes.len() } else { 1 };
     let mut conns: Vec<Box<dyn Conn>> = Vec::with_capacity(used);
     for node in nodes.iter().take(used) {
         let conn: Result<Box<dyn Conn>, String> = match cfg.via {
+            Via::Rest if cfg.peer == Peer::Nchan => {
+                NchanConn::connect(cfg, node).map(|c| Box::new(c) as Box<dyn Conn>)
+            }
             Via::Rest => RestConn::connect(cfg, node).map(|c| Box::new(c) as Box<dyn Conn>),
             Via::Ws => WsConn::connect(cfg, node).map(|c| Box::new(c) as Box<dyn Conn>),
         };
@@ -247,6 +266,7 @@ impl<'a> InFlight<'a> {
         };
         match conns[s.conn].recv() {
             Ok(offset) => {
+                let offset = offset.unwrap_or(s.nth);
                 res.published += 1;
                 self.shared.published.fetch_add(1, Ordering::Relaxed);
                 res.counts[s.channel] += 1;
@@ -331,17 +351,78 @@ impl Conn for RestConn {
             .map_err(|e| format!("write: {e}"))
     }
 
-    fn recv(&mut self) -> Result<u64, String> {
+    fn recv(&mut self) -> Result<Option<u64>, String> {
         let (status, body) = read_http_response(&mut self.stream, &mut self.buf)?;
         if status != 200 {
             return Err(format!("HTTP {status}: {}", String::from_utf8_lossy(&body)));
         }
-        extract::u64_field(&body, b"\"offset\":").ok_or_else(|| {
-            format!(
-                "publish answer without offset: {}",
-                String::from_utf8_lossy(&body)
-            )
+        extract::u64_field(&body, b"\"offset\":")
+            .map(Some)
+            .ok_or_else(|| {
+                format!(
+                    "publish answer without offset: {}",
+                    String::from_utf8_lossy(&body)
+                )
+            })
+    }
+}
+
+/// Nchan's publisher endpoint over HTTP/1.1 keep-alive: `POST /pub/<channel>`, the payload as the
+/// body, no credentials (the peer is configured open, loadtest/nchan/).
+struct NchanConn {
+    stream: std::net::TcpStream,
+    host: String,
+    buf: Vec<u8>,
+    req: Vec<u8>,
+}
+
+impl NchanConn {
+    fn connect(cfg: &PublisherConfig, node: &Node) -> Result<Self, String> {
+        let stream = crate::net::connect_blocking(node.addr, cfg.source)
+            .map_err(|e| format!("connect to {} failed: {e}", node.addr))?;
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+        Ok(NchanConn {
+            stream,
+            host: node.host.clone(),
+            buf: Vec::with_capacity(4096),
+            req: Vec::with_capacity(1024),
         })
+    }
+}
+
+/// Appends Nchan's publish request for `payload` on `channel` to `out`.
+fn nchan_publish_request(out: &mut Vec<u8>, host: &str, channel: &str, payload: &[u8]) {
+    out.extend_from_slice(b"POST ");
+    out.extend_from_slice(ws::nchan_path("/pub/", channel).as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\nHost: ");
+    out.extend_from_slice(host.as_bytes());
+    out.extend_from_slice(b"\r\nContent-Type: application/json\r\nContent-Length: ");
+    extract::push_u64(out, payload.len() as u64);
+    out.extend_from_slice(b"\r\n\r\n");
+    out.extend_from_slice(payload);
+}
+
+impl Conn for NchanConn {
+    fn send(&mut self, channel: &str, payload: &[u8]) -> Result<(), String> {
+        self.req.clear();
+        nchan_publish_request(&mut self.req, &self.host, channel, payload);
+        self.stream
+            .write_all(&self.req)
+            .map_err(|e| format!("write: {e}"))
+    }
+
+    /// Nchan answers 201 when the channel had subscribers, 202 when it had none (the message is
+    /// queued either way), with a few lines of text (queued messages, subscribers, message id)
+    /// that carry nothing the checks need.
+    fn recv(&mut self) -> Result<Option<u64>, String> {
+        let (status, body) = read_http_response(&mut self.stream, &mut self.buf)?;
+        if status != 201 && status != 202 {
+            return Err(format!(
+                "Nchan answered HTTP {status}: {}",
+                String::from_utf8_lossy(&body)
+            ));
+        }
+        Ok(None)
     }
 }
 
@@ -576,7 +657,7 @@ impl Conn for WsConn {
         Ok(())
     }
 
-    fn recv(&mut self) -> Result<u64, String> {
+    fn recv(&mut self) -> Result<Option<u64>, String> {
         let id = self
             .pending
             .pop_front()
@@ -589,6 +670,7 @@ impl Conn for WsConn {
             ));
         }
         r.offset
+            .map(Some)
             .ok_or_else(|| "publish result without offset".to_string())
     }
 }
@@ -619,6 +701,7 @@ mod tests {
             payload_bytes: 64,
             payload_shape: crate::extract::PayloadShape::Pad,
             source: None,
+            peer: Peer::Broadcaster,
         }
     }
 
@@ -650,6 +733,15 @@ mod tests {
     /// the requests it got.
     fn fake_rest_node(
         counter: Arc<std::sync::atomic::AtomicU64>,
+    ) -> (Node, std::thread::JoinHandle<u64>) {
+        fake_node(counter, false)
+    }
+
+    /// A fake REST node, Broadcaster's (`POST /publish`, answers an offset) or Nchan's (`POST
+    /// /pub/<channel>`, answers 201 and text as Nchan 1.3 does).
+    fn fake_node(
+        counter: Arc<std::sync::atomic::AtomicU64>,
+        nchan: bool,
     ) -> (Node, std::thread::JoinHandle<u64>) {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let node = Node {
@@ -683,9 +775,34 @@ mod tests {
                     let n = c.read(&mut chunk).unwrap();
                     buf.extend_from_slice(&chunk[..n]);
                 }
+                let line = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+                let expected = if nchan {
+                    "POST /pub/"
+                } else {
+                    "POST /publish "
+                };
+                assert!(line.starts_with(expected), "{line}");
+                if nchan {
+                    assert!(!line.contains("Authorization"), "{line}");
+                    let body = &buf[head_end..head_end + len];
+                    assert!(body.starts_with(b"{\"t\":"), "the raw payload is the body");
+                }
                 buf.drain(..head_end + len);
                 got += 1;
                 let off = counter.fetch_add(1, Ordering::Relaxed) + 1;
+                if nchan {
+                    let body = format!(
+                        "queued messages: {off}\r\nlast requested: 0 sec. ago\r\n\
+                         active subscribers: 1\r\nlast message id: 1796618739:{off}"
+                    );
+                    let _ = write!(
+                        c,
+                        "HTTP/1.1 201 Created\r\nServer: nginx/1.22.1\r\nContent-Type: text/plain\r\n\
+                         Content-Length: {}\r\nConnection: keep-alive\r\n\r\n{body}",
+                        body.len()
+                    );
+                    continue;
+                }
                 let body = format!("{{\"id\":\"x\",\"offset\":{off}}}");
                 let _ = write!(
                     c,
@@ -695,6 +812,50 @@ mod tests {
             }
         });
         (node, h)
+    }
+
+    #[test]
+    fn nchan_publish_request_posts_the_raw_payload() {
+        let mut out = Vec::new();
+        nchan_publish_request(&mut out, "127.0.0.1:9", "lt-1/chat/3", br#"{"t":1,"n":2}"#);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "POST /pub/lt-1/chat/3 HTTP/1.1\r\nHost: 127.0.0.1:9\r\nContent-Type: \
+             application/json\r\nContent-Length: 13\r\n\r\n{\"t\":1,\"n\":2}"
+        );
+    }
+
+    #[test]
+    fn nchan_answers_count_publications_per_channel() {
+        let (a, ha) = fake_node(Arc::new(std::sync::atomic::AtomicU64::new(0)), true);
+        let mut c = cfg(4, 1);
+        c.rest_nodes = vec![a];
+        c.peer = Peer::Nchan;
+        c.channels = Arc::new(vec!["a".into(), "b".into(), "c".into()]);
+        c.rate = 1000.0;
+        c.count = Some(7);
+        let shared = Shared::default();
+        let r = run(&c, &shared);
+        assert_eq!((r.published, r.errors), (7, 0), "{:?}", shared.errors);
+        // Round robin: a gets 0, 3, 6; b 1, 4; c 2, 5. Nchan gives no offset: each channel's
+        // last is its count, as its subscribers number them.
+        assert_eq!(r.counts, vec![3, 2, 2]);
+        assert_eq!(r.last_offsets, vec![3, 2, 2]);
+        drop(c);
+        assert_eq!(ha.join().unwrap(), 7);
+
+        let mut c = cfg(4, 1);
+        c.peer = Peer::Nchan;
+        c.via = Via::Ws;
+        c.count = Some(1);
+        let shared = Shared::default();
+        let r = run(&c, &shared);
+        assert_eq!(r.published, 0);
+        let errors = shared.errors.lock().unwrap().join("\n");
+        assert!(
+            errors.contains("--via ws needs --peer broadcaster"),
+            "{errors}"
+        );
     }
 
     #[test]

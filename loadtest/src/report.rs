@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use hdrhistogram::Histogram;
 
 use crate::checker::Anomalies;
-use crate::cli::Common;
+use crate::cli::{Common, Peer};
 use crate::floor::FloorResult;
 use crate::hist::{self, Percentiles};
 use crate::net::Node;
@@ -41,6 +41,8 @@ pub struct Report<F = ()> {
     pub(crate) scenario: &'static str,
     /// `--label`, or the scenario name.
     pub(crate) label: String,
+    /// What was driven: `broadcaster`, or `nchan` (the peer, its protocol spoken instead).
+    pub(crate) peer: Peer,
     /// The server's public address (several nodes: comma separated).
     pub(crate) server: String,
     /// Server nodes the subscribers were spread over.
@@ -196,6 +198,7 @@ impl<F> Report<F> {
                 .collect::<Vec<_>>()
                 .join(","),
             nodes: nodes.len() as u64,
+            peer: common.peer,
             latency_kind: "end_to_end",
             payload_bytes: common.payload_bytes,
             ..Default::default()
@@ -350,6 +353,8 @@ impl<F> Report<F> {
                     if self.publish_all { "all" } else { "the first" }
                 ),
             ));
+        } else if self.peer == Peer::Nchan {
+            rows.push(row("server", format!("{} (Nchan)", self.server)));
         } else {
             rows.push(row("server", self.server.clone()));
         }

@@ -31,13 +31,40 @@ pub(crate) fn upgrade_request(host: &str) -> Vec<u8> {
 /// The HTTP upgrade request for `GET /ws`, offering permessage-deflate as browsers do when
 /// `compress`.
 pub(crate) fn upgrade_request_offering(host: &str, compress: bool) -> Vec<u8> {
+    upgrade_request_for(host, "/ws", compress)
+}
+
+/// The upgrade request of an Nchan subscriber: `GET /sub/<channel>`, the URL being the whole
+/// subscription.
+pub(crate) fn nchan_upgrade_request(host: &str, channel: &str) -> Vec<u8> {
+    upgrade_request_for(host, &nchan_path("/sub/", channel), false)
+}
+
+/// `prefix` followed by `channel` percent-encoded for a path: `/` stays (Nchan's location captures
+/// the rest of the path, slashes included, and nginx would decode `%2F` to the same channel).
+pub(crate) fn nchan_path(prefix: &str, channel: &str) -> String {
+    let mut out = String::with_capacity(prefix.len() + channel.len());
+    out.push_str(prefix);
+    for b in channel.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b'/' => {
+                out.push(b as char)
+            }
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+/// The upgrade request for `GET path`.
+fn upgrade_request_for(host: &str, path: &str, compress: bool) -> Vec<u8> {
     let offer = if compress {
         "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
     } else {
         ""
     };
     format!(
-        "GET /ws HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n{offer}\r\n"
     )
     .into_bytes()
@@ -481,6 +508,22 @@ mod tests {
         let req = String::from_utf8(upgrade_request("127.0.0.1:1")).unwrap();
         assert!(req.starts_with("GET /ws HTTP/1.1\r\n"));
         assert!(req.ends_with("\r\n\r\n"));
+    }
+
+    #[test]
+    fn nchan_subscribes_by_url() {
+        let req =
+            String::from_utf8(nchan_upgrade_request("127.0.0.1:9", "lt-1-2/fanout/0")).unwrap();
+        assert!(
+            req.starts_with("GET /sub/lt-1-2/fanout/0 HTTP/1.1\r\nHost: 127.0.0.1:9\r\n"),
+            "{req}"
+        );
+        assert!(req.contains("Upgrade: websocket\r\n") && req.ends_with("\r\n\r\n"));
+        assert!(!req.contains("permessage-deflate"));
+        assert_eq!(
+            nchan_path("/pub/", "a b?#%/é"),
+            "/pub/a%20b%3F%23%25/%C3%A9"
+        );
     }
 
     #[test]

@@ -10,7 +10,8 @@ use super::workers::{
 use crate::cli::{Common, IdleArgs};
 use crate::client::ClientConfig;
 use crate::harness::{
-    channel_names, prepare, source_plan, window_end, window_start, Env, SetupError, WindowEnd,
+    channel_names, prepare_any_peer, source_plan, window_end, window_start, Env, SetupError,
+    WindowEnd,
 };
 use crate::net::SourcePlan;
 use crate::procstat;
@@ -21,7 +22,7 @@ use crate::report::Report;
 pub fn idle(a: &IdleArgs) -> Result<Report, SetupError> {
     let common = &a.common;
     let n = a.connections;
-    let env = prepare(common, n + 1, true)?;
+    let env = prepare_any_peer(common, n + 1, true)?;
     let plan = source_plan(common, &env, n + 1);
     let channels = channel_names(&env.prefix, "idle", a.channels.max(1));
     let before = procstat::sample_all(&common.server_pid);
@@ -36,6 +37,7 @@ pub fn idle(a: &IdleArgs) -> Result<Report, SetupError> {
         coalesce: Duration::from_micros(common.coalesce_us),
         compress: common.compress,
         sse: common.sse,
+        peer: common.peer,
     };
     let mut report = env.report("idle", common, &plan, n, channels.len(), n / channels.len());
     report.publish_pace = Some("one per channel after the hold");
@@ -122,6 +124,7 @@ fn prove_alive(
         payload_bytes: common.payload_bytes,
         payload_shape: common.payload_shape,
         source: plan.for_conn(n),
+        peer: common.peer,
     };
     let pres = publisher::run(&pcfg, &workers.shared);
     let deadline = Instant::now() + Duration::from_secs_f64(common.drain_timeout);

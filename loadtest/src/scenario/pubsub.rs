@@ -10,10 +10,11 @@ use super::floor::measure_floor;
 use super::workers::{
     fill_common, merge, progress_line, spawn_workers, specs, with_errors, Workers,
 };
-use crate::cli::{Common, PublishArgs};
+use crate::cli::{Common, Peer, PublishArgs};
 use crate::client::ClientConfig;
 use crate::harness::{
-    channel_names, prepare, source_plan, window_end, window_start, Env, SetupError, WindowEnd,
+    channel_names, prepare, prepare_any_peer, source_plan, window_end, window_start, Env,
+    SetupError, WindowEnd,
 };
 use crate::net::{Node, SourcePlan};
 use crate::procstat;
@@ -69,7 +70,20 @@ pub(super) fn run_pubsub(p: PubSub<'_>) -> Result<Report, SetupError> {
 fn subscribe(p: &PubSub<'_>) -> Result<Subscribed, SetupError> {
     let common = p.common;
     let total = p.subscribers();
-    let env = prepare(common, total + 1, p.publish.via == Via::Rest)?;
+    let need_api_key = p.publish.via == Via::Rest;
+    let env = if p.reconnect_every.is_some() {
+        // Recovery resubscribes with `since`, which Nchan has no counterpart for.
+        prepare(common, total + 1, need_api_key)?
+    } else {
+        if common.peer == Peer::Nchan && p.publish.via != Via::Rest {
+            return Err(
+                "--via ws needs --peer broadcaster: Nchan is published to over HTTP \
+                        only (POST /pub/<channel>)"
+                    .into(),
+            );
+        }
+        prepare_any_peer(common, total + 1, need_api_key)?
+    };
     let plan = source_plan(common, &env, total + 1);
     let channels = channel_names(&env.prefix, p.name, p.channels);
     let cfg = ClientConfig {
@@ -83,6 +97,7 @@ fn subscribe(p: &PubSub<'_>) -> Result<Subscribed, SetupError> {
         coalesce: Duration::from_micros(common.coalesce_us),
         compress: common.compress,
         sse: common.sse,
+        peer: common.peer,
     };
     let workers = spawn_workers(
         &env,
@@ -132,6 +147,7 @@ fn publisher_config(p: &PubSub<'_>, run: &Subscribed) -> PublisherConfig {
         payload_bytes: p.common.payload_bytes,
         payload_shape: p.common.payload_shape,
         source: run.plan.for_conn(p.subscribers()),
+        peer: p.common.peer,
     }
 }
 
@@ -161,7 +177,11 @@ pub(super) fn publish_window(
     reconnecting: bool,
 ) -> Result<Published, SetupError> {
     let total = workers.total();
-    let rest_nodes = pcfg.rest_nodes.clone();
+    // Nchan has no /metrics to count its writes from.
+    let rest_nodes = match pcfg.peer {
+        Peer::Broadcaster => pcfg.rest_nodes.clone(),
+        Peer::Nchan => Vec::new(),
+    };
     let writes0 = write_counts(&rest_nodes);
     let idle = broker_idle_ns_per_s(&common.broker_pid);
     let window = window_start(&common.server_pid);

@@ -352,6 +352,7 @@ fn client_config(s: &Setup<'_>, kind: Kind, channels: &Arc<Vec<String>>) -> Clie
         coalesce: Duration::from_micros(s.a.common.coalesce_us),
         compress: s.a.common.compress,
         sse: s.a.common.sse,
+        peer: s.a.common.peer,
     }
 }
 
@@ -428,6 +429,7 @@ fn publisher_config(s: &Setup<'_>, channels: &[String], pace: PublishPace) -> Pu
         payload_bytes: s.a.common.payload_bytes,
         payload_shape: s.a.common.payload_shape,
         source: s.plan.for_conn(s.a.viewers),
+        peer: s.a.common.peer,
     }
 }
 

@@ -6,14 +6,16 @@ use std::time::Duration;
 use super::workers::{fill_common, merge, spawn_workers, specs};
 use crate::cli::StormArgs;
 use crate::client::ClientConfig;
-use crate::harness::{channel_names, prepare, source_plan, window_end, window_start, SetupError};
+use crate::harness::{
+    channel_names, prepare_any_peer, source_plan, window_end, window_start, SetupError,
+};
 use crate::report::{row, with_pid, Report};
 
 /// `storm`: connect + auth + subscribe N connections as fast as possible.
 pub fn storm(a: &StormArgs) -> Result<Report, SetupError> {
     let common = &a.common;
     let n = a.connections;
-    let env = prepare(common, n, false)?;
+    let env = prepare_any_peer(common, n, false)?;
     let plan = source_plan(common, &env, n);
     let channels = channel_names(&env.prefix, "storm", a.channels.max(1));
     let cfg = ClientConfig {
@@ -27,6 +29,7 @@ pub fn storm(a: &StormArgs) -> Result<Report, SetupError> {
         coalesce: Duration::ZERO,
         compress: common.compress,
         sse: common.sse,
+        peer: common.peer,
     };
     let mut report = env.report(
         "storm",

@@ -306,6 +306,7 @@ fn spawn_publishers(s: &Setup<'_>, pub_shared: &Arc<Shared>) -> Result<Vec<Publi
             payload_bytes: common.payload_bytes,
             payload_shape: common.payload_shape,
             source: s.plan.for_conn(a.connections + p),
+            peer: a.common.peer,
         };
         let ps = pub_shared.clone();
         let pin = common.cpus.last().copied();
