@@ -138,31 +138,13 @@ impl Finder {
 
     /// Connects to Redis, or to every shard of the cluster.
     async fn connect(&mut self) -> redis::RedisResult<Connected> {
-        if let Finder::Cluster(nodes) = self {
-            let commands = redis::cluster::ClusterClient::builder(nodes.clone()).build()?;
-            let mut conn = Conn::Cluster(commands.get_async_connection().await?);
-            // Read before anything is subscribed, so a change during the subscribing is seen.
-            let topology = Some(cluster_epoch(&mut conn).await?);
-            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-            let pubsub = redis::cluster::ClusterClient::builder(nodes.clone())
-                .use_protocol(redis::ProtocolVersion::RESP3)
-                .push_sender(tx)
-                .build()?;
-            let sub = pubsub.get_async_connection().await?;
-            let addr = nodes
-                .first()
-                .map(|n| n.addr().to_string())
-                .unwrap_or_default();
-            return Ok(Connected {
-                conn,
-                sink: Subscriber::Sharded(sub),
-                feed: Feed::Sharded(rx),
-                generation: "*".into(),
-                addr: format!("cluster via {addr}"),
-                topology,
-            });
-        }
-        let client = self.client().await?;
+        let client = match self {
+            Finder::Cluster(nodes) => return connect_cluster(nodes).await,
+            Finder::Standalone(client) => client.clone(),
+            Finder::Sentinel { sentinel, master } => {
+                sentinel.async_master_for(master, None).await?
+            }
+        };
         let mut conn = client.get_multiplexed_async_connection().await?;
         let (sink, stream) = client.get_async_pubsub().await?.split();
         let generation = self.generation(&mut conn).await?;
@@ -177,18 +159,6 @@ impl Finder {
         })
     }
 
-    /// The Redis to connect to now: the one URL, or the master the sentinels name.
-    async fn client(&mut self) -> redis::RedisResult<redis::Client> {
-        match self {
-            Finder::Standalone(client) => Ok(client.clone()),
-            Finder::Sentinel { sentinel, master } => sentinel.async_master_for(master, None).await,
-            Finder::Cluster(_) => Err(redis::RedisError::from((
-                redis::ErrorKind::Client,
-                "a cluster has no single client",
-            ))),
-        }
-    }
-
     /// Sentinel mode: the master's run id (`State::generation`); standalone: none.
     async fn generation(
         &self,
@@ -201,6 +171,32 @@ impl Finder {
         let run_id = info.lines().find_map(|l| l.strip_prefix("run_id:"));
         Ok(run_id.map(str::trim).unwrap_or_default().to_string())
     }
+}
+
+/// The command connection and the sharded pub/sub connection to a Redis Cluster.
+async fn connect_cluster(nodes: &[redis::ConnectionInfo]) -> redis::RedisResult<Connected> {
+    let commands = redis::cluster::ClusterClient::builder(nodes.to_vec()).build()?;
+    let mut conn = Conn::Cluster(commands.get_async_connection().await?);
+    // Read before anything is subscribed, so a change during the subscribing is seen.
+    let topology = Some(cluster_epoch(&mut conn).await?);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let pubsub = redis::cluster::ClusterClient::builder(nodes.to_vec())
+        .use_protocol(redis::ProtocolVersion::RESP3)
+        .push_sender(tx)
+        .build()?;
+    let sub = pubsub.get_async_connection().await?;
+    let addr = nodes
+        .first()
+        .map(|n| n.addr().to_string())
+        .unwrap_or_default();
+    Ok(Connected {
+        conn,
+        sink: Subscriber::Sharded(sub),
+        feed: Feed::Sharded(rx),
+        generation: "*".into(),
+        addr: format!("cluster via {addr}"),
+        topology,
+    })
 }
 
 /// What `Finder::connect` opens.
@@ -283,7 +279,11 @@ async fn supervise(state: Rc<State>, mut finder: Finder) {
                     tokio::task::spawn_local(async move { control::sync_revocations(&s).await });
                     first = false;
                     backoff = BACKOFF_MIN;
-                    catch_up(&state).await;
+                    // Redis Cluster confirms each subscription in the feed, where `subscribed`
+                    // fills the channel's gap; a classic connection says nothing, so here.
+                    if !state.sharded {
+                        catch_up(&state).await;
+                    }
                     if serve(&state, &mut feed, topology).await == Ended::Moved {
                         // Reconnect at once, and keep this connection serving publishes and
                         // subscribes until the new one replaces it.
@@ -393,14 +393,14 @@ fn resubscribe(state: &Rc<State>, channel: &[u8]) {
     };
     let wanted = channel == control::CHANNEL
         || channel_of(channel).is_some_and(|c| state.watchers.borrow().contains_key(c));
-    let sub = state.sink.borrow().as_ref().and_then(Subscriber::sharded);
+    let sub = state.sink.borrow().clone();
     let (true, Some(mut sub)) = (wanted, sub) else {
         return;
     };
     bump(&state.metrics.resubscribes_total);
     let channel = channel.to_string();
     tokio::task::spawn_local(async move {
-        match tokio::time::timeout(REDIS_TIMEOUT, sub.ssubscribe(&channel)).await {
+        match tokio::time::timeout(REDIS_TIMEOUT, sub.subscribe(&channel)).await {
             Ok(Ok(())) => tracing::info!(channel, "shard channel moved; subscribed again"),
             _ => tracing::warn!(
                 channel,
@@ -443,40 +443,19 @@ async fn on_message(state: &State, name: &[u8], data: &[u8]) {
     if !state.watchers.borrow().contains_key(channel) {
         return;
     }
-    let follows = match (&p.epoch, &p.presence) {
-        (Some(epoch), None) => state.follow(channel, epoch, p.offset),
-        _ => Follow::Next,
-    };
-    match follows {
-        Follow::Next => {}
-        Follow::Seen => return,
-        Follow::After(last) => {
-            let epoch = p.epoch.clone().unwrap_or_else(|| Arc::from(""));
-            let skipped = p.offset - last - 1;
-            let missed = recovery::missed(state, channel, last + 1, p.offset - 1, &epoch).await;
-            state
-                .metrics
-                .gap_filled_total
-                .fetch_add(missed.len() as u64, Relaxed);
-            if (missed.len() as u64) < skipped {
-                tracing::warn!(
-                    channel,
-                    skipped,
-                    found = missed.len(),
-                    "publications missed while resubscribing are gone from history"
-                );
-            }
-            for m in missed {
-                deliver(state, channel, m);
-            }
+    if let (Some(epoch), None) = (p.epoch.clone(), &p.presence) {
+        fill(state, channel, p.offset.saturating_sub(1), &epoch).await;
+        if !state.follow(channel, &epoch, p.offset) {
+            return;
         }
     }
     deliver(state, channel, Arc::new(p));
 }
 
-/// After subscribing again: each watched channel's publications made while the node was not
-/// subscribed, read from history and handed over before any pub/sub message (which wait in the
-/// feed), so a subscriber gets them even when nothing is published after the gap.
+/// After a classic connection subscribed again: each watched channel's publications made while
+/// the node was not subscribed, read from history and handed over before any pub/sub message
+/// (which wait in the feed), so a subscriber gets them even when nothing is published after the
+/// gap.
 async fn catch_up(state: &State) {
     let known: Vec<Arc<str>> = state.delivered.borrow().keys().cloned().collect();
     let positions = futures_util::stream::iter(known)
@@ -493,9 +472,10 @@ async fn catch_up(state: &State) {
     }
 }
 
-/// Redis Cluster confirmed a shard channel's subscription: one the node just made, or one the
-/// cluster connection made again by itself after the slot's master changed, possibly well after
-/// the reconnect's `catch_up`. What was published meanwhile is filled in the same way.
+/// Redis Cluster confirmed a shard channel's subscription: one the node made (at a reconnect, or
+/// a new watch, which has nothing to fill), or one the cluster connection made again by itself
+/// after the slot's master changed. What was published meanwhile is filled, as `catch_up` does
+/// for a classic connection.
 async fn subscribed(state: &State, name: &[u8]) {
     let Some(channel) = std::str::from_utf8(name).ok().and_then(channel_of) else {
         return;
@@ -534,12 +514,21 @@ async fn fill(state: &State, channel: &str, offset: u64, epoch: &Arc<str>) {
         return;
     }
     let missed = recovery::missed(state, channel, after + 1, offset, epoch).await;
+    let skipped = offset - after;
+    if (missed.len() as u64) < skipped {
+        tracing::warn!(
+            channel,
+            skipped,
+            found = missed.len(),
+            "publications pub/sub skipped are gone from history"
+        );
+    }
     state
         .metrics
         .gap_filled_total
         .fetch_add(missed.len() as u64, Relaxed);
     for p in missed {
-        if !matches!(state.follow(channel, epoch, p.offset), Follow::Seen) {
+        if state.follow(channel, epoch, p.offset) {
             deliver(state, channel, p);
         }
     }
@@ -556,16 +545,6 @@ fn deliver(state: &State, channel: &str, p: Arc<Publication>) {
             let _ = state.shards[shard].unbounded_send(ShardMsg::Deliver(p.clone()));
         }
     }
-}
-
-/// Where a publication stands against the last one this node delivered of its channel.
-pub(super) enum Follow {
-    /// The next one (or the first, or of a new epoch).
-    Next,
-    /// Delivered already.
-    Seen,
-    /// Some were skipped after this offset.
-    After(u64),
 }
 
 fn decode(channel: &str, data: &[u8]) -> Option<Publication> {

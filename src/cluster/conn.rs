@@ -66,15 +66,6 @@ impl Subscriber {
             Subscriber::Sharded(conn) => conn.sunsubscribe(channel).await,
         }
     }
-
-    /// Another handle on a sharded subscriber (a cluster connection is a cheap clone), for a
-    /// resubscribe that must not wait for the watch task.
-    pub(super) fn sharded(&self) -> Option<ClusterConnection> {
-        match self {
-            Subscriber::Sharded(conn) => Some(conn.clone()),
-            Subscriber::Classic(_) => None,
-        }
-    }
 }
 
 /// What the pub/sub connection delivers.

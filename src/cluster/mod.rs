@@ -280,33 +280,21 @@ impl State {
         self.conn.borrow().clone()
     }
 
-    /// Notes that `offset` of `channel` (in `epoch`) reaches the shards, and says how it follows
-    /// the last one that did.
-    fn follow(&self, channel: &str, epoch: &Arc<str>, offset: u64) -> bridge::Follow {
+    /// Notes that `offset` of `channel` (in `epoch`) reaches the shards; false when it did
+    /// already (a publication both read back from history and then received from pub/sub).
+    fn follow(&self, channel: &str, epoch: &Arc<str>, offset: u64) -> bool {
         let mut delivered = self.delivered.borrow_mut();
         let Some((held, last)) = delivered.get_mut(channel) else {
             delivered.insert(Arc::from(channel), (epoch.clone(), offset));
-            return bridge::Follow::Next;
+            return true;
         };
         if **held != **epoch {
-            // A new epoch starts at offset 1: any before this one were skipped.
-            (*held, *last) = (epoch.clone(), offset);
-            return if offset > 1 {
-                bridge::Follow::After(0)
-            } else {
-                bridge::Follow::Next
-            };
-        }
-        let before = *last;
-        if offset <= before {
-            return bridge::Follow::Seen;
+            *held = epoch.clone();
+        } else if offset <= *last {
+            return false;
         }
         *last = offset;
-        if offset == before + 1 {
-            bridge::Follow::Next
-        } else {
-            bridge::Follow::After(before)
-        }
+        true
     }
 
     /// How a message is published outside a script.
