@@ -132,6 +132,22 @@ fn node(procs: &[Proc]) -> Server {
     )
 }
 
+/// `PUBSUB SHARDNUMSUB` of `channel`'s pub/sub channel on the Redis at `port`: the name, then the
+/// count of its sharded subscribers.
+fn shard_subscribers(port: u16, channel: &str) -> String {
+    cli(
+        port,
+        &["PUBSUB", "SHARDNUMSUB", &format!("bc:{{{channel}}}")],
+    )
+}
+
+/// A new connection of alice on `s` resumes `channel` from `offset` of `epoch`: the result.
+async fn resume(s: &Server, channel: &str, offset: u64, epoch: &str) -> Value {
+    let mut ws = s.ws_authed("alice").await;
+    let since = json!({"channel": channel, "since": {"offset": offset, "epoch": epoch}});
+    ws.call("subscribe", since).await
+}
+
 /// The next broadcast of `channel` on `ws` (others skipped), within `T`.
 async fn next_of(ws: &mut Ws, channel: &str) -> Value {
     within(T, "a broadcast", async {
@@ -173,11 +189,10 @@ async fn three_nodes_share_channels_through_sharded_pubsub() {
     // classic SUBSCRIBE.
     for c in &channels {
         let master = master_of(&procs, procs[0].port, c);
-        let name = format!("bc:{{{c}}}");
-        let shard = cli(master.port, &["PUBSUB", "SHARDNUMSUB", &name]);
-        assert!(shard.ends_with('3'), "SHARDNUMSUB {name}: {shard}");
-        let classic = cli(master.port, &["PUBSUB", "NUMSUB", &name]);
-        assert!(classic.ends_with('0'), "NUMSUB {name}: {classic}");
+        let shard = shard_subscribers(master.port, c);
+        assert!(shard.ends_with('3'), "SHARDNUMSUB {c}: {shard}");
+        let classic = cli(master.port, &["PUBSUB", "NUMSUB", &format!("bc:{{{c}}}")]);
+        assert!(classic.ends_with('0'), "NUMSUB {c}: {classic}");
     }
 
     // Publishes from every node, interleaved: each channel's offsets count 1, 2, 3 ... and
@@ -380,8 +395,7 @@ async fn a_killed_master_fails_over_to_its_replica_and_nothing_is_lost_silently(
             .expect("publish after the failover");
         assert_eq!(next_of(&mut sub, &channel).await["payload"], json!(m));
     }
-    let name = format!("bc:{{{channel}}}");
-    let shard = cli(promoted, &["PUBSUB", "SHARDNUMSUB", &name]);
+    let shard = shard_subscribers(promoted, &channel);
     assert!(
         shard.ends_with('1'),
         "SHARDNUMSUB on the promoted replica: {shard}"
@@ -390,9 +404,7 @@ async fn a_killed_master_fails_over_to_its_replica_and_nothing_is_lost_silently(
     // Resuming from before the failover on the other node: the promoted replica is another
     // generation, so the answer is `recovered: false` with a new epoch, never a replay that
     // might miss writes the dead master had not yet replicated.
-    let mut again = b.ws_authed("alice").await;
-    let since = json!({"channel": channel, "since": {"offset": 20, "epoch": epoch}});
-    let r = again.call("subscribe", since).await;
+    let r = resume(&b, &channel, 20, &epoch).await;
     assert_eq!(r["recovered"], json!(false), "{r}");
     assert_ne!(r["epoch"].as_str(), Some(epoch.as_str()), "{r}");
 }
@@ -463,15 +475,12 @@ async fn a_channels_slot_moved_to_another_master_keeps_delivering() {
         assert_eq!(m["payload"], json!(n), "{m}");
         assert_eq!(m["offset"], json!(n), "{m}");
     }
-    let name = format!("bc:{{{channel}}}");
-    let shard = cli(target.port, &["PUBSUB", "SHARDNUMSUB", &name]);
+    let shard = shard_subscribers(target.port, &channel);
     assert!(
         shard.ends_with('1'),
         "SHARDNUMSUB on the new master: {shard}"
     );
     // A resume across the move is complete: the history moved with the slot.
-    let mut again = b.ws_authed("alice").await;
-    let since = json!({"channel": channel, "since": {"offset": 30, "epoch": epoch}});
-    let r = again.call("subscribe", since).await;
+    let r = resume(&b, &channel, 30, &epoch).await;
     assert_eq!(r["recovered"], json!(true), "{r}");
 }

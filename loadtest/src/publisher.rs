@@ -307,6 +307,14 @@ fn wait_for_window(cfg: &PublisherConfig, shared: &Shared, k: u64) {
     shared.window_wait.store(false, Ordering::Relaxed);
 }
 
+/// The publisher's connection to `node`, a read bounded so a dead server fails the run.
+fn keep_alive_stream(cfg: &PublisherConfig, node: &Node) -> Result<std::net::TcpStream, String> {
+    let stream = crate::net::connect_blocking(node.addr, cfg.source)
+        .map_err(|e| format!("connect to {} failed: {e}", node.addr))?;
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    Ok(stream)
+}
+
 struct RestConn {
     stream: std::net::TcpStream,
     head: Vec<u8>,
@@ -316,9 +324,7 @@ struct RestConn {
 
 impl RestConn {
     fn connect(cfg: &PublisherConfig, node: &Node) -> Result<Self, String> {
-        let stream = crate::net::connect_blocking(node.addr, cfg.source)
-            .map_err(|e| format!("connect to {} failed: {e}", node.addr))?;
-        let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+        let stream = keep_alive_stream(cfg, node)?;
         let head = format!(
             "POST /publish HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: ",
             node.host, cfg.api_key
@@ -378,9 +384,7 @@ struct NchanConn {
 
 impl NchanConn {
     fn connect(cfg: &PublisherConfig, node: &Node) -> Result<Self, String> {
-        let stream = crate::net::connect_blocking(node.addr, cfg.source)
-            .map_err(|e| format!("connect to {} failed: {e}", node.addr))?;
-        let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+        let stream = keep_alive_stream(cfg, node)?;
         Ok(NchanConn {
             stream,
             host: node.host.clone(),
