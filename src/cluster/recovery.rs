@@ -152,18 +152,8 @@ async fn recover(
     if since.offset == offset {
         return Ok((true, Vec::new()));
     }
-    let entries: StreamEntries = tokio::time::timeout(
-        REDIS_TIMEOUT,
-        redis::cmd("XRANGE")
-            .arg(&keys(channel)[2])
-            .arg(format!("{}-0", since.offset + 1))
-            .arg(format!("{offset}-1"))
-            .query_async(conn),
-    )
-    .await
-    .map_err(|_| unavailable("history timed out"))?
-    .map_err(|_| unavailable("history failed"))?;
-    let items = entries_to_publications(channel, entries, ttl);
+    let items = range(conn, channel, since.offset + 1, offset, ttl).await?;
+    let items: Vec<Arc<Publication>> = items.into_iter().map(Arc::new).collect();
     // Every publication after `since` must still be held, in order, with none expired.
     let complete = items.len() as u64 == offset - since.offset
         && items
@@ -175,6 +165,26 @@ async fn recover(
     } else {
         (false, Vec::new())
     })
+}
+
+/// Publications `from..=to` of `channel` still in its history (none expired), oldest first.
+async fn range(
+    conn: &mut super::conn::Conn,
+    channel: &str,
+    from: u64,
+    to: u64,
+    ttl: Duration,
+) -> Result<Vec<Publication>, Error> {
+    let mut xrange = redis::cmd("XRANGE");
+    xrange
+        .arg(&keys(channel)[2])
+        .arg(format!("{from}-0"))
+        .arg(format!("{to}-1"));
+    let entries: StreamEntries = tokio::time::timeout(REDIS_TIMEOUT, xrange.query_async(conn))
+        .await
+        .map_err(|_| unavailable("history timed out"))?
+        .map_err(|_| unavailable("history failed"))?;
+    Ok(decode_entries(channel, entries, ttl))
 }
 
 /// Publications `from..=to` of `channel` (in `epoch`) still in its history, oldest first: what
@@ -189,17 +199,10 @@ pub(super) async fn missed(
     let Some(mut conn) = state.connection() else {
         return Vec::new();
     };
-    let mut xrange = redis::cmd("XRANGE");
-    xrange
-        .arg(&keys(channel)[2])
-        .arg(format!("{from}-0"))
-        .arg(format!("{to}-1"));
-    let read = xrange.query_async::<StreamEntries>(&mut conn);
-    let Ok(Ok(entries)) = tokio::time::timeout(REDIS_TIMEOUT, read).await else {
-        return Vec::new();
-    };
     let ttl = state.rules.policy(channel).history_ttl;
-    decode_entries(channel, entries, ttl)
+    let found = range(&mut conn, channel, from, to, ttl).await;
+    found
+        .unwrap_or_default()
         .into_iter()
         .map(|mut p| {
             p.epoch = Some(epoch.clone());
