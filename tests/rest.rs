@@ -582,3 +582,36 @@ async fn websocket_connections_over_max_connections_get_503() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A publish is answered once its shard wrote the publication to that shard's subscribers: when
+/// the answer arrives, every subscriber's socket already holds the broadcast. (Answered before
+/// the write, a publisher waiting for its answers sends its next publication into a queue behind
+/// the running fan-out, where it waits a whole pass.)
+#[tokio::test]
+async fn publish_is_answered_after_the_fan_out_was_written() {
+    let s = Server::start(ServerOpts::shards(1));
+    let token = s.token_all("u");
+    let mut subs = Vec::new();
+    for _ in 0..300 {
+        let mut ws = RawWs::connect(s.public).await;
+        let a = ws
+            .request(&json!({"id":1,"method":"auth","params":{"token":token}}).to_string())
+            .await;
+        assert_eq!(a["result"]["success"], json!(true), "{a}");
+        let r = ws
+            .request(r#"{"id":2,"method":"subscribe","params":{"channel":"wide"}}"#)
+            .await;
+        assert!(r.get("result").is_some(), "{r}");
+        subs.push(ws);
+    }
+    s.publish("wide", "e", r#"{"n":1}"#).await;
+    // The last subscribers are written last: looked at first.
+    for (i, ws) in subs.into_iter().enumerate().rev() {
+        let sock = ws.stream.into_std().expect("std socket");
+        let mut b = [0u8; 1];
+        match sock.peek(&mut b) {
+            Ok(n) if n > 0 => {}
+            other => panic!("subscriber {i} had nothing when the publish was answered: {other:?}"),
+        }
+    }
+}
