@@ -79,6 +79,27 @@ fn http_head_parse(c: &mut Criterion) {
     g.finish();
 }
 
+/// Measures: verifying a client's JWT at `auth` (signature, header and claims), with the claims
+/// the load generator's tokens carry.
+fn jwt_verify(c: &mut Criterion) {
+    let secret = "bench-secret-0123456789abcdef";
+    let token = broadcaster::auth::mint(
+        secret,
+        "user-12345",
+        &["contest/annual-2024/*".to_string()],
+        &["subscribe".to_string(), "publish".to_string()],
+        Duration::from_secs(3600),
+    )
+    .expect("a token");
+    let verifier = broadcaster::auth::Verifier::new(secret, Duration::from_secs(0));
+    let mut g = c.benchmark_group("jwt_verify");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("hs256", |b| {
+        b.iter(|| black_box(verifier.verify_issued(black_box(&token)).is_ok()))
+    });
+    g.finish();
+}
+
 /// Measures: fan-out of one publication to 10,000 subscribers of one shard (per-subscriber cost =
 /// time / 10,000): seq splice and send-queue append, writers excluded.
 fn fanout(c: &mut Criterion) {
@@ -188,6 +209,7 @@ criterion_group!(
     frame_encode,
     request_parse,
     http_head_parse,
+    jwt_verify,
     fanout,
     ring
 );
