@@ -46,6 +46,10 @@ pub struct Scratch {
     fast: Vec<u8>,
     /// The copy with replaced tokens, on the rare texts simd-json refuses.
     slow: Vec<u8>,
+    /// simd-json's working buffers, made at the first parse: made per parse they were four
+    /// allocations (one aligned and zeroed) for each request. They keep the size of the largest
+    /// text parsed, a few times `max_frame_bytes` at most, once per shard.
+    buffers: Option<simd_json::Buffers>,
 }
 
 impl Scratch {
@@ -53,6 +57,7 @@ impl Scratch {
         Scratch {
             fast: Vec::new(),
             slow: Vec::new(),
+            buffers: None,
         }
     }
 }
@@ -75,9 +80,15 @@ impl Parsed<'_> {
 
 /// Parses one JSON text. Every text RFC 8259 allows is read, except nesting beyond `DEPTH_MAX`.
 pub(crate) fn parse<'s>(text: &[u8], scratch: &'s mut Scratch) -> Result<Parsed<'s>, JsonError> {
-    scratch.fast.clear();
-    scratch.fast.extend_from_slice(text);
-    let refused = match simd_json::to_borrowed_value(&mut scratch.fast) {
+    let Scratch {
+        fast,
+        slow,
+        buffers,
+    } = scratch;
+    let buffers = buffers.get_or_insert_with(simd_json::Buffers::default);
+    fast.clear();
+    fast.extend_from_slice(text);
+    let refused = match simd_json::to_borrowed_value_with_buffers(fast, buffers) {
         Ok(value) => {
             return Ok(Parsed {
                 value,
@@ -90,10 +101,10 @@ pub(crate) fn parse<'s>(text: &[u8], scratch: &'s mut Scratch) -> Result<Parsed<
     if *refused.error() == simd_json::ErrorType::DepthLimitExceeded {
         return Err(JsonError::TooDeep);
     }
-    scratch.slow.clear();
-    scratch.slow.extend_from_slice(text);
-    let unpaired = replace_unreadable(&mut scratch.slow);
-    match simd_json::to_borrowed_value(&mut scratch.slow) {
+    slow.clear();
+    slow.extend_from_slice(text);
+    let unpaired = replace_unreadable(slow);
+    match simd_json::to_borrowed_value_with_buffers(slow, buffers) {
         Ok(value) => Ok(Parsed { value, unpaired }),
         Err(e) if *e.error() == simd_json::ErrorType::DepthLimitExceeded => Err(JsonError::TooDeep),
         // Not expected (the fuzz targets check it): a valid text neither parser reads.
