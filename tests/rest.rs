@@ -615,3 +615,38 @@ async fn publish_is_answered_after_the_fan_out_was_written() {
         }
     }
 }
+
+/// Pipelined requests are answered in order, together once the last one in the buffer is done;
+/// a next request that has not fully arrived does not hold back the answers before it.
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order_and_a_partial_one_holds_nothing_back() {
+    let s = Server::start(ServerOpts::default());
+    let mut c = HttpConn::connect(s.public).await;
+    let request = |i: usize| {
+        let body = publish_body("pipe", "e", &i.to_string());
+        format!(
+            "POST /publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let mut burst: String = (1..=5).map(request).collect();
+    burst.push_str("GET /health HTTP/1.1\r\nHost: x\r\n\r\n");
+    c.stream.write_all(burst.as_bytes()).await.unwrap();
+    for i in 1..=5 {
+        let r = c.read_response().await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json()["offset"], json!(i));
+    }
+    assert_eq!(c.read_response().await.json(), json!({"status": "ok"}));
+    // One whole request and the start of the next: the first is answered without the rest.
+    let next = request(7);
+    let partial = format!("{}{}", request(6), &next[..20]);
+    c.stream.write_all(partial.as_bytes()).await.unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(2), c.read_response())
+        .await
+        .expect("the whole request is answered while the next one is still arriving");
+    assert_eq!(r.json()["offset"], json!(6));
+    c.stream.write_all(&next.as_bytes()[20..]).await.unwrap();
+    assert_eq!(c.read_response().await.json()["offset"], json!(7));
+}

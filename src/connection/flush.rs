@@ -54,10 +54,11 @@ impl Flusher {
     }
 
     /// Resolves once everything marked so far was written (the pass that takes it ended), or at
-    /// once when nothing is marked. A publish is answered after this: a publisher that waits for
-    /// its answers then sends its next publication when the previous fan-out left, instead of
-    /// into a queue behind it, where it waited a whole pass (max-rate latency was 1.5 passes,
+    /// once when nothing is marked. REST answers are written after this: a publisher that waits
+    /// for its answers then sends its next publication when the previous fan-out left, instead
+    /// of into a queue behind it, where it waited a whole pass (max-rate latency was 1.5 passes,
     /// not half of one); and it cannot queue publications faster than the shard writes them.
+    /// (A WebSocket answer needs no wait: it is queued behind the fan-out, in the same pass.)
     pub(crate) async fn written(&self) {
         if self.dirty.borrow().is_empty() {
             return;

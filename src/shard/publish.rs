@@ -12,11 +12,8 @@ use std::time::Instant;
 
 impl Shard {
     /// The one publish entry for REST and WebSocket: route to the owner shard, wait for the ack.
-    /// The answer leaves after this shard wrote what it had queued (`Flusher::written`).
     pub(crate) async fn publish(self: &Rc<Self>, params: PublishParams) -> Result<Ack, Error> {
-        let ack = self.submit(params).wait().await;
-        self.flusher().written().await;
-        ack
+        self.submit(params).wait().await
     }
 
     /// Sends a publication on its way without waiting: publications submitted one after another

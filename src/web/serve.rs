@@ -34,6 +34,8 @@ pub(super) async fn serve(shard: Rc<Shard>, fd: OwnedFd, peer: IpAddr, role: Rol
     shard.watch(id, Watched::Http(sock.clone()));
     let _unwatch = Unwatch(&shard, id);
     let mut buf: Vec<u8> = Vec::new();
+    // Answers not written yet: those of pipelined requests wait for the last one in the buffer.
+    let mut out = Vec::new();
     loop {
         let (head, body) = match next_request(&shard, &sock, &mut buf, role).await {
             Ok(Some(Next::Upgrade(head, forwarded))) => {
@@ -53,12 +55,28 @@ pub(super) async fn serve(shard: Rc<Shard>, fd: OwnedFd, peer: IpAddr, role: Rol
                 return;
             }
         };
-        let mut out = Vec::new();
         route(&shard, role, &head, &body, head.keep_alive, &mut out).await;
+        if head.keep_alive && pipelined(&shard, &buf) {
+            continue;
+        }
+        // After the shard's flush pass wrote what the requests queued (a publication's local
+        // fan-out): see `Flusher::written`.
+        shard.flusher().written().await;
         if write_all(&sock.stream, &out).await.is_err() || !head.keep_alive {
             return;
         }
+        out.clear();
     }
+}
+
+/// True when `buf` already holds the whole head of a next request: its answer and the ones
+/// before it are written together (one pass, one send for pipelined publications).
+fn pipelined(shard: &Shard, buf: &[u8]) -> bool {
+    !buf.is_empty()
+        && matches!(
+            http::parse_head(buf, shard.config().limits.http_head_bytes_max),
+            Ok(Some(_))
+        )
 }
 
 /// The connection's stream: a plain socket in the shard's epoll set, or TLS after its
