@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::{json, Value};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn bearer(key: &str) -> String {
     format!("Bearer {key}")
@@ -649,4 +649,39 @@ async fn pipelined_requests_are_answered_in_order_and_a_partial_one_holds_nothin
     assert_eq!(r.json()["offset"], json!(6));
     c.stream.write_all(&next.as_bytes()[20..]).await.unwrap();
     assert_eq!(c.read_response().await.json()["offset"], json!(7));
+    // The same when the next head arrived and its body has not.
+    let partial = format!("{}{}", request(8), &request(9)[..request(9).len() - 3]);
+    c.stream.write_all(partial.as_bytes()).await.unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(2), c.read_response())
+        .await
+        .expect("the whole request is answered while the next body is still arriving");
+    assert_eq!(r.json()["offset"], json!(8));
+    let tail = &request(9)[request(9).len() - 3..];
+    c.stream.write_all(tail.as_bytes()).await.unwrap();
+    assert_eq!(c.read_response().await.json()["offset"], json!(9));
+}
+
+/// An upgrade pipelined behind a request: the request's answer comes first, then the 101.
+#[tokio::test]
+async fn an_answer_pipelined_before_an_upgrade_is_written_before_the_101() {
+    let s = Server::start(ServerOpts::default());
+    let mut stream = tokio::net::TcpStream::connect(s.public).await.unwrap();
+    let requests = "GET /health HTTP/1.1\r\nHost: x\r\n\r\n\
+                    GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                    Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+    stream.write_all(requests.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut tmp = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("HTTP/1.1 101") {
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut tmp))
+            .await
+            .expect("both answers within 5 s")
+            .unwrap();
+        assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&tmp[..n]);
+    }
+    let text = String::from_utf8_lossy(&got);
+    let ok = text.find("HTTP/1.1 200").expect("the health answer");
+    assert!(ok < text.find("HTTP/1.1 101").unwrap(), "{text}");
+    assert!(text.contains(r#"{"status":"ok"}"#), "{text}");
 }

@@ -34,10 +34,11 @@ pub(super) async fn serve(shard: Rc<Shard>, fd: OwnedFd, peer: IpAddr, role: Rol
     shard.watch(id, Watched::Http(sock.clone()));
     let _unwatch = Unwatch(&shard, id);
     let mut buf: Vec<u8> = Vec::new();
-    // Answers not written yet: those of pipelined requests wait for the last one in the buffer.
+    // Answers not written yet: held while the next request is already in `buf`, so pipelined
+    // requests are answered with one send (see `send_answers`).
     let mut out = Vec::new();
     loop {
-        let (head, body) = match next_request(&shard, &sock, &mut buf, role).await {
+        let (head, body) = match next_request(&shard, &sock, &mut buf, &mut out, role).await {
             Ok(Some(Next::Upgrade(head, forwarded))) => {
                 let input = std::mem::take(&mut buf);
                 let client = (peer, forwarded);
@@ -51,32 +52,31 @@ pub(super) async fn serve(shard: Rc<Shard>, fd: OwnedFd, peer: IpAddr, role: Rol
             Ok(Some(Next::Request(head, body))) => (head, body),
             Ok(None) => return,
             Err(answer) => {
-                let _ = write_all(&sock.stream, &answer).await;
+                out.extend_from_slice(&answer);
+                send_answers(&shard, &sock, &mut out).await;
                 return;
             }
         };
         route(&shard, role, &head, &body, head.keep_alive, &mut out).await;
-        if head.keep_alive && pipelined(&shard, &buf) {
-            continue;
-        }
-        // After the shard's flush pass wrote what the requests queued (a publication's local
-        // fan-out): see `Flusher::written`.
-        shard.flusher().written().await;
-        if write_all(&sock.stream, &out).await.is_err() || !head.keep_alive {
+        if !head.keep_alive {
+            send_answers(&shard, &sock, &mut out).await;
             return;
         }
-        out.clear();
     }
 }
 
-/// True when `buf` already holds the whole head of a next request: its answer and the ones
-/// before it are written together (one pass, one send for pipelined publications).
-fn pipelined(shard: &Shard, buf: &[u8]) -> bool {
-    !buf.is_empty()
-        && matches!(
-            http::parse_head(buf, shard.config().limits.http_head_bytes_max),
-            Ok(Some(_))
-        )
+/// Writes the answers held in `out`, after the shard's flush pass wrote what their requests
+/// queued (a publication's local fan-out: see `Flusher::written`). Called before the connection
+/// reads, upgrades or closes, so answers wait only while the next request is already buffered.
+/// False when the socket failed.
+async fn send_answers(shard: &Shard, sock: &HttpSock, out: &mut Vec<u8>) -> bool {
+    if out.is_empty() {
+        return true;
+    }
+    shard.flusher().written().await;
+    let sent = write_all(&sock.stream, out).await.is_ok();
+    out.clear();
+    sent
 }
 
 /// The connection's stream: a plain socket in the shard's epoll set, or TLS after its
@@ -115,12 +115,15 @@ enum Next {
     Request(Head, Vec<u8>),
 }
 
-/// Reads the next request, head and body, from `buf` and the socket. `Ok(None)`: the connection
-/// ended or timed out; `Err(answer)`: answer this and close.
+/// Reads the next request, head and body, from `buf` and the socket; the answers held in `out`
+/// are written before it reads and before an upgrade or event stream takes the connection.
+/// `Ok(None)`: the connection ended or timed out; `Err(answer)`: answer this (after `out`) and
+/// close.
 async fn next_request(
     shard: &Shard,
     sock: &HttpSock,
     buf: &mut Vec<u8>,
+    out: &mut Vec<u8>,
     role: Role,
 ) -> Result<Option<Next>, Vec<u8>> {
     let limits = &shard.config().limits;
@@ -131,7 +134,7 @@ async fn next_request(
             Ok(None) => {}
             Err(e) => return Err(closing_error(e.status, Code::InvalidArgument, e.message)),
         }
-        if !read_until(sock, buf, deadline).await {
+        if !send_answers(shard, sock, out).await || !read_until(sock, buf, deadline).await {
             return Ok(None);
         }
     };
@@ -154,11 +157,16 @@ async fn next_request(
         let message = "dev mode answers only loopback Host names";
         return Err(closing_error(403, Code::PermissionDenied, message));
     }
-    if sse {
-        return Ok(Some(Next::Sse(head, forwarded, last_event_id)));
-    }
-    if head.path == "/ws" && role.public() {
-        return Ok(Some(Next::Upgrade(head, forwarded)));
+    if sse || (head.path == "/ws" && role.public()) {
+        // The connection changes hands: what was answered on it goes first.
+        if !send_answers(shard, sock, out).await {
+            return Ok(None);
+        }
+        return Ok(Some(if sse {
+            Next::Sse(head, forwarded, last_event_id)
+        } else {
+            Next::Upgrade(head, forwarded)
+        }));
     }
     if head.chunked {
         let message = "chunked bodies are not supported; send Content-Length";
@@ -175,7 +183,7 @@ async fn next_request(
     }
     let deadline = Instant::now() + limits.http_head_timeout;
     while buf.len() < len {
-        if !read_until(sock, buf, deadline).await {
+        if !send_answers(shard, sock, out).await || !read_until(sock, buf, deadline).await {
             return Ok(None);
         }
     }
