@@ -639,26 +639,19 @@ async fn pipelined_requests_are_answered_in_order_and_a_partial_one_holds_nothin
         assert_eq!(r.json()["offset"], json!(i));
     }
     assert_eq!(c.read_response().await.json(), json!({"status": "ok"}));
-    // One whole request and the start of the next: the first is answered without the rest.
-    let next = request(7);
-    let partial = format!("{}{}", request(6), &next[..20]);
-    c.stream.write_all(partial.as_bytes()).await.unwrap();
-    let r = tokio::time::timeout(Duration::from_secs(2), c.read_response())
-        .await
-        .expect("the whole request is answered while the next one is still arriving");
-    assert_eq!(r.json()["offset"], json!(6));
-    c.stream.write_all(&next.as_bytes()[20..]).await.unwrap();
-    assert_eq!(c.read_response().await.json()["offset"], json!(7));
-    // The same when the next head arrived and its body has not.
-    let partial = format!("{}{}", request(8), &request(9)[..request(9).len() - 3]);
-    c.stream.write_all(partial.as_bytes()).await.unwrap();
-    let r = tokio::time::timeout(Duration::from_secs(2), c.read_response())
-        .await
-        .expect("the whole request is answered while the next body is still arriving");
-    assert_eq!(r.json()["offset"], json!(8));
-    let tail = &request(9)[request(9).len() - 3..];
-    c.stream.write_all(tail.as_bytes()).await.unwrap();
-    assert_eq!(c.read_response().await.json()["offset"], json!(9));
+    // One whole request and part of the next, cut in its head, then in its body: the whole one
+    // is answered while the rest is still arriving.
+    for (n, cut) in [(6, 20), (8, request(9).len() - 3)] {
+        let next = request(n + 1);
+        let partial = format!("{}{}", request(n), &next[..cut]);
+        c.stream.write_all(partial.as_bytes()).await.unwrap();
+        let r = tokio::time::timeout(Duration::from_secs(2), c.read_response())
+            .await
+            .expect("the whole request is answered while the next one is still arriving");
+        assert_eq!(r.json()["offset"], json!(n));
+        c.stream.write_all(&next.as_bytes()[cut..]).await.unwrap();
+        assert_eq!(c.read_response().await.json()["offset"], json!(n + 1));
+    }
 }
 
 /// An upgrade pipelined behind a request: the request's answer comes first, then the 101.

@@ -39,12 +39,19 @@ pub(super) async fn serve(shard: Rc<Shard>, fd: OwnedFd, peer: IpAddr, role: Rol
     let mut out = Vec::new();
     loop {
         let (head, body) = match next_request(&shard, &sock, &mut buf, &mut out, role).await {
+            // The connection changes hands: what was answered on it goes first.
             Ok(Some(Next::Upgrade(head, forwarded))) => {
+                if !send_answers(&shard, &sock, &mut out).await {
+                    return;
+                }
                 let input = std::mem::take(&mut buf);
                 let client = (peer, forwarded);
                 return upgrade(shard.clone(), sock, id, head, client, input).await;
             }
             Ok(Some(Next::Sse(head, forwarded, last_event_id))) => {
+                if !send_answers(&shard, &sock, &mut out).await {
+                    return;
+                }
                 let client = (peer, forwarded);
                 return crate::sse::serve(shard.clone(), sock, id, head, client, last_event_id)
                     .await;
@@ -116,7 +123,7 @@ enum Next {
 }
 
 /// Reads the next request, head and body, from `buf` and the socket; the answers held in `out`
-/// are written before it reads and before an upgrade or event stream takes the connection.
+/// are written before it waits to read.
 /// `Ok(None)`: the connection ended or timed out; `Err(answer)`: answer this (after `out`) and
 /// close.
 async fn next_request(
@@ -157,16 +164,11 @@ async fn next_request(
         let message = "dev mode answers only loopback Host names";
         return Err(closing_error(403, Code::PermissionDenied, message));
     }
-    if sse || (head.path == "/ws" && role.public()) {
-        // The connection changes hands: what was answered on it goes first.
-        if !send_answers(shard, sock, out).await {
-            return Ok(None);
-        }
-        return Ok(Some(if sse {
-            Next::Sse(head, forwarded, last_event_id)
-        } else {
-            Next::Upgrade(head, forwarded)
-        }));
+    if sse {
+        return Ok(Some(Next::Sse(head, forwarded, last_event_id)));
+    }
+    if head.path == "/ws" && role.public() {
+        return Ok(Some(Next::Upgrade(head, forwarded)));
     }
     if head.chunked {
         let message = "chunked bodies are not supported; send Content-Length";
